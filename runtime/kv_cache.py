@@ -1,0 +1,109 @@
+"""KV cache in fixed-size blocks with a block table (one sequence).
+
+Per layer, keys and values live in block pools ``[H_kv, num_blocks, B, D]``; the sequence owns a
+block table (logical block i -> physical block). Capacity is reserved up front for the tokens a
+request may produce, so the pools never reallocate during a request. Blocks are the unit that later
+tiers demote to host / storage and index for retrieval attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flashtier.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheConfig:
+    """Shape of the block KV cache."""
+
+    block_size: int = 64
+    """Tokens per block."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"KV block_size must be a positive power of two, got {self.block_size}")
+
+
+class BlockKVCache:
+    """Keys and values of one sequence, stored in blocks of ``block_size`` tokens."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        config: KVCacheConfig = KVCacheConfig(),
+    ) -> None:
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.length = 0  # tokens written (all layers agree after a full forward)
+        self.block_table: list[int] = []  # logical block -> physical block in the pools
+        self._k: list[torch.Tensor] = []  # per layer [H_kv, N, B, D]
+        self._v: list[torch.Tensor] = []
+        self._capacity_blocks = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity_blocks * self.block_size
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for ``num_tokens`` tokens in total (keeps what is cached)."""
+        need = -(-num_tokens // self.block_size)
+        if need <= self._capacity_blocks:
+            return
+        shape = (self.num_kv_heads, need, self.block_size, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        used = len(self.block_table)
+        for layer in range(len(self._k)):
+            new_k[layer][:, :used] = self._k[layer][:, self.block_table]
+            new_v[layer][:, :used] = self._v[layer][:, self.block_table]
+        self._k, self._v = new_k, new_v
+        self.block_table = list(range(used))
+        self._capacity_blocks = need
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store ``k``/``v`` ``[H_kv, T, D]`` for positions ``start .. start+T-1`` of ``layer``."""
+        t = k.shape[1]
+        end = start + t
+        if end > self.capacity:
+            self.reserve(max(end, 2 * self.capacity))
+        while len(self.block_table) * self.block_size < end:
+            self.block_table.append(len(self.block_table))
+        pos = start
+        while pos < end:
+            blk, off = divmod(pos, self.block_size)
+            n = min(self.block_size - off, end - pos)
+            phys = self.block_table[blk]
+            self._k[layer][:, phys, off : off + n] = k[:, pos - start : pos - start + n]
+            self._v[layer][:, phys, off : off + n] = v[:, pos - start : pos - start + n]
+            pos += n
+        if layer == self.num_layers - 1:
+            self.length = max(self.length, end)
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[H_kv, end, D]`` of positions ``0 .. end-1`` (a view when the blocks
+        are physically in order, which is the case for a single sequence)."""
+        nblk = -(-end // self.block_size)
+        table = self.block_table[:nblk]
+        k, v = self._k[layer], self._v[layer]
+        if table == list(range(nblk)):
+            kb, vb = k[:, :nblk], v[:, :nblk]
+        else:
+            idx = torch.tensor(table)
+            kb, vb = k.index_select(1, idx), v.index_select(1, idx)
+        shape = (self.num_kv_heads, nblk * self.block_size, self.head_dim)
+        return kb.reshape(shape)[:, :end], vb.reshape(shape)[:, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forget positions ``length ..`` (e.g. to reuse a shared chat prefix)."""
+        self.length = min(self.length, length)
+        self.block_table = self.block_table[: -(-self.length // self.block_size)]
+
+    def nbytes(self) -> int:
+        return 2 * sum(t.numel() * t.element_size() for t in self._k)

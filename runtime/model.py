@@ -1,0 +1,170 @@
+"""The transformer forward: Llama-family dense and MoE (Mixtral, Qwen2-MoE), batch of one sequence.
+
+Every weight comes from a :class:`~flashtier.runtime.weights.WeightAccessor` by checkpoint name,
+right before use; the forward holds no weights. Shapes: T tokens in this pass, H hidden size,
+Hq / Hkv query / key-value heads, D head dim, V vocabulary, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from flashtier.runtime.checkpoint import EMBED, FINAL_NORM, LayerNames, layer_names, lm_head_name
+from flashtier.runtime.config import ModelConfig, RopeConfig
+from flashtier.runtime.kv_cache import BlockKVCache
+from flashtier.runtime.weights import WeightAccessor
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass
+class RoutingTrace:
+    """Experts chosen per MoE layer during the last pass: ``layer -> LongTensor [T, k]``."""
+
+    chosen: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    """Inverse frequencies ``[D/2]`` (fp32), with llama3 / linear scaling as transformers does."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back, as transformers does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[Hx, T, D]`` by ``cos``/``sin`` ``[T, D]`` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Transformer:
+    """A decoder-only transformer whose weights are fetched through ``weights``."""
+
+    def __init__(self, config: ModelConfig, weights: WeightAccessor, available: set[str] | None = None) -> None:
+        self.config = config
+        self.weights = weights
+        self.dtype = weights.compute_dtype
+        self.names: list[LayerNames] = [layer_names(config, i) for i in range(config.num_layers)]
+        self.lm_head = lm_head_name(config, available)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope)  # [D/2] fp32
+        self.trace = RoutingTrace()
+
+    def new_cache(self, block_size: int = 64) -> BlockKVCache:
+        from flashtier.runtime.kv_cache import KVCacheConfig
+
+        c = self.config
+        return BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, KVCacheConfig(block_size))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: torch.Tensor, cache: BlockKVCache, start: int, all_logits: bool = False) -> torch.Tensor:
+        """Run ``tokens`` ``[T]`` at positions ``start .. start+T-1``; cache holds ``0 .. start-1``.
+
+        Returns logits ``[T, V]`` when ``all_logits`` else ``[1, V]`` for the last token (fp32).
+        """
+        w = self.weights
+        t = tokens.shape[0]
+        x = F.embedding(tokens, w.get(EMBED))  # [T, H]
+        pos = torch.arange(start, start + t)
+        freqs = pos[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [T, D]
+        self.trace = RoutingTrace()
+        for i, names in enumerate(self.names):
+            w.layer_begin(i, x)
+            h = x + self._attention(i, names, rms_norm(x, w.get(names.input_norm), self.config.rms_norm_eps), cache, start, cos, sin)
+            x = h + self._ffn(i, names, rms_norm(h, w.get(names.post_attn_norm), self.config.rms_norm_eps))
+            w.layer_end(i)
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, w.get(FINAL_NORM), self.config.rms_norm_eps)
+        logits = F.linear(x, w.get(self.lm_head)).float()  # [T or 1, V]
+        w.step_end()
+        return logits
+
+    def _attention(self, i: int, n: LayerNames, x: torch.Tensor, cache: BlockKVCache, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        c, w = self.config, self.weights
+        t = x.shape[0]
+        q = F.linear(x, w.get(n.q), w.get(n.q_bias) if n.q_bias else None)  # [T, Hq*D]
+        k = F.linear(x, w.get(n.k), w.get(n.k_bias) if n.k_bias else None)  # [T, Hkv*D]
+        v = F.linear(x, w.get(n.v), w.get(n.v_bias) if n.v_bias else None)
+        q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
+        k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
+        v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(i, k, v, start)
+        keys, values = cache.read(i, start + t)  # [Hkv, S, D], S = start + T
+        mask = self._mask(t, start)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
+            scale=c.head_dim**-0.5, enable_gqa=c.num_heads != c.num_kv_heads,
+        )[0]  # [Hq, T, D]
+        out = out.transpose(0, 1).reshape(t, c.num_heads * c.head_dim)
+        return F.linear(out, w.get(n.o))  # [T, H]
+
+    def _mask(self, t: int, start: int) -> torch.Tensor | None:
+        """Boolean mask ``[T, S]`` (True = attend): causal, plus the sliding window if any."""
+        window = self.config.sliding_window
+        s = start + t
+        if t == 1 and (window is None or s <= window):
+            return None
+        qpos = torch.arange(start, s)[:, None]
+        kpos = torch.arange(s)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        return mask
+
+    def _mlp(self, x: torch.Tensor, gate: str, up: str, down: str) -> torch.Tensor:
+        w = self.weights
+        return F.linear(self.act(F.linear(x, w.get(gate))) * F.linear(x, w.get(up)), w.get(down))
+
+    def _ffn(self, i: int, n: LayerNames, x: torch.Tensor) -> torch.Tensor:
+        if not n.router:
+            return self._mlp(x, n.gate, n.up, n.down)
+        c, w = self.config, self.weights
+        logits = F.linear(x, w.get(n.router))  # [T, E]
+        probs = F.softmax(logits.float(), dim=-1)
+        top_w, top_i = torch.topk(probs, c.num_experts_per_tok, dim=-1)  # [T, k]
+        if c.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        top_w = top_w.to(x.dtype)
+        self.trace.chosen[i] = top_i
+        out = torch.zeros_like(x)
+        for e in torch.unique(top_i).tolist():
+            rows, slot = torch.nonzero(top_i == e, as_tuple=True)
+            y = self._mlp(x[rows], *n.expert(e)) * top_w[rows, slot, None]
+            out.index_add_(0, rows, y)
+        if n.shared_gate:
+            shared = self._mlp(x, n.shared_gate, n.shared_up, n.shared_down)
+            out = out + torch.sigmoid(F.linear(x, w.get(n.shared_expert_gate))) * shared
+        return out

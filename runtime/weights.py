@@ -1,0 +1,74 @@
+"""The one seam through which the forward obtains weights.
+
+The model never holds weight tensors itself: it asks a :class:`WeightAccessor` for each weight by
+its checkpoint name right before use, and tells the accessor when a layer starts and ends. An
+accessor that keeps everything in memory (:class:`InMemoryWeights`) and one that pages weights
+through the tiered store implement the same protocol, so the forward is identical in both.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from flashtier.runtime.checkpoint import Checkpoint
+
+
+@runtime_checkable
+class WeightAccessor(Protocol):
+    """Contract: a tensor returned by ``get`` stays valid until ``layer_end`` of the layer during
+    which it was fetched (or, for weights fetched outside any layer, until the next
+    ``step_end``). ``layer_begin`` may start prefetching; it must not block on IO."""
+
+    compute_dtype: torch.dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """The weight ``name`` (checkpoint name), in ``compute_dtype``, ready to compute with."""
+        ...
+
+    def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
+        """Layer ``layer`` is about to run on ``hidden`` ``[T, H]`` (its input)."""
+        ...
+
+    def layer_end(self, layer: int) -> None:
+        """Layer ``layer`` is done: the weights it fetched may be released."""
+        ...
+
+    def step_end(self) -> None:
+        """One forward pass (prefill chunk or decode token) is done."""
+        ...
+
+
+class InMemoryWeights:
+    """Every weight read once into memory in ``compute_dtype`` (the fully-resident reference)."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        compute_dtype: torch.dtype | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.compute_dtype = compute_dtype or checkpoint.weights_dtype
+        self._tensors: dict[str, torch.Tensor] = {}
+        names = sorted(checkpoint.tensors)
+        for i, name in enumerate(names):
+            t = checkpoint.read_tensor(name)
+            self._tensors[name] = t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+            if progress is not None:
+                progress(i + 1, len(names))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
+        return None
+
+    def layer_end(self, layer: int) -> None:
+        return None
+
+    def step_end(self) -> None:
+        return None
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
