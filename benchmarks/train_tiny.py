@@ -136,7 +136,7 @@ def cmd_prepare(args) -> None:
 
 ARCHS = {
     # hidden 256, 6 layers, 8 q heads / 2 kv heads of 32, tied embeddings
-    "moe": dict(hidden=256, layers=6, heads=8, kv_heads=2, head_dim=32, inter=512,
+    "moe": dict(hidden=256, layers=6, heads=8, kv_heads=2, head_dim=32, inter=256,
                 experts=8, top_k=2),
     "dense": dict(hidden=256, layers=6, heads=8, kv_heads=2, head_dim=32, inter=1024,
                   experts=0, top_k=0),
@@ -371,10 +371,6 @@ def write_tokenizer_files(work: str, out: str, vocab: int) -> None:
         json.dump({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                    "pad_token": "<|endoftext|>",
                    "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, fh, indent=2)
-    gen = {"bos_token_id": 0, "eos_token_id": [0, 2], "pad_token_id": 0, "do_sample": False,
-           "max_new_tokens": 128}
-    with open(os.path.join(out, "generation_config.json"), "w") as fh:
-        json.dump(gen, fh, indent=2)
 
 
 def export_hf(model, arch_name: str, vocab: int, work: str, out: str, meta: dict) -> None:
@@ -404,7 +400,10 @@ def export_hf(model, arch_name: str, vocab: int, work: str, out: str, meta: dict
     print(f"export check: max |ours - transformers| logits = {err:.2e}", flush=True)
     assert err < 1e-3, err
     hf = hf.to(torch.bfloat16)
-    hf.generation_config = None
+    from transformers import GenerationConfig
+
+    hf.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=[0, 2], pad_token_id=0,
+                                            do_sample=False, max_new_tokens=128)
     hf.save_pretrained(out)
     write_tokenizer_files(work, out, vocab)
     with open(os.path.join(out, "training_info.json"), "w") as fh:

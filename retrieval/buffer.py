@@ -1,0 +1,43 @@
+"""Append-only row buffers that grow by doubling, so incremental adds cost amortised O(rows).
+
+A :class:`GrowableRows` holds ``rows`` rows of a fixed trailing shape; :meth:`view` returns the
+filled part without copying. Views taken before an append may point at a stale buffer after it:
+take a fresh view after every append.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GrowableRows:
+    """Rows of shape ``row_shape`` and dtype ``dtype``, appended in chunks."""
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, initial_capacity: int = 256) -> None:
+        self.row_shape = tuple(row_shape)
+        self.dtype = dtype
+        self._data = torch.empty((max(1, initial_capacity), *self.row_shape), dtype=dtype)
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def append(self, rows: torch.Tensor) -> None:
+        """Append ``rows`` ``[n, *row_shape]`` (cast to the buffer's dtype)."""
+        n = rows.shape[0]
+        need = self._rows + n
+        if need > self._data.shape[0]:
+            capacity = max(need, 2 * self._data.shape[0])
+            grown = torch.empty((capacity, *self.row_shape), dtype=self.dtype)
+            grown[: self._rows] = self._data[: self._rows]
+            self._data = grown
+        self._data[self._rows : need] = rows
+        self._rows = need
+
+    def view(self) -> torch.Tensor:
+        """The filled rows ``[rows, *row_shape]`` (a view: valid until the next append)."""
+        return self._data[: self._rows]
+
+    def nbytes(self) -> int:
+        """Bytes held by the filled rows (capacity slack not counted)."""
+        return self._rows * self._data[0].numel() * self._data.element_size()

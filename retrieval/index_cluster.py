@@ -1,0 +1,159 @@
+"""``cluster``: attention-aware index, RetroInfer-style segment clusters with a score bound.
+
+Build: keys are clustered per *segment* (consecutive positions, at most ``segment_size`` keys) by a
+few k-means steps into clusters of about ``cluster_size`` keys. Each cluster keeps its centroid
+``c`` and radius ``r = max ||key - c||`` over its members; keys are stored sorted by cluster so a
+cluster is one contiguous row range. Keys that arrived since the last segment was cut (fewer than
+``flush_keys``) wait in a small tail that every search scans exactly.
+
+Search (queries and keys come from different distributions, so "nearest" keys are not the
+highest-scoring ones): each cluster is ranked by the bound
+``q . c + bound_weight * |q| * r`` (with ``bound_weight = 1`` an upper bound of ``q . key`` over
+its members). For a GQA group the bound is turned into a per-row log-softmax-like score
+(``scale * bound - max``) and the group takes the max over rows, so one scan serves every row.
+Clusters are taken best first until ``scan_budget_fraction`` of the keys (at least ``k``) are
+scanned; the scanned keys are scored exactly and each row keeps its top ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from flashtier.errors import ConfigError
+from flashtier.retrieval.buffer import GrowableRows
+from flashtier.retrieval.index import KeyIndex, SearchResult
+from flashtier.retrieval.index_config import IndexConfig
+from flashtier.retrieval.kmeans import kmeans
+
+
+@dataclass(frozen=True)
+class ClusterIndexConfig(IndexConfig):
+    """Knobs of the attention-aware cluster index."""
+
+    cluster_size: int = 16
+    """Average keys per cluster (RetroInfer uses about 16)."""
+    segment_size: int = 2048
+    """Most keys clustered together; a larger segment gives better clusters but slower builds."""
+    flush_keys: int = 128
+    """Tail keys that trigger cutting a new segment (the tail is scanned exactly until then)."""
+    kmeans_iters: int = 6
+    """Lloyd iterations per segment."""
+    bound_weight: float = 1.0
+    """Weight of ``|q| * radius`` in the cluster score (1 = true upper bound, 0 = centroid only)."""
+    softmax_scale: float | None = None
+    """Scale used to compare rows of a group (``None`` = ``1/sqrt(D)``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cluster_size <= 0:
+            raise ConfigError(f"cluster index cluster_size must be positive, got {self.cluster_size}")
+        if self.segment_size < self.cluster_size:
+            raise ConfigError(
+                f"cluster index segment_size ({self.segment_size}) must be >= cluster_size ({self.cluster_size})"
+            )
+        if not 0 < self.flush_keys <= self.segment_size:
+            raise ConfigError(
+                f"cluster index flush_keys must be in 1..segment_size={self.segment_size}, got {self.flush_keys}"
+            )
+        if self.kmeans_iters < 0:
+            raise ConfigError(f"cluster index kmeans_iters must be >= 0, got {self.kmeans_iters}")
+        if self.bound_weight < 0:
+            raise ConfigError(f"cluster index bound_weight must be >= 0, got {self.bound_weight}")
+        if self.softmax_scale is not None and self.softmax_scale <= 0:
+            raise ConfigError(f"cluster index softmax_scale must be positive, got {self.softmax_scale}")
+
+
+class ClusterIndex(KeyIndex):
+    """Segment-wise k-means clusters ranked by a centroid + radius bound (see module docstring)."""
+
+    name: ClassVar[str] = "cluster"
+
+    def __init__(self, dim: int, config: ClusterIndexConfig = ClusterIndexConfig()) -> None:
+        super().__init__(dim)
+        self.config = config
+        self._scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(dim)
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._keys = GrowableRows((dim,), torch.float32)  # [N_c, D] clustered keys, grouped by cluster
+        self._key_pos = GrowableRows((), torch.int64)  # [N_c] their positions
+        self._centroids = GrowableRows((dim,), torch.float32)  # [C, D]
+        self._radius = GrowableRows((), torch.float32)  # [C]
+        self._start = GrowableRows((), torch.int64)  # [C] first row of each cluster in _keys
+        self._size = GrowableRows((), torch.int64)  # [C] rows of each cluster
+        self._tail = GrowableRows((dim,), torch.float32)  # [P, D] keys not yet clustered
+        self._tail_pos = GrowableRows((), torch.int64)  # [P]
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self._size)
+
+    def _add(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
+        self._tail.append(keys)
+        self._tail_pos.append(positions)
+        pending = len(self._tail)
+        if pending < self.config.flush_keys:
+            return
+        tail, tail_pos = self._tail.view(), self._tail_pos.view()
+        n_segments = math.ceil(pending / self.config.segment_size)
+        for seg, seg_pos in zip(torch.tensor_split(tail, n_segments), torch.tensor_split(tail_pos, n_segments)):
+            self._cluster_segment(seg, seg_pos)
+        self._tail = GrowableRows((self.dim,), torch.float32)
+        self._tail_pos = GrowableRows((), torch.int64)
+
+    def _cluster_segment(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
+        """Cluster one segment ``keys [n, D]`` and append its clusters."""
+        n_clusters = max(1, round(keys.shape[0] / self.config.cluster_size))
+        cl = kmeans(keys, n_clusters, self.config.kmeans_iters, self._generator)
+        order = torch.argsort(cl.assign, stable=True)  # rows grouped by cluster
+        dist = (keys - cl.centroids[cl.assign]).norm(dim=1)  # [n]
+        radius = torch.zeros(cl.sizes.shape[0], dtype=torch.float32).scatter_reduce_(
+            0, cl.assign, dist, reduce="amax", include_self=True
+        )  # [C_seg]
+        starts = len(self._keys) + torch.cumsum(cl.sizes, 0) - cl.sizes  # [C_seg]
+        self._keys.append(keys[order])
+        self._key_pos.append(positions[order])
+        self._centroids.append(cl.centroids)
+        self._radius.append(radius)
+        self._start.append(starts)
+        self._size.append(cl.sizes)
+
+    def _search(self, queries: torch.Tensor, k: int) -> SearchResult:
+        budget = max(k, math.ceil(self.config.scan_budget_fraction * self.ntotal))
+        tail_n = len(self._tail)
+        cand_keys, cand_pos = [self._tail.view()], [self._tail_pos.view()]
+        scored = 0
+        if self.n_clusters and budget > tail_n:
+            rows = self._select_rows(queries, budget - tail_n)  # [n_sel]
+            cand_keys.append(self._keys.view()[rows])
+            cand_pos.append(self._key_pos.view()[rows])
+            scored = self.n_clusters
+        keys, pos = torch.cat(cand_keys), torch.cat(cand_pos)  # [n, D], [n]
+        scores = queries @ keys.T  # [R, n]
+        top = torch.topk(scores, min(k, keys.shape[0]), dim=1).indices  # [R, k]
+        return SearchResult(pos[top], keys.shape[0], clusters_scored=scored)
+
+    def _select_rows(self, queries: torch.Tensor, budget: int) -> torch.Tensor:
+        """Rows of ``_keys`` in the best clusters for the group, at least ``budget`` of them."""
+        centroids, radius = self._centroids.view(), self._radius.view()
+        bound = queries @ centroids.T  # [R, C]
+        if self.config.bound_weight:
+            bound = bound + self.config.bound_weight * queries.norm(dim=1, keepdim=True) * radius.unsqueeze(0)
+        if bound.shape[0] > 1:  # compare rows on a shared log-softmax-like scale
+            z = self._scale * bound
+            group_score = (z - z.amax(dim=1, keepdim=True)).amax(dim=0)  # [C]
+        else:
+            group_score = bound[0]
+        order = torch.argsort(group_score, descending=True)  # [C]
+        sizes = self._size.view()[order]
+        n_sel = int(torch.searchsorted(torch.cumsum(sizes, 0), budget)) + 1
+        sel, lens = order[:n_sel], sizes[:n_sel]
+        offsets = torch.cumsum(lens, 0) - lens  # [n_sel] row offset of each cluster in the output
+        return torch.repeat_interleave(self._start.view()[sel] - offsets, lens) + torch.arange(int(lens.sum()))
+
+    def nbytes(self) -> int:
+        parts = (self._keys, self._key_pos, self._centroids, self._radius, self._start, self._size,
+                 self._tail, self._tail_pos, self._positions)
+        return sum(p.nbytes() for p in parts)

@@ -1,0 +1,24 @@
+"""Base of the per-index config dataclasses (one per registered index)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flashtier.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Knobs every index accepts."""
+
+    scan_budget_fraction: float = 0.02
+    """Share of the indexed keys an approximate index may score exactly per search (0, 1]."""
+    seed: int = 0
+    """Seed for the index's clustering, so builds are reproducible."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.scan_budget_fraction <= 1.0:
+            raise ConfigError(
+                f"scan_budget_fraction must be in (0, 1], got {self.scan_budget_fraction}; "
+                "e.g. 0.02 scans 2% of the offloaded keys per search"
+            )

@@ -1,0 +1,317 @@
+"""The public Python API: open a model with budgets, generate / stream text or chat.
+
+    from flashtier.runtime import open_model
+
+    with open_model("models/tiny-moe") as llm:
+        print(llm.generate("def fib(n):", max_new_tokens=32).text)
+        for event in llm.stream(messages=[{"role": "user", "content": "hi"}]):
+            print(event.text, end="", flush=True)
+
+One :class:`Model` serves one generation at a time (a lock guards it); callers that need
+concurrency queue requests (the server does). The KV cache of the last generation is kept, so a
+request that extends the previous conversation prefills only the new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+
+import torch
+
+from flashtier.errors import ConfigError, InputError
+from flashtier.runtime.checkpoint import Checkpoint
+from flashtier.runtime.generate import GenerationStats, generate_ids
+from flashtier.runtime.model import Transformer
+from flashtier.runtime.sampling import Sampler, SamplingConfig
+from flashtier.runtime.tokenizer import Tokenizer
+from flashtier.runtime.weights import InMemoryWeights, WeightAccessor
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """``"1G"``, ``"700M"``, ``"512K"``, ``"123"`` -> bytes (binary units); None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
+    num = s[:-1] if s[-1:] in "KMGT" else s
+    try:
+        value = float(num)
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as a size; use a number of bytes or a suffix, e.g. 1G, 700M") from None
+    if value < 0:
+        raise ConfigError(f"size {text!r} must not be negative")
+    return int(value * mult)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How a model is run: budgets, dtypes, cache shape."""
+
+    dram_budget: int | None = None
+    """Bytes of host memory for weights (None = everything resident)."""
+    device_budget: int | None = None
+    """Bytes of accelerator memory (None = no accelerator / unlimited)."""
+    compute_dtype: str | None = None
+    """float32 / bfloat16 / float16; None = the checkpoint's dtype (exact vs. the reference)."""
+    kv_block_size: int = 64
+    """Tokens per KV cache block."""
+    prefill_chunk: int = 512
+    """Prompt tokens per prefill forward (bounds activation memory)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Options of optional subsystems (paging, experts, sparse FFN, retrieval), by name."""
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+            raise ConfigError(f"compute dtype {self.compute_dtype!r} unknown; use one of {', '.join(DTYPES)}")
+        if self.prefill_chunk <= 0:
+            raise ConfigError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+
+
+@dataclass
+class TokenEvent:
+    """One generated token: its id and the text it adds (may be empty while a UTF-8 char is split)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    stats: dict[str, Any]
+
+
+WeightsFactory = Callable[[Checkpoint, EngineConfig], WeightAccessor]
+
+
+def in_memory_weights(checkpoint: Checkpoint, config: EngineConfig) -> WeightAccessor:
+    dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
+    return InMemoryWeights(checkpoint, dtype)
+
+
+class Model:
+    """A loaded model: tokenizer, forward, KV cache of the current conversation."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig(),
+                 weights_factory: WeightsFactory | None = None) -> None:
+        t0 = time.perf_counter()
+        self.model_dir = Path(model_dir)
+        self.engine_config = config
+        self.checkpoint = Checkpoint(self.model_dir)
+        self.config = self.checkpoint.config
+        self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
+        factory = weights_factory or _default_weights_factory(config)
+        self.weights = factory(self.checkpoint, config)
+        self.transformer = Transformer(self.config, self.weights, set(self.checkpoint.tensors))
+        self.cache = self.transformer.new_cache(config.kv_block_size)
+        self._cached_ids: list[int] = []
+        self._lock = threading.Lock()
+        self.load_s = time.perf_counter() - t0
+        self.name = self.model_dir.name
+
+    # ---------------------------------------------------------------- context manager
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        close = getattr(self.weights, "close", None)
+        if close is not None:
+            close()
+
+    # ---------------------------------------------------------------- prompts
+    def encode(self, prompt: str | Sequence[int] | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
+        """Token ids for a text prompt, explicit ids, or chat messages (rendered by the template)."""
+        if (prompt is None) == (messages is None):
+            raise InputError("give exactly one of a prompt or chat messages")
+        if messages is not None:
+            text = self._need_tokenizer().render_chat(messages)
+            return self._need_tokenizer().encode(text)
+        if isinstance(prompt, str):
+            return self._need_tokenizer().encode(prompt)
+        return [int(t) for t in prompt]  # type: ignore[union-attr]
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InputError(f"{self.model_dir} has no tokenizer.json: pass token ids instead of text")
+        return self.tokenizer
+
+    def stop_ids(self) -> list[int]:
+        ids = list(self.config.eos_token_ids)
+        if self.tokenizer is not None:
+            for tok in (self.tokenizer.eos_token, "<|im_end|>", "<|endoftext|>"):
+                tid = self.tokenizer.token_id(tok)
+                if tid is not None and tid not in ids:
+                    ids.append(tid)
+        return ids
+
+    # ---------------------------------------------------------------- generation
+    def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop: Sequence[str] = (),
+        stats: GenerationStats | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[TokenEvent]:
+        """Yield tokens as they are generated. Closing the iterator cancels the generation."""
+        ids = self.encode(prompt, messages)
+        stats = stats if stats is not None else GenerationStats()
+        with self._lock:
+            reuse = _common_prefix(self._cached_ids, ids)
+            gen = generate_ids(self.transformer, self.cache, ids, max_new_tokens, Sampler(sampling),
+                               () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse)
+            out: list[int] = []
+            emitted = ""
+            self._cached_ids = ids[:reuse]
+            try:
+                for tok in gen:
+                    out.append(tok)
+                    self._cached_ids = ids + out[:-1]  # the last token is not in the cache yet
+                    if self.tokenizer is None:
+                        yield TokenEvent(tok, "")
+                        continue
+                    text = self.tokenizer.decode(out)
+                    if text.endswith("\ufffd"):
+                        continue  # a multi-byte character is split across tokens: wait for the rest
+                    hit = _find_stop(text, stop, len(emitted))
+                    if hit is not None:
+                        if hit > len(emitted):
+                            yield TokenEvent(tok, text[len(emitted):hit])
+                        stats.finish_reason = "stop"
+                        return
+                    safe = len(text) - _stop_prefix_overlap(text, stop)  # hold back a possible stop start
+                    yield TokenEvent(tok, text[len(emitted):safe])
+                    emitted = text[:safe]
+                if self.tokenizer is not None and out:
+                    text = self.tokenizer.decode(out)
+                    if len(text) > len(emitted):
+                        yield TokenEvent(out[-1], text[len(emitted):])
+            finally:
+                gen.close()
+
+    def generate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> GenerationResult:
+        """Generate to completion; returns ids, text, finish reason and statistics."""
+        stats = kwargs.pop("stats", None) or GenerationStats()
+        tokens: list[int] = []
+        parts: list[str] = []
+        for ev in self.stream(prompt, stats=stats, **kwargs):
+            tokens.append(ev.token_id)
+            parts.append(ev.text)
+        return GenerationResult(tokens, "".join(parts), stats.finish_reason, self.stats_dict(stats))
+
+    async def astream(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> AsyncIterator[TokenEvent]:
+        """Async generator over :meth:`stream`, run on a worker thread; closing it cancels."""
+        loop = asyncio.get_running_loop()
+        it = self.stream(prompt, **kwargs)
+        done = object()
+        try:
+            while True:
+                ev = await loop.run_in_executor(None, next, it, done)
+                if ev is done:
+                    return
+                yield ev  # type: ignore[misc]
+        finally:
+            await loop.run_in_executor(None, it.close)
+
+    # ---------------------------------------------------------------- reporting
+    def stats_dict(self, stats: GenerationStats) -> dict[str, Any]:
+        """The statistics object of ``--json``: speed, memory, and what the weight accessor reports."""
+        d: dict[str, Any] = {
+            "prompt_tokens": stats.prompt_tokens,
+            "cached_prompt_tokens": stats.cached_prompt_tokens,
+            "generated_tokens": stats.generated_tokens,
+            "prefill_s": round(stats.prefill_s, 6),
+            "decode_s": round(stats.decode_s, 6),
+            "prefill_tok_s": round(stats.prefill_tok_s, 3),
+            "decode_tok_s": round(stats.decode_tok_s, 3),
+            "load_s": round(self.load_s, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "kv_bytes": self.cache.nbytes(),
+            "finish_reason": stats.finish_reason,
+        }
+        d.update(stats.extra)
+        report = getattr(self.weights, "stats", None)
+        if report is not None:
+            d.update(report())
+        return d
+
+    def memory_report(self) -> dict[str, Any]:
+        """What lives where: resident weight bytes per tier, KV bytes, process peak RSS."""
+        report = getattr(self.weights, "memory_report", None)
+        tiers = report() if report is not None else {"host": {"resident_bytes": self.weights.resident_bytes()}}  # type: ignore[attr-defined]
+        return {"tiers": tiers, "kv_bytes": self.cache.nbytes(), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _default_weights_factory(config: EngineConfig) -> WeightsFactory:
+    if config.dram_budget is None and config.device_budget is None:
+        return in_memory_weights
+    from flashtier.runtime.paged_weights import paged_weights  # the tiered store, when a budget is set
+
+    return paged_weights
+
+
+def open_model(model_dir: str | Path, **options: Any) -> Model:
+    """Open a checkpoint folder; keyword options are :class:`EngineConfig` fields (sizes may be
+    strings like ``"1G"``)."""
+    for key in ("dram_budget", "device_budget"):
+        if key in options:
+            options[key] = parse_bytes(options[key])
+    known = set(EngineConfig.__dataclass_fields__)
+    extra = {k: options.pop(k) for k in list(options) if k not in known}
+    if extra:
+        options["extra"] = {**options.get("extra", {}), **extra}
+    return Model(model_dir, EngineConfig(**options))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _stop_prefix_overlap(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
+    """Index where the earliest stop string begins, searching only where it could be new."""
+    best = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, emitted - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

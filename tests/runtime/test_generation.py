@@ -1,0 +1,91 @@
+"""Generation loop: sampling reproducibility, stop tokens, KV reuse across turns, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashtier.errors import ConfigError, InputError
+from flashtier.runtime import SamplingConfig
+from flashtier.runtime.engine import Model, parse_bytes
+from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.runtime.sampling import Sampler
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Model(write_model(tmp_path_factory.mktemp("m") / "tiny", MakeModelSpec(PRESETS["tiny-llama"], "float32")))
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    s = SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    a = tiny.generate([1, 2, 3], max_new_tokens=20, sampling=s, ignore_eos=True).tokens
+    b = tiny.generate([1, 2, 3], max_new_tokens=20, sampling=s, ignore_eos=True).tokens
+    c = tiny.generate([1, 2, 3], max_new_tokens=20, sampling=SamplingConfig(1.0, 50, 0.9, seed=99), ignore_eos=True).tokens
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert all(Sampler(SamplingConfig(temperature=2.0, top_k=1, seed=i))(logits) == 1 for i in range(20))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
+    picks = {Sampler(SamplingConfig(temperature=1.0, top_p=0.8, seed=i))(logits) for i in range(200)}
+    assert picks == {0, 1}
+
+
+def test_stop_token_ends_generation(tiny):
+    free = tiny.generate([1, 2, 3], max_new_tokens=12, ignore_eos=True).tokens
+    stop = free[4]
+    first = free.index(stop)
+    tiny_stop = tiny.stop_ids
+    tiny.stop_ids = lambda: [stop]  # type: ignore[method-assign]
+    try:
+        r = tiny.generate([1, 2, 3], max_new_tokens=12)
+    finally:
+        tiny.stop_ids = tiny_stop  # type: ignore[method-assign]
+    assert r.tokens == free[: first + 1] and r.finish_reason == "stop"
+
+
+def test_continuing_a_conversation_reuses_the_cache(tiny):
+    first = tiny.generate([5, 6, 7, 8], max_new_tokens=6, ignore_eos=True)
+    follow = [5, 6, 7, 8, *first.tokens, 9, 10]
+    again = tiny.generate(follow, max_new_tokens=6, ignore_eos=True)
+    assert again.stats["cached_prompt_tokens"] == 4 + 6 - 1
+    fresh = Model(tiny.model_dir).generate(follow, max_new_tokens=6, ignore_eos=True)
+    assert again.tokens == fresh.tokens
+
+
+def test_closing_the_stream_cancels_and_frees_the_model(tiny):
+    it = tiny.stream([1, 2, 3], max_new_tokens=50, ignore_eos=True)
+    next(it)
+    it.close()
+    assert len(tiny.generate([1, 2], max_new_tokens=3, ignore_eos=True).tokens) == 3
+
+
+@pytest.mark.parametrize("prompt, kwargs, match", [
+    ([1, 2, 256], {}, "outside the vocabulary"),
+    ([-1], {}, "outside the vocabulary"),
+    ([], {}, "empty"),
+    ([1] * 4000, {"max_new_tokens": 200}, "exceeds the model's context"),
+    ([1, 2], {"max_new_tokens": -1}, "max_new_tokens"),
+])
+def test_bad_requests_are_refused(tiny, prompt, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        tiny.generate(prompt, **kwargs)
+
+
+def test_bad_sampling_values_are_refused():
+    for kw in ({"temperature": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}):
+        with pytest.raises(ConfigError):
+            SamplingConfig(**kw)
+
+
+def test_sizes_parse():
+    assert parse_bytes("1G") == 1 << 30 and parse_bytes("700M") == 700 << 20 and parse_bytes("512") == 512
+    assert parse_bytes("1.5GiB") == 3 << 29
+    with pytest.raises(ConfigError, match="size"):
+        parse_bytes("lots")
