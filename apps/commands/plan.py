@@ -1,0 +1,96 @@
+"""``flashtier plan``: where weights and KV would live under the given budgets, and how fast.
+
+Works on a model folder or on a ``config.json`` alone (e.g. a real 8B model's config, to plan for
+hardware this machine does not have). Bandwidths come from ``flashtier bench-io``'s cache when
+present (disk, and host matrix-vector bandwidth), else documented defaults; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flashtier.apps.common import resolve_model_dir
+from flashtier.errors import CheckpointError
+
+DEFAULT_CACHE = Path.home() / ".cache" / "flashtier" / "bench_io.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="show the placement plan and predicted speed", description=__doc__)
+    p.add_argument("model", nargs="?", default=None, help="model folder, or a config.json file")
+    p.add_argument("--dram-budget", default=None, metavar="BYTES", help="host memory, e.g. 1G (default: unlimited)")
+    p.add_argument("--device-budget", default=None, metavar="BYTES", help="device memory, e.g. 24G (default: no device)")
+    p.add_argument("--context", type=int, default=4096, help="context tokens the KV cache must hold")
+    p.add_argument("--attention", choices=["full", "retrieval"], default="full")
+    p.add_argument("--weight-bytes", type=int, default=None, help="bytes per weight when planning from a config alone (default 2)")
+    p.add_argument("--disk-gbps", type=float, default=None, help="override the disk bandwidth (GB/s)")
+    p.add_argument("--host-gbps", type=float, default=None, help="override host memory bandwidth for compute (GB/s)")
+    p.add_argument("--link-gbps", type=float, default=None, help="host->device bandwidth (GB/s, default 25)")
+    p.add_argument("--device-gbps", type=float, default=None, help="device memory bandwidth (GB/s, default 1000)")
+    p.add_argument("--bench-cache", default=str(DEFAULT_CACHE), help="bench-io result to read bandwidths from")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def load_bandwidths(args: argparse.Namespace):
+    from flashtier.runtime.planner import Bandwidths
+    from flashtier.storage_backends.bench_io import load_cached
+
+    bw = Bandwidths()
+    cached = load_cached(args.bench_cache)
+    fields = {}
+    if cached is not None:
+        fields["disk"] = cached.disk_read_gb_per_s * 1e9
+        fields["source"] = f"bench-io cache {args.bench_cache}"
+    for flag, key in (("disk_gbps", "disk"), ("host_gbps", "host_memory"), ("link_gbps", "host_to_device"), ("device_gbps", "device_memory")):
+        value = getattr(args, flag)
+        if value is not None:
+            fields[key] = value * 1e9
+            fields["source"] = "flags" if "source" not in fields else fields["source"] + " + flags"
+    from dataclasses import replace
+
+    return replace(bw, **fields)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flashtier.runtime.checkpoint import Checkpoint
+    from flashtier.runtime.config import ModelConfig
+    from flashtier.runtime.engine import parse_bytes
+    from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
+
+    target = resolve_model_dir(args.model)
+    if target.is_file():
+        try:
+            raw = json.loads(target.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{target}: not readable JSON ({e})") from e
+        cfg = ModelConfig.from_hf(raw, source=str(target))
+        sizes = sizes_from_config(cfg, args.weight_bytes or 2)
+        source = "config only"
+    else:
+        ck = Checkpoint(target)
+        cfg, sizes, source = ck.config, {n: t.nbytes for n, t in ck.tensors.items()}, "checkpoint"
+    req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
+                      context=args.context, attention=args.attention)
+    plan = make_plan(cfg, sizes, req, load_bandwidths(args))
+    if args.json:
+        print(json.dumps({"model": str(target), "source": source, "context": args.context,
+                          "attention": args.attention, **plan.as_json()}))
+        return 0
+    gib = 1 << 30
+    print(f"model        {target} ({cfg.architecture}, {sum(sizes.values()) / gib:.2f} GiB of weights, {source})")
+    print(f"fits         {'yes' if plan.fits else 'NO'}")
+    for tier in ("device", "host", "storage"):
+        print(f"{tier:<12} weights resident {plan.resident_bytes[tier] / gib:8.3f} GiB   KV {plan.kv_bytes[tier] / gib:8.3f} GiB")
+    per = plan.bytes_per_token
+    print(f"per token    storage {per['storage'] / 2**20:.1f} MiB, host->device {per['host_to_device'] / 2**20:.1f} MiB, "
+          f"host reads {(per['host'] + per['kv_host_read']) / 2**20:.1f} MiB, device reads {(per['device'] + per['kv_device_read']) / 2**20:.1f} MiB")
+    print(f"predicted    {plan.predicted_decode_tok_s:.2f} tokens/s ({plan.predicted_decode_s * 1000:.1f} ms/token), bound by {plan.bound_by}")
+    b = plan.bandwidths
+    print(f"assumed      disk {b.disk / 1e9:.2f} GB/s, host {b.host_memory / 1e9:.1f} GB/s, link {b.host_to_device / 1e9:.0f} GB/s, "
+          f"device {b.device_memory / 1e9:.0f} GB/s ({b.source})")
+    for note in plan.notes:
+        print(f"note         {note}")
+    return 0

@@ -1,0 +1,290 @@
+"""Placement plan and cost model: what stays resident in which tier, what streams, how fast.
+
+From a model config (a checkpoint, or a ``config.json`` alone), the budgets and measured
+bandwidths, :func:`make_plan` decides, "LLM in a flash" style, which weights stay resident:
+
+1. small tensors (norms, routers, biases) and the attention projections,
+2. the output head,
+3. then whole FFN layers (dense) or experts (MoE), in layer order, while they fit;
+
+everything else streams from storage each token through a bounded window. The embedding table is
+never resident: the forward reads only the rows of the current tokens. With a device (GPU), the
+device tier is filled first and the host tier holds what streams over the host link.
+
+The cost model (batch-1 decode is bound by bytes moved): a token costs the slowest of
+  storage bytes / disk bandwidth, host->device bytes / link bandwidth,
+  and compute (resident bytes read per token / memory bandwidth of the tier that holds them),
+plus, for long contexts, the KV bytes each tier reads per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from flashtier.errors import BudgetError, ConfigError
+from flashtier.runtime.checkpoint import EMBED, FINAL_NORM, LM_HEAD, expected_shapes, layer_names
+from flashtier.runtime.config import ModelConfig
+
+Tier = Literal["device", "host", "storage"]
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Bandwidths:
+    """Bytes per second the cost model assumes (measured by ``flashtier bench-io`` or given)."""
+
+    disk: float = 1.2e9
+    """Storage -> host reads (O_DIRECT)."""
+    host_memory: float = 20e9
+    """Host DRAM bytes the CPU streams through a matrix-vector product."""
+    host_to_device: float = 25e9
+    """Host -> device copies (PCIe 4.0 x16 in practice)."""
+    device_memory: float = 1.0e12
+    """Device memory bandwidth (an RTX 4090 class GPU)."""
+    source: str = "defaults"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    """What to plan for."""
+
+    device_budget: int = 0
+    """Bytes of device memory (0 = no device: compute on the host)."""
+    dram_budget: int | None = None
+    """Bytes of host memory for weights and KV (None = unlimited)."""
+    context: int = 4096
+    """Tokens of context the KV cache must hold."""
+    attention: Literal["full", "retrieval"] = "full"
+    resident_kv_tokens: int = 4 + 512
+    """Retrieval attention: sink + window tokens kept in the fastest tier."""
+    retrieval_scan_fraction: float = 0.02
+    """Retrieval attention: share of the offloaded keys scanned per step."""
+    retrieval_top_k: int = 2048
+    stream_window_bytes: int = 96 * MiB
+    """Host bytes reserved for in-flight streamed weights (at least 2 pages)."""
+    weight_dtype_bytes: int = 2
+    kv_dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        if self.context <= 0:
+            raise ConfigError(f"context must be positive, got {self.context}")
+        if self.attention not in ("full", "retrieval"):
+            raise ConfigError(f"attention must be 'full' or 'retrieval', got {self.attention!r}")
+
+
+@dataclass
+class Plan:
+    """The answer: placements and predicted speed. ``as_json()`` is what ``plan --json`` prints."""
+
+    fits: bool
+    placement: dict[str, Tier]
+    resident_bytes: dict[str, int]
+    bytes_per_token: dict[str, int]
+    kv_bytes: dict[str, int]
+    predicted_decode_tok_s: float
+    predicted_decode_s: float
+    bound_by: str
+    min_dram_budget: int
+    stream_window_bytes: int
+    bandwidths: Bandwidths
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "resident_bytes": self.resident_bytes,
+            "bytes_per_token": self.bytes_per_token,
+            "kv_bytes": self.kv_bytes,
+            "predicted_decode_tok_s": round(self.predicted_decode_tok_s, 4),
+            "predicted_decode_s_per_token": round(self.predicted_decode_s, 6),
+            "bound_by": self.bound_by,
+            "min_dram_budget": self.min_dram_budget,
+            "stream_window_bytes": self.stream_window_bytes,
+            "streamed_tensors": sum(1 for t in self.placement.values() if t == "storage"),
+            "bandwidths": asdict(self.bandwidths),
+            "notes": self.notes,
+        }
+
+
+def tensor_groups(cfg: ModelConfig, sizes: dict[str, int]) -> list[tuple[str, list[str]]]:
+    """Tensors grouped into residency units, in priority order: (kind, names)."""
+    groups: list[tuple[str, list[str]]] = []
+    small, attn, ffn = [], [], []
+    for i in range(cfg.num_layers):
+        n = layer_names(cfg, i)
+        small += [x for x in (n.input_norm, n.post_attn_norm, n.q_bias, n.k_bias, n.v_bias, n.router, n.shared_expert_gate) if x]
+        attn.append(("attention", [n.q, n.k, n.v, n.o]))
+        if n.gate:
+            ffn.append(("ffn", [n.gate, n.up, n.down]))
+        if n.shared_gate:
+            ffn.append(("shared_expert", [n.shared_gate, n.shared_up, n.shared_down]))
+        for e in range(cfg.num_experts if n.router else 0):
+            ffn.append(("expert", list(n.expert(e))))
+    small.append(FINAL_NORM)
+    groups.append(("small", small))
+    groups += attn
+    if LM_HEAD in sizes:
+        groups.append(("lm_head", [LM_HEAD]))
+    # Experts interleaved across layers would be fairer, but whole layers keep reads sequential.
+    groups += ffn
+    return groups
+
+
+def sizes_from_config(cfg: ModelConfig, dtype_bytes: int = 2) -> dict[str, int]:
+    """Tensor byte sizes implied by a config alone (no checkpoint)."""
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        n = 1
+        for s in shape:
+            n *= s
+        out[name] = n * dtype_bytes
+    return out
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Bandwidths = Bandwidths()) -> Plan:
+    """Place every tensor and predict decode speed. Raises BudgetError below the minimum."""
+    groups = tensor_groups(cfg, sizes)
+    has_device = req.device_budget > 0
+    notes: list[str] = []
+    placement: dict[str, Tier] = {EMBED: "storage"}
+    notes.append("embedding rows are read per token; the table is never resident")
+
+    # ---- KV cache placement
+    kv_tok = kv_bytes_per_token(cfg, req.kv_dtype_bytes)
+    kv_total = kv_tok * req.context
+    if req.attention == "retrieval":
+        kv_fast = kv_tok * min(req.context, req.resident_kv_tokens)
+        kv_slow = kv_total - kv_fast
+    else:
+        kv_fast, kv_slow = kv_total, 0
+    fast_tier: Tier = "device" if has_device else "host"
+    kv_bytes = {"device": 0, "host": 0, "storage": 0}
+    kv_bytes[fast_tier] += kv_fast
+    kv_bytes["host"] += kv_slow
+    if has_device and req.attention == "full" and kv_fast > req.device_budget // 2:
+        # The KV does not fit beside the weights: it lives in host memory and every decode step
+        # reads all of it over the host link (one layer at a time in flight on the device).
+        kv_bytes["device"], kv_bytes["host"] = kv_total // cfg.num_layers, kv_bytes["host"] + kv_fast
+        notes.append("full attention: the KV cache does not fit on the device; it is read over the host link every step")
+
+    # ---- weights: fill the fast tier, then (with a device) the host tier, then stream.
+    # The streaming window must hold two of the largest streamed tensors; which tensors stream
+    # depends on the window, so iterate until the window is consistent with the placement.
+    small_bytes = sum(sizes[n] for n in groups[0][1])
+    base_window = min(req.stream_window_bytes, sum(sizes.values()))
+    window = base_window
+    for _ in range(4):
+        placed, used = _place(groups, sizes, req, has_device, kv_bytes, window)
+        streamed = [sizes[n] for n, t in placed.items() if t == "storage"]
+        need_window = max([base_window, *(2 * x for x in streamed)])
+        if need_window <= window:
+            break
+        window = need_window
+    placement.update(placed)
+    min_dram = small_bytes + window + (0 if has_device else kv_bytes["host"])
+    if req.dram_budget is not None and not has_device and req.dram_budget < min_dram:
+        raise BudgetError(
+            f"--dram-budget {req.dram_budget / MiB:.0f} MiB is below the minimum this model needs "
+            f"({min_dram / MiB:.0f} MiB: {small_bytes / MiB:.0f} MiB of norms/routers, a {window / MiB:.0f} MiB "
+            f"streaming window and {kv_bytes['host'] / MiB:.0f} MiB of KV); raise the budget to at least "
+            f"{(min_dram + MiB - 1) // MiB}M"
+        )
+
+    resident = {"device": used["device"], "host": used["host"], "storage": sum(sizes.values())}
+    per_token = _bytes_per_token(cfg, sizes, placement, has_device)
+
+    # ---- KV bytes read per decode step, by who reads them
+    kv_on_link = has_device and req.attention == "full" and kv_bytes["host"] > 0
+    scan = int(kv_slow / 2 * req.retrieval_scan_fraction) + min(req.retrieval_top_k, req.context) * kv_tok if kv_slow else 0
+    if has_device:
+        kv_device_read = kv_total if req.attention == "full" else kv_fast
+        kv_host_read = scan
+    else:
+        kv_device_read = 0
+        kv_host_read = (kv_total if req.attention == "full" else kv_fast) + scan
+    per_token["kv_device_read"] = kv_device_read
+    per_token["kv_host_read"] = kv_host_read
+    per_token["host_to_device"] += kv_total if kv_on_link else 0
+
+    times = {
+        "disk": per_token["storage"] / bw.disk,
+        "host_to_device": per_token["host_to_device"] / bw.host_to_device,
+        "compute_device": (per_token["device"] + kv_device_read) / bw.device_memory,
+        "compute_host": (per_token["host"] + kv_host_read) / bw.host_memory,
+    }
+    bound_by = max(times, key=times.__getitem__)
+    # Streaming overlaps compute; device compute and host-side retrieval overlap too.
+    step = max(times.values())
+    fits = (req.dram_budget is None or used["host"] + kv_bytes["host"] + window <= req.dram_budget + 1) and (
+        not has_device or used["device"] + kv_bytes["device"] <= req.device_budget)
+    return Plan(
+        fits=fits,
+        placement=placement,
+        resident_bytes={k: int(v) for k, v in resident.items()},
+        bytes_per_token={k: int(v) for k, v in per_token.items()},
+        kv_bytes={k: int(v) for k, v in kv_bytes.items()},
+        predicted_decode_tok_s=1.0 / step if step > 0 else float("inf"),
+        predicted_decode_s=step,
+        bound_by=bound_by,
+        min_dram_budget=int(min_dram),
+        stream_window_bytes=int(window),
+        bandwidths=bw,
+        notes=notes,
+    )
+
+
+def _place(groups: list[tuple[str, list[str]]], sizes: dict[str, int], req: PlanRequest, has_device: bool,
+           kv_bytes: dict[str, int], window: int) -> tuple[dict[str, Tier], dict[Tier, int]]:
+    """Greedy placement of the groups in priority order into device, then host, else storage."""
+    caps: dict[Tier, float] = {}
+    if has_device:
+        caps["device"] = req.device_budget - kv_bytes["device"] - window
+    caps["host"] = float("inf") if req.dram_budget is None else req.dram_budget - kv_bytes["host"] - window
+    used: dict[Tier, int] = {"device": 0, "host": 0}
+    order: list[Tier] = ["device", "host"] if has_device else ["host"]
+    placement: dict[str, Tier] = {}
+    for kind, names in groups:
+        need = sum(sizes[n] for n in names)
+        tier: Tier = "storage"
+        for t in order:
+            # Small tensors (norms, routers) are always resident: the budget check reports them.
+            if used[t] + need <= caps[t] or (kind == "small" and t == order[-1]):
+                tier = t
+                break
+        for n in names:
+            placement[n] = tier
+        if tier != "storage":
+            used[tier] += need
+    return placement, used
+
+
+def _bytes_per_token(cfg: ModelConfig, sizes: dict[str, int], placement: dict[str, Tier], has_device: bool) -> dict[str, int]:
+    """Bytes each tier supplies per decoded token. MoE: only the routed experts are touched
+    (k of E per layer; the expected share of them that is not resident comes from storage)."""
+    frac_expert = (cfg.num_experts_per_tok / cfg.num_experts) if cfg.num_experts else 1.0
+    out = {"device": 0, "host": 0, "storage": 0, "host_to_device": 0}
+    row_bytes = sizes[EMBED] // cfg.vocab_size
+    out["storage"] += row_bytes
+    for name, size in sizes.items():
+        if name == EMBED:
+            continue
+        tier = placement.get(name, "storage")
+        share = frac_expert if ".experts." in name else 1.0
+        touched = int(size * share)
+        if tier == "storage":
+            out["storage"] += touched
+            if has_device:
+                out["host_to_device"] += touched
+        elif tier == "host":
+            if has_device:
+                out["host_to_device"] += touched
+            else:
+                out["host"] += touched
+        else:
+            out["device"] += touched
+    return out

@@ -1,0 +1,81 @@
+"""The placement plan and cost model, checked against hand calculations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashtier.errors import BudgetError
+from flashtier.runtime.config import ModelConfig
+from flashtier.runtime.make_model import PRESETS, hf_config
+from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
+
+FIXTURE = Path(__file__).parent / "fixtures" / "llama-3.1-8b-config.json"
+GiB = 1 << 30
+
+# Llama-3.1-8B by hand: per layer q,o 4096x4096; k,v 1024x4096; gate,up,down 14336x4096; 2 norms.
+LAYER_PARAMS = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096 + 2 * 4096
+EMBED_PARAMS = 128256 * 4096
+TOTAL_PARAMS = 32 * LAYER_PARAMS + 2 * EMBED_PARAMS + 4096  # + lm_head + final norm
+KV_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # K and V, layers, kv heads, head dim, bf16 bytes
+
+
+def llama8b() -> ModelConfig:
+    return ModelConfig.from_hf(json.loads(FIXTURE.read_text()))
+
+
+def test_8b_retrieval_fits_a_24g_device_under_0_2_s():
+    cfg = llama8b()
+    sizes = sizes_from_config(cfg)
+    assert sum(sizes.values()) == 2 * TOTAL_PARAMS
+    plan = make_plan(cfg, sizes, PlanRequest(device_budget=24 * GiB, dram_budget=64 * GiB, context=131072, attention="retrieval"))
+    # Everything but the embedding table (read by rows) is on the device ...
+    assert plan.resident_bytes["device"] == 2 * (TOTAL_PARAMS - EMBED_PARAMS)
+    # ... with the sink + window KV: (4 + 512) tokens.
+    assert plan.kv_bytes["device"] == (4 + 512) * KV_PER_TOKEN
+    assert plan.kv_bytes["host"] == (131072 - 516) * KV_PER_TOKEN
+    assert plan.resident_bytes["device"] + plan.kv_bytes["device"] < 24 * GiB
+    assert plan.fits
+    assert plan.predicted_decode_s < 0.2
+
+
+def test_8b_full_attention_is_bound_by_the_host_link():
+    cfg = llama8b()
+    plan = make_plan(cfg, sizes_from_config(cfg), PlanRequest(device_budget=24 * GiB, dram_budget=64 * GiB, context=131072, attention="full"))
+    assert plan.kv_bytes["host"] == 131072 * KV_PER_TOKEN  # 16 GiB: cannot stay on the device
+    assert plan.bound_by == "host_to_device"
+    assert plan.bytes_per_token["host_to_device"] >= 131072 * KV_PER_TOKEN
+    assert plan.predicted_decode_s > 0.5  # 16 GiB over 25 GB/s
+
+
+def test_dense_cpu_plan_keeps_attention_resident_first():
+    cfg = ModelConfig.from_hf(hf_config(PRESETS["dense-1.7g"]))
+    sizes = sizes_from_config(cfg)
+    plan = make_plan(cfg, sizes, PlanRequest(dram_budget=700 << 20, context=256))
+    attn = [n for n in sizes if "self_attn" in n]
+    ffn = [n for n in sizes if ".mlp." in n]
+    assert all(plan.placement[n] == "host" for n in attn)
+    assert any(plan.placement[n] == "storage" for n in ffn)
+    assert plan.resident_bytes["host"] + plan.kv_bytes["host"] + plan.stream_window_bytes <= 700 << 20
+    streamed = sum(sizes[n] for n, t in plan.placement.items() if t == "storage" and n != "model.embed_tokens.weight")
+    assert plan.bytes_per_token["storage"] == streamed + sizes["model.embed_tokens.weight"] // cfg.vocab_size
+
+
+def test_budget_below_minimum_names_the_minimum():
+    cfg = ModelConfig.from_hf(hf_config(PRESETS["dense-1.7g"]))
+    with pytest.raises(BudgetError, match=r"below the minimum.*at least \d+M"):
+        make_plan(cfg, sizes_from_config(cfg), PlanRequest(dram_budget=50 << 20))
+
+
+def test_plan_cli_json_from_config_alone():
+    r = subprocess.run([sys.executable, "-m", "flashtier", "plan", str(FIXTURE), "--device-budget", "24G",
+                        "--dram-budget", "64G", "--context", "131072", "--attention", "retrieval", "--json",
+                        "--bench-cache", "/nonexistent"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["fits"] is True and out["predicted_decode_tok_s"] > 5
+    assert {"resident_bytes", "bytes_per_token", "bandwidths"} <= set(out)
