@@ -1,0 +1,237 @@
+"""Retrieval attention for one decode step of one layer: exact on the resident part, top-k on the rest.
+
+The resident part (attention sinks + recent window) is given as K/V ``[H_kv, S, D]``. Every other
+token of the layer lives in an :class:`OffloadedLayerKV`: per kv head, a :class:`KeyIndex` over its
+keys and a host :class:`KVStore` of its keys and values. For each kv head, one index search serves
+the ``G = H_q / H_kv`` query heads of its GQA group (query head ``j`` uses kv head ``j // G``);
+the union of the positions found is gathered from the store, attended exactly, and merged with the
+resident part by log-sum-exp.
+
+Invariant: the resident part and the offloaded tokens are disjoint; with ``top_k`` at least the
+number of offloaded tokens the step equals full attention over both (up to rounding).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import torch
+
+from flashtier.errors import ConfigError, InputError
+from flashtier.retrieval.index import KeyIndex
+from flashtier.retrieval.index_registry import index_config, make_index
+from flashtier.retrieval.merge import PartialAttention, merge_partials, partial_attention
+from flashtier.retrieval.metrics import keys_scanned_fraction
+from flashtier.retrieval.store import KVStore, QuantizedKVStore, TensorKVStore
+
+
+class GroupSearch(enum.Enum):
+    """How one index search serves the query heads of a GQA group."""
+
+    UNION = "union"
+    """Search with every query of the group; attend the union of their top-k (up to G*k keys)."""
+    MEAN = "mean"
+    """Search once with the group's mean query; attend its top-k."""
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Retrieval attention settings (one per model; the same for every layer and head)."""
+
+    sink_tokens: int = 4
+    """First positions always kept resident (attention sinks)."""
+    window: int = 256
+    """Most recent positions kept resident."""
+    top_k: int = 100
+    """Offloaded keys retrieved per query (per search row) and attended exactly."""
+    index: str = "cluster"
+    """Key index by registered name: ``flat`` (exact), ``ivf`` (faiss), ``cluster`` (attention-aware)."""
+    scan_budget_fraction: float = 0.02
+    """Share of offloaded keys an approximate index may score per search."""
+    group_search: GroupSearch = GroupSearch.UNION
+    """How one search serves a GQA group (``union`` or ``mean``)."""
+    store_bits: int | None = None
+    """Host K/V precision: ``None`` keeps K/V as given, 2 or 4 quantises them KIVI-style."""
+    store_group_size: int = 32
+    """KIVI group size (tokens for keys, channels for values) when ``store_bits`` is set."""
+    index_options: Mapping[str, int | float | None] = field(default_factory=dict, hash=False)
+    """Extra options of the chosen index (e.g. ``{"nlist": 256}`` for ``ivf``)."""
+
+    def __post_init__(self) -> None:
+        if self.sink_tokens < 0:
+            raise ConfigError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.window < 0:
+            raise ConfigError(f"window must be >= 0 (recent tokens kept resident), got {self.window}")
+        if self.top_k <= 0:
+            raise ConfigError(
+                f"top_k must be positive (offloaded keys attended per query), got {self.top_k}; "
+                "to attend only sinks + window use the streaming selection policy instead"
+            )
+        if isinstance(self.group_search, str):
+            try:
+                object.__setattr__(self, "group_search", GroupSearch(self.group_search))
+            except ValueError:
+                raise ConfigError(
+                    f"group_search must be one of {[g.value for g in GroupSearch]}, got {self.group_search!r}"
+                ) from None
+        if self.store_bits is not None and self.store_bits not in (2, 4, 8):
+            raise ConfigError(f"store_bits must be None (full precision), 2, 4 or 8, got {self.store_bits}")
+        if self.store_group_size <= 0:
+            raise ConfigError(f"store_group_size must be positive, got {self.store_group_size}")
+        if "scan_budget_fraction" in self.index_options:
+            raise ConfigError("set scan_budget_fraction on RetrievalConfig, not in index_options")
+        object.__setattr__(self, "index_options", MappingProxyType(dict(self.index_options)))
+        self.index_config()  # unknown index name or options -> ConfigError now, not at first use
+
+    def index_config(self):  # -> IndexConfig of the chosen index
+        """The validated config of the chosen index."""
+        return index_config(self.index, scan_budget_fraction=self.scan_budget_fraction, **self.index_options)
+
+    def make_index(self, dim: int) -> KeyIndex:
+        """A new, empty index of the chosen kind for keys of dimension ``dim``."""
+        return make_index(self.index, dim, scan_budget_fraction=self.scan_budget_fraction, **self.index_options)
+
+    def make_store(self, dim: int, dtype: torch.dtype = torch.float32) -> KVStore:
+        """A new, empty host K/V store of the chosen precision."""
+        if self.store_bits is None:
+            return TensorKVStore(dim, dtype)
+        return QuantizedKVStore(dim, self.store_bits, self.store_group_size)
+
+    def resident_positions(self, length: int) -> torch.Tensor:
+        """Positions ``[S]`` (increasing) kept resident in a context of ``length`` tokens."""
+        sinks = torch.arange(min(self.sink_tokens, length))
+        recent = torch.arange(max(min(self.sink_tokens, length), length - self.window), length)
+        return torch.cat([sinks, recent])
+
+
+@dataclass(frozen=True)
+class OffloadedHead:
+    """The offloaded tokens of one kv head: an index over their keys and a store of their K/V."""
+
+    index: KeyIndex
+    store: KVStore
+
+
+class OffloadedLayerKV:
+    """Per kv head index + store for the tokens of one layer that left the resident set.
+
+    ``append`` adds blocks as they leave the window (positions increasing, each added once).
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, config: RetrievalConfig, dtype: torch.dtype = torch.float32) -> None:
+        if num_kv_heads <= 0 or head_dim <= 0:
+            raise ConfigError(f"num_kv_heads and head_dim must be positive, got {num_kv_heads} and {head_dim}")
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.heads = tuple(
+            OffloadedHead(config.make_index(head_dim), config.make_store(head_dim, dtype)) for _ in range(num_kv_heads)
+        )
+
+    def __len__(self) -> int:
+        """Offloaded tokens (the same for every kv head)."""
+        return len(self.heads[0].store)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Offload ``keys, values [H_kv, n, D]`` at ``positions [n]``: index the keys, store both."""
+        expected = (self.num_kv_heads, keys.shape[1] if keys.dim() == 3 else -1, self.head_dim)
+        if keys.dim() != 3 or keys.shape != expected or values.shape != keys.shape:
+            raise InputError(
+                f"offload expects keys and values [H_kv={self.num_kv_heads}, n, D={self.head_dim}], "
+                f"got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        positions = torch.as_tensor(positions, dtype=torch.int64)
+        for head, k, v in zip(self.heads, keys, values):
+            head.index.add(k, positions)
+            head.store.append(k, v, positions)
+
+    @property
+    def build_time_s(self) -> float:
+        """Seconds spent indexing, summed over kv heads."""
+        return sum(h.index.build_time_s for h in self.heads)
+
+    def nbytes(self) -> int:
+        """Bytes of indexes and stores, all kv heads."""
+        return sum(h.index.nbytes() + h.store.nbytes() for h in self.heads)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one decode step of one layer cost, summed over kv heads."""
+
+    keys_offloaded: int
+    """Offloaded keys, summed over kv heads."""
+    keys_scanned: int
+    """Keys the indexes scored exactly."""
+    keys_retrieved: int
+    """Keys gathered from the stores and attended."""
+    search_s: float
+    gather_s: float
+    attend_s: float
+
+    @property
+    def keys_scanned_fraction(self) -> float:
+        return keys_scanned_fraction(self.keys_scanned, self.keys_offloaded)
+
+
+@dataclass(frozen=True)
+class RetrievalOutput:
+    """Result of one decode step of one layer."""
+
+    output: torch.Tensor
+    """``[H_q, D]`` attention output."""
+    retrieved: tuple[torch.Tensor, ...]
+    """Per kv head, the offloaded positions ``[n_h]`` attended (increasing)."""
+    stats: StepStats
+
+
+class RetrievalAttention:
+    """Runs :meth:`decode_step`; holds only the config (state lives in :class:`OffloadedLayerKV`)."""
+
+    def __init__(self, config: RetrievalConfig = RetrievalConfig()) -> None:
+        self.config = config
+
+    def decode_step(
+        self,
+        query: torch.Tensor,
+        resident_k: torch.Tensor,
+        resident_v: torch.Tensor,
+        offloaded: OffloadedLayerKV,
+        scale: float,
+    ) -> RetrievalOutput:
+        """Attention of ``query [H_q, D]`` over the resident ``K/V [H_kv, S, D]`` plus the top-k of
+        ``offloaded``, merged exactly (``scale`` multiplies ``q . k`` before the softmax)."""
+        h_kv, d = offloaded.num_kv_heads, offloaded.head_dim
+        if query.dim() != 2 or query.shape[1] != d or query.shape[0] % h_kv:
+            raise InputError(f"query must be [H_q, {d}] with H_q a multiple of H_kv={h_kv}, got {tuple(query.shape)}")
+        if resident_k.dim() != 3 or resident_k.shape[0] != h_kv or resident_k.shape[2] != d or resident_v.shape != resident_k.shape:
+            raise InputError(
+                f"resident K/V must be [H_kv={h_kv}, S, D={d}], got {tuple(resident_k.shape)} and {tuple(resident_v.shape)}"
+            )
+        q = query.reshape(h_kv, -1, d)  # [H_kv, G, D]
+        resident = partial_attention(q, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
+        search_s = gather_s = attend_s = 0.0
+        scanned = attended = 0
+        retrieved: list[torch.Tensor] = []
+        parts: list[PartialAttention] = []
+        for head, q_group in zip(offloaded.heads, q):  # q_group [G, D]
+            t0 = time.perf_counter()
+            rows = q_group.mean(dim=0, keepdim=True) if self.config.group_search is GroupSearch.MEAN else q_group
+            found = head.index.search(rows.float(), self.config.top_k)
+            positions = torch.unique(found.positions)  # [n] sorted union over rows
+            t1 = time.perf_counter()
+            k, v = head.store.gather(positions)  # [n, D] each
+            t2 = time.perf_counter()
+            parts.append(partial_attention(q_group, k.to(q_group.dtype), v.to(q_group.dtype), scale))
+            attend_s += time.perf_counter() - t2
+            search_s, gather_s = search_s + t1 - t0, gather_s + t2 - t1
+            scanned, attended = scanned + found.keys_scanned, attended + positions.numel()
+            retrieved.append(positions)
+        t3 = time.perf_counter()
+        far = PartialAttention(torch.stack([p.out for p in parts]), torch.stack([p.lse for p in parts]))
+        merged = merge_partials([resident, far])  # out [H_kv, G, D]
+        attend_s += time.perf_counter() - t3
+        stats = StepStats(len(offloaded) * h_kv, scanned, attended, search_s, gather_s, attend_s)
+        return RetrievalOutput(merged.out.reshape(query.shape), tuple(retrieved), stats)
