@@ -415,10 +415,19 @@ def export_hf(model, arch_name: str, vocab: int, work: str, out: str, meta: dict
 # ----------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.05) -> float:
+def schedule_progress(step: int, total: int, warmup: int, elapsed: float, budget: float,
+                      warm_elapsed: float | None) -> float:
+    """Fraction of the cosine phase done: by steps, or by wall time when a budget is set
+    (whichever is further along, so a time-limited run still finishes its decay)."""
+    t = (step - warmup) / max(1, total - warmup)
+    if budget > 0 and warm_elapsed is not None:
+        t = max(t, (elapsed - warm_elapsed) / max(1e-9, budget - warm_elapsed))
+    return min(1.0, max(0.0, t))
+
+
+def lr_at(step: int, warmup: int, peak: float, t: float, final_frac: float = 0.05) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -442,13 +451,14 @@ def cmd_train(args) -> None:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=False)
     ckpt_path = os.path.join(args.work, f"ckpt_{args.arch}.pt")
-    step, l1_coef, elapsed0 = 0, args.l1, 0.0
+    step, l1_coef, elapsed0, warm_el = 0, args.l1, 0.0, None
     rng = np.random.default_rng(args.seed)
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, l1_coef, elapsed0 = ck["step"], ck["l1_coef"], ck["elapsed"]
+        warm_el = ck.get("warm_elapsed")
         rng.bit_generator.state = ck["rng"]
         print(f"resumed at step {step}", flush=True)
 
@@ -474,7 +484,7 @@ def cmd_train(args) -> None:
     def save_ckpt():
         tmp = ckpt_path + ".tmp"
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "l1_coef": l1_coef, "elapsed": elapsed0 + time.time() - t_start,
+                    "l1_coef": l1_coef, "elapsed": elapsed0 + time.time() - t_start, "warm_elapsed": warm_el,
                     "rng": rng.bit_generator.state, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt_path)
 
@@ -483,8 +493,15 @@ def cmd_train(args) -> None:
     last_ckpt = time.time()
     log_loss = log_nz = log_aux = 0.0
     log_n = 0
-    while step < args.steps:
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
+    budget = args.max_minutes * 60
+    while True:
+        el = elapsed0 + time.time() - t_start
+        if step >= args.warmup and warm_el is None:
+            warm_el = el
+        prog = schedule_progress(step, args.steps, args.warmup, el, budget, warm_el)
+        if step >= args.steps or (budget > 0 and el >= budget):
+            break
+        lr = lr_at(step, args.warmup, args.lr, prog)
         for g in opt.param_groups:
             g["lr"] = lr
         off = rng.integers(0, train_ids.size - S - 1, size=B)
@@ -514,27 +531,25 @@ def cmd_train(args) -> None:
                 l1_coef = l1_coef * 0.98
         log_loss += ce.item(); log_nz += nz; log_aux += aux.item(); log_n += 1
         step += 1
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0:
             el = elapsed0 + time.time() - t_start
-            msg = (f"step {step}/{args.steps} lr {lr:.2e} loss {log_loss/log_n:.4f} "
+            msg = (f"step {step}/{args.steps} prog {prog:.3f} lr {lr:.2e} loss {log_loss/log_n:.4f} "
                    f"sparsity {1-log_nz/log_n:.3f} l1 {l1_coef:.2e} aux {log_aux/log_n:.3f} "
                    f"tok/s {step*B*S/max(el,1e-9):.0f} elapsed {el/60:.1f}m")
-            if step % args.eval_every == 0 or step == args.steps:
+            if step % args.eval_every == 0:
                 el_loss, el_acc = evaluate()
                 msg += f" | eval loss {el_loss:.4f} acc {el_acc:.4f}"
             print(msg, flush=True)
             log_loss = log_nz = log_aux = 0.0
             log_n = 0
-        over = args.max_minutes > 0 and elapsed0 + time.time() - t_start > args.max_minutes * 60
-        if time.time() - last_ckpt > args.ckpt_minutes * 60 or step == args.steps or over:
+        if time.time() - last_ckpt > args.ckpt_minutes * 60:
             save_ckpt()
             last_ckpt = time.time()
-        if over:
-            print(f"time limit reached at step {step}: stopping early", flush=True)
-            break
+    save_ckpt()
     total_s = elapsed0 + time.time() - t_start
     el_loss, el_acc = evaluate()
-    meta = {"arch": args.arch, "steps": step, "batch": B, "seq": S, "lr": args.lr,
+    meta = {"arch": args.arch, "steps": step, "max_steps": args.steps, "max_minutes": args.max_minutes,
+            "batch": B, "seq": S, "lr": args.lr,
             "warmup": args.warmup, "weight_decay": args.wd, "aux_coef": args.aux_coef,
             "final_l1_coef": l1_coef, "sparsity_target": args.sparsity_target,
             "seed": args.seed, "threads": args.threads, "train_seconds": round(total_s, 1),
@@ -582,7 +597,9 @@ def main(argv=None) -> None:
     t.add_argument("--eval-windows", type=int, default=32)
     t.add_argument("--ckpt-minutes", type=float, default=4.0)
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--max-minutes", type=float, default=0.0, help="hard stop (0 = none)")
+    t.add_argument("--max-minutes", type=float, default=0.0,
+                   help="wall-time budget: the cosine decay follows max(step, time) progress and "
+                        "training stops when either runs out (0 = steps only, fully reproducible)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast for the matmuls (fp32 master weights); ~2x faster on AVX512-BF16")
     e = sub.add_parser("export")

@@ -23,6 +23,7 @@ import torch
 
 from flashtier.errors import ConfigError, InputError
 from flashtier.retrieval.index import KeyIndex
+from flashtier.retrieval.index_config import IndexConfig
 from flashtier.retrieval.index_registry import index_config, make_index
 from flashtier.retrieval.merge import PartialAttention, merge_partials, partial_attention
 from flashtier.retrieval.metrics import keys_scanned_fraction
@@ -53,7 +54,7 @@ class RetrievalConfig:
     scan_budget_fraction: float = 0.02
     """Share of offloaded keys an approximate index may score per search."""
     group_search: GroupSearch = GroupSearch.UNION
-    """How one search serves a GQA group (``union`` or ``mean``)."""
+    """How one search serves a GQA group (a :class:`GroupSearch` or its value ``union`` / ``mean``)."""
     store_bits: int | None = None
     """Host K/V precision: ``None`` keeps K/V as given, 2 or 4 quantises them KIVI-style."""
     store_group_size: int = 32
@@ -87,7 +88,7 @@ class RetrievalConfig:
         object.__setattr__(self, "index_options", MappingProxyType(dict(self.index_options)))
         self.index_config()  # unknown index name or options -> ConfigError now, not at first use
 
-    def index_config(self):  # -> IndexConfig of the chosen index
+    def index_config(self) -> IndexConfig:
         """The validated config of the chosen index."""
         return index_config(self.index, scan_budget_fraction=self.scan_budget_fraction, **self.index_options)
 
@@ -211,8 +212,10 @@ class RetrievalAttention:
                 f"resident K/V must be [H_kv={h_kv}, S, D={d}], got {tuple(resident_k.shape)} and {tuple(resident_v.shape)}"
             )
         q = query.reshape(h_kv, -1, d)  # [H_kv, G, D]
+        t_start = time.perf_counter()
         resident = partial_attention(q, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
-        search_s = gather_s = attend_s = 0.0
+        search_s = gather_s = 0.0
+        attend_s = time.perf_counter() - t_start
         scanned = attended = 0
         retrieved: list[torch.Tensor] = []
         parts: list[PartialAttention] = []

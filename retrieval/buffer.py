@@ -1,7 +1,7 @@
 """Append-only row buffers that grow by doubling, so incremental adds cost amortised O(rows).
 
 A :class:`GrowableRows` holds ``rows`` rows of a fixed trailing shape; :meth:`view` returns the
-filled part without copying. Views taken before an append may point at a stale buffer after it:
+filled part without copying; :meth:`truncate` drops trailing rows. Views taken before an append may point at a stale buffer after it:
 take a fresh view after every append.
 """
 
@@ -33,6 +33,10 @@ class GrowableRows:
             self._data = grown
         self._data[self._rows : need] = rows
         self._rows = need
+
+    def truncate(self, rows: int) -> None:
+        """Keep only the first ``rows`` rows (capacity is kept)."""
+        self._rows = max(0, min(rows, self._rows))
 
     def view(self) -> torch.Tensor:
         """The filled rows ``[rows, *row_shape]`` (a view: valid until the next append)."""

@@ -84,6 +84,7 @@ def merge_partials(parts: Sequence[PartialAttention]) -> PartialAttention:
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(lse - m_safe)  # [P, ..., G]; 0 for empty parts
     total = w.sum(dim=0)  # [..., G]
-    merged = (w.unsqueeze(-1) * out).sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    weighted = torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * out, torch.zeros_like(out))  # empty parts add 0
+    merged = weighted.sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
     merged_lse = m_safe + torch.log(total)  # -inf where every part is empty
     return PartialAttention(merged.to(parts[0].out.dtype), merged_lse.to(parts[0].lse.dtype))

@@ -39,15 +39,15 @@ class ShiftedKQConfig:
     """Distinct topics the keys sit on."""
     mean_run: int = 48
     """Average run of neighbouring positions on one topic."""
-    rank: int = 8
+    rank: int = 16
     """Rank of the low-rank key structure."""
     key_offset: float = 4.0
     """Norm of the common key offset ``mu_k`` (per-key spread is about 1-2)."""
-    query_offset: float = 6.0
+    query_offset: float = 15.0
     """Norm of the common query offset ``mu_q``."""
-    query_strength: float = 9.0
+    query_strength: float = 20.0
     """Norm of the part of a query that looks for its topic (peakier attention when larger)."""
-    noise: float = 0.3
+    noise: float = 0.15
     """Isotropic noise per coordinate (keys and queries)."""
     seed: int = 0
     """Seed of the generator."""

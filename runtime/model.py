@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from flashtier.runtime.checkpoint import EMBED, FINAL_NORM, LayerNames, layer_names, lm_head_name
+from flashtier.runtime.checkpoint import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.runtime.config import ModelConfig, RopeConfig
 from flashtier.runtime.kv_cache import BlockKVCache
 from flashtier.runtime.weights import WeightAccessor
@@ -93,7 +93,7 @@ class Transformer:
         """
         w = self.weights
         t = tokens.shape[0]
-        x = F.embedding(tokens, w.get(EMBED))  # [T, H]
+        x = w.embed(tokens)  # [T, H]
         pos = torch.arange(start, start + t)
         freqs = pos[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
-from flashtier.runtime.checkpoint import Checkpoint
+from flashtier.runtime.checkpoint import EMBED, Checkpoint
 
 
 @runtime_checkable
@@ -25,6 +26,10 @@ class WeightAccessor(Protocol):
 
     def get(self, name: str) -> torch.Tensor:
         """The weight ``name`` (checkpoint name), in ``compute_dtype``, ready to compute with."""
+        ...
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding rows ``[T, H]`` of ``tokens`` ``[T]`` (an accessor may read only these rows)."""
         ...
 
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
@@ -60,6 +65,9 @@ class InMemoryWeights:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self._tensors[EMBED])
 
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         return None

@@ -1,0 +1,89 @@
+"""The transfer handler: moves the bytes of one hop, routed by (source tier, destination tier).
+
+It makes no decisions (the manager has already reserved the destination block and pinned both
+ends) and reports each hop exactly once through ``on_done(spec, error)``, called on an IO or copy
+thread, or on the caller's thread if the hop fails before it starts. Routes:
+
+  * storage -> host: the storage backend reads the page's source straight into the host block
+    (O_DIRECT on its IO threads).
+  * host -> device: a copy thread; with CUDA the copy is issued on its own stream (after waiting on
+    the events that guard reused device memory) and synchronised before reporting, so the compute
+    stream may use the page as soon as the store says it is there. Without CUDA the same thread
+    copies on the CPU stand-in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from flashtier.storage_backends.base import ReadJob
+from flashtier.storage_backends.io_workers import IoWorkerPool
+from flashtier.tiers.base import SlabPool
+from flashtier.tiers.manager import HopSpec
+from flashtier.tiers.storage import StorageTier
+
+HopDone = Callable[[HopSpec, BaseException | None], None]
+
+
+class TransferHandler:
+    """Moves bytes for hops (see the module docstring). Thread-safe."""
+
+    def __init__(self, storage: StorageTier, pools: dict[str, SlabPool]) -> None:
+        self._storage = storage
+        self._host = pools["host"]
+        self._device = pools.get("device")
+        self._copier: IoWorkerPool | None = None
+        self._stream: torch.cuda.Stream | None = None
+        if self._device is not None:
+            self._copier = IoWorkerPool(1, "flashtier-h2d")
+            if self._device.device.type == "cuda":
+                self._stream = torch.cuda.Stream(self._device.device)
+
+    def start(self, spec: HopSpec, on_done: HopDone) -> None:
+        """Begin moving ``spec``'s bytes; never blocks on the transfer itself."""
+        route = (spec.src, spec.dst)
+        try:
+            if route == ("storage", "host"):
+                self._read(spec, on_done)
+            elif route == ("host", "device") and self._copier is not None:
+                self._copier.submit(lambda: self._copy(spec, on_done), spec.priority)
+            else:
+                raise ValueError(f"no transfer route from {spec.src} to {spec.dst}")
+        except Exception as e:  # report synchronously; the manager rolls the hop back
+            on_done(spec, e)
+
+    def _read(self, spec: HopSpec, on_done: HopDone) -> None:
+        block = self._host.buffer(spec.dst_block)
+        job = self._storage.load(spec.desc, block, spec.placement, spec.priority)
+
+        def finished(done: ReadJob) -> None:
+            on_done(spec, done.exception())
+
+        job.add_done_callback(finished)
+
+    def _copy(self, spec: HopSpec, on_done: HopDone) -> None:
+        """Copy thread: host block -> device block, then report."""
+        assert self._device is not None and spec.src_block is not None
+        error: BaseException | None = None
+        try:
+            nbytes = spec.desc.nbytes
+            src = self._host.view(spec.src_block, spec.src_offset, nbytes)
+            dst = self._device.view(spec.dst_block, 0, nbytes)
+            if self._stream is not None:
+                for event in spec.wait_events:
+                    self._stream.wait_event(event)  # type: ignore[arg-type]
+                with torch.cuda.stream(self._stream):
+                    dst.copy_(src, non_blocking=True)
+                self._stream.synchronize()
+            else:
+                dst.copy_(src)
+        except Exception as e:
+            error = e
+        on_done(spec, error)
+
+    def close(self) -> None:
+        """Finish queued copies and stop the copy thread (reads belong to the backend)."""
+        if self._copier is not None:
+            self._copier.close()
