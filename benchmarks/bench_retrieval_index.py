@@ -9,7 +9,8 @@ or real vectors from ``.npy`` files:
 
 ``--keys``: ``[T, D]`` or ``[H, T, D]`` (H kv heads, each indexed separately); ``--queries``:
 ``[Q, D]``, ``[Q, G, D]`` or ``[H, Q, G, D]`` (G query heads sharing each kv head). Keys are indexed
-in blocks of ``--block`` positions, as they would leave the resident window.
+as they would leave the resident window: all but the last ``--decode-tokens`` in one add (end of
+prefill), then blocks of ``--block``. Build time is the time spent in those adds.
 
 Per index, budget and group mode (``union``: one search with the group's G queries, attend the
 union of their top-k; ``mean``: one search with the mean query, attend its top-k) it reports
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 
 from flashtier.retrieval import (
-    RetrievalConfig,
     ShiftedKQConfig,
     exact_attention_probs,
     make_index,
@@ -92,13 +92,15 @@ def index_settings(n_keys: int, budgets: list[float]) -> list[tuple[str, dict[st
 
 
 def measure(name: str, options: dict[str, float | int], heads: list[tuple[torch.Tensor, torch.Tensor]],
-            k: int, block: int, scale: float) -> list[Row]:
+            k: int, block: int, decode_tokens: int, scale: float) -> list[Row]:
     per_group: dict[str, list[list[float]]] = {"union": [], "mean": []}
     builds = []
     for keys, queries in heads:
         n, _ = keys.shape
         index = make_index(name, keys.shape[1], **options)
-        for start in range(0, n, block):
+        prefill = max(0, n - decode_tokens)
+        index.add(keys[:prefill], torch.arange(prefill))  # offloaded at the end of prefill
+        for start in range(prefill, n, block):  # then block by block as decode pushes them out
             index.add(keys[start : start + block], torch.arange(start, min(n, start + block)))
         builds.append(index.build_time_s)
         for q in queries:  # [G, D]
@@ -131,7 +133,7 @@ def compare_policies(keys: torch.Tensor, queries: torch.Tensor, budget: int, sca
         "streaming": make_policy("streaming", keys.shape[1], sink_tokens=4, window=budget - 4),
         "h2o": make_policy("h2o", keys.shape[1], heavy=half, recent=budget - half),
         "retrieval": make_policy("retrieval", keys.shape[1], sink_tokens=4, window=half - 4,
-                                 top_k=max(1, (budget - half) // queries.shape[1])),
+                                 top_k=budget - half, group_search="mean"),  # exactly `budget` attended
     }
     out = []
     for name, policy in policies.items():
@@ -149,6 +151,21 @@ def compare_policies(keys: torch.Tensor, queries: torch.Tensor, budget: int, sca
     return out
 
 
+def measure_build(n_keys: int, dim: int, n_heads: int, budget: float) -> list[dict[str, float | str]]:
+    """Seconds to index ``n_keys`` keys (one add, as after prefill) for ``n_heads`` (layer, kv head)
+    pairs, per index kind."""
+    keys = [make_shifted_kq(ShiftedKQConfig(n_keys=n_keys, dim=dim, n_queries=1, seed=100 + h))[0] for h in range(n_heads)]
+    out = []
+    for name, options in (("flat", {}), ("ivf", {"nlist": 128}), ("ivf", {"nlist": max(16, n_keys // 16)}),
+                          ("cluster", {"scan_budget_fraction": budget})):
+        start = time.perf_counter()
+        for k in keys:
+            make_index(name, dim, **options).add(k, torch.arange(n_keys))
+        total = time.perf_counter() - start
+        out.append({"index": name, "options": str(options), "heads": n_heads, "total_s": total, "per_head_s": total / n_heads})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--keys", help=".npy keys [T, D] or [H, T, D]")
@@ -161,15 +178,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=100, help="top-k per query")
     p.add_argument("--budgets", default="0.01,0.02,0.05", help="scan budget fractions")
-    p.add_argument("--block", type=int, default=64, help="keys per add (KV block size)")
+    p.add_argument("--block", type=int, default=64, help="keys per add during decode (KV block size)")
+    p.add_argument("--decode-tokens", type=int, default=1024,
+                   help="last keys added block by block; the others in one add, as after prefill")
     p.add_argument("--scale", type=float, default=None, help="softmax scale (default 1/sqrt(D))")
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
     p.add_argument("--policies", type=int, default=0, help="also compare selection policies at this token budget")
+    p.add_argument("--build-heads", type=int, default=0,
+                   help="also time indexing --n-keys keys for this many (layer, kv head) pairs")
+    p.add_argument("--build-only", action="store_true", help="only the --build-heads timing")
     p.add_argument("--json", help="write the rows as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
 
+    builds = []
+    if args.build_heads:
+        builds = measure_build(args.n_keys, args.dim, args.build_heads, float(args.budgets.split(",")[0]))
+        for b in builds:
+            print(f"build {b['index']:8} {b['options']:28} {b['heads']} x {args.n_keys} keys, D={args.dim}: "
+                  f"{b['total_s']:.2f} s total, {b['per_head_s'] * 1e3:.1f} ms per head")
+    if args.build_only:
+        return
     heads = load_heads(args)
     n_keys, dim = heads[0][0].shape
     scale = args.scale if args.scale is not None else 1 / math.sqrt(dim)
@@ -178,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{heads[0][1].shape[0]} query groups per head, k={args.k}, threads={args.threads}")
     rows: list[Row] = []
     for name, options in index_settings(n_keys, budgets):
-        rows.extend(measure(name, options, heads, args.k, args.block, scale))
+        rows.extend(measure(name, options, heads, args.k, args.block, args.decode_tokens, scale))
     header = f"{'index':8} {'options':38} {'group':5} {'rec@k':>6} {'massrec':>7} {'covered':>7} {'attend':>6} {'scanned':>7} {'ms':>6} {'build/16K':>9}"
     print(header)
     for r in rows:
@@ -193,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"attended {row['attended']:.0f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": [asdict(r) for r in rows], "policies": policies}, f, indent=1)
+            json.dump({"args": vars(args), "rows": [asdict(r) for r in rows], "policies": policies, "builds": builds},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

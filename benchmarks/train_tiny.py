@@ -496,6 +496,11 @@ def cmd_train(args) -> None:
     budget = args.max_minutes * 60
     while True:
         el = elapsed0 + time.time() - t_start
+        if args.budget_file and step % 5 == 0 and os.path.exists(args.budget_file):
+            try:  # live override of the wall-time budget (minutes), e.g. when the box is busy
+                budget = float(open(args.budget_file).read().strip()) * 60
+            except ValueError:
+                pass
         if step >= args.warmup and warm_el is None:
             warm_el = el
         prog = schedule_progress(step, args.steps, args.warmup, el, budget, warm_el)
@@ -548,7 +553,7 @@ def cmd_train(args) -> None:
     save_ckpt()
     total_s = elapsed0 + time.time() - t_start
     el_loss, el_acc = evaluate()
-    meta = {"arch": args.arch, "steps": step, "max_steps": args.steps, "max_minutes": args.max_minutes,
+    meta = {"arch": args.arch, "steps": step, "max_steps": args.steps, "max_minutes": budget / 60,
             "batch": B, "seq": S, "lr": args.lr,
             "warmup": args.warmup, "weight_decay": args.wd, "aux_coef": args.aux_coef,
             "final_l1_coef": l1_coef, "sparsity_target": args.sparsity_target,
@@ -597,6 +602,8 @@ def main(argv=None) -> None:
     t.add_argument("--eval-windows", type=int, default=32)
     t.add_argument("--ckpt-minutes", type=float, default=4.0)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--budget-file", default="",
+                   help="optional file holding a number of minutes that overrides --max-minutes live")
     t.add_argument("--max-minutes", type=float, default=0.0,
                    help="wall-time budget: the cosine decay follows max(step, time) progress and "
                         "training stops when either runs out (0 = steps only, fully reproducible)")

@@ -9,6 +9,19 @@ resident part by log-sum-exp.
 
 Invariant: the resident part and the offloaded tokens are disjoint; with ``top_k`` at least the
 number of offloaded tokens the step equals full attention over both (up to rounding).
+
+One layer of a decode step (``k_cache/v_cache [H_kv, T, D]`` hold positions ``0 .. T-1``)::
+
+    config = RetrievalConfig(sink_tokens=4, window=256, top_k=100, index="cluster")
+    offloaded = OffloadedLayerKV(num_kv_heads, head_dim, config)        # once per layer
+    leaving = config.offload_range(T, offloaded.offloaded_end, block=64)
+    if leaving:                                                         # whole blocks left the window
+        pos = torch.arange(leaving.start, leaving.stop)
+        offloaded.append(k_cache[:, pos], v_cache[:, pos], pos)
+    resident = config.resident_positions(T, offloaded.offloaded_end)   # [S]: sinks + the rest
+    out = RetrievalAttention(config).decode_step(
+        q, k_cache[:, resident], v_cache[:, resident], offloaded, scale=head_dim ** -0.5)
+    out.output  # [H_q, D];  out.stats (keys scanned / retrieved, timings), out.retrieved
 """
 
 from __future__ import annotations
@@ -102,11 +115,20 @@ class RetrievalConfig:
             return TensorKVStore(dim, dtype)
         return QuantizedKVStore(dim, self.store_bits, self.store_group_size)
 
-    def resident_positions(self, length: int) -> torch.Tensor:
-        """Positions ``[S]`` (increasing) kept resident in a context of ``length`` tokens."""
-        sinks = torch.arange(min(self.sink_tokens, length))
-        recent = torch.arange(max(min(self.sink_tokens, length), length - self.window), length)
-        return torch.cat([sinks, recent])
+    def resident_positions(self, length: int, offloaded_end: int | None = None) -> torch.Tensor:
+        """Positions ``[S]`` (increasing) that stay resident in a context of ``length`` tokens: the
+        sinks, plus every position from ``offloaded_end`` on (``None``: exactly the last ``window``,
+        as if everything older were offloaded)."""
+        sinks = min(self.sink_tokens, length)
+        first_recent = length - self.window if offloaded_end is None else offloaded_end
+        return torch.cat([torch.arange(sinks), torch.arange(max(sinks, first_recent), length)])
+
+    def offload_range(self, length: int, offloaded_end: int, block: int = 1) -> range:
+        """Positions to offload now: from ``offloaded_end`` (never a sink) up to the last multiple
+        of ``block`` that keeps at least ``window`` recent positions resident (whole KV blocks)."""
+        start = max(offloaded_end, self.sink_tokens)
+        end = max(0, length - self.window) // block * block
+        return range(start, max(start, end))
 
 
 @dataclass(frozen=True)
@@ -135,10 +157,15 @@ class OffloadedLayerKV:
         """Offloaded tokens (the same for every kv head)."""
         return len(self.heads[0].store)
 
+    @property
+    def offloaded_end(self) -> int:
+        """One past the last offloaded position (0 when nothing is offloaded)."""
+        positions = self.heads[0].index.positions()
+        return int(positions[-1]) + 1 if positions.numel() else 0
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Offload ``keys, values [H_kv, n, D]`` at ``positions [n]``: index the keys, store both."""
-        expected = (self.num_kv_heads, keys.shape[1] if keys.dim() == 3 else -1, self.head_dim)
-        if keys.dim() != 3 or keys.shape != expected or values.shape != keys.shape:
+        if keys.dim() != 3 or keys.shape[0] != self.num_kv_heads or keys.shape[2] != self.head_dim or values.shape != keys.shape:
             raise InputError(
                 f"offload expects keys and values [H_kv={self.num_kv_heads}, n, D={self.head_dim}], "
                 f"got {tuple(keys.shape)} and {tuple(values.shape)}"

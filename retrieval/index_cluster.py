@@ -1,10 +1,12 @@
 """``cluster``: attention-aware index, RetroInfer-style segment clusters with a score bound.
 
-Build: keys are clustered per *segment* (consecutive positions, at most ``segment_size`` keys) by a
-few k-means steps into clusters of about ``cluster_size`` keys. Each cluster keeps its centroid
-``c`` and radius ``r = max ||key - c||`` over its members; keys are stored sorted by cluster so a
-cluster is one contiguous row range. Keys that arrived since the last segment was cut (fewer than
-``flush_keys``) wait in a small tail that every search scans exactly.
+Build: keys are clustered per *segment* (``segment_size`` consecutive positions) by a few k-means
+steps into clusters of about ``cluster_size`` keys. Each cluster keeps its centroid ``c`` and
+radius ``r = max ||key - c||`` over its members; keys are stored sorted by cluster so a cluster is
+one contiguous row range. New keys wait in a small tail (scanned exactly by every search) until
+``flush_keys`` have arrived; then the last, still open segment is re-clustered together with them,
+full segments are closed for good and the remainder stays open. So one bulk add after prefill
+clusters full segments once, and block-by-block adds during decode still end in full segments.
 
 Search (queries and keys come from different distributions, so "nearest" keys are not the
 highest-scoring ones): each cluster is ranked by the bound
@@ -40,8 +42,8 @@ class ClusterIndexConfig(IndexConfig):
     """Most keys clustered together; build cost per key grows with ``segment_size / cluster_size``."""
     flush_keys: int = 128
     """Tail keys that trigger cutting a new segment (the tail is scanned exactly until then)."""
-    kmeans_iters: int = 6
-    """Lloyd iterations per segment."""
+    kmeans_iters: int = 4
+    """Lloyd iterations per segment (recall measured flat from 3 to 10 on shifted synthetic keys)."""
     bound_weight: float = 0.1
     """Weight of ``|q| * radius`` in the cluster score (1 = true upper bound, 0 = centroid only)."""
     softmax_scale: float | None = None
@@ -85,6 +87,10 @@ class ClusterIndex(KeyIndex):
         self._size = GrowableRows((), torch.int64)  # [C] rows of each cluster
         self._tail = GrowableRows((dim,), torch.float32)  # [P, D] keys not yet clustered
         self._tail_pos = GrowableRows((), torch.int64)  # [P]
+        self._open = GrowableRows((dim,), torch.float32)  # [O, D] keys of the open (last) segment
+        self._open_pos = GrowableRows((), torch.int64)  # [O]
+        self._open_first_cluster = 0  # its clusters are _size[_open_first_cluster:]
+        self._open_first_row = 0  # its keys are _keys[_open_first_row:]
 
     @property
     def n_clusters(self) -> int:
@@ -93,15 +99,32 @@ class ClusterIndex(KeyIndex):
     def _add(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
         self._tail.append(keys)
         self._tail_pos.append(positions)
-        pending = len(self._tail)
-        if pending < self.config.flush_keys:
+        if len(self._tail) < self.config.flush_keys:
             return
-        tail, tail_pos = self._tail.view(), self._tail_pos.view()
-        n_segments = math.ceil(pending / self.config.segment_size)
-        for seg, seg_pos in zip(torch.tensor_split(tail, n_segments), torch.tensor_split(tail_pos, n_segments)):
-            self._cluster_segment(seg, seg_pos)
-        self._tail = GrowableRows((self.dim,), torch.float32)
-        self._tail_pos = GrowableRows((), torch.int64)
+        # Re-cluster the open segment together with the tail: close full segments, keep the rest open.
+        keys = torch.cat([self._open.view(), self._tail.view()])  # [n, D] in position order
+        positions = torch.cat([self._open_pos.view(), self._tail_pos.view()])
+        self._drop_open_segment()
+        seg = self.config.segment_size
+        n_closed = keys.shape[0] // seg * seg
+        for start in range(0, n_closed, seg):
+            self._cluster_segment(keys[start : start + seg], positions[start : start + seg])
+        self._open_first_cluster, self._open_first_row = self.n_clusters, len(self._keys)
+        if n_closed < keys.shape[0]:
+            self._cluster_segment(keys[n_closed:], positions[n_closed:])
+            self._open.append(keys[n_closed:])
+            self._open_pos.append(positions[n_closed:])
+        self._tail.truncate(0)
+        self._tail_pos.truncate(0)
+
+    def _drop_open_segment(self) -> None:
+        """Forget the open segment's clusters (its keys are re-clustered by the caller)."""
+        for rows in (self._centroids, self._radius, self._start, self._size):
+            rows.truncate(self._open_first_cluster)
+        self._keys.truncate(self._open_first_row)
+        self._key_pos.truncate(self._open_first_row)
+        self._open.truncate(0)
+        self._open_pos.truncate(0)
 
     def _cluster_segment(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
         """Cluster one segment ``keys [n, D]`` and append its clusters."""
@@ -146,7 +169,11 @@ class ClusterIndex(KeyIndex):
             group_score = (z - z.amax(dim=1, keepdim=True)).amax(dim=0)  # [C]
         else:
             group_score = bound[0]
-        order = torch.argsort(group_score, descending=True)  # [C]
+        n_clusters = group_score.shape[0]
+        guess = min(n_clusters, 2 * math.ceil(budget * n_clusters / max(len(self._keys), 1)) + 8)
+        order = torch.topk(group_score, guess).indices  # [m] best clusters first (cheaper than a full sort)
+        if int(self._size.view()[order].sum()) < budget:
+            order = torch.argsort(group_score, descending=True)  # [C]
         sizes = self._size.view()[order]
         n_sel = int(torch.searchsorted(torch.cumsum(sizes, 0), budget)) + 1
         sel, lens = order[:n_sel], sizes[:n_sel]
@@ -155,5 +182,5 @@ class ClusterIndex(KeyIndex):
 
     def nbytes(self) -> int:
         parts = (self._keys, self._key_pos, self._centroids, self._radius, self._start, self._size,
-                 self._tail, self._tail_pos, self._positions)
+                 self._tail, self._tail_pos, self._open, self._open_pos, self._positions)
         return sum(p.nbytes() for p in parts)

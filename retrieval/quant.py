@@ -78,7 +78,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     if codes.shape[-1] % per_byte:
         raise InputError(f"pack_bits: last dim {codes.shape[-1]} must be a multiple of {per_byte} for {bits}-bit codes")
-    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)  # [..., n/per, per]
+    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)  # [..., n/per, per]
     shifts = torch.arange(per_byte, dtype=torch.int32) * bits  # [per]
     return (grouped << shifts).sum(dim=-1).to(torch.uint8)
 
@@ -89,7 +89,7 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, dtype=torch.int32) * bits  # [per]
     codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., m, per]
-    return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)
 
 
 def quantize(x: torch.Tensor, bits: int, group_size: int, axis: QuantAxis) -> QuantizedTensor:

@@ -4,7 +4,7 @@ Contract of every :class:`KVStore`: ``append`` follows the same append-only rule
 (positions strictly increasing across calls, gaps allowed); ``gather(positions)`` returns the keys
 and values of exactly those positions, in the order asked, and raises :class:`InputError` for a
 position never appended. ``TensorKVStore`` returns what was appended bit for bit;
-``QuantizedKVStore`` returns KIVI-dequantised rows (the last, not yet full key group is kept in
+``QuantizedKVStore`` returns KIVI-dequantised fp32 rows (the last, not yet full key group is kept in
 full precision, as KIVI does).
 """
 

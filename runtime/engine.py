@@ -66,6 +66,9 @@ class EngineConfig:
     """Tokens per KV cache block."""
     prefill_chunk: int = 512
     """Prompt tokens per prefill forward (bounds activation memory)."""
+    max_context: int | None = None
+    """Most tokens (prompt + generated) a request may hold; the KV budget is planned for it
+    (None = the model's context, capped at 4096 when a budget is set)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Options of optional subsystems (paging, experts, sparse FFN, retrieval), by name."""
 
@@ -74,6 +77,8 @@ class EngineConfig:
             raise ConfigError(f"compute dtype {self.compute_dtype!r} unknown; use one of {', '.join(DTYPES)}")
         if self.prefill_chunk <= 0:
             raise ConfigError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        if self.max_context is not None and self.max_context <= 0:
+            raise ConfigError(f"max_context must be positive, got {self.max_context}")
 
 
 @dataclass
@@ -176,7 +181,8 @@ class Model:
         with self._lock:
             reuse = _common_prefix(self._cached_ids, ids)
             gen = generate_ids(self.transformer, self.cache, ids, max_new_tokens, Sampler(sampling),
-                               () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse)
+                               () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse,
+                               self.engine_config.max_context)
             out: list[int] = []
             emitted = ""
             self._cached_ids = ids[:reuse]
@@ -203,6 +209,11 @@ class Model:
                     text = self.tokenizer.decode(out)
                     if len(text) > len(emitted):
                         yield TokenEvent(out[-1], text[len(emitted):])
+            except GeneratorExit:
+                raise  # the consumer stopped between tokens: the cache is consistent
+            except BaseException:
+                self._cached_ids = []  # the cache may hold a partial pass: never reuse it
+                raise
             finally:
                 gen.close()
 

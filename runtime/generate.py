@@ -54,6 +54,7 @@ def generate_ids(
     stats: GenerationStats | None = None,
     prefill_chunk: int = 512,
     reuse: int = 0,
+    context_limit: int | None = None,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` new token ids after ``prompt``.
 
@@ -70,10 +71,12 @@ def generate_ids(
         raise InputError(f"prompt token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if n + max_new_tokens > cfg.max_position_embeddings:
+    limit = min(cfg.max_position_embeddings, context_limit or cfg.max_position_embeddings)
+    if n + max_new_tokens > limit:
+        what = "the model's context" if limit == cfg.max_position_embeddings else "the configured --max-context"
         raise InputError(
-            f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-            f"{cfg.max_position_embeddings} tokens; shorten the prompt or ask for fewer tokens"
+            f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds {what} of "
+            f"{limit} tokens; shorten the prompt or ask for fewer tokens"
         )
     reuse = max(0, min(reuse, n - 1, cache.length))
     cache.truncate(reuse)

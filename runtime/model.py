@@ -99,15 +99,19 @@ class Transformer:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [T, D]
         self.trace = RoutingTrace()
-        for i, names in enumerate(self.names):
-            w.layer_begin(i, x)
-            h = x + self._attention(i, names, rms_norm(x, w.get(names.input_norm), self.config.rms_norm_eps), cache, start, cos, sin)
-            x = h + self._ffn(i, names, rms_norm(h, w.get(names.post_attn_norm), self.config.rms_norm_eps))
-            w.layer_end(i)
-        if not all_logits:
-            x = x[-1:]
-        x = rms_norm(x, w.get(FINAL_NORM), self.config.rms_norm_eps)
-        logits = F.linear(x, w.get(self.lm_head)).float()  # [T or 1, V]
+        try:
+            for i, names in enumerate(self.names):
+                w.layer_begin(i, x)
+                h = x + self._attention(i, names, rms_norm(x, w.get(names.input_norm), self.config.rms_norm_eps), cache, start, cos, sin)
+                x = h + self._ffn(i, names, rms_norm(h, w.get(names.post_attn_norm), self.config.rms_norm_eps))
+                w.layer_end(i)
+            if not all_logits:
+                x = x[-1:]
+            x = rms_norm(x, w.get(FINAL_NORM), self.config.rms_norm_eps)
+            logits = F.linear(x, w.get(self.lm_head)).float()  # [T or 1, V]
+        except BaseException:
+            w.abort()
+            raise
         w.step_end()
         return logits
 
@@ -162,7 +166,9 @@ class Transformer:
         out = torch.zeros_like(x)
         for e in torch.unique(top_i).tolist():
             rows, slot = torch.nonzero(top_i == e, as_tuple=True)
-            y = self._mlp(x[rows], *n.expert(e)) * top_w[rows, slot, None]
+            names = n.expert(e)
+            y = self._mlp(x[rows], *names) * top_w[rows, slot, None]
+            w.done(names)
             out.index_add_(0, rows, y)
         if n.shared_gate:
             shared = self._mlp(x, n.shared_gate, n.shared_up, n.shared_down)

@@ -176,12 +176,11 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
     # The streaming window must hold two of the largest streamed tensors; which tensors stream
     # depends on the window, so iterate until the window is consistent with the placement.
     small_bytes = sum(sizes[n] for n in groups[0][1])
-    base_window = min(req.stream_window_bytes, sum(sizes.values()))
+    base_window = min(req.stream_window_bytes, sum(sizes.values()) // 8)
     window = base_window
     for _ in range(4):
         placed, used = _place(groups, sizes, req, has_device, kv_bytes, window)
-        streamed = [sizes[n] for n, t in placed.items() if t == "storage"]
-        need_window = max([base_window, *(2 * x for x in streamed)])
+        need_window = max(base_window, 2 * _largest_pass_group(cfg, sizes, placed))
         if need_window <= window:
             break
         window = need_window
@@ -189,10 +188,9 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
     min_dram = small_bytes + window + (0 if has_device else kv_bytes["host"])
     if req.dram_budget is not None and not has_device and req.dram_budget < min_dram:
         raise BudgetError(
-            f"--dram-budget {req.dram_budget / MiB:.0f} MiB is below the minimum this model needs "
-            f"({min_dram / MiB:.0f} MiB: {small_bytes / MiB:.0f} MiB of norms/routers, a {window / MiB:.0f} MiB "
-            f"streaming window and {kv_bytes['host'] / MiB:.0f} MiB of KV); raise the budget to at least "
-            f"{(min_dram + MiB - 1) // MiB}M"
+            f"--dram-budget {_human(req.dram_budget)} is below the minimum this model needs "
+            f"({_human(min_dram)}: {_human(small_bytes)} of norms/routers, a {_human(window)} streaming window "
+            f"and {_human(kv_bytes['host'])} of KV); raise the budget to at least {_ceil_size(min_dram)}"
         )
 
     resident = {"device": used["device"], "host": used["host"], "storage": sum(sizes.values())}
@@ -236,6 +234,35 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
         bandwidths=bw,
         notes=notes,
     )
+
+
+PAGE_SLACK = 8192
+"""Alignment padding a streamed page may cost in the store's slab."""
+
+
+def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[str, Tier]) -> int:
+    """Most streamed bytes a forward holds at once: one layer's streamed tensors (experts are
+    released one by one, so two of them), or the output head."""
+    def streamed(names: list[str]) -> int:
+        return sum(sizes[n] + PAGE_SLACK for n in names if n and placed.get(n) == "storage")
+
+    largest = streamed([LM_HEAD]) if LM_HEAD in sizes else 0
+    for i in range(cfg.num_layers):
+        n = layer_names(cfg, i)
+        held = streamed([n.q, n.k, n.v, n.o, n.gate, n.up, n.down, n.shared_gate, n.shared_up, n.shared_down])
+        if n.router:
+            held += 2 * max((streamed(list(n.expert(e))) for e in range(cfg.num_experts)), default=0)
+        largest = max(largest, held)
+    return largest
+
+
+def _ceil_size(n: int) -> str:
+    """A size string (as --dram-budget accepts) of at least ``n`` bytes."""
+    return f"{-(-n // MiB)}M" if n >= MiB else f"{-(-n // 1024)}K"
+
+
+def _human(n: int) -> str:
+    return f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / 1024:.1f} KiB"
 
 
 def _place(groups: list[tuple[str, list[str]]], sizes: dict[str, int], req: PlanRequest, has_device: bool,

@@ -36,12 +36,21 @@ class WeightAccessor(Protocol):
         """Layer ``layer`` is about to run on ``hidden`` ``[T, H]`` (its input)."""
         ...
 
+    def done(self, names: tuple[str, ...]) -> None:
+        """The current pass no longer needs ``names`` (e.g. an expert just computed): they may be
+        released before ``layer_end``."""
+        ...
+
     def layer_end(self, layer: int) -> None:
         """Layer ``layer`` is done: the weights it fetched may be released."""
         ...
 
     def step_end(self) -> None:
         """One forward pass (prefill chunk or decode token) is done."""
+        ...
+
+    def abort(self) -> None:
+        """A forward pass failed midway: release everything it holds; the next pass starts clean."""
         ...
 
 
@@ -72,10 +81,16 @@ class InMemoryWeights:
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         return None
 
+    def done(self, names: tuple[str, ...]) -> None:
+        return None
+
     def layer_end(self, layer: int) -> None:
         return None
 
     def step_end(self) -> None:
+        return None
+
+    def abort(self) -> None:
         return None
 
     def resident_bytes(self) -> int:

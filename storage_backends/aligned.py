@@ -53,7 +53,9 @@ class ReadPlan:
     def for_range(cls, offset: int, length: int, alignment: int) -> ReadPlan:
         """The aligned superset of ``[offset, offset + length)``."""
         if offset < 0 or length < 0:
-            raise ValueError(f"byte range must be non-negative, got offset={offset} length={length}")
+            raise ValueError(
+                f"byte range must be non-negative, got offset={offset} length={length}"
+            )
         if alignment < 1:
             raise ValueError(f"alignment must be >= 1, got {alignment}")
         start = align_down(offset, alignment)

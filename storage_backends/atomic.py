@@ -34,7 +34,8 @@ def verify_crc32(data: bytes | bytearray | memoryview, expected: int, where: str
 def write_atomic(path: str, chunks: Sequence[bytes | bytearray | memoryview]) -> int:
     """Write the concatenation of ``chunks`` to ``path`` atomically; return its crc32.
 
-    Raises StorageError (with the OS error as cause) if any step fails; the target is then untouched.
+    Raises StorageError (with the OS error as cause) if any step fails; the target is then
+    untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(
@@ -60,10 +61,12 @@ def write_atomic(path: str, chunks: Sequence[bytes | bytearray | memoryview]) ->
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise StorageError(f"atomic write of {path} failed: {e}") from e
+        if isinstance(e, OSError):
+            raise StorageError(f"atomic write of {path} failed: {e}") from e
+        raise
     return checksum & 0xFFFFFFFF

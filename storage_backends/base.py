@@ -299,7 +299,8 @@ class StorageBackend(ABC):
         if not aligned_io:
             return Placement(plan.offset, result, plan.length, result, None)
         if fits_span and is_aligned(dest, self._alignment):
-            return Placement(plan.aligned_offset, dest[: plan.span], plan.head + plan.length, result, None)
+            span = dest[: plan.span]
+            return Placement(plan.aligned_offset, span, plan.head + plan.length, result, None)
         bounce = allocate_aligned(plan.span)
         with self._stats_lock:
             self._stats.bounce_copies += 1
@@ -322,7 +323,8 @@ class StorageBackend(ABC):
         with self._stats_lock:
             self._stats.reads_submitted += 1
             self._stats.chunks += n_chunks
-        return ReadJob(next(self._ids), path, plan, n_chunks, result, bounce_src, self._job_finished)
+        job_id = next(self._ids)
+        return ReadJob(job_id, path, plan, n_chunks, result, bounce_src, self._job_finished)
 
     def _job_finished(self, job: ReadJob, error: BaseException | None, transferred: int) -> None:
         with self._stats_lock:

@@ -15,7 +15,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -52,6 +52,8 @@ class BenchIoResult:
     """Queue depth of the best setting."""
     memcpy_gb_per_s: float
     """Single large host memory copy bandwidth (torch copy_, current thread settings)."""
+    matvec_gb_per_s: dict[str, float]
+    """Weight bytes per second a host matrix-vector product streams, by dtype name."""
     o_direct: bool
     """Whether the scratch file's filesystem accepted O_DIRECT."""
     file_bytes: int
@@ -71,9 +73,12 @@ class BenchIoResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> BenchIoResult:
-        """Inverse of ``as_dict``."""
-        values = dict(data)
-        values["points"] = [ReadPoint(**p) for p in values.get("points", [])]  # type: ignore[arg-type]
+        """Inverse of ``as_dict``; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        points = values.get("points", [])
+        values["points"] = [ReadPoint(**p) for p in points]  # type: ignore[union-attr]
+        values.setdefault("matvec_gb_per_s", {})
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -108,7 +113,8 @@ def measure_read(path: str, nbytes: int, chunk_size: int, queue_depth: int) -> f
         for i in range(n_reads):
             if len(jobs) == in_flight:
                 jobs.pop(0).wait()
-            jobs.append(backend.submit_read(path, i * chunk_size, chunk_size, buffers[i % in_flight]))
+            dest = buffers[i % in_flight]
+            jobs.append(backend.submit_read(path, i * chunk_size, chunk_size, dest))
         for job in jobs:
             job.wait()
         elapsed = time.perf_counter() - start
@@ -126,6 +132,28 @@ def measure_memcpy(nbytes: int = 256 * MiB, repeats: int = 3) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - start)
     return nbytes / best / GB
+
+
+def measure_matvec(
+    dtypes: Sequence[torch.dtype] = (torch.float16, torch.bfloat16, torch.float32),
+    nbytes: int = 64 * MiB,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Best-of-``repeats`` weight bandwidth of ``W @ x`` (W of ``nbytes``), GB/s per dtype name."""
+    result = {}
+    for dtype in dtypes:
+        cols = 4096
+        rows = max(1, nbytes // (cols * dtype.itemsize))
+        weight = torch.ones(rows, cols, dtype=dtype)
+        x = torch.ones(cols, dtype=dtype)
+        torch.mv(weight, x)  # warm up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mv(weight, x)
+            best = min(best, time.perf_counter() - start)
+        result[str(dtype).removeprefix("torch.")] = round(weight.nbytes / best / GB, 3)
+    return result
 
 
 def run_bench_io(
@@ -162,6 +190,7 @@ def run_bench_io(
         best_chunk_size=best.chunk_size,
         best_queue_depth=best.queue_depth,
         memcpy_gb_per_s=round(measure_memcpy(), 3),
+        matvec_gb_per_s=measure_matvec(),
         o_direct=o_direct,
         file_bytes=file_bytes,
         directory=os.path.abspath(directory),

@@ -3,8 +3,8 @@
 Files are byte strings held in a dict. Reads run on IO threads through the same job machinery as
 the real backend (chunks, placement, bounce buffers when ``alignment`` > 1), so tests exercise the
 asynchronous paths. Faults: ``inject_fault('fail' | 'short', path, times)`` makes the next
-``times`` matching reads fail or come back short; ``hold_reads()`` parks every IO thread until
-``release_reads()`` (to observe pages in flight deterministically).
+``times`` matching reads fail or come back short; ``hold_reads(path)`` parks the reads of ``path``
+(of every file if None) until ``release_reads()``, to observe pages in flight deterministically.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class MemoryBackend(StorageBackend):
         self._lock = threading.Lock()
         self._files: dict[str, bytes] = {}
         self._faults: list[_Fault] = []
-        self._gate = threading.Event()
-        self._gate.set()
+        self._held: set[str | None] = set()
+        self._released = threading.Condition(self._lock)
         self._pool = IoWorkerPool(queue_depth, "flashtier-memio")
         self.read_log: list[tuple[str, int, int]] = []
         """(path, offset, length) of every submitted read, in order."""
@@ -77,13 +77,20 @@ class MemoryBackend(StorageBackend):
         with self._lock:
             self._faults.append(_Fault(kind, path, times))
 
-    def hold_reads(self) -> None:
-        """Park IO threads before their next read until ``release_reads()``."""
-        self._gate.clear()
+    def hold_reads(self, path: str | None = None) -> None:
+        """Park reads of ``path`` (all reads if None) before their IO until ``release_reads()``.
+
+        A parked read occupies its IO thread: hold fewer files than ``queue_depth`` threads if
+        other reads must proceed meanwhile.
+        """
+        with self._lock:
+            self._held.add(path)
 
     def release_reads(self) -> None:
         """Let parked and later reads proceed."""
-        self._gate.set()
+        with self._lock:
+            self._held.clear()
+            self._released.notify_all()
 
     # -- StorageBackend ------------------------------------------------------------------------
 
@@ -127,12 +134,12 @@ class MemoryBackend(StorageBackend):
         return None
 
     def _read_chunk(self, job: ReadJob, chunk: ChunkTask, fault: FaultKind | None) -> None:
-        self._gate.wait()
+        with self._lock:
+            self._released.wait_for(lambda: not self._held.intersection((None, job.path)))
+            data = self._files.get(job.path)
         if job.failed:
             job.chunk_finished(0, None)
             return
-        with self._lock:
-            data = self._files.get(job.path)
         if data is None:
             job.chunk_finished(0, StorageError(f"cannot read {job.path}: no such file"))
             return
@@ -164,5 +171,5 @@ class MemoryBackend(StorageBackend):
         return len(data)
 
     def close(self) -> None:
-        self._gate.set()
+        self.release_reads()
         self._pool.close()

@@ -125,7 +125,8 @@ class SlabPool(TierPool):
     def view(self, block: Block, byte_offset: int, nbytes: int) -> torch.Tensor:
         if byte_offset < 0 or byte_offset + nbytes > block.nbytes:
             raise ValueError(
-                f"view [{byte_offset}, {byte_offset + nbytes}) lies outside a {block.nbytes}-byte block"
+                f"view [{byte_offset}, {byte_offset + nbytes}) lies outside a "
+                f"{block.nbytes}-byte block"
             )
         start = block.offset + byte_offset
         return self._slab[start : start + nbytes]

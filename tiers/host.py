@@ -27,7 +27,9 @@ class HostPool(SlabPool):
         if capacity < 0:
             raise ConfigError(f"host budget must be >= 0 bytes, got {capacity}")
         if pinned and not torch.cuda.is_available():
-            raise ConfigError("pinned host memory needs CUDA; build the host tier with pinned=False")
+            raise ConfigError(
+                "pinned host memory needs CUDA; build the host tier with pinned=False"
+            )
         self._mapping: mmap.mmap | None = None
         try:
             if capacity == 0:
@@ -40,7 +42,8 @@ class HostPool(SlabPool):
                 slab = torch.frombuffer(self._mapping, dtype=torch.uint8)
         except (RuntimeError, OSError) as e:
             raise BudgetError(
-                f"cannot allocate the {capacity}-byte host slab ({'pinned' if pinned else 'mmap'}): "
+                f"cannot allocate the {capacity}-byte host slab "
+                f"({'pinned' if pinned else 'mmap'}): "
                 f"{e}; lower --dram-budget"
             ) from e
         super().__init__("host", slab, alignment)

@@ -24,6 +24,8 @@ Page table invariants (``check_invariants`` asserts them):
 from __future__ import annotations
 
 import enum
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +85,9 @@ class PageEntry:
     pins: int = 0
     resident: bool = False
     prefetched_unused: bool = False
+    """Announced by a prefetch and not acquired since (soft-protected from eviction)."""
+    prefetch_seq: int = 0
+    """Order of the last prefetch announcing the page."""
     view: torch.Tensor | None = None
     """Cached default view of the location copy (dropped when the location changes)."""
     release_event: object | None = None
@@ -112,6 +117,7 @@ class PageManager:
         self._inflight = {t: 0 for t in self.tiers}
         self._pending_events: list[object] = []
         self._sizes: dict[str, int] = {}
+        self._prefetch_seq = itertools.count(1)
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -120,7 +126,9 @@ class PageManager:
         existing = self.pages.get(desc.page_id)
         if existing is not None:
             if existing.desc != desc:
-                raise ValueError(f"page {desc.page_id!r} is already registered with {existing.desc}")
+                raise ValueError(
+                    f"page {desc.page_id!r} is already registered with {existing.desc}"
+                )
             return
         self.storage.check_source(desc, self._sizes)
         self.pages[desc.page_id] = PageEntry(desc, self.storage.placement(desc))
@@ -153,6 +161,11 @@ class PageManager:
         if entry.pins <= 0:
             raise ValueError(f"page {entry.desc.page_id!r} is released more often than acquired")
         entry.pins -= 1
+
+    def mark_prefetched(self, entry: PageEntry) -> None:
+        """A prefetch announced the page as needed soon."""
+        entry.prefetched_unused = True
+        entry.prefetch_seq = next(self._prefetch_seq)
 
     def touch(self, entry: PageEntry) -> None:
         """Tell the location tier's policy the page is used (or wanted soon)."""
@@ -291,32 +304,48 @@ class PageManager:
                 return False
         return True
 
-    def _make_room(self, tier: str, need: int, demand: bool) -> Block | Room:
-        """Evict from ``tier`` in policy order until a ``need``-byte block can be allocated.
+    def _victims(self, tier: str, demand: bool) -> Iterator[PageEntry]:
+        """Evictable copies in ``tier``, best victim first.
 
-        Evicts only when enough candidates exist to cover ``need``; prefetches never evict pages
-        prefetched but not yet used; demands do, after all others.
+        First the policy's order, skipping pages prefetched but not yet used; then, for demands
+        only, those prefetched pages, the most recently prefetched first (the one needed furthest
+        ahead, when prefetches are issued in order of need).
+        """
+        unused: list[PageEntry] = []
+        for key in self.policies[tier].victims():
+            candidate = self.pages[key]
+            if not self._evictable(candidate, tier, allow_unused=True):
+                continue
+            if candidate.tier == tier and candidate.prefetched_unused:
+                if demand:
+                    unused.append(candidate)
+                continue
+            yield candidate
+        unused.sort(key=lambda e: e.prefetch_seq, reverse=True)
+        yield from unused
+
+    def _make_room(self, tier: str, need: int, demand: bool) -> Block | Room:
+        """Evict from ``tier`` in ``_victims`` order until a ``need``-byte block can be allocated.
+
+        Evicts only when enough candidates exist to cover ``need``.
         """
         pool = self.pools[tier]
-        policy = self.policies[tier]
-        for allow_unused in (False, True) if demand else (False,):
-            while True:
-                victims: list[PageEntry] = []
-                freed = pool.free_bytes
-                for key in policy.victims():
-                    candidate = self.pages[key]
-                    if self._evictable(candidate, tier, allow_unused):
-                        victims.append(candidate)
-                        freed += candidate.blocks[tier].nbytes
-                        if freed >= need:
-                            break
-                if freed < need or not victims:
+        while True:
+            victims: list[PageEntry] = []
+            freed = pool.free_bytes
+            for candidate in self._victims(tier, demand):
+                victims.append(candidate)
+                freed += candidate.blocks[tier].nbytes
+                if freed >= need:
                     break
-                for victim in victims:
-                    self._evict(victim, tier)
-                block = pool.try_allocate(need)
-                if block is not None:
-                    return block
+            if freed < need or not victims:
+                break
+            for victim in victims:
+                self._evict(victim, tier)
+            block = pool.try_allocate(need)
+            if block is not None:
+                return block
+            # fragmented: free bytes suffice but no hole does; evict more
         if demand and self._inflight[tier] == 0:
             return Room.NEVER
         return Room.WAIT
@@ -353,7 +382,7 @@ class PageManager:
                 assert e.hop.dst not in e.blocks
                 reserved[e.hop.dst] += e.hop.dst_block.nbytes
         for tier, pool in self.pools.items():
-            assert pool.used == reserved[tier], f"{tier}: pool used {pool.used}, pages {reserved[tier]}"
+            assert pool.used == reserved[tier], f"{tier}: used {pool.used}, blocks {reserved[tier]}"
             assert pool.used <= pool.capacity, f"{tier} over budget"
             resident_in_tier = sum(1 for e in self.pages.values() if tier in e.blocks)
             assert len(self.policies[tier]) == resident_in_tier, f"{tier} policy out of sync"

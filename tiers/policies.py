@@ -6,6 +6,8 @@ sees page contents.
 
 Registered here:
   * ``lru``  least recently used.
+  * ``mru``  most recently used: for cyclic scans larger than the tier (dense layers streamed every
+    token) it keeps a fixed subset cached across passes where LRU would keep none.
   * ``lfu``  least frequently used (ties: least recent).
   * ``cost`` GreedyDual-Size: keeps pages whose reload cost per byte is high (small pages pay the
     storage latency on every reload) and ages everything on each eviction, so recency still counts.
@@ -111,6 +113,14 @@ class LruPolicy(EvictionPolicy):
 
     def __len__(self) -> int:
         return len(self._order)
+
+
+@register_policy("mru")
+class MruPolicy(LruPolicy):
+    """Most recently used first (scan-resistant for cyclic access larger than the tier)."""
+
+    def victims(self) -> Iterator[Key]:
+        return reversed(self._order)
 
 
 @register_policy("lfu")

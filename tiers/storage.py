@@ -40,7 +40,9 @@ class StorageTier:
             return HostPlacement(plan.span, plan.head)
         return HostPlacement(desc.source.length, 0)
 
-    def load(self, desc: PageDesc, block: memoryview, placement: HostPlacement, priority: int) -> ReadJob:
+    def load(
+        self, desc: PageDesc, block: memoryview, placement: HostPlacement, priority: int
+    ) -> ReadJob:
         """Start reading ``desc`` into ``block`` (laid out as ``placement``); never blocks on IO."""
         src = desc.source
         # A span-sized dest makes the backend read in place; a length-sized one makes it bounce.
@@ -48,7 +50,10 @@ class StorageTier:
         return self.backend.submit_read(src.path, src.offset, src.length, dest, priority)
 
     def check_source(self, desc: PageDesc, sizes: dict[str, int]) -> None:
-        """StorageError if ``desc``'s range lies past the end of its file (``sizes`` caches stats)."""
+        """StorageError if ``desc``'s range lies past the end of its file.
+
+        ``sizes`` caches file sizes across calls.
+        """
         src = desc.source
         size = sizes.get(src.path)
         if size is None:
@@ -56,5 +61,6 @@ class StorageTier:
         if src.offset + src.length > size:
             raise StorageError(
                 f"page {desc.page_id!r} needs bytes [{src.offset}, {src.offset + src.length}) of "
-                f"{src.path}, which has {size} bytes; the checkpoint is truncated or the index is wrong"
+                f"{src.path}, which has {size} bytes; the checkpoint is truncated or the index "
+                "is wrong"
             )

@@ -67,7 +67,7 @@ def test_dense_cpu_plan_keeps_attention_resident_first():
 
 def test_budget_below_minimum_names_the_minimum():
     cfg = ModelConfig.from_hf(hf_config(PRESETS["dense-1.7g"]))
-    with pytest.raises(BudgetError, match=r"below the minimum.*at least \d+M"):
+    with pytest.raises(BudgetError, match=r"below the minimum.*at least \d+[MK]"):
         make_plan(cfg, sizes_from_config(cfg), PlanRequest(dram_budget=50 << 20))
 
 

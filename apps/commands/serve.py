@@ -1,0 +1,47 @@
+"""``flashtier serve``: an OpenAI-compatible HTTP server and a web chat page for one model.
+
+Endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (streaming with
+``"stream": true``), ``/health``, ``/metrics`` (Prometheus), ``/v1/flashtier/stats``, and the
+chat page at ``/``. The server listens at once; the model loads in the background (503 until then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from flashtier.apps.common import add_budget_args, add_model_arg, engine_options, resolve_model_dir
+from flashtier.errors import CheckpointError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a web chat page",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--model-name", default=None, help="name clients use for the model (default: the folder name)")
+    p.add_argument("--default-max-tokens", type=int, default=512,
+                   help="tokens generated when a request gives no max_tokens (default: 512)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_budget_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from flashtier.apps.server import ServerConfig, create_app
+    from flashtier.runtime import open_model
+
+    model_dir = resolve_model_dir(args.model_dir)
+    if not (model_dir / "config.json").is_file():  # fail before listening on what cannot load at all
+        raise CheckpointError(f"{model_dir} does not exist or has no config.json; pass a Hugging Face model folder")
+    config = ServerConfig(model_name=args.model_name or model_dir.name, default_max_tokens=args.default_max_tokens,
+                          aliases=(str(model_dir),))
+    app = create_app(functools.partial(open_model, model_dir, **engine_options(args)), config)
+    print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
+          f"loading {model_dir} in the background", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,39 @@
+"""Settings of the HTTP server (not of the engine: budgets go to the model loader)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from flashtier.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """How the server answers; every field can be a ``flashtier serve`` flag."""
+
+    model_name: str
+    """Name the model is served under (``/v1/models``, the ``model`` field of requests)."""
+    default_max_tokens: int = 512
+    """Tokens generated when a request gives no max_tokens (clipped to the context left)."""
+    retry_after_s: int = 2
+    """``Retry-After`` seconds sent with 503 while the model loads."""
+    live_interval_s: float = 0.5
+    """How often, during a generation, the memory report of ``/v1/flashtier/stats`` is refreshed."""
+    aliases: tuple[str, ...] = ()
+    """Other names a request may use for the model (e.g. the folder path)."""
+    created: int = field(default_factory=lambda: int(time.time()))
+    """Unix time reported as the model's ``created``."""
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ConfigError("model_name must not be empty")
+        if self.default_max_tokens < 1:
+            raise ConfigError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.retry_after_s < 0:
+            raise ConfigError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.live_interval_s <= 0:
+            raise ConfigError(f"live_interval_s must be positive, got {self.live_interval_s}")
+
+    def model_aliases(self) -> set[str]:
+        return {self.model_name, *self.aliases}

@@ -1,0 +1,108 @@
+"""The OpenAI endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+
+Each completion request is checked in full before anything is queued (body schema, model name,
+model loaded, prompt fits the context), so every client mistake is a 400 with a JSON error; the
+generation then runs on the model worker, in turn with all other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Send
+
+from flashtier.apps.server.config import ServerConfig
+from flashtier.apps.server.errors import APIError
+from flashtier.apps.server.metrics import ServerMetrics
+from flashtier.apps.server.planning import plan_generation
+from flashtier.apps.server.responses import (ResponseMeta, chat_chunks, chat_completion, collect, completion_chunks,
+                                             event_stream, text_completion)
+from flashtier.apps.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationFields
+from flashtier.apps.server.worker import ModelWorker, WorkerState, WorkerUnavailable
+from flashtier.runtime import Model
+
+
+@dataclass(frozen=True, slots=True)
+class ServerContext:
+    """What the routes share: the worker that owns the model, the counters, the settings."""
+
+    worker: ModelWorker
+    metrics: ServerMetrics
+    config: ServerConfig
+
+    def model_for(self, body: GenerationFields) -> Model:
+        """The loaded model if ``body.model`` names it: else 404, or 503 / 500 while it cannot serve."""
+        if body.model is not None and body.model not in self.config.model_aliases():
+            raise APIError(404, f"the model {body.model!r} does not exist; this server runs {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+        try:
+            return self.worker.require_model()
+        except WorkerUnavailable as e:
+            if e.state is WorkerState.LOADING:
+                raise APIError(503, str(e), code="model_loading",
+                               headers={"Retry-After": str(self.config.retry_after_s)}) from e
+            raise APIError(500 if e.state is WorkerState.FAILED else 503, str(e), code="model_unavailable") from e
+
+
+class EventStreamResponse(StreamingResponse):
+    """``text/event-stream`` that closes its body iterator however the response ends, so a client
+    that goes away cancels its generation at once (not when the iterator is garbage collected)."""
+
+    def __init__(self, content: Any) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def completion_routes(ctx: ServerContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        entry: dict[str, Any] = {"id": ctx.config.model_name, "object": "model", "created": ctx.config.created,
+                                 "owned_by": "flashtier"}
+        if ctx.worker.model is not None:
+            entry["max_model_len"] = ctx.worker.model.config.max_position_embeddings
+        return {"object": "list", "data": [entry]}
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | EventStreamResponse:
+        model = ctx.model_for(body)
+        ids = await asyncio.to_thread(model.encode, messages=body.engine_messages())
+        plan = plan_generation(model, ids, body, body.requested_max_tokens, ctx.config.default_max_tokens, "messages")
+        meta = ResponseMeta(ctx.config.model_name, "chatcmpl")
+        if body.stream:
+            return EventStreamResponse(event_stream(chat_chunks(meta, body.include_usage), ctx.worker.stream(plan),
+                                                    None, ctx.metrics.request_failed))
+        text, done = await collect(ctx.worker.stream(plan))
+        return JSONResponse(chat_completion(meta, text, done))
+
+    @router.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> JSONResponse | EventStreamResponse:
+        model = ctx.model_for(body)
+        ids = await asyncio.to_thread(model.encode, body.prompt)
+        plan = plan_generation(model, ids, body, body.requested_max_tokens, ctx.config.default_max_tokens, "prompt")
+        echo = ""
+        if body.echo:
+            echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(_decode, model, ids)
+        meta = ResponseMeta(ctx.config.model_name, "cmpl")
+        if body.stream:
+            return EventStreamResponse(event_stream(completion_chunks(meta, body.include_usage),
+                                                    ctx.worker.stream(plan), echo, ctx.metrics.request_failed))
+        text, done = await collect(ctx.worker.stream(plan))
+        return JSONResponse(text_completion(meta, echo + text, done))
+
+    return router
+
+
+def _decode(model: Model, ids: list[int]) -> str:
+    return model.tokenizer.decode(ids) if model.tokenizer is not None else ""

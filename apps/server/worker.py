@@ -1,0 +1,227 @@
+"""The model worker: one thread that loads the model, then runs generation jobs one at a time.
+
+Contract:
+
+* :meth:`ModelWorker.start` returns at once; the model loads on the worker thread, so the server
+  is already listening (and answers 503) while it loads. ``state`` goes LOADING -> READY, or
+  LOADING -> FAILED with ``error`` set.
+* Jobs run in submission order, one at a time. The worker thread is the only thread that runs the
+  model; request handlers use only its tokenizer and config, which generation does not change.
+* :meth:`ModelWorker.stream` is the async face of a job: it yields the engine's
+  :class:`TokenEvent` s, then one :class:`Finished`, delivered to the caller's event loop with
+  ``call_soon_threadsafe``. Leaving the iteration early (a client went away) cancels the job: the
+  worker closes the engine's token iterator before computing the next token, which releases the
+  model for the next job. A job cancelled before its turn is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from flashtier.apps.server.metrics import ServerMetrics
+from flashtier.runtime import Model, SamplingConfig, TokenEvent
+from flashtier.runtime.generate import GenerationStats
+
+log = logging.getLogger("flashtier.server")
+
+
+class WorkerState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One generation as the worker runs it: prompt ids checked against the model already."""
+
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last item of a job: why it ended, its token counts and the engine's statistics."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    stats: dict
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
+JobItem = TokenEvent | Finished | _Failed
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
+    deliver: Callable[[JobItem], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class WorkerUnavailable(Exception):
+    """The model cannot take jobs: it is still loading, failed to load, or the worker stopped."""
+
+    def __init__(self, state: WorkerState, error: BaseException | None) -> None:
+        reason = {WorkerState.LOADING: "the model is still loading; retry shortly",
+                  WorkerState.FAILED: f"the model failed to load: {error}",
+                  WorkerState.STOPPED: "the server is shutting down"}.get(state, state.value)
+        super().__init__(reason)
+        self.state = state
+
+
+class ModelWorker:
+    """Owns the model: loads it, then serves :class:`GenerationRequest` s in FIFO order."""
+
+    def __init__(self, loader: Callable[[], Model], metrics: ServerMetrics, live_interval_s: float = 0.5) -> None:
+        self._loader = loader
+        self._metrics = metrics
+        self._live_interval_s = live_interval_s
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._current: _Job | None = None
+        self.state = WorkerState.LOADING
+        self.error: BaseException | None = None
+        self.model: Model | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the worker thread (loads the model, then serves jobs). Returns at once."""
+        if self._thread is not None:
+            raise RuntimeError("the model worker is already started")
+        self._thread = threading.Thread(target=self._run, name="flashtier-model-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running job, drop queued ones, wait for the thread; closes the model."""
+        current = self._current
+        if current is not None:
+            current.cancelled.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    job.cancelled.set()
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the model is loaded (True) or failed / timed out (False)."""
+        self._ready.wait(timeout)
+        return self.state is WorkerState.READY
+
+    def require_model(self) -> Model:
+        """The loaded model, for tokenizer and config; raises :class:`WorkerUnavailable` otherwise."""
+        if self.state is not WorkerState.READY or self.model is None:
+            raise WorkerUnavailable(self.state, self.error)
+        return self.model
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting plus the one running."""
+        return self._jobs.qsize() + (1 if self._current is not None else 0)
+
+    # ---------------------------------------------------------------- jobs
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
+        """Queue ``request``; yield its tokens, then a :class:`Finished`. Closing this cancels it.
+
+        Engine errors raised while the job runs are re-raised here.
+        """
+        self.require_model()
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[JobItem] = asyncio.Queue()
+
+        def deliver(item: JobItem) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        job = _Job(request, deliver)
+        self._jobs.put(job)
+        try:
+            while True:
+                item = await inbox.get()
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            job.cancelled.set()  # no-op for a finished job; synchronous, so safe while being cancelled
+
+    # ---------------------------------------------------------------- worker thread
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            model = self._loader()
+        except BaseException as e:  # a loader fault must not kill the thread silently
+            self.error, self.state = e, WorkerState.FAILED
+            log.error("model failed to load: %s", e)
+            self._ready.set()
+            return
+        self.model, self.state = model, WorkerState.READY
+        self._metrics.set_memory(model.memory_report())
+        log.info("model %s loaded in %.2f s", model.name, time.perf_counter() - t0)
+        self._ready.set()
+        try:
+            while (job := self._jobs.get()) is not None:
+                if job.cancelled.is_set():
+                    self._metrics.job_skipped()  # its client left while it waited
+                    continue
+                self._current = job
+                try:
+                    self._serve(model, job)
+                finally:
+                    self._current = None
+        finally:
+            self.state = WorkerState.STOPPED
+            model.close()
+
+    def _serve(self, model: Model, job: _Job) -> None:
+        req = job.request
+        stats = GenerationStats()
+        self._metrics.job_started()
+        cancelled = False
+        last_live = time.perf_counter()
+        try:
+            events = model.stream(list(req.prompt_ids), max_new_tokens=req.max_new_tokens, sampling=req.sampling,
+                                  stop=req.stop, stats=stats, ignore_eos=req.ignore_eos)
+            with contextlib.closing(events):
+                for event in events:
+                    if job.cancelled.is_set():
+                        cancelled = True
+                        break
+                    job.deliver(event)
+                    self._metrics.job_progress(stats.generated_tokens)
+                    if time.perf_counter() - last_live >= self._live_interval_s:
+                        self._metrics.set_memory(model.memory_report())
+                        last_live = time.perf_counter()
+            result = model.stats_dict(stats)
+            self._metrics.job_finished(result, cancelled=cancelled)
+            self._metrics.set_memory(model.memory_report())
+            if not cancelled:
+                job.deliver(Finished(stats.finish_reason, stats.prompt_tokens, stats.generated_tokens,
+                                     stats.cached_prompt_tokens, result))
+        except Exception as e:
+            log.warning("generation failed: %s", e)
+            self._metrics.job_failed()
+            with contextlib.suppress(RuntimeError):  # the event loop may be gone at shutdown
+                job.deliver(_Failed(e))

@@ -1,0 +1,211 @@
+"""Weights paged through the tiered store under a memory budget (the tiered-store issue).
+
+The planner splits the checkpoint's tensors into a *resident* set (norms, routers, attention, the
+output head, then whole FFN layers while they fit) and a *streamed* set. Resident tensors are read
+once. Streamed tensors are pages of the :class:`~flashtier.tiers.store.TieredStore`, read with
+O_DIRECT straight from the safetensors file (no conversion needed): in a dense forward they are
+used in a fixed cyclic order, so the accessor keeps the store's window full with the next pages of
+that cycle ("layer-ahead" prefetch whose depth is whatever the budget left holds) and releases
+each page when its layer ends. MoE experts are streamed on demand (or named by an expert
+predictor, see ``prefetch/``). The embedding table is never resident: rows are read per token.
+
+Budget contract: resident bytes + the store's window (``plan.stream_window_bytes``) + KV <=
+``dram_budget``; the process adds a fixed runtime overhead (Python, torch, activations) on top,
+stated in the README.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from flashtier.errors import BudgetError, CheckpointError
+from flashtier.runtime.checkpoint import EMBED, Checkpoint, layer_names, read_tensor
+from flashtier.runtime.planner import Bandwidths, Plan, PlanRequest, make_plan
+from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFileConfig
+from flashtier.tiers.config import StoreConfig
+from flashtier.tiers.page import PageDesc, PageSource
+from flashtier.tiers.store import TieredStore
+
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class PagedWeights:
+    """A :class:`~flashtier.runtime.weights.WeightAccessor` over a tiered store (see module doc)."""
+
+    def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
+                 kv_tokens: int = 4096, bandwidths: Bandwidths = Bandwidths(), device_budget: int = 0,
+                 direct_io: str = "auto", host_policy: str = "lru",
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.checkpoint = checkpoint
+        cfg = self.config = checkpoint.config
+        self.compute_dtype = compute_dtype or checkpoint.weights_dtype
+        sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
+        req = PlanRequest(dram_budget=dram_budget, context=kv_tokens,
+                          kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2)
+        self.plan: Plan = make_plan(cfg, sizes, req, bandwidths)
+        if device_budget:
+            # The device tier (CUDA) is driven by the same store; on this CPU path it is not used.
+            self.plan.notes.append("device budget given: the device tier holds the compute copies")
+        self._resident: dict[str, torch.Tensor] = {}
+        streamed = [n for n, t in self.plan.placement.items() if t == "storage" and n != EMBED]
+        resident = [n for n, t in self.plan.placement.items() if t != "storage" and n in checkpoint.tensors]
+        for i, name in enumerate(resident):
+            t = read_tensor(checkpoint.tensors[name])
+            self._resident[name] = t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+            if progress is not None:
+                progress(i + 1, len(resident))
+
+        window = self.plan.stream_window_bytes
+        self.backend = DirectFileBackend(DirectFileConfig(direct_io=direct_io))  # type: ignore[arg-type]
+        self.store = TieredStore(
+            StoreConfig(host_budget=window, device_budget=0, host_policy=host_policy,
+                        storage_gb_per_s=bandwidths.disk / 1e9), self.backend)
+        self._descs: dict[str, PageDesc] = {}
+        for name in streamed:
+            info = checkpoint.tensors[name]
+            self._descs[name] = PageDesc(name, PageSource(str(info.path), info.offset, info.nbytes),
+                                         TORCH_DTYPES[info.dtype], info.shape)
+        self.store.register_many(self._descs.values())
+        # The order in which a forward pass uses the streamed (non-expert) pages: the cycle.
+        self._cycle = [n for n in self._forward_order() if n in self._descs and ".experts." not in n]
+        self._cursor = 0  # next index of the cycle to prefetch
+        self._ahead: deque[str] = deque()  # prefetched, not yet used, in cycle order
+        self._in_use: list[str] = []
+        self._embed_info = checkpoint.tensors[EMBED]
+        self._embed_fd = os.open(self._embed_info.path, os.O_RDONLY)
+        self._lock = threading.Lock()
+        self._counters = {"embedding_bytes_read": 0}
+        self._top_up()
+
+    # ---------------------------------------------------------------- accessor protocol
+    def get(self, name: str) -> torch.Tensor:
+        t = self._resident.get(name)
+        if t is not None:
+            return t
+        if name not in self._descs:
+            raise CheckpointError(f"tensor {name!r} is neither resident nor a page; the plan is inconsistent")
+        if self._ahead and self._ahead[0] == name:
+            self._ahead.popleft()
+        tensor = self.store.acquire(name)
+        self._in_use.append(name)
+        return tensor if tensor.dtype == self.compute_dtype else tensor.to(self.compute_dtype)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        info = self._embed_info
+        row = info.nbytes // info.shape[0]
+        out = torch.empty((tokens.shape[0], info.shape[1]), dtype=TORCH_DTYPES[info.dtype])
+        buf = out.view(torch.uint8).numpy().reshape(tokens.shape[0], row)
+        for i, tok in enumerate(tokens.tolist()):
+            off = info.offset + tok * row
+            n = os.preadv(self._embed_fd, [memoryview(buf[i])], off)
+            if n != row:
+                raise CheckpointError(f"{info.path}: short read of embedding row {tok} ({n} of {row} bytes)")
+            os.posix_fadvise(self._embed_fd, off, row, os.POSIX_FADV_DONTNEED)
+        self._counters["embedding_bytes_read"] += row * tokens.shape[0]
+        return out.to(self.compute_dtype)
+
+    def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
+        self._top_up()
+
+    def done(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            if name in self._in_use:
+                self._in_use.remove(name)
+                self.store.release(name)
+
+    def layer_end(self, layer: int) -> None:
+        self._release_in_use()
+
+    def step_end(self) -> None:
+        self._release_in_use()
+
+    def abort(self) -> None:
+        """Release pages in use, withdraw prefetches, restart the cycle at the first layer."""
+        for name in self._in_use:
+            self.store.release(name)
+        self._in_use.clear()
+        for name in self._ahead:
+            self.store.cancel_prefetch(name)
+        self._ahead.clear()
+        self._cursor = 0
+        self._top_up()
+
+    def _release_in_use(self) -> None:
+        for name in self._in_use:
+            self.store.release(name)
+        self._in_use.clear()
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Prefetch the next pages of the cycle while the window has room (adaptive depth)."""
+        n = len(self._cycle)
+        while n and len(self._ahead) < n - len(self._in_use):
+            name = self._cycle[self._cursor]
+            if self.store.prefetch(name) is None:
+                return  # no room yet: retry when pages are released
+            self._ahead.append(name)
+            self._cursor = (self._cursor + 1) % n
+
+    def _forward_order(self) -> list[str]:
+        cfg = self.config
+        order: list[str] = []
+        for i in range(cfg.num_layers):
+            n = layer_names(cfg, i)
+            order += [n.q, n.k, n.v, n.o]
+            if n.gate:
+                order += [n.gate, n.up, n.down]
+            if n.shared_gate:
+                order += [n.shared_gate, n.shared_up, n.shared_down]
+        order.append(self.checkpoint.lm_head)
+        return order
+
+    # ---------------------------------------------------------------- reporting
+    def stats(self) -> dict[str, Any]:
+        s = self.store.stats()
+        storage = s.tiers["storage"]
+        host = s.tiers["host"]
+        resident = sum(t.numel() * t.element_size() for t in self._resident.values())
+        return {
+            "bytes_read_storage": storage.bytes_read + self._counters["embedding_bytes_read"],
+            "io_wait_s": round(s.wait_s, 6),
+            "resident_bytes": {"device": 0, "host": resident, "stream_window": self.plan.stream_window_bytes,
+                               "storage": self.checkpoint.total_bytes()},
+            "host_hits": host.hits,
+            "host_misses": host.misses,
+            "prefetches": s.prefetches,
+            "late_prefetches": s.late,
+            "streamed_tensors": len(self._descs),
+            "plan_predicted_decode_tok_s": round(self.plan.predicted_decode_tok_s, 3),
+            "direct_io": self.backend.stats().buffered_files == 0,
+        }
+
+    def memory_report(self) -> dict[str, Any]:
+        return self.stats()["resident_bytes"]
+
+    def close(self) -> None:
+        for name in self._in_use:
+            self.store.release(name)
+        self._in_use.clear()
+        self.store.close()
+        self.backend.close()
+        os.close(self._embed_fd)
+
+
+def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:
+    """EngineConfig -> PagedWeights (the factory the engine uses when a budget is set)."""
+    from flashtier.runtime.engine import DTYPES
+
+    dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
+    if config.dram_budget is None:
+        raise BudgetError("paged weights need --dram-budget")
+    extra = dict(config.extra)
+    kv_tokens = config.max_context or min(checkpoint.config.max_position_embeddings, 4096)
+    return PagedWeights(checkpoint, config.dram_budget, dtype, kv_tokens=kv_tokens,
+                        device_budget=config.device_budget or 0, direct_io=str(extra.get("direct_io", "auto")))

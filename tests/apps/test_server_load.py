@@ -1,0 +1,69 @@
+"""Load: 16 concurrent streaming clients x 4 requests each. Every request completes, every answer
+equals what the same request gets alone (greedy), and the server is healthy afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+
+CLIENTS = 16
+REQUESTS_PER_CLIENT = 4
+MAX_TOKENS = 8
+DISTINCT = 8  # requests cycle through 8 different prompts, half chat, half text completion
+
+
+def request_kwargs(k: int) -> dict:
+    """The k-th distinct request: even ones chat, odd ones text completion."""
+    common = dict(model="chat-model", max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                  stream_options={"include_usage": True})
+    if k % 2 == 0:
+        return dict(common, messages=[{"role": "user", "content": f"question number {k}: what is {k} + {k}?"}])
+    return dict(common, prompt=f"def function_{k}(x):\n    return")
+
+
+async def run_one(client: openai.AsyncOpenAI, k: int) -> tuple[str, str, int, int]:
+    """Stream request ``k``; its text, finish reason and token counts."""
+    kwargs = request_kwargs(k)
+    chat = "messages" in kwargs
+    stream = await (client.chat.completions.create(**kwargs) if chat else client.completions.create(**kwargs))
+    text, finish, usage = [], None, None
+    async with stream:
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text.append((choice.delta.content or "") if chat else choice.text)
+                finish = choice.finish_reason or finish
+    assert usage is not None and finish is not None
+    return "".join(text), finish, usage.prompt_tokens, usage.completion_tokens
+
+
+async def load(base_url: str) -> tuple[dict[int, tuple], list[tuple[int, tuple]]]:
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        import time; t0 = time.time()
+        alone = {k: await run_one(client, k) for k in range(DISTINCT)}
+        print("alone", time.time() - t0)
+
+        async def one_client(i: int) -> list[tuple[int, tuple]]:
+            out = []
+            for j in range(REQUESTS_PER_CLIENT):
+                k = (i * REQUESTS_PER_CLIENT + j) % DISTINCT
+                out.append((k, await run_one(client, k)))
+            return out
+
+        results = await asyncio.wait_for(asyncio.gather(*(one_client(i) for i in range(CLIENTS))), timeout=240)
+    return alone, [r for client_results in results for r in client_results]
+
+
+def test_sixteen_concurrent_streaming_clients(live_server):
+    alone, together = asyncio.run(load(live_server.base_url))
+    assert len(together) == CLIENTS * REQUESTS_PER_CLIENT
+    for k, got in together:
+        assert got == alone[k], f"request {k} under load differs from the same request alone"
+    assert all(alone[k][3] >= 1 for k in alone)
+    health = httpx.get(f"{live_server.base_url}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    stats = httpx.get(f"{live_server.base_url}/v1/flashtier/stats", timeout=30).json()
+    assert stats["queue_depth"] == 0 and stats["live"] is None

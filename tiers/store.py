@@ -1,0 +1,447 @@
+"""The tiered store: pages in device / host / storage tiers, moved by asynchronous transfer jobs.
+
+Public contract (what the model integration relies on):
+  * ``acquire(page_id)`` returns a tensor view of the page in the compute tier (device if there is
+    a device tier, else host) with no copy once resident, and pins the page until ``release``.
+    It is the only call that blocks, and only on the transfers that page needs. If the room the
+    page needs is held by acquired or resident-pinned pages, it raises BudgetError naming the need
+    at once instead of waiting for a release (a single compute thread would deadlock waiting).
+    Room held by transfers in flight is waited for.
+  * ``prefetch(page_id)`` never blocks on IO: it starts a transfer job toward the compute tier if
+    the tier can make room by evicting unpinned pages that are not themselves prefetched-but-unused,
+    and returns the job (or None if nothing was started).
+  * Budgets are never exceeded; pinned and in-flight pages are never evicted; every page is at one
+    location or in flight between two tiers (see :mod:`flashtier.tiers.manager`).
+  * A failed read (short read, IO error) fails the jobs and acquires waiting on it with
+    StorageError; the page stays where it was and the next request retries from scratch.
+
+Bookkeeping lives in :class:`~flashtier.tiers.manager.PageManager`, byte moving in
+:class:`~flashtier.tiers.transfer.TransferHandler`; this class holds the one lock (a Condition,
+notified whenever a transfer completes) and wires them. The storage backend is the caller's: the
+store does not close it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from flashtier.errors import BudgetError, FlashtierError, StorageError
+from flashtier.storage_backends.base import StorageBackend
+from flashtier.tiers.base import SlabPool
+from flashtier.tiers.config import StoreConfig
+from flashtier.tiers.device import DevicePool
+from flashtier.tiers.host import HostPool
+from flashtier.tiers.jobs import TransferJob
+from flashtier.tiers.manager import HopSpec, PageEntry, PageManager, Room
+from flashtier.tiers.page import PageDesc, PageId
+from flashtier.tiers.policies import make_policy
+from flashtier.tiers.stats import StoreStats, TierStats
+from flashtier.tiers.storage import StorageTier
+from flashtier.tiers.transfer import TransferHandler
+
+DEMAND_PRIORITY = 0
+"""IO priority of transfers a caller is blocked on; prefetches use 1 + their priority."""
+
+
+@dataclass(frozen=True, slots=True)
+class PageLocation:
+    """Where a page is: its location tier, and the tier it is moving to if in flight."""
+
+    tier: str
+    in_flight_to: str | None
+    pins: int
+    resident: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    job: TransferJob
+
+
+@dataclass(frozen=True, slots=True)
+class _Fail:
+    job: TransferJob
+    error: FlashtierError
+    """What the blocked caller raises."""
+    owner: bool
+    """Whether this caller ended the job (and must settle it) or saw a transfer thread end it."""
+
+
+class TieredStore:
+    """Pages in a device / host / storage hierarchy (see the module docstring). Thread-safe."""
+
+    def __init__(self, config: StoreConfig, backend: StorageBackend) -> None:
+        self.config = config
+        device = _resolve_device(config)
+        pools: dict[str, SlabPool] = {}
+        if config.device_budget > 0:
+            pools["device"] = DevicePool(config.device_budget, device=device)
+        pinned = device.type == "cuda" and "device" in pools
+        pools["host"] = HostPool(config.host_budget, pinned=pinned)
+        policies = {"host": make_policy(config.host_policy)}
+        if "device" in pools:
+            policies["device"] = make_policy(config.device_policy)
+        self._stats = StoreStats(tiers={t: TierStats() for t in (*pools, "storage")})
+        self._storage = StorageTier(backend)
+        self._manager = PageManager(pools, policies, self._storage, config, self._stats)
+        self._handler = TransferHandler(self._storage, pools)
+        self._pools = pools
+        self._cuda_device = "device" in pools and device.type == "cuda"
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    @property
+    def compute_tier(self) -> str:
+        """Where acquired pages live: 'device' with a device tier, else 'host'."""
+        return self._manager.compute_tier
+
+    # -- registration --------------------------------------------------------------------------
+
+    def register(self, desc: PageDesc) -> None:
+        """Add a streamed page at rest in storage (idempotent); StorageError if its range is
+        past the end of its file."""
+        with self._cond:
+            self._manager.register(desc)
+
+    def register_many(self, descs: Iterable[PageDesc]) -> None:
+        """``register`` each descriptor."""
+        with self._cond:
+            for desc in descs:
+                self._manager.register(desc)
+
+    def unregister(self, page_id: PageId) -> None:
+        """Forget a page and free its copies; ValueError if acquired, resident or in flight."""
+        with self._cond:
+            self._manager.unregister(page_id)
+
+    # -- transfers -----------------------------------------------------------------------------
+
+    def prefetch(self, page_id: PageId, priority: int = 0) -> TransferJob | None:
+        """Start bringing ``page_id`` to the compute tier; never blocks on IO.
+
+        Returns the job moving the page (an existing one if it is already moving; an ended one if
+        it is already there), or None when the tier has no evictable room: the prefetch is
+        declined (counted in ``stats().prefetches_declined``) and the page stays where it is.
+        Lower ``priority`` (>= 0) is served first; demand reads always go before prefetches.
+        Until acquired, the page is protected from eviction by other prefetches
+        (``cancel_prefetch`` lifts that).
+        """
+        if priority < 0:
+            raise ValueError(f"prefetch priority must be >= 0, got {priority}")
+        with self._cond:
+            manager = self._manager
+            entry = manager.entry(page_id)
+            manager.touch(entry)
+            manager.mark_prefetched(entry)
+            if entry.route is not None:
+                return entry.route
+            target = manager.compute_tier
+            dst = manager.next_tier(entry, target)
+            job = TransferJob(next(self._ids), page_id, target, demand=False)
+            if dst is None:
+                job.reached = entry.tier
+                outcome: HopSpec | Room | None = None
+            else:
+                outcome = manager.prepare_hop(entry, dst, demand=False, priority=1 + priority)
+                if not isinstance(outcome, HopSpec):
+                    self._stats.prefetches_declined += 1
+                    return None
+                entry.route = job
+                self._stats.prefetches += 1
+        if outcome is None:
+            job.settle()  # already there
+        else:
+            self._handler.start(outcome, self._on_hop_done)
+        return job
+
+    def cancel_prefetch(self, page_id: PageId) -> None:
+        """Withdraw the "needed soon" mark of a prefetched page (e.g. a mispredicted expert), so
+        it competes for eviction like any other. A transfer in flight still completes."""
+        with self._cond:
+            self._manager.entry(page_id).prefetched_unused = False
+
+    def poll(self, job: TransferJob) -> bool:
+        """Whether ``job`` has ended. Never blocks."""
+        return job.done()
+
+    def wait(self, job: TransferJob, timeout: float | None = None) -> str:
+        """Block until ``job`` ends; return the tier reached or raise its error. Counted in
+        ``stats().wait_s``."""
+        start = time.perf_counter()
+        try:
+            return job.wait(timeout)
+        finally:
+            waited = time.perf_counter() - start
+            with self._cond:
+                self._stats.wait_s += waited
+
+    # -- use -----------------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        page_id: PageId,
+        dtype: torch.dtype | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        """Pin ``page_id`` and return its bytes in the compute tier as a tensor, without copying.
+
+        ``dtype`` / ``shape`` override the descriptor's. Blocks only until the page's transfers
+        are done. Raises StorageError if a read fails, BudgetError if pinned pages hold the room
+        it needs (nothing is left pinned in either case). Pair every acquire with ``release``.
+        """
+        manager = self._manager
+        with self._cond:
+            entry = manager.entry(page_id)
+            manager.count_access(entry)
+            manager.pin(entry)
+            if manager.at_or_above(entry, manager.compute_tier):
+                manager.touch(entry)
+                return manager.view(entry, dtype, shape)
+        try:
+            self._bring_up(entry)
+            with self._cond:
+                manager.touch(entry)
+                return manager.view(entry, dtype, shape)
+        except BaseException:
+            with self._cond:
+                manager.unpin(entry)
+            raise
+
+    def release(self, page_id: PageId) -> None:
+        """Unpin a page acquired before; it stays cached until evicted."""
+        with self._cond:
+            entry = self._manager.entry(page_id)
+            self._manager.unpin(entry)
+            if self._cuda_device and entry.tier == "device":
+                event = torch.cuda.Event()
+                event.record()  # the compute stream's last use; reusing the block waits on it
+                entry.release_event = event
+
+    @contextmanager
+    def use(
+        self,
+        page_id: PageId,
+        dtype: torch.dtype | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """``with store.use(pid) as w:`` acquires for the block and releases after it."""
+        tensor = self.acquire(page_id, dtype, shape)
+        try:
+            yield tensor
+        finally:
+            self.release(page_id)
+
+    def make_resident(self, page_ids: Iterable[PageId]) -> None:
+        """Load pages into the compute tier and keep them there until ``release_resident``
+        (what the planner keeps resident: embeddings, norms, attention). Blocks until loaded.
+
+        BudgetError if they, with the pages already resident, exceed the compute tier's budget;
+        then none of ``page_ids`` is marked resident.
+        """
+        ids = list(dict.fromkeys(page_ids))
+        manager = self._manager
+        tier = manager.compute_tier
+        pool = self._pools[tier]
+        with self._cond:
+            entries = [manager.entry(pid) for pid in ids]
+            fresh = [e for e in entries if not e.resident]
+            need = sum(pool.block_size(self._block_need(e, tier)) for e in fresh)
+            held = sum(
+                pool.block_size(self._block_need(e, tier))
+                for e in manager.pages.values()
+                if e.resident
+            )
+            if need + held > pool.capacity:
+                raise BudgetError(
+                    f"{len(fresh)} pages to keep resident need {need} bytes in the {tier} tier, "
+                    f"{held} are already resident, the budget is {pool.capacity} bytes; keep fewer "
+                    f"pages resident or raise "
+                    f"{'--dram-budget' if tier == 'host' else '--device-budget'}"
+                )
+            for e in fresh:
+                e.resident = True
+        try:
+            for pid in ids:
+                self.prefetch(pid)  # all reads in flight at once
+            for entry in entries:
+                self._bring_up(entry)
+        except BaseException:
+            with self._cond:
+                for e in fresh:
+                    e.resident = False
+            raise
+        finally:
+            with self._cond:
+                for e in entries:
+                    e.prefetched_unused = False
+
+    def release_resident(self, page_ids: Iterable[PageId]) -> None:
+        """Let resident pages be evicted again."""
+        with self._cond:
+            for pid in page_ids:
+                self._manager.entry(pid).resident = False
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def location(self, page_id: PageId) -> PageLocation:
+        """Where ``page_id`` is now."""
+        with self._cond:
+            entry = self._manager.entry(page_id)
+            hop = entry.hop
+            return PageLocation(
+                entry.tier, hop.dst if hop is not None else None, entry.pins, entry.resident
+            )
+
+    def stats(self) -> StoreStats:
+        """A snapshot of the counters, with current pool usage."""
+        with self._cond:
+            snapshot = self._stats.copy()
+            for name, pool in self._pools.items():
+                snapshot.tiers[name].used_bytes = pool.used
+                snapshot.tiers[name].capacity_bytes = pool.capacity
+            return snapshot
+
+    def check_invariants(self) -> None:
+        """Assert the page table invariants (for tests)."""
+        with self._cond:
+            self._manager.check_invariants()
+
+    def close(self) -> None:
+        """Wait for transfers in flight, then stop the copy thread. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.wait_for(
+                lambda: all(e.hop is None for e in self._manager.pages.values())
+            )
+        self._handler.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _block_need(self, entry: PageEntry, tier: str) -> int:
+        return entry.placement.block_bytes if tier == "host" else entry.desc.nbytes
+
+    def _bring_up(self, entry: PageEntry) -> None:
+        """Block until ``entry`` is in the compute tier, driving its hops as a demand.
+
+        The caller holds a pin (acquire) or the resident mark, so the page cannot be evicted
+        between the hop that brings it and the caller's use.
+        """
+        manager = self._manager
+        target = manager.compute_tier
+        waited = 0.0
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        step = self._demand_step(entry, target)
+                        if not isinstance(step, _Wait):
+                            break
+                        start = time.perf_counter()
+                        self._cond.wait()
+                        waited += time.perf_counter() - start
+                        if step.job.error is not None:
+                            step = _Fail(step.job, step.job.error, owner=False)
+                            break
+                if step is None:
+                    return
+                if isinstance(step, _Fail):
+                    if step.owner:
+                        step.job.settle()
+                    err = step.error
+                    raise type(err)(str(err)) from err
+                self._handler.start(step, self._on_hop_done)
+        finally:
+            if waited:
+                with self._cond:
+                    self._stats.wait_s += waited
+
+    def _demand_step(
+        self, entry: PageEntry, target: str
+    ) -> HopSpec | _Wait | _Fail | None:
+        """Next action toward ``target`` for a blocked caller (store lock held)."""
+        manager = self._manager
+        if manager.at_or_above(entry, target) and entry.hop is None:
+            return None
+        route = entry.route
+        if route is None:
+            route = entry.route = TransferJob(next(self._ids), entry.desc.page_id, target, True)
+        route.demand = True
+        if entry.hop is not None:
+            return _Wait(route)
+        dst = manager.next_tier(entry, target)
+        assert dst is not None
+        outcome = manager.prepare_hop(entry, dst, demand=True, priority=DEMAND_PRIORITY)
+        if isinstance(outcome, HopSpec):
+            return outcome
+        if outcome is Room.WAIT:
+            return _Wait(route)
+        # the job ends where the page is (others waiting on it see it stop short);
+        # only this caller gets the BudgetError
+        route.reached = entry.tier
+        entry.route = None
+        return _Fail(route, BudgetError(manager.room_denied_message(entry, dst)), owner=True)
+
+    def _on_hop_done(self, spec: HopSpec, error: BaseException | None) -> None:
+        """Transfer completion (IO / copy thread): update the table, chain the next hop."""
+        manager = self._manager
+        settle: TransferJob | None = None
+        start: HopSpec | None = None
+        with self._cond:
+            entry = manager.complete_hop(spec, error)
+            route = entry.route
+            assert route is not None
+            if error is not None:
+                route.error = _as_flashtier_error(error, spec)
+                entry.route, settle = None, route
+            elif manager.at_or_above(entry, route.target):
+                route.reached = entry.tier
+                entry.route, settle = None, route
+            else:
+                dst = manager.next_tier(entry, route.target)
+                assert dst is not None
+                priority = DEMAND_PRIORITY if route.demand else spec.priority
+                outcome = manager.prepare_hop(entry, dst, route.demand, priority)
+                if isinstance(outcome, HopSpec):
+                    start = outcome
+                elif not route.demand:  # a prefetch stops where room ran out
+                    route.reached = entry.tier
+                    entry.route, settle = None, route
+                # a stalled demand stays open: its blocked caller retries when woken
+            self._cond.notify_all()
+        if start is not None:
+            self._handler.start(start, self._on_hop_done)
+        if settle is not None:
+            settle.settle()
+
+
+def _resolve_device(config: StoreConfig) -> torch.device:
+    """Where the device tier lives (the CPU stand-in when CUDA is absent and not required)."""
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _as_flashtier_error(error: BaseException, spec: HopSpec) -> FlashtierError:
+    if isinstance(error, FlashtierError):
+        return error
+    wrapped = StorageError(
+        f"moving page {spec.page_id!r} from {spec.src} to {spec.dst} failed: {error}"
+    )
+    wrapped.__cause__ = error
+    return wrapped
