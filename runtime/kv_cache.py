@@ -1,4 +1,8 @@
-"""KV cache in fixed-size blocks with a block table (one sequence).
+"""KV cache in fixed-size blocks with a block table (one sequence), and the KV cache protocol.
+
+The forward hands each layer's new keys / values and queries to the cache's ``attend``: the cache
+decides where KV lives and how attention is computed over it. :class:`BlockKVCache` keeps all KV
+in memory and attends exactly; a tiered / retrieval cache implements the same protocol.
 
 Per layer, keys and values live in block pools ``[H_kv, num_blocks, B, D]``; the sequence owns a
 block table (logical block i -> physical block). Capacity is reserved up front for the tokens a
@@ -9,10 +13,60 @@ tiers demote to host / storage and index for retrieval attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from flashtier.errors import ConfigError
+
+
+class KVCache(Protocol):
+    """What the forward needs from a KV cache (one sequence)."""
+
+    length: int
+    """Positions cached (all layers)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Store ``k``/``v`` ``[Hkv, T, D]`` at positions ``start..start+T-1`` of ``layer`` and
+        return causal attention of ``q`` ``[Hq, T, D]`` over positions ``0..start+T-1``: ``[Hq, T, D]``."""
+        ...
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for ``num_tokens`` positions in total."""
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Exact attention over all cached positions (see :class:`KVCache`)."""
+        t = q.shape[1]
+        self.write(layer, k, v, start)
+        keys, values = self.read(layer, start + t)  # [Hkv, S, D], S = start + T
+        gqa = q.shape[0] != keys.shape[0]
+        return F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=self._mask(t, start),
+            scale=q.shape[-1] ** -0.5, enable_gqa=gqa,
+        )[0]
+
+    def _mask(self, t: int, start: int) -> torch.Tensor | None:
+        """Boolean mask ``[T, S]`` (True = attend): causal, plus the sliding window if any."""
+        window = self.sliding_window
+        s = start + t
+        if t == 1 and (window is None or s <= window):
+            return None
+        qpos = torch.arange(start, s)[:, None]
+        kpos = torch.arange(s)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        return mask
+
+    def truncate(self, length: int) -> None:
+        """Forget positions ``length..``."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes of KV held in memory."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +75,8 @@ class KVCacheConfig:
 
     block_size: int = 64
     """Tokens per block."""
+    sliding_window: int | None = None
+    """Attend only to the last ``sliding_window`` positions (Mistral); None = all."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -41,6 +97,7 @@ class BlockKVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype = dtype
         self.block_size = config.block_size
+        self.sliding_window = config.sliding_window
         self.length = 0  # tokens written (all layers agree after a full forward)
         self.block_table: list[int] = []  # logical block -> physical block in the pools
         self._k: list[torch.Tensor] = []  # per layer [H_kv, N, B, D]
@@ -99,6 +156,30 @@ class BlockKVCache:
             kb, vb = k.index_select(1, idx), v.index_select(1, idx)
         shape = (self.num_kv_heads, nblk * self.block_size, self.head_dim)
         return kb.reshape(shape)[:, :end], vb.reshape(shape)[:, :end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Exact attention over all cached positions (see :class:`KVCache`)."""
+        t = q.shape[1]
+        self.write(layer, k, v, start)
+        keys, values = self.read(layer, start + t)  # [Hkv, S, D], S = start + T
+        gqa = q.shape[0] != keys.shape[0]
+        return F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=self._mask(t, start),
+            scale=q.shape[-1] ** -0.5, enable_gqa=gqa,
+        )[0]
+
+    def _mask(self, t: int, start: int) -> torch.Tensor | None:
+        """Boolean mask ``[T, S]`` (True = attend): causal, plus the sliding window if any."""
+        window = self.sliding_window
+        s = start + t
+        if t == 1 and (window is None or s <= window):
+            return None
+        qpos = torch.arange(start, s)[:, None]
+        kpos = torch.arange(s)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        return mask
 
     def truncate(self, length: int) -> None:
         """Forget positions ``length ..`` (e.g. to reuse a shared chat prefix)."""

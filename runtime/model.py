@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from flashtier.runtime.checkpoint import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.runtime.config import ModelConfig, RopeConfig
-from flashtier.runtime.kv_cache import BlockKVCache
+from flashtier.runtime.kv_cache import BlockKVCache, KVCache, KVCacheConfig
 from flashtier.runtime.weights import WeightAccessor
 
 ACTIVATIONS = {
@@ -80,13 +80,13 @@ class Transformer:
         self.trace = RoutingTrace()
 
     def new_cache(self, block_size: int = 64) -> BlockKVCache:
-        from flashtier.runtime.kv_cache import KVCacheConfig
-
+        """A full-attention block KV cache for this model."""
         c = self.config
-        return BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, KVCacheConfig(block_size))
+        return BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
+                            KVCacheConfig(block_size, sliding_window=c.sliding_window))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, tokens: torch.Tensor, cache: BlockKVCache, start: int, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
         """Run ``tokens`` ``[T]`` at positions ``start .. start+T-1``; cache holds ``0 .. start-1``.
 
         Returns logits ``[T, V]`` when ``all_logits`` else ``[1, V]`` for the last token (fp32).
@@ -115,7 +115,7 @@ class Transformer:
         w.step_end()
         return logits
 
-    def _attention(self, i: int, n: LayerNames, x: torch.Tensor, cache: BlockKVCache, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _attention(self, i: int, n: LayerNames, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         c, w = self.config, self.weights
         t = x.shape[0]
         q = F.linear(x, w.get(n.q), w.get(n.q_bias) if n.q_bias else None)  # [T, Hq*D]
@@ -125,28 +125,9 @@ class Transformer:
         k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
         v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(i, k, v, start)
-        keys, values = cache.read(i, start + t)  # [Hkv, S, D], S = start + T
-        mask = self._mask(t, start)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
-            scale=c.head_dim**-0.5, enable_gqa=c.num_heads != c.num_kv_heads,
-        )[0]  # [Hq, T, D]
+        out = cache.attend(i, q, k, v, start)  # [Hq, T, D]
         out = out.transpose(0, 1).reshape(t, c.num_heads * c.head_dim)
         return F.linear(out, w.get(n.o))  # [T, H]
-
-    def _mask(self, t: int, start: int) -> torch.Tensor | None:
-        """Boolean mask ``[T, S]`` (True = attend): causal, plus the sliding window if any."""
-        window = self.config.sliding_window
-        s = start + t
-        if t == 1 and (window is None or s <= window):
-            return None
-        qpos = torch.arange(start, s)[:, None]
-        kpos = torch.arange(s)[None, :]
-        mask = kpos <= qpos
-        if window is not None:
-            mask &= kpos > qpos - window
-        return mask
 
     def _mlp(self, x: torch.Tensor, gate: str, up: str, down: str) -> torch.Tensor:
         w = self.weights

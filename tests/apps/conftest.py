@@ -71,13 +71,30 @@ def write_chat_model(out: Path) -> Path:
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread() -> Iterator[None]:
     """The fixture model is tiny: one intra-op thread is fastest, and on a shared, busy machine
-    torch's default thread pool makes it ~100x slower (measured: 1270 vs 12 tokens/s)."""
+    torch's default thread pool makes it ~100x slower (measured: 1270 vs 12 tokens/s). Threads
+    started later (chat replies) take this setting; the server's worker sets its own (see
+    :func:`one_thread_loader`)."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def one_thread_loader(model_dir: Path) -> Callable[[], object]:
+    """A model loader for ``create_app`` that runs the model with one torch thread. It runs on the
+    server's worker thread, and a thread keeps the torch thread count it had at its first op."""
+
+    def load() -> object:
+        import torch
+
+        from flashtier.runtime import open_model
+
+        torch.set_num_threads(1)
+        return open_model(model_dir)
+
+    return load
 
 
 @pytest.fixture(scope="session")
@@ -134,9 +151,8 @@ def server_factory() -> Iterator[Callable[[object], LiveServer]]:
 def live_server(chat_model_dir: Path, server_factory: Callable[[object], LiveServer]) -> LiveServer:
     """The shared server on the fixture model, loaded and ready."""
     from flashtier.apps.server import ServerConfig, create_app
-    from flashtier.runtime import open_model
 
-    app = create_app(lambda: open_model(chat_model_dir), ServerConfig("chat-model"))
+    app = create_app(one_thread_loader(chat_model_dir), ServerConfig("chat-model"))
     live = server_factory(app)
     assert app.state.worker.wait_ready(timeout=60), "the model did not load within 60 s"
     return live

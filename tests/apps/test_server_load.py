@@ -42,9 +42,7 @@ async def run_one(client: openai.AsyncOpenAI, k: int) -> tuple[str, str, int, in
 
 async def load(base_url: str) -> tuple[dict[int, tuple], list[tuple[int, tuple]]]:
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        import time; t0 = time.time()
         alone = {k: await run_one(client, k) for k in range(DISTINCT)}
-        print("alone", time.time() - t0)
 
         async def one_client(i: int) -> list[tuple[int, tuple]]:
             out = []
