@@ -531,9 +531,9 @@ def cmd_train(args) -> None:
         # adaptive L1: push the zero fraction of the ReLU gate above the target
         if args.sparsity_target > 0 and step >= args.warmup:
             if 1 - nz < args.sparsity_target:
-                l1_coef = max(l1_coef, 1e-4) * 1.02
+                l1_coef = min(args.l1_max, max(l1_coef, 1e-4) * (1 + args.l1_rate))
             else:
-                l1_coef = l1_coef * 0.98
+                l1_coef = l1_coef / (1 + args.l1_rate)
         log_loss += ce.item(); log_nz += nz; log_aux += aux.item(); log_n += 1
         step += 1
         if step % args.log_every == 0:
@@ -557,6 +557,7 @@ def cmd_train(args) -> None:
             "batch": B, "seq": S, "lr": args.lr,
             "warmup": args.warmup, "weight_decay": args.wd, "aux_coef": args.aux_coef,
             "final_l1_coef": l1_coef, "sparsity_target": args.sparsity_target,
+            "l1_rate": args.l1_rate, "l1_max": args.l1_max,
             "seed": args.seed, "threads": args.threads, "train_seconds": round(total_s, 1),
             "tokens_seen": step * B * S, "params": n_params,
             "eval_subset_loss": round(el_loss, 4), "eval_subset_acc": round(el_acc, 4),
@@ -594,7 +595,11 @@ def main(argv=None) -> None:
     t.add_argument("--wd", type=float, default=0.1)
     t.add_argument("--aux-coef", type=float, default=0.02)
     t.add_argument("--l1", type=float, default=0.0)
-    t.add_argument("--sparsity-target", type=float, default=0.90)
+    t.add_argument("--sparsity-target", type=float, default=0.88,
+                   help="adaptive L1 on the ReLU gate outputs: grow the coefficient while the "
+                        "training-batch zero fraction is below this (0 = off)")
+    t.add_argument("--l1-rate", type=float, default=0.05, help="per-step growth/decay of the L1 coefficient")
+    t.add_argument("--l1-max", type=float, default=30.0)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=int, default=25)

@@ -36,30 +36,6 @@ class KVCache(Protocol):
         """Make room for ``num_tokens`` positions in total."""
         ...
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Exact attention over all cached positions (see :class:`KVCache`)."""
-        t = q.shape[1]
-        self.write(layer, k, v, start)
-        keys, values = self.read(layer, start + t)  # [Hkv, S, D], S = start + T
-        gqa = q.shape[0] != keys.shape[0]
-        return F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=self._mask(t, start),
-            scale=q.shape[-1] ** -0.5, enable_gqa=gqa,
-        )[0]
-
-    def _mask(self, t: int, start: int) -> torch.Tensor | None:
-        """Boolean mask ``[T, S]`` (True = attend): causal, plus the sliding window if any."""
-        window = self.sliding_window
-        s = start + t
-        if t == 1 and (window is None or s <= window):
-            return None
-        qpos = torch.arange(start, s)[:, None]
-        kpos = torch.arange(s)[None, :]
-        mask = kpos <= qpos
-        if window is not None:
-            mask &= kpos > qpos - window
-        return mask
-
     def truncate(self, length: int) -> None:
         """Forget positions ``length..``."""
         ...
