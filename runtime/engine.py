@@ -27,6 +27,7 @@ import torch
 from flashtier.errors import ConfigError, InputError
 from flashtier.runtime.checkpoint import Checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
+from flashtier.runtime.kv_cache import KVCache
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
 from flashtier.runtime.tokenizer import Tokenizer
@@ -66,6 +67,9 @@ class EngineConfig:
     """Tokens per KV cache block."""
     prefill_chunk: int = 512
     """Prompt tokens per prefill forward (bounds activation memory)."""
+    attention: str = "full"
+    """'full' (exact attention over the block KV cache) or 'retrieval' (sink + window + top-k
+    keys retrieved from an index over offloaded KV; options in ``extra``)."""
     max_context: int | None = None
     """Most tokens (prompt + generated) a request may hold; the KV budget is planned for it
     (None = the model's context, capped at 4096 when a budget is set)."""
@@ -77,6 +81,8 @@ class EngineConfig:
             raise ConfigError(f"compute dtype {self.compute_dtype!r} unknown; use one of {', '.join(DTYPES)}")
         if self.prefill_chunk <= 0:
             raise ConfigError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        if self.attention not in ("full", "retrieval"):
+            raise ConfigError(f"attention must be 'full' or 'retrieval', got {self.attention!r}")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
 
@@ -119,11 +125,18 @@ class Model:
         factory = weights_factory or _default_weights_factory(config)
         self.weights = factory(self.checkpoint, config)
         self.transformer = Transformer(self.config, self.weights, set(self.checkpoint.tensors))
-        self.cache = self.transformer.new_cache(config.kv_block_size)
+        self.cache = self._new_cache()
         self._cached_ids: list[int] = []
         self._lock = threading.Lock()
         self.load_s = time.perf_counter() - t0
         self.name = self.model_dir.name
+
+    def _new_cache(self) -> KVCache:
+        if self.engine_config.attention == "full":
+            return self.transformer.new_cache(self.engine_config.kv_block_size)
+        from flashtier.runtime.kv_retrieval import retrieval_cache  # long-context subsystem
+
+        return retrieval_cache(self.transformer, self.engine_config)
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> "Model":
@@ -258,9 +271,10 @@ class Model:
             "finish_reason": stats.finish_reason,
         }
         d.update(stats.extra)
-        report = getattr(self.weights, "stats", None)
-        if report is not None:
-            d.update(report())
+        for part in (self.weights, self.cache):
+            report = getattr(part, "stats", None)
+            if report is not None:
+                d.update(report())
         return d
 
     def memory_report(self) -> dict[str, Any]:
