@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TextIO
 
+from flashtier.apps.reporting import context_limit, format_bytes, hit_rates, tier_fields
 from flashtier.errors import FlashtierError
 from flashtier.runtime import Model, SamplingConfig
 from flashtier.runtime.generate import GenerationStats
@@ -136,7 +137,7 @@ class ChatSession:
 
     def _fit_context(self) -> int:
         """Drop the oldest turns until the prompt leaves room to answer; the token budget left."""
-        context = self.model.config.max_position_embeddings
+        context = context_limit(self.model)
         first = 1 if self.system else 0
         while True:
             n = len(self.model.encode(messages=self.messages))
@@ -153,14 +154,6 @@ class ChatSession:
         self.last = reply
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def timings_report(stats: dict[str, Any], wall_s: float) -> str:
     """ollama-style timings of one answer (``--verbose``)."""
     evaluated = stats["prompt_tokens"] - stats["cached_prompt_tokens"]
@@ -174,16 +167,19 @@ def timings_report(stats: dict[str, Any], wall_s: float) -> str:
             f"eval rate:            {stats['decode_tok_s']:.2f} tokens/s\n")
 
 
-def memory_lines(report: dict[str, Any]) -> list[str]:
-    """One line per memory tier (every byte / rate field it reports), then KV cache and peak RSS."""
+def memory_lines(report: dict[str, Any], stats: dict[str, Any] | None = None) -> list[str]:
+    """One line per memory tier (its byte fields, and its hit rate when ``stats`` has one), then
+    KV cache and peak RSS."""
+    rates = hit_rates(stats or {})
     lines = []
-    for tier, fields in (report.get("tiers") or {}).items():
+    for tier, fields in tier_fields(report).items():
         parts = [f"{format_bytes(v)} {k.removesuffix('_bytes').replace('_', ' ')}" if k.endswith("bytes")
-                 else f"{k.replace('_', ' ')} {v:.3g}" for k, v in fields.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        lines.append(f"  {tier + ':':<10}{', '.join(parts)}")
-    lines.append(f"  {'KV cache:':<10}{format_bytes(report.get('kv_bytes', 0))}")
-    lines.append(f"  {'peak RSS:':<10}{format_bytes(report.get('peak_rss_bytes', 0))}")
+                 else f"{k.replace('_', ' ')} {v:.3g}" for k, v in fields.items()]
+        if tier in rates:
+            parts.append(f"hit rate {rates[tier]:.1%}")
+        lines.append(f"  {tier + ':':<14}{', '.join(parts)}")
+    lines.append(f"  {'KV cache:':<14}{format_bytes(report.get('kv_bytes', 0))}")
+    lines.append(f"  {'peak RSS:':<14}{format_bytes(report.get('peak_rss_bytes', 0))}")
     return lines
 
 
@@ -268,6 +264,7 @@ class ChatApp:
     def _stats(self) -> bool:
         model = self.session.model
         last = self.session.last
+        s = None
         if last is None:
             self.out.write("no answer yet\n")
         else:
@@ -276,7 +273,7 @@ class ChatApp:
                            f"{s['generated_tokens']} generated, finish: "
                            f"{'interrupted' if last.cancelled else s['finish_reason']}\n"
                            f"speed: prompt {s['prefill_tok_s']:.1f} tokens/s, decode {s['decode_tok_s']:.1f} tokens/s\n")
-        self.out.write("memory:\n" + "\n".join(memory_lines(model.memory_report())) + "\n")
+        self.out.write("memory:\n" + "\n".join(memory_lines(model.memory_report(), s)) + "\n")
         return True
 
     def _help(self) -> bool:

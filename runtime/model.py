@@ -135,7 +135,8 @@ class Transformer:
 
     def _ffn(self, i: int, n: LayerNames, x: torch.Tensor) -> torch.Tensor:
         if not n.router:
-            return self._mlp(x, n.gate, n.up, n.down)
+            custom = self.weights.ffn(i, x)
+            return custom if custom is not None else self._mlp(x, n.gate, n.up, n.down)
         c, w = self.config, self.weights
         logits = F.linear(x, w.get(n.router))  # [T, E]
         probs = F.softmax(logits.float(), dim=-1)

@@ -114,6 +114,9 @@ class PagedWeights:
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         self._top_up()
 
+    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
     def done(self, names: tuple[str, ...]) -> None:
         for name in names:
             if name in self._in_use:

@@ -32,6 +32,11 @@ class WeightAccessor(Protocol):
         """Embedding rows ``[T, H]`` of ``tokens`` ``[T]`` (an accessor may read only these rows)."""
         ...
 
+    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Optionally compute layer ``layer``'s dense FFN on ``x`` ``[T, H]`` itself (e.g. over a
+        predicted subset of neurons); None means "use the dense forward with ``get``"."""
+        ...
+
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         """Layer ``layer`` is about to run on ``hidden`` ``[T, H]`` (its input)."""
         ...
@@ -82,6 +87,9 @@ class InMemoryWeights:
         return None
 
     def done(self, names: tuple[str, ...]) -> None:
+        return None
+
+    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
     def layer_end(self, layer: int) -> None:

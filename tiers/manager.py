@@ -262,6 +262,7 @@ class PageManager:
         self._inflight[spec.dst] -= 1
         if error is not None:
             self.pools[spec.dst].release(spec.dst_block)
+            self._pending_events.extend(spec.wait_events)  # the next copy must still wait on them
             self.stats.transfers_failed += 1
             return entry
         nbytes = spec.desc.nbytes

@@ -6,9 +6,11 @@ Written by the worker thread and the request handlers, read by ``/metrics`` and
 Prometheus names: counters ``flashtier_requests_total``, ``..._failed_total``,
 ``..._cancelled_total``, ``flashtier_prompt_tokens_total``, ``flashtier_generated_tokens_total``;
 gauges ``flashtier_last_request_<stat>`` for every numeric statistic of the last generation
-(:meth:`Model.stats_dict`: tokens/s, and bytes moved / hit rates when the weight store reports
+(:meth:`Model.stats_dict`: tokens/s, and bytes read / hits / misses when the weight store reports
 them), ``flashtier_tier_<field>{tier="..."}`` for every numeric field of each tier in
-:meth:`Model.memory_report`, and ``flashtier_kv_bytes``, ``flashtier_peak_rss_bytes``.
+:meth:`Model.memory_report` (``resident_bytes``), ``flashtier_tier_hit_rate{tier="..."}`` from
+the last generation's ``<tier>_hits`` / ``<tier>_misses``, and ``flashtier_kv_bytes``,
+``flashtier_peak_rss_bytes``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import re
 import threading
 import time
 from typing import Any
+
+from flashtier.apps.reporting import hit_rates, is_number, tier_fields
 
 _COUNTERS = {
     "requests_total": "Completion requests received.",
@@ -86,7 +90,8 @@ class ServerMetrics:
                 elapsed = time.perf_counter() - self._live_started
                 live = {"generated_tokens": self._live_tokens,
                         "tok_s": round(self._live_tokens / elapsed, 3) if elapsed > 0 else 0.0}
-            return {"counters": dict(self._counts), "last": dict(self._last), "memory": self._memory, "live": live}
+            return {"counters": dict(self._counts), "last": dict(self._last), "memory": self._memory,
+                    "tiers": tier_fields(self._memory), "hit_rates": hit_rates(self._last), "live": live}
 
     def prometheus(self, gauges: dict[str, tuple[float, str]]) -> str:
         """Prometheus text exposition (format 0.0.4); ``gauges`` adds server-level ``name: (value, help)``."""
@@ -97,19 +102,21 @@ class ServerMetrics:
         for name, (value, help_text) in gauges.items():
             _metric(lines, f"flashtier_{name}", "gauge", help_text, [("", value)])
         for key, value in sorted(snap["last"].items()):
-            if _is_number(value):
+            if is_number(value):
                 _metric(lines, f"flashtier_last_request_{_name(key)}", "gauge",
                         f"{key} of the last generation.", [("", value)])
         memory = snap["memory"]
         by_field: dict[str, list[tuple[str, float]]] = {}
-        for tier, fields in sorted((memory.get("tiers") or {}).items()):
-            for key, value in sorted(fields.items()) if isinstance(fields, dict) else ():
-                if _is_number(value):
-                    by_field.setdefault(_name(key), []).append((f'{{tier="{_label(tier)}"}}', value))
+        for tier, fields in sorted(tier_fields(memory).items()):
+            for key, value in sorted(fields.items()):
+                by_field.setdefault(_name(key), []).append((f'{{tier="{_label(tier)}"}}', value))
+        for tier, rate in sorted(snap["hit_rates"].items()):
+            by_field.setdefault("hit_rate", []).append((f'{{tier="{_label(tier)}"}}', rate))
         for key, samples in by_field.items():
-            _metric(lines, f"flashtier_tier_{key}", "gauge", f"{key} per memory tier.", samples)
+            _metric(lines, f"flashtier_tier_{key}", "gauge", f"{key} per memory tier (hit rate: last generation).",
+                    samples)
         for key in ("kv_bytes", "peak_rss_bytes"):
-            if _is_number(memory.get(key)):
+            if is_number(memory.get(key)):
                 _metric(lines, f"flashtier_{key}", "gauge", f"{key} of the memory report.", [("", memory[key])])
         return "\n".join(lines) + "\n"
 
@@ -119,10 +126,6 @@ def _metric(lines: list[str], name: str, kind: str, help_text: str, samples: lis
     lines.append(f"# TYPE {name} {kind}")
     lines.extend(f"{name}{labels} {value!r}" if isinstance(value, float) else f"{name}{labels} {int(value)}"
                  for labels, value in samples)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _name(key: str) -> str:

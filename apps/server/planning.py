@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from flashtier.apps.reporting import context_limit
 from flashtier.apps.server.errors import APIError, from_engine_error
 from flashtier.apps.server.schemas import GenerationFields
 from flashtier.apps.server.worker import GenerationRequest
@@ -22,7 +23,7 @@ def plan_generation(model: Model, prompt_ids: Sequence[int], body: GenerationFie
     """Check ``prompt_ids`` and the budget against ``model``; raise :class:`APIError` (400) if they
     cannot run. Without ``requested_max`` the answer may use ``default_max`` tokens or what is
     left of the context, whichever is smaller."""
-    context = model.config.max_position_embeddings
+    context = context_limit(model)
     vocab = model.config.vocab_size
     n = len(prompt_ids)
     if n == 0:

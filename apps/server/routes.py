@@ -15,6 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Send
 
+from flashtier.apps.reporting import context_limit
 from flashtier.apps.server.config import ServerConfig
 from flashtier.apps.server.errors import APIError
 from flashtier.apps.server.metrics import ServerMetrics
@@ -71,7 +72,7 @@ def completion_routes(ctx: ServerContext) -> APIRouter:
         entry: dict[str, Any] = {"id": ctx.config.model_name, "object": "model", "created": ctx.config.created,
                                  "owned_by": "flashtier"}
         if ctx.worker.model is not None:
-            entry["max_model_len"] = ctx.worker.model.config.max_position_embeddings
+            entry["max_model_len"] = context_limit(ctx.worker.model)
         return {"object": "list", "data": [entry]}
 
     @router.post("/v1/chat/completions", response_model=None)

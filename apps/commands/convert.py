@@ -1,0 +1,33 @@
+"""``flashtier convert MODEL_DIR OUT_DIR``: rewrite a checkpoint into a layout made for paging.
+
+Default: each MoE expert becomes one aligned, contiguous extent (one read per expert) with a
+manifest; ``--bundle``: each dense FFN neuron becomes one row-column bundle (gate row, up row,
+down column) for sparse neuron reads. The output folder stays a loadable Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flashtier.apps.common import progress
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="rewrite a checkpoint for paging (expert extents, neuron bundles)", description=__doc__)
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--bundle", action="store_true", help="write row-column neuron bundles for the sparse FFN path")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bundle:
+        from flashtier.storage_backends.bundles import convert_bundled
+
+        out = convert_bundled(args.model_dir, args.out_dir, progress=progress("bundling"))
+    else:
+        from flashtier.storage_backends.expert_layout import convert_experts
+
+        out = convert_experts(args.model_dir, args.out_dir, progress=progress("converting"))
+    print(out)
+    return 0
