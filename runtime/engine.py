@@ -202,6 +202,8 @@ class Model:
             try:
                 for tok in gen:
                     out.append(tok)
+                    if len(out) == 1:
+                        stats.decode_start_counters = self._io_counters()
                     self._cached_ids = ids + out[:-1]  # the last token is not in the cache yet
                     if self.tokenizer is None:
                         yield TokenEvent(tok, "")
@@ -255,6 +257,13 @@ class Model:
             await loop.run_in_executor(None, it.close)
 
     # ---------------------------------------------------------------- reporting
+    def _io_counters(self) -> dict[str, float]:
+        report = getattr(self.weights, "stats", None)
+        if report is None:
+            return {}
+        r = report()
+        return {k: float(r[k]) for k in ("bytes_read_storage", "io_wait_s") if k in r}
+
     def stats_dict(self, stats: GenerationStats) -> dict[str, Any]:
         """The statistics object of ``--json``: speed, memory, and what the weight accessor reports."""
         d: dict[str, Any] = {
@@ -275,6 +284,12 @@ class Model:
             report = getattr(part, "stats", None)
             if report is not None:
                 d.update(report())
+        start = stats.decode_start_counters
+        steps = max(stats.generated_tokens - 1, 0)
+        if "bytes_read_storage" in start and steps:
+            d["bytes_per_token_storage"] = int((d["bytes_read_storage"] - start["bytes_read_storage"]) / steps)
+        if "io_wait_s" in start and stats.decode_s > 0:
+            d["io_wait_fraction"] = round((d["io_wait_s"] - start["io_wait_s"]) / stats.decode_s, 4)
         return d
 
     def memory_report(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class GenerationStats:
     first_token_s: float = 0.0
     finish_reason: str = "length"
     extra: dict[str, float] = field(default_factory=dict)
+    decode_start_counters: dict[str, float] = field(default_factory=dict)
+    """Cumulative IO counters (bytes read, IO wait) when decoding began, to report decode-only rates."""
 
     @property
     def prefill_tok_s(self) -> float:

@@ -82,7 +82,7 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def one_thread_loader(model_dir: Path) -> Callable[[], object]:
+def one_thread_loader(model_dir: Path, **options: object) -> Callable[[], object]:
     """A model loader for ``create_app`` that runs the model with one torch thread. It runs on the
     server's worker thread, and a thread keeps the torch thread count it had at its first op."""
 
@@ -92,9 +92,15 @@ def one_thread_loader(model_dir: Path) -> Callable[[], object]:
         from flashtier.runtime import open_model
 
         torch.set_num_threads(1)
-        return open_model(model_dir)
+        return open_model(model_dir, **options)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def model_loader() -> Callable[..., Callable[[], object]]:
+    """:func:`one_thread_loader`, for tests that build their own app."""
+    return one_thread_loader
 
 
 @pytest.fixture(scope="session")
