@@ -2,7 +2,8 @@
 
 Each completion request is checked in full before anything is queued (body schema, model name,
 model loaded, prompt fits the context), so every client mistake is a 400 with a JSON error; the
-generation then runs on the model worker, in turn with all other requests.
+generation then runs on the model worker, in turn with all other requests. A client that goes
+away, streamed or not, cancels its generation.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Send
 
 from flashtier.apps.reporting import context_limit
@@ -20,11 +21,13 @@ from flashtier.apps.server.config import ServerConfig
 from flashtier.apps.server.errors import APIError
 from flashtier.apps.server.metrics import ServerMetrics
 from flashtier.apps.server.planning import plan_generation
-from flashtier.apps.server.responses import (ResponseMeta, chat_chunks, chat_completion, collect, completion_chunks,
-                                             event_stream, text_completion)
+from flashtier.apps.server.responses import (Events, ResponseMeta, chat_chunks, chat_completion, collect,
+                                             completion_chunks, event_stream, text_completion)
 from flashtier.apps.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationFields
-from flashtier.apps.server.worker import ModelWorker, WorkerState, WorkerUnavailable
+from flashtier.apps.server.worker import Finished, ModelWorker, WorkerState, WorkerUnavailable
 from flashtier.runtime import Model
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": never seen by the client, shows in access logs
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ def completion_routes(ctx: ServerContext) -> APIRouter:
         return {"object": "list", "data": [entry]}
 
     @router.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | EventStreamResponse:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = ctx.model_for(body)
         ids = await asyncio.to_thread(model.encode, messages=body.engine_messages())
         plan = plan_generation(model, ids, body, body.requested_max_tokens, ctx.config.default_max_tokens, "messages")
@@ -84,11 +87,11 @@ def completion_routes(ctx: ServerContext) -> APIRouter:
         if body.stream:
             return EventStreamResponse(event_stream(chat_chunks(meta, body.include_usage), ctx.worker.stream(plan),
                                                     None, ctx.metrics.request_failed))
-        text, done = await collect(ctx.worker.stream(plan))
-        return JSONResponse(chat_completion(meta, text, done))
+        result = await collect_while_connected(request, ctx.worker.stream(plan))
+        return JSONResponse(chat_completion(meta, *result)) if result else Response(status_code=CLIENT_CLOSED)
 
     @router.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> JSONResponse | EventStreamResponse:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         model = ctx.model_for(body)
         ids = await asyncio.to_thread(model.encode, body.prompt)
         plan = plan_generation(model, ids, body, body.requested_max_tokens, ctx.config.default_max_tokens, "prompt")
@@ -99,10 +102,32 @@ def completion_routes(ctx: ServerContext) -> APIRouter:
         if body.stream:
             return EventStreamResponse(event_stream(completion_chunks(meta, body.include_usage),
                                                     ctx.worker.stream(plan), echo, ctx.metrics.request_failed))
-        text, done = await collect(ctx.worker.stream(plan))
-        return JSONResponse(text_completion(meta, echo + text, done))
+        result = await collect_while_connected(request, ctx.worker.stream(plan))
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(text_completion(meta, echo + result[0], result[1]))
 
     return router
+
+
+async def collect_while_connected(request: Request, events: Events) -> tuple[str, Finished] | None:
+    """:func:`collect` the job, unless the client closes the connection first: then the job is
+    cancelled (the model moves on to the next request) and the result is None."""
+    result = asyncio.ensure_future(collect(events))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (result, gone):
+            if not task.done():
+                task.cancel()
+    return result.result() if result.done() and not result.cancelled() else None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body is read already, so the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _decode(model: Model, ids: list[int]) -> str:

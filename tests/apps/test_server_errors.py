@@ -3,12 +3,13 @@ server keeps serving; a model that is still loading gets 503 + Retry-After; one 
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
 import pytest
 
-from flashtier.errors import CheckpointError
+from flashtier.errors import CheckpointError, StorageError
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -119,4 +120,46 @@ def test_a_model_that_fails_to_load_is_reported(server_factory):
         assert health.status_code == 500 and "truncated" in health.json()["message"]
         r = http.post(CHAT, json={"messages": USER})
         assert r.status_code == 500 and "failed to load" in r.json()["error"]["message"]
+    live.stop()
+
+
+class FaultyModel:
+    """The real model, except that a generation fails with a storage error after two tokens."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def stream(self, *args, **kwargs):
+        events = self._model.stream(*args, **kwargs)
+        try:
+            for i, event in enumerate(events):
+                if i == 2:
+                    raise StorageError("/models/x/model.safetensors: short read (4096 of 65536 bytes)")
+                yield event
+        finally:
+            events.close()
+
+
+def test_a_fault_during_generation_is_reported_and_the_server_goes_on(chat_model_dir, server_factory, model_loader):
+    from flashtier.apps.server import ServerConfig, create_app
+
+    load = model_loader(chat_model_dir)
+    app = create_app(lambda: FaultyModel(load()), ServerConfig("chat-model"))
+    live = server_factory(app)
+    assert app.state.worker.wait_ready(timeout=60)
+    body = {"messages": USER, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=live.base_url, timeout=60) as http:
+        r = http.post(CHAT, json=body)
+        assert r.status_code == 500 and "short read" in r.json()["error"]["message"]
+        with http.stream("POST", CHAT, json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert "short read" in error["message"] and error["type"] == "server_error"
+        assert http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2}).status_code == 200  # 2 tokens: no fault
+        assert http.get("/health").json()["status"] == "ok"
     live.stop()

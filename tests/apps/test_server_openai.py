@@ -121,3 +121,16 @@ def test_client_leaving_mid_stream_cancels_its_generation(client, live_server):
     assert metric(live_server.base_url, "flashtier_requests_cancelled_total") == cancelled + 1
     assert metric(live_server.base_url, "flashtier_generated_tokens_total") - generated < 1500
     assert time.perf_counter() - t0 < 60
+
+
+def test_client_timing_out_on_a_plain_request_cancels_it(client, live_server):
+    cancelled = metric(live_server.base_url, "flashtier_requests_cancelled_total")
+    generated = metric(live_server.base_url, "flashtier_generated_tokens_total")
+    impatient = client.with_options(timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="chat-model", messages=MESSAGES, max_tokens=2000, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(model="chat-model", messages=MESSAGES, max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    assert metric(live_server.base_url, "flashtier_requests_cancelled_total") == cancelled + 1
+    assert metric(live_server.base_url, "flashtier_generated_tokens_total") - generated < 2000

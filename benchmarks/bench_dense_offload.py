@@ -1,0 +1,100 @@
+"""Dense model larger than memory: flashtier vs accelerate vs llama.cpp under a real memory cap.
+
+    python -m flashtier.benchmarks.bench_dense_offload [--cap 1G] [--dram-budget 640M] [--tokens 16]
+
+One run measures, on a ~1.7 GB bf16 Llama-style checkpoint (``make-model --preset dense-1.7g``):
+the disk (bench-io, same run), then decode tokens/s of
+  * flashtier under the cap with --dram-budget (weights resident + streamed through O_DIRECT),
+  * transformers + accelerate disk offload under the cap,
+  * llama.cpp (llama-cpp-python, mmap, 2 threads) on an f16 GGUF of the same shapes under the cap,
+  * and all three fully in memory (no cap),
+and writes benchmarks/results/dense_offload.{json,md}. Every capped run goes through
+../shared/tools/memcap.sh (page cache included, dropped first). The disk-bound limit is the disk
+bandwidth measured in this run divided by flashtier's bytes read from storage per decoded token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flashtier.benchmarks.common import PY, REPO, bench_io, ensure_gguf, ensure_model, machine, run_json, write_results
+
+
+def flashtier_cmd(model: Path, tokens: int, extra: list[str]) -> list[str]:
+    return [PY, "-m", "flashtier", "generate", str(model), "--prompt-ids", ",".join(str(i) for i in range(3, 19)),
+            "--max-new-tokens", str(tokens), "--greedy", "--ignore-eos", "--json", "--max-context", "64", *extra]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(REPO / "bench_out"), help="where models and GGUFs are written")
+    ap.add_argument("--cap", default="1G")
+    ap.add_argument("--dram-budget", default="640M", help="flashtier's weight budget under the cap")
+    ap.add_argument("--accelerate-max-memory", default="600MiB")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--compute-dtype", default=None)
+    ap.add_argument("--skip", default="", help="comma-separated runs to skip (accelerate, llamacpp, memory)")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(exist_ok=True)
+    skip = set(filter(None, a.skip.split(",")))
+    model = ensure_model(work / "dense-1.7g", "dense-1.7g")
+    gguf = ensure_gguf(model, work / "dense-1.7g-f16.gguf") if "llamacpp" not in skip else None
+    dtype = ["--compute-dtype", a.compute_dtype] if a.compute_dtype else []
+
+    res: dict = {"machine": machine(), "model": str(model), "cap": a.cap, "dram_budget": a.dram_budget,
+                 "model_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors"))}
+    res["disk"] = bench_io(work)
+    res["flashtier_capped"] = run_json(flashtier_cmd(model, a.tokens, ["--dram-budget", a.dram_budget, *dtype]), cap=a.cap)
+    if "accelerate" not in skip:
+        res["accelerate_capped"] = run_json([PY, "-m", "flashtier.benchmarks.peers.hf_accelerate", str(model),
+                                             "--max-memory", a.accelerate_max_memory, "--tokens", str(min(a.tokens, 8))], cap=a.cap)
+    if gguf is not None:
+        res["llamacpp_capped"] = run_json([PY, "-m", "flashtier.benchmarks.peers.llamacpp", str(gguf), "--tokens", str(a.tokens)], cap=a.cap)
+    if "memory" not in skip:
+        res["flashtier_memory"] = run_json(flashtier_cmd(model, a.tokens, dtype))
+        res["transformers_memory"] = run_json([PY, "-m", "flashtier.benchmarks.peers.hf_accelerate", str(model), "--tokens", str(a.tokens)])
+        if gguf is not None:
+            res["llamacpp_memory"] = run_json([PY, "-m", "flashtier.benchmarks.peers.llamacpp", str(gguf), "--tokens", str(a.tokens)])
+
+    f = res["flashtier_capped"]
+    tok = lambda k: res.get(k, {}).get("stats", res.get(k, {})).get("decode_tok_s", 0.0)  # noqa: E731
+    disk_bps = res["disk"].get("disk_read_gb_per_s", 0) * 1e9
+    per_token = f.get("stats", {}).get("bytes_per_token_storage", 0)
+    limit = disk_bps / per_token if per_token else float("inf")
+    res["disk_bound_limit_tok_s"] = limit
+    rows = [
+        ("flashtier", a.cap, tok("flashtier_capped"), f.get("peak_cgroup_mib")),
+        ("accelerate (disk offload)", a.cap, tok("accelerate_capped"), res.get("accelerate_capped", {}).get("peak_cgroup_mib")),
+        ("llama.cpp (mmap)", a.cap, tok("llamacpp_capped"), res.get("llamacpp_capped", {}).get("peak_cgroup_mib")),
+        ("flashtier", "none", tok("flashtier_memory"), None),
+        ("transformers", "none", tok("transformers_memory"), None),
+        ("llama.cpp", "none", tok("llamacpp_memory"), None),
+    ]
+    ft = tok("flashtier_capped")
+    ratio = lambda x: f"{ft / x:.2f}x" if x else "n/a"  # noqa: E731
+    lines = [
+        f"Machine: {res['machine']}; model {res['model_bytes'] / 1e9:.2f} GB bf16 (hidden 2048, 16 layers, "
+        f"intermediate 5632, vocab 32000); disk {disk_bps / 1e9:.2f} GB/s (O_DIRECT, measured in the same run).",
+        "",
+        "| runtime | memory cap | decode tok/s | peak MiB (cgroup) |",
+        "| --- | --- | --- | --- |",
+        *[f"| {n} | {c} | {t:.3f} | {p if p is not None else ''} |" for n, c, t, p in rows],
+        "",
+        f"flashtier under the cap: {ratio(tok('accelerate_capped'))} accelerate, {ratio(tok('llamacpp_capped'))} llama.cpp; "
+        f"streams {per_token / 1e6:.0f} MB/token from storage, disk-bound limit {limit:.3f} tok/s, "
+        f"reached {ft / limit * 100 if limit else 0:.0f}% of it; io_wait_fraction {f.get('stats', {}).get('io_wait_fraction')}; "
+        f"peak_rss {f.get('stats', {}).get('peak_rss_bytes', 0) / 2**20:.0f} MiB.",
+        f"flashtier in memory: {tok('flashtier_memory') / tok('llamacpp_memory'):.2f}x llama.cpp in memory." if tok("llamacpp_memory") else "",
+    ]
+    table = "\n".join(lines)
+    path = write_results("dense_offload", res, table)
+    print(table)
+    print(f"\n(results: {path})")
+    print(json.dumps({"flashtier_capped_tok_s": ft, "disk_bound_limit_tok_s": limit}))
+
+
+if __name__ == "__main__":
+    main()
