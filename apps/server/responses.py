@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from flashtier.apps.server.errors import APIError, from_engine_error
@@ -26,16 +26,16 @@ Events = AsyncIterator[TokenEvent | Finished]
 
 @dataclass(frozen=True, slots=True)
 class ResponseMeta:
-    """What every object of one response shares."""
+    """What every object of one response shares: model name, response id, creation time."""
 
     model: str
-    object_prefix: str  # "chatcmpl" or "cmpl"
-    id: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
+    id: str
+    created: int
 
-    def __post_init__(self) -> None:
-        if not self.id:
-            object.__setattr__(self, "id", f"{self.object_prefix}-{uuid.uuid4().hex}")
+    @classmethod
+    def new(cls, model: str, prefix: str) -> "ResponseMeta":
+        """A fresh id with OpenAI's prefix: ``chatcmpl`` (chat) or ``cmpl`` (text completion)."""
+        return cls(model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}

@@ -83,7 +83,7 @@ def completion_routes(ctx: ServerContext) -> APIRouter:
         model = ctx.model_for(body)
         ids = await asyncio.to_thread(model.encode, messages=body.engine_messages())
         plan = plan_generation(model, ids, body, body.requested_max_tokens, ctx.config.default_max_tokens, "messages")
-        meta = ResponseMeta(ctx.config.model_name, "chatcmpl")
+        meta = ResponseMeta.new(ctx.config.model_name, "chatcmpl")
         if body.stream:
             return EventStreamResponse(event_stream(chat_chunks(meta, body.include_usage), ctx.worker.stream(plan),
                                                     None, ctx.metrics.request_failed))
@@ -98,7 +98,7 @@ def completion_routes(ctx: ServerContext) -> APIRouter:
         echo = ""
         if body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(_decode, model, ids)
-        meta = ResponseMeta(ctx.config.model_name, "cmpl")
+        meta = ResponseMeta.new(ctx.config.model_name, "cmpl")
         if body.stream:
             return EventStreamResponse(event_stream(completion_chunks(meta, body.include_usage),
                                                     ctx.worker.stream(plan), echo, ctx.metrics.request_failed))

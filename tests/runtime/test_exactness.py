@@ -30,7 +30,7 @@ def test_logits_match_reference(pair):
     ids = torch.randint(0, 211, (70,), generator=torch.Generator().manual_seed(1))  # > one 16-token block
     with torch.no_grad():
         expected = ref(ids[None]).logits[0]
-    llm = Model(path, weights_factory=None)
+    llm = Model(path)
     cache = llm.transformer.new_cache(16)
     with torch.inference_mode():
         ours = llm.transformer.forward(ids, cache, 0, all_logits=True)
@@ -56,7 +56,6 @@ def test_greedy_tokens_match_reference(pair):
         expected = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     llm = Model(path)
-    llm.engine_config  # noqa: B018
     result = llm.generate(prompt, max_new_tokens=32, sampling=SamplingConfig(), ignore_eos=True)
     assert result.tokens == expected, kind
 
