@@ -27,6 +27,7 @@ from flashtier.runtime import Model, SamplingConfig
 from flashtier.runtime.generate import GenerationStats
 
 _END = object()
+CHAT_SAMPLING = SamplingConfig(temperature=0.7, top_p=0.95)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,7 @@ class Reply:
     """One streamed answer. Iterate for its text pieces; :meth:`cancel` stops it. When it ends
     (finished, cancelled or failed) the session history is updated exactly once."""
 
-    def __init__(self, session: "ChatSession", messages: list[dict[str, str]], max_new_tokens: int) -> None:
+    def __init__(self, session: ChatSession, messages: list[dict[str, str]], max_new_tokens: int) -> None:
         self._session = session
         self._pieces: queue.Queue[Any] = queue.Queue()
         self._cancel = threading.Event()
@@ -109,7 +110,7 @@ class ChatSession:
     """A multi-turn conversation with ``model``: the history, and one :class:`Reply` at a time."""
 
     def __init__(self, model: Model, *, system: str | None = None,
-                 sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.95),
+                 sampling: SamplingConfig = CHAT_SAMPLING,
                  max_new_tokens: int = 512) -> None:
         self.model = model
         self.system = system
@@ -131,7 +132,11 @@ class ChatSession:
         if self._active is not None:
             raise RuntimeError("the previous reply is still running; iterate it to the end or cancel it")
         self.messages.append({"role": "user", "content": text})
-        max_new = self._fit_context()
+        try:
+            max_new = self._fit_context()
+        except FlashtierError:
+            self.messages.pop()  # the question cannot be asked: take it back
+            raise
         self._active = Reply(self, list(self.messages), max_new)
         return self._active
 
@@ -236,9 +241,14 @@ class ChatApp:
         self.answer(text)
         return True
 
-    def answer(self, text: str) -> Reply:
-        """Stream the answer to ``text``; Ctrl-C stops it and returns to the prompt."""
-        reply = self.session.ask(text)
+    def answer(self, text: str) -> Reply | None:
+        """Stream the answer to ``text``; Ctrl-C stops it and returns to the prompt. An error the
+        user can act on is printed, and the conversation goes on (None)."""
+        try:
+            reply = self.session.ask(text)
+        except FlashtierError as e:
+            self.out.write(f"error: {e}\n")
+            return None
         try:
             for piece in reply:
                 self.out.write(piece)
@@ -249,7 +259,7 @@ class ChatApp:
             self.out.write("\n[interrupted]\n")
         except FlashtierError as e:
             self.out.write(f"\nerror: {e}\n")
-            return reply
+            return None
         self.out.flush()
         if self.verbose:
             self.err.write(timings_report(self.session.model.stats_dict(reply.stats), reply.wall_s))
@@ -272,7 +282,8 @@ class ChatApp:
             self.out.write(f"last answer: {s['prompt_tokens']} prompt tokens ({s['cached_prompt_tokens']} cached), "
                            f"{s['generated_tokens']} generated, finish: "
                            f"{'interrupted' if last.cancelled else s['finish_reason']}\n"
-                           f"speed: prompt {s['prefill_tok_s']:.1f} tokens/s, decode {s['decode_tok_s']:.1f} tokens/s\n")
+                           f"speed: prompt {s['prefill_tok_s']:.1f} tokens/s, "
+                           f"decode {s['decode_tok_s']:.1f} tokens/s\n")
         self.out.write("memory:\n" + "\n".join(memory_lines(model.memory_report(), s)) + "\n")
         return True
 

@@ -8,6 +8,7 @@ the answer being written; Ctrl-D or /exit quits. --verbose prints timings after 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from flashtier.apps.common import add_budget_args, add_model_arg, engine_options, resolve_model_dir
@@ -50,10 +51,8 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"loading {model_dir} ...", file=sys.stderr, flush=True)
-        try:
+        with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
-        except ImportError:
-            pass
     with open_model(model_dir, **engine_options(args)) as model:
         if interactive:
             print(f"flashtier chat with {model.name} (loaded in {model.load_s:.1f} s). /help for commands, "

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(model_dir: Path, threads: int | None, options: dict[str, Any]) -> "Model":
+def _load(model_dir: Path, threads: int | None, options: dict[str, Any]) -> Model:
     """Runs on the server's model worker thread: torch's thread count is set for that thread."""
     from flashtier.runtime import open_model
 

@@ -12,6 +12,7 @@ Nothing is global: two apps in one process are independent.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
@@ -22,10 +23,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flashtier import __version__
 from flashtier.apps.server.config import ServerConfig
-from flashtier.apps.server.errors import install_error_handlers
+from flashtier.apps.server.errors import error_body, install_error_handlers
 from flashtier.apps.server.metrics import ServerMetrics
 from flashtier.apps.server.routes import ServerContext, completion_routes
-from flashtier.apps.server.worker import ModelWorker, WorkerState
+from flashtier.apps.server.worker import ModelWorker, WorkerState, WorkerUnavailable
 from flashtier.runtime import Model
 
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -44,12 +45,18 @@ def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastA
         try:
             yield
         finally:
-            worker.stop()
+            await asyncio.to_thread(worker.stop)  # joins the worker thread: not on the event loop
 
     app = FastAPI(title="flashtier", version=__version__, lifespan=lifespan)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
     app.add_middleware(_CountRequests, metrics=metrics)
-    install_error_handlers(app, lambda request, status: _count_failure(metrics, request))
+    install_error_handlers(app, lambda request: _count_failure(metrics, request))
+
+    @app.exception_handler(WorkerUnavailable)
+    async def _stopping(request: Request, exc: WorkerUnavailable) -> JSONResponse:
+        _count_failure(metrics, request)
+        return JSONResponse(error_body(503, str(exc), code="model_unavailable"), status_code=503)
+
     app.include_router(completion_routes(ctx))
     page = resources.files("flashtier.apps").joinpath("static/chat.html").read_text(encoding="utf-8")
 

@@ -80,11 +80,11 @@ def _param_path(loc: Sequence[Any]) -> str:
     return out
 
 
-def install_error_handlers(app: FastAPI, on_error: Callable[[Request, int], None]) -> None:
-    """Render every error in the OpenAI shape; ``on_error(request, status)`` counts failures."""
+def install_error_handlers(app: FastAPI, on_error: Callable[[Request], None]) -> None:
+    """Render every error in the OpenAI shape; ``on_error(request)`` is called for each (to count it)."""
 
     def respond(request: Request, err: APIError) -> JSONResponse:
-        on_error(request, err.status)
+        on_error(request)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(APIError)

@@ -33,7 +33,7 @@ class ResponseMeta:
     created: int
 
     @classmethod
-    def new(cls, model: str, prefix: str) -> "ResponseMeta":
+    def new(cls, model: str, prefix: str) -> ResponseMeta:
         """A fresh id with OpenAI's prefix: ``chatcmpl`` (chat) or ``cmpl`` (text completion)."""
         return cls(model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
@@ -75,7 +75,7 @@ def sse(obj: dict[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def chat_chunks(meta: ResponseMeta, include_usage: bool) -> "ChunkMaker":
+def chat_chunks(meta: ResponseMeta, include_usage: bool) -> ChunkMaker:
     """Chunks of ``chat.completion.chunk``: text goes in ``delta.content``."""
 
     def make(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def chat_chunks(meta: ResponseMeta, include_usage: bool) -> "ChunkMaker":
     return ChunkMaker(meta.head("chat.completion.chunk"), make, include_usage)
 
 
-def completion_chunks(meta: ResponseMeta, include_usage: bool) -> "ChunkMaker":
+def completion_chunks(meta: ResponseMeta, include_usage: bool) -> ChunkMaker:
     """Chunks of ``text_completion``: text goes in ``choices[0].text``."""
 
     def make(text: str | None, finish: str | None) -> dict[str, Any]:

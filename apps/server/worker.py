@@ -112,7 +112,8 @@ class ModelWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job, drop queued ones, wait for the thread; closes the model."""
+        """Cancel the running job and the queued ones (their consumers get
+        :class:`WorkerUnavailable`), wait for the thread; it closes the model."""
         current = self._current
         if current is not None:
             current.cancelled.set()
@@ -121,6 +122,7 @@ class ModelWorker:
                 job = self._jobs.get_nowait()
                 if job is not None:
                     job.cancelled.set()
+                    _deliver_quietly(job, _Failed(WorkerUnavailable(WorkerState.STOPPED, None)))
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -217,11 +219,18 @@ class ModelWorker:
             result = model.stats_dict(stats)
             self._metrics.job_finished(result, cancelled=cancelled)
             self._metrics.set_memory(model.memory_report())
-            if not cancelled:
+            if cancelled:  # usually nobody listens any more; at shutdown the request gets an error
+                _deliver_quietly(job, _Failed(WorkerUnavailable(WorkerState.STOPPED, None)))
+            else:
                 job.deliver(Finished(stats.finish_reason, stats.prompt_tokens, stats.generated_tokens,
                                      stats.cached_prompt_tokens, result))
         except Exception as e:
             log.warning("generation failed: %s", e)
             self._metrics.job_failed()
-            with contextlib.suppress(RuntimeError):  # the event loop may be gone at shutdown
-                job.deliver(_Failed(e))
+            _deliver_quietly(job, _Failed(e))
+
+
+def _deliver_quietly(job: _Job, item: JobItem) -> None:
+    """Deliver ``item`` unless the consumer's event loop is gone (server shutdown)."""
+    with contextlib.suppress(RuntimeError):
+        job.deliver(item)

@@ -33,8 +33,10 @@ def http(live_server) -> httpx.Client:
     (CHAT, b'{"messages": [{"role": "user", "content": 5}]}', "messages[0].content", "string or a list of text parts"),
     (CHAT, b'{"messages": [{"content": "x"}]}', "messages[0].role", "is required"),
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "10"}', "max_tokens", "valid integer"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "max_tokens", "greater than or equal to 1"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens", "greater than or equal to 1"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "max_tokens",
+     "greater than or equal to 1"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens",
+     "greater than or equal to 1"),
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000000000000000000}', "max_tokens",
      "maximum context length is 2048"),
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2048}', "max_tokens",
@@ -46,13 +48,13 @@ def http(live_server) -> httpx.Client:
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n", "only n=1"),
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', "stop", "at most 4"),
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', "logprobs", "not supported"),
-    (CHAT, ('{"messages": [{"role": "user", "content": "%s"}]}' % LONG_PROMPT).encode(), "messages",
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": LONG_PROMPT}]}).encode(), "messages",
      "maximum context length is 2048"),
     (COMPLETIONS, b'{"prompt": ""}', "prompt", "prompt is empty"),
     (COMPLETIONS, b'{"prompt": 12}', "prompt", "string or a list of token ids"),
     (COMPLETIONS, b'{"prompt": ["a", "b"]}', "prompt", "one prompt per request"),
     (COMPLETIONS, b'{"prompt": [1, 2, 99999]}', "prompt", "outside the vocabulary"),
-    (COMPLETIONS, ('{"prompt": "%s", "stream": true}' % LONG_PROMPT).encode(), "prompt", "maximum context length"),
+    (COMPLETIONS, json.dumps({"prompt": LONG_PROMPT, "stream": True}).encode(), "prompt", "maximum context length"),
 ])
 def test_bad_request_is_a_400_with_a_clear_message(http, path, body, param, message):
     r = http.post(path, content=body, headers={"Content-Type": "application/json"})

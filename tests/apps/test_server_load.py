@@ -1,5 +1,8 @@
 """Load: 16 concurrent streaming clients x 4 requests each. Every request completes, every answer
-equals what the same request gets alone (greedy), and the server is healthy afterwards."""
+equals what the same request gets alone (greedy), and the server is healthy afterwards.
+
+Runs on the shipped default model (models/tiny-moe) when it is there, else on the fixture model.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,27 @@ import asyncio
 
 import httpx
 import openai
+import pytest
+
+from flashtier.apps.common import DEFAULT_MODEL
 
 CLIENTS = 16
 REQUESTS_PER_CLIENT = 4
 MAX_TOKENS = 8
 DISTINCT = 8  # requests cycle through 8 different prompts, half chat, half text completion
+
+
+@pytest.fixture(scope="module")
+def load_server(live_server, server_factory, model_loader):
+    """The default model's server when the shipped model exists, else the shared fixture server."""
+    if not (DEFAULT_MODEL / "tokenizer.json").is_file():
+        return live_server
+    from flashtier.apps.server import ServerConfig, create_app
+
+    app = create_app(model_loader(DEFAULT_MODEL), ServerConfig("chat-model"))
+    live = server_factory(app)
+    assert app.state.worker.wait_ready(timeout=120)
+    return live
 
 
 def request_kwargs(k: int) -> dict:
@@ -55,13 +74,13 @@ async def load(base_url: str) -> tuple[dict[int, tuple], list[tuple[int, tuple]]
     return alone, [r for client_results in results for r in client_results]
 
 
-def test_sixteen_concurrent_streaming_clients(live_server):
-    alone, together = asyncio.run(load(live_server.base_url))
+def test_sixteen_concurrent_streaming_clients(load_server):
+    alone, together = asyncio.run(load(load_server.base_url))
     assert len(together) == CLIENTS * REQUESTS_PER_CLIENT
     for k, got in together:
         assert got == alone[k], f"request {k} under load differs from the same request alone"
     assert all(alone[k][3] >= 1 for k in alone)
-    health = httpx.get(f"{live_server.base_url}/health", timeout=30)
+    health = httpx.get(f"{load_server.base_url}/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    stats = httpx.get(f"{live_server.base_url}/v1/flashtier/stats", timeout=30).json()
+    stats = httpx.get(f"{load_server.base_url}/v1/flashtier/stats", timeout=30).json()
     assert stats["queue_depth"] == 0 and stats["live"] is None

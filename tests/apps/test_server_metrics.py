@@ -14,8 +14,8 @@ import time
 import httpx
 import pytest
 
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"(,[a-zA-Z_][a-zA-Z0-9_]*="[^"]*")*\})? '
-                    r'(-?[0-9.]+(e[+-]?[0-9]+)?|NaN|[+-]Inf)$')
+LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
+SAMPLE = re.compile(rf'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{{{LABEL}(,{LABEL})*\}})? (-?[0-9.]+(e[+-]?[0-9]+)?|NaN|[+-]Inf)$')
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
