@@ -37,13 +37,15 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="accelerator memory, e.g. 24G (default: none)")
     g.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                    help="most tokens per request; the KV cache is budgeted for it (default: model context, 4096 with a budget)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the model (default: torch's choice)")
     g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype to compute in (default: the checkpoint's, which keeps outputs exact)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context"):
+    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value

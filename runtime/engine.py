@@ -70,6 +70,9 @@ class EngineConfig:
     attention: str = "full"
     """'full' (exact attention over the block KV cache) or 'retrieval' (sink + window + top-k
     keys retrieved from an index over offloaded KV; options in ``extra``)."""
+    threads: int | None = None
+    """torch CPU threads for the forward (None = torch's default). Set on the thread that runs
+    each generation, since OpenMP thread counts are per calling thread."""
     max_context: int | None = None
     """Most tokens (prompt + generated) a request may hold; the KV budget is planned for it
     (None = the model's context, capped at 4096 when a budget is set)."""
@@ -83,15 +86,19 @@ class EngineConfig:
             raise ConfigError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
         if self.attention not in ("full", "retrieval"):
             raise ConfigError(f"attention must be 'full' or 'retrieval', got {self.attention!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
 
 
 @dataclass
 class TokenEvent:
-    """One generated token: its id and the text it adds (may be empty while a UTF-8 char is split)."""
+    """One generated token: its id and the text it adds (empty while a UTF-8 character is split
+    or a possible stop string is held back). The last event of a stream may carry only text
+    (``token_id`` None): the held-back text of tokens already reported."""
 
-    token_id: int
+    token_id: int | None
     text: str
 
 
@@ -130,6 +137,17 @@ class Model:
         self._lock = threading.Lock()
         self.load_s = time.perf_counter() - t0
         self.name = self.model_dir.name
+
+    @property
+    def context_limit(self) -> int:
+        """Most tokens a request may hold: --max-context, else 4096 when budgets are set (the KV
+        is budgeted for it), else the model's context."""
+        c = self.engine_config
+        if c.max_context is not None:
+            return min(c.max_context, self.config.max_position_embeddings)
+        if c.dram_budget is not None or c.device_budget is not None:
+            return min(4096, self.config.max_position_embeddings)
+        return self.config.max_position_embeddings
 
     def _new_cache(self) -> KVCache:
         if self.engine_config.attention == "full":
@@ -192,10 +210,12 @@ class Model:
         ids = self.encode(prompt, messages)
         stats = stats if stats is not None else GenerationStats()
         with self._lock:
+            if self.engine_config.threads is not None:
+                torch.set_num_threads(self.engine_config.threads)
             reuse = _common_prefix(self._cached_ids, ids)
             gen = generate_ids(self.transformer, self.cache, ids, max_new_tokens, Sampler(sampling),
                                () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse,
-                               self.engine_config.max_context)
+                               self.context_limit)
             out: list[int] = []
             emitted = ""
             self._cached_ids = ids[:reuse]
@@ -210,11 +230,11 @@ class Model:
                         continue
                     text = self.tokenizer.decode(out)
                     if text.endswith("\ufffd"):
-                        continue  # a multi-byte character is split across tokens: wait for the rest
+                        yield TokenEvent(tok, "")  # a multi-byte character is split across tokens
+                        continue
                     hit = _find_stop(text, stop, len(emitted))
                     if hit is not None:
-                        if hit > len(emitted):
-                            yield TokenEvent(tok, text[len(emitted):hit])
+                        yield TokenEvent(tok, text[len(emitted):hit])
                         stats.finish_reason = "stop"
                         return
                     safe = len(text) - _stop_prefix_overlap(text, stop)  # hold back a possible stop start
@@ -223,7 +243,7 @@ class Model:
                 if self.tokenizer is not None and out:
                     text = self.tokenizer.decode(out)
                     if len(text) > len(emitted):
-                        yield TokenEvent(out[-1], text[len(emitted):])
+                        yield TokenEvent(None, text[len(emitted):])
             except GeneratorExit:
                 raise  # the consumer stopped between tokens: the cache is consistent
             except BaseException:
@@ -238,7 +258,8 @@ class Model:
         tokens: list[int] = []
         parts: list[str] = []
         for ev in self.stream(prompt, stats=stats, **kwargs):
-            tokens.append(ev.token_id)
+            if ev.token_id is not None:
+                tokens.append(ev.token_id)
             parts.append(ev.text)
         return GenerationResult(tokens, "".join(parts), stats.finish_reason, self.stats_dict(stats))
 

@@ -12,7 +12,6 @@ import contextlib
 import sys
 
 from flashtier.apps.common import add_budget_args, add_model_arg, engine_options, resolve_model_dir
-from flashtier.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models)")
     p.add_argument("--verbose", action="store_true",
                    help="print timings after each answer (prompt and decode tokens/s) on stderr")
     add_budget_args(p)
@@ -37,13 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from flashtier.apps.chat import ChatApp, ChatSession
     from flashtier.runtime import SamplingConfig, open_model
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)  # before any reply thread starts: they take this setting
 
     sampling = SamplingConfig(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)

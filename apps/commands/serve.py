@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flashtier.apps.common import add_budget_args, add_model_arg, engine_options, resolve_model_dir
-from flashtier.errors import CheckpointError, ConfigError
+from flashtier.errors import CheckpointError
 
 if TYPE_CHECKING:
     from flashtier.runtime import Model
@@ -29,8 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="name clients use for the model (default: the folder name)")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="tokens generated when a request gives no max_tokens (default: 512)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for the model (default: torch's choice; 1 is fastest for tiny models)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_budget_args(p)
     p.set_defaults(func=run)
@@ -41,26 +39,20 @@ def run(args: argparse.Namespace) -> int:
 
     from flashtier.apps.server import ServerConfig, create_app
 
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     model_dir = resolve_model_dir(args.model_dir)
     if not (model_dir / "config.json").is_file():  # fail before listening on what cannot load at all
         raise CheckpointError(f"{model_dir} does not exist or has no config.json; pass a Hugging Face model folder")
     config = ServerConfig(model_name=args.model_name or model_dir.name, default_max_tokens=args.default_max_tokens,
                           aliases=(str(model_dir),))
-    app = create_app(functools.partial(_load, model_dir, args.threads, engine_options(args)), config)
+    app = create_app(functools.partial(_load, model_dir, engine_options(args)), config)
     print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
           f"loading {model_dir} in the background", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
-def _load(model_dir: Path, threads: int | None, options: dict[str, Any]) -> Model:
-    """Runs on the server's model worker thread: torch's thread count is set for that thread."""
+def _load(model_dir: Path, options: dict[str, Any]) -> Model:
+    """Runs on the server's model worker thread (``--threads`` is applied per generation)."""
     from flashtier.runtime import open_model
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     return open_model(model_dir, **options)
