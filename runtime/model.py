@@ -108,7 +108,7 @@ class Transformer:
             if not all_logits:
                 x = x[-1:]
             x = rms_norm(x, w.get(FINAL_NORM), self.config.rms_norm_eps)
-            logits = F.linear(x, w.get(self.lm_head)).float()  # [T or 1, V]
+            logits = self._linear(x, self.lm_head).float()  # [T or 1, V]
         except BaseException:
             w.abort()
             raise
@@ -118,19 +118,33 @@ class Transformer:
     def _attention(self, i: int, n: LayerNames, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         c, w = self.config, self.weights
         t = x.shape[0]
-        q = F.linear(x, w.get(n.q), w.get(n.q_bias) if n.q_bias else None)  # [T, Hq*D]
-        k = F.linear(x, w.get(n.k), w.get(n.k_bias) if n.k_bias else None)  # [T, Hkv*D]
-        v = F.linear(x, w.get(n.v), w.get(n.v_bias) if n.v_bias else None)
+        q = self._linear(x, n.q, n.q_bias)  # [T, Hq*D]
+        k = self._linear(x, n.k, n.k_bias)  # [T, Hkv*D]
+        v = self._linear(x, n.v, n.v_bias)
         q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
         k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
         v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = cache.attend(i, q, k, v, start)  # [Hq, T, D]
         out = out.transpose(0, 1).reshape(t, c.num_heads * c.head_dim)
-        return F.linear(out, w.get(n.o))  # [T, H]
+        return self._linear(out, n.o)  # [T, H]
+
+    def _linear(self, x: torch.Tensor, name: str, bias: str = "") -> torch.Tensor:
+        """``x @ W.T (+ b)`` for a dense (non-expert) weight, released as soon as it is used, so a
+        streamed page occupies the window only while its matmul runs."""
+        w = self.weights
+        y = F.linear(x, w.get(name), w.get(bias) if bias else None)
+        w.done((name,))
+        return y
 
     def _mlp(self, x: torch.Tensor, gate: str, up: str, down: str) -> torch.Tensor:
+        """Dense gated FFN ``down(act(gate x) * up x)``; each weight released right after use."""
+        return self._linear(self.act(self._linear(x, gate)) * self._linear(x, up), down)
+
+    def _expert(self, x: torch.Tensor, names: tuple[str, str, str]) -> torch.Tensor:
+        """One expert's FFN; its weights are released together (``done``) by the caller."""
         w = self.weights
+        gate, up, down = names
         return F.linear(self.act(F.linear(x, w.get(gate))) * F.linear(x, w.get(up)), w.get(down))
 
     def _ffn(self, i: int, n: LayerNames, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +163,7 @@ class Transformer:
         for e in torch.unique(top_i).tolist():
             rows, slot = torch.nonzero(top_i == e, as_tuple=True)
             names = n.expert(e)
-            y = self._mlp(x[rows], *names) * top_w[rows, slot, None]
+            y = self._expert(x[rows], names) * top_w[rows, slot, None]
             w.done(names)
             out.index_add_(0, rows, y)
         if n.shared_gate:
