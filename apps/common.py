@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flashtier.errors import CheckpointError
+from flashtier.errors import CheckpointError, ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_DIR / "models" / "tiny-moe"
@@ -41,14 +41,79 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for the model (default: torch's choice)")
     g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype to compute in (default: the checkpoint's, which keeps outputs exact)")
+    e = p.add_argument_group("MoE experts (with --dram-budget)")
+    e.add_argument("--expert-policy", default=None, help="eviction policy of the per-layer expert caches "
+                   "(least-stale, lru, lfu, lrfu, cost, mru; default least-stale)")
+    e.add_argument("--expert-predictor", default=None, choices=["auto", "router", "affinity", "off"],
+                   help="next-layer expert prediction (default auto: router or inter-layer affinity, per layer)")
+    e.add_argument("--expert-widen", type=int, default=None, metavar="M",
+                   help="prefetch the top-(k+M) predicted experts where the cache has room (default 0)")
+    e.add_argument("--expert-slots", type=int, default=None, metavar="N",
+                   help="experts cached per MoE layer (default: what the budget leaves)")
+    e.add_argument("--expert-gate", default=None, choices=["on", "off"],
+                   help="issue a predicted expert only when the measured cost model says it pays (default on)")
+
+
+RETRIEVAL_OPTIONS = ("retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget",
+                     "estimate_rest", "check_attention", "kv_dram_budget", "kv_spill_dir")
+"""Flags of :func:`add_attention_args` passed to the engine as ``EngineConfig.extra`` entries."""
+
+
+def add_attention_args(p: argparse.ArgumentParser) -> None:
+    """Long-context flags: attention mode and the retrieval attention options."""
+    g = p.add_argument_group("long context (retrieval attention)")
+    g.add_argument("--attention", choices=["full", "retrieval"], default=None,
+                   help="full: exact attention over an in-memory KV cache (default); retrieval: KV paged "
+                        "device -> host -> storage, exact prefill, decode attends to sinks + window + top-k "
+                        "keys retrieved from an index")
+    g.add_argument("--retrieval-preset", choices=["fast", "balanced", "quality"], default=None,
+                   help="starting point for the options below (default balanced): fast = coarse index, 1%% of keys "
+                        "scanned, no estimate; balanced = clusters of 4 keys, 4.5%% scanned, unretrieved attention "
+                        "estimated; quality = clusters of 2 keys (closest to full attention, slowest)")
+    g.add_argument("--sink-tokens", type=int, default=None, metavar="N",
+                   help="first positions always attended exactly (default 4)")
+    g.add_argument("--window", type=int, default=None, metavar="N",
+                   help="most recent positions always attended exactly (default 256)")
+    g.add_argument("--top-k-keys", type=int, default=None, metavar="K",
+                   help="offloaded keys retrieved per query head at each decode step (default 100)")
+    g.add_argument("--kv-index", default=None, metavar="NAME",
+                   help="key index: cluster (attention-aware, default), ivf (faiss), flat (exact, scans all keys)")
+    g.add_argument("--scan-budget", type=float, default=None, metavar="FRACTION",
+                   help="share of the offloaded keys an index may score per search (default: the preset's, 0.045)")
+    g.add_argument("--estimate-rest", action=argparse.BooleanOptionalAction, default=None,
+                   help="estimate the attention on offloaded keys not retrieved from the index's clusters "
+                        "(centroid + mean value; cluster index only; default: the preset's)")
+    g.add_argument("--check-attention", type=int, nargs="?", const=1, default=None, metavar="N",
+                   help="every N-th decode step (default 1), compare the attended keys with exact attention "
+                        "and report attention_mass_recall / attention_mass_covered (costs a full attention pass)")
+    g.add_argument("--kv-dram-budget", default=None, metavar="BYTES",
+                   help="host memory for KV blocks that left the window plus their key indexes, e.g. 8G; blocks "
+                        "over it spill to storage (default: unlimited; --dram-budget is for weights)")
+    g.add_argument("--kv-spill-dir", default=None, metavar="DIR",
+                   help="folder for KV spill files (default: the system temp folder)")
+
+
+def attention_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``attention`` and the retrieval options given on the command line (refused without
+    ``--attention retrieval``, where they would be ignored)."""
+    opts: dict[str, Any] = {}
+    if getattr(args, "attention", None) is not None:
+        opts["attention"] = args.attention
+    retrieval = {key: getattr(args, key) for key in RETRIEVAL_OPTIONS if getattr(args, key, None) is not None}
+    if retrieval and opts.get("attention") != "retrieval":
+        flags = ", ".join("--" + k.replace("_", "-") for k in retrieval)
+        raise ConfigError(f"{flags} only apply with --attention retrieval")
+    return {**opts, **retrieval}
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads"):
+    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads",
+                "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
+    opts.update(attention_options(args))
     return opts
 
 

@@ -80,14 +80,18 @@ def load_heads(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tenso
     return [(keys[h].contiguous(), queries[h, : args.n_queries].contiguous()) for h in range(keys.shape[0])]
 
 
-def index_settings(n_keys: int, budgets: list[float]) -> list[tuple[str, dict[str, float | int]]]:
-    """(index name, options) to measure: flat once, ivf and cluster at each budget."""
+def index_settings(n_keys: int, budgets: list[float],
+                   cluster_variants: list[dict] | None = None) -> list[tuple[str, dict[str, float | int]]]:
+    """(index name, options) to measure: flat once, ivf and cluster at each budget (plus each of
+    ``cluster_variants``, extra cluster options, at each budget)."""
     settings: list[tuple[str, dict[str, float | int]]] = [("flat", {})]
     fine_nlist = max(16, n_keys // 16)
     for b in budgets:
         for nlist in (128, fine_nlist):
             settings.append(("ivf", {"nlist": nlist, "nprobe": max(1, math.ceil(b * nlist))}))
         settings.append(("cluster", {"scan_budget_fraction": b}))
+        for extra in cluster_variants or []:
+            settings.append(("cluster", {"scan_budget_fraction": b, **extra}))
     return settings
 
 
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=float, default=None, help="softmax scale (default 1/sqrt(D))")
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
     p.add_argument("--policies", type=int, default=0, help="also compare selection policies at this token budget")
+    p.add_argument("--cluster-variants", default=None,
+                   help='JSON list of extra cluster options to measure too, e.g. \'[{"cluster_size": 4, "bound_weight": 0.3}]\'')
     p.add_argument("--build-heads", type=int, default=0,
                    help="also time indexing --n-keys keys for this many (layer, kv head) pairs")
     p.add_argument("--build-only", action="store_true", help="only the --build-heads timing")
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(heads)} head(s), {n_keys} keys, D={dim}, G={heads[0][1].shape[1]}, "
           f"{heads[0][1].shape[0]} query groups per head, k={args.k}, threads={args.threads}")
     rows: list[Row] = []
-    for name, options in index_settings(n_keys, budgets):
+    variants = json.loads(args.cluster_variants) if args.cluster_variants else None
+    for name, options in index_settings(n_keys, budgets, variants):
         rows.extend(measure(name, options, heads, args.k, args.block, args.decode_tokens, scale))
     header = f"{'index':8} {'options':38} {'group':5} {'rec@k':>6} {'massrec':>7} {'covered':>7} {'attend':>6} {'scanned':>7} {'ms':>6} {'build/16K':>9}"
     print(header)

@@ -30,14 +30,14 @@ import enum
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from flashtier.errors import ConfigError, InputError
 from flashtier.retrieval.index import KeyIndex
 from flashtier.retrieval.index_config import IndexConfig
-from flashtier.retrieval.index_registry import index_config, make_index
+from flashtier.retrieval.index_registry import INDEXES, index_config, make_index
 from flashtier.retrieval.merge import PartialAttention, merge_partials, partial_attention
 from flashtier.retrieval.metrics import keys_scanned_fraction
 from flashtier.retrieval.store import KVStore, QuantizedKVStore, TensorKVStore
@@ -50,6 +50,8 @@ class GroupSearch(enum.Enum):
     """Search with every query of the group; attend the union of their top-k (up to G*k keys)."""
     MEAN = "mean"
     """Search once with the group's mean query; attend its top-k."""
+    ROWS = "rows"
+    """Search once with every query of the group (one shared scan); each query head attends its own top-k."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ class RetrievalConfig:
     """KIVI group size (tokens for keys, channels for values) when ``store_bits`` is set."""
     index_options: Mapping[str, int | float | None] = field(default_factory=dict, hash=False)
     """Extra options of the chosen index (e.g. ``{"nlist": 256}`` for ``ivf``)."""
+    estimate_rest: bool = False
+    """Also approximate the attention on the offloaded keys that were not retrieved, by the index's
+    cluster centroids and mean values (RetroInfer's estimation zone; needs an index with
+    ``estimate_rest``, i.e. ``cluster``)."""
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0:
@@ -99,15 +105,23 @@ class RetrievalConfig:
         if "scan_budget_fraction" in self.index_options:
             raise ConfigError("set scan_budget_fraction on RetrievalConfig, not in index_options")
         object.__setattr__(self, "index_options", MappingProxyType(dict(self.index_options)))
+        if self.estimate_rest and self.index in INDEXES and not hasattr(INDEXES[self.index].cls, "estimate_rest"):
+            raise ConfigError(f"estimate_rest needs an index that summarises unretrieved keys (cluster), not {self.index!r}")
         self.index_config()  # unknown index name or options -> ConfigError now, not at first use
+
+    def _index_options(self) -> dict[str, int | float | None]:
+        options = {"scan_budget_fraction": self.scan_budget_fraction, **self.index_options}
+        if self.estimate_rest:
+            options["track_values"] = True
+        return options
 
     def index_config(self) -> IndexConfig:
         """The validated config of the chosen index."""
-        return index_config(self.index, scan_budget_fraction=self.scan_budget_fraction, **self.index_options)
+        return index_config(self.index, **self._index_options())
 
     def make_index(self, dim: int) -> KeyIndex:
         """A new, empty index of the chosen kind for keys of dimension ``dim``."""
-        return make_index(self.index, dim, scan_budget_fraction=self.scan_budget_fraction, **self.index_options)
+        return make_index(self.index, dim, **self._index_options())
 
     def make_store(self, dim: int, dtype: torch.dtype = torch.float32) -> KVStore:
         """A new, empty host K/V store of the chosen precision."""
@@ -143,15 +157,20 @@ class OffloadedLayerKV:
     """Per kv head index + store for the tokens of one layer that left the resident set.
 
     ``append`` adds blocks as they leave the window (positions increasing, each added once).
+    ``stores`` replaces the host stores of ``config`` (one per kv head), e.g. views of a paged KV
+    pool whose blocks may sit in host memory or in storage.
     """
 
-    def __init__(self, num_kv_heads: int, head_dim: int, config: RetrievalConfig, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, num_kv_heads: int, head_dim: int, config: RetrievalConfig, dtype: torch.dtype = torch.float32,
+                 stores: Sequence[KVStore] | None = None) -> None:
         if num_kv_heads <= 0 or head_dim <= 0:
             raise ConfigError(f"num_kv_heads and head_dim must be positive, got {num_kv_heads} and {head_dim}")
+        if stores is not None and len(stores) != num_kv_heads:
+            raise ConfigError(f"OffloadedLayerKV needs one store per kv head ({num_kv_heads}), got {len(stores)}")
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.heads = tuple(
-            OffloadedHead(config.make_index(head_dim), config.make_store(head_dim, dtype)) for _ in range(num_kv_heads)
-        )
+        if stores is None:
+            stores = [config.make_store(head_dim, dtype) for _ in range(num_kv_heads)]
+        self.heads = tuple(OffloadedHead(config.make_index(head_dim), store) for store in stores)
 
     def __len__(self) -> int:
         """Offloaded tokens (the same for every kv head)."""
@@ -172,13 +191,28 @@ class OffloadedLayerKV:
             )
         positions = torch.as_tensor(positions, dtype=torch.int64)
         for head, k, v in zip(self.heads, keys, values):
-            head.index.add(k, positions)
+            head.index.add(k, positions, v)
             head.store.append(k, v, positions)
 
     @property
     def build_time_s(self) -> float:
         """Seconds spent indexing, summed over kv heads."""
         return sum(h.index.build_time_s for h in self.heads)
+
+    def gather(self, positions: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values ``[H_kv, n, D]`` of ``positions[h] [n_h]`` per kv head (``n = max n_h``;
+        rows past ``n_h`` are padding) and the mask ``[H_kv, n]`` of the real rows."""
+        if len(positions) != self.num_kv_heads:
+            raise InputError(f"gather needs positions for each of the {self.num_kv_heads} kv heads, got {len(positions)}")
+        lengths = torch.tensor([p.numel() for p in positions])  # [H_kv]
+        n = int(lengths.max()) if lengths.numel() else 0
+        parts = [head.store.gather(p) for head, p in zip(self.heads, positions)]
+        dtype = parts[0][0].dtype
+        k = torch.zeros((self.num_kv_heads, n, self.head_dim), dtype=dtype)
+        v = torch.zeros_like(k)
+        for h, (kh, vh) in enumerate(parts):
+            k[h, : kh.shape[0]], v[h, : vh.shape[0]] = kh, vh
+        return k, v, torch.arange(n).unsqueeze(0) < lengths.unsqueeze(1)
 
     def nbytes(self) -> int:
         """Bytes of indexes and stores, all kv heads."""
@@ -211,7 +245,8 @@ class RetrievalOutput:
     output: torch.Tensor
     """``[H_q, D]`` attention output."""
     retrieved: tuple[torch.Tensor, ...]
-    """Per kv head, the offloaded positions ``[n_h]`` attended (increasing)."""
+    """Per kv head, the offloaded positions attended: ``[n_h]`` shared by the group (increasing), or
+    ``[G, k]`` one row per query head with ``GroupSearch.ROWS``."""
     stats: StepStats
 
 
@@ -241,27 +276,36 @@ class RetrievalAttention:
         q = query.reshape(h_kv, -1, d)  # [H_kv, G, D]
         t_start = time.perf_counter()
         resident = partial_attention(q, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
-        search_s = gather_s = 0.0
-        attend_s = time.perf_counter() - t_start
-        scanned = attended = 0
+        t0 = time.perf_counter()
+        scanned = 0
+        per_row = self.config.group_search is GroupSearch.ROWS
         retrieved: list[torch.Tensor] = []
-        parts: list[PartialAttention] = []
-        for head, q_group in zip(offloaded.heads, q):  # q_group [G, D]
-            t0 = time.perf_counter()
+        for head, q_group in zip(offloaded.heads, q):  # q_group [G, D]: one search per GQA group
             rows = q_group.mean(dim=0, keepdim=True) if self.config.group_search is GroupSearch.MEAN else q_group
             found = head.index.search(rows.float(), self.config.top_k)
-            positions = torch.unique(found.positions)  # [n] sorted union over rows
-            t1 = time.perf_counter()
-            k, v = head.store.gather(positions)  # [n, D] each
-            t2 = time.perf_counter()
-            parts.append(partial_attention(q_group, k.to(q_group.dtype), v.to(q_group.dtype), scale))
-            attend_s += time.perf_counter() - t2
-            search_s, gather_s = search_s + t1 - t0, gather_s + t2 - t1
-            scanned, attended = scanned + found.keys_scanned, attended + positions.numel()
-            retrieved.append(positions)
+            # per row: [G, k'] each query head's own top-k; else [n_h] sorted union over rows
+            retrieved.append(found.positions if per_row else torch.unique(found.positions))
+            scanned += found.keys_scanned
+        t1 = time.perf_counter()
+        k, v, valid = offloaded.gather([p.reshape(-1) for p in retrieved])  # [H_kv, n, D] x2, [H_kv, n]
+        t2 = time.perf_counter()
+        if per_row:  # n = G * k' for every head: attend row by row
+            g = q.shape[1]
+            rk, rv = k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d)  # [H_kv, G, k', D]
+            row = partial_attention(q.unsqueeze(2), rk.to(q.dtype), rv.to(q.dtype), scale)  # out [H_kv, G, 1, D]
+            far = PartialAttention(row.out.squeeze(2), row.lse.squeeze(2))
+        else:
+            far = partial_attention(q, k.to(q.dtype), v.to(q.dtype), scale, mask=valid.unsqueeze(1))  # [H_kv, G, D]
+        parts = [resident, far]
         t3 = time.perf_counter()
-        far = PartialAttention(torch.stack([p.out for p in parts]), torch.stack([p.lse for p in parts]))
-        merged = merge_partials([resident, far])  # out [H_kv, G, D]
-        attend_s += time.perf_counter() - t3
-        stats = StepStats(len(offloaded) * h_kv, scanned, attended, search_s, gather_s, attend_s)
+        if self.config.estimate_rest:  # the offloaded keys not retrieved, approximately
+            rest = [head.index.estimate_rest(q_group.float(), found, scale)  # type: ignore[attr-defined]
+                    for head, q_group, found in zip(offloaded.heads, q, retrieved)]
+            parts.append(PartialAttention(torch.stack([r.out for r in rest]).to(q.dtype), torch.stack([r.lse for r in rest])))
+        t4 = time.perf_counter()
+        merged = merge_partials(parts)  # out [H_kv, G, D]
+        t5 = time.perf_counter()
+        attended = sum(p.numel() for p in retrieved)
+        stats = StepStats(len(offloaded) * h_kv, scanned, attended, (t1 - t0) + (t4 - t3), t2 - t1,
+                          (t0 - t_start) + (t3 - t2) + (t5 - t4))
         return RetrievalOutput(merged.out.reshape(query.shape), tuple(retrieved), stats)

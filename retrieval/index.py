@@ -12,6 +12,9 @@ Contract of every :class:`KeyIndex`:
   for at least one row (the bytes of keys it had to read), not per-row work.
 - When ``k >= ntotal`` every position is returned, exactly.
 - ``build_time_s`` is the wall time spent so far inside ``add`` (training, clustering, inserting).
+- ``add`` may also receive the tokens' values; an index that can estimate the attention on the
+  keys a search did not return (see :meth:`ClusterIndex.estimate_rest`) keeps summaries of them,
+  the others ignore them.
 
 Implementations override ``_add`` and ``_search``; the public methods validate and account.
 """
@@ -67,13 +70,16 @@ class KeyIndex(ABC):
         """All indexed positions ``[N]`` int64, increasing (a view: valid until the next add)."""
         return self._positions.view()
 
-    def add(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
-        """Index ``keys [n, D]`` at absolute ``positions [n]`` (see the append-only contract)."""
+    def add(self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Index ``keys [n, D]`` at absolute ``positions [n]`` (see the append-only contract);
+        ``values [n, D_v]`` are summarised by indexes that estimate unretrieved attention."""
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise InputError(f"{self.name} index: keys must be [n, {self.dim}], got {tuple(keys.shape)}")
         positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
         if positions.shape[0] != keys.shape[0]:
             raise InputError(f"{self.name} index: {keys.shape[0]} keys but {positions.shape[0]} positions")
+        if values is not None and (values.dim() != 2 or values.shape[0] != keys.shape[0]):
+            raise InputError(f"{self.name} index: values must be [{keys.shape[0]}, D_v], got {tuple(values.shape)}")
         if keys.shape[0] == 0:
             return
         last = int(self._positions.view()[-1]) if self.ntotal else -1
@@ -83,7 +89,8 @@ class KeyIndex(ABC):
                 f"position {last}; got {positions[:4].tolist()}... (add blocks oldest first, once each)"
             )
         start = time.perf_counter()
-        self._add(keys.detach().to(torch.float32).contiguous(), positions)
+        vals = None if values is None else values.detach().to(torch.float32).contiguous()
+        self._add(keys.detach().to(torch.float32).contiguous(), positions, vals)
         self._positions.append(positions)
         self._build_time_s += time.perf_counter() - start
 
@@ -102,9 +109,9 @@ class KeyIndex(ABC):
         return self._search(queries.detach().to(torch.float32).contiguous(), k)
 
     @abstractmethod
-    def _add(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
+    def _add(self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None) -> None:
         """Insert validated fp32 ``keys [n, D]`` at validated ``positions [n]`` (before they are
-        appended to :meth:`positions`)."""
+        appended to :meth:`positions`); ``values`` (fp32 or None) may be ignored."""
 
     @abstractmethod
     def _search(self, queries: torch.Tensor, k: int) -> SearchResult:

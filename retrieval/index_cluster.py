@@ -15,6 +15,33 @@ its members). For a GQA group the bound is turned into a per-row log-softmax-lik
 (``scale * bound - max``) and the group takes the max over rows, so one scan serves every row.
 Clusters are taken best first until ``scan_budget_fraction`` of the keys (at least ``k``) are
 scanned; the scanned keys are scored exactly and each row keeps its top ``k``.
+
+``store_dtype="bfloat16"`` keeps the clustered keys and the centroids in bf16 (half the memory and
+half the bytes read per search, and bf16 matmuls run faster than fp32 GEMVs on CPUs without
+AVX-512). Keys of a trained model share a large common offset, so before rounding every key and
+centroid is centred on a fixed vector (the mean of the first keys clustered): ``q . (k - m)``
+ranks keys exactly like ``q . k`` (``q . m`` is the same for every key of a row), and the bf16
+rounding error is then relative to the small centred vectors, not to the offset. Tail keys are
+scored in fp32 on the same centred scale.
+
+Two levels (``super_size > 0``): each segment's clusters are themselves clustered into
+super-clusters of about ``super_size`` keys (k-means on the centroids; a super-cluster's centroid is
+the mean of its keys, its radius bounds its clusters' balls). A search first ranks the
+super-clusters by the same bound, keeps the best ones until they hold ``oversample`` times the scan
+budget, and only then scores the clusters inside them. At long contexts the centroid pass dominates
+a search and is read from DRAM for every (layer, head); the first level cuts the bytes read per
+search several times while the leaves stay small.
+
+Estimation of the rest (``track_values=True``, RetroInfer's "estimation zone"): when ``add``
+receives the values too, every cluster also keeps the mean value of its members.
+:meth:`ClusterIndex.estimate_rest` then approximates the attention of a query on all indexed keys
+it did *not* attend exactly: each cluster stands for its unattended members by its centroid and
+mean value, weighted by their count (score ``scale * q . c + log(count)``); tail keys stand for
+themselves. The centroid scores of the last search are reused; with two levels, clusters outside
+the searched super-clusters are estimated by their super-cluster (its centroid, mean value and key
+count), so the estimate reads no more centroids than the search did. Long contexts of models that spread
+attention thinly over many far keys (length extrapolation) lose that mass with top-k alone; the
+estimate puts it back at the cost of one pass over the centroids.
 """
 
 from __future__ import annotations
@@ -25,11 +52,30 @@ from typing import ClassVar
 
 import torch
 
-from flashtier.errors import ConfigError
+from flashtier.errors import ConfigError, InputError
 from flashtier.retrieval.buffer import GrowableRows
 from flashtier.retrieval.index import KeyIndex, SearchResult
 from flashtier.retrieval.index_config import IndexConfig
 from flashtier.retrieval.kmeans import kmeans
+from flashtier.retrieval.merge import PartialAttention, merge_partials, partial_from_scores
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class _LastSearch:
+    """What a search scored, kept so ``estimate_rest`` with the same queries reuses it."""
+
+    queries: torch.Tensor
+    """``[R, D]`` the searched queries."""
+    raw: torch.Tensor
+    """``[R, M]`` ``q . (c - m)`` of the clusters scored (all of them, or ``clusters``)."""
+    clusters: torch.Tensor | None
+    """``[M]`` clusters scored (None = all): those of the chosen super-clusters."""
+    super_mask: torch.Tensor | None
+    """``[S]`` chosen super-clusters."""
+    super_raw: torch.Tensor | None
+    """``[R, S]`` ``q . (s - m)`` of every super-cluster."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +94,14 @@ class ClusterIndexConfig(IndexConfig):
     """Weight of ``|q| * radius`` in the cluster score (1 = true upper bound, 0 = centroid only)."""
     softmax_scale: float | None = None
     """Scale used to compare rows of a group (``None`` = ``1/sqrt(D)``)."""
+    store_dtype: str = "float32"
+    """Precision of the clustered keys and centroids: ``float32`` or ``bfloat16`` (centred, see the module docstring)."""
+    track_values: bool = False
+    """Keep each cluster's mean value (from ``add(..., values)``) so :meth:`ClusterIndex.estimate_rest` works."""
+    super_size: int = 0
+    """Keys per super-cluster of the first level (0 = one level: every centroid scored per search)."""
+    oversample: float = 8.0
+    """With two levels: super-clusters searched hold this many times the scan budget in keys."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +121,25 @@ class ClusterIndexConfig(IndexConfig):
             raise ConfigError(f"cluster index bound_weight must be >= 0, got {self.bound_weight}")
         if self.softmax_scale is not None and self.softmax_scale <= 0:
             raise ConfigError(f"cluster index softmax_scale must be positive, got {self.softmax_scale}")
+        if self.super_size and self.super_size < 2 * self.cluster_size:
+            raise ConfigError(f"cluster index super_size ({self.super_size}) must be 0 (one level) or at least "
+                              f"2 * cluster_size ({2 * self.cluster_size})")
+        if self.oversample < 1:
+            raise ConfigError(f"cluster index oversample must be >= 1, got {self.oversample}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"cluster index store_dtype must be one of {sorted(STORE_DTYPES)}, got {self.store_dtype!r}")
+
+    def bytes_per_key(self, dim: int) -> float:
+        """Key copy + positions, plus each cluster's centroid, radius, start and size shared by
+        ``cluster_size`` keys."""
+        size = STORE_DTYPES[self.store_dtype].itemsize
+        per_cluster = dim * size + 20 + (dim * size if self.track_values else 0)
+        return dim * size + (24 if self.track_values else 16) + per_cluster / self.cluster_size
+
+    def fixed_bytes(self, dim: int) -> int:
+        """The open segment and the tail (and their values when tracked), kept in fp32 until they
+        are clustered for good."""
+        return (self.segment_size + self.flush_keys) * (dim * (8 if self.track_values else 4) + 8)
 
 
 class ClusterIndex(KeyIndex):
@@ -79,10 +152,13 @@ class ClusterIndex(KeyIndex):
         self.config = config
         self._scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(dim)
         self._generator = torch.Generator().manual_seed(config.seed)
-        self._keys = GrowableRows((dim,), torch.float32)  # [N_c, D] clustered keys, grouped by cluster
+        self._dtype = STORE_DTYPES[config.store_dtype]
+        self._center = torch.zeros(dim)  # [D] m: stored keys and centroids are k - m (0 in fp32)
+        self._centered = self._dtype == torch.float32  # m is fixed once chosen
+        self._keys = GrowableRows((dim,), self._dtype)  # [N_c, D] clustered keys - m, grouped by cluster
         self._key_pos = GrowableRows((), torch.int64)  # [N_c] their positions
-        self._centroids = GrowableRows((dim,), torch.float32)  # [C, D]
-        self._radius = GrowableRows((), torch.float32)  # [C]
+        self._centroids = GrowableRows((dim,), self._dtype)  # [C, D] centroid - m (D columns: the fast bf16 kernels)
+        self._radius = GrowableRows((), torch.float32)  # [C] max distance of a member from its centroid
         self._start = GrowableRows((), torch.int64)  # [C] first row of each cluster in _keys
         self._size = GrowableRows((), torch.int64)  # [C] rows of each cluster
         self._tail = GrowableRows((dim,), torch.float32)  # [P, D] keys not yet clustered
@@ -91,96 +167,252 @@ class ClusterIndex(KeyIndex):
         self._open_pos = GrowableRows((), torch.int64)  # [O]
         self._open_first_cluster = 0  # its clusters are _size[_open_first_cluster:]
         self._open_first_row = 0  # its keys are _keys[_open_first_row:]
+        self._cluster_of = GrowableRows((), torch.int64)  # [N] cluster of each key in add order, -1 = tail
+        self._vmean = GrowableRows((dim,), self._dtype)  # [C, D] mean value per cluster (track_values)
+        self._tail_val = GrowableRows((dim,), torch.float32)  # [P, D]
+        self._open_val = GrowableRows((dim,), torch.float32)  # [O, D]
+        self._super = GrowableRows((dim,), self._dtype)  # [S, D] super centroid - m
+        self._super_radius = GrowableRows((), torch.float32)  # [S] bound on a member key's distance
+        self._super_first = GrowableRows((), torch.int64)  # [S] first cluster of each super-cluster
+        self._super_clusters = GrowableRows((), torch.int64)  # [S] its clusters (contiguous)
+        self._super_keys = GrowableRows((), torch.int64)  # [S] its keys
+        self._super_vmean = GrowableRows((dim,), self._dtype)  # [S, D] mean value of its keys (track_values)
+        self._open_first_super = 0
+        self._last: _LastSearch | None = None  # what the last search scored, for estimate_rest
 
     @property
     def n_clusters(self) -> int:
         return len(self._size)
 
-    def _add(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
+    def _add(self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None) -> None:
+        track = self.config.track_values
+        if track and (values is None or values.shape[1] != self.dim):
+            raise InputError(f"cluster index with track_values needs values [n, {self.dim}] with every add")
+        n_new = keys.shape[0]
         self._tail.append(keys)
         self._tail_pos.append(positions)
+        if track:
+            self._cluster_of.append(torch.full((n_new,), -1, dtype=torch.int64))
+            self._tail_val.append(values)
         if len(self._tail) < self.config.flush_keys:
             return
         # Re-cluster the open segment together with the tail: close full segments, keep the rest open.
+        self._last = None  # cluster ids of the open segment change
         keys = torch.cat([self._open.view(), self._tail.view()])  # [n, D] in position order
         positions = torch.cat([self._open_pos.view(), self._tail_pos.view()])
+        vals = torch.cat([self._open_val.view(), self._tail_val.view()]) if track else None
+        first_row = self.ntotal + n_new - keys.shape[0]  # open + tail are the last keys added
+        if not self._centered:
+            self._center, self._centered = keys.mean(dim=0), True
         self._drop_open_segment()
         seg = self.config.segment_size
         n_closed = keys.shape[0] // seg * seg
+        def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+            return keys[lo:hi], positions[lo:hi], None if vals is None else vals[lo:hi], first_row + lo
+
         for start in range(0, n_closed, seg):
-            self._cluster_segment(keys[start : start + seg], positions[start : start + seg])
+            self._cluster_segment(*part(start, start + seg))
         self._open_first_cluster, self._open_first_row = self.n_clusters, len(self._keys)
+        self._open_first_super = len(self._super_first)
         if n_closed < keys.shape[0]:
-            self._cluster_segment(keys[n_closed:], positions[n_closed:])
+            self._cluster_segment(*part(n_closed, keys.shape[0]))
             self._open.append(keys[n_closed:])
             self._open_pos.append(positions[n_closed:])
+            if vals is not None:
+                self._open_val.append(vals[n_closed:])
         self._tail.truncate(0)
         self._tail_pos.truncate(0)
+        self._tail_val.truncate(0)
 
     def _drop_open_segment(self) -> None:
         """Forget the open segment's clusters (its keys are re-clustered by the caller)."""
-        for rows in (self._centroids, self._radius, self._start, self._size):
+        for rows in (self._centroids, self._radius, self._start, self._size, self._vmean):
             rows.truncate(self._open_first_cluster)
+        for rows in (self._super, self._super_radius, self._super_first, self._super_clusters, self._super_keys,
+                     self._super_vmean):
+            rows.truncate(self._open_first_super)
         self._keys.truncate(self._open_first_row)
         self._key_pos.truncate(self._open_first_row)
         self._open.truncate(0)
         self._open_pos.truncate(0)
+        self._open_val.truncate(0)
 
-    def _cluster_segment(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
-        """Cluster one segment ``keys [n, D]`` and append its clusters."""
+    def _cluster_segment(self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None,
+                         first_row: int) -> None:
+        """Cluster one segment ``keys [n, D]`` (added as rows ``first_row ..`` in add order) and
+        append its clusters (with their mean ``values [n, D]`` when tracked)."""
         n_clusters = max(1, round(keys.shape[0] / self.config.cluster_size))
         cl = kmeans(keys, n_clusters, self.config.kmeans_iters, self._generator)
-        order = torch.argsort(cl.assign, stable=True)  # rows grouped by cluster
-        dist = (keys - cl.centroids[cl.assign]).norm(dim=1)  # [n]
-        radius = torch.zeros(cl.sizes.shape[0], dtype=torch.float32).scatter_reduce_(
-            0, cl.assign, dist, reduce="amax", include_self=True
+        centroids, assign, sizes = cl.centroids, cl.assign, cl.sizes
+        if self.config.super_size:  # order the clusters by super-cluster, so each super is a cluster range
+            n_super = max(1, round(keys.shape[0] / self.config.super_size))
+            sup = kmeans(centroids, n_super, self.config.kmeans_iters, self._generator)
+            corder = torch.argsort(sup.assign, stable=True)  # new cluster order
+            remap = torch.empty_like(corder)
+            remap[corder] = torch.arange(corder.shape[0])
+            centroids, sizes, assign, sup_of = centroids[corder], sizes[corder], remap[assign], sup.assign[corder]
+        order = torch.argsort(assign, stable=True)  # rows grouped by cluster
+        dist = (keys - centroids[assign]).norm(dim=1)  # [n]
+        radius = torch.zeros(sizes.shape[0], dtype=torch.float32).scatter_reduce_(
+            0, assign, dist, reduce="amax", include_self=True
         )  # [C_seg]
-        starts = len(self._keys) + torch.cumsum(cl.sizes, 0) - cl.sizes  # [C_seg]
-        self._keys.append(keys[order])
+        vmean = None
+        if values is not None:
+            self._cluster_of.view()[first_row : first_row + keys.shape[0]] = assign + self.n_clusters
+            vmean = torch.zeros((sizes.shape[0], values.shape[1])).index_add_(0, assign, values) / sizes.unsqueeze(1)
+            self._vmean.append(vmean)  # cast to the store dtype
+        if self.config.super_size:
+            self._add_supers(centroids, radius, sizes, sup_of, vmean)
+        starts = len(self._keys) + torch.cumsum(sizes, 0) - sizes  # [C_seg]
+        self._keys.append(keys[order] - self._center)
         self._key_pos.append(positions[order])
-        self._centroids.append(cl.centroids)
+        self._centroids.append(centroids - self._center)
         self._radius.append(radius)
         self._start.append(starts)
-        self._size.append(cl.sizes)
+        self._size.append(sizes)
+
+    def _add_supers(self, centroids: torch.Tensor, radius: torch.Tensor, sizes: torch.Tensor,
+                    sup_of: torch.Tensor, vmean: torch.Tensor | None) -> None:
+        """Append the super-clusters of one segment: clusters ``[C_seg]`` (already ordered by
+        super-cluster ``sup_of [C_seg]``) with their centroids, radii, sizes and mean values."""
+        n_super = int(sup_of.max()) + 1
+        w = sizes.float()
+        keys_in = torch.zeros(n_super).index_add_(0, sup_of, w)  # [S_seg] keys per super (all > 0)
+        mean = torch.zeros((n_super, centroids.shape[1])).index_add_(0, sup_of, centroids * w.unsqueeze(1)) / keys_in.unsqueeze(1)
+        reach = (centroids - mean[sup_of]).norm(dim=1) + radius  # [C_seg] a member key is at most this far
+        sup_radius = torch.zeros(n_super).scatter_reduce_(0, sup_of, reach, reduce="amax", include_self=True)
+        counts = torch.bincount(sup_of, minlength=n_super)
+        self._super.append(mean - self._center)
+        self._super_radius.append(sup_radius)
+        self._super_first.append(self.n_clusters + torch.cumsum(counts, 0) - counts)
+        self._super_clusters.append(counts)
+        self._super_keys.append(keys_in.round().to(torch.int64))
+        if vmean is not None:
+            self._super_vmean.append(torch.zeros((n_super, vmean.shape[1])).index_add_(0, sup_of, vmean * w.unsqueeze(1))
+                                     / keys_in.unsqueeze(1))
 
     def _search(self, queries: torch.Tensor, k: int) -> SearchResult:
         budget = max(k, math.ceil(self.config.scan_budget_fraction * self.ntotal))
         tail_n = len(self._tail)
-        cand_keys, cand_pos = [self._tail.view()], [self._tail_pos.view()]
+        scores, pos = [], []  # scores q . (key - m): the same ranking as q . key
+        if tail_n:
+            scores.append(queries @ (self._tail.view() - self._center).T)  # [R, P]
+            pos.append(self._tail_pos.view())
         scored = 0
+        self._last = None
         if self.n_clusters and budget > tail_n:
             rows = self._select_rows(queries, budget - tail_n)  # [n_sel]
-            cand_keys.append(self._keys.view()[rows])
-            cand_pos.append(self._key_pos.view()[rows])
+            scores.append((queries.to(self._dtype) @ self._keys.view().index_select(0, rows).T).float())  # [R, n_sel]
+            pos.append(self._key_pos.view().index_select(0, rows))
             scored = self.n_clusters
-        keys, pos = torch.cat(cand_keys), torch.cat(cand_pos)  # [n, D], [n]
-        scores = queries @ keys.T  # [R, n]
-        top = torch.topk(scores, min(k, keys.shape[0]), dim=1).indices  # [R, k]
-        return SearchResult(pos[top], keys.shape[0], clusters_scored=scored)
+        all_scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)  # [R, n]
+        all_pos = pos[0] if len(pos) == 1 else torch.cat(pos)  # [n]
+        top = torch.topk(all_scores, min(k, all_pos.shape[0]), dim=1).indices  # [R, k]
+        return SearchResult(all_pos[top], all_pos.shape[0], clusters_scored=scored)
+
+    def _group_bound(self, queries: torch.Tensor, table: torch.Tensor,
+                     radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For centroids ``table [M, D]`` (centroid - m) with ``radius [M]``: the raw scores
+        ``q . (c - m)`` ``[R, M]`` and the group's score per centroid ``[M]`` (the bound
+        ``q . c + w |q| r``; rows compared on a shared log-softmax-like scale)."""
+        raw = (queries.to(self._dtype) @ table.T).float()  # [R, M]
+        bound = raw
+        if self.config.bound_weight:
+            bound = torch.addr(raw, self.config.bound_weight * queries.norm(dim=1), radius)  # raw + w |q| r
+        if queries.shape[0] > 1:
+            z = self._scale * bound
+            return raw, (z - z.amax(dim=1, keepdim=True)).amax(dim=0)
+        return raw, bound[0]
+
+    def _candidates(self, queries: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """First level: the best super-clusters holding ``oversample * budget`` keys. Returns their
+        clusters ``[M]`` (increasing), a mask of the chosen super-clusters ``[S]`` and the raw
+        super scores ``[R, S]``."""
+        raw, score = self._group_bound(queries, self._super.view(), self._super_radius.view())
+        order = torch.argsort(score, descending=True)  # [S]
+        keys_in = self._super_keys.view().index_select(0, order)
+        n_sel = min(order.shape[0], int(torch.searchsorted(torch.cumsum(keys_in, 0), math.ceil(self.config.oversample * budget))) + 1)
+        chosen = torch.sort(order[:n_sel]).values
+        mask = torch.zeros(order.shape[0], dtype=torch.bool)
+        mask[chosen] = True
+        first, count = self._super_first.view().index_select(0, chosen), self._super_clusters.view().index_select(0, chosen)
+        offsets = torch.cumsum(count, 0) - count
+        clusters = torch.repeat_interleave(first - offsets, count) + torch.arange(int(count.sum()))
+        return clusters, mask, raw
 
     def _select_rows(self, queries: torch.Tensor, budget: int) -> torch.Tensor:
         """Rows of ``_keys`` in the best clusters for the group, at least ``budget`` of them."""
-        centroids, radius = self._centroids.view(), self._radius.view()
-        bound = queries @ centroids.T  # [R, C]
-        if self.config.bound_weight:
-            bound = bound + self.config.bound_weight * queries.norm(dim=1, keepdim=True) * radius.unsqueeze(0)
-        if bound.shape[0] > 1:  # compare rows on a shared log-softmax-like scale
-            z = self._scale * bound
-            group_score = (z - z.amax(dim=1, keepdim=True)).amax(dim=0)  # [C]
+        if self.config.super_size and len(self._super_first):
+            cand, sup_mask, sup_raw = self._candidates(queries, budget)
+            raw, group_score = self._group_bound(queries, self._centroids.view().index_select(0, cand),
+                                                 self._radius.view().index_select(0, cand))
         else:
-            group_score = bound[0]
+            cand, sup_mask, sup_raw = None, None, None
+            raw, group_score = self._group_bound(queries, self._centroids.view(), self._radius.view())
+        self._last = _LastSearch(queries, raw, cand, sup_mask, sup_raw)
+        sizes_all = self._size.view() if cand is None else self._size.view().index_select(0, cand)
         n_clusters = group_score.shape[0]
-        guess = min(n_clusters, 2 * math.ceil(budget * n_clusters / max(len(self._keys), 1)) + 8)
+        guess = min(n_clusters, 2 * math.ceil(budget * n_clusters / max(int(sizes_all.sum()), 1)) + 8)
         order = torch.topk(group_score, guess).indices  # [m] best clusters first (cheaper than a full sort)
-        if int(self._size.view()[order].sum()) < budget:
+        if int(sizes_all.index_select(0, order).sum()) < budget:
             order = torch.argsort(group_score, descending=True)  # [C]
-        sizes = self._size.view()[order]
+        sizes = sizes_all.index_select(0, order)
         n_sel = int(torch.searchsorted(torch.cumsum(sizes, 0), budget)) + 1
         sel, lens = order[:n_sel], sizes[:n_sel]
+        if cand is not None:
+            sel = cand.index_select(0, sel)
         offsets = torch.cumsum(lens, 0) - lens  # [n_sel] row offset of each cluster in the output
-        return torch.repeat_interleave(self._start.view()[sel] - offsets, lens) + torch.arange(int(lens.sum()))
+        return torch.repeat_interleave(self._start.view().index_select(0, sel) - offsets, lens) + torch.arange(int(lens.sum()))
+
+    def estimate_rest(self, queries: torch.Tensor, attended: torch.Tensor, scale: float) -> PartialAttention:
+        """Approximate attention of ``queries [R, D]`` over the indexed keys *not* in ``attended``
+        (``[R, n]`` positions per row or ``[n]`` shared, each indexed and distinct in its row):
+        ``out [R, D]``, ``lse [R]`` to merge with the exact parts (see the module docstring)."""
+        if not self.config.track_values:
+            raise ConfigError("estimate_rest needs a cluster index built with track_values=True")
+        r = queries.shape[0]
+        attended = attended.unsqueeze(0).expand(r, -1) if attended.dim() == 1 else attended
+        queries = queries.detach().float()
+        n_c, n_t = self.n_clusters, len(self._tail)
+        if self.ntotal == 0:
+            return partial_from_scores(queries.new_full((r, 0), float("-inf")), queries.new_zeros((0, self.dim)))
+        rows = torch.searchsorted(self.positions(), attended.contiguous())  # [R, n] add-order rows
+        cluster = self._cluster_of.view()[rows]  # [R, n], -1 = tail
+        last = self._last
+        fresh = last is not None and last.queries.shape == queries.shape and torch.equal(last.queries, queries)
+        if not (fresh and last.raw.shape[1] == (n_c if last.clusters is None else last.clusters.shape[0])):
+            last = _LastSearch(queries, (queries.to(self._dtype) @ self._centroids.view().T).float(),
+                               None, None, None)
+        q_center = (queries @ self._center).unsqueeze(1)  # [R, 1]: q . m
+        if last.clusters is None:  # every cluster is a unit
+            local = cluster
+            sizes, vmean, scores = self._size.view().float(), self._vmean.view(), last.raw
+        else:  # clusters of the searched super-clusters, then the other super-clusters whole
+            local = torch.full((n_c,), -1, dtype=torch.int64)
+            local[last.clusters] = torch.arange(last.clusters.shape[0])
+            local = torch.where(cluster >= 0, local[cluster.clamp(min=0)], -1)
+            if bool((cluster >= 0).any()) and bool((local[cluster >= 0] < 0).any()):
+                raise InputError("estimate_rest: an attended key lies outside the last search's super-clusters; "
+                                 "estimate with the queries that were searched")
+            other = ~last.super_mask
+            sizes = torch.cat([self._size.view().index_select(0, last.clusters).float(),
+                               self._super_keys.view()[other].float()])
+            vmean = torch.cat([self._vmean.view().index_select(0, last.clusters), self._super_vmean.view()[other]])
+            scores = torch.cat([last.raw, last.super_raw[:, other]], dim=1)
+        n_u = sizes.shape[0]
+        unit = torch.where(local >= 0, local, n_u + rows - (self.ntotal - n_t))  # tail keys are their own unit
+        taken = torch.zeros((r, n_u + n_t)).scatter_add_(1, unit, torch.ones(unit.shape))  # [R, U + P]
+        left = torch.log((torch.cat([sizes, torch.ones(n_t)]).unsqueeze(0) - taken).clamp(min=0))  # -inf: all attended
+        clusters = partial_from_scores((scores + q_center) * scale + left[:, :n_u], vmean, product_dtype=self._dtype)
+        if n_t == 0:
+            return clusters
+        tail = partial_from_scores((queries @ self._tail.view().T) * scale + left[:, n_u:], self._tail_val.view())
+        return merge_partials([clusters, tail])  # no copy of the (large) mean-value table
 
     def nbytes(self) -> int:
         parts = (self._keys, self._key_pos, self._centroids, self._radius, self._start, self._size,
-                 self._tail, self._tail_pos, self._open, self._open_pos, self._positions)
+                 self._tail, self._tail_pos, self._open, self._open_pos, self._positions,
+                 self._cluster_of, self._vmean, self._tail_val, self._open_val,
+                 self._super, self._super_radius, self._super_first, self._super_clusters, self._super_keys,
+                 self._super_vmean)
         return sum(p.nbytes() for p in parts)

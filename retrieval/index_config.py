@@ -22,3 +22,13 @@ class IndexConfig:
                 f"scan_budget_fraction must be in (0, 1], got {self.scan_budget_fraction}; "
                 "e.g. 0.02 scans 2% of the offloaded keys per search"
             )
+
+    def bytes_per_key(self, dim: int) -> float:
+        """Host bytes the index holds per indexed key of dimension ``dim`` (an estimate for
+        planning budgets: an fp32 copy of the key and its int64 positions)."""
+        return dim * 4 + 16
+
+    def fixed_bytes(self, dim: int) -> int:
+        """Host bytes the index may hold beside the per-key bytes (buffers of keys not yet
+        indexed for good); an estimate for planning budgets."""
+        return 0

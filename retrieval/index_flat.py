@@ -27,7 +27,7 @@ class FlatIndex(KeyIndex):
         self.config = config
         self._keys = GrowableRows((dim,), torch.float32)  # [N, D]
 
-    def _add(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
+    def _add(self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None) -> None:
         self._keys.append(keys)
 
     def _search(self, queries: torch.Tensor, k: int) -> SearchResult:

@@ -78,7 +78,7 @@ class IVFIndex(KeyIndex):
     def trained(self) -> bool:
         return bool(self._ivf.is_trained)
 
-    def _add(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
+    def _add(self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None) -> None:
         if not self.trained:
             self._pending.append(keys)
             self._pending_pos.append(positions)

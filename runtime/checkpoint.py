@@ -17,7 +17,7 @@ import torch
 
 from flashtier.errors import CheckpointError
 from flashtier.runtime.config import ModelConfig
-from flashtier.storage_backends.safetensors_format import TensorInfo, read_header
+from flashtier.storage_backends.safetensors_format import PAD_TENSOR_PREFIX, TensorInfo, read_header
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +221,8 @@ def _index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     for fname in files:
         shard, _ = read_header(model_dir / fname)
         for name, info in shard.items():
+            if name.startswith(PAD_TENSOR_PREFIX):
+                continue  # alignment padding of a converted layout (storage_backends.expert_layout)
             if name in tensors:
                 raise CheckpointError(f"{model_dir}: tensor {name!r} appears in both {tensors[name].path.name} and {fname}")
             tensors[name] = info

@@ -321,11 +321,22 @@ class Model:
 
 
 def _default_weights_factory(config: EngineConfig) -> WeightsFactory:
+    if config.extra.get("sparse_ffn"):  # opt-in approximation: predicted FFN neurons from bundles
+        from flashtier.runtime.sparse_ffn import sparse_ffn_weights
+
+        return sparse_ffn_weights
     if config.dram_budget is None and config.device_budget is None:
         return in_memory_weights
     from flashtier.runtime.paged_weights import paged_weights  # the tiered store, when a budget is set
 
-    return paged_weights
+    def budgeted(checkpoint: Checkpoint, cfg: EngineConfig) -> WeightAccessor:
+        if checkpoint.config.is_moe and cfg.extra.get("expert_cache", "on") != "off":
+            from flashtier.runtime.expert_weights import expert_weights  # per-layer expert caches
+
+            return expert_weights(checkpoint, cfg)
+        return paged_weights(checkpoint, cfg)
+
+    return budgeted
 
 
 def open_model(model_dir: str | Path, **options: Any) -> Model:

@@ -160,7 +160,9 @@ class Transformer:
         top_w = top_w.to(x.dtype)
         self.trace.chosen[i] = top_i
         out = torch.zeros_like(x)
-        for e in torch.unique(top_i).tolist():
+        experts = torch.unique(top_i).tolist()
+        w.route(i, experts, x)  # the accessor may start reading every routed expert now
+        for e in experts:
             rows, slot = torch.nonzero(top_i == e, as_tuple=True)
             names = n.expert(e)
             y = self._expert(x[rows], names) * top_w[rows, slot, None]

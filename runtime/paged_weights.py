@@ -42,19 +42,30 @@ class PagedWeights:
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, bandwidths: Bandwidths = Bandwidths(), device_budget: int = 0,
                  direct_io: str = "auto", host_policy: str = "lru",
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None) -> None:
+        """``external``: streamed tensors another component serves (e.g. FFN neurons read from
+        row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
+        store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
+        is the part of the plan's window left to that component. ``expert_cache_min_bytes``: plan
+        MoE experts for a per-layer expert cache of at least that many bytes instead of placing
+        them (``plan.expert_cache_bytes``; the expert cache pages them, see ``expert_weights``)."""
         self.checkpoint = checkpoint
         cfg = self.config = checkpoint.config
         self.compute_dtype = compute_dtype or checkpoint.weights_dtype
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
         req = PlanRequest(dram_budget=dram_budget, context=kv_tokens,
-                          kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2)
+                          kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
+                          expert_cache=expert_cache_min_bytes is not None,
+                          expert_cache_min_bytes=expert_cache_min_bytes or 0)
         self.plan: Plan = make_plan(cfg, sizes, req, bandwidths)
         if device_budget:
             # The device tier (CUDA) is driven by the same store; on this CPU path it is not used.
             self.plan.notes.append("device budget given: the device tier holds the compute copies")
         self._resident: dict[str, torch.Tensor] = {}
-        streamed = [n for n, t in self.plan.placement.items() if t == "storage" and n != EMBED]
+        head = checkpoint.lm_head  # with tied embeddings the table is also the output head
+        streamed = [n for n, t in self.plan.placement.items()
+                    if t == "storage" and (n != EMBED or n == head) and n not in external]
         resident = [n for n, t in self.plan.placement.items() if t != "storage" and n in checkpoint.tensors]
         for i, name in enumerate(resident):
             t = read_tensor(checkpoint.tensors[name])
@@ -63,9 +74,13 @@ class PagedWeights:
                 progress(i + 1, len(resident))
 
         window = self.plan.stream_window_bytes
+        if external:
+            window = _window_for(checkpoint, streamed, self.plan)
+        self.external_window_bytes = self.plan.stream_window_bytes - window
         self.backend = DirectFileBackend(DirectFileConfig(direct_io=direct_io))  # type: ignore[arg-type]
         self.store = TieredStore(
-            StoreConfig(host_budget=window, device_budget=0, host_policy=host_policy,
+            StoreConfig(host_budget=window if streamed else max(window, 4096),  # an idle store: one block
+                        device_budget=0, host_policy=host_policy,
                         storage_gb_per_s=bandwidths.disk / 1e9), self.backend)
         self._descs: dict[str, PageDesc] = {}
         for name in streamed:
@@ -116,6 +131,9 @@ class PagedWeights:
 
     def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         return None
+
+    def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
+        return None  # experts are streamed on demand here; runtime/expert_weights.py reads ahead
 
     def done(self, names: tuple[str, ...]) -> None:
         for name in names:
@@ -199,6 +217,19 @@ class PagedWeights:
         self.store.close()
         self.backend.close()
         os.close(self._embed_fd)
+
+
+def _window_for(checkpoint: Checkpoint, streamed: list[str], plan: Plan) -> int:
+    """Store window for ``streamed`` alone: two of the largest per-layer groups (as the planner
+    sizes it), at least one alignment block (the store needs a positive budget)."""
+    from flashtier.runtime.planner import PAGE_SLACK
+
+    groups: dict[str, int] = {}
+    for name in streamed:
+        key = name.split(".mlp.")[0].split(".self_attn.")[0] if name.startswith("model.layers.") else name
+        groups[key] = groups.get(key, 0) + checkpoint.tensors[name].nbytes + PAGE_SLACK
+    need = 2 * max(groups.values(), default=0)
+    return min(plan.stream_window_bytes, max(need, 1 << 16))
 
 
 def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:

@@ -64,6 +64,11 @@ class PlanRequest:
     stream_window_bytes: int = 96 * MiB
     """Host bytes reserved for in-flight streamed weights (at least 2 pages)."""
     weight_dtype_bytes: int = 2
+    expert_cache: bool = False
+    """MoE experts are served by a per-layer expert cache: never placed resident; the host bytes
+    left after the other weights, the KV and the streaming window form that cache."""
+    expert_cache_min_bytes: int = 0
+    """With ``expert_cache``: bytes the cache needs at least (reserved before anything else)."""
     kv_dtype_bytes: int = 2
 
     def __post_init__(self) -> None:
@@ -89,6 +94,8 @@ class Plan:
     stream_window_bytes: int
     bandwidths: Bandwidths
     notes: list[str] = field(default_factory=list)
+    expert_cache_bytes: int = 0
+    """Host bytes of the expert cache (``PlanRequest.expert_cache``), 0 otherwise."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +108,7 @@ class Plan:
             "bound_by": self.bound_by,
             "min_dram_budget": self.min_dram_budget,
             "stream_window_bytes": self.stream_window_bytes,
+            "expert_cache_bytes": self.expert_cache_bytes,
             "streamed_tensors": sum(1 for t in self.placement.values() if t == "storage"),
             "bandwidths": asdict(self.bandwidths),
             "notes": self.notes,
@@ -124,11 +132,21 @@ def tensor_groups(cfg: ModelConfig, sizes: dict[str, int]) -> list[tuple[str, li
     small.append(FINAL_NORM)
     groups.append(("small", small))
     groups += attn
-    if LM_HEAD in sizes:
-        groups.append(("lm_head", [LM_HEAD]))
+    head = output_head(cfg, sizes)
+    if head:
+        groups.append(("lm_head", [head]))
     # Experts interleaved across layers would be fairer, but whole layers keep reads sequential.
     groups += ffn
     return groups
+
+
+def output_head(cfg: ModelConfig, sizes: dict[str, int]) -> str:
+    """The tensor the output projection reads: ``lm_head.weight``, or with tied embeddings (and no
+    separate head) the embedding table, which then is a whole-table read per token like any other
+    weight; "" when neither is known."""
+    if LM_HEAD in sizes:
+        return LM_HEAD
+    return EMBED if cfg.tie_word_embeddings and EMBED in sizes else ""
 
 
 def sizes_from_config(cfg: ModelConfig, dtype_bytes: int = 2) -> dict[str, int]:
@@ -149,10 +167,14 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
 def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Bandwidths = Bandwidths()) -> Plan:
     """Place every tensor and predict decode speed. Raises BudgetError below the minimum."""
     groups = tensor_groups(cfg, sizes)
+    expert_mode = req.expert_cache and cfg.is_moe
+    if expert_mode:
+        groups = [g for g in groups if g[0] != "expert"]
     has_device = req.device_budget > 0
     notes: list[str] = []
     placement: dict[str, Tier] = {EMBED: "storage"}
-    notes.append("embedding rows are read per token; the table is never resident")
+    notes.append("embedding rows are read per token; the table is never resident"
+                 + (" (but with tied embeddings it is the output head, placed like one)" if output_head(cfg, sizes) == EMBED else ""))
 
     # ---- KV cache placement
     kv_tok = kv_bytes_per_token(cfg, req.kv_dtype_bytes)
@@ -184,17 +206,34 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
         if need_window <= window:
             break
         window = need_window
+    expert_min = req.expert_cache_min_bytes if expert_mode else 0
+    if expert_mode:
+        if not any(t == "storage" for t in placed.values()):
+            window = 0  # only experts stream: the expert cache is their window
+        for kind, names in tensor_groups(cfg, sizes):
+            if kind == "expert":
+                placed.update((n, "storage") for n in names)
     placement.update(placed)
-    min_dram = small_bytes + window + (0 if has_device else kv_bytes["host"])
+    min_dram = small_bytes + window + (0 if has_device else kv_bytes["host"]) + expert_min
     if req.dram_budget is not None and not has_device and req.dram_budget < min_dram:
         raise BudgetError(
             f"--dram-budget {_human(req.dram_budget)} is below the minimum this model needs "
             f"({_human(min_dram)}: {_human(small_bytes)} of norms/routers, a {_human(window)} streaming window "
-            f"and {_human(kv_bytes['host'])} of KV); raise the budget to at least {_ceil_size(min_dram)}"
+            f"and {_human(kv_bytes['host'])} of KV"
+            + (f", an expert cache of {_human(expert_min)}" if expert_min else "")
+            + f"); raise the budget to at least {_ceil_size(min_dram)}"
         )
 
     resident = {"device": used["device"], "host": used["host"], "storage": sum(sizes.values())}
     per_token = _bytes_per_token(cfg, sizes, placement, has_device)
+    expert_cache = 0
+    if expert_mode:
+        expert_cache, cached_share = _expert_cache_share(cfg, sizes, req, used["host"] + kv_bytes["host"] + window)
+        routed = sum(s for n, s in sizes.items() if ".experts." in n) * cfg.num_experts_per_tok // cfg.num_experts
+        per_token["storage"] -= int(routed * cached_share)
+        per_token["host"] += 0 if has_device else int(routed * cached_share)
+        notes.append(f"experts: a {_human(expert_cache)} per-layer cache holds {cached_share:.0%} of them; "
+                     "the routed experts it misses are read from storage")
 
     # ---- KV bytes read per decode step, by who reads them
     kv_on_link = has_device and req.attention == "full" and kv_bytes["host"] > 0
@@ -218,7 +257,7 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
     bound_by = max(times, key=times.__getitem__)
     # Streaming overlaps compute; device compute and host-side retrieval overlap too.
     step = max(times.values())
-    fits = (req.dram_budget is None or used["host"] + kv_bytes["host"] + window <= req.dram_budget + 1) and (
+    fits = (req.dram_budget is None or used["host"] + kv_bytes["host"] + window + expert_min <= req.dram_budget + 1) and (
         not has_device or used["device"] + kv_bytes["device"] <= req.device_budget)
     return Plan(
         fits=fits,
@@ -231,6 +270,7 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
         bound_by=bound_by,
         min_dram_budget=int(min_dram),
         stream_window_bytes=int(window),
+        expert_cache_bytes=int(expert_cache),
         bandwidths=bw,
         notes=notes,
     )
@@ -246,7 +286,8 @@ def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[st
     def streamed(names: list[str]) -> int:
         return sum(sizes[n] + PAGE_SLACK for n in names if n and placed.get(n) == "storage")
 
-    largest = streamed([LM_HEAD]) if LM_HEAD in sizes else 0
+    head = output_head(cfg, sizes)
+    largest = streamed([head]) if head else 0
     for i in range(cfg.num_layers):
         n = layer_names(cfg, i)
         held = streamed([n.q, n.k, n.v, n.o, n.gate, n.up, n.down, n.shared_gate, n.shared_up, n.shared_down])
@@ -254,6 +295,16 @@ def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[st
             held += 2 * max((streamed(list(n.expert(e))) for e in range(cfg.num_experts)), default=0)
         largest = max(largest, held)
     return largest
+
+
+def _expert_cache_share(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, taken: int) -> tuple[int, float]:
+    """Expert-cache bytes (what the host budget leaves after ``taken``, at least the reserved
+    minimum, at most all experts) and the share of the experts it holds."""
+    total = sum(s for n, s in sizes.items() if ".experts." in n)
+    slack = PAGE_SLACK * cfg.num_experts * sum(cfg.moe_layers)  # each expert's slot may be alignment-rounded
+    left = total + slack if req.dram_budget is None else max(req.dram_budget - taken, req.expert_cache_min_bytes)
+    cache = min(left, total + slack)
+    return cache, (min(cache / total, 1.0) if total else 0.0)
 
 
 def _ceil_size(n: int) -> str:
@@ -272,6 +323,8 @@ def _place(groups: list[tuple[str, list[str]]], sizes: dict[str, int], req: Plan
     if has_device:
         caps["device"] = req.device_budget - kv_bytes["device"] - window
     caps["host"] = float("inf") if req.dram_budget is None else req.dram_budget - kv_bytes["host"] - window
+    if req.expert_cache:
+        caps["host"] -= req.expert_cache_min_bytes
     used: dict[Tier, int] = {"device": 0, "host": 0}
     order: list[Tier] = ["device", "host"] if has_device else ["host"]
     placement: dict[str, Tier] = {}
@@ -297,8 +350,9 @@ def _bytes_per_token(cfg: ModelConfig, sizes: dict[str, int], placement: dict[st
     out = {"device": 0, "host": 0, "storage": 0, "host_to_device": 0}
     row_bytes = sizes[EMBED] // cfg.vocab_size
     out["storage"] += row_bytes
+    head = output_head(cfg, sizes)
     for name, size in sizes.items():
-        if name == EMBED:
+        if name == EMBED and head != EMBED:
             continue
         tier = placement.get(name, "storage")
         share = frac_expert if ".experts." in name else 1.0

@@ -46,6 +46,12 @@ class WeightAccessor(Protocol):
         released before ``layer_end``."""
         ...
 
+    def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
+        """MoE layer ``layer`` routed this pass's tokens to ``experts`` (ascending: the order in
+        which their weights will be fetched); an accessor may start reading them all now.
+        ``hidden`` ``[T, H]`` is the router's input (after the post-attention norm)."""
+        ...
+
     def layer_end(self, layer: int) -> None:
         """Layer ``layer`` is done: the weights it fetched may be released."""
         ...
@@ -87,6 +93,9 @@ class InMemoryWeights:
         return None
 
     def done(self, names: tuple[str, ...]) -> None:
+        return None
+
+    def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
         return None
 
     def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:

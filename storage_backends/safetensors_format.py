@@ -35,6 +35,10 @@ DTYPES: dict[str, tuple[int, str]] = {
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
+PAD_TENSOR_PREFIX = "flashtier.pad."
+"""Name prefix of the padding tensors that aligned layouts (expert extents) put between tensors: a
+safetensors data section may not have holes. Readers of the model ignore them."""
+
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:

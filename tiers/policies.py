@@ -12,12 +12,17 @@ Registered here:
   * ``cost`` GreedyDual-Size: keeps pages whose reload cost per byte is high (small pages pay the
     storage latency on every reload) and ages everything on each eviction, so recency still counts.
   * ``lrfu`` frequency and recency together: each access adds 1 to a score that halves every
-    ``half_life`` accesses to the tier; evicts the lowest score. The MoE expert cache starts here;
-    a routing-aware "least-stale" policy can register itself with ``register_policy``.
+    ``half_life`` accesses to the tier; evicts the lowest score.
+  * ``least-stale`` frequency and recency on the owner's step clock (``tick``), for the per-layer
+    MoE expert caches: a page's score counts the steps that used it, halving every ``half_life``
+    steps; a page is the more stale the lower its score is now. Several touches in one step (a
+    prediction, then the use) count once, and the clock does not run faster because a layer routes
+    more tokens, so every expert of a layer ages at the same rate.
 
 Interface: ``insert`` when a page arrives, ``touch`` on each use, ``remove`` when it leaves for any
 reason other than eviction, ``evict`` when the manager evicts it, and ``victims()`` yielding keys in
-eviction order. ``victims`` is consumed before the manager mutates the policy.
+eviction order. ``victims`` is consumed before the manager mutates the policy. ``tick`` marks one
+step of the owner's logical clock (one forward pass); policies that age by steps use it.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def victims(self) -> Iterator[Key]:
         """Keys in eviction order, best victim first."""
+
+    def tick(self) -> None:
+        """One step of the owner's clock passed (e.g. one forward pass); most policies ignore it."""
+        return None
 
     @abstractmethod
     def __len__(self) -> int:
@@ -228,3 +237,65 @@ class LrfuPolicy(EvictionPolicy):
 
     def __len__(self) -> int:
         return len(self._score)
+
+
+@register_policy("least-stale")
+class LeastStalePolicy(EvictionPolicy):
+    """Frequency and recency in steps of the owner's clock (see the module docstring).
+
+    ``score = sum over the steps that used the page of 0.5 ** (steps since then / half_life)``;
+    the victim is the page with the lowest score now (ties: the least recently used). A small
+    ``half_life`` makes it LRU over steps, a large one LFU. The score of an evicted page is
+    remembered (up to ``history`` pages), so a page that comes back resumes its record.
+    """
+
+    def __init__(self, half_life: float = 8.0, history: int = 4096) -> None:
+        if half_life <= 0:
+            raise ConfigError(f"least-stale half_life must be > 0 steps, got {half_life}")
+        self._decay = 0.5 ** (1.0 / half_life)
+        self._history = int(history)
+        self._step = 0
+        self._order = itertools.count()
+        self._record: dict[Key, tuple[float, int]] = {}
+        """Resident pages: (score at ``last`` step, last step used)."""
+        self._ghosts: OrderedDict[Key, tuple[float, int]] = OrderedDict()
+        """Evicted pages' records, oldest first."""
+        self._seq: dict[Key, int] = {}
+
+    def _use(self, key: Key, record: tuple[float, int] | None) -> None:
+        if record is None:
+            self._record[key] = (1.0, self._step)
+        elif record[1] != self._step:  # several touches in one step are one use
+            self._record[key] = (record[0] * self._decay ** (self._step - record[1]) + 1.0, self._step)
+        else:
+            self._record[key] = record
+        self._seq[key] = next(self._order)
+
+    def insert(self, key: Key, nbytes: int, reload_cost_s: float) -> None:
+        self._use(key, self._record.get(key) or self._ghosts.pop(key, None))
+
+    def touch(self, key: Key) -> None:
+        if key in self._record:
+            self._use(key, self._record[key])
+
+    def remove(self, key: Key) -> None:
+        record = self._record.pop(key, None)
+        self._seq.pop(key, None)
+        if record is not None and self._history > 0:
+            self._ghosts[key] = record
+            if len(self._ghosts) > self._history:
+                self._ghosts.popitem(last=False)
+
+    def tick(self) -> None:
+        self._step += 1
+
+    def score(self, key: Key) -> float:
+        """The page's score now (lower is staler)."""
+        value, last = self._record[key]
+        return value * self._decay ** (self._step - last)
+
+    def victims(self) -> Iterator[Key]:
+        return iter(sorted(self._record, key=lambda k: (self.score(k), self._seq[k])))
+
+    def __len__(self) -> int:
+        return len(self._record)

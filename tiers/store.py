@@ -289,6 +289,13 @@ class TieredStore:
             for pid in page_ids:
                 self._manager.entry(pid).resident = False
 
+    def tick(self) -> None:
+        """One step of the caller's clock passed (e.g. one forward pass): tell the tiers' eviction
+        policies, for those that age by steps (``least-stale``)."""
+        with self._cond:
+            for policy in self._manager.policies.values():
+                policy.tick()
+
     # -- introspection -------------------------------------------------------------------------
 
     def location(self, page_id: PageId) -> PageLocation:

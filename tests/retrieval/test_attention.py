@@ -47,19 +47,34 @@ def layer_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.randn(H_KV, T, D, generator=g))
 
 
-@pytest.mark.parametrize("index", ["flat", "ivf", "cluster"])
-@pytest.mark.parametrize("group_search", ["union", "mean"])
-def test_top_k_over_whole_context_equals_full_attention(index, group_search, layer_data) -> None:
+@pytest.mark.parametrize("index, estimate", [("flat", False), ("ivf", False), ("cluster", False), ("cluster", True)])
+@pytest.mark.parametrize("group_search", ["union", "mean", "rows"])
+def test_top_k_over_whole_context_equals_full_attention(index, estimate, group_search, layer_data) -> None:
     query, k, v = layer_data
     config = RetrievalConfig(sink_tokens=4, window=32, top_k=T, index=index, group_search=group_search,
-                             index_options={"nlist": 8} if index == "ivf" else {})
+                             index_options={"nlist": 8} if index == "ivf" else {}, estimate_rest=estimate)
     rk, rv, layer = split_layer(config, k, v)
     scale = 1 / math.sqrt(D)
     out = RetrievalAttention(config).decode_step(query, rk, rv, layer, scale)
     torch.testing.assert_close(out.output, full_attention(query, k, v, scale), rtol=1e-5, atol=1e-5)
     assert out.stats.keys_offloaded == H_KV * (T - 36)
-    assert out.stats.keys_retrieved == H_KV * (T - 36)
+    assert out.stats.keys_retrieved == H_KV * (T - 36) * (G if group_search == "rows" else 1)  # rows: per query head
     assert out.stats.keys_scanned_fraction == 1.0
+
+
+def test_estimate_of_the_rest_brings_small_top_k_closer_to_full_attention(layer_data) -> None:
+    query, k, v = layer_data
+    scale = 1 / math.sqrt(D)
+    errors = {}
+    for estimate in (False, True):
+        config = RetrievalConfig(sink_tokens=4, window=32, top_k=20, index="cluster", group_search="rows",
+                                 estimate_rest=estimate, index_options={"cluster_size": 4, "segment_size": 256})
+        rk, rv, layer = split_layer(config, k, v)
+        out = RetrievalAttention(config).decode_step(query, rk, rv, layer, scale)
+        errors[estimate] = float((out.output - full_attention(query, k, v, scale)).norm() / full_attention(query, k, v, scale).norm())
+    assert errors[True] < 0.7 * errors[False], errors
+    with pytest.raises(ConfigError, match="estimate_rest"):
+        RetrievalConfig(index="flat", estimate_rest=True)
 
 
 def test_nothing_offloaded_is_resident_attention(layer_data) -> None:

@@ -1,0 +1,565 @@
+"""MoE experts paged through per-layer expert caches, prefetched by next-layer prediction.
+
+:class:`ExpertWeights` is the weight accessor the engine picks for MoE models under a budget. It
+is a :class:`~flashtier.runtime.paged_weights.PagedWeights` for everything but the routed experts
+(attention, norms, routers, the output head and shared experts are resident or streamed as there)
+plus, per MoE layer, an **expert cache**: its own :class:`~flashtier.tiers.store.TieredStore`
+whose host tier holds ``slots`` experts, evicting by a pluggable policy (``least-stale`` by
+default, chosen by measurement; ``lru``, ``lfu``, ... by name). One page is one expert extent
+(:mod:`~flashtier.storage_backends.expert_layout`): a converted folder reads each expert in one
+aligned read, checksummed on its first read; an original folder reads each expert's tensors where
+they lie (one read when they are neighbours, else three).
+
+Reading, each pass: when MoE layer i routes (``route``), the reads of its experts that are not
+resident all start at once, in the order the forward will use them (computing one expert overlaps
+reading the next). Earlier, when layer i-1 begins, the predictor (:mod:`~flashtier.prefetch.experts`)
+guesses layer i's experts -- layer i's router applied to layer i-1's input, or the experts that
+followed layer i-1's choice before (inter-layer affinity), whichever has predicted that layer
+better -- and the guesses the cost gate (``PrefetchGate``) finds worth it start reading at once,
+behind the reads the current layer waits for. A wrong guess costs a whole read when the disk is
+the bottleneck, so the gate issues rank r only when its running precision pays for it. Once a
+layer has routed, its guessed-but-unused experts are withdrawn (``cancel_prefetch``) and the
+predictor and the gate learn from the outcome. Tokens are exact whatever the cache size: a missing
+expert is read on demand, and a cache of one expert per layer works (slowly).
+
+Budget contract: resident non-expert bytes + KV + the non-expert streaming window + the expert
+caches (``plan.expert_cache_bytes``, at least one expert per MoE layer) <= ``dram_budget``.
+
+Statistics (decode steps only; ``stats()`` is merged into ``generate --json``):
+  * ``expert_hit_rate``: used experts that were already resident when the layer asked for them;
+  * ``expert_prefetch_precision``: predicted experts the gate issued that the layer then used;
+  * ``expert_prefetch_recall``: used experts that were named and resident in time;
+  * ``expert_prediction_precision`` / ``_recall``: the next-layer predictor's guesses against what
+    each layer used, whether or not the gate issued them (the predictor's quality); the first MoE
+    layer, guessed from its own input, apart (``expert_first_layer_prediction_recall``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flashtier.errors import BudgetError, ConfigError
+from flashtier.prefetch.experts import (
+    ExpertPredictor,
+    MoeLayerSpec,
+    PredictorConfig,
+    PrefetchGate,
+)
+from flashtier.runtime.checkpoint import Checkpoint, layer_names
+from flashtier.runtime.paged_weights import TORCH_DTYPES, PagedWeights
+from flashtier.runtime.planner import Bandwidths
+from flashtier.storage_backends.aligned import align_up
+from flashtier.storage_backends.base import StorageBackend
+from flashtier.storage_backends.checksummed import ChecksummedBackend
+from flashtier.storage_backends.expert_layout import ExpertLayout, expert_layout
+from flashtier.tiers.config import StoreConfig
+from flashtier.tiers.host import HOST_ALIGNMENT
+from flashtier.tiers.page import PageDesc, PageSource
+from flashtier.tiers.policies import available_policies
+from flashtier.tiers.store import TieredStore
+
+VERIFY_MODES = ("first-read", "always", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertCacheConfig:
+    """How MoE experts are cached and prefetched (``EngineConfig.extra`` keys ``expert_*``)."""
+
+    policy: str = "least-stale"
+    """Eviction policy of each layer's expert cache (see flashtier.tiers.policies)."""
+    predictor: str = "auto"
+    """Next-layer prediction: 'router', 'affinity', 'auto' (the better per layer), 'off'."""
+    widen: int = 0
+    """Prefetch top-(k + widen) experts, where the layer's cache has room."""
+    slots: int | None = None
+    """Experts cached per MoE layer (None: as many as the budget leaves, at least one)."""
+    device_slots: int = 0
+    """Experts per MoE layer in the device tier (with an accelerator; 0: host tier only)."""
+    state: str = "post-attention"
+    """Hidden state the router predictor reads: 'post-attention' or 'layer-input' (see prefetch/experts.py)."""
+    verify: str = "first-read"
+    """Checksums of converted extents: on each extent's 'first-read', on 'always', or 'off'."""
+    gate: bool = True
+    """Issue a predicted expert only when the measured cost model says it pays (``PrefetchGate``);
+    False: issue every prediction the cache has room for."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in available_policies():
+            raise ConfigError(f"expert cache policy {self.policy!r} is unknown; choose one of "
+                              f"{', '.join(available_policies())}")
+        PredictorConfig(self.predictor, self.widen, state=self.state)  # validates them
+        if self.slots is not None and self.slots < 1:
+            raise ConfigError(f"expert cache slots must be >= 1 per layer, got {self.slots}")
+        if self.device_slots < 0:
+            raise ConfigError(f"expert device slots must be >= 0, got {self.device_slots}")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"expert verify mode {self.verify!r} is unknown; choose one of {', '.join(VERIFY_MODES)}")
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> ExpertCacheConfig:
+        """From ``EngineConfig.extra`` (``expert_policy``, ``expert_predictor``, ``expert_widen``,
+        ``expert_slots``, ``expert_device_slots``, ``expert_verify``)."""
+        kw: dict[str, Any] = {}
+        for key, conv in (("policy", str), ("predictor", str), ("widen", int), ("slots", int),
+                          ("device_slots", int), ("verify", str), ("gate", _as_bool), ("state", str)):
+            value = extra.get(f"expert_{key}")
+            if value is not None:
+                kw[key] = conv(value)
+        return cls(**kw)
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """Where one expert tensor lies in its cached pages."""
+
+    layer: int
+    expert: int
+    page: int
+    """Index into the expert's pages."""
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _LayerCache:
+    """One MoE layer's expert cache: a store of ``slots`` experts and each expert's page ids."""
+
+    store: TieredStore
+    slots: int
+    pages: dict[int, list[tuple[int, int, int]]]
+    """expert -> page ids ``(layer, expert, extent index)``."""
+    page_bytes: dict[int, int]
+    """expert -> bytes read to bring it in."""
+
+
+@dataclass
+class _LayerStep:
+    """What one MoE layer did in the current forward pass (dropped when the pass ends)."""
+
+    guesses: dict[str, list[int]] = field(default_factory=dict)
+    """Each predictor's guess for this layer ('router', 'affinity')."""
+    cached_at_guess: list[int] | None = None
+    """Experts the cache held when the first guess was issued (the gate's reuse estimate)."""
+    named: list[int] = field(default_factory=list)
+    """Guessed experts the gate issued (read, or protected when already cached)."""
+    reading: set[int] = field(default_factory=set)
+    """Named experts whose read the guess started."""
+    ready_at_route: set[int] | None = None
+    """Routed experts resident when the layer routed (the hits)."""
+    pending: list[int] = field(default_factory=list)
+    """Routed experts not resident whose read has not started yet (no room), in order of use."""
+    started: set[int] = field(default_factory=set)
+    """Routed experts whose read ``route`` started (protected until acquired)."""
+    used: list[int] = field(default_factory=list)
+    """Experts acquired, in order."""
+
+
+@dataclass
+class _Counters:
+    """Decode-step counters behind the expert statistics."""
+
+    uses: int = 0
+    hits: int = 0
+    named: int = 0
+    named_used: int = 0
+    guessed: list[int] = field(default_factory=lambda: [0, 0])
+    """Experts guessed: [next-layer guesses, first-MoE-layer guesses (from its own input)]."""
+    guessed_used: list[int] = field(default_factory=lambda: [0, 0])
+    guessed_layer_uses: list[int] = field(default_factory=lambda: [0, 0])
+    in_time: int = 0
+    prefetch_reads: int = 0
+    prefetch_bytes: int = 0
+    wasted_reads: int = 0
+    wasted_bytes: int = 0
+    demand_reads: int = 0
+    per_layer_hits: dict[int, list[int]] = field(default_factory=dict)
+
+
+class ExpertWeights(PagedWeights):
+    """A weight accessor with per-layer expert caches and next-layer prediction (module doc)."""
+
+    def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
+                 kv_tokens: int = 4096, bandwidths: Bandwidths | None = None, device_budget: int = 0,
+                 direct_io: str = "auto", experts: ExpertCacheConfig | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        cfg = checkpoint.config
+        bandwidths = bandwidths or Bandwidths()
+        experts = experts or ExpertCacheConfig()
+        if not cfg.is_moe:
+            raise ConfigError(f"{checkpoint.model_dir} is a dense model: expert caches need a MoE model")
+        self.expert_config = experts
+        self.layout: ExpertLayout = expert_layout(checkpoint)  # IntegrityError for a bad converted folder
+        moe_layers = sorted({layer for layer, _ in self.layout.experts})
+        self.slot_bytes = max(sum(_block_bytes(x.offset, x.length) for x in extents)
+                              for extents in self.layout.experts.values())
+        min_slots = experts.slots or 1
+        names = frozenset(x.info.name for extents in self.layout.experts.values() for ext in extents for x in ext.parts)
+        super().__init__(checkpoint, dram_budget, compute_dtype, kv_tokens, bandwidths, device_budget, direct_io,
+                         progress=progress, external=names,
+                         expert_cache_min_bytes=len(moe_layers) * min_slots * self.slot_bytes)
+        slots = _slots_per_layer(self.plan.expert_cache_bytes, self.slot_bytes, moe_layers, cfg.num_experts, experts.slots)
+        self.expert_cache_bytes = sum(slots.values()) * self.slot_bytes
+        if self.expert_cache_bytes > max(self.plan.expert_cache_bytes, len(moe_layers) * self.slot_bytes):
+            raise BudgetError(f"{experts.slots} experts per layer need {self.expert_cache_bytes} bytes of expert cache, "
+                              f"the budget leaves {self.plan.expert_cache_bytes}; ask for fewer slots or raise --dram-budget")
+        self._io: StorageBackend = self.backend
+        if self.layout.kind == "converted" and experts.verify != "off":
+            self._io = ChecksummedBackend(self.backend, self.layout.checksums(), always=experts.verify == "always")
+        self._caches: dict[int, _LayerCache] = {}
+        self._parts: dict[str, _Part] = {}
+        for layer in moe_layers:
+            self._caches[layer] = self._layer_cache(layer, slots[layer], bandwidths)
+        self.predictor = ExpertPredictor(
+            {i: MoeLayerSpec(layer_names(cfg, i).router, layer_names(cfg, i).post_attn_norm) for i in moe_layers},
+            cfg.num_experts, cfg.num_experts_per_tok, cfg.rms_norm_eps, self.get,
+            PredictorConfig(experts.predictor, experts.widen, state=experts.state))
+        self._first_moe = moe_layers[0]
+        # per-pass state
+        self._tokens = 0
+        self._held: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._steps: dict[int, _LayerStep] = {}
+        self._last_used: dict[int, list[int]] = {}
+        self._blocked_s = 0.0
+        self._step_start: float | None = None
+        self._bytes_at_step = 0
+        self.disk_bytes_per_s = bandwidths.disk
+        self.gate = PrefetchGate(moe_layers, self.predictor.width, self.slot_bytes / bandwidths.disk)
+        self._c = _Counters()
+
+    def _layer_cache(self, layer: int, slots: int, bandwidths: Bandwidths) -> _LayerCache:
+        device_slots = min(self.expert_config.device_slots, slots)
+        store = TieredStore(StoreConfig(host_budget=slots * self.slot_bytes,
+                                        device_budget=device_slots * self.slot_bytes,
+                                        host_policy=self.expert_config.policy,
+                                        device_policy=self.expert_config.policy,
+                                        storage_gb_per_s=bandwidths.disk / 1e9), self._io)
+        pages: dict[int, list[tuple[int, int, int]]] = {}
+        page_bytes: dict[int, int] = {}
+        for (lay, e), extents in self.layout.experts.items():
+            if lay != layer:
+                continue
+            pages[e] = []
+            page_bytes[e] = sum(x.length for x in extents)
+            for k, ext in enumerate(extents):
+                pid = (layer, e, k)
+                store.register(PageDesc(pid, PageSource(ext.path, ext.offset, ext.length)))
+                pages[e].append(pid)
+                for part in ext.parts:
+                    info = part.info
+                    self._parts[info.name] = _Part(layer, e, k, part.offset, info.nbytes, TORCH_DTYPES[info.dtype], info.shape)
+        return _LayerCache(store, slots, pages, page_bytes)
+
+    # ---------------------------------------------------------------- accessor protocol
+    def get(self, name: str) -> torch.Tensor:
+        part = self._parts.get(name)
+        if part is None:
+            return super().get(name)
+        held = self._held.get((part.layer, part.expert))
+        if held is None:
+            held = self._acquire_expert(part.layer, part.expert)
+        raw = held[part.page][part.offset: part.offset + part.nbytes]
+        try:
+            t = raw.view(part.dtype).view(part.shape)
+        except RuntimeError:  # the page's bytes are not aligned for the dtype: copy them
+            t = raw.clone().view(part.dtype).view(part.shape)
+        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+
+    def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
+        cache = self._caches.get(layer)
+        if cache is None:
+            return
+        st = self._step(layer)
+        routed = set(experts)
+        for e in st.named:
+            if e not in routed:  # a wrong guess: withdraw it now, so the routed reads may evict it
+                self._cancel(cache, e)
+        st.ready_at_route = {e for e in experts if self._is_ready(cache, e)}
+        st.pending = [e for e in experts if e not in st.ready_at_route]
+        self._read_pending(layer)
+        p = self.predictor
+        target = p.target(layer)
+        if not p.enabled or target is None:
+            return
+        if p.config.state == "post-attention":
+            self._predict(target, "router", p.from_hidden(target, hidden, normed_by=layer))
+        if self._tokens == 1 and p.previous(target) == layer:
+            self._predict(target, "affinity", p.from_previous(target, experts))
+
+    def done(self, names: tuple[str, ...]) -> None:
+        part = self._parts.get(names[0]) if names else None
+        if part is None:
+            super().done(names)
+            return
+        self._release_expert(part.layer, part.expert)
+        self._read_pending(part.layer)
+
+    def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
+        super().layer_begin(layer, hidden)
+        if layer <= self._first_moe:
+            self._tokens = hidden.shape[0]
+            self._step_start = time.perf_counter()
+        p = self.predictor
+        if not p.enabled:
+            return
+        if layer == self._first_moe:
+            # No earlier state exists in this pass: predict this layer from its own input.
+            self._predict(layer, "router", p.from_hidden(layer, hidden))
+        target = p.target(layer)
+        if target is not None and p.config.state == "layer-input":
+            self._predict(target, "router", p.from_hidden(target, hidden))
+
+    def layer_end(self, layer: int) -> None:
+        for key in [k for k in self._held if k[0] == layer]:
+            self._release_expert(*key)
+        super().layer_end(layer)
+        cache = self._caches.get(layer)
+        if cache is None:
+            return
+        st = self._steps.pop(layer, _LayerStep())
+        used = st.used
+        for e in set(st.named) | st.started:
+            if e not in used:
+                self._cancel(cache, e)  # mispredicted: it competes for eviction again
+        p = self.predictor
+        previous = p.previous(layer)
+        if self._tokens == 1:
+            c = self._c
+            c.named += len(st.named)
+            c.named_used += len(set(st.named) & set(used))
+            for e in st.reading - set(used):
+                c.wasted_reads += 1
+                c.wasted_bytes += cache.page_bytes[e]
+            guess = st.guesses.get(p.source(layer))
+            if guess is not None:  # the predictor in charge, whether or not the gate issued it
+                first = previous is None  # guessed from its own input, not a layer ahead
+                c.guessed[first] += len(guess)
+                c.guessed_used[first] += len(set(guess) & set(used))
+                c.guessed_layer_uses[first] += len(used)
+                self.gate.score(layer, guess, used, st.cached_at_guess or [])
+            p.observe(layer, used, self._last_used.get(previous, []) if previous is not None else [], st.guesses)
+        self._last_used[layer] = used
+
+    def step_end(self) -> None:
+        for key in list(self._held):
+            self._release_expert(*key)
+        super().step_end()
+        for cache in self._caches.values():
+            cache.store.tick()
+        if self._tokens == 1 and self._step_start is not None:
+            wall = time.perf_counter() - self._step_start
+            read = sum(c.store.stats().tiers["storage"].bytes_read for c in self._caches.values())
+            busy = (read - self._bytes_at_step) / self.disk_bytes_per_s
+            self.gate.observe_step((wall - self._blocked_s) / len(self._caches), busy / wall if wall > 0 else 0.0)
+            self._bytes_at_step = read
+        self._end_pass()
+
+    def abort(self) -> None:
+        for key in list(self._held):
+            self._release_expert(*key)
+        for layer, st in self._steps.items():
+            for e in set(st.named) | st.started:
+                self._cancel(self._caches[layer], e)
+        self._end_pass()
+        super().abort()
+
+    def _end_pass(self) -> None:
+        self._steps.clear()
+        self._last_used.clear()
+        self._blocked_s = 0.0
+        self._step_start = None
+
+    # ---------------------------------------------------------------- experts
+    def _step(self, layer: int) -> _LayerStep:
+        st = self._steps.get(layer)
+        if st is None:
+            st = self._steps[layer] = _LayerStep()
+        return st
+
+    def _cancel(self, cache: _LayerCache, e: int) -> None:
+        for pid in cache.pages[e]:
+            cache.store.cancel_prefetch(pid)
+
+    def _is_ready(self, cache: _LayerCache, e: int) -> bool:
+        return all(_ready(cache.store, pid) for pid in cache.pages[e])
+
+    def _acquire_expert(self, layer: int, e: int) -> list[torch.Tensor]:
+        cache = self._caches[layer]
+        store = cache.store
+        st = self._step(layer)
+        ready = (e in st.ready_at_route) if st.ready_at_route is not None else self._is_ready(cache, e)
+        if self._tokens == 1:
+            c = self._c
+            c.uses += 1
+            c.hits += ready
+            c.in_time += ready and e in st.named
+            c.demand_reads += not ready and e not in st.reading
+            c.per_layer_hits.setdefault(layer, [0, 0])[0] += ready
+            c.per_layer_hits[layer][1] += 1
+        if e in st.pending:
+            st.pending.remove(e)  # its read (if any) is now a demand
+        held: list[torch.Tensor] = []
+        start = time.perf_counter()
+        try:
+            for pid in cache.pages[e]:
+                held.append(store.acquire(pid))
+        except BaseException:
+            for pid in cache.pages[e][: len(held)]:
+                store.release(pid)
+            raise
+        self._blocked_s += time.perf_counter() - start
+        self._held[(layer, e)] = held
+        st.used.append(e)
+        return held
+
+    def _release_expert(self, layer: int, e: int) -> None:
+        if self._held.pop((layer, e), None) is None:
+            return
+        cache = self._caches[layer]
+        for pid in cache.pages[e]:
+            cache.store.release(pid)
+
+    def _read_pending(self, layer: int) -> None:
+        """Start the reads of the experts ``layer`` routed to and does not hold yet, in the order
+        they will be used, while its cache has room (the rest start as earlier ones are done)."""
+        st = self._steps.get(layer)
+        cache = self._caches.get(layer)
+        while st is not None and cache is not None and st.pending:
+            e = st.pending[0]
+            if not self._start(cache, e, priority=0):
+                return
+            st.started.add(e)
+            st.pending.pop(0)
+
+    def _start(self, cache: _LayerCache, e: int, priority: int) -> bool:
+        """Prefetch expert ``e``'s pages (IO ``priority``: lower first); False when the layer's
+        cache has no room for them now."""
+        return all(cache.store.prefetch(pid, priority=priority) is not None for pid in cache.pages[e])
+
+    def _predict(self, layer: int, source: str, guess: list[int]) -> None:
+        """Record ``source``'s guess for ``layer`` and, if it is the predictor in charge of that
+        layer and the gate says a rank pays, start reading those experts."""
+        if not guess:
+            return
+        st = self._step(layer)
+        st.guesses[source] = guess
+        if self.predictor.source(layer) != source or self._tokens != 1:
+            return  # prompts route to most experts: they are read as each layer routes (``route``)
+        cache = self._caches[layer]
+        cached = [e for e in cache.pages if self._is_ready(cache, e)]
+        if st.cached_at_guess is None:
+            st.cached_at_guess = cached
+        free = cache.slots - len(cached)
+        for rank, e in enumerate(guess[: cache.slots]):
+            if e in st.named:
+                continue
+            was_ready = e in cached
+            if not was_ready and self.expert_config.gate and not self.gate.pays(layer, rank, displaces=free <= 0):
+                continue
+            st.named.append(e)
+            if not self._start(cache, e, priority=1 + rank):
+                continue
+            if not was_ready:
+                free -= 1
+                st.reading.add(e)
+                self._c.prefetch_reads += 1
+                self._c.prefetch_bytes += cache.page_bytes[e]
+
+    # ---------------------------------------------------------------- reporting
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        expert_bytes = 0
+        wait = 0.0
+        for cache in self._caches.values():
+            st = cache.store.stats()
+            expert_bytes += st.tiers["storage"].bytes_read
+            wait += st.wait_s
+            s["host_hits"] += st.tiers["host"].hits  # the expert caches are host-tier stores too
+            s["host_misses"] += st.tiers["host"].misses
+        c = self._c
+        s["bytes_read_storage"] += expert_bytes
+        s["io_wait_s"] = round(s["io_wait_s"] + wait, 6)
+        s["resident_bytes"]["expert_cache"] = self.expert_cache_bytes
+        s["streamed_tensors"] += len(self._parts)
+        ratio = lambda a, b: round(a / b, 4) if b else None
+        s.update({
+            "expert_hit_rate": ratio(c.hits, c.uses),
+            "expert_prefetch_precision": ratio(c.named_used, c.named),
+            "expert_prefetch_recall": ratio(c.in_time, c.uses),
+            "expert_prediction_precision": ratio(c.guessed_used[0], c.guessed[0]),
+            "expert_prediction_recall": ratio(c.guessed_used[0], c.guessed_layer_uses[0]),
+            "expert_first_layer_prediction_recall": ratio(c.guessed_used[1], c.guessed_layer_uses[1]),
+            "expert_uses": c.uses,
+            "expert_bytes_read": expert_bytes,
+            "expert_prefetch_reads": c.prefetch_reads,
+            "expert_demand_reads": c.demand_reads,
+            "expert_prefetch_wasted_bytes": c.wasted_bytes,
+            "expert_hit_rate_per_layer": {str(k): ratio(h, n) for k, (h, n) in sorted(c.per_layer_hits.items())},
+            "expert_cache": {
+                "policy": self.expert_config.policy,
+                "predictor": self.expert_config.predictor,
+                "predictor_choice": {str(i): self.predictor.source(i) for i in self._caches},
+                "gate": self.gate.report() if self.expert_config.gate else "off",
+                "slots_per_layer": {str(i): c2.slots for i, c2 in self._caches.items()},
+                "slot_bytes": self.slot_bytes,
+                "layout": self.layout.kind,
+                "reads_per_expert": round(self.layout.reads_per_expert(), 3),
+            },
+        })
+        if isinstance(self._io, ChecksummedBackend):
+            s["expert_cache"]["verified_bytes"] = self._io.verified_bytes
+        return s
+
+    def close(self) -> None:
+        for key in list(self._held):
+            self._release_expert(*key)
+        for cache in self._caches.values():
+            cache.store.close()
+        super().close()
+
+
+def _as_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+
+
+def _ready(store: TieredStore, pid: object) -> bool:
+    """Whether the page is in the compute tier now, not in flight."""
+    loc = store.location(pid)
+    return loc.tier == store.compute_tier and loc.in_flight_to is None
+
+
+def _block_bytes(offset: int, length: int) -> int:
+    """Host bytes one extent takes in a cache slot: its aligned read span, rounded to the slab's
+    block alignment."""
+    head = offset % HOST_ALIGNMENT
+    return align_up(head + length, HOST_ALIGNMENT)
+
+
+def _slots_per_layer(cache_bytes: int, slot_bytes: int, layers: list[int], num_experts: int,
+                     fixed: int | None) -> dict[int, int]:
+    """Experts per layer: ``fixed``, or the cache bytes shared out evenly (earlier layers get the
+    remainder: the first MoE layer of a step cannot be predicted a layer ahead), at least one."""
+    if fixed is not None:
+        return {layer: min(fixed, num_experts) for layer in layers}
+    total = min(cache_bytes // slot_bytes, num_experts * len(layers))
+    base, extra = divmod(total, len(layers))
+    return {layer: max(1, min(num_experts, base + (1 if k < extra else 0))) for k, layer in enumerate(layers)}
+
+
+def expert_weights(checkpoint: Checkpoint, config: Any) -> ExpertWeights:
+    """EngineConfig -> ExpertWeights (the factory the engine uses for MoE models under a budget)."""
+    from flashtier.runtime.engine import DTYPES
+
+    dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
+    if config.dram_budget is None:
+        raise BudgetError("expert caches need --dram-budget")
+    extra = dict(config.extra)
+    kv_tokens = config.max_context or min(checkpoint.config.max_position_embeddings, 4096)
+    return ExpertWeights(checkpoint, config.dram_budget, dtype, kv_tokens=kv_tokens,
+                         device_budget=config.device_budget or 0, direct_io=str(extra.get("direct_io", "auto")),
+                         experts=ExpertCacheConfig.from_extra(extra))

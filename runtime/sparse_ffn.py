@@ -1,0 +1,454 @@
+"""Sparse FFN from flash ("LLM in a flash"): a weight accessor that reads only predicted neurons.
+
+:class:`SparseFFNWeights` composes :class:`~flashtier.runtime.paged_weights.PagedWeights` with the
+same plan as dense streaming under the same ``--dram-budget``: everything resident there stays
+resident, and every dense FFN layer the plan streams becomes a *sparse layer*, served by
+``ffn(layer, x)`` from the row-column bundles (``storage_backends/bundles.py``) instead:
+
+* decode (one token): the layer's low-rank predictor (``prefetch/sparsity.py``) names the
+  neurons likely to be positive; the layer's :class:`~flashtier.prefetch.windowing.NeuronWindow`
+  keeps the neurons used in the last k tokens and says which are missing; those are read
+  (coalesced runs, straight into the rows of the layer's preallocated matrix) and the FFN is
+  computed over all held rows: ``down_rows^T (relu(gate_rows x) * (up_rows x))``. Selected
+  neurons the window has no room for (capacity) are read through the chunk buffers and added
+  exactly, without being kept ("overflow");
+* prefill (several tokens): the layer is computed exactly from its bundles, read in chunks of
+  ``prefill_chunk_neurons`` (two buffers, the next chunk reads while this one computes).
+
+Budget: the part of the plan's streaming window that PagedWeights no longer needs pays for the
+predictors, the two prefill buffers and the window matrices (the rest sets the window capacity).
+Approximation is opt-in: only with ``--sparse-ffn`` does the engine build this accessor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flashtier.errors import BudgetError, CheckpointError, ConfigError
+from flashtier.prefetch.sparsity import NeuronSelector, PredictorSet, recall_of
+from flashtier.prefetch.windowing import NeuronWindow, RowMatrix, WindowConfig
+from flashtier.runtime.checkpoint import Checkpoint, layer_names, read_tensor
+from flashtier.runtime.paged_weights import PagedWeights
+from flashtier.runtime.planner import PlanRequest, make_plan
+from flashtier.storage_backends.batched_reads import BatchedReadConfig
+from flashtier.storage_backends.bundles import (
+    BundleReader,
+    PendingRead,
+    layer_views,
+    model_fingerprint,
+    open_bundles,
+    torch_dtype,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SparseFFNConfig:
+    """Options of the sparse FFN path (``EngineConfig.extra`` keys ``sparse_ffn_<field>``)."""
+
+    window_k: int = 4
+    """Tokens a used neuron stays in DRAM (the window length; 0: no reuse across tokens)."""
+    threshold_offset: float = 0.0
+    """Logits added to every layer's calibrated predictor threshold: negative reads more neurons
+    and misses fewer, positive reads fewer."""
+    queue_depth: int = 8
+    """Bundle reads in flight at once (IO threads), measured on the work disk."""
+    prefill_chunk_neurons: int = 64
+    """Neurons per read when a prompt computes a sparse layer exactly."""
+    max_capacity_fraction: float = 1.0
+    """Cap on window rows per layer, as a share of its neurons (the budget may cap it lower)."""
+    speculate: bool = False
+    """At the start of a sparse layer, apply its predictor to the residual stream normed as the
+    FFN will norm it (attention's contribution not yet known) and start reading the guessed
+    neurons while attention computes; the real selection then only tops up. Off by default:
+    on tiny-dense the guess covers ~70% of the selection, costs ~16% more bytes and, with 2 busy
+    cores, the background reads slow attention more than they hide (bench_sparse_ffn.py)."""
+    audit: bool = False
+    """Also compute every neuron's true activation (reads the gate matrices of the sparse layers
+    once, outside the budget) to report the predictor's real recall. For measurement only."""
+    verify: bool = True
+    """crc32 every bundle file when opening (one sequential read of the bundles)."""
+    direct_io: str = "auto"
+    """O_DIRECT mode of the weights PagedWeights streams (bundles use O_DIRECT where the
+    filesystem takes 512-byte reads, else buffered reads dropped from the page cache)."""
+
+    def __post_init__(self) -> None:
+        if self.window_k < 0:
+            raise ConfigError(f"sparse FFN window must be >= 0 tokens, got {self.window_k}")
+        if not 1 <= self.queue_depth <= 256:
+            raise ConfigError(f"sparse FFN queue depth must be in 1..256, got {self.queue_depth}")
+        if self.prefill_chunk_neurons < 1:
+            raise ConfigError(f"prefill_chunk_neurons must be >= 1, got {self.prefill_chunk_neurons}")
+        if not 0.0 < self.max_capacity_fraction <= 1.0:
+            raise ConfigError(f"max_capacity_fraction must be in (0, 1], got {self.max_capacity_fraction}")
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> SparseFFNConfig:
+        """Fields from ``extra`` keys ``sparse_ffn_<field>`` (absent keys keep defaults)."""
+        values = {f.name: extra[f"sparse_ffn_{f.name}"] for f in fields(cls) if f"sparse_ffn_{f.name}" in extra}
+        if "direct_io" in extra and "direct_io" not in values:
+            values["direct_io"] = extra["direct_io"]
+        return cls(**values)
+
+
+@dataclass
+class _Counters:
+    decode_tokens: int = 0
+    decode_storage_bytes: int = 0
+    decode_ffn_bytes: int = 0
+    prefill_tokens: int = 0
+    loaded: int = 0
+    selected: int = 0
+    computed: int = 0
+    overflow: int = 0
+    spec_loaded: int = 0
+    spec_wait_s: float = 0.0
+    spec_used: int = 0
+    layer_steps: int = 0
+    read_s: float = 0.0
+    read_bytes: int = 0
+    reads: int = 0
+    recall_hit: int = 0
+    recall_total: int = 0
+    effective_hit: int = 0
+
+
+class _SparseLayer:
+    """One sparse layer: its predictor, window bookkeeping and matrix of bundle rows."""
+
+    def __init__(self, layer: int, selector: NeuronSelector, window: NeuronWindow, matrix: RowMatrix,
+                 norm: str) -> None:
+        self.layer = layer
+        self.selector = selector
+        self.window = window
+        self.matrix = matrix
+        self.norm = norm
+        """Name of the layer's post-attention RMSNorm weight (the speculative guess norms with it)."""
+        self.gate_audit: torch.Tensor | None = None  # [I, H] only with audit
+        self.speculative: tuple[PendingRead | None, np.ndarray] | None = None
+        """Reads of this token's guess in flight, and the guessed neurons loaded."""
+
+
+class SparseFFNWeights:
+    """A :class:`~flashtier.runtime.weights.WeightAccessor` with sparse FFN layers (module doc)."""
+
+    def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
+                 kv_tokens: int = 4096, config: SparseFFNConfig = SparseFFNConfig(),
+                 selectors: Mapping[int, NeuronSelector] | None = None) -> None:
+        """``selectors`` overrides the predictors loaded from the model folder (tests, ablations)."""
+        cfg = checkpoint.config
+        if cfg.hidden_act != "relu":
+            raise ConfigError(f"--sparse-ffn needs a ReLU FFN (most neurons exactly zero); {checkpoint.model_dir} "
+                              f"uses {cfg.hidden_act!r}")
+        self.config = config
+        self.checkpoint = checkpoint
+        self.compute_dtype = compute_dtype or checkpoint.weights_dtype
+        self.manifest = open_bundles(checkpoint, verify=config.verify)
+        # The same request PagedWeights makes: which dense FFN layers does dense streaming stream?
+        sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
+        plan = make_plan(cfg, sizes, PlanRequest(dram_budget=dram_budget, context=kv_tokens,
+                                                 kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2))
+        names = {i: layer_names(cfg, i) for i in range(cfg.num_layers)}
+        sparse = [i for i, n in names.items() if n.gate and plan.placement.get(n.gate) == "storage"]
+        external = frozenset(x for i in sparse for x in (names[i].gate, names[i].up, names[i].down))
+        self.paged = PagedWeights(checkpoint, dram_budget, self.compute_dtype, kv_tokens=kv_tokens,
+                                  direct_io=config.direct_io, external=external)
+        try:
+            if any(self.paged.plan.placement.get(x) != "storage" for x in external):
+                raise CheckpointError("internal: the sparse FFN's plan differs from PagedWeights'; keep their requests equal")
+            selectors = self._selectors(sparse, selectors)
+            self.reader = BundleReader(checkpoint.model_dir, self.manifest, BatchedReadConfig(config.queue_depth))
+        except BaseException:
+            self.paged.close()
+            raise
+        predictor_bytes = sum(getattr(selectors[i], "nbytes", 0) for i in sparse)
+        row = self.reader.row_bytes
+        neurons = cfg.intermediate_size
+        chunk = min(config.prefill_chunk_neurons, neurons)
+        free = self.paged.external_window_bytes - predictor_bytes - 2 * chunk * row
+        demand = {i: float(getattr(selectors[i], "metrics", {}).get("predicted_fraction", 1.0)) for i in sparse}
+        self.capacities = split_rows(max(0, free) // row, demand, int(neurons * config.max_capacity_fraction))
+        if sparse and min(self.capacities.values()) < 1:
+            self.close()
+            raise BudgetError(
+                f"--dram-budget leaves {max(free, 0)} bytes for the sparse FFN's neuron windows after "
+                f"{predictor_bytes} bytes of predictors; raise it by at least {row * len(sparse) - free} bytes")
+        self.layers: dict[int, _SparseLayer] = {}
+        for i in sparse:
+            cap = self.capacities[i]
+            self.layers[i] = _SparseLayer(i, selectors[i], NeuronWindow(neurons, WindowConfig(config.window_k, cap)),
+                                          RowMatrix(cap, row), names[i].post_attn_norm)
+            if config.audit:
+                self.layers[i].gate_audit = read_tensor(checkpoint.tensors[names[i].gate]).float()
+        self._chunks = [RowMatrix(chunk, row) for _ in range(2)] if sparse else []
+        self._bundle_dtype = torch_dtype(self.manifest)
+        self.memory_bytes = predictor_bytes + sum(sl.matrix.nbytes for sl in self.layers.values()) + \
+            sum(c.nbytes for c in self._chunks)
+        self._c = _Counters()
+        self._pass_tokens = 0
+        self._pass_start_bytes = self._storage_bytes()
+
+    def _selectors(self, sparse: list[int], given: Mapping[int, NeuronSelector] | None) -> Mapping[int, NeuronSelector]:
+        """The given selectors, or the model folder's calibrated predictors in the compute dtype
+        (then ``calibration_recall`` is their mean held-out recall)."""
+        self.calibration_recall = float("nan")
+        if given is not None or not sparse:
+            return given or {}
+        predictors = PredictorSet.load(self.checkpoint.model_dir, model_fingerprint(self.checkpoint))
+        missing = [i for i in sparse if i not in predictors.layers]
+        if missing:
+            raise CheckpointError(f"{self.checkpoint.model_dir}: no predictor for layer(s) {missing}; "
+                                  "re-run `flashtier calibrate`")
+        self.calibration_recall = float(np.mean([predictors.layers[i].metrics.get("recall", float("nan")) for i in sparse]))
+        return {i: predictors.layers[i].cast(self.compute_dtype) for i in sparse}
+
+    # ---------------------------------------------------------------- accessor protocol
+    def get(self, name: str) -> torch.Tensor:
+        return self.paged.get(name)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.paged.embed(tokens)
+
+    def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
+        self._pass_tokens = hidden.shape[0]
+        self.paged.layer_begin(layer, hidden)
+        sl = self.layers.get(layer)
+        if sl is not None and self.config.speculate and hidden.shape[0] == 1:
+            try:
+                self._speculate(sl, hidden)
+            except BaseException:
+                self._settle(sl)
+                raise
+
+    def done(self, names: tuple[str, ...]) -> None:
+        self.paged.done(names)
+
+    def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
+        self.paged.route(layer, experts, hidden)  # MoE layers only; sparse layers are dense
+
+    def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
+        self.paged.route(layer, experts, hidden)
+
+    def layer_end(self, layer: int) -> None:
+        self.paged.layer_end(layer)
+
+    def step_end(self) -> None:
+        self.paged.step_end()
+        now = self._storage_bytes()
+        if self._pass_tokens == 1:
+            self._c.decode_tokens += 1
+            self._c.decode_storage_bytes += now - self._pass_start_bytes
+        else:
+            self._c.prefill_tokens += self._pass_tokens
+        self._pass_start_bytes = now
+
+    def abort(self) -> None:
+        self.paged.abort()
+        for sl in self.layers.values():
+            self._settle(sl)
+        self._pass_start_bytes = self._storage_bytes()
+
+    def _settle(self, sl: _SparseLayer) -> None:
+        """Wait out a speculative read (no IO may write into the rows afterwards) and forget the
+        layer's window (its rows may be half-read)."""
+        if sl.speculative is not None and sl.speculative[0] is not None:
+            try:
+                sl.speculative[0].wait()
+            except BaseException:
+                pass  # the pass already failed; its error is the one reported
+        sl.speculative = None
+        sl.window.reset()
+
+    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        sl = self.layers.get(layer)
+        if sl is None:
+            return None  # resident layer: the dense forward with get()
+        try:
+            return self._decode(sl, x) if x.shape[0] == 1 else self._prefill(sl, x)
+        except BaseException:
+            self._settle(sl)  # rows may be half-read: forget them
+            raise
+
+    # ---------------------------------------------------------------- the sparse layer
+    def _speculate(self, sl: _SparseLayer, hidden: torch.Tensor) -> None:
+        """Guess this token's neurons from the layer input and start reading them (background)."""
+        from flashtier.runtime.model import rms_norm
+
+        guess_x = rms_norm(hidden, self.paged.get(sl.norm), self.checkpoint.config.rms_norm_eps)  # [1, H]
+        guess = sl.selector.select(guess_x, self.config.threshold_offset)
+        plan = sl.window.plan(guess, tentative=True)
+        sl.matrix.apply(plan)
+        pending = None
+        if plan.loads.size:
+            pending = self.reader.submit(sl.layer, plan.loads, sl.matrix.rows(plan.rows_start, plan.n), background=True)
+        sl.speculative = (pending, plan.loads)
+
+    def _decode(self, sl: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
+        c = self._c
+        selected = sl.selector.select(x, self.config.threshold_offset)  # [m] ids, best first
+        if sl.speculative is not None:
+            pending, guessed = sl.speculative
+            sl.speculative = None
+            if pending is not None:
+                t0 = time.perf_counter()
+                self._account_read(pending, pending.wait())  # before any row moves
+                c.spec_wait_s += time.perf_counter() - t0
+            c.spec_loaded += int(guessed.size)
+            c.spec_used += int(np.isin(guessed, selected, assume_unique=True).sum())
+            c.decode_ffn_bytes += int(guessed.size) * self.reader.row_bytes
+            c.loaded += int(guessed.size)
+            plan = sl.window.extend(selected)
+        else:
+            plan = sl.window.plan(selected)
+        sl.matrix.apply(plan)
+        if plan.loads.size:
+            pending = self.reader.submit(sl.layer, plan.loads, sl.matrix.rows(plan.rows_start, plan.n))
+            self._account_read(pending, pending.wait())
+        n = plan.n
+        gate, up, down_t = self._views(sl.matrix.tensor[:n])  # [n, H] each
+        z = F.linear(x, gate)  # [1, n]
+        h = F.relu(z) * F.linear(x, up)
+        out = h @ down_t  # [1, H]
+        if plan.dropped.size:  # selected but no room in the window: computed exactly, not kept
+            out = out + self._stream(sl.layer, np.sort(plan.dropped), x).to(out.dtype)
+        sl.window.mark_active(torch.nonzero(z[0] > 0).flatten().numpy())
+        c.layer_steps += 1
+        c.loaded += int(plan.loads.size + plan.dropped.size)
+        c.selected += int(selected.size)
+        c.computed += n + int(plan.dropped.size)
+        c.overflow += int(plan.dropped.size)
+        c.decode_ffn_bytes += int(plan.loads.size + plan.dropped.size) * self.reader.row_bytes
+        if sl.gate_audit is not None:
+            active = torch.nonzero((x.float() @ sl.gate_audit.t())[0] > 0).flatten().numpy()
+            hit, total = recall_of(selected, active)
+            c.recall_hit += hit
+            c.recall_total += total
+            c.effective_hit += recall_of(np.concatenate([sl.window.held(), plan.dropped]), active)[0]
+        return out
+
+    def _prefill(self, sl: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
+        """Several tokens: the exact FFN over all neurons."""
+        neurons = self.checkpoint.config.intermediate_size
+        return self._stream(sl.layer, np.arange(neurons, dtype=np.int64), x).to(x.dtype)
+
+    def _stream(self, layer: int, neurons: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+        """Exact FFN contribution ``[T, H]`` (fp32) of ``neurons`` (sorted), read chunk by chunk
+        into the two chunk buffers (the next chunk reads while this one computes)."""
+        chunk = self._chunks[0].capacity
+        parts = [neurons[k : k + chunk] for k in range(0, neurons.size, chunk)]
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)  # [T, H]
+
+        def submit(k: int) -> PendingRead:
+            return self.reader.submit(layer, parts[k], self._chunks[k % 2].rows(0, parts[k].size))
+
+        pending = submit(0)
+        for k, ids in enumerate(parts):
+            nxt = submit(k + 1) if k + 1 < len(parts) else None
+            self._account_read(pending, pending.wait())
+            gate, up, down_t = self._views(self._chunks[k % 2].tensor[: ids.size])
+            h = F.relu(F.linear(x, gate)) * F.linear(x, up)  # [T, m]
+            out += (h @ down_t).float()
+            if nxt is not None:
+                pending = nxt
+        return out
+
+    def _views(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        views = layer_views(rows, self.manifest, self._bundle_dtype)
+        if self._bundle_dtype != self.compute_dtype:
+            views = tuple(v.to(self.compute_dtype) for v in views)
+        return views
+
+    def _account_read(self, pending: PendingRead, seconds: float) -> None:
+        """``seconds``: submission to completion of ``pending`` (its reads' time in flight)."""
+        self._c.read_s += seconds
+        self._c.read_bytes += pending.nbytes
+        self._c.reads += pending.runs
+
+    def _storage_bytes(self) -> int:
+        return self.paged.stats()["bytes_read_storage"] + self.reader.io.stats().bytes_transferred
+
+    # ---------------------------------------------------------------- reporting
+    def stats(self) -> dict[str, Any]:
+        c = self._c
+        out = self.paged.stats()
+        out["bytes_read_storage"] = self._storage_bytes()
+        per_layer = max(1, c.layer_steps) * self.checkpoint.config.intermediate_size
+        out.update({
+            "sparse_ffn_layers": sorted(self.layers),
+            "window_k": self.config.window_k,
+            "window_capacity_rows": {str(i): c for i, c in self.capacities.items()},
+            "sparse_ffn_memory_bytes": self.memory_bytes,
+            "decode_tokens_counted": c.decode_tokens,
+            "bytes_per_token_storage": round(c.decode_storage_bytes / max(1, c.decode_tokens), 1),
+            "ffn_bytes_per_token_storage": round(c.decode_ffn_bytes / max(1, c.decode_tokens), 1),
+            "ffn_neurons_loaded_fraction": round(c.loaded / per_layer, 5),
+            "ffn_neurons_predicted_fraction": round(c.selected / per_layer, 5),
+            "ffn_neurons_computed_fraction": round(c.computed / per_layer, 5),
+            "ffn_neurons_overflow": c.overflow,
+            "ffn_speculative_loads_fraction": round(c.spec_loaded / per_layer, 5),
+            "ffn_speculative_loads_used": round(c.spec_used / c.spec_loaded, 4) if c.spec_loaded else None,
+            "ffn_speculative_wait_s": round(c.spec_wait_s, 6),
+            "ffn_bundle_reads": c.reads,
+            "ffn_bundle_read_s": round(c.read_s, 6),
+            "ffn_bundle_read_gb_per_s": round(c.read_bytes / c.read_s / 1e9, 4) if c.read_s else 0.0,
+            "bundle_read_alignment": self.reader.alignment,
+            "bundle_reads_direct_io": self.reader.io.direct_files,
+        })
+        if c.recall_total:
+            out["predictor_recall"] = round(c.recall_hit / c.recall_total, 5)
+            out["ffn_effective_recall"] = round(c.effective_hit / c.recall_total, 5)
+            out["predictor_recall_source"] = "audit"
+        else:
+            out["predictor_recall"] = None if np.isnan(self.calibration_recall) else round(self.calibration_recall, 5)
+            out["predictor_recall_source"] = "calibration"
+        res = dict(out.get("resident_bytes", {}))
+        res["sparse_ffn"] = self.memory_bytes
+        out["resident_bytes"] = res
+        return out
+
+    def memory_report(self) -> dict[str, Any]:
+        return self.stats()["resident_bytes"]
+
+    def close(self) -> None:
+        self.paged.close()
+        self.reader.close()
+
+
+def split_rows(total: int, demand: Mapping[int, float], cap: int) -> dict[int, int]:
+    """Share ``total`` window rows among layers in proportion to ``demand`` (each layer's expected
+    share of neurons selected per token), at most ``cap`` per layer; rows a capped layer cannot use
+    go to the others."""
+    rows = {i: 0 for i in demand}
+    open_layers = dict(demand)
+    left = total
+    while left > 0 and open_layers:
+        weight = sum(open_layers.values()) or float(len(open_layers))
+        grant = {i: int(left * ((d / weight) if weight else 1 / len(open_layers)) + 1e-9) for i, d in open_layers.items()}
+        if not any(grant.values()):  # fewer rows left than layers: one each, most demanding first
+            for i in sorted(open_layers, key=lambda j: -open_layers[j])[:left]:
+                grant[i] = 1
+        for i, g in grant.items():
+            take = min(g, cap - rows[i])
+            rows[i] += take
+            left -= take
+            if rows[i] >= cap:
+                del open_layers[i]
+    return rows
+
+
+def sparse_ffn_weights(checkpoint: Checkpoint, config: Any) -> SparseFFNWeights:
+    """EngineConfig -> SparseFFNWeights (the factory the engine uses with ``--sparse-ffn``)."""
+    from flashtier.runtime.engine import DTYPES
+
+    if config.dram_budget is None:
+        raise ConfigError("--sparse-ffn needs --dram-budget: without a budget every FFN is resident and "
+                          "nothing would be read from flash")
+    dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
+    kv_tokens = config.max_context or min(checkpoint.config.max_position_embeddings, 4096)
+    return SparseFFNWeights(checkpoint, config.dram_budget, dtype, kv_tokens=kv_tokens,
+                            config=SparseFFNConfig.from_extra(config.extra))

@@ -1,0 +1,263 @@
+"""Long-context KV cache: equals full attention when top-k covers the context, chunked prefill is
+exact and bounded, demoted blocks survive storage bit for bit, corrupt spills are refused, budgets
+hold, truncation re-indexes. (The log-sum-exp merge itself is tested in tests/retrieval/test_merge.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashtier.retrieval.blockwise as blockwise
+from flashtier.errors import BudgetError, ConfigError, IntegrityError
+from flashtier.retrieval.attention import RetrievalConfig
+from flashtier.runtime.engine import Model, open_model
+from flashtier.runtime.kv_layout import KVBlockLayout
+from flashtier.runtime.kv_retrieval import RetrievalKVCache
+from flashtier.runtime.kv_retrieval_config import RetrievalCacheConfig
+from flashtier.runtime.kv_spill import KVSpillStore
+from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.runtime.sampling import SamplingConfig
+
+PROMPT = torch.randint(3, 250, (700,), generator=torch.Generator().manual_seed(0)).tolist()
+EVERYTHING = 10**6  # top-k larger than any context here: retrieval must equal full attention
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """Small matmuls on a shared 2-core machine run faster (and steadier) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny-llama (2 layers, 4 query / 2 kv heads of 16 dims: GQA), float32."""
+    return write_model(tmp_path_factory.mktemp("kvr") / "tiny", MakeModelSpec(PRESETS["tiny-llama"], "float32"))
+
+
+def layout(layers: int = 2, heads: int = 2, dim: int = 8, block: int = 16, dtype: torch.dtype = torch.float32) -> KVBlockLayout:
+    return KVBlockLayout(layers, heads, dim, block, dtype)
+
+
+def cache_config(block: int = 16, chunk: int = 64, **retrieval: object) -> RetrievalCacheConfig:
+    options = {"sink_tokens": 4, "window": 32, "top_k": EVERYTHING, "index": "flat", **retrieval}
+    return RetrievalCacheConfig(RetrievalConfig(**options), block_size=block, prefill_chunk=chunk, prefill_key_block=2 * block)
+
+
+def causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact causal GQA attention ``[H_q, T, D]`` of all positions from 0."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
+
+
+def greedy(model_dir, n: int = 12, **options: object) -> tuple[list[int], dict]:
+    llm = open_model(model_dir, kv_block_size=16, prefill_chunk=128, **options)
+    result = llm.generate(PROMPT, max_new_tokens=n, sampling=SamplingConfig(temperature=0.0), ignore_eos=True)
+    return result.tokens, result.stats
+
+
+# ---------------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("index", ["flat", "cluster", "ivf"])
+def test_top_k_of_the_whole_context_gives_the_tokens_of_full_attention(tiny, index):
+    full, _ = greedy(tiny)
+    tokens, stats = greedy(tiny, attention="retrieval", top_k_keys=EVERYTHING, window=64, kv_index=index,
+                           check_attention=1)
+    assert tokens == full
+    assert stats["attention"] == "retrieval" and stats["attention_decode_steps"] == 11
+    assert stats["attention_mass_recall"] == pytest.approx(1.0) and stats["attention_mass_covered"] == pytest.approx(1.0)
+    assert stats["kv_bytes_per_tier"]["host"] > 0 and stats["index_build_s"] > 0
+
+
+def test_retrieval_logits_match_full_attention_to_fp_tolerance(tiny):
+    """Same forward, two caches: decode logits agree to rounding when every key is retrieved."""
+    model = Model(tiny)
+    c = model.config
+    full = model.transformer.new_cache(16)
+    ret = RetrievalKVCache(KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, model.transformer.dtype),
+                           cache_config(window=48, index="cluster"))
+    ids = torch.tensor(PROMPT)
+    with torch.inference_mode():
+        for cache in (full, ret):
+            cache.reserve(800)
+            model.transformer.forward(ids, cache, 0)
+        for step in range(6):
+            tok = torch.tensor([PROMPT[step]])
+            a = model.transformer.forward(tok, full, 700 + step)
+            b = model.transformer.forward(tok, ret, 700 + step)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert ret.counters.keys_retrieved > 0
+
+
+def test_chunked_prefill_equals_one_pass_and_never_scores_the_whole_context(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    h_q, h_kv, t, d = 4, 2, 300, 8
+    q, k, v = torch.randn(h_q, t, d, generator=g), torch.randn(h_kv, t, d, generator=g), torch.randn(h_kv, t, d, generator=g)
+    widest = []
+    real = blockwise.partial_attention
+    monkeypatch.setattr(blockwise, "partial_attention", lambda q_, k_, *a, **kw: widest.append(k_.shape[-2]) or real(q_, k_, *a, **kw))
+    cache = RetrievalKVCache(layout(layers=1), cache_config(chunk=40))
+    out = cache.attend(0, q, k, v, 0)  # one pass of 300 tokens: cut into chunks of 40 queries inside
+    torch.testing.assert_close(out, causal_reference(q, k, v), rtol=1e-5, atol=1e-5)
+    # Chunk-by-chunk from the caller's side gives the same result.
+    step = RetrievalKVCache(layout(layers=1), cache_config(chunk=40))
+    parts = [step.attend(0, q[:, s : s + 70], k[:, s : s + 70], v[:, s : s + 70], s) for s in range(0, t, 70)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), out, rtol=1e-5, atol=1e-5)
+    # Scores were never wider than one key batch (host) or the device tier (sinks + ring).
+    assert max(widest) <= max(cache.config.prefill_key_block, 4 + cache.config.ring_tokens) < t
+
+
+# ---------------------------------------------------------------------------------------------------- tiers
+def fill(cache: RetrievalKVCache, length: int, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write random K/V ``[L, H, length, D]`` into every layer; return them."""
+    lay = cache.layout
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(lay.num_layers, lay.num_kv_heads, length, lay.head_dim, generator=g).to(lay.dtype)
+    v = torch.randn(lay.num_layers, lay.num_kv_heads, length, lay.head_dim, generator=g).to(lay.dtype)
+    for layer in range(lay.num_layers):
+        cache.write(layer, k[layer], v[layer], 0)
+    return k, v
+
+
+def test_blocks_demoted_to_storage_read_back_bit_identical(tmp_path):
+    lay = layout(dtype=torch.bfloat16)
+    budget = 6 * lay.block_bytes + 96 * 1024  # a few blocks beside the flat index (~90 KiB planned)
+    cache = RetrievalKVCache(lay, RetrievalCacheConfig(cache_config().retrieval, block_size=16, prefill_chunk=64,
+                                                       prefill_key_block=32, host_budget=budget, spill_dir=str(tmp_path)))
+    cache.reserve(400)
+    k, v = fill(cache, 400)
+    assert cache.spill.counters.blocks_written > 0 and len(cache.spill) > 0
+    for layer in range(lay.num_layers):
+        n = cache.host.num_blocks(layer)
+        blocks = cache.host.read_blocks(layer, 0, n)  # [n, 2, H, B, D], spilled ones through storage
+        kb = blocks[:, 0].permute(1, 0, 2, 3).reshape(lay.num_kv_heads, -1, lay.head_dim)
+        vb = blocks[:, 1].permute(1, 0, 2, 3).reshape(lay.num_kv_heads, -1, lay.head_dim)
+        assert torch.equal(kb.view(torch.int16), k[layer, :, : n * 16].view(torch.int16))
+        assert torch.equal(vb.view(torch.int16), v[layer, :, : n * 16].view(torch.int16))
+        # Retrieval's gather goes through the same path (bringing spilled blocks back when it can).
+        pos = torch.arange(4, n * 16, 7)
+        gk, gv = cache._offloaded[layer].heads[1].store.gather(pos)
+        assert torch.equal(gk.view(torch.int16), k[layer, 1, pos].view(torch.int16))
+        assert torch.equal(gv.view(torch.int16), v[layer, 1, pos].view(torch.int16))
+    assert cache.spill.counters.blocks_read > 0
+    cache.close()
+    assert not any(tmp_path.iterdir())  # the spill folder is removed
+
+
+def test_corrupted_spill_block_is_detected_and_not_used(tmp_path):
+    lay = layout()
+    store = KVSpillStore(lay, str(tmp_path))
+    block = torch.randn(lay.block_shape)
+    store.write((1, 5), block)
+    assert torch.equal(store.read([(1, 5)])[0], block)
+    path = store.path_of((1, 5))
+    data = bytearray(open(path, "rb").read())
+    data[100] ^= 0x01  # one flipped bit
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(IntegrityError, match=r"layer 1, block 5.*checksum|checksum.*layer 1, block 5"):
+        store.read([(1, 5)])
+    store.close()
+
+
+def test_decode_over_a_corrupted_spill_raises_instead_of_attending(tmp_path):
+    lay = layout(layers=1)
+    cfg = RetrievalCacheConfig(cache_config().retrieval, block_size=16, prefill_chunk=64, prefill_key_block=32,
+                               host_budget=4 * lay.block_bytes + 40 * 1024, spill_dir=str(tmp_path))
+    cache = RetrievalKVCache(lay, cfg)
+    cache.reserve(300)
+    fill(cache, 300)
+    victim = cache.spill.keys()[0]
+    path = cache.spill.path_of(victim)
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(4, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
+    with pytest.raises(IntegrityError, match=f"block {victim[1]}"):
+        cache.attend(0, q, k, v, 300)  # top-k covers everything: the corrupt block is needed
+    cache.close()
+
+
+def test_budgets_are_honoured_and_the_device_tier_does_not_grow(tmp_path):
+    lay = layout(layers=2, heads=2, dim=8)
+    budget = 600 * 1024  # the cluster index of 1200 tokens is planned at ~480 KiB
+    cfg = RetrievalCacheConfig(cache_config(index="cluster", top_k=8).retrieval, block_size=16, prefill_chunk=64,
+                               prefill_key_block=32, host_budget=budget, spill_dir=str(tmp_path))
+    cache = RetrievalKVCache(lay, cfg)
+    cache.reserve(1200)
+    device = cache.kv_bytes_per_tier()["device"]
+    g = torch.Generator().manual_seed(4)
+    for start in range(0, 1200, 100):
+        for layer in range(2):
+            cache.write(layer, torch.randn(2, 100, 8, generator=g), torch.randn(2, 100, 8, generator=g), start)
+        tiers = cache.kv_bytes_per_tier()
+        assert tiers["host"] <= budget
+        assert tiers["device"] == device
+    assert tiers["storage"] > 0
+    with pytest.raises(BudgetError, match="kv-dram-budget"):
+        RetrievalKVCache(lay, RetrievalCacheConfig(cfg.retrieval, block_size=16, host_budget=64)).reserve(1200)
+    with pytest.raises(BudgetError, match="device KV tier"):
+        RetrievalKVCache(lay, RetrievalCacheConfig(cfg.retrieval, block_size=16, device_budget=1024))
+    cache.close()
+
+
+def test_truncating_into_the_demoted_part_equals_a_fresh_prefill():
+    g = torch.Generator().manual_seed(5)
+    h_q, h_kv, t, d = 4, 2, 400, 8
+    q, k, v = torch.randn(h_q, t, d, generator=g), torch.randn(h_kv, t, d, generator=g), torch.randn(h_kv, t, d, generator=g)
+    cache = RetrievalKVCache(layout(layers=1), cache_config(index="cluster"))
+    cache.attend(0, q, k, v, 0)
+    cache.truncate(150)  # positions 150.. go; 0..149 were mostly demoted and indexed
+    assert cache.length == 150
+    again = cache.attend(0, q[:, 150:], k[:, 150:], v[:, 150:], 150)
+    torch.testing.assert_close(again, causal_reference(q, k, v)[:, 150:], rtol=1e-5, atol=1e-5)
+    positions = cache._offloaded[0].heads[0].index.positions()
+    assert torch.equal(positions, torch.arange(4, positions.numel() + 4))  # re-indexed, no duplicates
+
+
+# ---------------------------------------------------------------------------------------------------- config / CLI
+def test_presets_and_explicit_options():
+    balanced = RetrievalCacheConfig.from_engine(64, 512, {}).retrieval
+    assert balanced.index == "cluster" and balanced.estimate_rest and balanced.group_search.value == "rows"
+    assert balanced.index_options["cluster_size"] == 4 and balanced.scan_budget_fraction == 0.045
+    fast = RetrievalCacheConfig.from_engine(64, 512, {"retrieval_preset": "fast", "scan_budget": 0.02}).retrieval
+    assert fast.index_options["cluster_size"] == 16 and not fast.estimate_rest and fast.scan_budget_fraction == 0.02
+    ivf = RetrievalCacheConfig.from_engine(64, 512, {"kv_index": "ivf"}).retrieval
+    assert dict(ivf.index_options) == {} and not ivf.estimate_rest  # cluster-only parts of the preset dropped
+    with pytest.raises(ConfigError, match="estimate_rest"):
+        RetrievalCacheConfig.from_engine(64, 512, {"kv_index": "ivf", "estimate_rest": True})
+    with pytest.raises(ConfigError, match="choose one of"):
+        RetrievalCacheConfig.from_engine(64, 512, {"retrieval_preset": "turbo"})
+
+
+def test_bad_options_are_refused_with_what_to_do():
+    with pytest.raises(ConfigError, match="choose one of"):
+        RetrievalCacheConfig.from_engine(64, 512, {"kv_index": "hnsw"})
+    with pytest.raises(ConfigError, match="top_k"):
+        RetrievalCacheConfig.from_engine(64, 512, {"top_k_keys": 0})
+    with pytest.raises(ConfigError, match="scan_budget_fraction"):
+        RetrievalCacheConfig.from_engine(64, 512, {"scan_budget": 2})
+
+
+def test_cli_flags_reach_the_cache_and_its_stats(tiny):
+    ids = ",".join(map(str, PROMPT[:300]))
+    cmd = [sys.executable, "-m", "flashtier", "generate", str(tiny), "--prompt-ids", ids, "--max-new-tokens", "4",
+           "--greedy", "--json", "--ignore-eos", "--attention", "retrieval", "--window", "64", "--top-k-keys", "16",
+           "--kv-index", "flat", "--sink-tokens", "2", "--check-attention", "--kv-dram-budget", "8M"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)["stats"]
+    assert stats["attention_window"] == 64 and stats["attention_top_k_keys"] == 16 and stats["kv_index"] == "flat"
+    assert stats["attention_sink_tokens"] == 2 and stats["attention_keys_scanned_fraction"] == 1.0
+    assert 0 < stats["attention_mass_covered"] <= stats["attention_mass_recall"] + 1e-9 <= 1.0 + 1e-9
+    for tier in ("device", "host", "storage"):
+        assert tier in stats["kv_bytes_per_tier"]
+    r = subprocess.run(cmd[:9] + ["--window", "64"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "only apply with --attention retrieval" in r.stderr

@@ -1,0 +1,219 @@
+"""The sparse FFN accessor: exact with every neuron selected, opt-in only, budgets, stats, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flashtier.errors import CheckpointError, ConfigError, StorageError
+from flashtier.prefetch.sparsity import AllNeurons, PredictorTraining
+from flashtier.runtime.calibrate import CalibrationText, calibrate
+from flashtier.runtime.checkpoint import Checkpoint, layer_names
+from flashtier.runtime.engine import EngineConfig, Model, open_model
+from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.runtime.model import Transformer
+from flashtier.runtime.paged_weights import PagedWeights
+from flashtier.runtime.planner import PlanRequest, make_plan
+from flashtier.runtime.sparse_ffn import SparseFFNConfig, SparseFFNWeights
+from flashtier.runtime.weights import InMemoryWeights
+from flashtier.storage_backends.bundles import BUNDLE_DIR, convert_bundled
+
+CONTEXT = 64
+CONFIG = dict(PRESETS["tiny-llama"], hidden_act="relu", intermediate_size=160, num_hidden_layers=4,
+              vocab_size=300, tie_word_embeddings=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a busy machine
+    yield
+    torch.set_num_threads(before)
+
+
+def budget_for(model_dir: Path, resident_ffn_layers: int) -> int:
+    """Smallest budget whose plan keeps ``resident_ffn_layers`` FFN layers resident."""
+    ckpt = Checkpoint(model_dir)
+    sizes = {n: t.nbytes for n, t in ckpt.tensors.items()}
+
+    def resident(b: int) -> int:
+        try:
+            plan = make_plan(ckpt.config, sizes, PlanRequest(dram_budget=b, context=CONTEXT, kv_dtype_bytes=4))
+        except Exception:
+            return -1
+        return sum(plan.placement[layer_names(ckpt.config, i).gate] != "storage" for i in range(ckpt.config.num_layers))
+
+    lo, hi = 1 << 16, 4 * sum(sizes.values())
+    while hi - lo > 256:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if resident(mid) >= resident_ffn_layers else (mid, hi)
+    return hi
+
+
+def write_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 20], trainer)
+    tok.save(str(out / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory) -> Path:
+    """A float32 ReLU model (tied head, like tiny-dense) with bundles, predictors and a tokenizer."""
+    src = write_model(tmp_path_factory.mktemp("sparse") / "src", MakeModelSpec(CONFIG, "float32", seed=5))
+    out = convert_bundled(src, src.parent / "bundled")
+    write_tokenizer(out)
+    rng = np.random.default_rng(0)
+    calibrate(out, rng.integers(3, 290, 1024).tolist(), PredictorTraining(rank=8, steps=30, batch=256),
+              CalibrationText(max_tokens=1024, seq=64))
+    return out
+
+
+def decode_logits(accessor, ckpt: Checkpoint, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Logits of a prefill of ``prompt`` then ``steps`` greedy single-token passes."""
+    tf = Transformer(ckpt.config, accessor, set(ckpt.tensors))
+    cache = tf.new_cache(16)
+    logits = [tf.forward(torch.tensor(prompt), cache, 0)]
+    pos = len(prompt)
+    for _ in range(steps):
+        tok = int(logits[-1][0].argmax())
+        logits.append(tf.forward(torch.tensor([tok]), cache, pos))
+        pos += 1
+    return logits
+
+
+def test_with_every_neuron_selected_the_output_equals_the_dense_output(bundled):
+    ckpt = Checkpoint(bundled)
+    budget = budget_for(bundled, 2)  # FFN layers 2 and 3 stream
+    ref = decode_logits(InMemoryWeights(ckpt), ckpt, list(range(3, 23)), 12)
+    sparse_layers = [2, 3]
+    acc = SparseFFNWeights(ckpt, budget, kv_tokens=CONTEXT, config=SparseFFNConfig(window_k=2),
+                           selectors={i: AllNeurons(CONFIG["intermediate_size"]) for i in sparse_layers})
+    try:
+        assert sorted(acc.layers) == sparse_layers
+        got = decode_logits(acc, ckpt, list(range(3, 23)), 12)
+        stats = acc.stats()
+    finally:
+        acc.close()
+    for a, b in zip(got, ref):  # prefill (chunked exact) and every decode step
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert stats["ffn_neurons_computed_fraction"] == 1.0
+    # the windows hold what the budget allows; the rest of each token's neurons streamed through
+    caps = acc.capacities
+    assert all(0 < c < CONFIG["intermediate_size"] for c in caps.values())
+    assert stats["ffn_neurons_overflow"] == 12 * sum(CONFIG["intermediate_size"] - c for c in caps.values())
+
+
+def test_sparse_generation_reports_its_statistics(bundled):
+    budget = budget_for(bundled, 1)
+    with open_model(bundled, dram_budget=budget, max_context=CONTEXT, kv_block_size=16, sparse_ffn=True,
+                    sparse_ffn_window_k=2, sparse_ffn_audit=True) as llm:
+        assert isinstance(llm.weights, SparseFFNWeights)
+        stats = llm.generate(list(range(3, 20)), max_new_tokens=12, ignore_eos=True).stats
+    assert stats["sparse_ffn_layers"] == [1, 2, 3] and stats["window_k"] == 2
+    assert stats["decode_tokens_counted"] == 11  # the first token comes from the prefill pass
+    assert stats["bytes_read_storage"] > 0 and 0 < stats["bytes_per_token_storage"]
+    assert 0 < stats["ffn_neurons_loaded_fraction"] <= stats["ffn_neurons_computed_fraction"] <= 1
+    assert 0 < stats["predictor_recall"] <= stats["ffn_effective_recall"] <= 1
+    assert stats["predictor_recall_source"] == "audit"
+    json.dumps(stats)
+
+
+def test_recall_comes_from_calibration_without_audit(bundled):
+    with open_model(bundled, dram_budget=budget_for(bundled, 1), max_context=CONTEXT, sparse_ffn=True) as llm:
+        stats = llm.generate([5, 6, 7], max_new_tokens=3, ignore_eos=True).stats
+    assert stats["predictor_recall_source"] == "calibration" and 0 < stats["predictor_recall"] <= 1
+
+
+def test_the_budget_pays_for_resident_weights_windows_and_predictors(bundled):
+    ckpt = Checkpoint(bundled)
+    budget = budget_for(bundled, 1)
+    acc = SparseFFNWeights(ckpt, budget, kv_tokens=CONTEXT)
+    try:
+        plan = acc.paged.plan
+        store_window = plan.stream_window_bytes - acc.paged.external_window_bytes
+        kv = sum(plan.kv_bytes.values())
+        assert plan.resident_bytes["host"] + store_window + acc.memory_bytes + kv <= budget
+        assert max(acc.capacities.values()) < CONFIG["intermediate_size"]  # the budget, not the layer, sets it
+    finally:
+        acc.close()
+
+
+def test_window_rows_follow_each_layers_demand():
+    from flashtier.runtime.sparse_ffn import split_rows
+
+    assert split_rows(100, {2: 0.1, 3: 0.3}, 1000) == {2: 25, 3: 75}
+    assert split_rows(100, {2: 0.1, 3: 0.9}, 60) == {2: 40, 3: 60}  # 3 is capped: 2 gets the rest
+    equal = split_rows(10, {2: 1.0, 3: 1.0, 4: 1.0}, 100)
+    assert sum(equal.values()) == 10 and set(equal.values()) == {3, 4}
+
+
+def test_without_the_flag_the_engine_stays_exact(bundled):
+    ref = Model(bundled).generate([4, 5, 6], max_new_tokens=8, ignore_eos=True).tokens
+    with Model(bundled, EngineConfig(dram_budget=budget_for(bundled, 1), max_context=CONTEXT)) as llm:
+        assert isinstance(llm.weights, PagedWeights)
+        assert llm.generate([4, 5, 6], max_new_tokens=8, ignore_eos=True).tokens == ref
+
+
+def test_sparse_ffn_needs_a_budget(bundled):
+    with pytest.raises(ConfigError, match="--dram-budget"):
+        open_model(bundled, sparse_ffn=True)
+
+
+def test_a_non_relu_model_is_refused(tmp_path):
+    src = write_model(tmp_path / "silu", MakeModelSpec({**CONFIG, "hidden_act": "silu"}, "float32"))
+    with pytest.raises(ConfigError, match="ReLU"):
+        open_model(src, dram_budget=budget_for(src, 1), max_context=CONTEXT, sparse_ffn=True)
+
+
+def test_missing_bundles_or_predictors_say_what_to_run(bundled, tmp_path):
+    with pytest.raises(CheckpointError, match="--bundle"):
+        open_model(bundled.parent / "src", dram_budget=budget_for(bundled, 1), max_context=CONTEXT, sparse_ffn=True)
+    no_pred = convert_bundled(bundled.parent / "src", tmp_path / "nopred")
+    with pytest.raises(CheckpointError, match="flashtier calibrate"):
+        open_model(no_pred, dram_budget=budget_for(bundled, 1), max_context=CONTEXT, sparse_ffn=True)
+
+
+def test_a_failed_bundle_read_fails_the_pass_and_the_next_one_recovers(bundled, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(bundled, tmp_path / "copy"))
+    target = copy / BUNDLE_DIR / "layer_003.bin"
+    good = target.read_bytes()
+    with open_model(copy, dram_budget=budget_for(copy, 1), max_context=CONTEXT, sparse_ffn=True,
+                    sparse_ffn_window_k=1) as llm:
+        expected = llm.generate([7, 8, 9], max_new_tokens=6, ignore_eos=True).tokens
+        os.truncate(target, 512)
+        with pytest.raises(StorageError, match="layer_003.bin"):
+            llm.generate([7, 8, 9], max_new_tokens=6, ignore_eos=True)
+        target.write_bytes(good)
+        assert llm.generate([7, 8, 9], max_new_tokens=6, ignore_eos=True).tokens == expected
+
+
+def test_cli_calibrate_then_generate_sparse(bundled, tmp_path, capsys):
+    from flashtier.apps.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    assert main(["calibrate", str(bundled), "--text", str(text), "--rank", "4", "--steps", "5",
+                 "--max-tokens", "256", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["layers"]) == {"0", "1", "2", "3"}
+    assert main(["generate", str(bundled), "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--greedy",
+                 "--ignore-eos", "--json", "--dram-budget", str(budget_for(bundled, 1)), "--max-context",
+                 str(CONTEXT), "--sparse-ffn", "--window-k", "3"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    for key in ("bytes_per_token_storage", "ffn_neurons_loaded_fraction", "predictor_recall", "bytes_read_storage"):
+        assert key in stats
+    assert stats["window_k"] == 3
+    assert main(["generate", str(bundled), "--prompt-ids", "5", "--window-k", "3"]) == 1  # needs --sparse-ffn
