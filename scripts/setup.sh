@@ -10,5 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first, pinned to the CPU build on this machine's disk (an unpinned torch pulls a CUDA build).
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[${extras}]"
+log=.venv/install.log
+.venv/bin/python -m pip install -q "torch==2.13.0" >"$log" 2>&1 || { cat "$log"; exit 1; }
+.venv/bin/python -m pip install -q -e ".[${extras}]" >>"$log" 2>&1 || { cat "$log"; exit 1; }
