@@ -67,8 +67,8 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                         "device -> host -> storage, exact prefill, decode attends to sinks + window + top-k "
                         "keys retrieved from an index")
     g.add_argument("--retrieval-preset", choices=["fast", "balanced", "quality"], default=None,
-                   help="starting point for the options below (default balanced): fast = coarse index, 1%% of keys "
-                        "scanned, no estimate; balanced = clusters of 4 keys, 4.5%% scanned, unretrieved attention "
+                   help="starting point for the options below (default balanced): fast = coarse two-level index, 1%% of "
+                        "keys scanned, no estimate; balanced = clusters of 4 keys, 4.5%% scanned, unretrieved attention "
                         "estimated; quality = clusters of 2 keys (closest to full attention, slowest)")
     g.add_argument("--sink-tokens", type=int, default=None, metavar="N",
                    help="first positions always attended exactly (default 4)")

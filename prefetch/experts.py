@@ -170,8 +170,9 @@ class PrefetchGate:
     """Whether reading a predicted expert pays off: a cost model fed by measurements as the model runs.
 
     Two costs, both measured per layer as decode steps go (``p``: the running precision of rank r
-    of the layer's guess, scored every step whether issued or not, so a withheld layer can turn
-    back on):
+    of the layer's guess *when that expert was not cached* -- the guesses that cost a read; the
+    cached ones are mostly the easy repeats and cost nothing -- scored every step whether issued or
+    not, so a withheld layer can turn back on):
       * IO: a right guess hides up to ``min(read_s, lead_s)`` of reading behind compute
         (``lead_s``: compute time of one layer, ``read_s``: one expert's read); a wrong one costs
         a whole read when the disk is the bottleneck, weighted by ``io_load`` (the share of a step
@@ -179,7 +180,8 @@ class PrefetchGate:
       * Eviction: in a full cache the read displaces a cached expert, which the layer would have
         used with probability ``q`` (measured: how often cached experts the predictor did not
         name were used in the same step). Pays iff ``p >= q``.
-    An expert already cached costs nothing to name. With uniform routing (random weights) under a
+    An expert already cached costs nothing to name. The precision starts at ``prior`` (0: a layer's
+    guesses earn their reads; with the default memory two right guesses in a row open a cheap layer). With uniform routing (random weights) under a
     tight budget guesses are right about 60% of the time and a read is 5x a layer's compute: the
     IO test withholds them and the disk reads only what the router chose. On tiny-moe the first
     layer (guessed from its own input, 53% right) keeps its cached experts, which it reuses 85% of
@@ -187,7 +189,7 @@ class PrefetchGate:
     """
 
     def __init__(self, layers: Sequence[int], width: int, read_s: float, memory: float = 0.9,
-                 prior: float = 0.5) -> None:
+                 prior: float = 0.0) -> None:
         self.read_s = read_s
         self.memory = memory
         self.lead_s = read_s  # until measured: assume a layer's compute could hide a whole read
@@ -206,11 +208,12 @@ class PrefetchGate:
     def score(self, layer: int, guess: Sequence[int], used: Sequence[int], cached: Sequence[int] = ()) -> None:
         """A decode step of ``layer`` used ``used``; ``guess`` was the prediction for it and
         ``cached`` the experts the layer's cache held when the guess was made."""
-        used_set = set(used)
+        used_set, cached_set = set(used), set(cached)
         m = self.memory
         precision = self._precision[layer]
         for r, e in enumerate(guess[: len(precision)]):
-            precision[r] = m * precision[r] + (1 - m) * (e in used_set)
+            if e not in cached_set:  # only guesses that would cost a read
+                precision[r] = m * precision[r] + (1 - m) * (e in used_set)
         others = [e for e in cached if e not in guess]
         if others:
             self._reuse[layer] = m * self._reuse[layer] + (1 - m) * (sum(e in used_set for e in others) / len(others))
