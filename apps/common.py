@@ -52,6 +52,8 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="experts cached per MoE layer (default: what the budget leaves)")
     e.add_argument("--expert-gate", default=None, choices=["on", "off"],
                    help="issue a predicted expert only when the measured cost model says it pays (default on)")
+    e.add_argument("--expert-verify", default=None, choices=["first-read", "always", "off"],
+                   help="crc32 of converted expert extents: on each extent's first read (default), every read, or off")
 
 
 RETRIEVAL_OPTIONS = ("retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget",
@@ -109,7 +111,7 @@ def attention_options(args: argparse.Namespace) -> dict[str, Any]:
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads",
-                "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate"):
+                "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate", "expert_verify"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value

@@ -91,6 +91,8 @@ def offload(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     res["disk"] = bench_io(work)
     budget = ["--dram-budget", a.dram_budget, *ctx, *dtype]
     median_of(res, "flashtier_capped", flashtier_cmd(conv, a.tokens, budget), a.cap, a.repeat)
+    median_of(res, "flashtier_capped_noverify", flashtier_cmd(conv, a.tokens, [*budget, "--expert-verify", "off"]),
+              a.cap, a.repeat)
     if "original" not in skip:
         res["flashtier_capped_original"] = run_json(flashtier_cmd(model, a.tokens, budget), cap=a.cap)
     acc = [PY, "-m", "flashtier.benchmarks.peers.hf_accelerate", str(model)]
@@ -116,7 +118,8 @@ def offload(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     res["disk_bound_limit_tok_s"] = limit
     mib = lambda r: r.get("peak_cgroup_mib", "")
     rows = [
-        ("flashtier, converted (1 read/expert)", a.cap, "flashtier_capped"),
+        ("flashtier, converted (1 read/expert, crc32 on first read)", a.cap, "flashtier_capped"),
+        ("flashtier, converted, checksums off (`--expert-verify off`)", a.cap, "flashtier_capped_noverify"),
         ("flashtier, original checkpoint", a.cap, "flashtier_capped_original"),
         ("accelerate (disk offload)", a.cap, "accelerate_capped"),
         ("llama.cpp (mmap)", a.cap, "llamacpp_capped"),
@@ -152,7 +155,8 @@ def offload(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     lines += [
         "",
         (f"flashtier under the cap: {ratio(stat(res, 'accelerate_capped'))} accelerate, "
-         f"{ratio(stat(res, 'llamacpp_capped'))} llama.cpp, {ft / fm * 100 if fm else 0:.0f}% of its own in-memory speed; "
+         f"{ratio(stat(res, 'llamacpp_capped'))} llama.cpp, {ft / fm * 100 if fm else 0:.0f}% of its own in-memory speed "
+         f"({(stat(res, 'flashtier_capped_noverify') or 0) / fm * 100 if fm else 0:.0f}% with checksums off); "
          f"reads {per_token / 1e6:.0f} MB/token, disk-bound limit {limit:.2f} tok/s (reached {ft / limit * 100 if limit else 0:.0f}%); "
          f"expert hit rate {f.get('expert_hit_rate')}, prediction precision {f.get('expert_prefetch_precision')} / "
          f"recall {f.get('expert_prediction_recall')}; io_wait_fraction {f.get('io_wait_fraction')}; "
