@@ -41,6 +41,8 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for the model (default: torch's choice)")
     g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype to compute in (default: the checkpoint's, which keeps outputs exact)")
+    g.add_argument("--no-fast-matvec", dest="fast_matvec", action="store_false", default=None,
+                   help="use torch's kernel for single-token bf16 products instead of flashtier's numba kernel")
     e = p.add_argument_group("MoE experts (with --dram-budget)")
     e.add_argument("--expert-policy", default=None, help="eviction policy of the per-layer expert caches "
                    "(least-stale, lru, lfu, lrfu, cost, mru; default least-stale)")
@@ -110,7 +112,7 @@ def attention_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads",
+    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads", "fast_matvec",
                 "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate", "expert_verify"):
         value = getattr(args, key, None)
         if value is not None:

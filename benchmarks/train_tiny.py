@@ -452,6 +452,7 @@ def cmd_train(args) -> None:
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=False)
     ckpt_path = os.path.join(args.work, f"ckpt_{args.arch}.pt")
     step, l1_coef, elapsed0, warm_el = 0, args.l1, 0.0, None
+    cycle_start = 0  # first step of the current warmup + cosine cycle
     rng = np.random.default_rng(args.seed)
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
@@ -459,8 +460,12 @@ def cmd_train(args) -> None:
         opt.load_state_dict(ck["opt"])
         step, l1_coef, elapsed0 = ck["step"], ck["l1_coef"], ck["elapsed"]
         warm_el = ck.get("warm_elapsed")
+        cycle_start = ck.get("cycle_start", 0)
         rng.bit_generator.state = ck["rng"]
-        print(f"resumed at step {step}", flush=True)
+        if args.new_cycle:
+            # continued training: a fresh warmup + cosine cycle of --steps steps from here
+            cycle_start, warm_el = step, None
+        print(f"resumed at step {step} (cycle starts at step {cycle_start})", flush=True)
 
     S, B = args.seq, args.batch
     ev_rng = np.random.default_rng(1234)
@@ -485,7 +490,7 @@ def cmd_train(args) -> None:
         tmp = ckpt_path + ".tmp"
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                     "l1_coef": l1_coef, "elapsed": elapsed0 + time.time() - t_start, "warm_elapsed": warm_el,
-                    "rng": rng.bit_generator.state, "args": vars(args)}, tmp)
+                    "cycle_start": cycle_start, "rng": rng.bit_generator.state, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt_path)
 
     model.train()
@@ -501,12 +506,13 @@ def cmd_train(args) -> None:
                 budget = float(open(args.budget_file).read().strip()) * 60
             except ValueError:
                 pass
-        if step >= args.warmup and warm_el is None:
+        cstep = step - cycle_start
+        if cstep >= args.warmup and warm_el is None:
             warm_el = el
-        prog = schedule_progress(step, args.steps, args.warmup, el, budget, warm_el)
-        if step >= args.steps or (budget > 0 and el >= budget):
+        prog = schedule_progress(cstep, args.steps, args.warmup, el, budget, warm_el)
+        if cstep >= args.steps or (budget > 0 and el >= budget):
             break
-        lr = lr_at(step, args.warmup, args.lr, prog)
+        lr = lr_at(cstep, args.warmup, args.lr, prog)
         for g in opt.param_groups:
             g["lr"] = lr
         off = rng.integers(0, train_ids.size - S - 1, size=B)
@@ -529,7 +535,7 @@ def cmd_train(args) -> None:
         opt.step()
         nz = torch.stack(stats["nz"]).mean().item()
         # adaptive L1: push the zero fraction of the ReLU gate above the target
-        if args.sparsity_target > 0 and step >= args.warmup:
+        if args.sparsity_target > 0 and cstep >= args.warmup:
             if 1 - nz < args.sparsity_target:
                 l1_coef = min(args.l1_max, max(l1_coef, 1e-4) * (1 + args.l1_rate))
             else:
@@ -553,7 +559,7 @@ def cmd_train(args) -> None:
     save_ckpt()
     total_s = elapsed0 + time.time() - t_start
     el_loss, el_acc = evaluate()
-    meta = {"arch": args.arch, "steps": step, "max_steps": args.steps, "max_minutes": budget / 60,
+    meta = {"arch": args.arch, "steps": step, "cycle_start": cycle_start, "max_steps": args.steps, "max_minutes": budget / 60,
             "batch": B, "seq": S, "lr": args.lr,
             "warmup": args.warmup, "weight_decay": args.wd, "aux_coef": args.aux_coef,
             "final_l1_coef": l1_coef, "sparsity_target": args.sparsity_target,
@@ -607,6 +613,9 @@ def main(argv=None) -> None:
     t.add_argument("--eval-windows", type=int, default=32)
     t.add_argument("--ckpt-minutes", type=float, default=4.0)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--new-cycle", action="store_true",
+                   help="with --resume: start a new warmup + cosine cycle of --steps steps "
+                        "(continued training after a finished schedule)")
     t.add_argument("--budget-file", default="",
                    help="optional file holding a number of minutes that overrides --max-minutes live")
     t.add_argument("--max-minutes", type=float, default=0.0,

@@ -27,6 +27,7 @@ import torch
 from flashtier.errors import ConfigError, InputError
 from flashtier.runtime.checkpoint import Checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
+from flashtier.runtime.kernels import Linear
 from flashtier.runtime.kv_cache import KVCache
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
@@ -73,6 +74,9 @@ class EngineConfig:
     threads: int | None = None
     """torch CPU threads for the forward (None = torch's default). Set on the thread that runs
     each generation, since OpenMP thread counts are per calling thread."""
+    fast_matvec: bool = True
+    """Use flashtier's numba kernel for single-token products with bf16 weights on the CPU (about
+    2x torch's; same weights, fp32 accumulation; see ``runtime/kernels.py``). False: torch only."""
     max_context: int | None = None
     """Most tokens (prompt + generated) a request may hold; the KV budget is planned for it
     (None = the model's context, capped at 4096 when a budget is set)."""
@@ -131,7 +135,8 @@ class Model:
         self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
         factory = weights_factory or _default_weights_factory(config)
         self.weights = factory(self.checkpoint, config)
-        self.transformer = Transformer(self.config, self.weights, set(self.checkpoint.tensors))
+        self.linear = Linear(fast=config.fast_matvec, threads=config.threads)
+        self.transformer = Transformer(self.config, self.weights, set(self.checkpoint.tensors), self.linear)
         self.cache = self._new_cache()
         self._cached_ids: list[int] = []
         self._lock = threading.Lock()
@@ -299,6 +304,7 @@ class Model:
             "peak_rss_bytes": peak_rss_bytes(),
             "kv_bytes": self.cache.nbytes(),
             "finish_reason": stats.finish_reason,
+            "matvec_kernel": "numba-bf16" if self.linear.fast else "torch",
         }
         d.update(stats.extra)
         for part in (self.weights, self.cache):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from flashtier.runtime.checkpoint import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.runtime.config import ModelConfig, RopeConfig
+from flashtier.runtime.kernels import Linear
 from flashtier.runtime.kv_cache import BlockKVCache, KVCache, KVCacheConfig
 from flashtier.runtime.weights import WeightAccessor
 
@@ -69,9 +70,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Transformer:
     """A decoder-only transformer whose weights are fetched through ``weights``."""
 
-    def __init__(self, config: ModelConfig, weights: WeightAccessor, available: set[str] | None = None) -> None:
+    def __init__(self, config: ModelConfig, weights: WeightAccessor, available: set[str] | None = None,
+                 linear: Linear | None = None) -> None:
+        """``linear``: the matrix product used for every weight (default: torch's ``F.linear``
+        only; the engine passes one with the fast bf16 decode kernel, see ``kernels``)."""
         self.config = config
         self.weights = weights
+        self.linear = linear if linear is not None else Linear(fast=False)
         self.dtype = weights.compute_dtype
         self.names: list[LayerNames] = [layer_names(config, i) for i in range(config.num_layers)]
         self.lm_head = lm_head_name(config, available)
@@ -133,7 +138,7 @@ class Transformer:
         """``x @ W.T (+ b)`` for a dense (non-expert) weight, released as soon as it is used, so a
         streamed page occupies the window only while its matmul runs."""
         w = self.weights
-        y = F.linear(x, w.get(name), w.get(bias) if bias else None)
+        y = self.linear(x, w.get(name), w.get(bias) if bias else None)
         w.done((name,))
         return y
 
@@ -143,16 +148,16 @@ class Transformer:
 
     def _expert(self, x: torch.Tensor, names: tuple[str, str, str]) -> torch.Tensor:
         """One expert's FFN; its weights are released together (``done``) by the caller."""
-        w = self.weights
+        w, lin = self.weights, self.linear
         gate, up, down = names
-        return F.linear(self.act(F.linear(x, w.get(gate))) * F.linear(x, w.get(up)), w.get(down))
+        return lin(self.act(lin(x, w.get(gate))) * lin(x, w.get(up)), w.get(down))
 
     def _ffn(self, i: int, n: LayerNames, x: torch.Tensor) -> torch.Tensor:
         if not n.router:
             custom = self.weights.ffn(i, x)
             return custom if custom is not None else self._mlp(x, n.gate, n.up, n.down)
         c, w = self.config, self.weights
-        logits = F.linear(x, w.get(n.router))  # [T, E]
+        logits = self.linear(x, w.get(n.router))  # [T, E]
         probs = F.softmax(logits.float(), dim=-1)
         top_w, top_i = torch.topk(probs, c.num_experts_per_tok, dim=-1)  # [T, k]
         if c.norm_topk_prob:
@@ -170,5 +175,5 @@ class Transformer:
             out.index_add_(0, rows, y)
         if n.shared_gate:
             shared = self._mlp(x, n.shared_gate, n.shared_up, n.shared_down)
-            out = out + torch.sigmoid(F.linear(x, w.get(n.shared_expert_gate))) * shared
+            out = out + torch.sigmoid(self.linear(x, w.get(n.shared_expert_gate))) * shared
         return out

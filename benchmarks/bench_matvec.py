@@ -1,0 +1,74 @@
+"""Single-row matrix products (the decode step's kernel): weight bytes streamed per second.
+
+Compares torch's ``F.linear`` with bf16, fp16 and fp32 weights against flashtier's numba bf16
+kernel (``runtime/kernels.py``), on 1 and 2 threads, over a set of matrices larger than the
+CPU caches (so it measures memory streaming, not cache hits). Median of ``--repeat`` rounds.
+
+    python -m flashtier.benchmarks.bench_matvec [--rows 5632 --cols 2048 --matrices 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from flashtier.benchmarks.common import machine, write_results
+from flashtier.runtime.kernels import Linear
+
+
+def gb_per_s(fn, ws: list[torch.Tensor], x: torch.Tensor, seconds: float) -> float:
+    for w in ws[:2]:
+        fn(x, w)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        for w in ws:
+            fn(x, w)
+            n += 1
+    return n * ws[0].nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=5632)
+    ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--matrices", type=int, default=16, help="distinct weights cycled through (defeats caches)")
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    base = [torch.randn(a.rows, a.cols) * 0.02 for _ in range(a.matrices)]
+    x32 = torch.randn(1, a.cols)
+    res: dict = {"machine": machine(), "shape": [a.rows, a.cols], "matrices": a.matrices, "gb_per_s": {}}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        fast = Linear(fast=True, threads=threads)
+        cases = {
+            "torch fp32": (F.linear, torch.float32),
+            "torch fp16": (F.linear, torch.float16),
+            "torch bf16": (F.linear, torch.bfloat16),
+        }
+        if fast.fast:
+            cases["flashtier bf16 (numba)"] = (fast, torch.bfloat16)
+        for name, (fn, dt) in cases.items():
+            ws = [w.to(dt) for w in base]
+            runs = [gb_per_s(fn, ws, x32.to(dt), a.seconds) for _ in range(a.repeat)]
+            res["gb_per_s"][f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = round(statistics.median(runs), 1)
+            del ws
+    lines = [f"Machine: {res['machine']}; weight [{a.rows}, {a.cols}] x {a.matrices} matrices, one activation row.",
+             "", "| kernel | threads | weights streamed GB/s |", "| --- | --- | --- |"]
+    for k, v in res["gb_per_s"].items():
+        name, th = k.rsplit(", ", 1)
+        lines.append(f"| {name} | {th.split()[0]} | {v} |")
+    table = "\n".join(lines)
+    path = write_results("matvec", res, table)
+    print(table)
+    print(f"\n(results: {path})")
+    print(json.dumps(res["gb_per_s"]))
+
+
+if __name__ == "__main__":
+    main()

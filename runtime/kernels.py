@@ -1,0 +1,122 @@
+"""Matrix-vector products for single-token decode on the CPU.
+
+Decode multiplies one activation row by every weight matrix, so it is bound by how fast the
+weights stream from memory. torch's CPU kernel for a bf16 weight and one row streams about
+12 GB/s on one core of this machine (16-18 GB/s on two), against 29 GB/s for fp16; the numba
+kernel below widens each bf16 weight to fp32 in registers (a 16-bit shift) and accumulates in
+fp32, streaming 28 GB/s on one core and 36 GB/s on two (``benchmarks/bench_matvec.py``). The
+weights stay the checkpoint's bf16 bytes (no conversion, nothing approximated); the fp32 result
+is rounded once to the activation dtype, as torch's kernel does. Accumulation order differs
+from torch's, so results can differ from ``F.linear`` in the last bit of bf16, like any two
+bf16 kernels; every weight accessor goes through the same :class:`Linear`, so paged and
+in-memory runs stay identical.
+
+Anything else (several rows, other dtypes, non-contiguous weights) goes to ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MatVec = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+"""``kernel(w_bits [N, K] uint16, x [K] float32, out [N] float32)``: ``out = bf16(w_bits) @ x``."""
+
+_KERNEL: MatVec | None = None
+_KERNEL_ERROR: str | None = None
+_KERNEL_LOCK = threading.Lock()
+
+
+def _define() -> MatVec:
+    """Define the kernel (numba compiles it lazily; ``cache=True`` keeps the machine code on disk
+    next to this module, or in numba's user cache when that is not writable)."""
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _bits_as_f32(typingctx, bits):  # noqa: ANN001 (numba intrinsic signature)
+        sig = types.float32(types.uint32)
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return sig, codegen
+
+    @njit("void(uint16[:, ::1], float32[::1], float32[::1])", parallel=True, fastmath=True, nogil=True,
+          cache=True)
+    def bf16_matvec(w, x, out):  # w [N, K] bf16 bits, x [K] f32, out [N] f32
+        n_rows, k_dim = w.shape
+        n_blocks = (n_rows + 15) // 16
+        for b in prange(n_blocks):  # 16 rows per task: fewer scheduling steps
+            for n in range(b * 16, min(n_rows, b * 16 + 16)):
+                acc = np.float32(0.0)
+                for k in range(k_dim):
+                    acc += _bits_as_f32(np.uint32(w[n, k]) << np.uint32(16)) * x[k]
+                out[n] = acc
+
+    return bf16_matvec
+
+
+def bf16_matvec_kernel() -> MatVec | None:
+    """The compiled kernel, or None when numba cannot build it here (then callers use torch).
+    Compiled once per process (a few seconds), on first use."""
+    global _KERNEL, _KERNEL_ERROR
+    with _KERNEL_LOCK:
+        if _KERNEL is None and _KERNEL_ERROR is None:
+            try:
+                _KERNEL = _define()
+            except Exception as exc:  # numba missing or failing on this platform: torch fallback
+                _KERNEL_ERROR = f"{type(exc).__name__}: {exc}"
+        return _KERNEL
+
+
+def kernel_unavailable_reason() -> str | None:
+    """Why the numba kernel could not be built (None if it was built or never tried)."""
+    return _KERNEL_ERROR
+
+
+class Linear:
+    """``y = x @ w.T (+ b)`` with the fast decode kernel where it applies.
+
+    ``fast``: use the numba bf16 kernel for one-row products with a contiguous bf16 weight on
+    the CPU. ``threads``: numba threads for the kernel (None = numba's default). The object
+    holds no weights; it is safe to share between passes of one model (not between threads
+    running different models concurrently with different thread counts)."""
+
+    def __init__(self, fast: bool = True, threads: int | None = None) -> None:
+        self._kernel = bf16_matvec_kernel() if fast else None
+        self.threads = threads
+        self.calls_fast = 0
+        self.calls_torch = 0
+
+    @property
+    def fast(self) -> bool:
+        return self._kernel is not None
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``[T, K]``, ``w`` ``[N, K]``, ``b`` ``[N]`` -> ``[T, N]`` in ``x.dtype``."""
+        kernel = self._kernel
+        if (kernel is None or x.shape[0] != 1 or w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
+                or w.device.type != "cpu" or not w.is_contiguous() or x.requires_grad):
+            self.calls_torch += 1
+            return F.linear(x, w, b)
+        self.calls_fast += 1
+        n_rows = w.shape[0]
+        out = np.empty(n_rows, np.float32)
+        xf = x[0].float().contiguous().numpy()  # [K] f32 (exact widening of bf16)
+        if self.threads is not None:
+            import numba
+
+            want = min(self.threads, numba.config.NUMBA_NUM_THREADS)
+            if numba.get_num_threads() != want:
+                numba.set_num_threads(want)
+        kernel(w.view(torch.int16).numpy().view(np.uint16), xf, out)
+        y = torch.from_numpy(out)
+        if b is not None:
+            y = y + b.float()
+        return y.to(x.dtype).unsqueeze(0)  # [1, N]

@@ -1,0 +1,90 @@
+"""The numba bf16 decode kernel against an fp32 reference, its fallbacks, and the engine switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashtier.runtime.kernels import Linear
+
+fast = Linear(fast=True, threads=1)
+needs_kernel = pytest.mark.skipif(not fast.fast, reason="numba kernel unavailable on this platform")
+
+
+def _bf16(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 0.05).to(torch.bfloat16)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 10_000), bias=st.booleans())
+def test_matches_fp32_product_rounded_once(n: int, k: int, seed: int, bias: bool) -> None:
+    w, x = _bf16(n, k, seed=seed), _bf16(1, k, seed=seed + 1)
+    b = _bf16(n, seed=seed + 2) if bias else None
+    y = fast(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (1, n)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())  # exact-ish product
+    # fp32 accumulation then one rounding to bf16: within one bf16 ulp (2^-8 relative) of the truth
+    tol = ref.abs() * 2.0 ** -8 + 1e-6 * k
+    assert ((y.double() - ref).abs() <= tol).all()
+
+
+@needs_kernel
+def test_agrees_with_torch_bf16_kernel() -> None:
+    w, x = _bf16(2048, 1024), _bf16(1, 1024, seed=1)
+    y, ref = fast(x, w), F.linear(x, w)
+    ulp = ref.float().abs() * 2.0 ** -7 + 1e-30
+    assert ((y.float() - ref.float()).abs() <= ulp).all()
+    assert (y == ref).float().mean() > 0.99  # differs from torch's only by rare last-bit rounding
+    assert fast.calls_fast > 0
+
+
+@needs_kernel
+def test_deterministic_across_thread_counts() -> None:
+    w, x = _bf16(999, 513, seed=4), _bf16(1, 513, seed=5)
+    assert torch.equal(Linear(threads=1)(x, w), Linear(threads=2)(x, w))
+
+
+@pytest.mark.parametrize("case", ["rows", "fp32", "fp16", "strided"])
+def test_other_shapes_and_dtypes_go_to_torch(case: str) -> None:
+    lin = Linear(fast=True, threads=1)
+    w, x = _bf16(64, 32), _bf16(1, 32, seed=1)
+    if case == "rows":
+        x = _bf16(3, 32, seed=1)
+    elif case == "fp32":
+        w, x = w.float(), x.float()
+    elif case == "fp16":
+        w, x = w.half(), x.half()
+    else:
+        w = _bf16(32, 64).t()  # [64, 32], not contiguous
+    y = lin(x, w)
+    assert torch.equal(y, F.linear(x, w))
+    assert lin.calls_fast == 0 and lin.calls_torch == 1
+
+
+def test_disabled_is_torch() -> None:
+    lin = Linear(fast=False)
+    w, x = _bf16(64, 32), _bf16(1, 32, seed=1)
+    assert not lin.fast
+    assert torch.equal(lin(x, w), F.linear(x, w))
+
+
+@needs_kernel
+def test_engine_fast_and_torch_kernels_give_the_same_tokens() -> None:
+    from pathlib import Path
+
+    from flashtier.runtime.engine import open_model
+
+    model_dir = Path(__file__).resolve().parents[2] / "models" / "tiny-moe"
+    prompt = "def parse_args(argv):\n    "
+    out = {}
+    for flag in (True, False):
+        m = open_model(model_dir, fast_matvec=flag, threads=1)
+        r = m.generate(prompt, max_new_tokens=24, ignore_eos=True)
+        assert r.stats["matvec_kernel"] == ("numba-bf16" if flag else "torch")
+        out[flag] = r.tokens
+    assert out[True] == out[False]
