@@ -41,8 +41,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for the model (default: torch's choice)")
     g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype to compute in (default: the checkpoint's, which keeps outputs exact)")
-    g.add_argument("--no-fast-matvec", dest="fast_matvec", action="store_false", default=None,
-                   help="use torch's kernel for single-token bf16 products instead of flashtier's numba kernel")
+    g.add_argument("--fast-matvec", default=None, choices=["auto", "on", "off"],
+                   help="flashtier's numba kernel for single-token bf16 products (2x torch's; costs ~120 MiB "
+                        "of RSS). auto (default): on without --dram-budget")
     e = p.add_argument_group("MoE experts (with --dram-budget)")
     e.add_argument("--expert-policy", default=None, help="eviction policy of the per-layer expert caches "
                    "(least-stale, lru, lfu, lrfu, cost, mru; default least-stale)")
@@ -117,6 +118,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
+    fm = opts.pop("fast_matvec", None)
+    if fm in ("on", "off"):
+        opts["fast_matvec"] = fm == "on"
     opts.update(attention_options(args))
     return opts
 

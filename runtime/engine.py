@@ -74,9 +74,12 @@ class EngineConfig:
     threads: int | None = None
     """torch CPU threads for the forward (None = torch's default). Set on the thread that runs
     each generation, since OpenMP thread counts are per calling thread."""
-    fast_matvec: bool = True
+    fast_matvec: bool | None = None
     """Use flashtier's numba kernel for single-token products with bf16 weights on the CPU (about
-    2x torch's; same weights, fp32 accumulation; see ``runtime/kernels.py``). False: torch only."""
+    2x torch's; same weights, fp32 accumulation; see ``runtime/kernels.py``). None (auto): on
+    when no ``dram_budget`` is set. The kernel costs about 120 MiB of resident memory (numba and
+    LLVM), which a memory-capped run spends better on weights: there the disk, not the kernel,
+    bounds decode. True / False force it."""
     max_context: int | None = None
     """Most tokens (prompt + generated) a request may hold; the KV budget is planned for it
     (None = the model's context, capped at 4096 when a budget is set)."""
@@ -135,7 +138,8 @@ class Model:
         self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
         factory = weights_factory or _default_weights_factory(config)
         self.weights = factory(self.checkpoint, config)
-        self.linear = Linear(fast=config.fast_matvec, threads=config.threads)
+        fast = config.fast_matvec if config.fast_matvec is not None else config.dram_budget is None
+        self.linear = Linear(fast=fast, threads=config.threads)
         self.transformer = Transformer(self.config, self.weights, set(self.checkpoint.tensors), self.linear)
         self.cache = self._new_cache()
         self._cached_ids: list[int] = []

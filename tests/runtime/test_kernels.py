@@ -88,3 +88,20 @@ def test_engine_fast_and_torch_kernels_give_the_same_tokens() -> None:
         assert r.stats["matvec_kernel"] == ("numba-bf16" if flag else "torch")
         out[flag] = r.tokens
     assert out[True] == out[False]
+
+
+def test_auto_kernel_is_off_under_a_dram_budget_and_cli_flag_parses() -> None:
+    import argparse
+    from pathlib import Path
+
+    from flashtier.apps.common import add_budget_args, engine_options
+    from flashtier.runtime.engine import open_model
+
+    model_dir = Path(__file__).resolve().parents[2] / "models" / "tiny-dense"
+    m = open_model(model_dir, dram_budget="64M")
+    assert m.generate("x = ", max_new_tokens=2).stats["matvec_kernel"] == "torch"
+    p = argparse.ArgumentParser()
+    add_budget_args(p)
+    assert engine_options(p.parse_args(["--fast-matvec", "on"]))["fast_matvec"] is True
+    assert engine_options(p.parse_args(["--fast-matvec", "off"]))["fast_matvec"] is False
+    assert "fast_matvec" not in engine_options(p.parse_args(["--fast-matvec", "auto"]))
