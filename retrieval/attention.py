@@ -279,13 +279,15 @@ class RetrievalAttention:
         t0 = time.perf_counter()
         scanned = 0
         per_row = self.config.group_search is GroupSearch.ROWS
-        retrieved: list[torch.Tensor] = []
+        results = []
         for head, q_group in zip(offloaded.heads, q):  # q_group [G, D]: one search per GQA group
             rows = q_group.mean(dim=0, keepdim=True) if self.config.group_search is GroupSearch.MEAN else q_group
-            found = head.index.search(rows.float(), self.config.top_k)
-            # per row: [G, k'] each query head's own top-k; else [n_h] sorted union over rows
-            retrieved.append(found.positions if per_row else torch.unique(found.positions))
-            scanned += found.keys_scanned
+            results.append(head.index.search(rows.float(), self.config.top_k))
+            scanned += results[-1].keys_scanned
+        # an index that returns one shared set per group (all it scanned) is attended as a union
+        per_row = per_row and not all(f.shared for f in results)
+        # per row: [G, k'] each query head's own top-k; else [n_h] sorted union over rows
+        retrieved = [f.positions if per_row else torch.unique(f.positions) for f in results]
         t1 = time.perf_counter()
         k, v, valid = offloaded.gather([p.reshape(-1) for p in retrieved])  # [H_kv, n, D] x2, [H_kv, n]
         t2 = time.perf_counter()

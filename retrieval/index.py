@@ -37,11 +37,14 @@ class SearchResult:
     """What one search found and what it cost."""
 
     positions: torch.Tensor
-    """``[R, k']`` int64 absolute positions, ``k' = min(k, ntotal)``, one row per query row."""
+    """``[R, k']`` int64 absolute positions, one row per query row: ``k' = min(k, ntotal)``, or
+    every key scanned (``k' >= min(k, ntotal)``) for an index configured to return them."""
     keys_scanned: int
     """Distinct keys whose exact score was computed for this search."""
     clusters_scored: int = 0
     """Coarse entries (centroids, lists) scored to decide what to scan; resident, not read from host."""
+    shared: bool = False
+    """Every row holds the same positions (an index that returns all it scanned for a group)."""
 
 
 class KeyIndex(ABC):

@@ -102,6 +102,10 @@ class ClusterIndexConfig(IndexConfig):
     """Keys per super-cluster of the first level (0 = one level: every centroid scored per search)."""
     oversample: float = 8.0
     """With two levels: super-clusters searched hold this many times the scan budget in keys."""
+    attend_scanned: bool = False
+    """Return every scanned key, not only each row's top ``k`` (``k`` then only sets the least number
+    scanned). Their exact scores were computed anyway, so attending to all of them costs only the
+    value reads, and for models that spread attention thinly it recovers mass top-k drops."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -307,6 +311,9 @@ class ClusterIndex(KeyIndex):
             scored = self.n_clusters
         all_scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)  # [R, n]
         all_pos = pos[0] if len(pos) == 1 else torch.cat(pos)  # [n]
+        if self.config.attend_scanned:
+            every = all_pos.unsqueeze(0).expand(queries.shape[0], -1).clone()  # [R, n]
+            return SearchResult(every, all_pos.shape[0], clusters_scored=scored, shared=True)
         top = torch.topk(all_scores, min(k, all_pos.shape[0]), dim=1).indices  # [R, k]
         return SearchResult(all_pos[top], all_pos.shape[0], clusters_scored=scored)
 

@@ -77,6 +77,39 @@ def test_estimate_of_the_rest_brings_small_top_k_closer_to_full_attention(layer_
         RetrievalConfig(index="flat", estimate_rest=True)
 
 
+@pytest.mark.parametrize("estimate", [False, True])
+def test_attending_every_scanned_key_is_closer_to_full_attention_at_the_same_scan(estimate, layer_data) -> None:
+    query, k, v = layer_data
+    scale = 1 / math.sqrt(D)
+    ref = full_attention(query, k, v, scale)
+    err, stats = {}, {}
+    for every in (False, True):
+        config = RetrievalConfig(sink_tokens=4, window=32, top_k=20, index="cluster", group_search="rows",
+                                 scan_budget_fraction=0.2, estimate_rest=estimate,
+                                 index_options={"cluster_size": 4, "segment_size": 256, "attend_scanned": every})
+        rk, rv, layer = split_layer(config, k, v)
+        out = RetrievalAttention(config).decode_step(query, rk, rv, layer, scale)
+        err[every] = float((out.output - ref).norm() / ref.norm())
+        stats[every] = out.stats
+    assert stats[True].keys_scanned == stats[False].keys_scanned  # same keys scored...
+    assert stats[True].keys_retrieved > stats[False].keys_retrieved / G  # ...all of them attended (once per group)
+    assert err[True] < err[False], err
+
+
+def test_attend_scanned_returns_one_shared_set_per_search() -> None:
+    from flashtier.retrieval.index_cluster import ClusterIndex, ClusterIndexConfig
+
+    g = torch.Generator().manual_seed(1)
+    idx = ClusterIndex(D, ClusterIndexConfig(cluster_size=4, segment_size=256, scan_budget_fraction=0.1,
+                                             attend_scanned=True))
+    idx.add(torch.randn(600, D, generator=g), torch.arange(600))
+    found = idx.search(torch.randn(3, D, generator=g), 10)
+    assert found.shared and found.positions.shape[0] == 3
+    assert found.positions.shape[1] == found.keys_scanned >= 60
+    assert all(torch.equal(found.positions[0], row) for row in found.positions)
+    assert len(torch.unique(found.positions[0])) == found.positions.shape[1]
+
+
 def test_nothing_offloaded_is_resident_attention(layer_data) -> None:
     query, k, v = layer_data
     config = RetrievalConfig(sink_tokens=4, window=T)
