@@ -74,6 +74,22 @@ def main() -> None:
     if "accelerate" not in skip:
         res["accelerate_capped"] = run_json([PY, "-m", "flashtier.benchmarks.peers.hf_accelerate", str(model),
                                              "--max-memory", a.accelerate_max_memory, "--tokens", str(min(a.tokens, 8))], cap=a.cap)
+    if "memory" not in skip:
+        # In memory the speeds are compute bound and noisy on a shared machine: run each runtime
+        # --repeat times, interleaved, and keep the run with the median decode speed.
+        mem_cmds = {"flashtier_memory": flashtier_cmd(model, a.tokens, dtype),
+                    "flashtier_memory_torch_matvec": flashtier_cmd(model, a.tokens, [*dtype, "--fast-matvec", "off"])}
+        if gguf is not None:
+            mem_cmds["llamacpp_memory"] = [PY, "-m", "flashtier.benchmarks.peers.llamacpp", str(gguf), "--tokens", str(a.tokens)]
+        runs: dict[str, list[dict]] = {k: [] for k in mem_cmds}
+        for _ in range(a.repeat):
+            for key, cmd in mem_cmds.items():
+                runs[key].append(run_json(cmd))
+        for key, rs in runs.items():
+            rs.sort(key=lambda r: r.get("stats", r).get("decode_tok_s", 0.0))
+            res[key] = {**rs[len(rs) // 2], "all_decode_tok_s": [r.get("stats", r).get("decode_tok_s") for r in rs]}
+        res["transformers_memory"] = run_json([PY, "-m", "flashtier.benchmarks.peers.hf_accelerate", str(model), "--tokens", str(a.tokens)])
+
     f = res["flashtier_capped"]
     tok = lambda k: res.get(k, {}).get("stats", res.get(k, {})).get("decode_tok_s", 0.0)  # noqa: E731
     disk_bps = res["disk"].get("disk_read_gb_per_s", 0) * 1e9
