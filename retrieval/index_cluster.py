@@ -102,6 +102,11 @@ class ClusterIndexConfig(IndexConfig):
     """Keys per super-cluster of the first level (0 = one level: every centroid scored per search)."""
     oversample: float = 8.0
     """With two levels: super-clusters searched hold this many times the scan budget in keys."""
+    variance_correction: bool = False
+    """``estimate_rest`` adds ``scale/2 * sum_d q_d^2 var_d`` to each cluster's centroid score (the
+    log-normal correction ``E[exp(q.k)] = exp(q.c + q^T S q / 2)`` with the members' per-dimension
+    key variance ``var [D]`` as ``S``): a centroid alone underestimates the cluster's softmax mass
+    (``exp`` is convex). Keeps a ``[C, D]`` variance table next to the centroids."""
     attend_scanned: bool = False
     """Return every scanned key, not only each row's top ``k`` (``k`` then only sets the least number
     scanned). Their exact scores were computed anyway, so attending to all of them costs only the
@@ -173,6 +178,7 @@ class ClusterIndex(KeyIndex):
         self._open_first_row = 0  # its keys are _keys[_open_first_row:]
         self._cluster_of = GrowableRows((), torch.int64)  # [N] cluster of each key in add order, -1 = tail
         self._vmean = GrowableRows((dim,), self._dtype)  # [C, D] mean value per cluster (track_values)
+        self._kvar = GrowableRows((dim,), self._dtype)  # [C, D] key variance per cluster (variance_correction)
         self._tail_val = GrowableRows((dim,), torch.float32)  # [P, D]
         self._open_val = GrowableRows((dim,), torch.float32)  # [O, D]
         self._super = GrowableRows((dim,), self._dtype)  # [S, D] super centroid - m
@@ -230,7 +236,7 @@ class ClusterIndex(KeyIndex):
 
     def _drop_open_segment(self) -> None:
         """Forget the open segment's clusters (its keys are re-clustered by the caller)."""
-        for rows in (self._centroids, self._radius, self._start, self._size, self._vmean):
+        for rows in (self._centroids, self._radius, self._start, self._size, self._vmean, self._kvar):
             rows.truncate(self._open_first_cluster)
         for rows in (self._super, self._super_radius, self._super_first, self._super_clusters, self._super_keys,
                      self._super_vmean):
@@ -265,6 +271,9 @@ class ClusterIndex(KeyIndex):
             self._cluster_of.view()[first_row : first_row + keys.shape[0]] = assign + self.n_clusters
             vmean = torch.zeros((sizes.shape[0], values.shape[1])).index_add_(0, assign, values) / sizes.unsqueeze(1)
             self._vmean.append(vmean)  # cast to the store dtype
+            if self.config.variance_correction:
+                dev = (keys - centroids[assign]).pow(2)  # [n, D]
+                self._kvar.append(torch.zeros_like(centroids).index_add_(0, assign, dev) / sizes.unsqueeze(1))
         if self.config.super_size:
             self._add_supers(centroids, radius, sizes, sup_of, vmean)
         starts = len(self._keys) + torch.cumsum(sizes, 0) - sizes  # [C_seg]
@@ -394,6 +403,8 @@ class ClusterIndex(KeyIndex):
         if last.clusters is None:  # every cluster is a unit
             local = cluster
             sizes, vmean, scores = self._size.view().float(), self._vmean.view(), last.raw
+            if self.config.variance_correction:
+                scores = scores + 0.5 * scale * (queries.pow(2).to(self._dtype) @ self._kvar.view().T).float()
         else:  # clusters of the searched super-clusters, then the other super-clusters whole
             local = torch.full((n_c,), -1, dtype=torch.int64)
             local[last.clusters] = torch.arange(last.clusters.shape[0])
@@ -405,7 +416,10 @@ class ClusterIndex(KeyIndex):
             sizes = torch.cat([self._size.view().index_select(0, last.clusters).float(),
                                self._super_keys.view()[other].float()])
             vmean = torch.cat([self._vmean.view().index_select(0, last.clusters), self._super_vmean.view()[other]])
-            scores = torch.cat([last.raw, last.super_raw[:, other]], dim=1)
+            raw = last.raw
+            if self.config.variance_correction:
+                raw = raw + 0.5 * scale * (queries.pow(2).to(self._dtype) @ self._kvar.view().index_select(0, last.clusters).T).float()
+            scores = torch.cat([raw, last.super_raw[:, other]], dim=1)
         n_u = sizes.shape[0]
         unit = torch.where(local >= 0, local, n_u + rows - (self.ntotal - n_t))  # tail keys are their own unit
         taken = torch.zeros((r, n_u + n_t)).scatter_add_(1, unit, torch.ones(unit.shape))  # [R, U + P]
@@ -419,7 +433,7 @@ class ClusterIndex(KeyIndex):
     def nbytes(self) -> int:
         parts = (self._keys, self._key_pos, self._centroids, self._radius, self._start, self._size,
                  self._tail, self._tail_pos, self._open, self._open_pos, self._positions,
-                 self._cluster_of, self._vmean, self._tail_val, self._open_val,
+                 self._cluster_of, self._vmean, self._kvar, self._tail_val, self._open_val,
                  self._super, self._super_radius, self._super_first, self._super_clusters, self._super_keys,
                  self._super_vmean)
         return sum(p.nbytes() for p in parts)

@@ -239,3 +239,22 @@ def test_cluster_retrieval_on_shifted_data_beats_sinks_and_window_alone() -> Non
         covered = attention_mass_covered(q, keys, attended, scale).mean()
         assert covered > 2 * attention_mass_covered(q, keys, resident, scale).mean()
         assert out.stats.keys_scanned_fraction < 0.05
+
+
+def test_variance_correction_brings_the_estimate_of_the_rest_closer() -> None:
+    # clusters of spread keys: the centroid alone underestimates exp(q.k) summed over the members
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(H_KV, T, D, generator=g) * 1.5
+    v = torch.randn(H_KV, T, D, generator=g)
+    query = torch.randn(H_KV * G, D, generator=g) * 2
+    scale = 1 / math.sqrt(D)
+    ref = full_attention(query, k, v, scale)
+    err = {}
+    for corr in (False, True):
+        config = RetrievalConfig(sink_tokens=4, window=32, top_k=20, index="cluster", group_search="rows",
+                                 estimate_rest=True,
+                                 index_options={"cluster_size": 8, "segment_size": 256, "variance_correction": corr})
+        rk, rv, layer = split_layer(config, k, v)
+        out = RetrievalAttention(config).decode_step(query, rk, rv, layer, scale)
+        err[corr] = float((out.output - ref).norm() / ref.norm())
+    assert err[True] < err[False], err
