@@ -50,7 +50,7 @@ from flashtier.prefetch.experts import (
     PrefetchGate,
 )
 from flashtier.runtime.checkpoint import Checkpoint, layer_names
-from flashtier.runtime.paged_weights import TORCH_DTYPES, PagedWeights
+from flashtier.runtime.paged_weights import TORCH_DTYPES, PagedWeights, budget_options
 from flashtier.runtime.planner import Bandwidths
 from flashtier.storage_backends.aligned import align_up
 from flashtier.storage_backends.base import StorageBackend
@@ -553,13 +553,5 @@ def _slots_per_layer(cache_bytes: int, slot_bytes: int, layers: list[int], num_e
 
 def expert_weights(checkpoint: Checkpoint, config: Any) -> ExpertWeights:
     """EngineConfig -> ExpertWeights (the factory the engine uses for MoE models under a budget)."""
-    from flashtier.runtime.engine import DTYPES
-
-    dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
-    if config.dram_budget is None:
-        raise BudgetError("expert caches need --dram-budget")
-    extra = dict(config.extra)
-    kv_tokens = config.max_context or min(checkpoint.config.max_position_embeddings, 4096)
-    return ExpertWeights(checkpoint, config.dram_budget, dtype, kv_tokens=kv_tokens,
-                         device_budget=config.device_budget or 0, direct_io=str(extra.get("direct_io", "auto")),
-                         experts=ExpertCacheConfig.from_extra(extra))
+    return ExpertWeights(checkpoint, **budget_options(checkpoint, config, "expert caches"),
+                         experts=ExpertCacheConfig.from_extra(dict(config.extra)))

@@ -232,14 +232,21 @@ def _window_for(checkpoint: Checkpoint, streamed: list[str], plan: Plan) -> int:
     return min(plan.stream_window_bytes, max(need, 1 << 16))
 
 
-def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:
-    """EngineConfig -> PagedWeights (the factory the engine uses when a budget is set)."""
+def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, Any]:
+    """The constructor arguments a budgeted accessor takes from an EngineConfig: ``dram_budget``,
+    ``compute_dtype``, ``kv_tokens`` (the context planned for), ``device_budget``, ``direct_io``.
+    ``what`` names the accessor in the error raised when no budget is set."""
     from flashtier.runtime.engine import DTYPES
 
-    dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
     if config.dram_budget is None:
-        raise BudgetError("paged weights need --dram-budget")
-    extra = dict(config.extra)
-    kv_tokens = config.max_context or min(checkpoint.config.max_position_embeddings, 4096)
-    return PagedWeights(checkpoint, config.dram_budget, dtype, kv_tokens=kv_tokens,
-                        device_budget=config.device_budget or 0, direct_io=str(extra.get("direct_io", "auto")))
+        raise BudgetError(f"{what} need --dram-budget")
+    return {"dram_budget": config.dram_budget,
+            "compute_dtype": DTYPES[config.compute_dtype] if config.compute_dtype else None,
+            "kv_tokens": config.max_context or min(checkpoint.config.max_position_embeddings, 4096),
+            "device_budget": config.device_budget or 0,
+            "direct_io": str(dict(config.extra).get("direct_io", "auto"))}
+
+
+def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:
+    """EngineConfig -> PagedWeights (the factory the engine uses when a budget is set)."""
+    return PagedWeights(checkpoint, **budget_options(checkpoint, config, "paged weights"))
