@@ -344,6 +344,15 @@ def _place(groups: list[tuple[str, list[str]]], sizes: dict[str, int], req: Plan
             placement[n] = tier
         if tier != "storage":
             used[tier] += need
+        elif kind in ("attention", "ffn", "shared_expert"):
+            # The whole group does not fit: keep what does of it, tensor by tensor, so the budget
+            # left over from whole groups (up to a group's size) still saves reads.
+            for n in names:
+                for t in order:
+                    if used[t] + sizes[n] <= caps[t]:
+                        placement[n] = t
+                        used[t] += sizes[n]
+                        break
     return placement, used
 
 
