@@ -29,6 +29,9 @@ MatVec = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 _KERNEL: MatVec | None = None
 _KERNEL_ERROR: str | None = None
 _KERNEL_LOCK = threading.Lock()
+_CALL_LOCK: threading.Lock | None = None
+"""Set when numba runs on its ``workqueue`` threading layer, which aborts the process if two
+threads launch parallel kernels at once (the ``omp`` and ``tbb`` layers are thread-safe)."""
 
 
 def _define() -> MatVec:
@@ -65,11 +68,17 @@ def _define() -> MatVec:
 def bf16_matvec_kernel() -> MatVec | None:
     """The compiled kernel, or None when numba cannot build it here (then callers use torch).
     Compiled once per process (a few seconds), on first use."""
-    global _KERNEL, _KERNEL_ERROR
+    global _KERNEL, _KERNEL_ERROR, _CALL_LOCK
     with _KERNEL_LOCK:
         if _KERNEL is None and _KERNEL_ERROR is None:
             try:
-                _KERNEL = _define()
+                kernel = _define()
+                kernel(np.zeros((2, 16), np.uint16), np.zeros(16, np.float32), np.zeros(2, np.float32))  # load / compile now
+                import numba
+
+                if numba.threading_layer() == "workqueue":
+                    _CALL_LOCK = threading.Lock()
+                _KERNEL = kernel
             except Exception as exc:  # numba missing or failing on this platform: torch fallback
                 _KERNEL_ERROR = f"{type(exc).__name__}: {exc}"
         return _KERNEL
@@ -115,7 +124,12 @@ class Linear:
             want = min(self.threads, numba.config.NUMBA_NUM_THREADS)
             if numba.get_num_threads() != want:
                 numba.set_num_threads(want)
-        kernel(w.view(torch.int16).numpy().view(np.uint16), xf, out)
+        bits = w.view(torch.int16).numpy().view(np.uint16)  # [N, K] the bf16 bytes, no copy
+        if _CALL_LOCK is None:
+            kernel(bits, xf, out)
+        else:
+            with _CALL_LOCK:
+                kernel(bits, xf, out)
         y = torch.from_numpy(out)
         if b is not None:
             y = y + b.float()

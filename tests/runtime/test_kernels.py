@@ -105,3 +105,16 @@ def test_auto_kernel_is_off_under_a_dram_budget_and_cli_flag_parses() -> None:
     assert engine_options(p.parse_args(["--fast-matvec", "on"]))["fast_matvec"] is True
     assert engine_options(p.parse_args(["--fast-matvec", "off"]))["fast_matvec"] is False
     assert "fast_matvec" not in engine_options(p.parse_args(["--fast-matvec", "auto"]))
+
+
+@needs_kernel
+def test_concurrent_callers_from_threads_get_correct_results() -> None:
+    # the server and embedding apps may run models on several threads at once
+    from concurrent.futures import ThreadPoolExecutor
+
+    w, xs = _bf16(700, 300, seed=8), [_bf16(1, 300, seed=s) for s in range(16)]
+    lin = Linear(threads=2)
+    expected = [lin(x, w) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: lin(x, w), xs * 4))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected * 4))
