@@ -41,15 +41,15 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # Speed first: coarse clusters under super-clusters of 256 keys, 1% scanned, no estimate.
     "fast": MappingProxyType({"scan_budget": 0.01, "group_search": "rows", "estimate_rest": False,
                               "index_options": {"cluster_size": 16, "super_size": 256, "store_dtype": "bfloat16"}}),
-    # Default: clusters of 4 keys, 4.5% scanned and all of them attended, the unretrieved mass
-    # estimated from the clusters.
+    # Default: clusters of 4 keys, 4.5% scanned, the unretrieved mass estimated from the clusters.
+    # (Attending every scanned key, index option attend_scanned, measured +1.6 points of top-1
+    # agreement at 16K for a 48% slower step at 128K: off.)
     "balanced": MappingProxyType({"scan_budget": 0.045, "group_search": "rows", "estimate_rest": True,
-                                  "index_options": {"cluster_size": 4, "bound_weight": 0.3, "store_dtype": "bfloat16",
-                                                    "attend_scanned": True}}),
+                                  "index_options": {"cluster_size": 4, "bound_weight": 0.3, "store_dtype": "bfloat16"}}),
     # Closest to full attention: clusters of 2 keys (the centroid pass reads half the keys' size).
     "quality": MappingProxyType({"scan_budget": 0.045, "group_search": "rows", "estimate_rest": True,
                                  "index_options": {"cluster_size": 2, "bound_weight": 0.3, "kmeans_iters": 8,
-                                                   "store_dtype": "bfloat16", "attend_scanned": True}}),
+                                                   "store_dtype": "bfloat16"}}),
 })
 """Named starting points for the retrieval options (``retrieval_preset``); explicit options
 override them. Measured trade-offs: README, long context."""
