@@ -95,6 +95,8 @@ class EngineConfig:
             raise ConfigError(f"attention must be 'full' or 'retrieval', got {self.attention!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.fast_matvec is not None and not isinstance(self.fast_matvec, bool):
+            raise ConfigError(f"fast_matvec must be True, False or None (auto), got {self.fast_matvec!r}")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
 

@@ -118,3 +118,11 @@ def test_concurrent_callers_from_threads_get_correct_results() -> None:
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda x: lin(x, w), xs * 4))
     assert all(torch.equal(g, e) for g, e in zip(got, expected * 4))
+
+
+def test_bad_fast_matvec_value_is_a_config_error() -> None:
+    from flashtier.errors import ConfigError
+    from flashtier.runtime.engine import EngineConfig
+
+    with pytest.raises(ConfigError, match="fast_matvec must be True, False or None"):
+        EngineConfig(fast_matvec="yes")  # type: ignore[arg-type]
