@@ -108,7 +108,8 @@ def ffn_budget(ckpt: Checkpoint, max_context: int, fraction: float) -> tuple[int
 
     def resident_layers(budget: int) -> list[int]:
         plan = make_plan(cfg, sizes, PlanRequest(dram_budget=budget, context=max_context,
-                                                 kv_dtype_bytes=2, weight_dtype_bytes=2))
+                                                 kv_dtype_bytes=2, weight_dtype_bytes=2,
+                                                 streamed_unit="layer"))  # as the sparse FFN plans
         return [i for i in range(cfg.num_layers) if plan.placement[layer_names(cfg, i).gate] != "storage"]
 
     lo, hi = 1 << 20, sum(sizes.values()) * 2

@@ -43,7 +43,8 @@ class PagedWeights:
                  kv_tokens: int = 4096, bandwidths: Bandwidths = Bandwidths(), device_budget: int = 0,
                  direct_io: str = "auto", host_policy: str = "lru",
                  progress: Callable[[int, int], None] | None = None,
-                 external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None) -> None:
+                 external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None,
+                 streamed_unit: str = "tensor") -> None:
         """``external``: streamed tensors another component serves (e.g. FFN neurons read from
         row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
         store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
@@ -57,7 +58,8 @@ class PagedWeights:
         req = PlanRequest(dram_budget=dram_budget, context=kv_tokens,
                           kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                           expert_cache=expert_cache_min_bytes is not None,
-                          expert_cache_min_bytes=expert_cache_min_bytes or 0)
+                          expert_cache_min_bytes=expert_cache_min_bytes or 0,
+                          streamed_unit=streamed_unit)  # type: ignore[arg-type]
         self.plan: Plan = make_plan(cfg, sizes, req, bandwidths)
         if device_budget:
             # The device tier (CUDA) is driven by the same store; on this CPU path it is not used.

@@ -61,6 +61,11 @@ class PlanRequest:
     retrieval_scan_fraction: float = 0.02
     """Retrieval attention: share of the offloaded keys scanned per step."""
     retrieval_top_k: int = 2048
+    streamed_unit: Literal["tensor", "layer"] = "tensor"
+    """What the forward holds at once and what residency is decided for: ``tensor`` (dense weights
+    are released after their matmul; a layer that does not fit whole keeps the tensors that fit)
+    or ``layer`` (whole layers; the sparse FFN, whose bundles replace a streamed layer's FFN and
+    use its share of the window, plans this way)."""
     stream_window_bytes: int = 96 * MiB
     """Host bytes reserved for in-flight streamed weights (at least 2 of the largest streamed
     tensors). 64 MiB measured worse on the 1.7 GB model (23 MB tensors): the slab fragments,
@@ -204,7 +209,7 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
     window = base_window
     for _ in range(4):
         placed, used = _place(groups, sizes, req, has_device, kv_bytes, window)
-        need_window = max(base_window, 2 * _largest_pass_group(cfg, sizes, placed))
+        need_window = max(base_window, 2 * _largest_pass_group(cfg, sizes, placed, req.streamed_unit))
         if need_window <= window:
             break
         window = need_window
@@ -282,7 +287,8 @@ PAGE_SLACK = 8192
 """Alignment padding a streamed page may cost in the store's slab."""
 
 
-def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[str, Tier]) -> int:
+def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[str, Tier],
+                        unit: str = "tensor") -> int:
     """Most streamed bytes a forward holds at once: the forward releases each dense weight right
     after its matmul (``Transformer._linear``), so one tensor (an expert's three tensors are
     released together, two experts may be in flight), or the output head."""
@@ -293,8 +299,8 @@ def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[st
     largest = streamed([head]) if head else 0
     for i in range(cfg.num_layers):
         n = layer_names(cfg, i)
-        held = max(streamed([t]) for t in (n.q, n.k, n.v, n.o, n.gate, n.up, n.down, n.shared_gate, n.shared_up,
-                                             n.shared_down))
+        dense = [n.q, n.k, n.v, n.o, n.gate, n.up, n.down, n.shared_gate, n.shared_up, n.shared_down]
+        held = max(streamed([t]) for t in dense) if unit == "tensor" else streamed(dense)
         if n.router:
             held += 2 * max((streamed(list(n.expert(e))) for e in range(cfg.num_experts)), default=0)
         largest = max(largest, held)
@@ -344,7 +350,7 @@ def _place(groups: list[tuple[str, list[str]]], sizes: dict[str, int], req: Plan
             placement[n] = tier
         if tier != "storage":
             used[tier] += need
-        elif kind in ("attention", "ffn", "shared_expert"):
+        elif req.streamed_unit == "tensor" and kind in ("attention", "ffn", "shared_expert"):
             # The whole group does not fit: keep what does of it, tensor by tensor, so the budget
             # left over from whole groups (up to a group's size) still saves reads.
             for n in names:

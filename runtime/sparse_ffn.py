@@ -152,12 +152,13 @@ class SparseFFNWeights:
         # The same request PagedWeights makes: which dense FFN layers does dense streaming stream?
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
         plan = make_plan(cfg, sizes, PlanRequest(dram_budget=dram_budget, context=kv_tokens,
-                                                 kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2))
+                                                 kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
+                                                 streamed_unit="layer"))
         names = {i: layer_names(cfg, i) for i in range(cfg.num_layers)}
         sparse = [i for i, n in names.items() if n.gate and plan.placement.get(n.gate) == "storage"]
         external = frozenset(x for i in sparse for x in (names[i].gate, names[i].up, names[i].down))
         self.paged = PagedWeights(checkpoint, dram_budget, self.compute_dtype, kv_tokens=kv_tokens,
-                                  direct_io=config.direct_io, external=external)
+                                  direct_io=config.direct_io, external=external, streamed_unit="layer")
         try:
             if any(self.paged.plan.placement.get(x) != "storage" for x in external):
                 raise CheckpointError("internal: the sparse FFN's plan differs from PagedWeights'; keep their requests equal")

@@ -43,7 +43,8 @@ def budget_for(model_dir: Path, resident_ffn_layers: int) -> int:
 
     def resident(b: int) -> int:
         try:
-            plan = make_plan(ckpt.config, sizes, PlanRequest(dram_budget=b, context=CONTEXT, kv_dtype_bytes=4))
+            plan = make_plan(ckpt.config, sizes, PlanRequest(dram_budget=b, context=CONTEXT, kv_dtype_bytes=4,
+                                                             streamed_unit="layer"))  # as the sparse FFN plans
         except Exception:
             return -1
         return sum(plan.placement[layer_names(ckpt.config, i).gate] != "storage" for i in range(ckpt.config.num_layers))
