@@ -65,6 +65,28 @@ def test_dense_cpu_plan_keeps_attention_resident_first():
     assert plan.bytes_per_token["storage"] == streamed + sizes["model.embed_tokens.weight"] // cfg.vocab_size
 
 
+@pytest.mark.parametrize("budget_mib", [450, 600, 700, 900])
+def test_per_tensor_residency_uses_the_budget_a_whole_layer_would_leave(budget_mib):
+    cfg = ModelConfig.from_hf(hf_config(PRESETS["dense-1.7g"]))
+    sizes = sizes_from_config(cfg)
+    budget = budget_mib << 20
+    by_tensor = make_plan(cfg, sizes, PlanRequest(dram_budget=budget, context=64))
+    by_layer = make_plan(cfg, sizes, PlanRequest(dram_budget=budget, context=64, streamed_unit="layer"))
+    for plan in (by_tensor, by_layer):  # the budget is a promise either way
+        assert plan.resident_bytes["host"] + plan.kv_bytes["host"] + plan.stream_window_bytes <= budget
+    ffn_tensor = max(sizes[n] for n in sizes if ".mlp." in n)
+    # the window holds two of the largest streamed tensors (tensor unit) or two layers' FFN (layer unit)
+    assert by_tensor.stream_window_bytes <= by_layer.stream_window_bytes
+    assert by_tensor.stream_window_bytes >= 2 * ffn_tensor
+    # tensor unit: nothing the budget could hold is streamed; layer unit: FFN layers all or nothing
+    assert by_tensor.bytes_per_token["storage"] <= by_layer.bytes_per_token["storage"]
+    free = budget - by_tensor.resident_bytes["host"] - by_tensor.kv_bytes["host"] - by_tensor.stream_window_bytes
+    assert free < ffn_tensor
+    for i in range(cfg.num_layers):
+        tiers = {by_layer.placement[f"model.layers.{i}.mlp.{p}_proj.weight"] for p in ("gate", "up", "down")}
+        assert len(tiers) == 1
+
+
 def test_budget_below_minimum_names_the_minimum():
     cfg = ModelConfig.from_hf(hf_config(PRESETS["dense-1.7g"]))
     with pytest.raises(BudgetError, match=r"below the minimum.*at least \d+[MK]"):
