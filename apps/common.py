@@ -113,14 +113,13 @@ def attention_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads", "fast_matvec",
+    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads",
                 "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate", "expert_verify"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
-    fm = opts.pop("fast_matvec", None)
-    if fm in ("on", "off"):
-        opts["fast_matvec"] = fm == "on"
+    if getattr(args, "fast_matvec", None) in ("on", "off"):  # "auto" = the engine's default (None)
+        opts["fast_matvec"] = args.fast_matvec == "on"
     opts.update(attention_options(args))
     return opts
 

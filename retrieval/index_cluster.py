@@ -51,13 +51,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
 from flashtier.errors import ConfigError, InputError
 from flashtier.retrieval.buffer import GrowableRows
 from flashtier.retrieval.index import KeyIndex, SearchResult
 from flashtier.retrieval.index_config import IndexConfig
 from flashtier.retrieval.kmeans import kmeans
-from flashtier.retrieval.merge import PartialAttention, merge_partials, partial_from_scores
+from flashtier.retrieval.merge import (
+    PartialAttention,
+    merge_partials,
+    partial_from_scores,
+)
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -404,7 +407,7 @@ class ClusterIndex(KeyIndex):
             local = cluster
             sizes, vmean, scores = self._size.view().float(), self._vmean.view(), last.raw
             if self.config.variance_correction:
-                scores = scores + 0.5 * scale * (queries.pow(2).to(self._dtype) @ self._kvar.view().T).float()
+                scores = scores + self._variance_term(queries, scale, None)
         else:  # clusters of the searched super-clusters, then the other super-clusters whole
             local = torch.full((n_c,), -1, dtype=torch.int64)
             local[last.clusters] = torch.arange(last.clusters.shape[0])
@@ -418,7 +421,7 @@ class ClusterIndex(KeyIndex):
             vmean = torch.cat([self._vmean.view().index_select(0, last.clusters), self._super_vmean.view()[other]])
             raw = last.raw
             if self.config.variance_correction:
-                raw = raw + 0.5 * scale * (queries.pow(2).to(self._dtype) @ self._kvar.view().index_select(0, last.clusters).T).float()
+                raw = raw + self._variance_term(queries, scale, last.clusters)
             scores = torch.cat([raw, last.super_raw[:, other]], dim=1)
         n_u = sizes.shape[0]
         unit = torch.where(local >= 0, local, n_u + rows - (self.ntotal - n_t))  # tail keys are their own unit
@@ -429,6 +432,12 @@ class ClusterIndex(KeyIndex):
             return clusters
         tail = partial_from_scores((queries @ self._tail.view().T) * scale + left[:, n_u:], self._tail_val.view())
         return merge_partials([clusters, tail])  # no copy of the (large) mean-value table
+
+    def _variance_term(self, queries: torch.Tensor, scale: float, clusters: torch.Tensor | None) -> torch.Tensor:
+        """``scale/2 * sum_d q_d^2 var_d`` ``[R, M]`` for the clusters ``clusters [M]`` (None = all),
+        in raw score units (``estimate_rest`` multiplies scores by ``scale``)."""
+        var = self._kvar.view() if clusters is None else self._kvar.view().index_select(0, clusters)
+        return 0.5 * scale * (queries.pow(2).to(self._dtype) @ var.T).float()
 
     def nbytes(self) -> int:
         parts = (self._keys, self._key_pos, self._centroids, self._radius, self._start, self._size,

@@ -17,7 +17,7 @@ Anything else (several rows, other dtypes, non-contiguous weights) goes to ``F.l
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -42,10 +42,10 @@ def _define() -> MatVec:
     from numba.extending import intrinsic
 
     @intrinsic
-    def _bits_as_f32(typingctx, bits):  # noqa: ANN001 (numba intrinsic signature)
+    def _bits_as_f32(typingctx, bits):
         sig = types.float32(types.uint32)
 
-        def codegen(context, builder, signature, args):  # noqa: ANN001
+        def codegen(context, builder, signature, args):
             return builder.bitcast(args[0], ir.FloatType())
 
         return sig, codegen
@@ -100,6 +100,12 @@ class Linear:
     def __init__(self, fast: bool = True, threads: int | None = None) -> None:
         self._kernel = bf16_matvec_kernel() if fast else None
         self.threads = threads
+        self._numba = None  # numba's thread-count functions, when a count must be applied
+        self._numba_threads = 0
+        if self._kernel is not None and threads is not None:
+            import numba
+
+            self._numba, self._numba_threads = numba, min(threads, numba.config.NUMBA_NUM_THREADS)
         self.calls_fast = 0
         self.calls_torch = 0
 
@@ -118,12 +124,8 @@ class Linear:
         n_rows = w.shape[0]
         out = np.empty(n_rows, np.float32)
         xf = x[0].float().contiguous().numpy()  # [K] f32 (exact widening of bf16)
-        if self.threads is not None:
-            import numba
-
-            want = min(self.threads, numba.config.NUMBA_NUM_THREADS)
-            if numba.get_num_threads() != want:
-                numba.set_num_threads(want)
+        if self._numba is not None and self._numba.get_num_threads() != self._numba_threads:
+            self._numba.set_num_threads(self._numba_threads)  # per calling thread, like OpenMP's
         bits = w.view(torch.int16).numpy().view(np.uint16)  # [N, K] the bf16 bytes, no copy
         if _CALL_LOCK is None:
             kernel(bits, xf, out)

@@ -19,15 +19,19 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from dataclasses import replace
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-
 from flashtier.errors import BudgetError, CheckpointError
 from flashtier.runtime.checkpoint import EMBED, Checkpoint, layer_names, read_tensor
-from flashtier.runtime.planner import Bandwidths, Plan, PlanRequest, make_plan
+from flashtier.runtime.planner import (
+    Bandwidths,
+    Plan,
+    PlanRequest,
+    StreamedUnit,
+    make_plan,
+)
 from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFileConfig
 from flashtier.tiers.config import StoreConfig
 from flashtier.tiers.page import PageDesc, PageSource
@@ -44,7 +48,7 @@ class PagedWeights:
                  direct_io: str = "auto", host_policy: str = "lru",
                  progress: Callable[[int, int], None] | None = None,
                  external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None,
-                 streamed_unit: str = "tensor") -> None:
+                 streamed_unit: StreamedUnit = "tensor") -> None:
         """``external``: streamed tensors another component serves (e.g. FFN neurons read from
         row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
         store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
@@ -59,7 +63,7 @@ class PagedWeights:
                           kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                           expert_cache=expert_cache_min_bytes is not None,
                           expert_cache_min_bytes=expert_cache_min_bytes or 0,
-                          streamed_unit=streamed_unit)  # type: ignore[arg-type]
+                          streamed_unit=streamed_unit)
         self.plan: Plan = make_plan(cfg, sizes, req, bandwidths)
         if device_budget:
             # The device tier (CUDA) is driven by the same store; on this CPU path it is not used.

@@ -23,7 +23,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from flashtier.errors import BudgetError, ConfigError
-from flashtier.runtime.checkpoint import EMBED, FINAL_NORM, LM_HEAD, expected_shapes, layer_names
+from flashtier.runtime.checkpoint import (
+    EMBED,
+    FINAL_NORM,
+    LM_HEAD,
+    expected_shapes,
+    layer_names,
+)
 from flashtier.runtime.config import ModelConfig
 
 Tier = Literal["device", "host", "storage"]
@@ -45,6 +51,10 @@ class Bandwidths:
     source: str = "defaults"
 
 
+StreamedUnit = Literal["tensor", "layer"]
+"""How the planner sizes the window and residency (``PlanRequest.streamed_unit``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PlanRequest:
     """What to plan for."""
@@ -61,7 +71,7 @@ class PlanRequest:
     retrieval_scan_fraction: float = 0.02
     """Retrieval attention: share of the offloaded keys scanned per step."""
     retrieval_top_k: int = 2048
-    streamed_unit: Literal["tensor", "layer"] = "tensor"
+    streamed_unit: StreamedUnit = "tensor"
     """What the forward holds at once and what residency is decided for: ``tensor`` (dense weights
     are released after their matmul; a layer that does not fit whole keeps the tensors that fit)
     or ``layer`` (whole layers; the sparse FFN, whose bundles replace a streamed layer's FFN and
@@ -288,10 +298,11 @@ PAGE_SLACK = 8192
 
 
 def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[str, Tier],
-                        unit: str = "tensor") -> int:
-    """Most streamed bytes a forward holds at once: the forward releases each dense weight right
-    after its matmul (``Transformer._linear``), so one tensor (an expert's three tensors are
-    released together, two experts may be in flight), or the output head."""
+                        unit: StreamedUnit = "tensor") -> int:
+    """Most streamed bytes a forward holds at once: with ``unit == "tensor"`` one dense tensor (the
+    forward releases each right after its matmul, ``Transformer._linear``), with ``"layer"`` one
+    layer's dense tensors; plus two experts (an expert's three tensors are released together), or
+    the output head."""
     def streamed(names: list[str]) -> int:
         return sum(sizes[n] + PAGE_SLACK for n in names if n and placed.get(n) == "storage")
 
