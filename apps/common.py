@@ -44,6 +44,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fast-matvec", default=None, choices=["auto", "on", "off"],
                    help="flashtier's numba kernel for single-token bf16 products (2x torch's; costs ~120 MiB "
                         "of RSS). auto (default): on without --dram-budget")
+    g.add_argument("--compressed", default=None, choices=["auto", "on", "off"],
+                   help="with --dram-budget, stream weights from the lossless compressed copy written by "
+                        "`flashtier compress` (~0.67x the bytes from storage, same outputs). auto (default): when it exists")
     e = p.add_argument_group("MoE experts (with --dram-budget)")
     e.add_argument("--expert-policy", default=None, help="eviction policy of the per-layer expert caches "
                    "(least-stale, lru, lfu, lrfu, cost, mru; default least-stale)")
@@ -114,7 +117,8 @@ def attention_options(args: argparse.Namespace) -> dict[str, Any]:
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads",
-                "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate", "expert_verify"):
+                "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate", "expert_verify",
+                "compressed"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value

@@ -186,7 +186,7 @@ class ExpertWeights(PagedWeights):
 
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, bandwidths: Bandwidths | None = None, device_budget: int = 0,
-                 direct_io: str = "auto", experts: ExpertCacheConfig | None = None,
+                 direct_io: str = "auto", experts: ExpertCacheConfig | None = None, compressed: str = "auto",
                  progress: Callable[[int, int], None] | None = None) -> None:
         cfg = checkpoint.config
         bandwidths = bandwidths or Bandwidths()
@@ -201,7 +201,7 @@ class ExpertWeights(PagedWeights):
         min_slots = experts.slots or 1
         names = frozenset(x.info.name for extents in self.layout.experts.values() for ext in extents for x in ext.parts)
         super().__init__(checkpoint, dram_budget, compute_dtype, kv_tokens, bandwidths, device_budget, direct_io,
-                         progress=progress, external=names,
+                         progress=progress, compressed=compressed, external=names,
                          expert_cache_min_bytes=len(moe_layers) * min_slots * self.slot_bytes)
         slots = _slots_per_layer(self.plan.expert_cache_bytes, self.slot_bytes, moe_layers, cfg.num_experts, experts.slots)
         self.expert_cache_bytes = sum(slots.values()) * self.slot_bytes
@@ -482,7 +482,8 @@ class ExpertWeights(PagedWeights):
             s["host_hits"] += st.tiers["host"].hits  # the expert caches are host-tier stores too
             s["host_misses"] += st.tiers["host"].misses
         c = self._c
-        s["bytes_read_storage"] += expert_bytes
+        if self.compressed_index is None:  # else the backend's count (in ``s``) has the experts already
+            s["bytes_read_storage"] += expert_bytes
         s["io_wait_s"] = round(s["io_wait_s"] + wait, 6)
         s["resident_bytes"]["expert_cache"] = self.expert_cache_bytes
         s["streamed_tensors"] += len(self._parts)

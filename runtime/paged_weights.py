@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flashtier.errors import BudgetError, CheckpointError
+from flashtier.errors import BudgetError, CheckpointError, ConfigError
 from flashtier.runtime.checkpoint import EMBED, Checkpoint, layer_names, read_tensor
 from flashtier.runtime.planner import (
     Bandwidths,
@@ -32,11 +32,15 @@ from flashtier.runtime.planner import (
     StreamedUnit,
     make_plan,
 )
+from flashtier.storage_backends.base import StorageBackend
+from flashtier.storage_backends.compressed import CompressedBackend
+from flashtier.storage_backends.compressed_layout import CompressedIndex, load_index
 from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFileConfig
 from flashtier.tiers.config import StoreConfig
 from flashtier.tiers.page import PageDesc, PageSource
 from flashtier.tiers.store import TieredStore
 
+COMPRESSED_MODES = ("auto", "on", "off")
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -48,22 +52,26 @@ class PagedWeights:
                  direct_io: str = "auto", host_policy: str = "lru",
                  progress: Callable[[int, int], None] | None = None,
                  external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None,
-                 streamed_unit: StreamedUnit = "tensor") -> None:
+                 streamed_unit: StreamedUnit = "tensor", compressed: str = "auto") -> None:
         """``external``: streamed tensors another component serves (e.g. FFN neurons read from
         row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
         store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
-        is the part of the plan's window left to that component. ``expert_cache_min_bytes``: plan
+        is the part of the plan's window left to that component. ``compressed``: read streamed
+        tensors from the checkpoint's compressed side files (``flashtier compress``): 'auto' when
+        they exist, 'on' (an error without them), 'off'. ``expert_cache_min_bytes``: plan
         MoE experts for a per-layer expert cache of at least that many bytes instead of placing
         them (``plan.expert_cache_bytes``; the expert cache pages them, see ``expert_weights``)."""
         self.checkpoint = checkpoint
         cfg = self.config = checkpoint.config
         self.compute_dtype = compute_dtype or checkpoint.weights_dtype
+        self.compressed_index = _compressed_index(checkpoint, compressed)
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
         req = PlanRequest(dram_budget=dram_budget, context=kv_tokens,
                           kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                           expert_cache=expert_cache_min_bytes is not None,
                           expert_cache_min_bytes=expert_cache_min_bytes or 0,
-                          streamed_unit=streamed_unit)
+                          streamed_unit=streamed_unit,
+                          storage_fraction=self.compressed_index.stored_fraction() if self.compressed_index else 1.0)
         self.plan: Plan = make_plan(cfg, sizes, req, bandwidths)
         if device_budget:
             # The device tier (CUDA) is driven by the same store; on this CPU path it is not used.
@@ -83,7 +91,9 @@ class PagedWeights:
         if external:
             window = _window_for(checkpoint, streamed, self.plan)
         self.external_window_bytes = self.plan.stream_window_bytes - window
-        self.backend = DirectFileBackend(DirectFileConfig(direct_io=direct_io))  # type: ignore[arg-type]
+        self.backend: StorageBackend = DirectFileBackend(DirectFileConfig(direct_io=direct_io))  # type: ignore[arg-type]
+        if self.compressed_index is not None:
+            self.backend = CompressedBackend(self.backend, self.compressed_index, owns_inner=True)
         self.store = TieredStore(
             StoreConfig(host_budget=window if streamed else max(window, 4096),  # an idle store: one block
                         device_budget=0, host_policy=host_policy,
@@ -199,8 +209,10 @@ class PagedWeights:
         storage = s.tiers["storage"]
         host = s.tiers["host"]
         resident = sum(t.numel() * t.element_size() for t in self._resident.values())
-        return {
-            "bytes_read_storage": storage.bytes_read + self._counters["embedding_bytes_read"],
+        # With compressed side files the store counts tensor bytes, the backend what the disk read.
+        read = self.backend.stats().bytes_read if self.compressed_index is not None else storage.bytes_read
+        out = {
+            "bytes_read_storage": read + self._counters["embedding_bytes_read"],
             "io_wait_s": round(s.wait_s, 6),
             "resident_bytes": {"device": 0, "host": resident, "stream_window": self.plan.stream_window_bytes,
                                "storage": self.checkpoint.total_bytes()},
@@ -211,7 +223,13 @@ class PagedWeights:
             "streamed_tensors": len(self._descs),
             "plan_predicted_decode_tok_s": round(self.plan.predicted_decode_tok_s, 3),
             "direct_io": self.backend.stats().buffered_files == 0,
+            "weights_at_rest": "compressed" if self.compressed_index is not None else "raw",
         }
+        if isinstance(self.backend, CompressedBackend):
+            out["compressed_stored_fraction"] = round(self.compressed_index.stored_fraction(), 4)
+            out["weights_decoded_bytes"] = self.backend.decoded_bytes
+            out["weights_decode_s"] = round(self.backend.decode_s, 4)
+        return out
 
     def memory_report(self) -> dict[str, Any]:
         return self.stats()["resident_bytes"]
@@ -223,6 +241,19 @@ class PagedWeights:
         self.store.close()
         self.backend.close()
         os.close(self._embed_fd)
+
+
+def _compressed_index(checkpoint: Checkpoint, mode: str) -> CompressedIndex | None:
+    """The checkpoint's compressed side files per ``mode`` ('auto' / 'on' / 'off')."""
+    if mode not in COMPRESSED_MODES:
+        raise ConfigError(f"--compressed {mode!r} is unknown; choose one of {', '.join(COMPRESSED_MODES)}")
+    if mode == "off":
+        return None
+    index = load_index(checkpoint.model_dir)
+    if index is None and mode == "on":
+        raise ConfigError(f"{checkpoint.model_dir} has no compressed weights; run `flashtier compress "
+                          f"{checkpoint.model_dir}` first, or use --compressed auto")
+    return index
 
 
 def _window_for(checkpoint: Checkpoint, streamed: list[str], plan: Plan) -> int:
@@ -250,7 +281,8 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
             "compute_dtype": DTYPES[config.compute_dtype] if config.compute_dtype else None,
             "kv_tokens": config.max_context or min(checkpoint.config.max_position_embeddings, 4096),
             "device_budget": config.device_budget or 0,
-            "direct_io": str(dict(config.extra).get("direct_io", "auto"))}
+            "direct_io": str(dict(config.extra).get("direct_io", "auto")),
+            "compressed": str(dict(config.extra).get("compressed", "auto"))}
 
 
 def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:

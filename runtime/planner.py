@@ -48,6 +48,9 @@ class Bandwidths:
     """Host -> device copies (PCIe 4.0 x16 in practice)."""
     device_memory: float = 1.0e12
     """Device memory bandwidth (an RTX 4090 class GPU)."""
+    decode: float = 1.5e9
+    """Bytes of compressed weights one core restores per second (split16: zstd + interleave,
+    measured on the work machine; see storage_backends/weight_codec.py)."""
     source: str = "defaults"
 
 
@@ -87,8 +90,13 @@ class PlanRequest:
     expert_cache_min_bytes: int = 0
     """With ``expert_cache``: bytes the cache needs at least (reserved before anything else)."""
     kv_dtype_bytes: int = 2
+    storage_fraction: float = 1.0
+    """Bytes read from storage per byte of streamed weights: below 1 when the checkpoint has
+    compressed side files (``flashtier compress``); each streamed byte is then also decoded."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.storage_fraction <= 1.5:
+            raise ConfigError(f"storage_fraction must be in (0, 1.5], got {self.storage_fraction}")
         if self.context <= 0:
             raise ConfigError(f"context must be positive, got {self.context}")
         if self.attention not in ("full", "retrieval"):
@@ -265,8 +273,14 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
     per_token["kv_host_read"] = kv_host_read
     per_token["host_to_device"] += kv_total if kv_on_link else 0
 
+    decoded = 0
+    if req.storage_fraction != 1.0:
+        decoded = per_token["storage"]
+        per_token["storage_decoded"] = decoded
+        per_token["storage"] = int(per_token["storage"] * req.storage_fraction)
     times = {
         "disk": per_token["storage"] / bw.disk,
+        "decode": decoded / bw.decode,
         "host_to_device": per_token["host_to_device"] / bw.host_to_device,
         "compute_device": (per_token["device"] + kv_device_read) / bw.device_memory,
         "compute_host": (per_token["host"] + kv_host_read) / bw.host_memory,
