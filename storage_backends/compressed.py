@@ -1,27 +1,35 @@
 """Reads of a checkpoint served from its compressed side files (``flashtier compress``).
 
 :class:`CompressedBackend` wraps the backend that does the IO. A read of a shard range that is a
-run of whole tensors (:meth:`~flashtier.storage_backends.compressed_layout.CompressedShard.run`)
-becomes one read of their stored records in the side file; when it completes, the IO thread that
-finished it checks each record's crc32 (on its first read, or always) and decodes the records into
-the caller's buffer (:func:`~flashtier.storage_backends.weight_codec.decode_into`). The job
-completes only after that, with exactly the bytes the shard holds: callers cannot tell the
-difference except by speed and by the inner backend's counters (``stats()`` are the inner
-backend's: bytes that really came from storage). Any other range reads the shard itself.
+run of whole segments (:meth:`~flashtier.storage_backends.compressed_layout.CompressedShard.run`:
+a tensor, or an expert's neighbouring tensors) becomes one read per segment of its stored record
+in the side file; as each record arrives, the IO thread that finished it checks its crc32 (on its
+first read, or always) and decodes it into its place in the caller's buffer
+(:func:`~flashtier.storage_backends.weight_codec.decode_into`), so reading the next segments
+overlaps decoding the first. The job completes once every segment is decoded, with exactly the
+bytes the shard holds: callers cannot tell the difference except by speed and by the inner
+backend's counters (``stats()`` are the inner backend's: bytes that really came from storage).
+Any other range reads the shard itself.
+
+Memory: the records land in staging buffers from a pool; at most ``max_in_flight`` segment reads
+are outstanding (the rest wait in priority order), so the staging memory is bounded by
+``max_in_flight`` x the largest record (4 MiB segments: ~2.7 MiB records) whatever the caller
+prefetches, and each IO thread keeps one decode buffer of half a segment.
 
 Placement follows the backend contract (``base``): the logical plan is the inner backend's plan of
-the shard range, so a ``dest`` of ``plan.span`` bytes gets the result at ``plan.head``. The stored
-records land in a temporary aligned buffer (about 0.7x the range) that lives until the decode ends.
+the shard range, so a ``dest`` of ``plan.span`` bytes gets the result at ``plan.head``.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import threading
 import time
 from collections.abc import Sequence
 
-from flashtier.errors import IntegrityError
+from flashtier.errors import IntegrityError, StorageError
 from flashtier.storage_backends.aligned import ReadPlan, allocate_aligned
 from flashtier.storage_backends.atomic import crc32
 from flashtier.storage_backends.base import BackendStats, Buffer, ReadJob, StorageBackend
@@ -29,43 +37,60 @@ from flashtier.storage_backends.compressed_layout import CompressedIndex, Compre
 from flashtier.storage_backends.weight_codec import decode_into
 
 
-class _DecodedJob(ReadJob):
-    """The caller's job: completes once the stored records are read, checked and decoded."""
-
-    def __init__(self, job_id: int, inner: ReadJob, owner: CompressedBackend, shard: CompressedShard,
-                 run: tuple[Segment, ...], plan: ReadPlan, result: memoryview) -> None:
-        super().__init__(job_id, shard.shard, plan, 1, memoryview(b""), None, _ignore)
-        self._owner, self._shard, self._run, self._decoded = owner, shard, run, result
-        inner.add_done_callback(self._decode)
-
-    def _decode(self, inner: ReadJob) -> None:
-        """IO thread: the records are in; verify and decode them, then complete this job."""
-        error = inner.exception()
-        if error is None:
-            try:
-                self._owner._decode_run(self._shard, self._run, inner.wait(), self._decoded)
-                self._result = self._decoded
-            except IntegrityError as e:
-                error = e
-        self.chunk_finished(0, error)
-
-
 def _ignore(job: ReadJob, error: BaseException | None, transferred: int) -> None:
     return None
 
 
+class _DecodedJob(ReadJob):
+    """The caller's job: one chunk per segment; completes when the last segment is decoded."""
+
+    def __init__(self, job_id: int, shard: CompressedShard, run: tuple[Segment, ...], plan: ReadPlan,
+                 result: memoryview) -> None:
+        super().__init__(job_id, shard.shard, plan, len(run), result, None, _ignore)
+        self.shard = shard
+        self.result_view = result
+        self.base = run[0].offset
+
+
+class _StagingPool:
+    """Aligned buffers of one size for stored records, reused (the pool never holds more than
+    were in use at once)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._free: list[memoryview] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> memoryview:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return allocate_aligned(self.nbytes)
+
+    def put(self, buf: memoryview) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
 class CompressedBackend(StorageBackend):
-    """Serves whole-tensor reads of a checkpoint from its compressed side files (module doc).
+    """Serves whole-segment reads of a checkpoint from its compressed side files (module doc).
     ``verify``: 'first-read' (each record's crc32 once), 'always', or 'off' (the zstd frame
-    checksum still guards the compressed bytes). ``owns_inner``: ``close()`` closes the inner backend."""
+    checksum still guards the compressed high bytes). ``owns_inner``: ``close()`` closes the
+    inner backend."""
 
     def __init__(self, inner: StorageBackend, index: CompressedIndex, verify: str = "first-read",
-                 owns_inner: bool = False) -> None:
+                 owns_inner: bool = False, max_in_flight: int = 8) -> None:
         super().__init__(inner.alignment)
         self._inner, self.index, self._verify_mode, self._owns = inner, index, verify, owns_inner
         self._by_path: dict[str, CompressedShard | None] = {}
         self._verified: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        largest = max((s.stored_length for sh in index.shards.values() for s in sh.segments), default=0)
+        self._pool = _StagingPool(inner.plan(inner.alignment - 1, largest).span)  # worst-case head
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._queue: list[tuple[int, int, _DecodedJob, Segment]] = []  # (priority, seq, job, segment)
+        self._seq = itertools.count()
         self.decoded_bytes = 0
         """Bytes restored by decoding so far."""
         self.decode_s = 0.0
@@ -97,31 +122,70 @@ class CompressedBackend(StorageBackend):
                              f"(or {plan.span} for the aligned layout)")
         # The same layout as any backend's (base.placement): at plan.head when dest holds the span.
         result = dest[plan.head: plan.head + length] if len(dest) >= plan.span else dest[:length]
-        start = run[0].stored_offset
-        stored = run[-1].stored_offset + run[-1].stored_length - start
-        inner = self._inner.submit_read(shard.side_file, start, stored, None, priority)
-        return _DecodedJob(next(self._ids), inner, self, shard, run, plan, result)
-
-    def _decode_run(self, shard: CompressedShard, run: tuple[Segment, ...], records: memoryview,
-                    out: memoryview) -> None:
-        t0 = time.perf_counter()
-        base, first = run[0].offset, run[0].stored_offset
-        for seg in run:
-            rec = records[seg.stored_offset - first: seg.stored_offset - first + seg.stored_length]
-            key = (shard.side_file, seg.stored_offset)
-            if self._verify_mode == "always" or (self._verify_mode == "first-read" and key not in self._verified):
-                actual = crc32(rec)
-                if actual != seg.crc:
-                    raise IntegrityError(
-                        f"{shard.side_file}: checksum mismatch in the record of bytes {seg.offset}..{seg.end} of "
-                        f"{shard.shard} (crc32 {actual:#010x}, the manifest says {seg.crc:#010x}); the compressed "
-                        "copy is corrupt: run `flashtier compress` again, or run with --compressed off")
-                with self._lock:
-                    self._verified.add(key)
-            decode_into(rec, seg.codec, out[seg.offset - base: seg.end - base],
-                        f"{shard.side_file} (bytes {seg.offset}..{seg.end} of {os.path.basename(shard.shard)})")
+        job = _DecodedJob(next(self._ids), shard, run, plan, result)
         with self._lock:
-            self.decoded_bytes += len(out)
+            for seg in run:
+                heapq.heappush(self._queue, (priority, next(self._seq), job, seg))
+        self._pump()
+        return job
+
+    def _pump(self) -> None:
+        """Start queued segment reads while fewer than ``max_in_flight`` are outstanding."""
+        while True:
+            with self._lock:
+                if self._in_flight >= self._max_in_flight or not self._queue:
+                    return
+                priority, _, job, seg = heapq.heappop(self._queue)
+                self._in_flight += 1
+            if job.failed:  # an earlier segment failed: skip the IO, count the chunk
+                self._finished(job, None, None, None)
+                continue
+            staging = self._pool.get()
+            try:
+                inner = self._inner.submit_read(job.shard.side_file, seg.stored_offset, seg.stored_length,
+                                                staging, priority)
+            except (StorageError, ValueError, OSError) as e:
+                self._finished(job, None, staging, e)
+                continue
+            inner.add_done_callback(lambda j, job=job, seg=seg, staging=staging: self._arrived(j, job, seg, staging))
+
+    def _arrived(self, inner: ReadJob, job: _DecodedJob, seg: Segment, staging: memoryview) -> None:
+        """IO thread: one record is in; check and decode it, free its buffer, start the next read."""
+        error = inner.exception()
+        if error is None and not job.failed:
+            try:
+                self._decode(job, seg, inner.wait())
+            except IntegrityError as e:
+                error = e
+        self._finished(job, seg, staging, error)
+
+    def _finished(self, job: _DecodedJob, seg: Segment | None, staging: memoryview | None,
+                  error: BaseException | None) -> None:
+        if staging is not None:
+            self._pool.put(staging)
+        with self._lock:
+            self._in_flight -= 1
+        job.chunk_finished(0, error)
+        self._pump()
+
+    def _decode(self, job: _DecodedJob, seg: Segment, record: memoryview) -> None:
+        t0 = time.perf_counter()
+        shard = job.shard
+        key = (shard.side_file, seg.stored_offset)
+        if self._verify_mode == "always" or (self._verify_mode == "first-read" and key not in self._verified):
+            actual = crc32(record)
+            if actual != seg.crc:
+                raise IntegrityError(
+                    f"{shard.side_file}: checksum mismatch in the record of bytes {seg.offset}..{seg.end} of "
+                    f"{shard.shard} (crc32 {actual:#010x}, the manifest says {seg.crc:#010x}); the compressed "
+                    "copy is corrupt: run `flashtier compress` again, or run with --compressed off")
+            with self._lock:
+                self._verified.add(key)
+        out = job.result_view[seg.offset - job.base: seg.end - job.base]
+        decode_into(record, seg.codec, out,
+                    f"{shard.side_file} (bytes {seg.offset}..{seg.end} of {os.path.basename(shard.shard)})")
+        with self._lock:
+            self.decoded_bytes += seg.length
             self.decode_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the rest: the inner backend's

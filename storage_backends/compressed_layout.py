@@ -3,9 +3,11 @@
 The checkpoint folder stays exactly as it was (a Hugging Face folder every tool can load); the
 compressed copy of its weights lives beside it in ``MODEL_DIR/flashtier-compressed/``:
 
-  * ``<shard>.ftz`` per ``<shard>.safetensors``: the shard's tensors, in file order, each one
-    *segment* stored by a lossless codec (:mod:`~flashtier.storage_backends.weight_codec`):
-    ``split16`` for 16-bit tensors that shrink, ``raw`` otherwise.
+  * ``<shard>.ftz`` per ``<shard>.safetensors``: the shard's tensors, in file order, cut into
+    *segments* of at most ``SEGMENT_BYTES`` (so a tensor's pieces are read and decoded in a
+    pipeline, with small buffers), each stored by a lossless codec
+    (:mod:`~flashtier.storage_backends.weight_codec`): ``split16`` for 16-bit tensors that shrink,
+    ``raw`` otherwise.
   * ``manifest.json`` (written last, atomically: a folder with a manifest is complete): per shard
     its size and the crc32 of its header (a shard changed after compression makes the manifest
     stale, which is refused with a clear error), and per segment
@@ -35,6 +37,8 @@ DIR_NAME = "flashtier-compressed"
 MANIFEST_NAME = "manifest.json"
 FORMAT = "flashtier-compressed-weights"
 VERSION = 1
+SEGMENT_BYTES = 4 << 20
+"""Largest segment (bytes of the original): 4 MiB keeps the decode buffers small and cache-warm."""
 MIN_GAIN = 0.9
 """A 16-bit tensor is stored compressed only when its record is below this share of its bytes."""
 
@@ -146,14 +150,17 @@ def compress_checkpoint(model_dir: str | os.PathLike[str],
                 data = f.read(info.nbytes)
                 if len(data) != info.nbytes:
                     raise CheckpointError(f"{shard}: tensor {info.name} is truncated ({len(data)} of {info.nbytes} bytes)")
-                codec, rec = RAW, data
-                if info.itemsize == 2 and info.nbytes >= 4096:
-                    packed = encode(memoryview(data), SPLIT16)
-                    if len(packed) < MIN_GAIN * len(data):
-                        codec, rec = SPLIT16, packed
-                segments.append([info.offset, info.nbytes, codec, pos, len(rec), crc32(rec)])
-                records.append(rec)
-                pos += len(rec)
+                compressible = info.itemsize == 2 and info.nbytes >= 4096
+                for start in range(0, info.nbytes, SEGMENT_BYTES):  # a 0-byte tensor has no segment
+                    piece = memoryview(data)[start: start + SEGMENT_BYTES]
+                    codec, rec = RAW, bytes(piece)
+                    if compressible and len(piece) % 2 == 0:
+                        packed = encode(piece, SPLIT16)
+                        if len(packed) < MIN_GAIN * len(piece):
+                            codec, rec = SPLIT16, packed
+                    segments.append([info.offset + start, len(piece), codec, pos, len(rec), crc32(rec)])
+                    records.append(rec)
+                    pos += len(rec)
                 done += 1
                 if progress is not None:
                     progress(done, total)
