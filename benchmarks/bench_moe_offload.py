@@ -29,6 +29,7 @@ from flashtier.benchmarks.common import (
     PY,
     REPO,
     bench_io,
+    ensure_compressed,
     ensure_gguf,
     ensure_model,
     machine,
@@ -82,7 +83,7 @@ def offload(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     work = Path(a.work)
     skip = set(filter(None, a.skip.split(",")))
     model = ensure_model(work / "moe-1.3g", "moe-1.3g")
-    conv = ensure_converted(model, work / "moe-1.3g-experts")
+    conv = ensure_compressed(ensure_converted(model, work / "moe-1.3g-experts"))
     gguf = ensure_gguf(model, work / "moe-1.3g-f16.gguf") if "llamacpp" not in skip else None
     dtype = ["--compute-dtype", a.compute_dtype] if a.compute_dtype else []
     ctx = ["--max-context", "64"]
@@ -90,11 +91,13 @@ def offload(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
                 "model_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors"))})
     res["disk"] = bench_io(work)
     budget = ["--dram-budget", a.dram_budget, *ctx, *dtype]
-    median_of(res, "flashtier_capped", flashtier_cmd(conv, a.tokens, budget), a.cap, a.repeat)
-    median_of(res, "flashtier_capped_noverify", flashtier_cmd(conv, a.tokens, [*budget, "--expert-verify", "off"]),
-              a.cap, a.repeat)
+    median_of(res, "flashtier_capped", flashtier_cmd(conv, a.tokens, [*budget, "--compressed", "on"]), a.cap, a.repeat)
+    median_of(res, "flashtier_capped_raw", flashtier_cmd(conv, a.tokens, [*budget, "--compressed", "off"]), a.cap, a.repeat)
+    if "noverify" not in skip:
+        median_of(res, "flashtier_capped_noverify", flashtier_cmd(
+            conv, a.tokens, [*budget, "--compressed", "off", "--expert-verify", "off"]), a.cap, a.repeat)
     if "original" not in skip:
-        res["flashtier_capped_original"] = run_json(flashtier_cmd(model, a.tokens, budget), cap=a.cap)
+        res["flashtier_capped_original"] = run_json(flashtier_cmd(model, a.tokens, [*budget, "--compressed", "off"]), cap=a.cap)
     acc = [PY, "-m", "flashtier.benchmarks.peers.hf_accelerate", str(model)]
     lcpp = [PY, "-m", "flashtier.benchmarks.peers.llamacpp", str(gguf)]
     if "accelerate" not in skip:
@@ -118,9 +121,10 @@ def offload(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     res["disk_bound_limit_tok_s"] = limit
     mib = lambda r: r.get("peak_cgroup_mib", "")
     rows = [
-        ("flashtier, converted (1 read/expert, crc32 on first read)", a.cap, "flashtier_capped"),
-        ("flashtier, converted, checksums off (`--expert-verify off`)", a.cap, "flashtier_capped_noverify"),
-        ("flashtier, original checkpoint", a.cap, "flashtier_capped_original"),
+        ("flashtier, converted + compressed copy (`flashtier compress`)", a.cap, "flashtier_capped"),
+        ("flashtier, converted, raw (`--compressed off`; 1 read/expert, crc32 on first read)", a.cap, "flashtier_capped_raw"),
+        ("flashtier, converted, raw, checksums off (`--expert-verify off`)", a.cap, "flashtier_capped_noverify"),
+        ("flashtier, original checkpoint, raw", a.cap, "flashtier_capped_original"),
         ("accelerate (disk offload)", a.cap, "accelerate_capped"),
         ("llama.cpp (mmap)", a.cap, "llamacpp_capped"),
         ("flashtier (bf16, exact)", "none", "flashtier_memory"),
@@ -156,7 +160,7 @@ def offload(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
         "",
         (f"flashtier under the cap: {ratio(stat(res, 'accelerate_capped'))} accelerate, "
          f"{ratio(stat(res, 'llamacpp_capped'))} llama.cpp, {ft / fm * 100 if fm else 0:.0f}% of its own in-memory speed "
-         f"({(stat(res, 'flashtier_capped_noverify') or 0) / fm * 100 if fm else 0:.0f}% with checksums off); "
+         f"(raw safetensors: {(stat(res, 'flashtier_capped_raw') or 0) / fm * 100 if fm else 0:.0f}%); "
          f"reads {per_token / 1e6:.0f} MB/token, disk-bound limit {limit:.2f} tok/s (reached {ft / limit * 100 if limit else 0:.0f}%); "
          f"expert hit rate {f.get('expert_hit_rate')}, prediction precision {f.get('expert_prefetch_precision')} / "
          f"recall {f.get('expert_prediction_recall')}; io_wait_fraction {f.get('io_wait_fraction')}; "

@@ -45,6 +45,15 @@ def ensure_model(path: Path, preset: str) -> Path:
     return path
 
 
+def ensure_compressed(model_dir: Path) -> Path:
+    """Write the model's lossless compressed copy (``flashtier compress``) unless it is there."""
+    from flashtier.storage_backends.compressed_layout import load_index
+
+    if load_index(model_dir) is None:
+        subprocess.run([PY, "-m", "flashtier", "compress", str(model_dir)], check=True)
+    return model_dir
+
+
 def ensure_gguf(model_dir: Path, out: Path) -> Path:
     if not out.is_file():
         subprocess.run([PY, "-m", "flashtier.benchmarks.gguf_export", str(model_dir), str(out)], check=True)

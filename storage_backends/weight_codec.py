@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from typing import Final
 
+import numpy as np
 import torch
 
 from flashtier.errors import IntegrityError
@@ -53,12 +54,12 @@ def encode(data: memoryview | bytes, codec: str) -> bytes:
         return bytes(data)
     if codec != SPLIT16:
         raise ValueError(f"unknown weight codec {codec!r}; known: {', '.join(CODECS)}")
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    if buf.numel() % 2:
-        raise ValueError(f"split16 needs an even number of bytes, got {buf.numel()}")
-    pairs = buf.view(-1, 2)  # [h, 2]: (low, high) per little-endian 16-bit value
-    low = pairs[:, 0].contiguous().numpy().tobytes()
-    high = pairs[:, 1].contiguous().numpy().tobytes()
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if buf.size % 2:
+        raise ValueError(f"split16 needs an even number of bytes, got {buf.size}")
+    pairs = buf.reshape(-1, 2)  # [h, 2]: (low, high) per little-endian 16-bit value
+    low = pairs[:, 0].tobytes()
+    high = pairs[:, 1].tobytes()
     zstd = _require_zstd()
     params = zstd.ZstdCompressionParameters(write_checksum=True, write_content_size=True, **_LEVEL_PARAMS)
     return low + zstd.ZstdCompressor(compression_params=params).compress(high)
@@ -102,9 +103,11 @@ def decode_into(record: memoryview, codec: str, out: memoryview, where: str) -> 
     except zstd.ZstdError as e:
         raise IntegrityError(f"{where}: compressed high bytes do not decode ({e}); the file is corrupt: "
                              "compress the model again, or run with --compressed off") from e
-    if got != h or extra:
+    if got != h or extra:  # (an empty frame decodes to nothing: h = 0 passes here)
         raise IntegrityError(f"{where}: high bytes decode to {got if not extra else 'more than ' + str(h)} bytes, "
                              f"expected {h}; the file is corrupt: compress the model again, or run with --compressed off")
+    if h == 0:
+        return
     dest = torch.frombuffer(out, dtype=torch.uint8).view(h, 2)  # [h, 2]
     low_t = torch.frombuffer(record[:h], dtype=torch.uint8)  # [h]
     torch.stack((low_t, high_t), dim=1, out=dest)

@@ -43,3 +43,21 @@ def test_errors_are_one_line(made, args, message):
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert r.stdout == ""
+
+
+def test_compress_then_generate_streams_the_compressed_copy(tmp_path):
+    cfg = dict(PRESETS["tiny-llama"], num_hidden_layers=2, vocab_size=512)
+    model = write_model(tmp_path / "m", MakeModelSpec(cfg, "bfloat16", seed=4))
+    r = run_cli("compress", str(model))
+    assert r.returncode == 0, r.stderr
+    assert 0.6 < json.loads(r.stdout)["stored_fraction"] < 0.8
+    outs = {}
+    for mode in ("on", "off"):
+        r = run_cli("generate", str(model), "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--greedy", "--json",
+                    "--ignore-eos", "--dram-budget", "2M", "--compressed", mode)
+        assert r.returncode == 0, r.stderr
+        outs[mode] = json.loads(r.stdout)
+    assert outs["on"]["tokens"] == outs["off"]["tokens"]
+    assert outs["on"]["stats"]["weights_at_rest"] == "compressed"
+    r = run_cli("compress", str(tmp_path / "nothing-here"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
