@@ -48,9 +48,10 @@ class Bandwidths:
     """Host -> device copies (PCIe 4.0 x16 in practice)."""
     device_memory: float = 1.0e12
     """Device memory bandwidth (an RTX 4090 class GPU)."""
-    decode: float = 1.5e9
-    """Bytes of compressed weights one core restores per second (split16: zstd + interleave,
-    measured on the work machine; see storage_backends/weight_codec.py)."""
+    decode: float = 1.8e9
+    """Bytes of weights the IO threads restore per second from the compressed copy (split16: zstd +
+    interleave; on the 2-core work machine 1.46 GB/s on one thread, 2.44 on two, 1.7-1.9 beside
+    the compute thread in decode; see storage_backends/weight_codec.py)."""
     source: str = "defaults"
 
 

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link-gbps", type=float, default=None, help="host->device bandwidth (GB/s, default 25)")
     p.add_argument("--device-gbps", type=float, default=None, help="device memory bandwidth (GB/s, default 1000)")
     p.add_argument("--bench-cache", default=str(DEFAULT_CACHE), help="bench-io result to read bandwidths from")
+    p.add_argument("--compressed", choices=["auto", "off"], default="auto",
+                   help="plan reads from the compressed copy when the model has one (`flashtier compress`; default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -69,11 +71,18 @@ def run(args: argparse.Namespace) -> int:
         cfg = ModelConfig.from_hf(raw, source=str(target))
         sizes = sizes_from_config(cfg, args.weight_bytes or 2)
         source = "config only"
-    else:
+    fraction = 1.0
+    if not target.is_file():
+        from flashtier.storage_backends.compressed_layout import load_index
+
         ck = Checkpoint(target)
         cfg, sizes, source = ck.config, {n: t.nbytes for n, t in ck.tensors.items()}, "checkpoint"
+        index = load_index(target) if args.compressed != "off" else None
+        if index is not None:
+            fraction = index.stored_fraction()
+            source += f", compressed copy ({fraction:.2f}x the bytes at rest)"
     req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
-                      context=args.context, attention=args.attention)
+                      context=args.context, attention=args.attention, storage_fraction=fraction)
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
     if args.json:
         print(json.dumps({"model": str(target), "source": source, "context": args.context,
