@@ -42,8 +42,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype to compute in (default: the checkpoint's, which keeps outputs exact)")
     g.add_argument("--fast-matvec", default=None, choices=["auto", "on", "off"],
-                   help="flashtier's numba kernel for single-token bf16 products (2x torch's; costs ~120 MiB "
-                        "of RSS). auto (default): on without --dram-budget")
+                   help="flashtier's bf16 kernel for single-token products (2x torch's): the C extension's when "
+                        "built, else numba's (~120 MiB of RSS). auto (default): the C kernel always; numba only "
+                        "without --dram-budget. off: torch's")
     g.add_argument("--compressed", default=None, choices=["auto", "on", "off"],
                    help="with --dram-budget, stream weights from the lossless compressed copy written by "
                         "`flashtier compress` (~0.67x the bytes from storage, same outputs). auto (default): when it exists")

@@ -27,7 +27,7 @@ import torch
 from flashtier.errors import ConfigError, InputError
 from flashtier.runtime.checkpoint import Checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
-from flashtier.runtime.kernels import Linear
+from flashtier.runtime.kernels import Linear, choose_kernel
 from flashtier.runtime.kv_cache import KVCache
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
@@ -75,11 +75,11 @@ class EngineConfig:
     """torch CPU threads for the forward (None = torch's default). Set on the thread that runs
     each generation, since OpenMP thread counts are per calling thread."""
     fast_matvec: bool | None = None
-    """Use flashtier's numba kernel for single-token products with bf16 weights on the CPU (about
-    2x torch's; same weights, fp32 accumulation; see ``runtime/kernels.py``). None (auto): on
-    when no ``dram_budget`` is set. The kernel costs about 120 MiB of resident memory (numba and
-    LLVM), which a memory-capped run spends better on weights: there the disk, not the kernel,
-    bounds decode. True / False force it."""
+    """Use flashtier's bf16 kernel for single-token products on the CPU (about 2x torch's; same
+    weights, fp32 accumulation; see ``runtime/kernels.py``). None (auto): the C extension's
+    kernel whenever it was built; without it the numba kernel, but only when no ``dram_budget``
+    is set (numba and LLVM cost ~120 MiB of resident memory, which a memory-capped run spends
+    better on weights). True / False force a fast kernel / torch's."""
     max_context: int | None = None
     """Most tokens (prompt + generated) a request may hold; the KV budget is planned for it
     (None = the model's context, capped at 4096 when a budget is set)."""
@@ -140,8 +140,8 @@ class Model:
         self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
         factory = weights_factory or _default_weights_factory(config)
         self.weights = factory(self.checkpoint, config)
-        fast = config.fast_matvec if config.fast_matvec is not None else config.dram_budget is None
-        self.linear = Linear(fast=fast, threads=config.threads)
+        kernel = choose_kernel(config.fast_matvec, budgeted=config.dram_budget is not None)
+        self.linear = Linear(fast=kernel != "torch", threads=config.threads, kernel=kernel)
         self.transformer = Transformer(self.config, self.weights, set(self.checkpoint.tensors), self.linear)
         self.cache = self._new_cache()
         self._cached_ids: list[int] = []
@@ -310,7 +310,7 @@ class Model:
             "peak_rss_bytes": peak_rss_bytes(),
             "kv_bytes": self.cache.nbytes(),
             "finish_reason": stats.finish_reason,
-            "matvec_kernel": "numba-bf16" if self.linear.fast else "torch",
+            "matvec_kernel": {"native": "native-bf16", "numba": "numba-bf16"}.get(self.linear.kernel, "torch"),
         }
         d.update(stats.extra)
         for part in (self.weights, self.cache):

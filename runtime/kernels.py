@@ -2,9 +2,16 @@
 
 Decode multiplies one activation row by every weight matrix, so it is bound by how fast the
 weights stream from memory. torch's CPU kernel for a bf16 weight and one row streams about
-12 GB/s on one core of this machine (16-18 GB/s on two), against 29 GB/s for fp16; the numba
-kernel below widens each bf16 weight to fp32 in registers (a 16-bit shift) and accumulates in
-fp32, streaming 28 GB/s on one core and 36 GB/s on two (``benchmarks/bench_matvec.py``). The
+12 GB/s on one core of this machine (16-18 GB/s on two), against 29 GB/s for fp16. Two kernels
+widen each bf16 weight to fp32 in registers (a 16-bit shift) and accumulate in fp32:
+
+  * ``native``: the C extension ``flashtier._native`` (built at install, AVX-512 / AVX2 / baseline
+    chosen at load; its own small thread pool). No runtime cost beyond the module: used by
+    default everywhere, under memory budgets too.
+  * ``numba``: the same loop JIT-compiled by numba, for installs without a C compiler. numba and
+    LLVM add ~120 MiB of RSS, so ``auto`` uses it only without a memory budget.
+
+Both stream 28-37 GB/s on this machine (``benchmarks/bench_matvec.py``). The
 weights stay the checkpoint's bf16 bytes (no conversion, nothing approximated); the fp32 result
 is rounded once to the activation dtype, as torch's kernel does. Accumulation order differs
 from torch's, so results can differ from ``F.linear`` in the last bit of bf16, like any two
@@ -89,16 +96,49 @@ def kernel_unavailable_reason() -> str | None:
     return _KERNEL_ERROR
 
 
+def native_matvec() -> Callable[..., None] | None:
+    """The C kernel ``bf16_matvec(w, x, out, rows, cols, threads)``, or None when the extension
+    was not built (no C compiler at install)."""
+    try:
+        from flashtier._native import bf16_matvec
+    except ImportError:
+        return None
+    return bf16_matvec
+
+
+KERNELS = ("native", "numba", "torch")
+
+
+def choose_kernel(fast: bool | None, budgeted: bool) -> str:
+    """Which kernel a model uses: ``fast`` False -> torch; otherwise the C kernel when built, else
+    numba when asked for (True) or when no memory budget is set (None = auto), else torch."""
+    if fast is False:
+        return "torch"
+    if native_matvec() is not None:
+        return "native"
+    return "numba" if fast or not budgeted else "torch"
+
+
 class Linear:
-    """``y = x @ w.T (+ b)`` with the fast decode kernel where it applies.
+    """``y = x @ w.T (+ b)`` with a fast decode kernel where it applies.
 
-    ``fast``: use the numba bf16 kernel for one-row products with a contiguous bf16 weight on
-    the CPU. ``threads``: numba threads for the kernel (None = numba's default). The object
-    holds no weights; it is safe to share between passes of one model (not between threads
-    running different models concurrently with different thread counts)."""
+    ``fast``: use a bf16 kernel for one-row products with a contiguous bf16 weight on the CPU;
+    ``kernel``: which ('native', 'numba'; default: native when built, else numba). ``threads``:
+    kernel threads (None = torch's thread count for native, numba's default for numba). The
+    object holds no weights; it is safe to share between passes of one model (not between
+    threads running different models concurrently with different thread counts)."""
 
-    def __init__(self, fast: bool = True, threads: int | None = None) -> None:
-        self._kernel = bf16_matvec_kernel() if fast else None
+    def __init__(self, fast: bool = True, threads: int | None = None, kernel: str | None = None) -> None:
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"matvec kernel {kernel!r} is unknown; choose one of {', '.join(KERNELS)}")
+        if not fast or kernel == "torch":
+            kernel = "torch"
+        elif kernel is None:
+            kernel = "native" if native_matvec() is not None else "numba"
+        self._native = native_matvec() if kernel == "native" else None
+        self._native_threads = max(1, threads or torch.get_num_threads())
+        self._kernel = bf16_matvec_kernel() if kernel == "numba" else None
+        self.kernel = "native" if self._native is not None else "numba" if self._kernel is not None else "torch"
         self.threads = threads
         self._numba = None  # numba's thread-count functions, when a count must be applied
         self._numba_threads = 0
@@ -111,12 +151,12 @@ class Linear:
 
     @property
     def fast(self) -> bool:
-        return self._kernel is not None
+        return self.kernel != "torch"
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[T, K]``, ``w`` ``[N, K]``, ``b`` ``[N]`` -> ``[T, N]`` in ``x.dtype``."""
         kernel = self._kernel
-        if (kernel is None or x.shape[0] != 1 or w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
+        if (self.kernel == "torch" or x.shape[0] != 1 or w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
                 or w.device.type != "cpu" or not w.is_contiguous() or x.requires_grad):
             self.calls_torch += 1
             return F.linear(x, w, b)
@@ -124,9 +164,15 @@ class Linear:
         n_rows = w.shape[0]
         out = np.empty(n_rows, np.float32)
         xf = x[0].float().contiguous().numpy()  # [K] f32 (exact widening of bf16)
+        bits = w.view(torch.int16).numpy().view(np.uint16)  # [N, K] the bf16 bytes, no copy
+        if self._native is not None:
+            self._native(bits, xf, out, n_rows, w.shape[1], self._native_threads)
+            y = torch.from_numpy(out)
+            if b is not None:
+                y = y + b.float()
+            return y.to(x.dtype).unsqueeze(0)  # [1, N]
         if self._numba is not None and self._numba.get_num_threads() != self._numba_threads:
             self._numba.set_num_threads(self._numba_threads)  # per calling thread, like OpenMP's
-        bits = w.view(torch.int16).numpy().view(np.uint16)  # [N, K] the bf16 bytes, no copy
         if _CALL_LOCK is None:
             kernel(bits, xf, out)
         else:

@@ -1,4 +1,5 @@
-"""The numba bf16 decode kernel against an fp32 reference, its fallbacks, and the engine switch."""
+"""The bf16 decode kernels (C extension and numba) against an fp32 reference, their fallbacks,
+and the engine's choice."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashtier.runtime.kernels import Linear
+from flashtier.runtime import kernels
+from flashtier.runtime.kernels import Linear, choose_kernel
 
+AVAILABLE = [k for k in ("native", "numba") if Linear(kernel=k, threads=1).kernel == k]
+needs_kernel = pytest.mark.skipif(not AVAILABLE, reason="no fast kernel on this platform")
 fast = Linear(fast=True, threads=1)
-needs_kernel = pytest.mark.skipif(not fast.fast, reason="numba kernel unavailable on this platform")
+each_kernel = pytest.mark.parametrize("name", AVAILABLE)
 
 
 def _bf16(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -20,12 +24,14 @@ def _bf16(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 @needs_kernel
+@each_kernel
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 10_000), bias=st.booleans())
-def test_matches_fp32_product_rounded_once(n: int, k: int, seed: int, bias: bool) -> None:
+@given(n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 10_000), bias=st.booleans(),
+       threads=st.integers(1, 3))
+def test_matches_fp32_product_rounded_once(name: str, n: int, k: int, seed: int, bias: bool, threads: int) -> None:
     w, x = _bf16(n, k, seed=seed), _bf16(1, k, seed=seed + 1)
     b = _bf16(n, seed=seed + 2) if bias else None
-    y = fast(x, w, b)
+    y = Linear(kernel=name, threads=threads)(x, w, b)
     assert y.dtype == torch.bfloat16 and y.shape == (1, n)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())  # exact-ish product
     # fp32 accumulation then one rounding to bf16: within one bf16 ulp (2^-8 relative) of the truth
@@ -34,7 +40,9 @@ def test_matches_fp32_product_rounded_once(n: int, k: int, seed: int, bias: bool
 
 
 @needs_kernel
-def test_agrees_with_torch_bf16_kernel() -> None:
+@each_kernel
+def test_agrees_with_torch_bf16_kernel(name: str) -> None:
+    fast = Linear(kernel=name, threads=2)
     w, x = _bf16(2048, 1024), _bf16(1, 1024, seed=1)
     y, ref = fast(x, w), F.linear(x, w)
     ulp = ref.float().abs() * 2.0 ** -7 + 1e-30
@@ -44,9 +52,11 @@ def test_agrees_with_torch_bf16_kernel() -> None:
 
 
 @needs_kernel
-def test_deterministic_across_thread_counts() -> None:
+@each_kernel
+def test_deterministic_across_thread_counts(name: str) -> None:
     w, x = _bf16(999, 513, seed=4), _bf16(1, 513, seed=5)
-    assert torch.equal(Linear(threads=1)(x, w), Linear(threads=2)(x, w))
+    assert torch.equal(Linear(kernel=name, threads=1)(x, w), Linear(kernel=name, threads=2)(x, w))
+    assert torch.equal(Linear(kernel=name, threads=1)(x, w), Linear(kernel=name, threads=3)(x, w))
 
 
 @pytest.mark.parametrize("case", ["rows", "fp32", "fp16", "strided"])
@@ -85,12 +95,20 @@ def test_engine_fast_and_torch_kernels_give_the_same_tokens() -> None:
     for flag in (True, False):
         m = open_model(model_dir, fast_matvec=flag, threads=1)
         r = m.generate(prompt, max_new_tokens=24, ignore_eos=True)
-        assert r.stats["matvec_kernel"] == ("numba-bf16" if flag else "torch")
+        assert r.stats["matvec_kernel"] == (f"{AVAILABLE[0]}-bf16" if flag else "torch")
         out[flag] = r.tokens
     assert out[True] == out[False]
 
 
-def test_auto_kernel_is_off_under_a_dram_budget_and_cli_flag_parses() -> None:
+def test_kernel_choice_keeps_numba_out_of_budgeted_runs(monkeypatch) -> None:
+    assert choose_kernel(False, budgeted=False) == "torch"
+    monkeypatch.setattr(kernels, "native_matvec", lambda: None)  # an install without a C compiler
+    assert choose_kernel(None, budgeted=False) == "numba"
+    assert choose_kernel(None, budgeted=True) == "torch"  # numba's ~120 MiB belongs to the weights there
+    assert choose_kernel(True, budgeted=True) == "numba"
+
+
+def test_auto_kernel_under_a_dram_budget_and_cli_flag_parses() -> None:
     import argparse
     from pathlib import Path
 
@@ -99,7 +117,8 @@ def test_auto_kernel_is_off_under_a_dram_budget_and_cli_flag_parses() -> None:
 
     model_dir = Path(__file__).resolve().parents[2] / "models" / "tiny-dense"
     m = open_model(model_dir, dram_budget="64M")
-    assert m.generate("x = ", max_new_tokens=2).stats["matvec_kernel"] == "torch"
+    expected = "native-bf16" if "native" in AVAILABLE else "torch"
+    assert m.generate("x = ", max_new_tokens=2).stats["matvec_kernel"] == expected
     p = argparse.ArgumentParser()
     add_budget_args(p)
     assert engine_options(p.parse_args(["--fast-matvec", "on"]))["fast_matvec"] is True
@@ -108,12 +127,13 @@ def test_auto_kernel_is_off_under_a_dram_budget_and_cli_flag_parses() -> None:
 
 
 @needs_kernel
-def test_concurrent_callers_from_threads_get_correct_results() -> None:
+@each_kernel
+def test_concurrent_callers_from_threads_get_correct_results(name: str) -> None:
     # the server and embedding apps may run models on several threads at once
     from concurrent.futures import ThreadPoolExecutor
 
     w, xs = _bf16(700, 300, seed=8), [_bf16(1, 300, seed=s) for s in range(16)]
-    lin = Linear(threads=2)
+    lin = Linear(kernel=name, threads=2)
     expected = [lin(x, w) for x in xs]
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda x: lin(x, w), xs * 4))
