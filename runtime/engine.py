@@ -226,7 +226,7 @@ class Model:
             reuse = _common_prefix(self._cached_ids, ids)
             gen = generate_ids(self.transformer, self.cache, ids, max_new_tokens, Sampler(sampling),
                                () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse,
-                               self.context_limit)
+                               self.context_limit, decode_threads=1 if self.linear.kernel == "native" else None)
             out: list[int] = []
             emitted = ""
             self._cached_ids = ids[:reuse]
