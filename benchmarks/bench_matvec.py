@@ -1,7 +1,7 @@
 """Single-row matrix products (the decode step's kernel): weight bytes streamed per second.
 
-Compares torch's ``F.linear`` with bf16, fp16 and fp32 weights against flashtier's numba bf16
-kernel (``runtime/kernels.py``), on 1 and 2 threads, over a set of matrices larger than the
+Compares torch's ``F.linear`` with bf16, fp16 and fp32 weights against flashtier's bf16 kernels
+(the C extension's and numba's) (``runtime/kernels.py``), on 1 and 2 threads, over a set of matrices larger than the
 CPU caches (so it measures memory streaming, not cache hits). Median of ``--repeat`` rounds.
 
     python -m flashtier.benchmarks.bench_matvec [--rows 5632 --cols 2048 --matrices 16]
@@ -45,14 +45,16 @@ def main() -> None:
     res: dict = {"machine": machine(), "shape": [a.rows, a.cols], "matrices": a.matrices, "gb_per_s": {}}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        fast = Linear(fast=True, threads=threads)
         cases = {
             "torch fp32": (F.linear, torch.float32),
             "torch fp16": (F.linear, torch.float16),
             "torch bf16": (F.linear, torch.bfloat16),
         }
-        if fast.fast:
-            cases["flashtier bf16 (numba)"] = (fast, torch.bfloat16)
+        for kernel in ("native", "numba"):
+            fast = Linear(fast=True, threads=threads, kernel=kernel)
+            if fast.kernel == kernel:
+                label = "C extension" if kernel == "native" else "numba"
+                cases[f"flashtier bf16 ({label})"] = (fast, torch.bfloat16)
         for name, (fn, dt) in cases.items():
             ws = [w.to(dt) for w in base]
             runs = [gb_per_s(fn, ws, x32.to(dt), a.seconds) for _ in range(a.repeat)]

@@ -146,3 +146,14 @@ def test_bad_fast_matvec_value_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="fast_matvec must be True, False or None"):
         EngineConfig(fast_matvec="yes")  # type: ignore[arg-type]
+
+
+def test_native_kernel_rejects_buffers_that_do_not_match_the_shape() -> None:
+    native = pytest.importorskip("flashtier._native")
+    import numpy as np
+
+    w = np.zeros((4, 8), np.uint16)
+    with pytest.raises(ValueError, match=r"do not match a \[4, 9\] bf16 weight"):
+        native.bf16_matvec(w, np.zeros(9, np.float32), np.zeros(4, np.float32), 4, 9, 1)
+    with pytest.raises(TypeError):
+        native.bf16_matvec(w, np.zeros(8, np.float32), b"\0" * 16, 4, 8, 1)  # read-only output

@@ -187,3 +187,24 @@ def test_compressed_on_without_a_copy_is_a_clear_error(tmp_path):
         Model(path, EngineConfig(dram_budget=total // 2, max_context=64, extra={"compressed": "on"}))
     with pytest.raises(ConfigError, match="--compressed 'sometimes' is unknown"):
         Model(path, EngineConfig(dram_budget=total // 2, max_context=64, extra={"compressed": "sometimes"}))
+
+
+def test_torch_fallback_decodes_the_same_bytes(monkeypatch):
+    from flashtier.storage_backends import weight_codec
+
+    raw = (torch.randn(3000) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    record = bytearray(encode(raw, SPLIT16))
+    fast, slow = bytearray(len(raw)), bytearray(len(raw))
+    decode_into(memoryview(record), SPLIT16, memoryview(fast), "native")
+    monkeypatch.setattr(weight_codec, "_interleave16", None)  # an install without the C extension
+    decode_into(memoryview(record), SPLIT16, memoryview(slow), "torch")
+    assert bytes(fast) == bytes(slow) == raw
+
+
+def test_native_interleave_rejects_mismatched_buffers():
+    native = pytest.importorskip("flashtier._native")
+    with pytest.raises(ValueError, match="cannot fill"):
+        native.interleave16(b"ab", b"c", bytearray(4))
+    out = bytearray(5)
+    native.interleave16(b"ab", b"cd", memoryview(out)[1:])  # an odd address: the byte-wise path
+    assert bytes(out[1:]) == b"acbd"
