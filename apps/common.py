@@ -64,7 +64,8 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
 
 
 RETRIEVAL_OPTIONS = ("retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget",
-                     "estimate_rest", "check_attention", "kv_dram_budget", "kv_spill_dir")
+                     "estimate_rest", "check_attention", "kv_dram_budget", "kv_spill_dir", "kv_quant_bits",
+                     "kv_quant_group")
 """Flags of :func:`add_attention_args` passed to the engine as ``EngineConfig.extra`` entries."""
 
 
@@ -100,6 +101,11 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                         "over it spill to storage (default: unlimited; --dram-budget is for weights)")
     g.add_argument("--kv-spill-dir", default=None, metavar="DIR",
                    help="folder for KV spill files (default: the system temp folder)")
+    g.add_argument("--kv-quant-bits", type=int, choices=[2, 4, 8], default=None,
+                   help="keep KV that left the window (host tier, spill files) KIVI-quantised: keys per channel, "
+                        "values per token (2.7x fewer bytes at 4 bits, 4x at 2; default: exact)")
+    g.add_argument("--kv-quant-group", type=int, default=None, metavar="N",
+                   help="KIVI group: tokens per key group, channels per value group (default 32)")
 
 
 def attention_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,6 +9,10 @@ spilled blocks it needs back into host slots when there is room, else reads them
 ``read_blocks`` serves the exact prefill, which scans a layer's blocks in order, reading spilled
 ones through without caching them (a scan would only evict what decode will want).
 
+Blocks are kept as records of a :class:`~flashtier.runtime.kv_codec.KVCodec` (raw bytes by
+default, or KIVI-quantised): slots are ``uint8 [record_bytes]``, spill files hold the same records,
+budgets count record bytes, and reads decode (``gather`` only the rows it returns).
+
 Budget: the host tier holds the blocks *and* whatever the caller reports as ``other_bytes`` (the
 key indexes). ``plan`` sizes the slot pool once from the budget, the longest context and the
 caller's estimate of those other bytes; ``enforce`` re-checks with the measured other bytes after
@@ -23,6 +27,7 @@ import torch
 
 from flashtier.errors import BudgetError, InputError
 from flashtier.retrieval.buffer import GrowableRows
+from flashtier.runtime.kv_codec import KVCodec, RawCodec
 from flashtier.runtime.kv_layout import KVBlockLayout
 from flashtier.runtime.kv_spill import KVSpillStore
 
@@ -31,14 +36,21 @@ NOT_HOST = -1
 
 
 class HostKVPool:
-    """Demoted KV blocks of all layers in host slots ``[cap, 2, H_kv, B, D]`` (see module docstring)."""
+    """Demoted KV blocks of all layers in host slots of encoded records ``uint8 [cap, R]`` (see
+    module docstring)."""
 
-    def __init__(self, layout: KVBlockLayout, budget: int | None, spill: KVSpillStore) -> None:
-        if budget is not None and budget < layout.block_bytes:
-            raise BudgetError(f"host KV budget {budget} B is smaller than one KV block ({layout.block_bytes} B); "
+    def __init__(self, layout: KVBlockLayout, budget: int | None, spill: KVSpillStore,
+                 codec: KVCodec | None = None) -> None:
+        self.codec = codec or RawCodec(layout)
+        self._rec = self.codec.record_bytes  # R: bytes of one block in a slot
+        if spill.record_bytes is not None and spill.record_bytes != self._rec:
+            raise InputError(f"host KV: the spill store holds {spill.record_bytes}-byte records, the codec "
+                             f"{self.codec.name} writes {self._rec}")
+        if budget is not None and budget < self._rec:
+            raise BudgetError(f"host KV budget {budget} B is smaller than one KV block ({self._rec} B); "
                               "raise --kv-dram-budget")
         self.layout, self.budget, self.spill = layout, budget, spill
-        self._pool = torch.empty((0, *layout.block_shape), dtype=layout.dtype)  # [cap, 2, H, B, D]
+        self._pool = torch.empty((0, self._rec), dtype=torch.uint8)  # [cap, R] encoded blocks
         self._max_slots: int | None = None  # from plan(); None = grow on demand
         self._slot_layer = torch.empty(0, dtype=torch.int64)  # [cap] owner layer, -1 = free
         self._slot_block = torch.empty(0, dtype=torch.int64)  # [cap] owner block
@@ -58,21 +70,21 @@ class HostKVPool:
         if self.budget is None:
             return
         room = self.budget - other_bytes_estimate
-        if room < self.layout.block_bytes:
+        if room < self._rec:
             raise BudgetError(
                 f"host KV budget {_mib(self.budget)} cannot hold the key index of this context (about "
-                f"{_mib(other_bytes_estimate)}) plus one KV block ({_mib(self.layout.block_bytes)}); raise "
-                f"--kv-dram-budget to at least {_mib(other_bytes_estimate + 16 * self.layout.block_bytes)} or shorten the context"
+                f"{_mib(other_bytes_estimate)}) plus one KV block ({_mib(self._rec)}); raise "
+                f"--kv-dram-budget to at least {_mib(other_bytes_estimate + 16 * self._rec)} or shorten the context"
             )
-        self._max_slots = max(self._max_slots or 0, min(max_blocks, room // self.layout.block_bytes))
+        self._max_slots = max(self._max_slots or 0, min(max_blocks, room // self._rec))
 
     def host_block_bytes(self) -> int:
-        """Bytes of blocks in host slots."""
-        return self._used * self.layout.block_bytes
+        """Bytes of blocks in host slots (encoded)."""
+        return self._used * self._rec
 
     def allocated_bytes(self) -> int:
         """Bytes of the slot pool, free slots included."""
-        return self._pool.shape[0] * self.layout.block_bytes
+        return self._pool.shape[0] * self._rec
 
     def blocks_on_host(self) -> int:
         return self._used
@@ -90,9 +102,10 @@ class HostKVPool:
         if tuple(blocks.shape[1:]) != self.layout.block_shape:
             raise InputError(f"host KV: blocks must be [n, {self.layout.block_shape}], got {tuple(blocks.shape)}")
         self._tick += 1
+        records = self.codec.encode(blocks)  # [n, R]
         for i in range(blocks.shape[0]):
             slot = self._free_slot(protect=self._tick + 1)  # any block may go to storage to make room
-            self._pool[slot] = blocks[i]
+            self._pool[slot] = records[i]
             self._slot_layer[slot], self._slot_block[slot], self._last_used[slot] = layer, first_block + i, self._tick
             self._used += 1
             self._tables[layer].append(torch.tensor([slot], dtype=torch.int64))
@@ -103,12 +116,12 @@ class HostKVPool:
         if self.budget is None:
             return
         room = self.budget - other_bytes
-        if room < self.layout.block_bytes:
+        if room < self._rec:
             raise BudgetError(
                 f"host KV budget {_mib(self.budget)} is used up by the key index ({_mib(other_bytes)}); raise "
                 f"--kv-dram-budget or shorten the context"
             )
-        while self._used * self.layout.block_bytes > room:
+        while self._used * self._rec > room:
             self._evict(self._lru_slot(protect=self._tick + 1))
 
     # ------------------------------------------------------------------ reading
@@ -130,7 +143,7 @@ class HostKVPool:
             slots = table[blocks]
             if bool((slots == NOT_HOST).any()):  # no room for all of them: read the rest through
                 return self._gather_through(layer, heads, blocks, offsets)
-        return self._rows(self._pool, slots, heads, offsets)
+        return self.codec.rows(self._pool, slots, heads, offsets)
 
     def read_blocks(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Blocks ``start .. stop-1`` of ``layer`` as ``[n, 2, H_kv, B, D]`` (a copy); spilled ones are
@@ -141,13 +154,13 @@ class HostKVPool:
         slots = table[start:stop]
         on_host = slots != NOT_HOST
         if bool(on_host.all()):
-            return self._pool.index_select(0, slots)
-        out = torch.empty((stop - start, *self.layout.block_shape), dtype=self.layout.dtype)
-        out[on_host] = self._pool.index_select(0, slots[on_host])
+            return self.codec.decode(self._pool.index_select(0, slots))
+        records = torch.empty((stop - start, self._rec), dtype=torch.uint8)
+        records[on_host] = self._pool.index_select(0, slots[on_host])
         spilled = torch.nonzero(~on_host).squeeze(1).tolist()
-        for i, block in zip(spilled, self.spill.read([(layer, start + i) for i in spilled])):
-            out[i] = block
-        return out
+        for i, data in zip(spilled, self.spill.read([(layer, start + i) for i in spilled])):
+            records[i] = self._from_spill(data)
+        return self.codec.decode(records)
 
     # ------------------------------------------------------------------ forgetting
     def truncate(self, layer: int, num_blocks: int) -> None:
@@ -180,12 +193,12 @@ class HostKVPool:
         beside the indexes (None = unlimited)."""
         if self.budget is None:
             return None
-        by_budget = max(1, (self.budget - self._other_bytes) // self.layout.block_bytes)
+        by_budget = max(1, (self.budget - self._other_bytes) // self._rec)
         return by_budget if self._max_slots is None else min(by_budget, self._max_slots)
 
     def _grow(self, capacity: int) -> None:
         old = self._pool.shape[0]
-        pool = torch.empty((capacity, *self.layout.block_shape), dtype=self.layout.dtype)
+        pool = torch.empty((capacity, self._rec), dtype=torch.uint8)
         pool[:old] = self._pool
         self._pool = pool
         self._free.extend(range(capacity - 1, old - 1, -1))  # pop() hands out the lowest first
@@ -209,7 +222,7 @@ class HostKVPool:
     def _evict(self, slot: int) -> None:
         """Drop the block in ``slot`` from host memory, writing it to storage first if needed."""
         layer, block = int(self._slot_layer[slot]), int(self._slot_block[slot])
-        self.spill.write((layer, block), self._pool[slot])  # no-op when already on storage
+        self.spill.write((layer, block), self._to_spill(self._pool[slot]))  # no-op when already on storage
         self._tables[layer].view()[block] = NOT_HOST
         self._slot_layer[slot] = -1
         self._free.append(slot)
@@ -226,7 +239,7 @@ class HostKVPool:
         table = self._tables[layer].view()
         for block, data in zip(wanted, self.spill.read([(layer, b) for b in wanted])):
             slot = self._free_slot(protect=self._tick)
-            self._pool[slot] = data
+            self._pool[slot] = self._from_spill(data)
             self._slot_layer[slot], self._slot_block[slot], self._last_used[slot] = layer, block, self._tick
             self._used += 1
             table[block] = slot
@@ -237,27 +250,27 @@ class HostKVPool:
         """Like ``gather`` with some blocks read from storage into a temporary, not cached."""
         unique, inverse = torch.unique(blocks, return_inverse=True)  # inverse [R, n]
         table = self._tables[layer].view()
-        data = torch.empty((unique.shape[0], *self.layout.block_shape), dtype=self.layout.dtype)
+        data = torch.empty((unique.shape[0], self._rec), dtype=torch.uint8)
         slots = table[unique]
         on_host = slots != NOT_HOST
         data[on_host] = self._pool[slots[on_host]]
         spilled = torch.nonzero(~on_host).squeeze(1).tolist()
         for i, block in zip(spilled, self.spill.read([(layer, int(unique[i])) for i in spilled])):
-            data[i] = block
+            data[i] = self._from_spill(block)
             self.gathers_from_storage += 1
-        return self._rows(data, inverse, heads, offsets)
+        return self.codec.rows(data, inverse, heads, offsets)
 
-    def _rows(self, blocks: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor,
-              offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[R, n, D]``: ``blocks[slots, 0|1, heads, offsets]`` by one ``index_select``
-        each on the flat ``[blocks * 2 * H * B, D]`` view (much faster than advanced indexing)."""
-        h, b, d = self.layout.num_kv_heads, self.layout.block_size, self.layout.head_dim
-        flat = blocks.view(-1, d)
-        key_rows = ((slots * 2) * h + heads) * b + offsets  # [R, n]
-        value_rows = key_rows + h * b
-        shape = (*key_rows.shape, d)
-        return (flat.index_select(0, key_rows.reshape(-1)).view(shape),
-                flat.index_select(0, value_rows.reshape(-1)).view(shape))
+    def _to_spill(self, record: torch.Tensor) -> torch.Tensor:
+        """A slot's record as the spill store takes it (a raw block, or the record itself)."""
+        if self.spill.record_bytes is None:
+            return self.codec.decode(record.unsqueeze(0))[0]
+        return record
+
+    def _from_spill(self, data: torch.Tensor) -> torch.Tensor:
+        """What the spill store returned, as a slot record ``uint8 [R]``."""
+        if self.spill.record_bytes is None:
+            return self.codec.encode(data.unsqueeze(0))[0]
+        return data
 
 
 def _mib(n: int) -> str:

@@ -51,6 +51,7 @@ from flashtier.runtime.kv_host_views import PagedLayerKV
 from flashtier.runtime.kv_layout import KVBlockLayout
 from flashtier.runtime.kv_retrieval_config import RetrievalCacheConfig
 from flashtier.runtime.kv_retrieval_stats import AttentionCheck, RetrievalCounters
+from flashtier.runtime.kv_codec import kv_codec
 from flashtier.runtime.kv_spill import KVSpillStore
 from flashtier.storage_backends.base import StorageBackend
 
@@ -73,8 +74,10 @@ class RetrievalKVCache:
                 f"{config.ring_tokens} positions x {layout.token_bytes} B) but kv_device_budget is "
                 f"{config.device_budget} B; lower --window or the prefill chunk, or raise the budget"
             )
-        self.spill = KVSpillStore(layout, config.spill_dir, backend)
-        self.host = HostKVPool(layout, config.host_budget, self.spill)
+        codec = kv_codec(layout, config.kv_quant_bits, config.kv_quant_group)
+        self.spill = KVSpillStore(layout, config.spill_dir, backend,
+                                  record_bytes=None if config.kv_quant_bits is None else codec.record_bytes)
+        self.host = HostKVPool(layout, config.host_budget, self.spill, codec)
         self._attention = RetrievalAttention(r)
         self._scale = layout.head_dim ** -0.5
         self._layer_len = [0] * layout.num_layers  # positions written per layer
@@ -177,6 +180,7 @@ class RetrievalKVCache:
             "kv_bytes_per_tier": self.kv_bytes_per_tier(),
             "kv_index_bytes": self.index_bytes(),
             "kv_host_block_bytes": self.host.host_block_bytes(),
+            "kv_host_codec": self.host.codec.name,
             "kv_host_allocated_bytes": self.host.allocated_bytes() + self.index_bytes(),
             "kv_blocks_spilled": self.spill.counters.blocks_written,
             "kv_blocks_read_from_storage": self.spill.counters.blocks_read,

@@ -20,6 +20,8 @@ extra key              meaning                                            defaul
 ``kv_dram_budget``     host bytes for demoted KV blocks + key indexes      unlimited
 ``kv_device_budget``   bytes the device tier (sinks + ring) may use        unchecked
 ``kv_spill_dir``       folder for KV spill files                           system temp
+``kv_quant_bits``      host/storage KV as KIVI 2/4/8-bit codes             exact (off)
+``kv_quant_group``     KIVI group (tokens for keys, channels for values)   32
 ``prefill_key_block``  keys per partial-attention block in prefill         4096
 =====================  =================================================  ===========
 """
@@ -58,7 +60,7 @@ DEFAULT_PRESET = "balanced"
 EXTRA_KEYS = frozenset({
     "retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget", "group_search",
     "index_options", "estimate_rest", "check_attention", "kv_dram_budget", "kv_device_budget", "kv_spill_dir",
-    "prefill_key_block",
+    "prefill_key_block", "kv_quant_bits", "kv_quant_group",
 })
 """Keys of ``EngineConfig.extra`` this cache reads (other subsystems own the rest)."""
 
@@ -110,6 +112,12 @@ class RetrievalCacheConfig:
     """Folder under which KV spill files are written (None = the system temp folder)."""
     check_attention: int = 0
     """Every N-th decode step, compare the attended keys with exact attention (0 = never)."""
+    kv_quant_bits: int | None = None
+    """Store demoted KV (host tier and spill files) KIVI-quantised with 2, 4 or 8 bits (None =
+    exact). Everything read back from the host tier is then dequantised, prefill included."""
+    kv_quant_group: int = 32
+    """KIVI group size: tokens per key group (divides ``block_size``), channels per value group
+    (divides the head dim)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -123,6 +131,9 @@ class RetrievalCacheConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive number of bytes, got {value}")
+        if self.kv_quant_bits is not None and (self.kv_quant_group <= 0 or self.block_size % self.kv_quant_group):
+            raise ConfigError(f"kv_quant_group {self.kv_quant_group} must divide the KV block size {self.block_size} "
+                              f"(key groups run over a block's tokens); try {min(32, self.block_size)}")
         if self.check_attention < 0:
             raise ConfigError(f"check_attention must be >= 0 (0 = off, N = every N-th decode step), got {self.check_attention}")
 
@@ -148,7 +159,18 @@ class RetrievalCacheConfig:
             device_budget=parse_bytes(get("kv_device_budget")),
             spill_dir=get("kv_spill_dir"),
             check_attention=int(get("check_attention", 0) or 0),
+            kv_quant_bits=_optional_int(get("kv_quant_bits"), "kv_quant_bits"),
+            kv_quant_group=_optional_int(get("kv_quant_group"), "kv_quant_group") or 32,
         )
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
 
 
 def _flag(value: Any) -> bool:

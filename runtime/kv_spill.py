@@ -53,8 +53,12 @@ class SpillCounters:
 class KVSpillStore:
     """Write-once files of KV blocks with checksums (see the module docstring)."""
 
-    def __init__(self, layout: KVBlockLayout, directory: str | None = None, backend: StorageBackend | None = None) -> None:
+    def __init__(self, layout: KVBlockLayout, directory: str | None = None, backend: StorageBackend | None = None,
+                 record_bytes: int | None = None) -> None:
+        """``record_bytes``: store encoded records of that many bytes (``uint8 [record_bytes]``, e.g.
+        KIVI-quantised blocks, see ``kv_codec``) instead of raw blocks ``[2, H_kv, B, D]``."""
         self.layout = layout
+        self.record_bytes = record_bytes
         self._parent = directory
         self._backend = backend
         self._owns_backend = backend is None
@@ -72,16 +76,16 @@ class KVSpillStore:
 
     def nbytes(self) -> int:
         """Bytes of the spill files."""
-        return len(self._records) * self.layout.block_bytes
+        return len(self._records) * (self.record_bytes or self.layout.block_bytes)
 
     def write(self, key: BlockKey, block: torch.Tensor) -> None:
         """Write ``block [2, H_kv, B, D]`` of ``key = (layer, block)`` once (a second write of the
         same key is a no-op: blocks are immutable)."""
         if key in self._records:
             return
-        if tuple(block.shape) != self.layout.block_shape or block.dtype != self.layout.dtype:
-            raise StorageError(f"KV spill: block {key} must be {self.layout.block_shape} {self.layout.dtype}, "
-                               f"got {tuple(block.shape)} {block.dtype}")
+        shape, dtype = self._record_spec()
+        if tuple(block.shape) != shape or block.dtype != dtype:
+            raise StorageError(f"KV spill: block {key} must be {shape} {dtype}, got {tuple(block.shape)} {block.dtype}")
         raw = block.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()
         path = os.path.join(self._folder(), f"kv-l{key[0]:03d}-b{key[1]:07d}.bin")
         crc = self._need_backend().write_atomic(path, [memoryview(raw)])
@@ -101,14 +105,21 @@ class KVSpillStore:
         jobs = [(k, self._records[k], backend.submit_read(self._records[k].path, 0, self._records[k].nbytes))
                 for k in keys]
         out = []
+        shape, dtype = self._record_spec()
         for key, record, job in jobs:
             data = job.wait()
             verify_crc32(data, record.crc32, f"KV spill block (layer {key[0]}, block {key[1]}) in {record.path}")
             flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            out.append(flat.view(self.layout.dtype).reshape(self.layout.block_shape))
+            out.append(flat.view(dtype).reshape(shape))
             self.counters.blocks_read += 1
             self.counters.bytes_read += record.nbytes
         return out
+
+    def _record_spec(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of what ``write`` takes and ``read`` returns."""
+        if self.record_bytes is None:
+            return self.layout.block_shape, self.layout.dtype
+        return (self.record_bytes,), torch.uint8
 
     def discard(self, keys: Sequence[BlockKey]) -> None:
         """Forget and delete the files of ``keys`` (unknown keys are ignored)."""

@@ -1,0 +1,176 @@
+"""How a KV block is stored in the host tier and on storage: raw, or KIVI-quantised.
+
+A codec turns one block ``[2, H_kv, B, D]`` into a fixed-size byte *record* and back. The host
+pool keeps records in a ``uint8 [slots, record_bytes]`` table and spill files hold records, so a
+quantised host tier holds 2.7x (4-bit) to 4x (2-bit) more blocks in the same budget and writes
+that many fewer bytes to storage.
+
+* :class:`RawCodec`: the block's own bytes (exact; the default).
+* :class:`KiviCodec`: KIVI (Liu et al., 2024) with :mod:`flashtier.retrieval.quant`'s packing:
+  keys per channel over groups of ``group`` tokens (key outliers sit in fixed channels), values
+  per token over groups of ``group`` channels; fp32 minimum and step per group. Contract (as in
+  ``retrieval/quant.py``): every dequantised element is within half its group's step of the
+  original (plus fp32 rounding); rows decode alone, so ``gather`` dequantises only the retrieved
+  positions.
+
+Record layout (KIVI): key codes ``[H, B, D*bits/8]`` u8 | value codes ``[H, B, D*bits/8]`` u8 |
+key minimum, key step ``[H, B/g, D]`` f32 | value minimum, value step ``[H, B, D/g]`` f32.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from flashtier.errors import ConfigError
+from flashtier.retrieval.quant import SUPPORTED_BITS, pack_bits, unpack_bits
+from flashtier.runtime.kv_layout import KVBlockLayout
+
+
+class KVCodec(ABC):
+    """Encodes KV blocks into fixed-size byte records (module docstring)."""
+
+    name: str
+    record_bytes: int
+
+    def __init__(self, layout: KVBlockLayout) -> None:
+        self.layout = layout
+
+    @abstractmethod
+    def encode(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``blocks [n, 2, H, B, D]`` -> records ``uint8 [n, record_bytes]``."""
+
+    @abstractmethod
+    def decode(self, records: torch.Tensor) -> torch.Tensor:
+        """Records ``uint8 [n, record_bytes]`` -> blocks ``[n, 2, H, B, D]`` in the layout dtype."""
+
+    @abstractmethod
+    def rows(self, records: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor,
+             offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[R, n, D]`` (layout dtype) of ``records[slots, ·, heads, offsets]``
+        (``slots``, ``offsets`` ``[R, n]``, ``heads`` ``[R, 1]``), decoding only those rows."""
+
+
+class RawCodec(KVCodec):
+    """The block's bytes as they are (exact)."""
+
+    name = "raw"
+
+    def __init__(self, layout: KVBlockLayout) -> None:
+        super().__init__(layout)
+        self.record_bytes = layout.block_bytes
+
+    def encode(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.to(self.layout.dtype).contiguous().view(torch.uint8).reshape(blocks.shape[0], -1)
+
+    def decode(self, records: torch.Tensor) -> torch.Tensor:
+        return records.contiguous().view(self.layout.dtype).view(records.shape[0], *self.layout.block_shape)
+
+    def rows(self, records: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor,
+             offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one index_select each on the flat [blocks * 2 * H * B, D] view (much faster than
+        # advanced indexing)
+        h, b, d = self.layout.num_kv_heads, self.layout.block_size, self.layout.head_dim
+        flat = records.view(self.layout.dtype).view(-1, d)
+        key_rows = ((slots * 2) * h + heads) * b + offsets  # [R, n]
+        value_rows = key_rows + h * b
+        shape = (*key_rows.shape, d)
+        return (flat.index_select(0, key_rows.reshape(-1)).view(shape),
+                flat.index_select(0, value_rows.reshape(-1)).view(shape))
+
+
+class KiviCodec(KVCodec):
+    """KIVI-quantised blocks (module docstring). ``bits`` 2, 4 or 8; ``group`` divides both the
+    block size (key groups run over tokens) and the head dim (value groups run over channels)."""
+
+    def __init__(self, layout: KVBlockLayout, bits: int, group: int) -> None:
+        super().__init__(layout)
+        h, b, d = layout.num_kv_heads, layout.block_size, layout.head_dim
+        if bits not in SUPPORTED_BITS:
+            raise ConfigError(f"kv_quant_bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (or unset for "
+                              f"exact KV), got {bits}")
+        if group <= 0 or b % group or d % group:
+            raise ConfigError(f"kv_quant_group {group} must divide the KV block size ({b} tokens: key groups) and "
+                              f"the head dim ({d} channels: value groups); try 32")
+        if d % (8 // bits):
+            raise ConfigError(f"head dim {d} must be a multiple of {8 // bits} to pack {bits}-bit KV codes")
+        self.bits, self.group = bits, group
+        self.name = f"kivi{bits}-g{group}"
+        self._levels = (1 << bits) - 1
+        cb = d * bits // 8  # code bytes per row
+        self._codes = h * b * cb  # bytes of one codes section
+        self._kstat = h * (b // group) * d * 4  # bytes of one key statistics section (f32)
+        self._vstat = h * b * (d // group) * 4
+        self._cb = cb
+        self.record_bytes = 2 * self._codes + 2 * self._kstat + 2 * self._vstat
+
+    # ------------------------------------------------------------------ sections
+    def _sections(self, records: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Typed views of ``records [n, R]``: key codes, value codes ``[n, H, B, cb]``; key min,
+        key step ``[n, H, B/g, D]``; value min, value step ``[n, H, B, D/g]``."""
+        n = records.shape[0]
+        h, b, d, g = self.layout.num_kv_heads, self.layout.block_size, self.layout.head_dim, self.group
+        o = [0, self._codes, 2 * self._codes]
+        o += [o[-1] + self._kstat, o[-1] + 2 * self._kstat, o[-1] + 2 * self._kstat + self._vstat]
+        o.append(self.record_bytes)
+        kc = records[:, o[0]:o[1]].reshape(n, h, b, self._cb)
+        vc = records[:, o[1]:o[2]].reshape(n, h, b, self._cb)
+        kmin = _f32(records[:, o[2]:o[3]]).view(n, h, b // g, d)
+        kstep = _f32(records[:, o[3]:o[4]]).view(n, h, b // g, d)
+        vmin = _f32(records[:, o[4]:o[5]]).view(n, h, b, d // g)
+        vstep = _f32(records[:, o[5]:o[6]]).view(n, h, b, d // g)
+        return kc, vc, kmin, kstep, vmin, vstep
+
+    def _codes_of(self, x: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        q = torch.round((x - low) / safe).clamp_(0, self._levels).to(torch.uint8)
+        return pack_bits(q, self.bits)
+
+    # ------------------------------------------------------------------ codec
+    def encode(self, blocks: torch.Tensor) -> torch.Tensor:
+        n = blocks.shape[0]
+        h, b, d, g = self.layout.num_kv_heads, self.layout.block_size, self.layout.head_dim, self.group
+        x = blocks.to(torch.float32)
+        k, v = x[:, 0], x[:, 1]  # [n, H, B, D]
+        kg = k.reshape(n, h, b // g, g, d)
+        kmin, kmax = kg.amin(dim=3), kg.amax(dim=3)  # [n, H, B/g, D]
+        kstep = (kmax - kmin) / self._levels
+        vg = v.reshape(n, h, b, d // g, g)
+        vmin, vmax = vg.amin(dim=4), vg.amax(dim=4)  # [n, H, B, D/g]
+        vstep = (vmax - vmin) / self._levels
+        kc = self._codes_of(k, kmin.repeat_interleave(g, dim=2), kstep.repeat_interleave(g, dim=2))  # [n, H, B, cb]
+        vc = self._codes_of(v, vmin.repeat_interleave(g, dim=3), vstep.repeat_interleave(g, dim=3))
+        parts = [kc, vc, kmin, kstep, vmin, vstep]
+        return torch.cat([p.contiguous().view(torch.uint8).reshape(n, -1) for p in parts], dim=1)
+
+    def decode(self, records: torch.Tensor) -> torch.Tensor:
+        g = self.group
+        kc, vc, kmin, kstep, vmin, vstep = self._sections(records)
+        k = unpack_bits(kc, self.bits).float() * kstep.repeat_interleave(g, dim=2) + kmin.repeat_interleave(g, dim=2)
+        v = unpack_bits(vc, self.bits).float() * vstep.repeat_interleave(g, dim=3) + vmin.repeat_interleave(g, dim=3)
+        return torch.stack([k, v], dim=1).to(self.layout.dtype)  # [n, 2, H, B, D]
+
+    def rows(self, records: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor,
+             offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.group
+        kc, vc, kmin, kstep, vmin, vstep = self._sections(records)
+        grp = torch.div(offsets, g, rounding_mode="floor")  # [R, n] key group of each row
+        k = unpack_bits(kc[slots, heads, offsets], self.bits).float() * kstep[slots, heads, grp] + kmin[slots, heads, grp]
+        v = (unpack_bits(vc[slots, heads, offsets], self.bits).float()
+             * vstep[slots, heads, offsets].repeat_interleave(g, dim=-1) + vmin[slots, heads, offsets].repeat_interleave(g, dim=-1))
+        return k.to(self.layout.dtype), v.to(self.layout.dtype)  # [R, n, D] each
+
+
+def _f32(section: torch.Tensor) -> torch.Tensor:
+    """A ``uint8 [n, 4m]`` column slice of the records viewed as ``float32 [n, m]`` without a copy
+    when its offset and the record size allow it (they do for every power-of-two layout)."""
+    try:
+        return section.view(torch.float32)
+    except RuntimeError:
+        return section.contiguous().view(torch.float32)
+
+
+def kv_codec(layout: KVBlockLayout, bits: int | None, group: int = 32) -> KVCodec:
+    """``RawCodec`` when ``bits`` is None, else ``KiviCodec(bits, group)``."""
+    return RawCodec(layout) if bits is None else KiviCodec(layout, bits, group)

@@ -1,0 +1,149 @@
+"""KIVI-quantised host KV: codec error bounds, row decoding, budgets buying more blocks, quantised
+spill records bit-identical and checked, end-to-end closeness, and clear errors for bad options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashtier.errors import ConfigError, IntegrityError
+from flashtier.retrieval.attention import RetrievalConfig
+from flashtier.runtime.engine import open_model
+from flashtier.runtime.kv_codec import KiviCodec, RawCodec, kv_codec
+from flashtier.runtime.kv_host import HostKVPool
+from flashtier.runtime.kv_layout import KVBlockLayout
+from flashtier.runtime.kv_retrieval import RetrievalKVCache
+from flashtier.runtime.kv_retrieval_config import RetrievalCacheConfig
+from flashtier.runtime.kv_spill import KVSpillStore
+from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.runtime.sampling import SamplingConfig
+
+EVERYTHING = 10**6
+
+
+def _blocks(lay: KVBlockLayout, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *lay.block_shape, generator=g)
+    x[:, 0, :, :, 1] *= 8  # a key outlier channel, as KIVI expects
+    return x.to(lay.dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), heads=st.integers(1, 3), dim_groups=st.integers(1, 3),
+       block=st.sampled_from([8, 16, 32]), group=st.sampled_from([4, 8]), seed=st.integers(0, 1000))
+def test_every_element_is_within_half_a_step(bits, heads, dim_groups, block, group, seed):
+    lay = KVBlockLayout(1, heads, group * dim_groups, block, torch.float32)
+    codec = KiviCodec(lay, bits, group)
+    x = _blocks(lay, 2, seed)
+    out = codec.decode(codec.encode(x))
+    k, v = x[:, 0], x[:, 1]  # [n, H, B, D]
+    kg = k.reshape(2, heads, block // group, group, -1)
+    kstep = ((kg.amax(3) - kg.amin(3)) / (2**bits - 1)).repeat_interleave(group, dim=2)  # [n, H, B, D]
+    vg = v.reshape(2, heads, block, -1, group)
+    vstep = ((vg.amax(4) - vg.amin(4)) / (2**bits - 1)).repeat_interleave(group, dim=3)
+    assert ((out[:, 0] - k).abs() <= kstep / 2 + 1e-5).all()
+    assert ((out[:, 1] - v).abs() <= vstep / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize("bits", [None, 2, 4, 8])
+def test_rows_decode_alone_to_the_rows_of_a_full_decode(bits):
+    lay = KVBlockLayout(1, 4, 64, 64, torch.bfloat16)
+    codec = kv_codec(lay, bits, 32)
+    records = codec.encode(_blocks(lay, 5))
+    full = codec.decode(records)  # [n, 2, H, B, D]
+    slots = torch.tensor([[0, 3, 4, 4], [1, 1, 2, 0]])
+    heads = torch.tensor([[2], [0]])
+    offsets = torch.tensor([[0, 33, 63, 31], [5, 6, 40, 32]])
+    k, v = codec.rows(records, slots, heads, offsets)
+    assert torch.equal(k, full[slots, 0, heads, offsets]) and torch.equal(v, full[slots, 1, heads, offsets])
+
+
+def test_record_sizes_and_the_raw_codec_is_exact():
+    lay = KVBlockLayout(1, 8, 128, 64, torch.bfloat16)  # an 8B-class head layout
+    x = _blocks(lay, 3)
+    raw = RawCodec(lay)
+    assert raw.record_bytes == lay.block_bytes and torch.equal(raw.decode(raw.encode(x)), x)
+    ratios = {bits: lay.block_bytes / kv_codec(lay, bits, 32).record_bytes for bits in (2, 4, 8)}
+    assert ratios[4] == pytest.approx(8 / 3) and ratios[2] == pytest.approx(4.0) and ratios[8] == pytest.approx(1.6)
+
+
+def test_a_quantised_pool_holds_more_blocks_in_the_same_budget(tmp_path):
+    lay = KVBlockLayout(1, 2, 32, 32, torch.bfloat16)
+    budget = 10 * lay.block_bytes
+    held = {}
+    for bits in (None, 4):
+        codec = kv_codec(lay, bits, 16)
+        spill = KVSpillStore(lay, str(tmp_path / str(bits)), record_bytes=None if bits is None else codec.record_bytes)
+        pool = HostKVPool(lay, budget, spill, codec)
+        pool.put(0, 0, _blocks(lay, 40))
+        pool.enforce(0)
+        assert pool.host_block_bytes() <= budget
+        held[bits] = (pool.blocks_on_host(), budget // codec.record_bytes)
+        back = pool.read_blocks(0, 0, 40)  # host and spilled blocks alike
+        assert back.shape == (40, *lay.block_shape)
+        expected = codec.decode(codec.encode(_blocks(lay, 40)))
+        assert torch.equal(back, expected)  # spilled records come back bit-identical
+        spill.close()
+    assert held[None] == (10, 10)
+    assert held[4][0] == held[4][1] >= 2 * 10  # the budget buys record_bytes-sized slots
+
+
+def test_a_corrupted_quantised_spill_record_is_detected(tmp_path):
+    lay = KVBlockLayout(1, 2, 32, 32, torch.bfloat16)
+    codec = kv_codec(lay, 2, 16)
+    store = KVSpillStore(lay, str(tmp_path), record_bytes=codec.record_bytes)
+    record = codec.encode(_blocks(lay, 1))[0]
+    store.write((0, 3), record)
+    assert torch.equal(store.read([(0, 3)])[0], record)
+    path = store.path_of((0, 3))
+    data = bytearray(open(path, "rb").read())
+    data[7] ^= 0x10
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(IntegrityError, match="layer 0, block 3"):
+        store.read([(0, 3)])
+    store.close()
+
+
+def test_bad_quantisation_options_are_clear_errors(tmp_path):
+    lay = KVBlockLayout(1, 2, 32, 32, torch.bfloat16)
+    with pytest.raises(ConfigError, match="kv_quant_bits must be one of 2, 4, 8"):
+        KiviCodec(lay, 3, 16)
+    with pytest.raises(ConfigError, match="must divide the KV block size"):
+        RetrievalCacheConfig(RetrievalConfig(), block_size=16, kv_quant_bits=4, kv_quant_group=12)
+    with pytest.raises(ConfigError, match="whole number"):
+        RetrievalCacheConfig.from_engine(16, 64, {"kv_quant_bits": "four"})
+
+
+def test_cache_with_8_bit_host_kv_is_close_to_full_attention(tmp_path):
+    lay = KVBlockLayout(1, 2, 16, 16, torch.float32)
+    retrieval = RetrievalConfig(sink_tokens=4, window=32, top_k=EVERYTHING, index="flat")
+    exact = RetrievalKVCache(lay, RetrievalCacheConfig(retrieval, block_size=16, prefill_chunk=64, prefill_key_block=32))
+    quant = RetrievalKVCache(lay, RetrievalCacheConfig(retrieval, block_size=16, prefill_chunk=64, prefill_key_block=32,
+                                                       kv_quant_bits=8, kv_quant_group=16))
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 300, 16, generator=g), torch.randn(2, 300, 16, generator=g)
+    for cache in (exact, quant):
+        cache.write(0, k, v, 0)
+    q, k1, v1 = torch.randn(4, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
+    a, b = exact.attend(0, q, k1, v1, 300), quant.attend(0, q, k1, v1, 300)
+    assert (a - b).abs().max() < 0.02  # 8-bit codes: steps of ~1/40 of a unit-normal range
+    assert quant.stats()["kv_host_codec"] == "kivi8-g16"
+    assert quant.kv_bytes_per_tier()["host"] < exact.kv_bytes_per_tier()["host"]
+    exact.close()
+    quant.close()
+
+
+def test_generation_with_quantised_host_kv_runs_and_reports_its_codec(tmp_path):
+    model = write_model(tmp_path / "m", MakeModelSpec(dict(PRESETS["tiny-llama"], num_hidden_layers=2), "float32"))
+    prompt = torch.randint(3, 250, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    outs = {}
+    for bits in (None, 8):
+        llm = open_model(model, kv_block_size=16, prefill_chunk=128, attention="retrieval", window=64,
+                         top_k_keys=EVERYTHING, kv_index="flat", kv_quant_bits=bits, kv_quant_group=16)
+        r = llm.generate(prompt, max_new_tokens=8, sampling=SamplingConfig(temperature=0.0), ignore_eos=True)
+        outs[bits] = r
+    assert outs[8].stats["kv_host_codec"] == "kivi8-g16" and outs[None].stats["kv_host_codec"] == "raw"
+    agree = sum(a == b for a, b in zip(outs[8].tokens, outs[None].tokens)) / len(outs[None].tokens)
+    assert agree >= 0.75  # 8-bit KIVI barely moves a random model's logits
