@@ -91,11 +91,16 @@ class PlanRequest:
     expert_cache_min_bytes: int = 0
     """With ``expert_cache``: bytes the cache needs at least (reserved before anything else)."""
     kv_dtype_bytes: int = 2
+    kv_host_fraction: float = 1.0
+    """Retrieval attention: bytes of the offloaded (host-tier) KV per byte of raw KV (below 1 with
+    KIVI-quantised host KV, ``--kv-quant-bits``: 0.375 at 4 bits)."""
     storage_fraction: float = 1.0
     """Bytes read from storage per byte of streamed weights: below 1 when the checkpoint has
     compressed side files (``flashtier compress``); each streamed byte is then also decoded."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.kv_host_fraction <= 1.0:
+            raise ConfigError(f"kv_host_fraction must be in (0, 1], got {self.kv_host_fraction}")
         if not 0.0 < self.storage_fraction <= 1.5:
             raise ConfigError(f"storage_fraction must be in (0, 1.5], got {self.storage_fraction}")
         if self.context <= 0:
@@ -207,9 +212,13 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
     kv_total = kv_tok * req.context
     if req.attention == "retrieval":
         kv_fast = kv_tok * min(req.context, req.resident_kv_tokens)
-        kv_slow = kv_total - kv_fast
+        kv_slow_raw = kv_total - kv_fast
+        kv_slow = int(kv_slow_raw * req.kv_host_fraction)
+        if req.kv_host_fraction < 1.0:
+            notes.append(f"offloaded KV quantised: {req.kv_host_fraction:.3f}x its raw bytes in the host tier")
     else:
         kv_fast, kv_slow = kv_total, 0
+        kv_slow_raw = 0
     fast_tier: Tier = "device" if has_device else "host"
     kv_bytes = {"device": 0, "host": 0, "storage": 0}
     kv_bytes[fast_tier] += kv_fast
@@ -263,7 +272,9 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
 
     # ---- KV bytes read per decode step, by who reads them
     kv_on_link = has_device and req.attention == "full" and kv_bytes["host"] > 0
-    scan = int(kv_slow / 2 * req.retrieval_scan_fraction) + min(req.retrieval_top_k, req.context) * kv_tok if kv_slow else 0
+    # the key index holds exact keys (half the raw offloaded KV); the top-k rows are read as stored
+    scan = (int(kv_slow_raw / 2 * req.retrieval_scan_fraction)
+            + int(min(req.retrieval_top_k, req.context) * kv_tok * req.kv_host_fraction)) if kv_slow else 0
     if has_device:
         kv_device_read = kv_total if req.attention == "full" else kv_fast
         kv_host_read = scan

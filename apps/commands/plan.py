@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link-gbps", type=float, default=None, help="host->device bandwidth (GB/s, default 25)")
     p.add_argument("--device-gbps", type=float, default=None, help="device memory bandwidth (GB/s, default 1000)")
     p.add_argument("--bench-cache", default=str(DEFAULT_CACHE), help="bench-io result to read bandwidths from")
+    p.add_argument("--kv-quant-bits", type=int, choices=[2, 4, 8], default=None,
+                   help="with --attention retrieval: the offloaded KV is KIVI-quantised (group 32, 64-token blocks)")
     p.add_argument("--compressed", choices=["auto", "off"], default="auto",
                    help="plan reads from the compressed copy when the model has one (`flashtier compress`; default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -81,8 +83,18 @@ def run(args: argparse.Namespace) -> int:
         if index is not None:
             fraction = index.stored_fraction()
             source += f", compressed copy ({fraction:.2f}x the bytes at rest)"
+    kv_fraction = 1.0
+    if args.kv_quant_bits is not None:
+        import torch
+
+        from flashtier.runtime.kv_codec import kv_codec
+        from flashtier.runtime.kv_layout import KVBlockLayout
+
+        layout = KVBlockLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, torch.bfloat16)
+        kv_fraction = kv_codec(layout, args.kv_quant_bits, 32).record_bytes / layout.block_bytes
     req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
-                      context=args.context, attention=args.attention, storage_fraction=fraction)
+                      context=args.context, attention=args.attention, storage_fraction=fraction,
+                      kv_host_fraction=kv_fraction)
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
     if args.json:
         print(json.dumps({"model": str(target), "source": source, "context": args.context,

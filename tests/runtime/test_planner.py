@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from flashtier.errors import BudgetError
+from flashtier.errors import BudgetError, ConfigError
 from flashtier.runtime.config import ModelConfig
 from flashtier.runtime.make_model import PRESETS, hf_config
 from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
@@ -101,3 +102,15 @@ def test_plan_cli_json_from_config_alone():
     out = json.loads(r.stdout)
     assert out["fits"] is True and out["predicted_decode_tok_s"] > 5
     assert {"resident_bytes", "bytes_per_token", "bandwidths"} <= set(out)
+
+
+def test_quantised_offloaded_kv_shrinks_the_host_tier_by_the_codec_ratio():
+    cfg = llama8b()
+    sizes = sizes_from_config(cfg, 2)
+    base = PlanRequest(device_budget=24 << 30, dram_budget=64 << 30, context=131072, attention="retrieval")
+    raw = make_plan(cfg, sizes, base)
+    quant = make_plan(cfg, sizes, replace(base, kv_host_fraction=0.375))
+    assert quant.kv_bytes["host"] == int(raw.kv_bytes["host"] * 0.375)
+    assert quant.kv_bytes["device"] == raw.kv_bytes["device"]  # sinks + window stay exact
+    with pytest.raises(ConfigError, match="kv_host_fraction"):
+        PlanRequest(kv_host_fraction=0.0)
