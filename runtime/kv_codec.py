@@ -22,7 +22,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-
 from flashtier.errors import ConfigError
 from flashtier.retrieval.quant import SUPPORTED_BITS, pack_bits, unpack_bits
 from flashtier.runtime.kv_layout import KVBlockLayout

@@ -14,16 +14,12 @@ leaves the inner backend open.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from flashtier.errors import IntegrityError
 from flashtier.storage_backends.atomic import crc32
-from flashtier.storage_backends.base import (
-    BackendStats,
-    Buffer,
-    ReadJob,
-    StorageBackend,
-)
+from flashtier.storage_backends.base import ReadJob, StorageBackend
+from flashtier.storage_backends.wrapping import WrappingBackend
 
 RangeKey = tuple[str, int, int]
 """(path, offset, length) of a checksummed range."""
@@ -52,12 +48,11 @@ def _ignore(job: ReadJob, error: BaseException | None, transferred: int) -> None
     return None
 
 
-class ChecksummedBackend(StorageBackend):
+class ChecksummedBackend(WrappingBackend):
     """Verifies registered ranges on read (see the module docstring). Thread-safe."""
 
     def __init__(self, inner: StorageBackend, checksums: Mapping[RangeKey, tuple[int, str]], always: bool = False) -> None:
-        super().__init__(inner.alignment)
-        self._inner = inner
+        super().__init__(inner)  # the inner backend belongs to the caller
         self._checksums = dict(checksums)
         self._always = always
         self._verified: set[RangeKey] = set()
@@ -88,19 +83,3 @@ class ChecksummedBackend(StorageBackend):
             self._verified.add(key)
             self.verified_bytes += len(data)
         return None
-
-    def plan(self, offset: int, length: int):  # type: ignore[no-untyped-def]
-        return self._inner.plan(offset, length)
-
-    def write_atomic(self, path: str, chunks: Sequence[Buffer]) -> int:
-        return self._inner.write_atomic(path, chunks)
-
-    def file_size(self, path: str) -> int:
-        return self._inner.file_size(path)
-
-    def stats(self) -> BackendStats:
-        return self._inner.stats()
-
-    def close(self) -> None:
-        """The inner backend belongs to the caller: nothing to do."""
-        return

@@ -27,14 +27,18 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
 
 from flashtier.errors import IntegrityError, StorageError
 from flashtier.storage_backends.aligned import ReadPlan, allocate_aligned
 from flashtier.storage_backends.atomic import crc32
-from flashtier.storage_backends.base import BackendStats, Buffer, ReadJob, StorageBackend
-from flashtier.storage_backends.compressed_layout import CompressedIndex, CompressedShard, Segment
+from flashtier.storage_backends.base import ReadJob, StorageBackend
+from flashtier.storage_backends.compressed_layout import (
+    CompressedIndex,
+    CompressedShard,
+    Segment,
+)
 from flashtier.storage_backends.weight_codec import decode_into
+from flashtier.storage_backends.wrapping import WrappingBackend
 
 
 def _ignore(job: ReadJob, error: BaseException | None, transferred: int) -> None:
@@ -72,7 +76,7 @@ class _StagingPool:
             self._free.append(buf)
 
 
-class CompressedBackend(StorageBackend):
+class CompressedBackend(WrappingBackend):
     """Serves whole-segment reads of a checkpoint from its compressed side files (module doc).
     ``verify``: 'first-read' (each record's crc32 once), 'always', or 'off' (the zstd frame
     checksum still guards the compressed high bytes). ``owns_inner``: ``close()`` closes the
@@ -80,8 +84,8 @@ class CompressedBackend(StorageBackend):
 
     def __init__(self, inner: StorageBackend, index: CompressedIndex, verify: str = "first-read",
                  owns_inner: bool = False, max_in_flight: int = 8) -> None:
-        super().__init__(inner.alignment)
-        self._inner, self.index, self._verify_mode, self._owns = inner, index, verify, owns_inner
+        super().__init__(inner, owns_inner)
+        self.index, self._verify_mode = index, verify
         self._by_path: dict[str, CompressedShard | None] = {}
         self._verified: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -187,20 +191,3 @@ class CompressedBackend(StorageBackend):
         with self._lock:
             self.decoded_bytes += seg.length
             self.decode_s += time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ the rest: the inner backend's
-    def plan(self, offset: int, length: int) -> ReadPlan:
-        return self._inner.plan(offset, length)
-
-    def write_atomic(self, path: str, chunks: Sequence[Buffer]) -> int:
-        return self._inner.write_atomic(path, chunks)
-
-    def file_size(self, path: str) -> int:
-        return self._inner.file_size(path)
-
-    def stats(self) -> BackendStats:
-        return self._inner.stats()
-
-    def close(self) -> None:
-        if self._owns:
-            self._inner.close()

@@ -26,7 +26,6 @@ from typing import Final
 
 import numpy as np
 import torch
-
 from flashtier.errors import IntegrityError
 
 try:  # the C extension (setup.py) interleaves at ~20 GB/s; torch.stack, the fallback, at ~3 GB/s
@@ -43,8 +42,8 @@ RAW: Final = "raw"
 SPLIT16: Final = "split16"
 CODECS: Final = (RAW, SPLIT16)
 
-_LEVEL_PARAMS = dict(compression_level=1, min_match=7, window_log=17, hash_log=10,
-                     strategy=1)  # zstd "fast" with 7-byte minimum matches: literals only, in effect
+# zstd "fast" with 7-byte minimum matches: in effect literals only, Huffman-coded
+_LEVEL_PARAMS = {"compression_level": 1, "min_match": 7, "window_log": 17, "hash_log": 10, "strategy": 1}
 _local = threading.local()
 
 

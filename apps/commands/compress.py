@@ -22,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flashtier.runtime.checkpoint import Checkpoint
-    from flashtier.storage_backends.compressed_layout import compress_checkpoint, load_index
+    from flashtier.storage_backends.compressed_layout import (
+        compress_checkpoint,
+        load_index,
+    )
 
     Checkpoint(args.model_dir)  # a clear error for a folder that is not a checkpoint
     out = compress_checkpoint(args.model_dir, progress=progress("compressing"))
