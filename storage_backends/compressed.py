@@ -2,11 +2,11 @@
 
 :class:`CompressedBackend` wraps the backend that does the IO. A read of a shard range that is a
 run of whole segments (:meth:`~flashtier.storage_backends.compressed_layout.CompressedShard.run`:
-a tensor, or an expert's neighbouring tensors) becomes one read per segment of its stored record
-in the side file; as each record arrives, the IO thread that finished it checks its crc32 (on its
-first read, or always) and decodes it into its place in the caller's buffer
-(:func:`~flashtier.storage_backends.weight_codec.decode_into`), so reading the next segments
-overlaps decoding the first. The job completes once every segment is decoded, with exactly the
+a tensor, or an expert's neighbouring tensors) becomes reads of its stored records in the side
+file (consecutive records together, up to ``read_bytes``); as each read arrives, the IO thread
+that finished it checks each record's crc32 (on its first read, or always) and decodes it into its
+place in the caller's buffer (:func:`~flashtier.storage_backends.weight_codec.decode_into`), so
+reading the next records overlaps decoding the first. The job completes once every segment is decoded, with exactly the
 bytes the shard holds: callers cannot tell the difference except by speed and by the inner
 backend's counters (``stats()`` are the inner backend's: bytes that really came from storage).
 Any other range reads the shard itself.
