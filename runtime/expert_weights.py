@@ -255,6 +255,12 @@ class ExpertWeights(PagedWeights):
                     self._parts[info.name] = _Part(layer, e, k, part.offset, info.nbytes, TORCH_DTYPES[info.dtype], info.shape)
         return _LayerCache(store, slots, pages, page_bytes)
 
+    def _compressed_read_options(self) -> dict[str, int]:
+        """A missed expert is read while its layer waits: one read per 4 MiB record, 8 at a time,
+        so its first record is decoded while the rest arrive (grouping records into 8 MiB reads
+        measured 12.3 vs 14.4 tok/s on moe-1.3g under 700 MiB)."""
+        return {"read_bytes": 0, "max_in_flight": 8}
+
     # ---------------------------------------------------------------- accessor protocol
     def get(self, name: str) -> torch.Tensor:
         part = self._parts.get(name)

@@ -96,7 +96,8 @@ class PagedWeights:
         depth = 8 if self.compressed_index is not None else 4
         self.backend: StorageBackend = DirectFileBackend(DirectFileConfig(queue_depth=depth, direct_io=direct_io))  # type: ignore[arg-type]
         if self.compressed_index is not None:
-            self.backend = CompressedBackend(self.backend, self.compressed_index, owns_inner=True)
+            self.backend = CompressedBackend(self.backend, self.compressed_index, owns_inner=True,
+                                             **self._compressed_read_options())
         self.store = TieredStore(
             StoreConfig(host_budget=window if streamed else max(window, 4096),  # an idle store: one block
                         device_budget=0, host_policy=host_policy,
@@ -233,6 +234,12 @@ class PagedWeights:
             out["weights_decoded_bytes"] = self.backend.decoded_bytes
             out["weights_decode_s"] = round(self.backend.decode_s, 4)
         return out
+
+    def _compressed_read_options(self) -> dict[str, int]:
+        """How the compressed copy is read: streamed weights are throughput-bound, so records go
+        in reads of up to 8 MiB, 4 at a time (measured +15% on dense-1.7g); subclasses whose reads
+        are latency-bound override this."""
+        return {"read_bytes": 8 << 20, "max_in_flight": 4}
 
     def memory_report(self) -> dict[str, Any]:
         return self.stats()["resident_bytes"]
