@@ -105,7 +105,8 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                    help="keep KV that left the window (host tier, spill files) KIVI-quantised: keys per channel, "
                         "values per token (2.7x fewer bytes at 4 bits, 4x at 2; default: exact)")
     g.add_argument("--kv-quant-group", type=int, default=None, metavar="N",
-                   help="KIVI group: tokens per key group, channels per value group (default 32)")
+                   help="KIVI group: tokens per key group, channels per value group; divides the KV block size and "
+                        "the head dim (default 32, or the smaller of those)")
 
 
 def attention_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -19,12 +19,16 @@ key minimum, key step ``[H, B/g, D]`` f32 | value minimum, value step ``[H, B, D
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
 from flashtier.errors import ConfigError
 from flashtier.retrieval.quant import SUPPORTED_BITS, pack_bits, unpack_bits
 from flashtier.runtime.kv_layout import KVBlockLayout
+
+KIVI_GROUP = 32
+"""Default KIVI group size (the KIVI paper's; capped by :func:`default_group`)."""
 
 
 class KVCodec(ABC):
@@ -90,8 +94,9 @@ class KiviCodec(KVCodec):
             raise ConfigError(f"kv_quant_bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (or unset for "
                               f"exact KV), got {bits}")
         if group <= 0 or b % group or d % group:
-            raise ConfigError(f"kv_quant_group {group} must divide the KV block size ({b} tokens: key groups) and "
-                              f"the head dim ({d} channels: value groups); try 32")
+            raise ConfigError(f"kv_quant_group (--kv-quant-group) {group} must divide the KV block size ({b} tokens: "
+                              f"key groups) and the head dim ({d} channels: value groups); try "
+                              f"{default_group(layout)} or leave it unset")
         if d % (8 // bits):
             raise ConfigError(f"head dim {d} must be a multiple of {8 // bits} to pack {bits}-bit KV codes")
         self.bits, self.group = bits, group
@@ -170,6 +175,15 @@ def _f32(section: torch.Tensor) -> torch.Tensor:
         return section.contiguous().view(torch.float32)
 
 
-def kv_codec(layout: KVBlockLayout, bits: int | None, group: int = 32) -> KVCodec:
-    """``RawCodec`` when ``bits`` is None, else ``KiviCodec(bits, group)``."""
-    return RawCodec(layout) if bits is None else KiviCodec(layout, bits, group)
+def default_group(layout: KVBlockLayout) -> int:
+    """The KIVI group for ``layout``: 32 (``KIVI_GROUP``), or the largest divisor of it that
+    divides both the block size and the head dim when those are smaller (16 for tiny models)."""
+    return math.gcd(KIVI_GROUP, layout.block_size, layout.head_dim)
+
+
+def kv_codec(layout: KVBlockLayout, bits: int | None, group: int | None = None) -> KVCodec:
+    """``RawCodec`` when ``bits`` is None, else ``KiviCodec(bits, group)`` (``group`` None =
+    :func:`default_group`)."""
+    if bits is None:
+        return RawCodec(layout)
+    return KiviCodec(layout, bits, default_group(layout) if group is None else group)

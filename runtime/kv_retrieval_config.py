@@ -21,9 +21,12 @@ extra key              meaning                                            defaul
 ``kv_device_budget``   bytes the device tier (sinks + ring) may use        unchecked
 ``kv_spill_dir``       folder for KV spill files                           system temp
 ``kv_quant_bits``      host/storage KV as KIVI 2/4/8-bit codes             exact (off)
-``kv_quant_group``     KIVI group (tokens for keys, channels for values)   32
+``kv_quant_group``     KIVI group (tokens for keys, channels for values)   32 or less
 ``prefill_key_block``  keys per partial-attention block in prefill         4096
 =====================  =================================================  ===========
+
+``kv_quant_group`` defaults to 32, or to the KV block size / head dim when one is smaller: key
+groups run over a block's tokens and value groups over a token's channels, so it divides both.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, Mapping
 
 from flashtier.errors import ConfigError
 from flashtier.retrieval.attention import RetrievalConfig
+from flashtier.retrieval.quant import SUPPORTED_BITS
 
 DEFAULT_INDEX = "cluster"
 """Chosen by the index comparison on tiny-moe's real keys and queries (README, long context): at
@@ -115,9 +119,10 @@ class RetrievalCacheConfig:
     kv_quant_bits: int | None = None
     """Store demoted KV (host tier and spill files) KIVI-quantised with 2, 4 or 8 bits (None =
     exact). Everything read back from the host tier is then dequantised, prefill included."""
-    kv_quant_group: int = 32
+    kv_quant_group: int | None = None
     """KIVI group size: tokens per key group (divides ``block_size``), channels per value group
-    (divides the head dim)."""
+    (divides the head dim). None = 32, or the block size / head dim when smaller
+    (:func:`~flashtier.runtime.kv_codec.default_group`)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -131,9 +136,14 @@ class RetrievalCacheConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive number of bytes, got {value}")
-        if self.kv_quant_bits is not None and (self.kv_quant_group <= 0 or self.block_size % self.kv_quant_group):
-            raise ConfigError(f"kv_quant_group {self.kv_quant_group} must divide the KV block size {self.block_size} "
-                              f"(key groups run over a block's tokens); try {min(32, self.block_size)}")
+        if self.kv_quant_bits is not None and self.kv_quant_bits not in SUPPORTED_BITS:
+            raise ConfigError(f"kv_quant_bits (--kv-quant-bits) must be one of {', '.join(map(str, SUPPORTED_BITS))}, "
+                              f"or unset for exact KV; got {self.kv_quant_bits}")
+        group = self.kv_quant_group
+        if group is not None and (group <= 0 or self.block_size % group):
+            raise ConfigError(f"kv_quant_group (--kv-quant-group) {group} must divide the KV block size "
+                              f"{self.block_size} (key groups run over a block's tokens); use a power of two "
+                              f"<= {self.block_size}, e.g. {min(32, self.block_size)}, or leave it unset")
         if self.check_attention < 0:
             raise ConfigError(f"check_attention must be >= 0 (0 = off, N = every N-th decode step), got {self.check_attention}")
 
@@ -160,7 +170,7 @@ class RetrievalCacheConfig:
             spill_dir=get("kv_spill_dir"),
             check_attention=int(get("check_attention", 0) or 0),
             kv_quant_bits=_optional_int(get("kv_quant_bits"), "kv_quant_bits"),
-            kv_quant_group=_optional_int(get("kv_quant_group"), "kv_quant_group") or 32,
+            kv_quant_group=_optional_int(get("kv_quant_group"), "kv_quant_group"),
         )
 
 

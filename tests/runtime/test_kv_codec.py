@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from flashtier.errors import ConfigError, IntegrityError
 from flashtier.retrieval.attention import RetrievalConfig
 from flashtier.runtime.engine import open_model
-from flashtier.runtime.kv_codec import KiviCodec, RawCodec, kv_codec
+from flashtier.runtime.kv_codec import KiviCodec, RawCodec, default_group, kv_codec
 from flashtier.runtime.kv_host import HostKVPool
 from flashtier.runtime.kv_layout import KVBlockLayout
 from flashtier.runtime.kv_retrieval import RetrievalKVCache
@@ -110,10 +110,21 @@ def test_bad_quantisation_options_are_clear_errors(tmp_path):
     lay = KVBlockLayout(1, 2, 32, 32, torch.bfloat16)
     with pytest.raises(ConfigError, match="kv_quant_bits must be one of 2, 4, 8"):
         KiviCodec(lay, 3, 16)
+    with pytest.raises(ConfigError, match=r"kv_quant_bits \(--kv-quant-bits\) must be one of 2, 4, 8"):
+        RetrievalCacheConfig.from_engine(16, 64, {"kv_quant_bits": 3})  # before the group is looked at
+    with pytest.raises(ConfigError, match="head dim .32 channels.*try 32"):
+        KiviCodec(lay, 4, 64)
     with pytest.raises(ConfigError, match="must divide the KV block size"):
         RetrievalCacheConfig(RetrievalConfig(), block_size=16, kv_quant_bits=4, kv_quant_group=12)
     with pytest.raises(ConfigError, match="whole number"):
         RetrievalCacheConfig.from_engine(16, 64, {"kv_quant_bits": "four"})
+
+
+def test_the_default_group_divides_block_size_and_head_dim():
+    assert default_group(KVBlockLayout(1, 8, 128, 64, torch.bfloat16)) == 32  # KIVI's 32 when it fits
+    assert kv_codec(KVBlockLayout(1, 2, 16, 64, torch.bfloat16), 4).name == "kivi4-g16"  # tiny heads
+    assert kv_codec(KVBlockLayout(1, 2, 80, 16, torch.bfloat16), 2).name == "kivi2-g16"
+    assert RetrievalCacheConfig.from_engine(16, 64, {"kv_quant_bits": 4}).kv_quant_group is None
 
 
 def test_cache_with_8_bit_host_kv_is_close_to_full_attention(tmp_path):
