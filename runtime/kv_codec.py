@@ -24,7 +24,15 @@ from abc import ABC, abstractmethod
 
 import torch
 from flashtier.errors import ConfigError
-from flashtier.retrieval.quant import SUPPORTED_BITS, pack_bits, unpack_bits
+from flashtier.retrieval.quant import (
+    SUPPORTED_BITS,
+    QuantAxis,
+    QuantizedTensor,
+    dequantize,
+    quantize_keys,
+    quantize_values,
+    unpack_bits,
+)
 from flashtier.runtime.kv_layout import KVBlockLayout
 
 KIVI_GROUP = 32
@@ -101,7 +109,6 @@ class KiviCodec(KVCodec):
             raise ConfigError(f"head dim {d} must be a multiple of {8 // bits} to pack {bits}-bit KV codes")
         self.bits, self.group = bits, group
         self.name = f"kivi{bits}-g{group}"
-        self._levels = (1 << bits) - 1
         cb = d * bits // 8  # code bytes per row
         self._codes = h * b * cb  # bytes of one codes section
         self._kstat = h * (b // group) * d * 4  # bytes of one key statistics section (f32)
@@ -126,34 +133,25 @@ class KiviCodec(KVCodec):
         vstep = _f32(records[:, o[5]:o[6]]).view(n, h, b, d // g)
         return kc, vc, kmin, kstep, vmin, vstep
 
-    def _codes_of(self, x: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        q = torch.round((x - low) / safe).clamp_(0, self._levels).to(torch.uint8)
-        return pack_bits(q, self.bits)
-
     # ------------------------------------------------------------------ codec
+    # Key groups (B % g == 0) never straddle a block or a head, so every key (value) row of every
+    # block quantises as one [n * H * B, D] tensor with retrieval/quant.py: its statistics come out
+    # [n * H * B / g, D] (keys) and [n * H * B, D / g] (values), which are the record's sections.
     def encode(self, blocks: torch.Tensor) -> torch.Tensor:
-        n = blocks.shape[0]
-        h, b, d, g = self.layout.num_kv_heads, self.layout.block_size, self.layout.head_dim, self.group
-        x = blocks.to(torch.float32)
-        k, v = x[:, 0], x[:, 1]  # [n, H, B, D]
-        kg = k.reshape(n, h, b // g, g, d)
-        kmin, kmax = kg.amin(dim=3), kg.amax(dim=3)  # [n, H, B/g, D]
-        kstep = (kmax - kmin) / self._levels
-        vg = v.reshape(n, h, b, d // g, g)
-        vmin, vmax = vg.amin(dim=4), vg.amax(dim=4)  # [n, H, B, D/g]
-        vstep = (vmax - vmin) / self._levels
-        kc = self._codes_of(k, kmin.repeat_interleave(g, dim=2), kstep.repeat_interleave(g, dim=2))  # [n, H, B, cb]
-        vc = self._codes_of(v, vmin.repeat_interleave(g, dim=3), vstep.repeat_interleave(g, dim=3))
-        parts = [kc, vc, kmin, kstep, vmin, vstep]
+        n, d = blocks.shape[0], self.layout.head_dim
+        keys = quantize_keys(blocks[:, 0].reshape(-1, d), self.bits, self.group)
+        values = quantize_values(blocks[:, 1].reshape(-1, d), self.bits, self.group)
+        parts = [keys.codes, values.codes, keys.minimum, keys.scale, values.minimum, values.scale]
         return torch.cat([p.contiguous().view(torch.uint8).reshape(n, -1) for p in parts], dim=1)
 
     def decode(self, records: torch.Tensor) -> torch.Tensor:
-        g = self.group
+        n, d, g = records.shape[0], self.layout.head_dim, self.group
         kc, vc, kmin, kstep, vmin, vstep = self._sections(records)
-        k = unpack_bits(kc, self.bits).float() * kstep.repeat_interleave(g, dim=2) + kmin.repeat_interleave(g, dim=2)
-        v = unpack_bits(vc, self.bits).float() * vstep.repeat_interleave(g, dim=3) + vmin.repeat_interleave(g, dim=3)
-        return torch.stack([k, v], dim=1).to(self.layout.dtype)  # [n, 2, H, B, D]
+        rows = kc.shape[1] * kc.shape[2] * n  # n * H * B
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        k = dequantize(QuantizedTensor(flat(kc), flat(kstep), flat(kmin), self.bits, g, QuantAxis.PER_CHANNEL, (rows, d)))
+        v = dequantize(QuantizedTensor(flat(vc), flat(vstep), flat(vmin), self.bits, g, QuantAxis.PER_TOKEN, (rows, d)))
+        return torch.stack([k.view(kc.shape[:3] + (d,)), v.view(kc.shape[:3] + (d,))], dim=1).to(self.layout.dtype)
 
     def rows(self, records: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor,
              offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
