@@ -148,7 +148,7 @@ class KiviCodec(KVCodec):
         n, d, g = records.shape[0], self.layout.head_dim, self.group
         kc, vc, kmin, kstep, vmin, vstep = self._sections(records)
         rows = kc.shape[1] * kc.shape[2] * n  # n * H * B
-        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        flat = lambda t: t.reshape(-1, t.shape[-1])
         k = dequantize(QuantizedTensor(flat(kc), flat(kstep), flat(kmin), self.bits, g, QuantAxis.PER_CHANNEL, (rows, d)))
         v = dequantize(QuantizedTensor(flat(vc), flat(vstep), flat(vmin), self.bits, g, QuantAxis.PER_TOKEN, (rows, d)))
         return torch.stack([k.view(kc.shape[:3] + (d,)), v.view(kc.shape[:3] + (d,))], dim=1).to(self.layout.dtype)
