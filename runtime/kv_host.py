@@ -43,9 +43,9 @@ class HostKVPool:
                  codec: KVCodec | None = None) -> None:
         self.codec = codec or RawCodec(layout)
         self._rec = self.codec.record_bytes  # R: bytes of one block in a slot
-        if spill.record_bytes is not None and spill.record_bytes != self._rec:
-            raise InputError(f"host KV: the spill store holds {spill.record_bytes}-byte records, the codec "
-                             f"{self.codec.name} writes {self._rec}")
+        if spill.record_bytes != self._rec:
+            raise InputError(f"host KV: the spill store must hold the codec's {self._rec}-byte records "
+                             f"({self.codec.name}), it holds {spill.record_bytes or 'raw blocks'}")
         if budget is not None and budget < self._rec:
             raise BudgetError(f"host KV budget {budget} B is smaller than one KV block ({self._rec} B); "
                               "raise --kv-dram-budget")
@@ -159,7 +159,7 @@ class HostKVPool:
         records[on_host] = self._pool.index_select(0, slots[on_host])
         spilled = torch.nonzero(~on_host).squeeze(1).tolist()
         for i, data in zip(spilled, self.spill.read([(layer, start + i) for i in spilled])):
-            records[i] = self._from_spill(data)
+            records[i] = data
         return self.codec.decode(records)
 
     # ------------------------------------------------------------------ forgetting
@@ -222,7 +222,7 @@ class HostKVPool:
     def _evict(self, slot: int) -> None:
         """Drop the block in ``slot`` from host memory, writing it to storage first if needed."""
         layer, block = int(self._slot_layer[slot]), int(self._slot_block[slot])
-        self.spill.write((layer, block), self._to_spill(self._pool[slot]))  # no-op when already on storage
+        self.spill.write((layer, block), self._pool[slot])  # no-op when already on storage
         self._tables[layer].view()[block] = NOT_HOST
         self._slot_layer[slot] = -1
         self._free.append(slot)
@@ -239,7 +239,7 @@ class HostKVPool:
         table = self._tables[layer].view()
         for block, data in zip(wanted, self.spill.read([(layer, b) for b in wanted])):
             slot = self._free_slot(protect=self._tick)
-            self._pool[slot] = self._from_spill(data)
+            self._pool[slot] = data
             self._slot_layer[slot], self._slot_block[slot], self._last_used[slot] = layer, block, self._tick
             self._used += 1
             table[block] = slot
@@ -256,21 +256,9 @@ class HostKVPool:
         data[on_host] = self._pool[slots[on_host]]
         spilled = torch.nonzero(~on_host).squeeze(1).tolist()
         for i, block in zip(spilled, self.spill.read([(layer, int(unique[i])) for i in spilled])):
-            data[i] = self._from_spill(block)
+            data[i] = block
             self.gathers_from_storage += 1
         return self.codec.rows(data, inverse, heads, offsets)
-
-    def _to_spill(self, record: torch.Tensor) -> torch.Tensor:
-        """A slot's record as the spill store takes it (a raw block, or the record itself)."""
-        if self.spill.record_bytes is None:
-            return self.codec.decode(record.unsqueeze(0))[0]
-        return record
-
-    def _from_spill(self, data: torch.Tensor) -> torch.Tensor:
-        """What the spill store returned, as a slot record ``uint8 [R]``."""
-        if self.spill.record_bytes is None:
-            return self.codec.encode(data.unsqueeze(0))[0]
-        return data
 
 
 def _mib(n: int) -> str:

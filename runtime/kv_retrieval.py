@@ -75,8 +75,7 @@ class RetrievalKVCache:
                 f"{config.device_budget} B; lower --window or the prefill chunk, or raise the budget"
             )
         codec = kv_codec(layout, config.kv_quant_bits, config.kv_quant_group)
-        self.spill = KVSpillStore(layout, config.spill_dir, backend,
-                                  record_bytes=None if config.kv_quant_bits is None else codec.record_bytes)
+        self.spill = KVSpillStore(layout, config.spill_dir, backend, record_bytes=codec.record_bytes)
         self.host = HostKVPool(layout, config.host_budget, self.spill, codec)
         self._attention = RetrievalAttention(r)
         self._scale = layout.head_dim ** -0.5

@@ -75,7 +75,7 @@ def test_a_quantised_pool_holds_more_blocks_in_the_same_budget(tmp_path):
     held = {}
     for bits in (None, 4):
         codec = kv_codec(lay, bits, 16)
-        spill = KVSpillStore(lay, str(tmp_path / str(bits)), record_bytes=None if bits is None else codec.record_bytes)
+        spill = KVSpillStore(lay, str(tmp_path / str(bits)), record_bytes=codec.record_bytes)
         pool = HostKVPool(lay, budget, spill, codec)
         pool.put(0, 0, _blocks(lay, 40))
         pool.enforce(0)
