@@ -167,17 +167,14 @@ class Linear:
         bits = w.view(torch.int16).numpy().view(np.uint16)  # [N, K] the bf16 bytes, no copy
         if self._native is not None:
             self._native(bits, xf, out, n_rows, w.shape[1], self._native_threads)
-            y = torch.from_numpy(out)
-            if b is not None:
-                y = y + b.float()
-            return y.to(x.dtype).unsqueeze(0)  # [1, N]
-        if self._numba is not None and self._numba.get_num_threads() != self._numba_threads:
-            self._numba.set_num_threads(self._numba_threads)  # per calling thread, like OpenMP's
-        if _CALL_LOCK is None:
-            kernel(bits, xf, out)
         else:
-            with _CALL_LOCK:
+            if self._numba is not None and self._numba.get_num_threads() != self._numba_threads:
+                self._numba.set_num_threads(self._numba_threads)  # per calling thread, like OpenMP's
+            if _CALL_LOCK is None:
                 kernel(bits, xf, out)
+            else:
+                with _CALL_LOCK:
+                    kernel(bits, xf, out)
         y = torch.from_numpy(out)
         if b is not None:
             y = y + b.float()
