@@ -25,7 +25,7 @@ import json
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashtier.errors import CheckpointError, ConfigError, IntegrityError
@@ -71,8 +71,11 @@ class CompressedShard:
     side_file: str
     segments: tuple[Segment, ...]
 
-    starts: tuple[int, ...] = ()
-    """``offset`` of each segment (for the lookup)."""
+    starts: tuple[int, ...] = field(init=False)
+    """``offset`` of each segment (for the lookup; derived)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "starts", tuple(s.offset for s in self.segments))
 
     def run(self, offset: int, length: int) -> tuple[Segment, ...] | None:
         """The consecutive segments that make up exactly ``[offset, offset + length)``, or None."""
@@ -202,7 +205,7 @@ def load_index(model_dir: str | os.PathLike[str]) -> CompressedIndex | None:
             if not side.exists() or side.stat().st_size != stored:
                 have = side.stat().st_size if side.exists() else "missing"
                 raise IntegrityError(f"{side}: size {have}, the manifest says {stored} bytes; {fix}")
-            shards[str(shard)] = CompressedShard(str(shard), str(side), segments, tuple(x.offset for x in segments))
+            shards[str(shard)] = CompressedShard(str(shard), str(side), segments)
     except (KeyError, TypeError, ValueError) as e:
         raise IntegrityError(f"{manifest_path}: malformed manifest ({e!r}); {fix}") from e
     if set(shards) != {str(p.resolve()) for p in _shards(src)}:
