@@ -229,7 +229,8 @@ class PagedWeights:
             "direct_io": self.backend.stats().buffered_files == 0,
             "weights_at_rest": "compressed" if self.compressed_index is not None else "raw",
         }
-        if isinstance(self.backend, CompressedBackend):
+        if self.compressed_index is not None:
+            assert isinstance(self.backend, CompressedBackend)
             out["compressed_stored_fraction"] = round(self.compressed_index.stored_fraction(), 4)
             out["weights_decoded_bytes"] = self.backend.decoded_bytes
             out["weights_decode_s"] = round(self.backend.decode_s, 4)
