@@ -50,8 +50,9 @@ class Bandwidths:
     """Device memory bandwidth (an RTX 4090 class GPU)."""
     decode: float = 1.8e9
     """Bytes of weights the IO threads restore per second from the compressed copy (split16: zstd +
-    interleave; on the 2-core work machine 1.46 GB/s on one thread, 2.44 on two, 1.7-1.9 beside
-    the compute thread in decode; see storage_backends/weight_codec.py)."""
+    interleave). Conservative: on the 2-core work machine the codec alone does 2.5 GB/s on one
+    thread and 3.4 on two, and capped decode of dense-1.7g sustained 1.7-2.4 GB/s of weights (reads
+    bound it, not decoding); see storage_backends/weight_codec.py."""
     source: str = "defaults"
 
 
