@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from flashtier.errors import IntegrityError, StorageError
 
@@ -31,8 +31,9 @@ def verify_crc32(data: bytes | bytearray | memoryview, expected: int, where: str
         )
 
 
-def write_atomic(path: str, chunks: Sequence[bytes | bytearray | memoryview]) -> int:
-    """Write the concatenation of ``chunks`` to ``path`` atomically; return its crc32.
+def write_atomic(path: str, chunks: Iterable[bytes | bytearray | memoryview]) -> int:
+    """Write the concatenation of ``chunks`` to ``path`` atomically; return its crc32. ``chunks``
+    is iterated once, so a generator streams a large file without holding it in memory.
 
     Raises StorageError (with the OS error as cause) if any step fails; the target is then
     untouched.

@@ -24,13 +24,13 @@ import bisect
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashtier.errors import CheckpointError, ConfigError, IntegrityError
 from flashtier.storage_backends.atomic import crc32, write_atomic
-from flashtier.storage_backends.safetensors_format import read_header
+from flashtier.storage_backends.safetensors_format import TensorInfo, read_header
 from flashtier.storage_backends.weight_codec import RAW, SPLIT16, encode
 
 DIR_NAME = "flashtier-compressed"
@@ -142,38 +142,51 @@ def compress_checkpoint(model_dir: str | os.PathLike[str],
     infos = [sorted(read_header(p)[0].values(), key=lambda t: t.offset) for p in shards]
     total = sum(len(t) for t in infos)
     done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     files = {}
     for shard, tensors in zip(shards, infos):
-        records: list[bytes] = []
-        segments = []
-        pos = 0
-        with open(shard, "rb") as f:
-            for info in tensors:
-                f.seek(info.offset)
-                data = f.read(info.nbytes)
-                if len(data) != info.nbytes:
-                    raise CheckpointError(f"{shard}: tensor {info.name} is truncated ({len(data)} of {info.nbytes} bytes)")
-                compressible = info.itemsize == 2 and info.nbytes >= 4096
-                for start in range(0, info.nbytes, SEGMENT_BYTES):  # a 0-byte tensor has no segment
-                    piece = memoryview(data)[start: start + SEGMENT_BYTES]
-                    codec, rec = RAW, bytes(piece)
-                    if compressible and len(piece) % 2 == 0:
-                        packed = encode(piece, SPLIT16)
-                        if len(packed) < MIN_GAIN * len(piece):
-                            codec, rec = SPLIT16, packed
-                    segments.append([info.offset + start, len(piece), codec, pos, len(rec), crc32(rec)])
-                    records.append(rec)
-                    pos += len(rec)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+        segments: list[list[object]] = []
         side = out / (shard.name[: -len(".safetensors")] + ".ftz")
-        write_atomic(str(side), records)
+        write_atomic(str(side), _records(shard, tensors, segments, tick))
         size, header_crc = _header_fingerprint(shard)
         files[shard.name] = {"side_file": side.name, "size": size, "header_crc32": header_crc, "segments": segments}
     manifest = {"format": FORMAT, "version": VERSION, "files": files}
     write_atomic(str(out / MANIFEST_NAME), [json.dumps(manifest).encode()])
     return out
+
+
+def _records(shard: Path, tensors: list[TensorInfo], segments: list[list[object]],
+             tick: Callable[[], None]) -> Iterator[bytes]:
+    """The stored records of ``shard``'s ``tensors`` (in file order), one segment at a time, so a
+    shard of any size is compressed in one segment's memory; each record's manifest entry
+    ``[offset, length, codec, stored_offset, stored_length, crc32]`` is appended to ``segments``
+    as it is produced, and ``tick`` is called after each tensor."""
+    pos = 0
+    with open(shard, "rb") as f:
+        for info in tensors:
+            compressible = info.itemsize == 2 and info.nbytes >= 4096
+            f.seek(info.offset)
+            for start in range(0, info.nbytes, SEGMENT_BYTES):  # a 0-byte tensor has no segment
+                want = min(SEGMENT_BYTES, info.nbytes - start)
+                piece = f.read(want)
+                if len(piece) != want:
+                    raise CheckpointError(f"{shard}: tensor {info.name} is truncated ({start + len(piece)} of "
+                                          f"{info.nbytes} bytes)")
+                codec, rec = RAW, piece
+                if compressible and len(piece) % 2 == 0:
+                    packed = encode(piece, SPLIT16)
+                    if len(packed) < MIN_GAIN * len(piece):
+                        codec, rec = SPLIT16, packed
+                segments.append([info.offset + start, len(piece), codec, pos, len(rec), crc32(rec)])
+                pos += len(rec)
+                yield rec
+            tick()
 
 
 def load_index(model_dir: str | os.PathLike[str]) -> CompressedIndex | None:
