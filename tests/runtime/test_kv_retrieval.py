@@ -77,23 +77,33 @@ def test_top_k_of_the_whole_context_gives_the_tokens_of_full_attention(tiny, ind
     assert stats["kv_bytes_per_tier"]["host"] > 0 and stats["index_build_s"] > 0
 
 
-def test_retrieval_logits_match_full_attention_to_fp_tolerance(tiny):
-    """Same forward, two caches: decode logits agree to rounding when every key is retrieved."""
+def decode_logits_pairs(tiny, config: RetrievalCacheConfig, steps: int) -> tuple[RetrievalKVCache, list]:
+    """Prefill PROMPT into a full cache and a retrieval cache with ``config`` through the same
+    forward, then decode ``steps`` tokens in both: the retrieval cache and the (retrieval, full)
+    logits of each step."""
     model = Model(tiny)
     c = model.config
     full = model.transformer.new_cache(16)
-    ret = RetrievalKVCache(KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, model.transformer.dtype),
-                           cache_config(window=48, index="cluster"))
+    ret = RetrievalKVCache(KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, model.transformer.dtype), config)
     ids = torch.tensor(PROMPT)
+    pairs = []
     with torch.inference_mode():
         for cache in (full, ret):
             cache.reserve(800)
             model.transformer.forward(ids, cache, 0)
-        for step in range(6):
+        for step in range(steps):
             tok = torch.tensor([PROMPT[step]])
             a = model.transformer.forward(tok, full, 700 + step)
             b = model.transformer.forward(tok, ret, 700 + step)
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+            pairs.append((b, a))
+    return ret, pairs
+
+
+def test_retrieval_logits_match_full_attention_to_fp_tolerance(tiny):
+    """Same forward, two caches: decode logits agree to rounding when every key is retrieved."""
+    ret, pairs = decode_logits_pairs(tiny, cache_config(window=48, index="cluster"), steps=6)
+    for b, a in pairs:
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert ret.counters.keys_retrieved > 0
 
 
@@ -102,21 +112,9 @@ def test_quantised_host_kv_logits_stay_close_to_full_attention(tiny, bits, toler
     """Top-k of the whole context over KIVI-quantised host KV: decode logits within ``tolerance``
     of full attention (measured max |diff| on this model, logits up to ~0.4: 1.6e-4 at 8 bits,
     4.8e-3 at 4 bits, 2.4e-2 at 2 bits; the raw codec 9e-8)."""
-    model = Model(tiny)
-    c = model.config
-    full = model.transformer.new_cache(16)
-    ret = RetrievalKVCache(KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, model.transformer.dtype),
-                           replace(cache_config(window=48), kv_quant_bits=bits))
-    ids = torch.tensor(PROMPT)
-    with torch.inference_mode():
-        for cache in (full, ret):
-            cache.reserve(800)
-            model.transformer.forward(ids, cache, 0)
-        for step in range(4):
-            tok = torch.tensor([PROMPT[step]])
-            a = model.transformer.forward(tok, full, 700 + step)
-            b = model.transformer.forward(tok, ret, 700 + step)
-            torch.testing.assert_close(b, a, rtol=0, atol=tolerance)
+    ret, pairs = decode_logits_pairs(tiny, replace(cache_config(window=48), kv_quant_bits=bits), steps=4)
+    for b, a in pairs:
+        torch.testing.assert_close(b, a, rtol=0, atol=tolerance)
     assert ret.stats()["kv_host_codec"] == f"kivi{bits}-g16"  # default group capped by the head dim (16)
     ret.close()
 
