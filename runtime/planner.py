@@ -50,8 +50,8 @@ class Bandwidths:
     """Device memory bandwidth (an RTX 4090 class GPU)."""
     decode: float = 1.8e9
     """Bytes of weights the IO threads restore per second from the compressed copy (split16: zstd +
-    interleave). Conservative: on the 2-core work machine the codec alone does 2.5 GB/s on one
-    thread and 3.4 on two, and capped decode of dense-1.7g sustained 1.7-2.4 GB/s of weights (reads
+    interleave). Conservative: on the 2-core work machine the codec alone does 3.0 GB/s on one
+    thread and 5.4 on two (``benchmarks/bench_weight_codec.py``), and capped decode of dense-1.7g sustained 1.7-2.4 GB/s of weights (reads
     bound it, not decoding); see storage_backends/weight_codec.py."""
     source: str = "defaults"
 

@@ -11,8 +11,9 @@ every byte string of even length), so tokens do not change.
 
 Decode cost, measured on this machine (one core): zstd restores the high bytes at ~2.1 GB/s and
 interleaving the two planes runs at ~20 GB/s in the C extension ``flashtier._native`` (~3 GB/s
-with ``torch.stack``, the fallback when the extension was not built), i.e. ~0.3 s of one core per
-GB of weights (0.7 s with the fallback), spent on the IO threads while the compute thread works.
+with ``torch.stack``, the fallback when the extension was not built): 3.0 GB/s of weights restored
+per core (1.6 with the fallback; ``benchmarks/bench_weight_codec.py``), spent on the IO threads
+while the compute thread works.
 
 Record layout of ``split16`` for ``n`` input bytes (``n`` even, ``h = n / 2``):
 ``[low bytes: h][zstd frame of the high bytes, with its content checksum]``.
