@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
 from flashtier.benchmarks.common import REPO, ensure_model, machine, write_results
 from flashtier.runtime.checkpoint import Checkpoint, read_tensor
 from flashtier.storage_backends import weight_codec
@@ -78,8 +77,8 @@ def main() -> None:
             runs = [decode_gb_per_s(records, sizes, threads) for _ in range(a.repeat)]
             res["gb_per_s"][f"{label}, {threads} thread{'s' if threads > 1 else ''}"] = round(statistics.median(runs), 2)
     weight_codec._interleave16 = native
-    lines = [f"Machine: {res['machine']}; {len(raw)} x 4 MiB bf16 FFN segments of {model.name}; stored fraction "
-             f"{res['stored_fraction']} (split16).", "", "| decode | threads | GB/s of weights restored |",
+    lines = [(f"Machine: {res['machine']}; {len(raw)} x 4 MiB bf16 FFN segments of {model.name}; stored fraction "
+              f"{res['stored_fraction']} (split16)."), "", "| decode | threads | GB/s of weights restored |",
              "| --- | --- | --- |"]
     for k, v in res["gb_per_s"].items():
         name, th = k.rsplit(", ", 1)
