@@ -38,18 +38,24 @@ def _ffn(layer):
     return getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
 
 
+def heldout_ids(model_dir: str) -> np.ndarray:
+    """The held-out modules as one token stream (int64), as the windows below cut it."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    return encode_files(tok, corpus_files("eval")).astype(np.int64)
+
+
 def measure(model_dir: str, seq: int = 256, max_windows: int = 0, batch: int = 8,
             threads: int = 0, windows_k=(1, 2, 4)) -> dict:
     import torch
     import torch.nn.functional as F
-    from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    ids = encode_files(tok, corpus_files("eval")).astype(np.int64)
+    ids = heldout_ids(model_dir)
     n_win = (ids.size - 1) // seq
     if max_windows:
         n_win = min(n_win, max_windows)

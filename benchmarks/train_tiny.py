@@ -181,7 +181,11 @@ def build_module(arch: dict, vocab: int):
             v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            if x.is_cuda:  # expand the kv heads: the flash kernel wants equal head counts
+                k, v = (t.repeat_interleave(nh // nkv, dim=1) for t in (k, v))
+                y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
     class MLP(nn.Module):  # Llama MLP / one Mixtral expert (w1=gate, w3=up, w2=down)
@@ -278,7 +282,7 @@ def build_module(arch: dict, vocab: int):
 
         def forward(self, ids, stats):
             T = ids.shape[1]
-            pos = torch.arange(T, dtype=torch.float32)
+            pos = torch.arange(T, dtype=torch.float32, device=ids.device)
             fr = torch.outer(pos, self.inv_freq)
             emb = torch.cat((fr, fr), dim=-1)
             cos, sin = emb.cos()[None, None], emb.sin()[None, None]
@@ -350,6 +354,95 @@ def to_hf_state_dict(sd: dict, arch_name: str) -> dict:
         else:
             for n in ("gate_proj", "up_proj", "down_proj"):
                 out[q + f"mlp.{n}.weight"] = sd[p + f"ffn.{n}.weight"]
+    return out
+
+
+def from_hf_state_dict(hf: dict, arch_name: str) -> dict:
+    """Inverse of :func:`to_hf_state_dict`: legacy HF names -> our parameter names (fp32)."""
+    import torch
+
+    a = ARCHS[arch_name]
+    sd = {"embed_tokens.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    for i in range(a["layers"]):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = hf[q + "input_layernorm.weight"]
+        sd[p + "post_attention_layernorm.weight"] = hf[q + "post_attention_layernorm.weight"]
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{n}.weight"] = hf[q + f"self_attn.{n}.weight"]
+        if a["experts"]:
+            sd[p + "ffn.gate.weight"] = hf[q + "block_sparse_moe.gate.weight"]
+            for w in ("w1", "w2", "w3"):
+                sd[p + f"ffn.{w}"] = torch.stack([hf[q + f"block_sparse_moe.experts.{e}.{w}.weight"]
+                                                  for e in range(a["experts"])])
+        else:
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                sd[p + f"ffn.{n}.weight"] = hf[q + f"mlp.{n}.weight"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def load_hf_folder(folder: str, arch_name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return from_hf_state_dict(load_file(os.path.join(folder, "model.safetensors")), arch_name)
+
+
+def save_state_parts(sd: dict, folder: str, meta: dict, part_bytes: int = 12 << 20) -> None:
+    """fp32 state dict as safetensors files of at most ``part_bytes`` each (+ meta.json): small
+    enough to come back from a GPU machine whose file transfers are capped."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    part, size, n = {}, 0, 0
+    for k, v in sd.items():
+        v = v.detach().float().cpu().contiguous()
+        if part and size + v.nbytes > part_bytes:
+            save_file(part, os.path.join(folder, f"part{n}.safetensors"))
+            part, size, n = {}, 0, n + 1
+        part[k], size = v, size + v.nbytes
+    save_file(part, os.path.join(folder, f"part{n}.safetensors"))
+    with open(os.path.join(folder, "meta.json"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+
+
+def load_state_parts(folder: str) -> tuple[dict, dict]:
+    import glob
+
+    from safetensors.torch import load_file
+
+    sd: dict = {}
+    for f in sorted(glob.glob(os.path.join(folder, "part*.safetensors"))):
+        sd.update(load_file(f))
+    with open(os.path.join(folder, "meta.json")) as fh:
+        return sd, json.load(fh)
+
+
+def long_context_eval(model, eval_ids: np.ndarray, seq: int, device, vocab: int,
+                      buckets=(0, 256, 1024, 4096, 16384)) -> dict:
+    """Held-out loss and top-1 accuracy by position range over the eval split cut into
+    non-overlapping windows of ``seq`` tokens (how well the model uses long contexts)."""
+    import torch
+    import torch.nn.functional as F
+
+    n_win = (eval_ids.size - 1) // seq
+    loss = torch.zeros(seq, dtype=torch.float64)
+    acc = torch.zeros(seq, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        for w in range(n_win):
+            o = w * seq
+            x = torch.from_numpy(eval_ids[o:o + seq][None]).to(device)
+            y = torch.from_numpy(eval_ids[o + 1:o + seq + 1]).to(device)
+            lg = model(x, new_stats())[0].float()
+            loss += F.cross_entropy(lg, y, reduction="none").double().cpu()
+            acc += (lg.argmax(-1) == y).double().cpu()
+    model.train()
+    out = {"windows": n_win, "seq": seq}
+    for lo, hi in zip(buckets, buckets[1:]):
+        if lo >= seq:
+            break
+        hi = min(hi, seq)
+        out[f"loss_{lo}_{hi}"] = round(loss[lo:hi].sum().item() / (n_win * (hi - lo)), 4)
+        out[f"acc_{lo}_{hi}"] = round(acc[lo:hi].sum().item() / (n_win * (hi - lo)), 4)
     return out
 
 
@@ -437,11 +530,20 @@ def cmd_train(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     arch = ARCHS[args.arch]
     train_ids = np.load(os.path.join(args.work, "train.npy")).astype(np.int64)
     eval_ids = np.load(os.path.join(args.work, "eval.npy")).astype(np.int64)
     vocab = VOCAB_SIZE
     model = build_module(arch, vocab)
+    if args.init_hf:  # fine-tune a shipped checkpoint (fresh optimizer state)
+        model.load_state_dict(load_hf_folder(args.init_hf, args.arch))
+        print(f"initialised from {args.init_hf}", flush=True)
+    model.to(device)
+    long_before = None
+    if args.long_eval:
+        long_before = long_context_eval(model, eval_ids, args.long_eval, device, vocab)
+        print("long-context eval before:", json.dumps(long_before), flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"arch={args.arch} params={n_params/1e6:.2f}M train_tokens={train_ids.size} "
           f"eval_tokens={eval_ids.size}", flush=True)
@@ -478,8 +580,8 @@ def cmd_train(args) -> None:
         tot_loss, tot_acc, n = 0.0, 0.0, 0
         with torch.no_grad():
             for i in range(0, ev_x.shape[0], 8):
-                lg = model(ev_x[i:i + 8], new_stats())
-                y = ev_y[i:i + 8]
+                lg = model(ev_x[i:i + 8].to(device), new_stats())
+                y = ev_y[i:i + 8].to(device)
                 tot_loss += F.cross_entropy(lg.reshape(-1, vocab), y.reshape(-1), reduction="sum").item()
                 tot_acc += (lg.argmax(-1) == y).sum().item()
                 n += y.numel()
@@ -516,16 +618,16 @@ def cmd_train(args) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         off = rng.integers(0, train_ids.size - S - 1, size=B)
-        x = torch.from_numpy(np.stack([train_ids[o:o + S] for o in off]))
-        y = torch.from_numpy(np.stack([train_ids[o + 1:o + S + 1] for o in off]))
+        x = torch.from_numpy(np.stack([train_ids[o:o + S] for o in off])).to(device, non_blocking=True)
+        y = torch.from_numpy(np.stack([train_ids[o + 1:o + S + 1] for o in off])).to(device, non_blocking=True)
         stats = new_stats()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(x, stats)
         ce = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
         loss = ce
         if stats["l1"] and l1_coef > 0:
             loss = loss + l1_coef * torch.stack(stats["l1"]).mean()
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=device)
         if arch["experts"]:
             aux = load_balancing_loss(stats["router"], arch["experts"], arch["top_k"])
             loss = loss + args.aux_coef * aux
@@ -567,8 +669,17 @@ def cmd_train(args) -> None:
             "seed": args.seed, "threads": args.threads, "train_seconds": round(total_s, 1),
             "tokens_seen": step * B * S, "params": n_params,
             "eval_subset_loss": round(el_loss, 4), "eval_subset_acc": round(el_acc, 4),
+            "device": str(device), "init_hf": args.init_hf,
             "command": " ".join(sys.argv)}
+    if args.long_eval:
+        meta["long_eval_before"] = long_before
+        meta["long_eval_after"] = long_context_eval(model, eval_ids, args.long_eval, device, vocab)
     print(json.dumps(meta), flush=True)
+    if args.state_parts:  # export later, where transformers matches the shipped files (cmd_export)
+        save_state_parts(model.state_dict(), args.state_parts, meta)
+        print("state saved to", args.state_parts, flush=True)
+        return
+    model.to("cpu")
     export_hf(model, args.arch, vocab, args.work, args.out, meta)
     print("exported to", args.out, flush=True)
 
@@ -576,11 +687,15 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     import torch
 
-    ck = torch.load(os.path.join(args.work, f"ckpt_{args.arch}.pt"), weights_only=False)
     model = build_module(ARCHS[args.arch], VOCAB_SIZE)
-    model.load_state_dict(ck["model"])
-    meta = {"arch": args.arch, "steps": ck["step"], "train_seconds": round(ck["elapsed"], 1),
-            "args": ck["args"]}
+    if args.from_parts:
+        sd, meta = load_state_parts(args.from_parts)
+        model.load_state_dict(sd)
+    else:
+        ck = torch.load(os.path.join(args.work, f"ckpt_{args.arch}.pt"), weights_only=False)
+        model.load_state_dict(ck["model"])
+        meta = {"arch": args.arch, "steps": ck["step"], "train_seconds": round(ck["elapsed"], 1),
+                "args": ck["args"]}
     export_hf(model, args.arch, VOCAB_SIZE, args.work, args.out, meta)
 
 
@@ -621,12 +736,20 @@ def main(argv=None) -> None:
     t.add_argument("--max-minutes", type=float, default=0.0,
                    help="wall-time budget: the cosine decay follows max(step, time) progress and "
                         "training stops when either runs out (0 = steps only, fully reproducible)")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on either)")
+    t.add_argument("--init-hf", default="", help="start from this exported folder (e.g. models/tiny-moe)")
+    t.add_argument("--long-eval", type=int, default=0, metavar="SEQ",
+                   help="held-out loss/accuracy by position over windows of SEQ tokens, before and after")
+    t.add_argument("--state-parts", default="",
+                   help="save the fp32 weights as <=12 MB safetensors parts here instead of exporting "
+                        "(then: export --from-parts)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast for the matmuls (fp32 master weights); ~2x faster on AVX512-BF16")
     e = sub.add_parser("export")
     e.add_argument("--arch", choices=list(ARCHS), required=True)
     e.add_argument("--work", default="/tmp/flashtier_tiny")
     e.add_argument("--out", required=True)
+    e.add_argument("--from-parts", default="", help="a --state-parts folder instead of the checkpoint")
     args = ap.parse_args(argv)
     {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export}[args.cmd](args)
 

@@ -1,4 +1,4 @@
-"""Checks on the shipped tiny checkpoints (models/tiny-moe, models/tiny-dense).
+"""Checks on the shipped tiny checkpoints (models/tiny-moe, models/tiny-moe-16k, models/tiny-dense).
 
 They must load with transformers, their files must agree with their configs, the tokenizer
 and chat template must work, greedy decoding must be stable and produce Python-looking
@@ -21,8 +21,8 @@ from safetensors import safe_open  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = Path(os.environ.get("FLASHTIER_TINY_MODELS", ROOT / "models"))
-MOE, DENSE = MODELS / "tiny-moe", MODELS / "tiny-dense"
-ALL = [pytest.param(MOE, id="tiny-moe"), pytest.param(DENSE, id="tiny-dense")]
+MOE, DENSE, MOE_16K = MODELS / "tiny-moe", MODELS / "tiny-dense", MODELS / "tiny-moe-16k"
+ALL = [pytest.param(MOE, id="tiny-moe"), pytest.param(DENSE, id="tiny-dense"), pytest.param(MOE_16K, id="tiny-moe-16k")]
 REQUIRED = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"]
 SPECIALS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
@@ -62,6 +62,7 @@ def test_files_present(d):
 
 def test_architectures():
     moe, dense = _config(MOE), _config(DENSE)
+    assert _config(MOE_16K) == moe  # the long-context fine-tune of tiny-moe: same architecture
     assert moe["architectures"] == ["MixtralForCausalLM"]
     assert moe["num_local_experts"] == 8 and moe["num_experts_per_tok"] == 2
     assert dense["architectures"] == ["LlamaForCausalLM"]
@@ -74,8 +75,8 @@ def test_architectures():
 
 
 def test_size_on_disk():
-    total = sum((d / "model.safetensors").stat().st_size for d in (MOE, DENSE))
-    assert total < 40 * 1024 * 1024, total
+    total = sum((d / "model.safetensors").stat().st_size for d in (MOE, DENSE, MOE_16K))
+    assert total < 64 * 1024 * 1024, total
 
 
 def _expected_tensors(c: dict) -> dict[str, tuple[int, ...]]:
@@ -184,3 +185,19 @@ def test_heldout_quality_slice():
     # most experts are used in every layer (the shipped model has at most 2 near-dead ones)
     for row in rt["expert_load"]:
         assert sum(v > 0.01 for v in row) >= 6, row
+
+
+def test_long_context_model_uses_long_contexts():
+    """tiny-moe-16k was fine-tuned on 16K-token windows: far into a held-out window it predicts
+    about as well as near its start, where tiny-moe (trained on 256-token windows) falls apart
+    (model card: loss 7.5 at positions 4K-16K before the fine-tune, 3.2 after)."""
+    mt = _measure_module()
+    ids = mt.heldout_ids(str(MOE_16K))[: 4096 + 1]
+    x, y = torch.from_numpy(ids[:-1])[None], torch.from_numpy(ids[1:])
+    losses = {}
+    for d in (MOE, MOE_16K):
+        with torch.no_grad():
+            logits = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)(x).logits[0]
+        losses[d.name] = torch.nn.functional.cross_entropy(logits[2048:], y[2048:]).item()
+    assert losses["tiny-moe-16k"] < 4.0, losses
+    assert losses["tiny-moe"] > losses["tiny-moe-16k"] + 1.5, losses
