@@ -238,6 +238,7 @@ class ExpertWeights(PagedWeights):
                                         device_budget=device_slots * self.slot_bytes,
                                         host_policy=self.expert_config.policy,
                                         device_policy=self.expert_config.policy,
+                                        device=self.compute_device,
                                         storage_gb_per_s=bandwidths.disk / 1e9), self._io)
         pages: dict[int, list[tuple[int, int, int]]] = {}
         page_bytes: dict[int, int] = {}

@@ -47,6 +47,11 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 class PagedWeights:
     """A :class:`~flashtier.runtime.weights.WeightAccessor` over a tiered store (see module doc)."""
 
+    compute_device = "cpu"
+    """Where the model computes, so where pages handed to it must live: the runtime's forward pass
+    runs on the CPU, so a device tier of the weight stores is placed there too (on a GPU machine a
+    CUDA tier would hand CUDA tensors to CPU matmuls: found on an H100, session 4)."""
+
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, bandwidths: Bandwidths = Bandwidths(), device_budget: int = 0,
                  direct_io: str = "auto", host_policy: str = "lru",
