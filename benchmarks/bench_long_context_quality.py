@@ -175,7 +175,7 @@ def describe(cfg: RetrievalCacheConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=Path("models/tiny-moe"))
+    p.add_argument("--model", type=Path, default=Path("models/tiny-moe-16k"))
     p.add_argument("--context", type=int, default=16128, help="prompt tokens (16128 + 256 steps = the model's 16384)")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--prefill-chunk", type=int, default=512)
