@@ -64,7 +64,7 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
 
 
 RETRIEVAL_OPTIONS = ("retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget",
-                     "estimate_rest", "check_attention", "kv_dram_budget", "kv_spill_dir", "kv_quant_bits",
+                     "scan_max_keys", "estimate_rest", "check_attention", "kv_dram_budget", "kv_spill_dir", "kv_quant_bits",
                      "kv_quant_group")
 """Flags of :func:`add_attention_args` passed to the engine as ``EngineConfig.extra`` entries."""
 
@@ -77,9 +77,11 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                         "device -> host -> storage, exact prefill, decode attends to sinks + window + top-k "
                         "keys retrieved from an index")
     g.add_argument("--retrieval-preset", choices=["fast", "balanced", "quality"], default=None,
-                   help="starting point for the options below (default balanced): fast = coarse two-level index, 1%% of "
-                        "keys scanned, no estimate; balanced = clusters of 4 keys, 4.5%% scanned, unretrieved attention "
-                        "estimated; quality = clusters of 2 keys (closest to full attention, slowest)")
+                   help="starting point for the options below (default balanced): fast = clusters of 16 keys under "
+                        "super-clusters, 1%% of keys scanned, no estimate; balanced = clusters of 4 keys under "
+                        "super-clusters, 4.5%% scanned up to 1024 keys, unretrieved attention estimated; quality = "
+                        "clusters of 2 keys, every centroid scored (closest to full attention; step cost grows with "
+                        "the context)")
     g.add_argument("--sink-tokens", type=int, default=None, metavar="N",
                    help="first positions always attended exactly (default 4)")
     g.add_argument("--window", type=int, default=None, metavar="N",
@@ -90,6 +92,9 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                    help="key index: cluster (attention-aware, default), ivf (faiss), flat (exact, scans all keys)")
     g.add_argument("--scan-budget", type=float, default=None, metavar="FRACTION",
                    help="share of the offloaded keys an index may score per search (default: the preset's, 0.045)")
+    g.add_argument("--scan-max-keys", type=int, default=None, metavar="N",
+                   help="but at most N keys per search, so a decode step's work stops growing with the context "
+                        "(cluster index; default: the preset's, 1024 for balanced)")
     g.add_argument("--estimate-rest", action=argparse.BooleanOptionalAction, default=None,
                    help="estimate the attention on offloaded keys not retrieved from the index's clusters "
                         "(centroid + mean value; cluster index only; default: the preset's)")

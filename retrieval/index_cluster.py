@@ -13,8 +13,9 @@ highest-scoring ones): each cluster is ranked by the bound
 ``q . c + bound_weight * |q| * r`` (with ``bound_weight = 1`` an upper bound of ``q . key`` over
 its members). For a GQA group the bound is turned into a per-row log-softmax-like score
 (``scale * bound - max``) and the group takes the max over rows, so one scan serves every row.
-Clusters are taken best first until ``scan_budget_fraction`` of the keys (at least ``k``) are
-scanned; the scanned keys are scored exactly and each row keeps its top ``k``.
+Clusters are taken best first until ``scan_budget_fraction`` of the keys (at most
+``scan_max_keys``, at least ``k``) are scanned; the scanned keys are scored exactly and each row
+keeps its top ``k``.
 
 ``store_dtype="bfloat16"`` keeps the clustered keys and the centroids in bf16 (half the memory and
 half the bytes read per search, and bf16 matmuls run faster than fp32 GEMVs on CPUs without
@@ -110,6 +111,10 @@ class ClusterIndexConfig(IndexConfig):
     log-normal correction ``E[exp(q.k)] = exp(q.c + q^T S q / 2)`` with the members' per-dimension
     key variance ``var [D]`` as ``S``): a centroid alone underestimates the cluster's softmax mass
     (``exp`` is convex). Keeps a ``[C, D]`` variance table next to the centroids."""
+    scan_max_keys: int | None = None
+    """At most this many keys scored per search (and at least ``k``), whatever the share
+    ``scan_budget_fraction`` gives: bounds the work of a decode step as the context grows, the way
+    an ANN index's search effort (``nprobe``, ``ef``) is bounded. ``None``: the share alone."""
     attend_scanned: bool = False
     """Return every scanned key, not only each row's top ``k`` (``k`` then only sets the least number
     scanned). Their exact scores were computed anyway, so attending to all of them costs only the
@@ -136,6 +141,9 @@ class ClusterIndexConfig(IndexConfig):
         if self.super_size and self.super_size < 2 * self.cluster_size:
             raise ConfigError(f"cluster index super_size ({self.super_size}) must be 0 (one level) or at least "
                               f"2 * cluster_size ({2 * self.cluster_size})")
+        if self.scan_max_keys is not None and self.scan_max_keys <= 0:
+            raise ConfigError(f"cluster index scan_max_keys must be a positive number of keys (or None: no cap), "
+                              f"got {self.scan_max_keys}")
         if self.oversample < 1:
             raise ConfigError(f"cluster index oversample must be >= 1, got {self.oversample}")
         if self.store_dtype not in STORE_DTYPES:
@@ -308,7 +316,10 @@ class ClusterIndex(KeyIndex):
                                      / keys_in.unsqueeze(1))
 
     def _search(self, queries: torch.Tensor, k: int) -> SearchResult:
-        budget = max(k, math.ceil(self.config.scan_budget_fraction * self.ntotal))
+        budget = math.ceil(self.config.scan_budget_fraction * self.ntotal)
+        if self.config.scan_max_keys is not None:
+            budget = min(budget, self.config.scan_max_keys)
+        budget = max(k, budget)
         tail_n = len(self._tail)
         scores, pos = [], []  # scores q . (key - m): the same ranking as q . key
         if tail_n:

@@ -13,6 +13,7 @@ extra key              meaning                                            defaul
 ``top_k_keys``         offloaded keys retrieved per query head             100
 ``kv_index``           key index: ``cluster``, ``ivf`` or ``flat``         ``cluster``
 ``scan_budget``        share of offloaded keys an index may score          preset (0.045)
+``scan_max_keys``      ... but at most this many keys per search (cluster) preset (1024)
 ``group_search``       ``rows`` / ``union`` / ``mean`` (GQA, one search)   ``rows``
 ``index_options``      dict of options of the chosen index                 preset
 ``estimate_rest``      estimate attention on unretrieved keys (cluster)    preset (on)
@@ -47,12 +48,17 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # Speed first: coarse clusters under super-clusters of 256 keys, 1% scanned, no estimate.
     "fast": MappingProxyType({"scan_budget": 0.01, "group_search": "rows", "estimate_rest": False,
                               "index_options": {"cluster_size": 16, "super_size": 256, "store_dtype": "bfloat16"}}),
-    # Default: clusters of 4 keys, 4.5% scanned, the unretrieved mass estimated from the clusters.
-    # (Attending every scanned key, index option attend_scanned, measured +1.6 points of top-1
-    # agreement at 16K for a 48% slower step at 128K: off.)
+    # Default: clusters of 4 keys under super-clusters of 256, 4.5% scanned but at most 1024 keys
+    # per search (4.5% up to ~23K tokens of context), the unretrieved mass estimated from the
+    # searched clusters and the other super-clusters. Two levels + the cap keep the step's work
+    # nearly flat in the context (one level scores every centroid: its 128K step was 3.96x the 4K
+    # step). (Attending every scanned key, index option attend_scanned, measured +1.6 points of
+    # top-1 agreement at 16K for a 48% slower step at 128K: off.)
     "balanced": MappingProxyType({"scan_budget": 0.045, "group_search": "rows", "estimate_rest": True,
-                                  "index_options": {"cluster_size": 4, "bound_weight": 0.3, "store_dtype": "bfloat16"}}),
-    # Closest to full attention: clusters of 2 keys (the centroid pass reads half the keys' size).
+                                  "index_options": {"cluster_size": 4, "super_size": 256, "scan_max_keys": 1024,
+                                                    "bound_weight": 0.3, "store_dtype": "bfloat16"}}),
+    # Closest to full attention: clusters of 2 keys, one level (every centroid scored per search:
+    # the centroid pass reads half the keys' size, so the step grows with the context).
     "quality": MappingProxyType({"scan_budget": 0.045, "group_search": "rows", "estimate_rest": True,
                                  "index_options": {"cluster_size": 2, "bound_weight": 0.3, "kmeans_iters": 8,
                                                    "store_dtype": "bfloat16"}}),
@@ -62,7 +68,7 @@ override them. Measured trade-offs: README, long context."""
 DEFAULT_PRESET = "balanced"
 
 EXTRA_KEYS = frozenset({
-    "retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget", "group_search",
+    "retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget", "scan_max_keys", "group_search",
     "index_options", "estimate_rest", "check_attention", "kv_dram_budget", "kv_device_budget", "kv_spill_dir",
     "prefill_key_block", "kv_quant_bits", "kv_quant_group",
 })
@@ -78,6 +84,15 @@ def retrieval_config(extra: Mapping[str, Any]) -> RetrievalConfig:
     options = {**PRESETS[name], **{k: v for k, v in extra.items() if v is not None}}
     index = str(options.get("kv_index", DEFAULT_INDEX))
     index_options = dict(extra.get("index_options") or (PRESETS[name]["index_options"] if index == "cluster" else {}))
+    if extra.get("scan_max_keys") is not None:
+        if index != "cluster":
+            raise ConfigError(f"scan_max_keys (--scan-max-keys) bounds the cluster index's search; the {index!r} "
+                              "index has no such bound (use --scan-budget, or --kv-index cluster)")
+        try:
+            index_options["scan_max_keys"] = int(extra["scan_max_keys"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"scan_max_keys (--scan-max-keys) must be a whole number of keys, "
+                              f"got {extra['scan_max_keys']!r}") from None
     estimate = _flag(options.get("estimate_rest", False)) and (index == "cluster" or "estimate_rest" in extra)
     defaults = RetrievalConfig()
     try:

@@ -101,6 +101,29 @@ def test_cluster_with_full_budget_is_exact() -> None:
     assert as_sets(found.positions) == as_sets(brute_top_k(queries, keys, torch.arange(1000), 25))
 
 
+@pytest.mark.parametrize("super_size", [0, 64])
+def test_cluster_scan_max_keys_caps_the_work_per_search(shifted: tuple[torch.Tensor, torch.Tensor],
+                                                        super_size: int) -> None:
+    keys, queries = shifted
+    n, d = keys.shape
+    options = dict(scan_budget_fraction=0.5, cluster_size=4, super_size=super_size, flush_keys=64)
+    share, capped = make_index("cluster", d, **options), make_index("cluster", d, scan_max_keys=300, **options)
+    for index in (share, capped):
+        index.add(keys, torch.arange(n))
+    tail = len(capped._tail)
+    for q in queries[:4]:  # [G, D]
+        assert share.search(q, 100).keys_scanned >= n // 2
+        found = capped.search(q, 100)
+        assert found.positions.shape == (4, 100)
+        assert 300 <= found.keys_scanned <= max(300, tail) + 4  # the cap, overshooting by at most one cluster
+    # a cap below k still scans at least k keys (each row gets its top k)
+    small = make_index("cluster", d, scan_max_keys=10, **options)
+    small.add(keys, torch.arange(n))
+    assert small.search(queries[0], 100).keys_scanned >= 100
+    with pytest.raises(ConfigError, match="scan_max_keys"):
+        make_index("cluster", d, scan_max_keys=0)
+
+
 def test_cluster_keeps_every_key_once_across_block_adds() -> None:
     keys = torch.randn(3000, 8)
     index = make_index("cluster", 8, segment_size=512, flush_keys=128)

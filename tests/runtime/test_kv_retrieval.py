@@ -250,6 +250,9 @@ def test_presets_and_explicit_options():
     balanced = RetrievalCacheConfig.from_engine(64, 512, {}).retrieval
     assert balanced.index == "cluster" and balanced.estimate_rest and balanced.group_search.value == "rows"
     assert balanced.index_options["cluster_size"] == 4 and balanced.scan_budget_fraction == 0.045
+    assert balanced.index_options["super_size"] == 256 and balanced.index_options["scan_max_keys"] == 1024
+    capped = RetrievalCacheConfig.from_engine(64, 512, {"scan_max_keys": 300}).retrieval
+    assert capped.index_options["scan_max_keys"] == 300 and capped.index_options["super_size"] == 256
     fast = RetrievalCacheConfig.from_engine(64, 512, {"retrieval_preset": "fast", "scan_budget": 0.02}).retrieval
     assert fast.index_options["cluster_size"] == 16 and not fast.estimate_rest and fast.scan_budget_fraction == 0.02
     ivf = RetrievalCacheConfig.from_engine(64, 512, {"kv_index": "ivf"}).retrieval
@@ -267,6 +270,12 @@ def test_bad_options_are_refused_with_what_to_do():
         RetrievalCacheConfig.from_engine(64, 512, {"top_k_keys": 0})
     with pytest.raises(ConfigError, match="scan_budget_fraction"):
         RetrievalCacheConfig.from_engine(64, 512, {"scan_budget": 2})
+    with pytest.raises(ConfigError, match="scan_max_keys must be a positive"):
+        RetrievalCacheConfig.from_engine(64, 512, {"scan_max_keys": 0})
+    with pytest.raises(ConfigError, match="whole number of keys"):
+        RetrievalCacheConfig.from_engine(64, 512, {"scan_max_keys": "many"})
+    with pytest.raises(ConfigError, match="--kv-index cluster"):
+        RetrievalCacheConfig.from_engine(64, 512, {"kv_index": "ivf", "scan_max_keys": 512})
 
 
 def test_cli_flags_reach_the_cache_and_its_stats(tiny):
