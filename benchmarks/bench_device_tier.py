@@ -27,7 +27,6 @@ import time
 
 import numpy as np
 import torch
-
 from flashtier.storage_backends import MemoryBackend
 from flashtier.tiers import PageDesc, PageSource, StoreConfig, TieredStore
 

@@ -24,6 +24,7 @@ Everything is seeded; the data order only depends on --seed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -437,7 +438,7 @@ def long_context_eval(model, eval_ids: np.ndarray, seq: int, device, vocab: int,
             acc += (lg.argmax(-1) == y).double().cpu()
     model.train()
     out = {"windows": n_win, "seq": seq}
-    for lo, hi in zip(buckets, buckets[1:]):
+    for lo, hi in itertools.pairwise(buckets):
         if lo >= seq:
             break
         hi = min(hi, seq)

@@ -106,7 +106,7 @@ def test_cluster_scan_max_keys_caps_the_work_per_search(shifted: tuple[torch.Ten
                                                         super_size: int) -> None:
     keys, queries = shifted
     n, d = keys.shape
-    options = dict(scan_budget_fraction=0.5, cluster_size=4, super_size=super_size, flush_keys=64)
+    options = {"scan_budget_fraction": 0.5, "cluster_size": 4, "super_size": super_size, "flush_keys": 64}
     share, capped = make_index("cluster", d, **options), make_index("cluster", d, scan_max_keys=300, **options)
     for index in (share, capped):
         index.add(keys, torch.arange(n))
