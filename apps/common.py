@@ -37,6 +37,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="accelerator memory, e.g. 24G (default: none)")
     g.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                    help="most tokens per request; the KV cache is budgeted for it (default: model context, 4096 with a budget)")
+    g.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the forward pass runs: cpu (default), or cuda / cuda:N with every weight and the KV "
+                        "cache on that GPU (not with --dram-budget or --attention retrieval yet)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the model (default: torch's choice)")
     g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -129,7 +132,7 @@ def attention_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads",
+    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads", "device",
                 "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate", "expert_verify",
                 "compressed"):
         value = getattr(args, key, None)

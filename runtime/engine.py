@@ -83,6 +83,9 @@ class EngineConfig:
     max_context: int | None = None
     """Most tokens (prompt + generated) a request may hold; the KV budget is planned for it
     (None = the model's context, capped at 4096 when a budget is set)."""
+    device: str = "cpu"
+    """Where the forward pass runs: 'cpu', or 'cuda' / 'cuda:N' with every weight and the KV cache
+    resident on that GPU (paging with budgets and retrieval attention run on the CPU only, for now)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Options of optional subsystems (paging, experts, sparse FFN, retrieval), by name."""
 
@@ -99,6 +102,26 @@ class EngineConfig:
             raise ConfigError(f"fast_matvec must be True, False or None (auto), got {self.fast_matvec!r}")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
+        self._check_device()
+
+    def _check_device(self) -> None:
+        if self.device == "cpu":
+            return
+        head, _, index = self.device.partition(":")
+        if head != "cuda" or (index and not index.isdigit()):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.dram_budget is not None or self.device_budget is not None or self.extra.get("sparse_ffn"):
+            raise ConfigError(f"--device {self.device} runs with every weight resident on the GPU; paging "
+                              "(--dram-budget / --device-budget) and the sparse FFN run on the CPU for now: "
+                              "drop those flags or use --device cpu")
+        if self.attention != "full":
+            raise ConfigError(f"--device {self.device} supports --attention full only (retrieval attention "
+                              "keeps its KV tiers on the CPU for now); use --device cpu for retrieval")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: no CUDA GPU is visible to torch (a CPU build of torch, "
+                              "or no driver); use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {self.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
 
 
 @dataclass
@@ -124,7 +147,7 @@ WeightsFactory = Callable[[Checkpoint, EngineConfig], WeightAccessor]
 
 def in_memory_weights(checkpoint: Checkpoint, config: EngineConfig) -> WeightAccessor:
     dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
-    return InMemoryWeights(checkpoint, dtype)
+    return InMemoryWeights(checkpoint, dtype, device=config.device)
 
 
 class Model:

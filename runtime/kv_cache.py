@@ -69,9 +69,12 @@ class BlockKVCache:
         head_dim: int,
         dtype: torch.dtype,
         config: KVCacheConfig = KVCacheConfig(),
+        device: torch.device | str = "cpu",
     ) -> None:
+        """``device``: where the blocks live (the device the model computes on)."""
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype = dtype
+        self.device = torch.device(device)
         self.block_size = config.block_size
         self.sliding_window = config.sliding_window
         self.length = 0  # tokens written (all layers agree after a full forward)
@@ -90,8 +93,8 @@ class BlockKVCache:
         if need <= self._capacity_blocks:
             return
         shape = (self.num_kv_heads, need, self.block_size, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         used = len(self.block_table)
         for layer in range(len(self._k)):
             new_k[layer][:, :used] = self._k[layer][:, self.block_table]
@@ -128,7 +131,7 @@ class BlockKVCache:
         if table == list(range(nblk)):
             kb, vb = k[:, :nblk], v[:, :nblk]
         else:
-            idx = torch.tensor(table)
+            idx = torch.tensor(table, device=self.device)
             kb, vb = k.index_select(1, idx), v.index_select(1, idx)
         shape = (self.num_kv_heads, nblk * self.block_size, self.head_dim)
         return kb.reshape(shape)[:, :end], vb.reshape(shape)[:, :end]
@@ -150,8 +153,8 @@ class BlockKVCache:
         s = start + t
         if t == 1 and (window is None or s <= window):
             return None
-        qpos = torch.arange(start, s)[:, None]
-        kpos = torch.arange(s)[None, :]
+        qpos = torch.arange(start, s, device=self.device)[:, None]
+        kpos = torch.arange(s, device=self.device)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= kpos > qpos - window

@@ -78,28 +78,30 @@ class Transformer:
         self.weights = weights
         self.linear = linear if linear is not None else Linear(fast=False)
         self.dtype = weights.compute_dtype
+        self.device = torch.device(getattr(weights, "device", "cpu"))  # where the weights (and the KV) live
         self.names: list[LayerNames] = [layer_names(config, i) for i in range(config.num_layers)]
         self.lm_head = lm_head_name(config, available)
         self.act = ACTIVATIONS[config.hidden_act]
-        self.inv_freq = rope_inv_freq(config.head_dim, config.rope)  # [D/2] fp32
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope).to(self.device)  # [D/2] fp32
         self.trace = RoutingTrace()
 
     def new_cache(self, block_size: int = 64) -> BlockKVCache:
         """A full-attention block KV cache for this model."""
         c = self.config
         return BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
-                            KVCacheConfig(block_size, sliding_window=c.sliding_window))
+                            KVCacheConfig(block_size, sliding_window=c.sliding_window), device=self.device)
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
         """Run ``tokens`` ``[T]`` at positions ``start .. start+T-1``; cache holds ``0 .. start-1``.
 
-        Returns logits ``[T, V]`` when ``all_logits`` else ``[1, V]`` for the last token (fp32).
+        Returns logits ``[T, V]`` when ``all_logits`` else ``[1, V]`` for the last token (fp32, on
+        the CPU whatever device computed them: sampling and stop checks run there).
         """
         w = self.weights
         t = tokens.shape[0]
-        x = w.embed(tokens)  # [T, H]
-        pos = torch.arange(start, start + t)
+        x = w.embed(tokens.to(self.device))  # [T, H]
+        pos = torch.arange(start, start + t, device=self.device)
         freqs = pos[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [T, D]
@@ -118,7 +120,7 @@ class Transformer:
             w.abort()
             raise
         w.step_end()
-        return logits
+        return logits.cpu()
 
     def _attention(self, i: int, n: LayerNames, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         c, w = self.config, self.weights

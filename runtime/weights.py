@@ -73,13 +73,16 @@ class InMemoryWeights:
         checkpoint: Checkpoint,
         compute_dtype: torch.dtype | None = None,
         progress: Callable[[int, int], None] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
+        """``device``: where the weights are kept and the model computes ('cpu' or 'cuda[:n]')."""
         self.compute_dtype = compute_dtype or checkpoint.weights_dtype
+        self.device = torch.device(device)
         self._tensors: dict[str, torch.Tensor] = {}
         names = sorted(checkpoint.tensors)
         for i, name in enumerate(names):
             t = checkpoint.read_tensor(name)
-            self._tensors[name] = t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+            self._tensors[name] = t.to(self.device, self.compute_dtype)
             if progress is not None:
                 progress(i + 1, len(names))
 
