@@ -422,18 +422,20 @@ class ClusterIndex(KeyIndex):
         else:  # clusters of the searched super-clusters, then the other super-clusters whole
             local = torch.full((n_c,), -1, dtype=torch.int64)
             local[last.clusters] = torch.arange(last.clusters.shape[0])
-            local = torch.where(cluster >= 0, local[cluster.clamp(min=0)], -1)
-            if bool((cluster >= 0).any()) and bool((local[cluster >= 0] < 0).any()):
+            clustered = cluster >= 0
+            local = torch.where(clustered, local[cluster.clamp(min=0)], -1)
+            if bool((clustered & (local < 0)).any()):
                 raise InputError("estimate_rest: an attended key lies outside the last search's super-clusters; "
                                  "estimate with the queries that were searched")
-            other = ~last.super_mask
-            sizes = torch.cat([self._size.view().index_select(0, last.clusters).float(),
-                               self._super_keys.view()[other].float()])
-            vmean = torch.cat([self._vmean.view().index_select(0, last.clusters), self._super_vmean.view()[other]])
+            other = torch.nonzero(~last.super_mask).squeeze(1)  # [S'] super-clusters not opened
+            sizes = torch.cat([self._size.view().index_select(0, last.clusters),
+                               self._super_keys.view().index_select(0, other)]).float()
+            vmean = torch.cat([self._vmean.view().index_select(0, last.clusters),
+                               self._super_vmean.view().index_select(0, other)])
             raw = last.raw
             if self.config.variance_correction:
                 raw = raw + self._variance_term(queries, scale, last.clusters)
-            scores = torch.cat([raw, last.super_raw[:, other]], dim=1)
+            scores = torch.cat([raw, last.super_raw.index_select(1, other)], dim=1)
         n_u = sizes.shape[0]
         unit = torch.where(local >= 0, local, n_u + rows - (self.ntotal - n_t))  # tail keys are their own unit
         taken = torch.zeros((r, n_u + n_t)).scatter_add_(1, unit, torch.ones(unit.shape))  # [R, U + P]
