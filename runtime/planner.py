@@ -75,6 +75,9 @@ class PlanRequest:
     """Retrieval attention: sink + window tokens kept in the fastest tier."""
     retrieval_scan_fraction: float = 0.02
     """Retrieval attention: share of the offloaded keys scanned per step."""
+    retrieval_scan_max_keys: int | None = 1024
+    """Retrieval attention: at most this many offloaded keys scanned per search, as the runtime's
+    default preset bounds it (``scan_max_keys``); None = the share alone."""
     retrieval_top_k: int = 2048
     streamed_unit: StreamedUnit = "tensor"
     """What the forward holds at once and what residency is decided for: ``tensor`` (dense weights
@@ -108,6 +111,9 @@ class PlanRequest:
             raise ConfigError(f"context must be positive, got {self.context}")
         if self.attention not in ("full", "retrieval"):
             raise ConfigError(f"attention must be 'full' or 'retrieval', got {self.attention!r}")
+        if self.retrieval_scan_max_keys is not None and self.retrieval_scan_max_keys <= 0:
+            raise ConfigError(f"retrieval_scan_max_keys must be a positive number of keys (or None), "
+                              f"got {self.retrieval_scan_max_keys}")
 
 
 @dataclass
@@ -274,7 +280,10 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
     # ---- KV bytes read per decode step, by who reads them
     kv_on_link = has_device and req.attention == "full" and kv_bytes["host"] > 0
     # the key index holds exact keys (half the raw offloaded KV); the top-k rows are read as stored
-    scan = (int(kv_slow_raw / 2 * req.retrieval_scan_fraction)
+    scanned_tokens = kv_slow_raw / kv_tok * req.retrieval_scan_fraction if kv_tok else 0.0
+    if req.retrieval_scan_max_keys is not None:
+        scanned_tokens = min(scanned_tokens, req.retrieval_scan_max_keys)
+    scan = (int(scanned_tokens * kv_tok / 2)
             + int(min(req.retrieval_top_k, req.context) * kv_tok * req.kv_host_fraction)) if kv_slow else 0
     if has_device:
         kv_device_read = kv_total if req.attention == "full" else kv_fast

@@ -104,6 +104,21 @@ def test_plan_cli_json_from_config_alone():
     assert {"resident_bytes", "bytes_per_token", "bandwidths"} <= set(out)
 
 
+def test_retrieval_host_reads_follow_the_scan_cap():
+    cfg = llama8b()
+    sizes = sizes_from_config(cfg, 2)
+    base = PlanRequest(device_budget=24 << 30, dram_budget=64 << 30, context=131072, attention="retrieval")
+    top_k_rows = 2048 * KV_PER_TOKEN  # the retrieved rows, read as stored
+    capped = make_plan(cfg, sizes, base)  # 2% of ~130K keys > 1024: the cap binds
+    assert capped.bytes_per_token["kv_host_read"] == 1024 * KV_PER_TOKEN // 2 + top_k_rows
+    share = make_plan(cfg, sizes, replace(base, retrieval_scan_max_keys=None))
+    offloaded = 131072 - 516
+    assert share.bytes_per_token["kv_host_read"] == int(offloaded * 0.02 * KV_PER_TOKEN / 2) + top_k_rows
+    assert capped.predicted_decode_s <= share.predicted_decode_s
+    with pytest.raises(ConfigError, match="retrieval_scan_max_keys"):
+        PlanRequest(retrieval_scan_max_keys=0)
+
+
 def test_quantised_offloaded_kv_shrinks_the_host_tier_by_the_codec_ratio():
     cfg = llama8b()
     sizes = sizes_from_config(cfg, 2)
