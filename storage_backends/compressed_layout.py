@@ -30,6 +30,7 @@ from pathlib import Path
 
 from flashtier.errors import CheckpointError, ConfigError, IntegrityError
 from flashtier.storage_backends.atomic import crc32, write_atomic
+from flashtier.storage_backends.progress import ticker
 from flashtier.storage_backends.safetensors_format import TensorInfo, read_header
 from flashtier.storage_backends.weight_codec import RAW, SPLIT16, encode
 
@@ -140,14 +141,7 @@ def compress_checkpoint(model_dir: str | os.PathLike[str],
                           "hold its compressed copy") from e
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     infos = [sorted(read_header(p)[0].values(), key=lambda t: t.offset) for p in shards]
-    total = sum(len(t) for t in infos)
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    tick = ticker(sum(len(t) for t in infos), progress)
 
     files = {}
     for shard, tensors in zip(shards, infos):

@@ -40,6 +40,7 @@ from flashtier.runtime.checkpoint import Checkpoint, layer_names, read_tensor
 from flashtier.runtime.config import ModelConfig
 from flashtier.storage_backends.aligned import align_up
 from flashtier.storage_backends.atomic import crc32
+from flashtier.storage_backends.progress import ticker
 from flashtier.storage_backends.safetensors_format import PAD_TENSOR_PREFIX, TensorInfo
 
 MANIFEST_NAME = "flashtier_experts.json"
@@ -325,14 +326,7 @@ def convert_experts(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
 
     for old in list(out.glob("*.safetensors")) + [out / "model.safetensors.index.json", out / MANIFEST_NAME]:
         old.unlink(missing_ok=True)  # a stale manifest must never describe the new files
-    total = len(ck.tensors)
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    tick = ticker(len(ck.tensors), progress)
 
     entries = []
     for fname, items in zip(files, shards):
