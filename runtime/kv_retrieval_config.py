@@ -51,9 +51,8 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # Default: clusters of 4 keys under super-clusters of 256 (the best super-clusters holding 12x
     # the scan budget are opened), 4.5% scanned but at most 1024 keys per search (4.5% up to ~23K
     # tokens of context), the unretrieved mass estimated from the searched clusters and the other
-    # super-clusters. Two levels + the cap keep the step's work
-    # nearly flat in the context (one level scores every centroid: its 128K step was 3.96x the 4K
-    # step). (Attending every scanned key, index option attend_scanned, measured +1.6 points of
+    # super-clusters. Two levels + the cap keep the step's work nearly flat in the context (one
+    # level scores every centroid: its 128K step was 3.96x the 4K step). (Attending every scanned key, index option attend_scanned, measured +1.6 points of
     # top-1 agreement at 16K for a 48% slower step at 128K: off.)
     "balanced": MappingProxyType({"scan_budget": 0.045, "group_search": "rows", "estimate_rest": True,
                                   "index_options": {"cluster_size": 4, "super_size": 256, "oversample": 12,
@@ -90,11 +89,8 @@ def retrieval_config(extra: Mapping[str, Any]) -> RetrievalConfig:
         if index != "cluster":
             raise ConfigError(f"scan_max_keys (--scan-max-keys) bounds the cluster index's search; the {index!r} "
                               "index has no such bound (use --scan-budget, or --kv-index cluster)")
-        try:
-            index_options["scan_max_keys"] = int(extra["scan_max_keys"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"scan_max_keys (--scan-max-keys) must be a whole number of keys, "
-                              f"got {extra['scan_max_keys']!r}") from None
+        index_options["scan_max_keys"] = _optional_int(extra["scan_max_keys"], "scan_max_keys (--scan-max-keys)",
+                                                       "a whole number of keys")
     estimate = _flag(options.get("estimate_rest", False)) and (index == "cluster" or "estimate_rest" in extra)
     defaults = RetrievalConfig()
     try:
@@ -191,13 +187,13 @@ class RetrievalCacheConfig:
         )
 
 
-def _optional_int(value: Any, name: str) -> int | None:
+def _optional_int(value: Any, name: str, what: str = "a whole number") -> int | None:
     if value is None:
         return None
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+        raise ConfigError(f"{name} must be {what}, got {value!r}") from None
 
 
 def _flag(value: Any) -> bool:
