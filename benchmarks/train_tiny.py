@@ -337,47 +337,44 @@ def hf_config(arch_name: str, vocab: int):
     return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
 
 
-def to_hf_state_dict(sd: dict, arch_name: str) -> dict:
-    """Map our parameter names to the legacy HF names (what transformers 5 writes on save)."""
+def hf_name_pairs(arch_name: str) -> list[tuple[str, str, int | None]]:
+    """``(our name, legacy HF name, expert)`` for every tensor, the one table both conversions use:
+    ``expert`` is the index into our stacked ``ffn.w1/w2/w3`` ``[E, ...]`` (None for the others).
+    The HF names are the legacy per-expert ones (what transformers 5 writes on save)."""
     a = ARCHS[arch_name]
-    out = {"model.embed_tokens.weight": sd["embed_tokens.weight"], "model.norm.weight": sd["norm.weight"]}
+    pairs: list[tuple[str, str, int | None]] = [("embed_tokens.weight", "model.embed_tokens.weight", None),
+                                                ("norm.weight", "model.norm.weight", None)]
     for i in range(a["layers"]):
         p, q = f"layers.{i}.", f"model.layers.{i}."
-        out[q + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
-        out[q + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[q + f"self_attn.{n}.weight"] = sd[p + f"self_attn.{n}.weight"]
+        pairs += [(p + n, q + n, None) for n in ("input_layernorm.weight", "post_attention_layernorm.weight")]
+        pairs += [(p + f"self_attn.{n}.weight", q + f"self_attn.{n}.weight", None)
+                  for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         if a["experts"]:
-            out[q + "block_sparse_moe.gate.weight"] = sd[p + "ffn.gate.weight"]
-            for e in range(a["experts"]):
-                for w in ("w1", "w2", "w3"):
-                    out[q + f"block_sparse_moe.experts.{e}.{w}.weight"] = sd[p + f"ffn.{w}"][e].contiguous()
+            pairs.append((p + "ffn.gate.weight", q + "block_sparse_moe.gate.weight", None))
+            pairs += [(p + f"ffn.{w}", q + f"block_sparse_moe.experts.{e}.{w}.weight", e)
+                      for e in range(a["experts"]) for w in ("w1", "w2", "w3")]
         else:
-            for n in ("gate_proj", "up_proj", "down_proj"):
-                out[q + f"mlp.{n}.weight"] = sd[p + f"ffn.{n}.weight"]
-    return out
+            pairs += [(p + f"ffn.{n}.weight", q + f"mlp.{n}.weight", None) for n in ("gate_proj", "up_proj", "down_proj")]
+    return pairs
+
+
+def to_hf_state_dict(sd: dict, arch_name: str) -> dict:
+    """Our state dict under the legacy HF names (experts unstacked)."""
+    return {hf: sd[ours] if e is None else sd[ours][e].contiguous() for ours, hf, e in hf_name_pairs(arch_name)}
 
 
 def from_hf_state_dict(hf: dict, arch_name: str) -> dict:
     """Inverse of :func:`to_hf_state_dict`: legacy HF names -> our parameter names (fp32)."""
     import torch
 
-    a = ARCHS[arch_name]
-    sd = {"embed_tokens.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    for i in range(a["layers"]):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = hf[q + "input_layernorm.weight"]
-        sd[p + "post_attention_layernorm.weight"] = hf[q + "post_attention_layernorm.weight"]
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{n}.weight"] = hf[q + f"self_attn.{n}.weight"]
-        if a["experts"]:
-            sd[p + "ffn.gate.weight"] = hf[q + "block_sparse_moe.gate.weight"]
-            for w in ("w1", "w2", "w3"):
-                sd[p + f"ffn.{w}"] = torch.stack([hf[q + f"block_sparse_moe.experts.{e}.{w}.weight"]
-                                                  for e in range(a["experts"])])
+    sd: dict = {}
+    stacked: dict[str, list] = {}
+    for ours, name, e in hf_name_pairs(arch_name):  # experts come in increasing order
+        if e is None:
+            sd[ours] = hf[name]
         else:
-            for n in ("gate_proj", "up_proj", "down_proj"):
-                sd[p + f"ffn.{n}.weight"] = hf[q + f"mlp.{n}.weight"]
+            stacked.setdefault(ours, []).append(hf[name])
+    sd.update({ours: torch.stack(parts) for ours, parts in stacked.items()})
     return {k: v.float() for k, v in sd.items()}
 
 
