@@ -10,14 +10,12 @@ CPU caches (so it measures memory streaming, not cache hits). Median of ``--repe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-
-from flashtier.benchmarks.common import machine, write_results
+from flashtier.benchmarks.common import machine, report_by_threads, thread_label
 from flashtier.runtime.kernels import Linear
 
 
@@ -58,18 +56,10 @@ def main() -> None:
         for name, (fn, dt) in cases.items():
             ws = [w.to(dt) for w in base]
             runs = [gb_per_s(fn, ws, x32.to(dt), a.seconds) for _ in range(a.repeat)]
-            res["gb_per_s"][f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = round(statistics.median(runs), 1)
+            res["gb_per_s"][thread_label(name, threads)] = round(statistics.median(runs), 1)
             del ws
-    lines = [f"Machine: {res['machine']}; weight [{a.rows}, {a.cols}] x {a.matrices} matrices, one activation row.",
-             "", "| kernel | threads | weights streamed GB/s |", "| --- | --- | --- |"]
-    for k, v in res["gb_per_s"].items():
-        name, th = k.rsplit(", ", 1)
-        lines.append(f"| {name} | {th.split()[0]} | {v} |")
-    table = "\n".join(lines)
-    path = write_results("matvec", res, table)
-    print(table)
-    print(f"\n(results: {path})")
-    print(json.dumps(res["gb_per_s"]))
+    report_by_threads("matvec", res, f"Machine: {res['machine']}; weight [{a.rows}, {a.cols}] x {a.matrices} "
+                      "matrices, one activation row.", "kernel", "weights streamed GB/s")
 
 
 if __name__ == "__main__":

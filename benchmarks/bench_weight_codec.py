@@ -11,14 +11,19 @@ weights restored (median of ``--repeat``). Writes benchmarks/results/weight_code
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from flashtier.benchmarks.common import REPO, ensure_model, machine, write_results
+from flashtier.benchmarks.common import (
+    REPO,
+    ensure_model,
+    machine,
+    report_by_threads,
+    thread_label,
+)
 from flashtier.runtime.checkpoint import Checkpoint, read_tensor
 from flashtier.storage_backends import weight_codec
 from flashtier.storage_backends.compressed_layout import SEGMENT_BYTES
@@ -75,19 +80,11 @@ def main() -> None:
         weight_codec._interleave16 = interleave
         for threads in (1, 2):
             runs = [decode_gb_per_s(records, sizes, threads) for _ in range(a.repeat)]
-            res["gb_per_s"][f"{label}, {threads} thread{'s' if threads > 1 else ''}"] = round(statistics.median(runs), 2)
+            res["gb_per_s"][thread_label(label, threads)] = round(statistics.median(runs), 2)
     weight_codec._interleave16 = native
-    lines = [(f"Machine: {res['machine']}; {len(raw)} x 4 MiB bf16 FFN segments of {model.name}; stored fraction "
-              f"{res['stored_fraction']} (split16)."), "", "| decode | threads | GB/s of weights restored |",
-             "| --- | --- | --- |"]
-    for k, v in res["gb_per_s"].items():
-        name, th = k.rsplit(", ", 1)
-        lines.append(f"| {name} | {th.split()[0]} | {v} |")
-    table = "\n".join(lines)
-    path = write_results("weight_codec", res, table)
-    print(table)
-    print(f"\n(results: {path})")
-    print(json.dumps(res["gb_per_s"]))
+    report_by_threads("weight_codec", res, f"Machine: {res['machine']}; {len(raw)} x 4 MiB bf16 FFN segments of "
+                      f"{model.name}; stored fraction {res['stored_fraction']} (split16).", "decode",
+                      "GB/s of weights restored")
 
 
 if __name__ == "__main__":

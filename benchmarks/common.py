@@ -79,3 +79,23 @@ def write_results(name: str, results: dict[str, Any], table: str) -> Path:
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
     (out_dir / f"{name}.md").write_text(table + "\n")
     return out_dir / f"{name}.md"
+
+
+def thread_label(name: str, threads: int) -> str:
+    """``"NAME, N thread(s)"``: the key of a result measured on ``threads`` threads (the tables of
+    :func:`report_by_threads` split it back into two columns)."""
+    return f"{name}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def report_by_threads(name: str, results: dict[str, Any], caption: str, first_column: str, value_column: str) -> None:
+    """Write ``results`` (whose ``gb_per_s`` is keyed by :func:`thread_label`) and its table under
+    ``caption`` to ``benchmarks/results/NAME.{json,md}``, and print the table and the values."""
+    lines = [caption, "", f"| {first_column} | threads | {value_column} |", "| --- | --- | --- |"]
+    for key, value in results["gb_per_s"].items():
+        label, threads = key.rsplit(", ", 1)
+        lines.append(f"| {label} | {threads.split()[0]} | {value} |")
+    table = "\n".join(lines)
+    path = write_results(name, results, table)
+    print(table)
+    print(f"\n(results: {path})")
+    print(json.dumps(results["gb_per_s"]))
