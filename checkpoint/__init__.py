@@ -1,0 +1,1 @@
+"""The model on disk: GGUF containers, ggml block formats (quantized weights), quantization."""
