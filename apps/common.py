@@ -16,9 +16,9 @@ DEFAULT_MODEL = PACKAGE_DIR / "models" / "tiny-moe"
 def add_model_arg(p: argparse.ArgumentParser, optional: bool = True) -> None:
     if optional:
         p.add_argument("model_dir", nargs="?", default=None,
-                       help=f"Hugging Face model folder (default: the shipped tiny-moe, {DEFAULT_MODEL})")
+                       help=f"Hugging Face model folder or GGUF file (default: the shipped tiny-moe, {DEFAULT_MODEL})")
     else:
-        p.add_argument("model_dir", help="Hugging Face model folder (config.json + *.safetensors)")
+        p.add_argument("model_dir", help="Hugging Face model folder (config.json + *.safetensors) or GGUF file")
 
 
 def resolve_model_dir(value: str | None) -> Path:

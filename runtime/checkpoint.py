@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from flashtier.errors import CheckpointError
+from flashtier.errors import CheckpointError, IntegrityError
 from flashtier.runtime.config import ModelConfig
 from flashtier.storage_backends.safetensors_format import PAD_TENSOR_PREFIX, TensorInfo, read_header
 
@@ -180,8 +182,24 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read the bytes of ``info`` into a new CPU tensor of its dtype and shape."""
+def open_checkpoint(path: str | os.PathLike[str]) -> "Checkpoint | Any":
+    """The checkpoint at ``path``: a Hugging Face folder (:class:`Checkpoint`), or a GGUF file or
+    a folder holding one (:class:`~flashtier.runtime.gguf_checkpoint.GGUFCheckpoint`)."""
+    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint, find_gguf
+
+    p = Path(path)
+    gguf = find_gguf(p)
+    if gguf is not None:
+        return GGUFCheckpoint(gguf)
+    if p.is_file():
+        raise CheckpointError(f"{p} is a file but not a GGUF file; pass a GGUF file or a Hugging Face model folder")
+    return Checkpoint(p)
+
+
+def read_tensor(info: TensorInfo) -> Any:
+    """Read the bytes of ``info`` into a new CPU tensor of its dtype and shape (a
+    :class:`~flashtier.runtime.quantized.QuantizedTensor` for a quantized GGUF tensor). A
+    recorded crc32 is checked."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     try:
@@ -199,6 +217,14 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
             os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
     except OSError as e:
         raise CheckpointError(f"{info.path}: cannot read tensor {info.name!r}: {e.strerror or e}") from e
+    if info.crc32 is not None and zlib.crc32(buf.numpy()) != info.crc32:
+        raise IntegrityError(f"{info.path}: tensor {info.name!r} does not match its crc32; the file is corrupt "
+                             "(download or write it again)")
+    if info.quantized:
+        from flashtier.checkpoint.ggml_types import GGMLType
+        from flashtier.runtime.quantized import QuantizedTensor
+
+        return QuantizedTensor.from_bytes(buf, GGMLType(info.ggml_type), info.shape)
     return buf.view(getattr(torch, info.torch_dtype_name)).reshape(info.shape)
 
 

@@ -35,6 +35,12 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    interleaved: bool = False
+    """Rotate adjacent pairs (GPT-J / ggml "norm" mode) instead of the two halves of a head: GGUF
+    llama files store q/k rows permuted for it, so this computes the original model's function."""
+    freq_factors: tuple[float, ...] = ()
+    """Per-frequency divisors of the inverse frequencies (GGUF ``rope_freqs.weight``: llama3
+    scaling precomputed by the converter); empty = none."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,13 +25,13 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from flashtier.errors import ConfigError, InputError
-from flashtier.runtime.checkpoint import Checkpoint
+from flashtier.runtime.checkpoint import Checkpoint, open_checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
 from flashtier.runtime.kernels import Linear, choose_kernel
 from flashtier.runtime.kv_cache import KVCache
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
-from flashtier.runtime.tokenizer import Tokenizer
+from flashtier.runtime.tokenizer import Tokenizer, load_tokenizer
 from flashtier.runtime.weights import InMemoryWeights, WeightAccessor
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -158,9 +158,9 @@ class Model:
         t0 = time.perf_counter()
         self.model_dir = Path(model_dir)
         self.engine_config = config
-        self.checkpoint = Checkpoint(self.model_dir)
+        self.checkpoint = open_checkpoint(self.model_dir)
         self.config = self.checkpoint.config
-        self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
+        self.tokenizer = load_tokenizer(self.checkpoint)
         factory = weights_factory or _default_weights_factory(config)
         self.weights = factory(self.checkpoint, config)
         kernel = choose_kernel(config.fast_matvec, budgeted=config.dram_budget is not None)

@@ -50,7 +50,9 @@ from flashtier.prefetch.experts import (
     PrefetchGate,
 )
 from flashtier.runtime.checkpoint import Checkpoint, layer_names
-from flashtier.runtime.paged_weights import TORCH_DTYPES, PagedWeights, budget_options
+from flashtier.runtime.paged_weights import PagedWeights, budget_options
+from flashtier.runtime.quantized import as_weight, page_format
+from flashtier.storage_backends.safetensors_format import TensorInfo
 from flashtier.runtime.planner import Bandwidths
 from flashtier.storage_backends.aligned import align_up
 from flashtier.storage_backends.base import StorageBackend
@@ -122,8 +124,8 @@ class _Part:
     """Index into the expert's pages."""
     offset: int
     nbytes: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+    info: TensorInfo
+    """The tensor (its dtype, shape and quantized format)."""
 
 
 @dataclass
@@ -253,7 +255,7 @@ class ExpertWeights(PagedWeights):
                 pages[e].append(pid)
                 for part in ext.parts:
                     info = part.info
-                    self._parts[info.name] = _Part(layer, e, k, part.offset, info.nbytes, TORCH_DTYPES[info.dtype], info.shape)
+                    self._parts[info.name] = _Part(layer, e, k, part.offset, info.nbytes, info)
         return _LayerCache(store, slots, pages, page_bytes)
 
     def _compressed_read_options(self) -> dict[str, int]:
@@ -271,11 +273,12 @@ class ExpertWeights(PagedWeights):
         if held is None:
             held = self._acquire_expert(part.layer, part.expert)
         raw = held[part.page][part.offset: part.offset + part.nbytes]
+        dtype, shape = page_format(part.info)
         try:
-            t = raw.view(part.dtype).view(part.shape)
+            t = raw.view(dtype).view(shape)
         except RuntimeError:  # the page's bytes are not aligned for the dtype: copy them
-            t = raw.clone().view(part.dtype).view(part.shape)
-        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+            t = raw.clone().view(dtype).view(shape)
+        return as_weight(t, part.info, self.compute_dtype)
 
     def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
         cache = self._caches.get(layer)

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flashtier.runtime.quantized import QuantizedTensor, quantized_linear
+
 MatVec = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 """``kernel(w_bits [N, K] uint16, x [K] float32, out [N] float32)``: ``out = bf16(w_bits) @ x``."""
 
@@ -148,13 +150,18 @@ class Linear:
             self._numba, self._numba_threads = numba, min(threads, numba.config.NUMBA_NUM_THREADS)
         self.calls_fast = 0
         self.calls_torch = 0
+        self.calls_quantized = 0
 
     @property
     def fast(self) -> bool:
         return self.kernel != "torch"
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``[T, K]``, ``w`` ``[N, K]``, ``b`` ``[N]`` -> ``[T, N]`` in ``x.dtype``."""
+        """``x`` ``[T, K]``, ``w`` ``[N, K]`` (a tensor or a quantized GGUF weight), ``b`` ``[N]``
+        -> ``[T, N]`` in ``x.dtype``."""
+        if isinstance(w, QuantizedTensor):
+            self.calls_quantized += 1
+            return quantized_linear(x, w, b, self._native_threads)
         kernel = self._kernel
         if (self.kernel == "torch" or x.shape[0] != 1 or w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
                 or w.device.type != "cpu" or not w.is_contiguous() or x.requires_grad):

@@ -50,6 +50,8 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
+    if rope.freq_factors:
+        return inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
     return inv_freq
 
 
@@ -60,11 +62,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[Hx, T, D]`` by ``cos``/``sin`` ``[T, D]`` (rotate-half convention)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate ``x`` ``[Hx, T, D]`` by ``cos``/``sin`` ``[T, D]``: rotate-half convention, or pairs
+    of adjacent dimensions when ``interleaved`` (then ``cos``/``sin`` repeat each frequency twice
+    in a row instead of concatenating two halves: see :func:`rope_tables`)."""
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))  # [Hx, T, D/2, 2]
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        return x * cos + rotated * sin
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_tables(freqs: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Angles ``[T, D]`` from ``freqs`` ``[T, D/2]`` in the layout :func:`apply_rope` expects."""
+    return freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
 
 
 class Transformer:
@@ -103,7 +116,7 @@ class Transformer:
         x = w.embed(tokens.to(self.device))  # [T, H]
         pos = torch.arange(start, start + t, device=self.device)
         freqs = pos[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = rope_tables(freqs, self.config.rope.interleaved)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [T, D]
         self.trace = RoutingTrace()
         try:
@@ -131,7 +144,8 @@ class Transformer:
         q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
         k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
         v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        inter = c.rope.interleaved
+        q, k = apply_rope(q, cos, sin, inter), apply_rope(k, cos, sin, inter)
         out = cache.attend(i, q, k, v, start)  # [Hq, T, D]
         out = out.transpose(0, 1).reshape(t, c.num_heads * c.head_dim)
         return self._linear(out, n.o)  # [T, H]

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from flashtier.errors import BudgetError, CheckpointError, ConfigError
 from flashtier.runtime.checkpoint import EMBED, Checkpoint, layer_names, read_tensor
+from flashtier.checkpoint.ggml_types import GGMLType
+from flashtier.runtime.quantized import QuantizedTensor, as_weight, page_format, to_compute
 from flashtier.runtime.planner import (
     Bandwidths,
     Plan,
@@ -87,8 +89,7 @@ class PagedWeights:
                     if t == "storage" and (n != EMBED or n == head) and n not in external]
         resident = [n for n, t in self.plan.placement.items() if t != "storage" and n in checkpoint.tensors]
         for i, name in enumerate(resident):
-            t = read_tensor(checkpoint.tensors[name])
-            self._resident[name] = t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+            self._resident[name] = to_compute(read_tensor(checkpoint.tensors[name]), self.compute_dtype)
             if progress is not None:
                 progress(i + 1, len(resident))
 
@@ -110,8 +111,7 @@ class PagedWeights:
         self._descs: dict[str, PageDesc] = {}
         for name in streamed:
             info = checkpoint.tensors[name]
-            self._descs[name] = PageDesc(name, PageSource(str(info.path), info.offset, info.nbytes),
-                                         TORCH_DTYPES[info.dtype], info.shape)
+            self._descs[name] = PageDesc(name, PageSource(str(info.path), info.offset, info.nbytes), *page_format(info))
         self.store.register_many(self._descs.values())
         # The order in which a forward pass uses the streamed (non-expert) pages: the cycle.
         self._cycle = [n for n in self._forward_order() if n in self._descs and ".experts." not in n]
@@ -135,13 +135,13 @@ class PagedWeights:
             self._ahead.popleft()
         tensor = self.store.acquire(name)
         self._in_use.append(name)
-        return tensor if tensor.dtype == self.compute_dtype else tensor.to(self.compute_dtype)
+        return as_weight(tensor, self.checkpoint.tensors[name], self.compute_dtype)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         info = self._embed_info
         row = info.nbytes // info.shape[0]
-        out = torch.empty((tokens.shape[0], info.shape[1]), dtype=TORCH_DTYPES[info.dtype])
-        buf = out.view(torch.uint8).numpy().reshape(tokens.shape[0], row)
+        out = torch.empty((tokens.shape[0], row), dtype=torch.uint8)  # [T, bytes of a row]
+        buf = out.numpy()
         for i, tok in enumerate(tokens.tolist()):
             off = info.offset + tok * row
             n = os.preadv(self._embed_fd, [memoryview(buf[i])], off)
@@ -149,7 +149,9 @@ class PagedWeights:
                 raise CheckpointError(f"{info.path}: short read of embedding row {tok} ({n} of {row} bytes)")
             os.posix_fadvise(self._embed_fd, off, row, os.POSIX_FADV_DONTNEED)
         self._counters["embedding_bytes_read"] += row * tokens.shape[0]
-        return out.to(self.compute_dtype)
+        if info.quantized:
+            return QuantizedTensor.from_bytes(out, GGMLType(info.ggml_type), (tokens.shape[0], info.shape[1])).dequantize(self.compute_dtype)
+        return out.view(TORCH_DTYPES[info.dtype]).to(self.compute_dtype)
 
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         self._top_up()
@@ -217,7 +219,8 @@ class PagedWeights:
         s = self.store.stats()
         storage = s.tiers["storage"]
         host = s.tiers["host"]
-        resident = sum(t.numel() * t.element_size() for t in self._resident.values())
+        resident = sum(t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()
+                       for t in self._resident.values())
         # With compressed side files the store counts tensor bytes, the backend what the disk read.
         read = self.backend.stats().bytes_read if self.compressed_index is not None else storage.bytes_read
         out = {

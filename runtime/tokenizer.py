@@ -39,6 +39,16 @@ class Tokenizer:
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.add_bos = bool(cfg.get("add_bos_token", False))
 
+    @classmethod
+    def from_parts(cls, tokenizer: Any, chat_template: str | None, bos_token: str | None, eos_token: str | None,
+                   add_bos: bool) -> "Tokenizer":
+        """A tokenizer from a built ``tokenizers.Tokenizer`` and its settings (e.g. from GGUF metadata)."""
+        self = cls.__new__(cls)
+        self._tok = tokenizer
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token, self.add_bos = bos_token, eos_token, add_bos
+        return self
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
@@ -84,3 +94,15 @@ def _token_text(tok: object) -> str | None:
     if isinstance(tok, dict):
         return tok.get("content")
     return tok if isinstance(tok, str) else None
+
+
+def load_tokenizer(checkpoint: Any) -> Tokenizer | None:
+    """The tokenizer of a checkpoint: ``tokenizer.json`` of a Hugging Face folder, or the
+    ``tokenizer.ggml.*`` metadata of a GGUF file; None when it has none (ids only)."""
+    if getattr(checkpoint, "is_gguf", False):
+        from flashtier.runtime.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(checkpoint.gguf)
+    if (Path(checkpoint.model_dir) / "tokenizer.json").is_file():
+        return Tokenizer(checkpoint.model_dir)
+    return None

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flashtier.runtime.checkpoint import EMBED, Checkpoint
+from flashtier.runtime.quantized import QuantizedTensor, embedding_rows, to_compute
 
 
 @runtime_checkable
@@ -82,7 +83,7 @@ class InMemoryWeights:
         names = sorted(checkpoint.tensors)
         for i, name in enumerate(names):
             t = checkpoint.read_tensor(name)
-            self._tensors[name] = t.to(self.device, self.compute_dtype)
+            self._tensors[name] = to_compute(t, self.compute_dtype, self.device)
             if progress is not None:
                 progress(i + 1, len(names))
 
@@ -90,7 +91,7 @@ class InMemoryWeights:
         return self._tensors[name]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self._tensors[EMBED])
+        return embedding_rows(self._tensors[EMBED], tokens, self.compute_dtype)
 
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         return None
@@ -114,4 +115,5 @@ class InMemoryWeights:
         return None
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+        return sum(t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()
+                   for t in self._tensors.values())

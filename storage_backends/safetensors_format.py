@@ -50,14 +50,23 @@ class TensorInfo:
     path: Path
     offset: int  # absolute offset of the first byte in the file
     nbytes: int
+    ggml_type: int | None = None
+    """For a tensor of a GGUF file in a quantized block format (``dtype`` is then its name, e.g.
+    "Q4_K"): the ggml type id. None for plain element types."""
+    crc32: int | None = None
+    """crc32 of the tensor's bytes, when the file that holds it records one."""
+
+    @property
+    def quantized(self) -> bool:
+        return self.ggml_type is not None
 
     @property
     def torch_dtype_name(self) -> str:
-        return DTYPES[self.dtype][1]
+        return "uint8" if self.quantized else DTYPES[self.dtype][1]
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype][0]
+        return 1 if self.quantized else DTYPES[self.dtype][0]
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:

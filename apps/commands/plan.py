@@ -64,8 +64,16 @@ def run(args: argparse.Namespace) -> int:
     from flashtier.runtime.engine import parse_bytes
     from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
 
+    from flashtier.runtime.gguf_checkpoint import find_gguf
+
     target = resolve_model_dir(args.model)
-    if target.is_file():
+    gguf = find_gguf(target) if target.exists() else None
+    if gguf is not None:
+        from flashtier.runtime.checkpoint import open_checkpoint
+
+        ck = open_checkpoint(gguf)
+        cfg, sizes, source = ck.config, {n: t.nbytes for n, t in ck.tensors.items()}, "GGUF checkpoint (quantized bytes)"
+    elif target.is_file():
         try:
             raw = json.loads(target.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         sizes = sizes_from_config(cfg, args.weight_bytes or 2)
         source = "config only"
     fraction = 1.0
-    if not target.is_file():
+    if gguf is None and not target.is_file():
         from flashtier.storage_backends.compressed_layout import load_index
 
         ck = Checkpoint(target)

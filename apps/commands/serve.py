@@ -40,8 +40,12 @@ def run(args: argparse.Namespace) -> int:
     from flashtier.apps.server import ServerConfig, create_app
 
     model_dir = resolve_model_dir(args.model_dir)
-    if not (model_dir / "config.json").is_file():  # fail before listening on what cannot load at all
-        raise CheckpointError(f"{model_dir} does not exist or has no config.json; pass a Hugging Face model folder")
+    from flashtier.runtime.gguf_checkpoint import find_gguf
+
+    # fail before listening on what cannot load at all
+    if not (model_dir / "config.json").is_file() and (not model_dir.exists() or find_gguf(model_dir) is None):
+        raise CheckpointError(f"{model_dir} does not exist or has no config.json; pass a Hugging Face model folder "
+                              "or a GGUF file")
     config = ServerConfig(model_name=args.model_name or model_dir.name, default_max_tokens=args.default_max_tokens,
                           aliases=(str(model_dir),))
     app = create_app(functools.partial(_load, model_dir, engine_options(args)), config)

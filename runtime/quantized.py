@@ -1,0 +1,134 @@
+"""Weights that stay in their ggml blocks (GGUF Q8_0, Q4_K, ...) from disk to the matrix product.
+
+A :class:`QuantizedTensor` is the bytes of a ``[rows, cols]`` weight in one ggml block format plus
+its logical shape. Weight accessors hand it to the forward like a torch tensor; the forward's
+:class:`~flashtier.runtime.kernels.Linear` multiplies by it with :func:`quantized_linear`:
+
+* one activation row (decode): the C kernel multiplies straight from the blocks (weights
+  dequantized in registers, fp32 accumulation), so the bytes read per token are the quantized
+  bytes;
+* several rows (prefill): tiles of the weight are dequantized to fp32 and multiplied with torch's
+  GEMM, a few MiB at a time.
+
+Both are exact with respect to the dequantized weights up to fp32 roundoff: nothing quantizes the
+activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from flashtier.checkpoint.ggml_types import GGMLType, type_info
+
+if TYPE_CHECKING:
+    from flashtier.storage_backends.safetensors_format import TensorInfo
+
+TILE_BYTES = 8 << 20
+"""Most fp32 bytes of a dequantized weight tile in a prefill product."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedTensor:
+    """``data`` uint8 ``[rows, row_bytes]`` holding a ``shape = (rows, cols)`` weight in ``qtype``."""
+
+    data: torch.Tensor
+    qtype: GGMLType
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        rows, cols = self.shape
+        want = (rows, type_info(self.qtype).row_bytes(cols))
+        if tuple(self.data.shape) != want or self.data.dtype != torch.uint8:
+            raise ValueError(f"{self.qtype.name} weight {list(self.shape)} needs uint8 data {list(want)}, "
+                             f"got {self.data.dtype} {list(self.data.shape)}")
+
+    @classmethod
+    def from_bytes(cls, flat: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...]) -> "QuantizedTensor":
+        """Wrap ``flat`` uint8 bytes of a tensor of logical ``shape`` (2-D, or 1-D as one row)."""
+        rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[-1])
+        return cls(flat.view(torch.uint8).reshape(rows, -1), qtype, (rows, cols))
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
+        """The weight (or the rows ``rows``) as a dense ``[rows, cols]`` tensor of ``dtype``."""
+        from flashtier.runtime.quant_kernels import dequantize
+
+        data = self.data if rows is None else self.data[rows]
+        out = dequantize(int(self.qtype), data.contiguous(), data.shape[0], self.shape[1])
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def take_rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``index`` ``[T]`` dequantized to ``[T, cols]`` (embedding lookups)."""
+        from flashtier.runtime.quant_kernels import dequantize
+
+        data = self.data.index_select(0, index.to(torch.long)).contiguous()
+        return dequantize(int(self.qtype), data, data.shape[0], self.shape[1]).to(dtype)
+
+
+def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None = None,
+                     threads: int | None = None) -> torch.Tensor:
+    """``x @ W.T (+ b)`` for ``x`` ``[T, K]`` and a quantized ``W`` ``[N, K]`` -> ``[T, N]`` in ``x.dtype``."""
+    from flashtier.runtime.quant_kernels import qmatvec
+
+    rows, cols = w.shape
+    if x.shape[-1] != cols:
+        raise ValueError(f"activation of width {x.shape[-1]} times a weight of shape {list(w.shape)}")
+    if x.shape[0] == 1:
+        y = qmatvec(int(w.qtype), w.data, x[0].float().contiguous(), threads).unsqueeze(0)  # [1, N] fp32
+    else:
+        xf = x.float()
+        step = max(1, TILE_BYTES // (4 * cols))
+        y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            y[:, r0:r1] = F.linear(xf, w.dequantize(torch.float32, slice(r0, r1)))  # [T, r1-r0]
+    if b is not None:
+        y = y + b.float()
+    return y.to(x.dtype)
+
+
+def page_format(info: "TensorInfo") -> tuple[torch.dtype, tuple[int, ...]]:
+    """How a page holding tensor ``info`` is viewed: (torch dtype, shape); a quantized tensor is
+    the uint8 ``[rows, row_bytes]`` of its blocks."""
+    if info.quantized:
+        rows = info.shape[0] if len(info.shape) == 2 else 1
+        return torch.uint8, (rows, info.nbytes // rows)
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[info.dtype], tuple(info.shape)
+
+
+def as_weight(page: torch.Tensor, info: "TensorInfo", compute_dtype: torch.dtype) -> "torch.Tensor | QuantizedTensor":
+    """The weight the forward computes with from ``page`` (viewed per :func:`page_format`): a
+    :class:`QuantizedTensor` over the same bytes, or the tensor in ``compute_dtype``."""
+    if info.quantized:
+        return QuantizedTensor(page.view(torch.uint8).reshape(page_format(info)[1]), GGMLType(info.ggml_type),
+                               (page_format(info)[1][0], info.shape[-1]))
+    return page if page.dtype == compute_dtype else page.to(compute_dtype)
+
+
+def to_compute(t: "torch.Tensor | QuantizedTensor", compute_dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> "torch.Tensor | QuantizedTensor":
+    """A weight read whole (``read_tensor``) made ready to compute with: quantized blocks stay
+    blocks; plain tensors are cast to ``compute_dtype`` on ``device``."""
+    if isinstance(t, QuantizedTensor):
+        if torch.device(device).type != "cpu":
+            raise ValueError("quantized (GGUF) weights compute on the CPU for now; use --device cpu")
+        return t
+    return t.to(device, compute_dtype)
+
+
+def embedding_rows(table: "torch.Tensor | QuantizedTensor", tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``tokens`` ``[T]`` of an embedding table -> ``[T, H]`` in ``dtype``."""
+    if isinstance(table, QuantizedTensor):
+        return table.take_rows(tokens, dtype)
+    return F.embedding(tokens, table).to(dtype)

@@ -1,0 +1,231 @@
+"""GGUF files: flashtier's forward on quantized blocks equals the dequantized network; greedy
+tokens equal transformers loading the same file; paged = in memory; tokenizer and chat template
+come from the metadata; every bad file gets a one-line error."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flashtier.errors import CheckpointError, UnsupportedModelError
+from flashtier.runtime import SamplingConfig
+from flashtier.runtime.engine import EngineConfig, Model
+
+HERE = Path(__file__).parent
+spec = importlib.util.spec_from_file_location("gguf_models", HERE / "gguf_models.py")
+gm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gm)
+
+CASES = [("llama", "q4_k_m"), ("llama", "q8_0"), ("qwen2", "q4_k_m"), ("qwen2", "q6_k"), ("mixtral", "q4_k_m"),
+         ("qwen2_moe", "q5_k_m"), ("llama", "q4_0"), ("llama", "f16")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{t}" for a, t in CASES])
+def case(request, tmp_path_factory):
+    kind, ftype = request.param
+    folder = tmp_path_factory.mktemp(f"{kind}-{ftype}")
+    path, model = gm.make_gguf(kind, folder, ftype)
+    ref = gm.dequantized_reference(path, folder / "hf", folder / "deq")
+    return kind, ftype, path, ref
+
+
+def test_logits_equal_the_dequantized_network(case):
+    kind, ftype, path, ref = case
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    llm = Model(path)
+    assert llm.transformer.dtype == torch.float32
+    with torch.inference_mode():
+        prefill = llm.transformer.forward(ids, llm.transformer.new_cache(16), 0, all_logits=True)
+        cache = llm.transformer.new_cache(16)
+        llm.transformer.forward(ids[:-1], cache, 0)
+        decode = llm.transformer.forward(ids[-1:], cache, len(ids) - 1)  # one row: the block kernels
+    scale = expected.abs().max().item()
+    assert (prefill - expected).abs().max().item() < 1e-4 * scale, (kind, ftype)
+    assert (decode[0] - expected[-1]).abs().max().item() < 1e-4 * scale, (kind, ftype)
+    if ftype not in ("f16",):
+        assert llm.linear.calls_quantized > 0
+
+
+def test_greedy_tokens_equal_the_dequantized_network(case):
+    kind, ftype, path, ref = case
+    prompt = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    result = Model(path).generate(prompt, max_new_tokens=24, sampling=SamplingConfig(), ignore_eos=True)
+    assert result.tokens == expected, (kind, ftype)
+
+
+def test_paged_and_in_memory_runs_give_the_same_tokens(case):
+    kind, ftype, path, _ = case
+    prompt = list(range(5, 25))
+    alone = Model(path).generate(prompt, max_new_tokens=16, sampling=SamplingConfig(), ignore_eos=True).tokens
+    paged = Model(path, EngineConfig(dram_budget=1 << 20, max_context=64))
+    got = paged.generate(prompt, max_new_tokens=16, sampling=SamplingConfig(), ignore_eos=True)
+    assert got.tokens == alone
+    assert got.stats.get("bytes_read_storage", 1) > 0
+    paged.close()
+
+
+@pytest.mark.parametrize("ftype", ["q8_0", "q4_k_m"])
+def test_greedy_tokens_equal_transformers_reading_the_gguf(tmp_path, ftype):
+    """The issue's reference: transformers' own GGUF loader (it undoes llama.cpp's q/k permutation
+    and dequantizes with the gguf package)."""
+    import transformers as tf
+
+    path, _ = gm.make_gguf("llama", tmp_path, ftype, seed=5)
+    ref = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    prompt = [3, 17, 99, 250, 7, 41, 8, 8, 120]
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    got = Model(path).generate(prompt, max_new_tokens=24, sampling=SamplingConfig(), ignore_eos=True).tokens
+    assert got == expected
+
+
+# ------------------------------------------------------------------------- the shipped model
+@pytest.fixture(scope="module")
+def tiny_moe_q8(tmp_path_factory):
+    from flashtier.runtime.quantize import quantize_checkpoint
+
+    root = Path(__file__).resolve().parents[2] / "models" / "tiny-moe"
+    return root, quantize_checkpoint(root, tmp_path_factory.mktemp("tm") / "tiny-moe-q8_0.gguf", "q8_0")
+
+
+def test_tokenizer_and_chat_template_come_from_the_metadata(tiny_moe_q8):
+    from flashtier.runtime.tokenizer import Tokenizer
+
+    root, path = tiny_moe_q8
+    hf = Tokenizer(root)
+    ours = Model(path).tokenizer
+    assert ours is not None
+    for text in ["def fibonacci(n):\n    return n", "  import os, sys\n\n\tx = 'é✓' + \"日本\"", "<|im_start|>user\nhi<|im_end|>"]:
+        assert ours.encode(text) == hf.encode(text), text
+        assert ours.decode(hf.encode(text)) == hf.decode(hf.encode(text))
+    msgs = [{"role": "user", "content": "hello"}]
+    assert ours.render_chat(msgs) == hf.render_chat(msgs)
+
+
+def test_shipped_model_as_q8_0_writes_the_same_code(tiny_moe_q8):
+    """Q8_0 of the default model keeps its greedy answer close: same first tokens as bf16."""
+    root, path = tiny_moe_q8
+    prompt = "def fibonacci(n):"
+    bf16 = Model(root, EngineConfig(compute_dtype="float32")).generate(prompt, max_new_tokens=8, sampling=SamplingConfig())
+    q8 = Model(path).generate(prompt, max_new_tokens=8, sampling=SamplingConfig())
+    assert q8.tokens[:4] == bf16.tokens[:4]
+
+
+# ------------------------------------------------------------------------- bad files
+def _cli(*args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "flashtier.apps.cli", *args], capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stderr
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small")
+    path, _ = gm.make_gguf("llama", folder, "q8_0")
+    return path
+
+
+def test_truncated_file_is_refused_with_one_line(small_gguf, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(small_gguf.read_bytes()[: small_gguf.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Model(bad)
+    rc, err = _cli("generate", str(bad), "--prompt-ids", "1,2", "--max-new-tokens", "2")
+    assert rc == 1 and err.count("\n") == 1 and "truncated" in err and "Traceback" not in err
+
+
+def test_corrupt_header_and_non_gguf_files(small_gguf, tmp_path):
+    raw = bytearray(small_gguf.read_bytes())
+    bad = tmp_path / "count.gguf"
+    raw2 = raw.copy()
+    raw2[8:16] = struct.pack("<Q", 1 << 40)  # tensor count
+    bad.write_bytes(bytes(raw2))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Model(bad)
+    notg = tmp_path / "x.gguf"
+    notg.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        Model(notg)
+
+
+def test_flipped_weight_byte_is_caught_by_the_checksum(small_gguf, tmp_path):
+    from flashtier.checkpoint.gguf_format import read_gguf
+
+    g = read_gguf(small_gguf)
+    t = g.tensors["blk.0.ffn_up.weight"]
+    raw = bytearray(small_gguf.read_bytes())
+    raw[t.offset + 100] ^= 0x40
+    bad = tmp_path / "flip.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="crc32"):
+        Model(bad).generate([1, 2, 3], max_new_tokens=2)
+
+
+def test_unsupported_type_and_architecture_are_named(small_gguf, tmp_path):
+    from flashtier.checkpoint.gguf_format import read_gguf
+
+    g = read_gguf(small_gguf)
+    raw = bytearray(small_gguf.read_bytes())
+    # Rewrite one tensor's type id to Q2_K (10) in the header: same name, an unsupported type.
+    name = b"blk.0.attn_v.weight"
+    at = raw.index(name) + len(name)
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    struct.pack_into("<I", raw, at + 4 + 8 * n_dims, 10)
+    bad = tmp_path / "q2k.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(UnsupportedModelError, match=r"Q2_K.*supported: .*Q4_K"):
+        Model(bad)
+    raw = bytearray(small_gguf.read_bytes())
+    at = raw.index(b"llama", raw.index(b"general.architecture"))
+    raw[at: at + 5] = b"gemma"
+    bad2 = tmp_path / "arch.gguf"
+    bad2.write_bytes(bytes(raw))
+    with pytest.raises(UnsupportedModelError, match="gemma.*supported: llama, qwen2, qwen2moe"):
+        Model(bad2)
+    assert g.tensors  # the original still parses
+
+
+def test_folder_with_one_gguf_loads_and_two_are_refused(small_gguf, tmp_path):
+    shutil.copy(small_gguf, tmp_path / "a.gguf")
+    assert Model(tmp_path).config.num_layers == 2
+    shutil.copy(small_gguf, tmp_path / "b.gguf")
+    with pytest.raises(CheckpointError, match="2 GGUF files"):
+        Model(tmp_path)
+
+
+def test_quantize_refuses_to_overwrite_without_force(small_gguf, tmp_path):
+    from flashtier.runtime.quantize import quantize_checkpoint
+
+    hf = small_gguf.parent / "hf"
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    rc, err = _cli("quantize", str(hf), str(out), "--type", "q8_0")
+    assert rc == 1 and "--force" in err and out.read_bytes() == b"keep me"
+    quantize_checkpoint(hf, out, "q8_0", force=True)
+    assert Model(out).config.hidden_size == 256
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_quantized_file_is_smaller_and_plan_counts_quantized_bytes(small_gguf):
+    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint
+
+    ck = GGUFCheckpoint(small_gguf)
+    bf16_bytes = sum(int(np.prod(t.shape)) * 2 for t in ck.tensors.values())
+    assert ck.total_bytes() < 0.6 * bf16_bytes  # Q8_0: 1.0625 bytes per weight (norms stay F32)
+    rc, _ = _cli("plan", str(small_gguf), "--dram-budget", "1M", "--json")
+    assert rc == 0
