@@ -34,6 +34,15 @@ MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 CRC_KEY = "flashtier.tensor_crc32"
 """Metadata key of the per-tensor crc32 list (tensor-info order) that flashtier writes."""
+CRC_LAYOUT_KEY = "flashtier.tensor_crc32_layout"
+"""crc32 of the tensor infos (names, shapes, types, offsets) the crc list belongs to. Tools that
+rewrite a file and copy its metadata (llama.cpp's quantizer does) leave a stale crc list behind;
+readers use the list only when this matches the file's own tensor infos."""
+
+
+def _layout_crc(infos: list[tuple[str, tuple[int, ...], int, int]]) -> int:
+    text = ";".join(f"{n}:{','.join(map(str, s))}:{t}:{o}" for n, s, t, o in infos)
+    return zlib.crc32(text.encode("utf-8", errors="surrogateescape"))
 
 MAX_STRING = 1 << 26  # 64 MiB: a chat template or one token never comes close
 MAX_ARRAY = 1 << 28
@@ -197,6 +206,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         raise CheckpointError(f"{path}: general.alignment={alignment!r} is invalid (a positive multiple of 8)")
     data_offset = -(-header_end // alignment) * alignment
     crcs = metadata.get(CRC_KEY)
+    if crcs is not None and metadata.get(CRC_LAYOUT_KEY) != _layout_crc(infos):
+        crcs = None  # rewritten by another tool: the list describes other bytes
     if crcs is not None and len(crcs) != len(infos):
         raise CheckpointError(f"{path}: {CRC_KEY} has {len(crcs)} entries for {len(infos)} tensors; the file is corrupt")
     tensors: dict[str, GGUFTensor] = {}
@@ -296,8 +307,9 @@ def write_gguf(out: str | os.PathLike[str], metadata: dict[str, Any], tensors: I
     for n in sizes:
         offsets.append(pos)
         pos += -(-n // alignment) * alignment
-    meta = {k: v for k, v in metadata.items() if k != CRC_KEY}
+    meta = {k: v for k, v in metadata.items() if k not in (CRC_KEY, CRC_LAYOUT_KEY)}
     meta["general.alignment"] = alignment
+    meta[CRC_LAYOUT_KEY] = _layout_crc([(t.name, tuple(t.shape), int(t.ggml_type), off) for t, off in zip(tensors, offsets)])
     # Placeholder crc list of the right size: the header's length must not change when it is filled.
     meta[CRC_KEY] = np.zeros(len(tensors), dtype="<u4")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
