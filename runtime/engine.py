@@ -160,6 +160,7 @@ class Model:
         self.engine_config = config
         self.checkpoint = open_checkpoint(self.model_dir)
         self.config = self.checkpoint.config
+        _check_gguf_options(self.checkpoint, config)
         self.tokenizer = load_tokenizer(self.checkpoint)
         factory = weights_factory or _default_weights_factory(config)
         self.weights = factory(self.checkpoint, config)
@@ -353,6 +354,17 @@ class Model:
         report = getattr(self.weights, "memory_report", None)
         tiers = report() if report is not None else {"host": {"resident_bytes": self.weights.resident_bytes()}}  # type: ignore[attr-defined]
         return {"tiers": tiers, "kv_bytes": self.cache.nbytes(), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _check_gguf_options(checkpoint: Any, config: EngineConfig) -> None:
+    """Refuse, in one line, what the runtime does not do with quantized GGUF weights yet."""
+    if not getattr(checkpoint, "is_gguf", False):
+        return
+    if config.extra.get("sparse_ffn"):
+        raise ConfigError("--sparse-ffn reads FFN neurons from row-column bundles of a Hugging Face checkpoint; "
+                          "it does not run on GGUF files (run the safetensors folder instead)")
+    if config.device != "cpu" and any(t.quantized for t in checkpoint.tensors.values()):
+        raise ConfigError(f"--device {config.device}: quantized GGUF weights compute on the CPU for now; use --device cpu")
 
 
 def _default_weights_factory(config: EngineConfig) -> WeightsFactory:

@@ -1,0 +1,79 @@
+"""What a quantization type costs: held-out loss of the default model as bf16 and as GGUF types.
+
+    python -m flashtier.benchmarks.bench_quant_quality [MODEL_DIR] [--types q8_0,q6_k,q5_k_m,q4_k_m,q4_0] [--windows 64]
+
+Each type is written with ``flashtier quantize`` (llama.cpp's per-tensor choices) and scored
+through flashtier's own forward (fp32 compute, exact with respect to the dequantized weights) on
+the held-out modules of ``benchmarks/train_tiny.py`` (never trained on), in non-overlapping
+windows of 256 tokens, every position scored. The bf16 row is the safetensors checkpoint through
+the same forward. Also reports the agreement of each type's greedy next token with bf16's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flashtier.benchmarks.common import REPO, machine, write_results
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def score(model_path: Path, windows: torch.Tensor) -> tuple[float, torch.Tensor, int]:
+    """(mean next-token loss, argmax predictions [W, S-1], model bytes) of ``model_path``."""
+    from flashtier.runtime.engine import EngineConfig, Model
+
+    llm = Model(model_path, EngineConfig(compute_dtype="float32"))
+    losses, preds = [], []
+    with torch.inference_mode():
+        for w in windows:
+            logits = llm.transformer.forward(w, llm.transformer.new_cache(64), 0, all_logits=True)[:-1]
+            losses.append(F.cross_entropy(logits, w[1:], reduction="sum").item())
+            preds.append(logits.argmax(-1))
+    n = windows.shape[0] * (windows.shape[1] - 1)
+    return sum(losses) / n, torch.stack(preds), llm.checkpoint.total_bytes()
+
+
+def main() -> None:
+    from measure_tiny import heldout_ids  # noqa: E402  (benchmarks/ on the path)
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", nargs="?", default=str(REPO / "models" / "tiny-moe"))
+    ap.add_argument("--types", default="q8_0,q6_k,q5_k_m,q4_k_m,q4_0")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=256)
+    a = ap.parse_args()
+    ids = torch.from_numpy(heldout_ids(a.model_dir))
+    n = min(a.windows, (ids.numel() - 1) // a.seq)
+    windows = ids[: n * a.seq].view(n, a.seq)
+    base_loss, base_pred, base_bytes = score(Path(a.model_dir), windows)
+    rows = [("bf16 (safetensors)", base_loss, 1.0, base_bytes)]
+    with tempfile.TemporaryDirectory() as tmp:
+        from flashtier.runtime.quantize import quantize_checkpoint
+
+        for t in a.types.split(","):
+            path = quantize_checkpoint(a.model_dir, Path(tmp) / f"{t}.gguf", t)
+            loss, pred, nbytes = score(path, windows)
+            rows.append((t.upper(), loss, (pred == base_pred).float().mean().item(), nbytes))
+            path.unlink()
+    res = {"machine": machine(), "model": a.model_dir, "windows": n, "seq": a.seq,
+           "rows": [{"type": r[0], "loss": r[1], "top1_agreement_with_bf16": r[2], "weight_bytes": r[3]} for r in rows]}
+    lines = [f"{Path(a.model_dir).name}, held-out set: {n} windows x {a.seq} tokens, fp32 compute.", "",
+             "| weights | held-out loss (nats) | loss vs bf16 | greedy next token = bf16's | weight bytes |",
+             "| --- | --- | --- | --- | --- |",
+             *[f"| {name} | {loss:.4f} | {loss - base_loss:+.4f} | {agree * 100:.1f}% | {nbytes / 1e6:.1f} MB |"
+               for name, loss, agree, nbytes in rows]]
+    table = "\n".join(lines)
+    path = write_results("quant_quality", res, table)
+    print(table)
+    print(f"\n(results: {path})")
+
+
+if __name__ == "__main__":
+    main()
