@@ -125,13 +125,23 @@ static void matvec_rows(const uint16_t *restrict w, const float *restrict x, flo
 
 #define MAX_THREADS 64
 
-typedef struct {
-    const uint16_t *w;
-    const float *x;
-    float *out;
-    Py_ssize_t rows, cols;
+/* One threaded product: `fn` computes rows [r0, r1) of it (a matrix-vector product or a
+ * dequantization); the pool splits the rows into `parts` ranges of whole 16-row groups. */
+typedef struct matvec_job matvec_job;
+typedef void (*rows_fn)(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1);
+struct matvec_job {
+    rows_fn fn;
+    const void *w;        /* rows * row_bytes bytes */
+    const float *x;       /* [cols] (products) */
+    float *out;           /* [rows] (products) or [rows, cols] (dequantization) */
+    const float *aux;     /* Q4_K / Q5_K products: per 256-block [0 x 8, sum(x) of its 8 sub-blocks] */
+    Py_ssize_t rows, cols, row_bytes;
     int parts;
-} matvec_job;
+};
+
+static void bf16_rows(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    matvec_rows((const uint16_t *)j->w, j->x, j->out, r0, r1, j->cols);
+}
 
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;   /* sleeping workers wait on it */
 static pthread_cond_t pool_start = PTHREAD_COND_INITIALIZER;
@@ -156,7 +166,7 @@ static void run_part(const matvec_job *j, int part) {
     Py_ssize_t per = (j->rows + j->parts - 1) / j->parts;
     per = (per + 15) & ~(Py_ssize_t)15; /* whole cache lines of output */
     Py_ssize_t r0 = per * part, r1 = r0 + per < j->rows ? r0 + per : j->rows;
-    if (r0 < r1) matvec_rows(j->w, j->x, j->out, r0, r1, j->cols);
+    if (r0 < r1) j->fn(j, r0, r1);
 }
 
 typedef struct {
@@ -216,7 +226,7 @@ static int ensure_workers(int want) {
 static void matvec(const matvec_job *job_in) {
     matvec_job j = *job_in;
     if (j.parts <= 1 || j.rows < 64) {
-        matvec_rows(j.w, j.x, j.out, 0, j.rows, j.cols);
+        j.fn(&j, 0, j.rows);
         return;
     }
     pthread_mutex_lock(&call_mu);
@@ -253,7 +263,7 @@ static PyObject *bf16_matvec(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bf16_matvec: buffers must be aligned to their element size");
         goto done;
     }
-    matvec_job j = {(const uint16_t *)w.buf, (const float *)x.buf, (float *)out.buf, rows, cols,
+    matvec_job j = {bf16_rows, w.buf, (const float *)x.buf, (float *)out.buf, NULL, rows, cols, cols * 2,
                     threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads)};
     Py_BEGIN_ALLOW_THREADS
     matvec(&j);
@@ -267,9 +277,687 @@ done:
     return result;
 }
 
+/* ------------------------------------------------- GGUF-quantized matrix-vector product / dequant
+ *
+ * q_matvec(qtype, w, x, out, rows, cols, threads): out[r] = sum_k W[r, k] * x[k], W the ggml
+ *   blocks of type `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K), rows * row_bytes bytes,
+ *   fp32 x [cols] and out [rows]. The weights are dequantized in registers exactly as ggml's
+ *   dequantize_row_* (and gguf-py's numpy code) computes them, in fp32; products are accumulated
+ *   in fp32 (activations are never quantized). Results differ from an exact product only by fp32
+ *   rounding of the sum.
+ * q_dequantize(qtype, w, out, rows, cols, threads): out [rows, cols] fp32 = the dequantized
+ *   weights, bit-identical to gguf.quants.dequantize.
+ *
+ * Code paths: hand-written AVX-512 (x86-64-v4) kernels; otherwise a portable per-block dequantize +
+ * dot, compiled twice (x86-64-v3: AVX2/FMA auto-vectorised, and baseline), chosen at load time from
+ * the CPU (q_isa() says which; q_set_isa() lowers it, for tests). Dequantization outside the
+ * AVX-512 path uses the baseline build (no FMA contraction, so bit-exact).
+ */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define Q_X86 1
+#include <immintrin.h>
+#else
+#define Q_X86 0
+#endif
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q8_0 = 8, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_BF16 = 30 };
+
+typedef struct {
+    int type, block, bytes;
+    const char *name;
+} qtype_info;
+
+static const qtype_info QTYPES[] = {
+    {GT_F32, 1, 4, "F32"},      {GT_F16, 1, 2, "F16"},     {GT_BF16, 1, 2, "BF16"},
+    {GT_Q8_0, 32, 34, "Q8_0"},  {GT_Q4_0, 32, 18, "Q4_0"}, {GT_Q4_K, 256, 144, "Q4_K"},
+    {GT_Q5_K, 256, 176, "Q5_K"}, {GT_Q6_K, 256, 210, "Q6_K"},
+};
+#define N_QTYPES (int)(sizeof QTYPES / sizeof QTYPES[0])
+
+static const qtype_info *qtype_lookup(int t) {
+    for (int i = 0; i < N_QTYPES; i++)
+        if (QTYPES[i].type == t) return &QTYPES[i];
+    return NULL;
+}
+
+static inline uint16_t rd16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* IEEE half -> float, exact (subnormals, inf, nan payload). */
+static inline float h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    float f;
+    if (e == 0) {
+        f = (float)m * 0x1p-24f;
+        memcpy(&u, &f, 4);
+        u |= s;
+    } else if (e == 31) {
+        u = s | 0x7f800000u | (m << 13);
+    } else {
+        u = s | ((e + 112) << 23) | (m << 13);
+    }
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Keeps the compiler from fusing or reassociating across this value (exact ggml rounding). */
+#define KEEP(v) __asm__("" : "+x"(v))
+
+/* Q4_K / Q5_K: the 6-bit scales and mins of the 8 sub-blocks (ggml's get_scale_min_k4). */
+static inline void k4_scale_min(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    uint32_t t = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = t;
+    u[0] &= 0x3f3f3f3fu;
+    memcpy(sc, u, 8);
+    memcpy(mn, u + 2, 8);
+}
+
+/* Portable per-block dequantizers: y[i] as gguf-py / ggml compute it. */
+static ALWAYS_INLINE void gdq_q8_0(const uint8_t *b, float *restrict y) {
+    float d = h2f(rd16(b));
+    for (int i = 0; i < 32; i++) y[i] = (float)(int8_t)b[2 + i] * d;
+}
+
+static ALWAYS_INLINE void gdq_q4_0(const uint8_t *b, float *restrict y) {
+    float d = h2f(rd16(b));
+    for (int i = 0; i < 16; i++) {
+        y[i] = d * (float)((b[2 + i] & 15) - 8);
+        y[i + 16] = d * (float)((b[2 + i] >> 4) - 8);
+    }
+}
+
+static ALWAYS_INLINE void gdq_q4_k(const uint8_t *b, float *restrict y) {
+    float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2));
+    uint8_t sc[8], mn[8];
+    k4_scale_min(b + 4, sc, mn);
+    const uint8_t *q = b + 16;
+    for (int jj = 0; jj < 4; jj++, q += 32, y += 64) {
+        float d1 = d * sc[2 * jj], m1 = dmin * mn[2 * jj], d2 = d * sc[2 * jj + 1], m2 = dmin * mn[2 * jj + 1];
+        for (int l = 0; l < 32; l++) y[l] = d1 * (float)(q[l] & 15) - m1;
+        for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)(q[l] >> 4) - m2;
+    }
+}
+
+static ALWAYS_INLINE void gdq_q5_k(const uint8_t *b, float *restrict y) {
+    float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2));
+    uint8_t sc[8], mn[8];
+    k4_scale_min(b + 4, sc, mn);
+    const uint8_t *qh = b + 16, *q = b + 48;
+    for (int jj = 0; jj < 4; jj++, q += 32, y += 64) {
+        float d1 = d * sc[2 * jj], m1 = dmin * mn[2 * jj], d2 = d * sc[2 * jj + 1], m2 = dmin * mn[2 * jj + 1];
+        int s1 = 2 * jj, s2 = 2 * jj + 1;
+        for (int l = 0; l < 32; l++) y[l] = d1 * (float)((q[l] & 15) | (((qh[l] >> s1) & 1) << 4)) - m1;
+        for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)((q[l] >> 4) | (((qh[l] >> s2) & 1) << 4)) - m2;
+    }
+}
+
+static ALWAYS_INLINE void gdq_q6_k(const uint8_t *b, float *restrict y) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = h2f(rd16(b + 208));
+    for (int n = 0; n < 2; n++, ql += 64, qh += 32, sc += 8, y += 128) {
+        float ds[8];
+        for (int i = 0; i < 8; i++) ds[i] = d * (float)sc[i];
+        for (int l = 0; l < 32; l++) {
+            int is = l / 16;
+            y[l] = ds[is] * (float)((int)((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
+            y[l + 32] = ds[is + 2] * (float)((int)((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            y[l + 64] = ds[is + 4] * (float)((int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            y[l + 96] = ds[is + 6] * (float)((int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+}
+
+/* Portable kernels, instantiated for a target: SUFFIX names them, ATTR is the target attribute. */
+#define GENERIC_KERNELS(SUFFIX, ATTR)                                                                    \
+    ATTR static void dot_f32_##SUFFIX(const float *restrict w, const float *restrict x, Py_ssize_t n,   \
+                                      float *restrict acc) {                                          \
+        for (Py_ssize_t i = 0; i < n; i += 16)                                                        \
+            for (int l = 0; l < 16; l++) acc[l] += w[i + l] * x[i + l];                               \
+    }                                                                                                 \
+    ATTR static void f32_mv_##SUFFIX(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {             \
+        Py_ssize_t k = j->cols, k16 = k & ~(Py_ssize_t)15;                                            \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const float *w = (const float *)((const uint8_t *)j->w + r * j->row_bytes);               \
+            float acc[16] = {0}, s = 0.f;                                                             \
+            dot_f32_##SUFFIX(w, j->x, k16, acc);                                                      \
+            for (int l = 0; l < 16; l++) s += acc[l];                                                 \
+            for (Py_ssize_t i = k16; i < k; i++) s += w[i] * j->x[i];                                 \
+            j->out[r] = s;                                                                            \
+        }                                                                                             \
+    }                                                                                                 \
+    GENERIC_BLOCK_MV(SUFFIX, ATTR, q8_0, 32)                                                           \
+    GENERIC_BLOCK_MV(SUFFIX, ATTR, q4_0, 32)                                                           \
+    GENERIC_BLOCK_MV(SUFFIX, ATTR, q4_k, 256)                                                          \
+    GENERIC_BLOCK_MV(SUFFIX, ATTR, q5_k, 256)                                                          \
+    GENERIC_BLOCK_MV(SUFFIX, ATTR, q6_k, 256)
+
+/* Per row: dequantize each block into a small buffer, then a 16-lane fp32 dot with x. */
+#define GENERIC_BLOCK_MV(SUFFIX, ATTR, T, BS)                                                           \
+    ATTR static void T##_mv_##SUFFIX(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {              \
+        const Py_ssize_t nb = j->cols / BS;                                                           \
+        const int tsz = (int)(j->row_bytes / (nb ? nb : 1));                                          \
+        float tmp[BS] __attribute__((aligned(64)));                                                   \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            float acc[16] = {0}, s = 0.f;                                                             \
+            for (Py_ssize_t ib = 0; ib < nb; ib++, b += tsz) {                                        \
+                gdq_##T(b, tmp);                                                                      \
+                const float *x = j->x + ib * BS;                                                      \
+                for (int i = 0; i < BS; i += 16)                                                      \
+                    for (int l = 0; l < 16; l++) acc[l] += tmp[i + l] * x[i + l];                     \
+            }                                                                                         \
+            for (int l = 0; l < 16; l++) s += acc[l];                                                 \
+            j->out[r] = s;                                                                            \
+        }                                                                                             \
+    }
+
+GENERIC_KERNELS(base, )
+#if Q_X86
+GENERIC_KERNELS(v3, __attribute__((target("arch=x86-64-v3"))))
+#endif
+
+/* Baseline F16 (software conversion) and the dequantizers (baseline build: no FMA contraction). */
+static void f16_mv_base(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *w = (const uint8_t *)j->w + r * j->row_bytes;
+        float acc[4] = {0};
+        Py_ssize_t i = 0;
+        for (; i + 4 <= j->cols; i += 4)
+            for (int l = 0; l < 4; l++) acc[l] += h2f(rd16(w + 2 * (i + l))) * j->x[i + l];
+        for (; i < j->cols; i++) acc[0] += h2f(rd16(w + 2 * i)) * j->x[i];
+        j->out[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+}
+
+static void dq_rows_base(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1, int type) {
+    const qtype_info *ti = qtype_lookup(type);
+    const Py_ssize_t nb = j->cols / ti->block;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;
+        float *y = j->out + r * j->cols;
+        switch (type) {
+        case GT_F32: memcpy(y, b, (size_t)j->cols * 4); break;
+        case GT_F16: for (Py_ssize_t i = 0; i < j->cols; i++) y[i] = h2f(rd16(b + 2 * i)); break;
+        case GT_BF16: for (Py_ssize_t i = 0; i < j->cols; i++) y[i] = bf16_to_f32(rd16(b + 2 * i)); break;
+        case GT_Q8_0: for (Py_ssize_t i = 0; i < nb; i++) gdq_q8_0(b + 34 * i, y + 32 * i); break;
+        case GT_Q4_0: for (Py_ssize_t i = 0; i < nb; i++) gdq_q4_0(b + 18 * i, y + 32 * i); break;
+        case GT_Q4_K: for (Py_ssize_t i = 0; i < nb; i++) gdq_q4_k(b + 144 * i, y + 256 * i); break;
+        case GT_Q5_K: for (Py_ssize_t i = 0; i < nb; i++) gdq_q5_k(b + 176 * i, y + 256 * i); break;
+        case GT_Q6_K: for (Py_ssize_t i = 0; i < nb; i++) gdq_q6_k(b + 210 * i, y + 256 * i); break;
+        }
+    }
+}
+
+#define DQ_BASE(T, ID) \
+    static void T##_dq_base(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) { dq_rows_base(j, r0, r1, ID); }
+DQ_BASE(f32, GT_F32)
+DQ_BASE(f16, GT_F16)
+DQ_BASE(bf16, GT_BF16)
+DQ_BASE(q8_0, GT_Q8_0)
+DQ_BASE(q4_0, GT_Q4_0)
+DQ_BASE(q4_k, GT_Q4_K)
+DQ_BASE(q5_k, GT_Q5_K)
+DQ_BASE(q6_k, GT_Q6_K)
+
+#if Q_X86
+/* ------------------------------------------------------------- AVX2 (x86-64-v3) F16 */
+#define T3 __attribute__((target("arch=x86-64-v3")))
+T3 static void f16_mv_v3(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *w = (const uint8_t *)j->w + r * j->row_bytes;
+        const float *x = j->x;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        Py_ssize_t i = 0;
+        for (; i + 16 <= j->cols; i += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i))), _mm256_loadu_ps(x + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i + 16))), _mm256_loadu_ps(x + i + 8), a1);
+        }
+        float t[8], s = 0.f;
+        _mm256_storeu_ps(t, _mm256_add_ps(a0, a1));
+        for (int l = 0; l < 8; l++) s += t[l];
+        for (; i < j->cols; i++) s += _cvtsh_ss(rd16(w + 2 * i)) * x[i];
+        j->out[r] = s;
+    }
+}
+
+/* ------------------------------------------------------------- AVX-512 (x86-64-v4) kernels
+ * Each block function either FMAs the dequantized weights into accumulators (mode 0, x given) or
+ * stores them (mode 1, y given); it is inlined with a constant mode. Weight values are formed with
+ * exactly ggml's fp32 operations: 4/5-bit types through a per-sub-block table of the 16 / 32
+ * possible dequantized values (vpermps / vpermt2ps indexed by the nibbles), the others by
+ * int -> float conversion and the scale multiply. */
+#define T4 __attribute__((target("arch=x86-64-v4")))
+#define KEEPV(v) __asm__("" : "+v"(v))
+
+T4 static ALWAYS_INLINE void emit4(int mode, __m512 *acc, const float *x, float *y, __m512 w) {
+    if (mode) _mm512_storeu_ps(y, w);
+    else *acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x), *acc);
+}
+
+T4 static ALWAYS_INLINE __m128i ld128(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+
+/* 8 sub-block pairs (d*sc[i], dmin*m[i]) of a Q4_K / Q5_K block into dm[0..7], dm[8..15]. */
+T4 static ALWAYS_INLINE __m512 k4_dm_v4(const uint8_t *b, float *dm) {
+    uint8_t sm[16];
+    k4_scale_min(b + 4, sm, sm + 8);
+    __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sm)));
+    __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(rd16(b))), _mm512_set1_ps(_cvtsh_ss(rd16(b + 2))));
+    __m512 v = _mm512_mul_ps(dd, s);
+    _mm512_store_ps(dm, v);
+    /* Read back as broadcasts from memory (load ports) rather than lane shuffles from a register. */
+    __asm__ volatile("" : : "r"(dm) : "memory");
+    return v;
+}
+
+/* table[q] = d1 * q for q = base .. base+15 (ggml's product; the min is applied per block via sums of x). */
+T4 static ALWAYS_INLINE __m512 k4_table0(__m512 q, float d1) { return _mm512_mul_ps(q, _mm512_set1_ps(d1)); }
+
+/* table[q] = d1 * q - m1 for q = base .. base+15, rounded as ggml does (product, then difference). */
+T4 static ALWAYS_INLINE __m512 k4_table(__m512 q, float d1, float m1) {
+    __m512 p = _mm512_mul_ps(q, _mm512_set1_ps(d1));
+    KEEPV(p);
+    return _mm512_sub_ps(p, _mm512_set1_ps(m1));
+}
+
+#define IOTA16 _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+
+T4 static ALWAYS_INLINE void q4_k_block_v4(int mode, const uint8_t *b, const float *x, float *y, __m512 *acc,
+                                          const float *sx) {
+    float dm[16] __attribute__((aligned(64)));
+    __m512 dmv = k4_dm_v4(b, dm);
+    const uint8_t *q = b + 16;
+    const __m512 iota = IOTA16;
+    if (!mode) acc[0] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(sx), acc[0]); /* - sum_i dmin*m[i] * sum(x_i) */
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; jj++) {
+        __m512 tlo = mode ? k4_table(iota, dm[2 * jj], dm[8 + 2 * jj]) : k4_table0(iota, dm[2 * jj]);
+        __m512 thi = mode ? k4_table(iota, dm[2 * jj + 1], dm[9 + 2 * jj]) : k4_table0(iota, dm[2 * jj + 1]);
+        __m512i b0 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj));
+        __m512i b1 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj + 16));
+        int o = 64 * jj;
+        emit4(mode, acc + 0, x + o, y + o, _mm512_permutexvar_ps(b0, tlo));
+        emit4(mode, acc + 1, x + o + 16, y + o + 16, _mm512_permutexvar_ps(b1, tlo));
+        emit4(mode, acc + 2, x + o + 32, y + o + 32, _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), thi));
+        emit4(mode, acc + 3, x + o + 48, y + o + 48, _mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), thi));
+    }
+}
+
+/* Bit j of h moved to bit 4 (j is a constant after unrolling). */
+#define QH_BIT4(h, j) ((j) < 4 ? _mm512_slli_epi32(h, 4 - (j)) : (j) == 4 ? (h) : _mm512_srli_epi32(h, (j) - 4))
+/* (a & ~0x10) | (h & 0x10): the low nibble of a with bit 4 from h (vpermt2ps ignores bits 5+). */
+#define NIB5(a, h) _mm512_ternarylogic_epi32(a, h, _mm512_set1_epi32(0x10), 0xD8)
+
+T4 static ALWAYS_INLINE void q5_k_block_v4(int mode, const uint8_t *b, const float *x, float *y, __m512 *acc,
+                                          const float *sx) {
+    float dm[16] __attribute__((aligned(64)));
+    __m512 dmv = k4_dm_v4(b, dm);
+    const uint8_t *qh = b + 16, *q = b + 48;
+    if (!mode) acc[0] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(sx), acc[0]);
+    const __m512 iota = IOTA16, iota16 = _mm512_add_ps(IOTA16, _mm512_set1_ps(16.f));
+    const __m512i h0 = _mm512_cvtepu8_epi32(ld128(qh)), h1 = _mm512_cvtepu8_epi32(ld128(qh + 16));
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; jj++) {
+        __m512 alo, blo, ahi, bhi;
+        if (mode) {
+            alo = k4_table(iota, dm[2 * jj], dm[8 + 2 * jj]), blo = k4_table(iota16, dm[2 * jj], dm[8 + 2 * jj]);
+            ahi = k4_table(iota, dm[2 * jj + 1], dm[9 + 2 * jj]), bhi = k4_table(iota16, dm[2 * jj + 1], dm[9 + 2 * jj]);
+        } else {
+            alo = k4_table0(iota, dm[2 * jj]), blo = k4_table0(iota16, dm[2 * jj]);
+            ahi = k4_table0(iota, dm[2 * jj + 1]), bhi = k4_table0(iota16, dm[2 * jj + 1]);
+        }
+        __m512i b0 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj));
+        __m512i b1 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj + 16));
+        int o = 64 * jj;
+        emit4(mode, acc + 0, x + o, y + o, _mm512_permutex2var_ps(alo, NIB5(b0, QH_BIT4(h0, 2 * jj)), blo));
+        emit4(mode, acc + 1, x + o + 16, y + o + 16, _mm512_permutex2var_ps(alo, NIB5(b1, QH_BIT4(h1, 2 * jj)), blo));
+        emit4(mode, acc + 2, x + o + 32, y + o + 32,
+              _mm512_permutex2var_ps(ahi, NIB5(_mm512_srli_epi32(b0, 4), QH_BIT4(h0, 2 * jj + 1)), bhi));
+        emit4(mode, acc + 3, x + o + 48, y + o + 48,
+              _mm512_permutex2var_ps(ahi, NIB5(_mm512_srli_epi32(b1, 4), QH_BIT4(h1, 2 * jj + 1)), bhi));
+    }
+}
+
+T4 static ALWAYS_INLINE void q6_k_block_v4(int mode, const uint8_t *b, const float *x, float *y, __m512 *acc,
+                                          const float *sx) {
+    float ds[16] __attribute__((aligned(64)));
+    int8_t q[256] __attribute__((aligned(64)));
+    __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld128(b + 192)));
+    _mm512_store_ps(ds, _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(rd16(b + 208))), sc));
+    __asm__ volatile("" : : "r"(ds) : "memory");
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), k32 = _mm512_set1_epi8(32);
+    const __m512i sh01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    for (int n = 0; n < 2; n++) {
+        __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * n));
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
+        __m512i h01 = _mm512_and_si512(_mm512_sllv_epi16(qh, sh01), m30);
+        __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(qh, sh23), m30);
+        __m512i z0 = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA);                        /* (a&b)|c */
+        __m512i z1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
+        _mm512_store_si512((void *)(q + 128 * n), _mm512_sub_epi8(z0, k32));
+        _mm512_store_si512((void *)(q + 128 * n + 64), _mm512_sub_epi8(z1, k32));
+    }
+    __asm__ volatile("" : : "r"(q) : "memory"); /* reload as vpmovsxbd from memory, not lane extracts */
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) {
+        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(q + 16 * i))));
+        emit4(mode, acc + (i & 3), x + 16 * i, y + 16 * i, _mm512_mul_ps(v, _mm512_set1_ps(ds[i])));
+    }
+}
+
+/* Q8_0 / Q4_0 (32 weights): mode 0 uses acc[0], acc[1]. */
+T4 static ALWAYS_INLINE void q8_0_block_v4(int mode, const uint8_t *b, const float *x, float *y, __m512 *acc,
+                                          const float *sx) {
+    __m512 d = _mm512_set1_ps(_cvtsh_ss(rd16(b)));
+    __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld128(b + 2)));
+    __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld128(b + 18)));
+    if (mode) {
+        _mm512_storeu_ps(y, _mm512_mul_ps(q0, d));
+        _mm512_storeu_ps(y + 16, _mm512_mul_ps(q1, d));
+    } else {  /* sum(q * x) * d: the scale applied once per block */
+        __m512 t = _mm512_mul_ps(q0, _mm512_loadu_ps(x));
+        t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + 16), t);
+        acc[0] = _mm512_fmadd_ps(t, d, acc[0]);
+    }
+}
+
+T4 static ALWAYS_INLINE void q4_0_block_v4(int mode, const uint8_t *b, const float *x, float *y, __m512 *acc,
+                                          const float *sx) {
+    __m512 t = _mm512_mul_ps(_mm512_sub_ps(IOTA16, _mm512_set1_ps(8.f)), _mm512_set1_ps(_cvtsh_ss(rd16(b))));
+    __m512i q = _mm512_cvtepu8_epi32(ld128(b + 2));
+    emit4(mode, acc + 0, x, y, _mm512_permutexvar_ps(q, t));
+    emit4(mode, acc + 1, x + 16, y + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t));
+}
+
+/* Row loops: BLOCKS_PER_STEP blocks per step, 4 accumulators. */
+#define V4_ROWS(T, BS, TS, STEP)                                                                       \
+    T4 static void T##_mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                      \
+        const Py_ssize_t nb = j->cols / BS;                                                           \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            const float *x = j->x;                                                                    \
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+            Py_ssize_t ib = 0;                                                                        \
+            if (STEP == 2) {                                                                          \
+                for (; ib + 2 <= nb; ib += 2, b += 2 * TS, x += 2 * BS) {                             \
+                    T##_block_v4(0, b, x, NULL, acc, NULL);                                           \
+                    T##_block_v4(0, b + TS, x + BS, NULL, acc + 2, NULL);                             \
+                }                                                                                     \
+            }                                                                                         \
+            for (; ib < nb; ib++, b += TS, x += BS) T##_block_v4(0, b, x, NULL, acc, j->aux + 16 * ib); \
+            j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))); \
+        }                                                                                             \
+    }                                                                                                 \
+    T4 static void T##_dq_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                      \
+        const Py_ssize_t nb = j->cols / BS;                                                           \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            float *y = j->out + r * j->cols;                                                          \
+            for (Py_ssize_t ib = 0; ib < nb; ib++) T##_block_v4(1, b + ib * TS, NULL, y + ib * BS, NULL, NULL); \
+        }                                                                                             \
+    }
+
+V4_ROWS(q8_0, 32, 34, 2)
+V4_ROWS(q4_0, 32, 18, 2)
+V4_ROWS(q4_k, 256, 144, 1)
+V4_ROWS(q5_k, 256, 176, 1)
+V4_ROWS(q6_k, 256, 210, 1)
+
+T4 static void f16_mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *w = (const uint8_t *)j->w + r * j->row_bytes;
+        const float *x = j->x;
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        Py_ssize_t i = 0;
+        for (; i + 64 <= j->cols; i += 64)
+            for (int u = 0; u < 4; u++)
+                a[u] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * (i + 16 * u)))),
+                                       _mm512_loadu_ps(x + i + 16 * u), a[u]);
+        for (; i + 16 <= j->cols; i += 16)
+            a[0] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * i))), _mm512_loadu_ps(x + i), a[0]);
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+        for (; i < j->cols; i++) s += _cvtsh_ss(rd16(w + 2 * i)) * x[i];
+        j->out[r] = s;
+    }
+}
+
+T4 static void f16_dq_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *w = (const uint8_t *)j->w + r * j->row_bytes;
+        float *y = j->out + r * j->cols;
+        Py_ssize_t i = 0;
+        for (; i + 16 <= j->cols; i += 16) _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * i))));
+        for (; i < j->cols; i++) y[i] = _cvtsh_ss(rd16(w + 2 * i));
+    }
+}
+#endif /* Q_X86 */
+
+/* ------------------------------------------------------------- dispatch */
+static int q_isa_supported = -1;  /* 4: AVX-512 kernels, 3: AVX2/FMA build, 0: baseline */
+static int q_isa_level = -1;
+
+static void q_detect(void) {
+    if (q_isa_supported >= 0) return;
+    int level = 0;
+#if Q_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("bmi2"))
+        level = 3;
+    if (level == 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        level = 4;
+#endif
+    q_isa_supported = q_isa_level = level;
+}
+
+static rows_fn q_pick(int type, int dequant) {
+    int lv = q_isa_level;
+    if (dequant) {
+#if Q_X86
+        if (lv >= 4) {
+            switch (type) {
+            case GT_F16: return f16_dq_v4;
+            case GT_Q8_0: return q8_0_dq_v4;
+            case GT_Q4_0: return q4_0_dq_v4;
+            case GT_Q4_K: return q4_k_dq_v4;
+            case GT_Q5_K: return q5_k_dq_v4;
+            case GT_Q6_K: return q6_k_dq_v4;
+            }
+        }
+#endif
+        switch (type) {
+        case GT_F32: return f32_dq_base;
+        case GT_F16: return f16_dq_base;
+        case GT_BF16: return bf16_dq_base;
+        case GT_Q8_0: return q8_0_dq_base;
+        case GT_Q4_0: return q4_0_dq_base;
+        case GT_Q4_K: return q4_k_dq_base;
+        case GT_Q5_K: return q5_k_dq_base;
+        case GT_Q6_K: return q6_k_dq_base;
+        }
+        return NULL;
+    }
+    if (type == GT_BF16) return bf16_rows; /* the bf16 kernel (target_clones) */
+#if Q_X86
+    if (lv >= 4) {
+        switch (type) {
+        case GT_F32: return f32_mv_v3;
+        case GT_F16: return f16_mv_v4;
+        case GT_Q8_0: return q8_0_mv_v4;
+        case GT_Q4_0: return q4_0_mv_v4;
+        case GT_Q4_K: return q4_k_mv_v4;
+        case GT_Q5_K: return q5_k_mv_v4;
+        case GT_Q6_K: return q6_k_mv_v4;
+        }
+    }
+    if (lv >= 3) {
+        switch (type) {
+        case GT_F32: return f32_mv_v3;
+        case GT_F16: return f16_mv_v3;
+        case GT_Q8_0: return q8_0_mv_v3;
+        case GT_Q4_0: return q4_0_mv_v3;
+        case GT_Q4_K: return q4_k_mv_v3;
+        case GT_Q5_K: return q5_k_mv_v3;
+        case GT_Q6_K: return q6_k_mv_v3;
+        }
+    }
+#endif
+    switch (type) {
+    case GT_F32: return f32_mv_base;
+    case GT_F16: return f16_mv_base;
+    case GT_Q8_0: return q8_0_mv_base;
+    case GT_Q4_0: return q4_0_mv_base;
+    case GT_Q4_K: return q4_k_mv_base;
+    case GT_Q5_K: return q5_k_mv_base;
+    case GT_Q6_K: return q6_k_mv_base;
+    }
+    return NULL;
+}
+
+/* Per 256-weight block of x: 8 zeros, then the sums of its eight 32-weight sub-blocks (rounded from
+ * fp64), so that a block's min term is one FMA with [d*sc[0..7], dmin*m[0..7]]. */
+static void x_block_sums(const float *x, Py_ssize_t cols, float *sums) {
+    for (Py_ssize_t b = 0; b < cols / 256; b++) {
+        for (int i = 0; i < 8; i++) {
+            double s = 0;
+            for (int l = 0; l < 32; l++) s += x[256 * b + 32 * i + l];
+            sums[16 * b + i] = 0.f;
+            sums[16 * b + 8 + i] = (float)s;
+        }
+    }
+}
+
+/* Shared argument handling of q_matvec / q_dequantize. */
+static PyObject *q_run(PyObject *args, int dequant) {
+    const char *fname = dequant ? "q_dequantize" : "q_matvec";
+    Py_buffer w, x = {0}, out;
+    int qtype, threads;
+    Py_ssize_t rows, cols;
+    if (dequant) {
+        if (!PyArg_ParseTuple(args, "iy*w*nni", &qtype, &w, &out, &rows, &cols, &threads)) return NULL;
+    } else {
+        if (!PyArg_ParseTuple(args, "iy*y*w*nni", &qtype, &w, &x, &out, &rows, &cols, &threads)) return NULL;
+    }
+    PyObject *result = NULL;
+    q_detect();
+    const qtype_info *ti = qtype_lookup(qtype);
+    if (ti == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: ggml type id %d is not supported (supported: F32=0, F16=1, BF16=30, "
+                     "Q8_0=8, Q4_0=2, Q4_K=12, Q5_K=13, Q6_K=14)", fname, qtype);
+        goto done;
+    }
+    if (rows < 0 || cols < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: rows (%zd) and cols (%zd) must be >= 0", fname, rows, cols);
+        goto done;
+    }
+    if (cols % ti->block) {
+        PyErr_Format(PyExc_ValueError, "%s: %s rows hold a multiple of %d weights, not cols=%zd", fname, ti->name,
+                     ti->block, cols);
+        goto done;
+    }
+    Py_ssize_t row_bytes = cols / ti->block * ti->bytes;
+    if (rows > 0 && row_bytes > 0 && rows > PY_SSIZE_T_MAX / row_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: [%zd, %zd] is too large", fname, rows, cols);
+        goto done;
+    }
+    if (w.len != rows * row_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: a [%zd, %zd] %s weight is %zd bytes, the buffer has %zd", fname, rows,
+                     cols, ti->name, rows * row_bytes, w.len);
+        goto done;
+    }
+    if (!dequant && x.len != cols * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: x must be fp32 [%zd] (%zd bytes), the buffer has %zd bytes", fname, cols,
+                     cols * 4, x.len);
+        goto done;
+    }
+    Py_ssize_t out_len = dequant ? rows * cols * 4 : rows * 4;
+    if (out.len != out_len) {
+        if (dequant)
+            PyErr_Format(PyExc_ValueError, "%s: out must be fp32 [%zd, %zd] (%zd bytes), the buffer has %zd bytes",
+                         fname, rows, cols, out_len, out.len);
+        else
+            PyErr_Format(PyExc_ValueError, "%s: out must be fp32 [%zd] (%zd bytes), the buffer has %zd bytes",
+                         fname, rows, out_len, out.len);
+        goto done;
+    }
+    if (((uintptr_t)out.buf & 3) || (!dequant && ((uintptr_t)x.buf & 3)) ||
+        (ti->block == 1 && ((uintptr_t)w.buf & (ti->bytes - 1)))) {
+        PyErr_Format(PyExc_ValueError, "%s: x and out must be 4-byte aligned (and F32/F16/BF16 weights aligned to "
+                     "their element size)", fname);
+        goto done;
+    }
+    matvec_job j = {q_pick(qtype, dequant), w.buf, dequant ? NULL : (const float *)x.buf, (float *)out.buf, NULL,
+                    rows, cols, row_bytes, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads)};
+    float *sums = NULL;
+    if (!dequant && q_isa_level >= 4 && (qtype == GT_Q4_K || qtype == GT_Q5_K) && rows > 0 && cols > 0) {
+        sums = (float *)PyMem_Malloc((size_t)cols / 16 * sizeof(float));
+        if (sums == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        j.aux = sums;
+    }
+    if (rows > 0 && cols > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        if (sums) x_block_sums((const float *)x.buf, cols, sums);
+        matvec(&j);
+        Py_END_ALLOW_THREADS
+        PyMem_Free(sums);
+    } else if (!dequant && rows > 0) {
+        memset(out.buf, 0, (size_t)out.len);
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&w);
+    if (!dequant) PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *q_matvec(PyObject *self, PyObject *args) { return q_run(args, 0); }
+static PyObject *q_dequantize(PyObject *self, PyObject *args) { return q_run(args, 1); }
+
+static PyObject *q_isa(PyObject *self, PyObject *args) {
+    q_detect();
+    return PyLong_FromLong(q_isa_level);
+}
+
+static PyObject *q_set_isa(PyObject *self, PyObject *args) {
+    int level;
+    if (!PyArg_ParseTuple(args, "i", &level)) return NULL;
+    q_detect();
+    int lv = level >= 4 ? 4 : level >= 3 ? 3 : 0;
+    if (lv > q_isa_supported) lv = q_isa_supported;
+    pthread_mutex_lock(&call_mu); /* not while a product runs */
+    q_isa_level = lv;
+    pthread_mutex_unlock(&call_mu);
+    return PyLong_FromLong(lv);
+}
+
 static PyMethodDef methods[] = {
     {"bf16_matvec", bf16_matvec, METH_VARARGS,
      "bf16_matvec(w, x, out, rows, cols, threads): out = bf16(w) @ x in fp32 (GIL released)."},
+    {"q_matvec", q_matvec, METH_VARARGS,
+     "q_matvec(qtype, w, x, out, rows, cols, threads): out = dequant(w) @ x in fp32, w ggml blocks of type qtype "
+     "(GIL released)."},
+    {"q_dequantize", q_dequantize, METH_VARARGS,
+     "q_dequantize(qtype, w, out, rows, cols, threads): out [rows, cols] fp32 = the dequantized ggml blocks "
+     "(GIL released)."},
+    {"q_isa", q_isa, METH_NOARGS, "q_isa(): the kernel level in use: 4 AVX-512, 3 AVX2/FMA, 0 baseline."},
+    {"q_set_isa", q_set_isa, METH_VARARGS,
+     "q_set_isa(level): use at most that kernel level (4, 3, 0; for tests); returns the level now in use."},
     {"interleave16", interleave16, METH_VARARGS,
      "interleave16(low, high, out): out[2i] = low[i], out[2i+1] = high[i] (GIL released)."},
     {NULL, NULL, 0, NULL},
