@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashtier.checkpoint.ggml_types import SUPPORTED_NAMES, GGMLType, TypeInfo, type_info
+from flashtier.checkpoint.ggml_types import GGMLType, TypeInfo, type_info
 
 QK_K = 256
 CHUNK_WEIGHTS = 1 << 18
@@ -47,7 +47,8 @@ enough that a step's temporaries stay in cache."""
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
     """float32 ``[n]`` -> the little-endian f16 bytes ``[n, 2]`` (round to nearest even, as ggml)."""
-    return np.ascontiguousarray(v, dtype=np.float32).astype("<f2").view(np.uint8).reshape(-1, 2)
+    with np.errstate(over="ignore"):  # an overflow to inf is caught (and reported) by quantize
+        return np.ascontiguousarray(v, dtype=np.float32).astype("<f2").view(np.uint8).reshape(-1, 2)
 
 
 def _f16_value(b: np.ndarray) -> np.ndarray:
@@ -399,8 +400,11 @@ def quantize(w: np.ndarray, qtype: int | GGMLType) -> np.ndarray:
     out = np.empty((blocks.shape[0], info.type_size), np.uint8)
     for i in _chunks(blocks.shape[0], info.block_size):
         j = i + max(1, CHUNK_WEIGHTS // info.block_size)
-        out[i:j] = codec.encode(blocks[i:j]).reshape(-1, info.type_size)
-        if info.quantized and not np.isfinite(codec.decode(out[i:j])).all():
+        # blocks of subnormal weights overflow 1/d to inf on the way, as in ggml; their f16 d is 0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            out[i:j] = codec.encode(blocks[i:j]).reshape(-1, info.type_size)
+            overflow = info.quantized and not np.isfinite(codec.decode(out[i:j])).all()
+        if overflow:
             big = np.abs(blocks[i:j]).max()
             raise ValueError(f"cannot quantize to {info.ggml_type.name}: values up to {big:g} overflow its f16 block scales")
     return out.reshape(*w.shape[:-1], row_bytes)
@@ -424,4 +428,4 @@ def dequantize(blocks: np.ndarray, qtype: int | GGMLType, shape: tuple[int, ...]
     return out.reshape(shape)
 
 
-__all__ = ["SUPPORTED_NAMES", "dequantize", "quantize"]
+__all__ = ["dequantize", "quantize"]
