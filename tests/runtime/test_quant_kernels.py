@@ -1,0 +1,241 @@
+"""GGUF-block decode kernels (runtime/quant_kernels.py, flashtier._native.q_matvec / q_dequantize)
+against gguf-py's reference dequantization: dequantization bit-exact, products within fp32 rounding
+of the fp64 product of the dequantized weights, on every code path (AVX-512, AVX2, baseline, numpy
+fallback), and argument errors as ValueError."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flashtier.checkpoint.ggml_types import GGMLType, type_info
+from flashtier.runtime import quant_kernels as qk
+
+TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q5_K,
+         GGMLType.Q6_K]
+K_MIN_TYPES = {GGMLType.Q4_K: 144, GGMLType.Q5_K: 176}
+"""Types with a per-sub-block min: zeroing bytes 16.. (the quants) leaves -dmin*m per weight."""
+
+if qk.native_available():
+    from flashtier import _native
+
+    SUPPORTED_LEVEL = _native.q_isa()
+    LEVELS = [lv for lv in (4, 3, 0) if lv <= SUPPORTED_LEVEL]
+else:  # only the numpy fallback can be tested
+    _native = None
+    SUPPORTED_LEVEL = -1
+    LEVELS = []
+needs_native = pytest.mark.skipif(_native is None, reason="C extension flashtier._native not built")
+
+
+@pytest.fixture(params=LEVELS or [None], ids=lambda lv: f"isa{lv}")
+def level(request: pytest.FixtureRequest) -> Iterator[int | None]:
+    """Each kernel level the CPU supports (4 AVX-512, 3 AVX2, 0 baseline); restored afterwards."""
+    lv = request.param
+    if lv is None:
+        pytest.skip("C extension flashtier._native not built")
+    assert _native.q_set_isa(lv) == lv
+    yield lv
+    _native.q_set_isa(SUPPORTED_LEVEL)
+
+
+def random_blocks(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Valid [rows, row_bytes] bytes of type ``t``: random quants / scales (every bit pattern is a
+    valid block) with finite f16 super-scales of a realistic size (both signs)."""
+    rng = np.random.default_rng(seed)
+    info = type_info(t)
+    if t == GGMLType.F32:
+        return rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8)
+    if t == GGMLType.F16:
+        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+    if t == GGMLType.BF16:
+        bits = rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16
+        return bits.astype(np.uint16).view(np.uint8)
+    n = rows * cols // info.block_size
+    b = rng.integers(0, 256, (n, info.type_size), dtype=np.uint8)
+
+    def f16(scale: float) -> np.ndarray:
+        return rng.uniform(-scale, scale, n).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+    if t in (GGMLType.Q8_0, GGMLType.Q4_0):
+        b[:, 0:2] = f16(0.05)
+    elif t in K_MIN_TYPES:
+        b[:, 0:2], b[:, 2:4] = f16(0.005), f16(0.005)
+    else:  # Q6_K: d at the end
+        b[:, 208:210] = f16(0.005)
+    return b.reshape(rows, -1)
+
+
+def reference(t: GGMLType, blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    return gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(int(t))).reshape(rows, cols).astype(np.float32)
+
+
+def magnitude(t: GGMLType, blocks: np.ndarray, w: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Per weight, the size of the terms the kernel may sum separately: |w|, plus |dmin*m| for
+    the min types (their kernels sum d*sc*q*x and dmin*m*sum(x) apart)."""
+    mag = np.abs(w).astype(np.float64)
+    if t in K_MIN_TYPES:
+        zeroed = blocks.reshape(-1, K_MIN_TYPES[t]).copy()
+        zeroed[:, 16:] = 0
+        mins = reference(t, zeroed.reshape(rows, -1), rows, cols)  # -dmin*m per weight
+        mag = mag + 2 * np.abs(mins)
+    return mag
+
+
+def assert_product_close(t: GGMLType, blocks: np.ndarray, y: np.ndarray, x: np.ndarray, rows: int, cols: int) -> None:
+    w = reference(t, blocks, rows, cols)
+    exact = w.astype(np.float64) @ x.astype(np.float64)  # [rows]
+    # fp32 rounding of the products and of a summation tree at most cols/16 + 32 deep
+    tol = (cols / 16 + 32) * 2.0 ** -24 * (magnitude(t, blocks, w, rows, cols) @ np.abs(x.astype(np.float64)))
+    err = np.abs(y.astype(np.float64) - exact)
+    assert (err <= tol + 1e-30).all(), f"max error {err.max():.3e}, tolerance {tol[err.argmax()]:.3e}"
+
+
+shapes = st.tuples(st.sampled_from(TYPES), st.integers(1, 80), st.integers(1, 4), st.integers(1, 3),
+                   st.integers(0, 2**31))
+
+
+def _cols(t: GGMLType, n: int, seed: int) -> int:
+    bs = type_info(t).block_size
+    return n * bs if bs > 1 else 1 + seed % 300
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=shapes)
+def test_dequantize_bit_exact(level: int, case: tuple) -> None:
+    t, rows, nb, threads, seed = case
+    cols = _cols(t, nb, seed)
+    blocks = random_blocks(t, rows, cols, seed)
+    out = qk.dequantize(t, torch.from_numpy(blocks), rows, cols, threads, use_native=True)
+    assert out.dtype == torch.float32 and out.shape == (rows, cols)
+    assert np.array_equal(out.numpy().view(np.uint32), reference(t, blocks, rows, cols).view(np.uint32))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=shapes)
+def test_qmatvec_within_fp32_rounding(level: int, case: tuple) -> None:
+    t, rows, nb, threads, seed = case
+    cols = _cols(t, nb, seed)
+    blocks = random_blocks(t, rows, cols, seed)
+    x = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal(cols).astype(np.float32))
+    y = qk.qmatvec(t, torch.from_numpy(blocks), x, threads, use_native=True)
+    assert y.dtype == torch.float32 and y.shape == (rows,)
+    assert_product_close(t, blocks, y.numpy(), x.numpy(), rows, cols)
+
+
+@needs_native
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_threaded_many_rows_matches_one_thread(t: GGMLType) -> None:
+    """Rows split over the pool (several parts, a ragged tail) give the same result as one thread."""
+    rows, cols = 333, 2 * max(type_info(t).block_size, 256)
+    blocks = random_blocks(t, rows, cols, 7)
+    x = torch.randn(cols)
+    y1 = qk.qmatvec(t, torch.from_numpy(blocks), x, 1)
+    y3 = qk.qmatvec(t, torch.from_numpy(blocks), x, 3)
+    assert torch.equal(y1, y3)
+    assert_product_close(t, blocks, y3.numpy(), x.numpy(), rows, cols)
+    d3 = qk.dequantize(t, torch.from_numpy(blocks), rows, cols, 3)
+    assert np.array_equal(d3.numpy().view(np.uint32), reference(t, blocks, rows, cols).view(np.uint32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=shapes)
+def test_numpy_fallback(case: tuple) -> None:
+    t, rows, nb, _, seed = case
+    cols = _cols(t, nb, seed)
+    blocks = random_blocks(t, rows, cols, seed)
+    out = qk.dequantize(t, torch.from_numpy(blocks), rows, cols, use_native=False)
+    assert np.array_equal(out.numpy().view(np.uint32), reference(t, blocks, rows, cols).view(np.uint32))
+    x = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal(cols).astype(np.float32))
+    y = qk.qmatvec(t, torch.from_numpy(blocks), x, use_native=False)
+    assert y.dtype == torch.float32 and y.shape == (rows,)
+    assert_product_close(t, blocks, y.numpy(), x.numpy(), rows, cols)
+
+
+def test_fallback_chunks_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qk, "FALLBACK_CHUNK_ROWS", 3)
+    t, rows, cols = GGMLType.Q4_K, 10, 256
+    blocks = random_blocks(t, rows, cols, 3)
+    x = torch.randn(cols)
+    y = qk.qmatvec(t, torch.from_numpy(blocks), x, use_native=False)
+    assert_product_close(t, blocks, y.numpy(), x.numpy(), rows, cols)
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False], ids=["native", "numpy"])
+def test_input_forms(native: bool) -> None:
+    """[1, K] activations of any float dtype, flat or 2-D block bytes, numpy bytes."""
+    t, rows, cols = GGMLType.Q8_0, 5, 64
+    blocks = random_blocks(t, rows, cols, 1)
+    x = torch.randn(1, cols).to(torch.bfloat16)
+    ref = qk.qmatvec(t, torch.from_numpy(blocks), x[0].float(), 1, use_native=native)
+    for b in (torch.from_numpy(blocks), torch.from_numpy(blocks.reshape(-1)), blocks):
+        assert torch.equal(qk.qmatvec(t, b, x, 1, use_native=native), ref)
+    assert torch.equal(qk.qmatvec(int(t), torch.from_numpy(blocks), x.half(), use_native=native),
+                       qk.qmatvec(t, torch.from_numpy(blocks), x.half().float(), use_native=native))
+
+
+# ---------------------------------------------------------------- argument errors
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False], ids=["native", "numpy"])
+def test_wrapper_rejects_bad_arguments(native: bool) -> None:
+    blocks = torch.from_numpy(random_blocks(GGMLType.Q4_K, 4, 256, 0))
+    x = torch.randn(256)
+    with pytest.raises(ValueError, match="not supported"):
+        qk.qmatvec(GGMLType.Q4_1, blocks, x, use_native=native)
+    with pytest.raises(ValueError, match="not supported"):
+        qk.qmatvec(99, blocks, x, use_native=native)
+    with pytest.raises(ValueError, match="multiples of 256"):
+        qk.qmatvec(GGMLType.Q4_K, blocks, torch.randn(128), use_native=native)
+    with pytest.raises(ValueError, match="whole Q4_K rows"):
+        qk.qmatvec(GGMLType.Q4_K, blocks.reshape(-1)[:-1], x, use_native=native)
+    with pytest.raises(ValueError, match="do not hold"):
+        qk.qmatvec(GGMLType.Q4_K, blocks.reshape(8, 72), x, use_native=native)
+    with pytest.raises(ValueError, match="uint8"):
+        qk.qmatvec(GGMLType.Q4_K, blocks.view(torch.int8), x, use_native=native)
+    with pytest.raises(ValueError, match="float"):
+        qk.qmatvec(GGMLType.Q4_K, blocks, torch.ones(256, dtype=torch.int32), use_native=native)
+    with pytest.raises(ValueError, match="not 5"):
+        qk.dequantize(GGMLType.Q4_K, blocks, 5, 256, use_native=native)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        qk.dequantize(GGMLType.Q8_0, blocks, 4, 48, use_native=native)
+
+
+@needs_native
+def test_native_rejects_bad_arguments() -> None:
+    rows, cols = 4, 256
+    w = random_blocks(GGMLType.Q4_K, rows, cols, 0).reshape(-1)
+    x, out = np.zeros(cols, np.float32), np.zeros(rows, np.float32)
+    _native.q_matvec(12, w, x, out, rows, cols, 1)  # well-formed
+    bad = [
+        ((3, w, x, out, rows, cols, 1), "not supported"),
+        ((12, w, x, out, rows, 128, 1), "multiple of 256"),
+        ((12, w[:-1], x, out, rows, cols, 1), "bytes"),
+        ((12, w, x[:-1], out, rows, cols, 1), "x must be fp32"),
+        ((12, w, x, out[:-1], rows, cols, 1), "out must be fp32"),
+        ((12, w, x, out, -1, cols, 1), ">= 0"),
+        ((0, np.zeros(9, np.uint8)[1:], x[:2], out[:1], 1, 2, 1), "aligned"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            _native.q_matvec(*args)
+    with pytest.raises(ValueError, match=r"out must be fp32 \[4, 256\]"):
+        _native.q_dequantize(12, w, np.zeros(rows * cols - 1, np.float32), rows, cols, 1)
+    with pytest.raises(ValueError, match="not supported"):
+        _native.q_dequantize(99, w, np.zeros(rows * cols, np.float32), rows, cols, 1)
+    with pytest.raises(TypeError):
+        _native.q_matvec(12, w, x, out.view(np.uint8)[:0].tobytes(), rows, cols, 1)  # read-only output
+
+
+@needs_native
+def test_empty_shapes() -> None:
+    out = np.full(3, 7, np.float32)
+    _native.q_matvec(8, b"", b"", out, 3, 0, 1)
+    assert (out == 0).all()
+    _native.q_matvec(8, b"", np.zeros(32, np.float32), np.zeros(0, np.float32), 0, 32, 1)
