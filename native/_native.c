@@ -148,7 +148,8 @@ static pthread_cond_t pool_start = PTHREAD_COND_INITIALIZER;
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;   /* one product at a time */
 static int pool_workers = 0;
 static long pool_generation = 0;  /* bumped (seq_cst) to start a job */
-static int pool_pending = 0;      /* workers that have not finished the current job */
+static uint64_t pool_claim = 0;   /* (generation << 32) | first unclaimed row of the current job */
+static Py_ssize_t pool_done = 0;  /* rows of the current job finished */
 static int pool_sleepers = 0;     /* workers blocked on pool_start */
 static matvec_job pool_job;
 
@@ -162,11 +163,26 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static void run_part(const matvec_job *j, int part) {
-    Py_ssize_t per = (j->rows + j->parts - 1) / j->parts;
-    per = (per + 15) & ~(Py_ssize_t)15; /* whole cache lines of output */
-    Py_ssize_t r0 = per * part, r1 = r0 + per < j->rows ? r0 + per : j->rows;
-    if (r0 < r1) j->fn(j, r0, r1);
+/* Rows are claimed in chunks (whole 16-row groups: whole cache lines of output, ~8 per thread) from
+ * a shared counter tagged with the job's generation, by the caller and the workers alike: a thread
+ * that is descheduled (other processes on the cores) or still waking up just claims fewer chunks,
+ * instead of holding up the product with a fixed share. Each row is computed the same way whoever
+ * computes it, so results do not depend on the split. */
+static void work_on(const matvec_job *j, uint32_t gen) {
+    Py_ssize_t chunk = (j->rows + 8 * (Py_ssize_t)j->parts - 1) / (8 * (Py_ssize_t)j->parts);
+    chunk = chunk < 16 ? 16 : (chunk + 15) & ~(Py_ssize_t)15;
+    for (;;) {
+        uint64_t c = __atomic_load_n(&pool_claim, __ATOMIC_SEQ_CST);
+        if ((uint32_t)(c >> 32) != gen) return;  /* a later job: this one is fully claimed */
+        Py_ssize_t r0 = (Py_ssize_t)(uint32_t)c;
+        if (r0 >= j->rows) return;
+        Py_ssize_t r1 = r0 + chunk < j->rows ? r0 + chunk : j->rows;
+        if (!__atomic_compare_exchange_n(&pool_claim, &c, ((uint64_t)gen << 32) | (uint64_t)r1, 0, __ATOMIC_SEQ_CST,
+                                         __ATOMIC_SEQ_CST))
+            continue;
+        j->fn(j, r0, r1);
+        __atomic_add_fetch(&pool_done, r1 - r0, __ATOMIC_SEQ_CST);
+    }
 }
 
 typedef struct {
@@ -194,8 +210,10 @@ static void *worker_main(void *arg_in) {
         }
         seen = __atomic_load_n(&pool_generation, __ATOMIC_SEQ_CST);
         matvec_job j = pool_job; /* published before the generation bump */
-        if (id < j.parts) run_part(&j, id);
-        __atomic_sub_fetch(&pool_pending, 1, __ATOMIC_SEQ_CST);
+        /* A copy torn by the next job's publication is harmless: its claims carry the old
+         * generation, which the claim counter no longer has (or it is fully claimed). */
+        if (__atomic_load_n(&pool_generation, __ATOMIC_SEQ_CST) != seen) continue;
+        if (id < j.parts) work_on(&j, (uint32_t)seen);
     }
     return NULL;
 }
@@ -225,7 +243,7 @@ static int ensure_workers(int want) {
 
 static void matvec(const matvec_job *job_in) {
     matvec_job j = *job_in;
-    if (j.parts <= 1 || j.rows < 64) {
+    if (j.parts <= 1 || j.rows < 64 || j.rows > INT32_MAX) {
         j.fn(&j, 0, j.rows);
         return;
     }
@@ -233,15 +251,17 @@ static void matvec(const matvec_job *job_in) {
     int workers = ensure_workers(j.parts - 1);
     if (j.parts > workers + 1) j.parts = workers + 1;
     pool_job = j;
-    __atomic_store_n(&pool_pending, workers, __ATOMIC_SEQ_CST);
+    uint32_t gen = (uint32_t)(__atomic_load_n(&pool_generation, __ATOMIC_SEQ_CST) + 1);
+    __atomic_store_n(&pool_done, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool_claim, (uint64_t)gen << 32, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&pool_generation, 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&pool_sleepers, __ATOMIC_SEQ_CST) > 0) {
         pthread_mutex_lock(&pool_mu);
         pthread_cond_broadcast(&pool_start);
         pthread_mutex_unlock(&pool_mu);
     }
-    run_part(&j, 0);
-    while (__atomic_load_n(&pool_pending, __ATOMIC_SEQ_CST) > 0) cpu_relax();
+    work_on(&j, gen);
+    while (__atomic_load_n(&pool_done, __ATOMIC_SEQ_CST) < j.rows) cpu_relax();
     pthread_mutex_unlock(&call_mu);
 }
 
@@ -576,19 +596,39 @@ T4 static ALWAYS_INLINE void q4_k_block_v4(int mode, const uint8_t *b, const flo
     float dm[16] __attribute__((aligned(64)));
     __m512 dmv = k4_dm_v4(b, dm);
     const uint8_t *q = b + 16;
+    if (!mode) {
+        /* sum_i d*sc[i] * sum(q*x over sub-block i) - sum_i dmin*m[i] * sum(x over sub-block i): nibbles
+         * converted to fp32 (vcvtdq2ps spreads over more ports on Zen 4 than the vpermps tables do) */
+        const __m512i m15 = _mm512_set1_epi32(15);
+        acc[0] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(sx), acc[0]);
+#pragma GCC unroll 4
+        for (int jj = 0; jj < 4; jj++) {
+            __m512i b0 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj));
+            __m512i b1 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj + 16));
+            const float *xo = x + 64 * jj;
+            __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, m15)), _mm512_loadu_ps(xo));
+            u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b1, m15)), _mm512_loadu_ps(xo + 16), u);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), _mm512_loadu_ps(xo + 32));
+            v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), _mm512_loadu_ps(xo + 48), v);
+            int k = 2 * (jj & 1);
+            acc[k] = _mm512_fmadd_ps(u, _mm512_set1_ps(dm[2 * jj]), acc[k]);
+            acc[k + 1] = _mm512_fmadd_ps(v, _mm512_set1_ps(dm[2 * jj + 1]), acc[k + 1]);
+        }
+        return;
+    }
+    /* dequantization: per sub-block the 16 possible values d*sc*q - dmin*m, picked by the nibbles */
     const __m512 iota = IOTA16;
-    if (!mode) acc[0] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(sx), acc[0]); /* - sum_i dmin*m[i] * sum(x_i) */
 #pragma GCC unroll 4
     for (int jj = 0; jj < 4; jj++) {
-        __m512 tlo = mode ? k4_table(iota, dm[2 * jj], dm[8 + 2 * jj]) : k4_table0(iota, dm[2 * jj]);
-        __m512 thi = mode ? k4_table(iota, dm[2 * jj + 1], dm[9 + 2 * jj]) : k4_table0(iota, dm[2 * jj + 1]);
+        __m512 tlo = k4_table(iota, dm[2 * jj], dm[8 + 2 * jj]);
+        __m512 thi = k4_table(iota, dm[2 * jj + 1], dm[9 + 2 * jj]);
         __m512i b0 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj));
         __m512i b1 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj + 16));
         int o = 64 * jj;
-        emit4(mode, acc + 0, x + o, y + o, _mm512_permutexvar_ps(b0, tlo));
-        emit4(mode, acc + 1, x + o + 16, y + o + 16, _mm512_permutexvar_ps(b1, tlo));
-        emit4(mode, acc + 2, x + o + 32, y + o + 32, _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), thi));
-        emit4(mode, acc + 3, x + o + 48, y + o + 48, _mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), thi));
+        emit4(mode, acc, x, y + o, _mm512_permutexvar_ps(b0, tlo));
+        emit4(mode, acc, x, y + o + 16, _mm512_permutexvar_ps(b1, tlo));
+        emit4(mode, acc, x, y + o + 32, _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), thi));
+        emit4(mode, acc, x, y + o + 48, _mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), thi));
     }
 }
 

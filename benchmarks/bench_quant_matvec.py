@@ -1,0 +1,124 @@
+"""Single-row products straight from GGUF blocks (the decode step on a quantized model): quantized
+weight bytes streamed per second.
+
+Runs ``flashtier._native.q_matvec`` (runtime/quant_kernels.py) for each ggml type next to the bf16
+kernel (``bf16_matvec``, runtime/kernels.py), on 1 and 2 threads, on dense-1.7g-like shapes. Each
+case cycles through enough distinct matrices to exceed the CPU caches (so it measures memory
+streaming plus dequantization, not cache hits); median of ``--repeat`` rounds of ``--seconds``.
+GB/s counts the bytes of the weight as stored (e.g. 144 B per 256 weights for Q4_K), so types
+compare by how close they get to the memory bandwidth, and Gw/s (weights per second) compares
+their arithmetic. Results JSON: ``bench_out/quant_matvec.json``.
+
+    python -m flashtier.benchmarks.bench_quant_matvec [--types Q4_K,Q6_K] [--shapes 5632x2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+from flashtier.benchmarks.common import REPO, machine
+from flashtier.checkpoint.ggml_types import GGMLType, type_info
+
+SHAPES = "2048x2048,5632x2048,2048x5632,32000x2048"
+TYPES = "BF16,F16,F32,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0"
+CACHE_DEFEAT_BYTES = 96 << 20
+"""Distinct matrices per case: at least this many bytes in all (the L3 here is 32 MiB)."""
+
+
+def random_weight(t: GGMLType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Valid ``[rows, row_bytes]`` bytes of type ``t`` (random quants, finite f16 scales)."""
+    info = type_info(t)
+    if not info.quantized:
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
+        if t == GGMLType.F32:
+            return w.view(np.uint8)
+        if t == GGMLType.F16:
+            return w.astype(np.float16).view(np.uint8)
+        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    n = rows * cols // info.block_size
+    b = rng.integers(0, 256, (n, info.type_size), dtype=np.uint8)
+    scale = rng.uniform(1e-4, 1e-2, (n, 2)).astype(np.float16).view(np.uint8)  # [n, 4]: d (and dmin)
+    if t == GGMLType.Q6_K:
+        b[:, 208:210] = scale[:, :2]
+    elif t in (GGMLType.Q4_K, GGMLType.Q5_K):
+        b[:, 0:4] = scale
+    else:
+        b[:, 0:2] = scale[:, :2]
+    return b.reshape(rows, -1)
+
+
+def gb_per_s(fn: Callable[[np.ndarray], None], ws: list[np.ndarray], seconds: float) -> float:
+    for w in ws[:2]:
+        fn(w)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        for w in ws:
+            fn(w)
+            n += 1
+    return n * ws[0].nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", default=TYPES, help="comma-separated ggml type names (BF16 = the bf16_matvec kernel)")
+    ap.add_argument("--shapes", default=SHAPES, help="comma-separated ROWSxCOLS")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--seconds", type=float, default=0.5)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    from flashtier import _native  # the benchmark measures the C kernels; fails loudly without them
+
+    rng = np.random.default_rng(0)
+    types = [GGMLType[n.strip()] for n in a.types.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    threads_list = [int(t) for t in a.threads.split(",")]
+    res: dict = {"machine": machine(), "isa_level": _native.q_isa(), "seconds": a.seconds, "repeat": a.repeat,
+                 "gb_per_s": {}, "gweights_per_s": {}}
+    print(f"Machine: {res['machine']}; kernel level {res['isa_level']} (4 = AVX-512)", flush=True)
+    for rows, cols in shapes:
+        x = rng.standard_normal(cols, dtype=np.float32)
+        out = np.empty(rows, np.float32)
+        for t in types:
+            info = type_info(t)
+            nbytes = rows * info.row_bytes(cols)
+            ws = [random_weight(t, rows, cols, rng) for _ in range(max(1, -(-CACHE_DEFEAT_BYTES // nbytes)))]
+            for threads in threads_list:
+                if t == GGMLType.BF16:
+                    def fn(w: np.ndarray) -> None:
+                        _native.bf16_matvec(w, x, out, rows, cols, threads)
+                else:
+                    def fn(w: np.ndarray) -> None:
+                        _native.q_matvec(int(t), w, x, out, rows, cols, threads)
+                gbs = statistics.median(gb_per_s(fn, ws, a.seconds) for _ in range(a.repeat))
+                key = f"{t.name} {rows}x{cols} t{threads}"
+                res["gb_per_s"][key] = round(gbs, 1)
+                res["gweights_per_s"][key] = round(gbs * 1e9 / (nbytes / (rows * cols)) / 1e9, 1)
+                print(f"  {key}: {gbs:.1f} GB/s", flush=True)
+            del ws
+    lines = [f"Machine: {res['machine']}; one fp32 activation row; GB/s of weight bytes as stored "
+             f"(Gweights/s in brackets); BF16 = bf16_matvec, the others q_matvec.", "",
+             "| type | B/weight | shape | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads_list) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in threads_list) + " |"]
+    for t in types:
+        info = type_info(t)
+        for rows, cols in shapes:
+            cells = []
+            for threads in threads_list:
+                key = f"{t.name} {rows}x{cols} t{threads}"
+                cells.append(f"{res['gb_per_s'][key]} ({res['gweights_per_s'][key]})")
+            lines.append(f"| {t.name} | {info.type_size / info.block_size:.4g} | {rows}x{cols} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    out_dir = REPO / "bench_out"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "quant_matvec.json").write_text(json.dumps(res, indent=2))
+    print(table)
+    print(f"\n(results: {out_dir / 'quant_matvec.json'})")
+
+
+if __name__ == "__main__":
+    main()
