@@ -579,8 +579,6 @@ T4 static ALWAYS_INLINE __m512 k4_dm_v4(const uint8_t *b, float *dm) {
     return v;
 }
 
-/* table[q] = d1 * q for q = base .. base+15 (ggml's product; the min is applied per block via sums of x). */
-T4 static ALWAYS_INLINE __m512 k4_table0(__m512 q, float d1) { return _mm512_mul_ps(q, _mm512_set1_ps(d1)); }
 
 /* table[q] = d1 * q - m1 for q = base .. base+15, rounded as ggml does (product, then difference). */
 T4 static ALWAYS_INLINE __m512 k4_table(__m512 q, float d1, float m1) {
@@ -642,19 +640,42 @@ T4 static ALWAYS_INLINE void q5_k_block_v4(int mode, const uint8_t *b, const flo
     float dm[16] __attribute__((aligned(64)));
     __m512 dmv = k4_dm_v4(b, dm);
     const uint8_t *qh = b + 16, *q = b + 48;
-    if (!mode) acc[0] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(sx), acc[0]);
+    if (!mode) {
+        /* as Q4_K: 5-bit q = nibble | 16 where the sub-block's bit of qh is set (a masked OR),
+         * converted to fp32; the mins via the per-call sums of x */
+        const __m512i m15 = _mm512_set1_epi32(15), k16 = _mm512_set1_epi32(16);
+        const __m256i hq = _mm256_loadu_si256((const __m256i *)qh);
+        acc[0] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(sx), acc[0]);
+#pragma GCC unroll 4
+        for (int jj = 0; jj < 4; jj++) {
+            __mmask32 klo = _mm256_test_epi8_mask(hq, _mm256_set1_epi8((char)(1 << (2 * jj))));
+            __mmask32 khi = _mm256_test_epi8_mask(hq, _mm256_set1_epi8((char)(2 << (2 * jj))));
+            __m512i b0 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj));
+            __m512i b1 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj + 16));
+            __m512i l0 = _mm512_and_si512(b0, m15), l1 = _mm512_and_si512(b1, m15);
+            __m512i h0 = _mm512_srli_epi32(b0, 4), h1 = _mm512_srli_epi32(b1, 4);
+            l0 = _mm512_mask_or_epi32(l0, (__mmask16)klo, l0, k16);
+            l1 = _mm512_mask_or_epi32(l1, (__mmask16)(klo >> 16), l1, k16);
+            h0 = _mm512_mask_or_epi32(h0, (__mmask16)khi, h0, k16);
+            h1 = _mm512_mask_or_epi32(h1, (__mmask16)(khi >> 16), h1, k16);
+            const float *xo = x + 64 * jj;
+            __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(l0), _mm512_loadu_ps(xo));
+            u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l1), _mm512_loadu_ps(xo + 16), u);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(h0), _mm512_loadu_ps(xo + 32));
+            v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), _mm512_loadu_ps(xo + 48), v);
+            int k = 2 * (jj & 1);
+            acc[k] = _mm512_fmadd_ps(u, _mm512_set1_ps(dm[2 * jj]), acc[k]);
+            acc[k + 1] = _mm512_fmadd_ps(v, _mm512_set1_ps(dm[2 * jj + 1]), acc[k + 1]);
+        }
+        return;
+    }
     const __m512 iota = IOTA16, iota16 = _mm512_add_ps(IOTA16, _mm512_set1_ps(16.f));
     const __m512i h0 = _mm512_cvtepu8_epi32(ld128(qh)), h1 = _mm512_cvtepu8_epi32(ld128(qh + 16));
 #pragma GCC unroll 4
     for (int jj = 0; jj < 4; jj++) {
-        __m512 alo, blo, ahi, bhi;
-        if (mode) {
-            alo = k4_table(iota, dm[2 * jj], dm[8 + 2 * jj]), blo = k4_table(iota16, dm[2 * jj], dm[8 + 2 * jj]);
-            ahi = k4_table(iota, dm[2 * jj + 1], dm[9 + 2 * jj]), bhi = k4_table(iota16, dm[2 * jj + 1], dm[9 + 2 * jj]);
-        } else {
-            alo = k4_table0(iota, dm[2 * jj]), blo = k4_table0(iota16, dm[2 * jj]);
-            ahi = k4_table0(iota, dm[2 * jj + 1]), bhi = k4_table0(iota16, dm[2 * jj + 1]);
-        }
+        /* dequantization: the 32 possible values d*sc*q - dmin*m per sub-block, picked by q */
+        __m512 alo = k4_table(iota, dm[2 * jj], dm[8 + 2 * jj]), blo = k4_table(iota16, dm[2 * jj], dm[8 + 2 * jj]);
+        __m512 ahi = k4_table(iota, dm[2 * jj + 1], dm[9 + 2 * jj]), bhi = k4_table(iota16, dm[2 * jj + 1], dm[9 + 2 * jj]);
         __m512i b0 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj));
         __m512i b1 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj + 16));
         int o = 64 * jj;
