@@ -8,9 +8,14 @@
  *   row-major bf16 weight (raw 16-bit bits), fp32 x and fp32 out; single-token decode
  *   (runtime/kernels.py). Each bf16 is widened to fp32 exactly (a 16-bit shift); products are
  *   accumulated in fp32 in a vectorised order. Rows are split over a persistent pool of worker
- *   threads plus the caller (workers spin briefly between products, then sleep); the GIL is
- *   released. Compiled for AVX-512, AVX2+FMA and baseline
+ *   threads plus the caller (chunks of rows claimed from a shared counter; workers spin briefly
+ *   between products, then sleep); the GIL is released. Compiled for AVX-512, AVX2+FMA and baseline
  *   x86-64, chosen at load time (GCC target_clones).
+ *
+ * q_matvec(qtype, w, x, out, rows, cols, threads) / q_dequantize(qtype, w, out, rows, cols, threads):
+ *   the same product (and plain dequantization) straight from GGUF / ggml blocks of type qtype
+ *   (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) on the same pool; see the section below and
+ *   runtime/quant_kernels.py. q_isa() / q_set_isa(level) report / lower the kernel level.
  *
  * The module is optional: when it is not built, callers fall back to torch / numba.
  */
@@ -942,6 +947,10 @@ static PyObject *q_run(PyObject *args, int dequant) {
                      cols * 4, x.len);
         goto done;
     }
+    if (dequant && rows > 0 && cols > PY_SSIZE_T_MAX / 4 / rows) {
+        PyErr_Format(PyExc_ValueError, "%s: [%zd, %zd] is too large", fname, rows, cols);
+        goto done;
+    }
     Py_ssize_t out_len = dequant ? rows * cols * 4 : rows * 4;
     if (out.len != out_len) {
         if (dequant)
@@ -961,7 +970,12 @@ static PyObject *q_run(PyObject *args, int dequant) {
     matvec_job j = {q_pick(qtype, dequant), w.buf, dequant ? NULL : (const float *)x.buf, (float *)out.buf, NULL,
                     rows, cols, row_bytes, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads)};
     float *sums = NULL;
-    if (!dequant && q_isa_level >= 4 && (qtype == GT_Q4_K || qtype == GT_Q5_K) && rows > 0 && cols > 0) {
+#if Q_X86
+    int needs_sums = j.fn == q4_k_mv_v4 || j.fn == q5_k_mv_v4;
+#else
+    int needs_sums = 0;
+#endif
+    if (needs_sums && rows > 0 && cols > 0) {
         sums = (float *)PyMem_Malloc((size_t)cols / 16 * sizeof(float));
         if (sums == NULL) {
             PyErr_NoMemory();
