@@ -220,9 +220,11 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, file_type: str =
     def writer(name: str, shape: tuple[int, ...], gtype: GGMLType, load: Callable[[], np.ndarray]) -> TensorToWrite:
         def data() -> np.ndarray:
             w = np.ascontiguousarray(load(), dtype=np.float32)
-            return quantize(w.reshape(-1, shape[-1]), gtype)
+            return quantize(w.reshape(-1, shape[-1]), gtype)  # [rows, row_bytes] (experts stacked)
         return TensorToWrite(name, tuple(shape), gtype, data)
 
-    tensors = [writer(name, shape, choose_type(file_type, name, tuple(shape), layer, cfg.num_layers), load)
+    tied = ck.lm_head == EMBED
+    tensors = [writer(name, shape, choose_type(file_type, name, tuple(shape), layer, cfg.num_layers,
+                                               n_expert=cfg.num_experts, tied_embeddings=tied), load)
                for name, shape, layer, load in plan]
     return write_gguf(out, md, tensors, metadata_types=types, force=force, progress=progress)
