@@ -35,6 +35,7 @@ from flashtier.runtime.planner import (
     make_plan,
 )
 from flashtier.storage_backends.base import StorageBackend
+from flashtier.storage_backends.checksummed import ChecksummedBackend
 from flashtier.storage_backends.compressed import CompressedBackend
 from flashtier.storage_backends.compressed_layout import CompressedIndex, load_index
 from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFileConfig
@@ -104,10 +105,15 @@ class PagedWeights:
         if self.compressed_index is not None:
             self.backend = CompressedBackend(self.backend, self.compressed_index, owns_inner=True,
                                              **self._compressed_read_options())
+        # Files that record a crc32 per tensor (GGUF files flashtier wrote): every streamed tensor
+        # is checked on its first read, on the IO thread that read it.
+        checks = {(str(i.path), i.offset, i.nbytes): (i.crc32, f"tensor {n}") for n, i in checkpoint.tensors.items()
+                  if i.crc32 is not None and n in streamed}
         self.store = TieredStore(
             StoreConfig(host_budget=window if streamed else max(window, 4096),  # an idle store: one block
                         device_budget=0, host_policy=host_policy,
-                        storage_gb_per_s=bandwidths.disk / 1e9), self.backend)
+                        storage_gb_per_s=bandwidths.disk / 1e9),
+            ChecksummedBackend(self.backend, checks) if checks else self.backend)
         self._descs: dict[str, PageDesc] = {}
         for name in streamed:
             info = checkpoint.tensors[name]

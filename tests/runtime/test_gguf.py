@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashtier.errors import CheckpointError, UnsupportedModelError
+from flashtier.errors import CheckpointError, IntegrityError, UnsupportedModelError
 from flashtier.runtime import SamplingConfig
 from flashtier.runtime.engine import EngineConfig, Model
 
@@ -59,8 +59,9 @@ def test_greedy_tokens_equal_the_dequantized_network(case):
     kind, ftype, path, ref = case
     prompt = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
-                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=24, do_sample=False, min_new_tokens=24, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
     result = Model(path).generate(prompt, max_new_tokens=24, sampling=SamplingConfig(), ignore_eos=True)
     assert result.tokens == expected, (kind, ftype)
 
@@ -86,8 +87,9 @@ def test_greedy_tokens_equal_transformers_reading_the_gguf(tmp_path, ftype):
     ref = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     prompt = [3, 17, 99, 250, 7, 41, 8, 8, 120]
     with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
-                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=24, do_sample=False, min_new_tokens=24, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
     got = Model(path).generate(prompt, max_new_tokens=24, sampling=SamplingConfig(), ignore_eos=True).tokens
     assert got == expected
 
@@ -172,8 +174,12 @@ def test_flipped_weight_byte_is_caught_by_the_checksum(small_gguf, tmp_path):
     raw[t.offset + 100] ^= 0x40
     bad = tmp_path / "flip.gguf"
     bad.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="crc32"):
+    with pytest.raises(IntegrityError, match="crc32"):
         Model(bad).generate([1, 2, 3], max_new_tokens=2)
+    paged = Model(bad, EngineConfig(dram_budget=1 << 20, max_context=64))  # the tensor is streamed: checked on read
+    with pytest.raises(IntegrityError, match="ffn_up|up_proj"):
+        paged.generate([1, 2, 3], max_new_tokens=2)
+    paged.close()
 
 
 def test_unsupported_type_and_architecture_are_named(small_gguf, tmp_path):
@@ -227,5 +233,11 @@ def test_quantized_file_is_smaller_and_plan_counts_quantized_bytes(small_gguf):
     ck = GGUFCheckpoint(small_gguf)
     bf16_bytes = sum(int(np.prod(t.shape)) * 2 for t in ck.tensors.values())
     assert ck.total_bytes() < 0.6 * bf16_bytes  # Q8_0: 1.0625 bytes per weight (norms stay F32)
-    rc, _ = _cli("plan", str(small_gguf), "--dram-budget", "1M", "--json")
-    assert rc == 0
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "flashtier", "plan", str(small_gguf), "--dram-budget", "10M", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert "GGUF" in doc["source"]
