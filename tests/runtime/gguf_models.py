@@ -43,7 +43,31 @@ def make_hf(kind: str, out: Path, seed: int = 0):
             elif p.dim() == 2:
                 p.mul_(3.0)  # larger weights: logits far from uniform, so greedy tokens are not near ties
     model.save_pretrained(out)
+    write_tokenizer(out, COMMON["vocab_size"])
     return model
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` tokens (trained on a few lines of
+    code) with a chat template, so the GGUF carries a vocabulary llama.cpp accepts."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    text = ["def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+            "import os\nimport sys\n\nfor line in sys.stdin:\n    print(line.strip())\n"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}))
 
 
 def make_gguf(kind: str, folder: Path, file_type: str, seed: int = 0) -> tuple[Path, object]:
