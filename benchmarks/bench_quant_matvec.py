@@ -53,6 +53,28 @@ def random_weight(t: GGMLType, rows: int, cols: int, rng: np.random.Generator) -
     return b.reshape(rows, -1)
 
 
+def wait_idle(max_seconds: float, threshold: float = 0.9, window: float = 0.5) -> float:
+    """Wait (up to ``max_seconds``) until the CPUs are at least ``threshold`` idle over ``window``
+    seconds (Linux ``/proc/stat``), so that a round is not shared with other processes; returns
+    the last idle fraction seen (1.0 when not measurable)."""
+    def ticks() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:8]]
+
+    end, frac = time.perf_counter() + max_seconds, 1.0
+    while max_seconds > 0:
+        try:
+            a = ticks()
+            time.sleep(window)
+            d = [q - p for p, q in zip(a, ticks())]
+        except OSError:
+            return 1.0
+        frac = (d[3] + d[4]) / max(1, sum(d))
+        if frac >= threshold or time.perf_counter() >= end:
+            break
+    return frac
+
+
 def gb_per_s(fn: Callable[[np.ndarray], None], ws: list[np.ndarray], seconds: float) -> float:
     for w in ws[:2]:
         fn(w)
@@ -71,6 +93,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="before each round wait up to S seconds for idle CPUs (shared machines)")
     a = ap.parse_args()
     from flashtier import _native  # the benchmark measures the C kernels; fails loudly without them
 
@@ -95,7 +119,10 @@ def main() -> None:
                 else:
                     def fn(w: np.ndarray) -> None:
                         _native.q_matvec(int(t), w, x, out, rows, cols, threads)
-                runs = [gb_per_s(fn, ws, a.seconds) for _ in range(a.repeat)]
+                runs = []
+                for _ in range(a.repeat):
+                    wait_idle(a.wait_idle)
+                    runs.append(gb_per_s(fn, ws, a.seconds))
                 gbs = statistics.median(runs)
                 key = f"{t.name} {rows}x{cols} t{threads}"
                 res["gb_per_s"][key] = round(gbs, 1)

@@ -50,24 +50,34 @@ def _threads(threads: int | None) -> int:
     return max(1, int(threads) if threads is not None else torch.get_num_threads())
 
 
+_INFO: dict[int, TypeInfo] = {}
+
+
+def _info(qtype: int | GGMLType) -> TypeInfo:
+    """``type_info`` memoised per id (this runs once per decode product)."""
+    info = _INFO.get(qtype)
+    if info is None:
+        info = _INFO[qtype] = type_info(qtype)  # ValueError for unsupported / unknown types
+    return info
+
+
 def _as_uint8(blocks: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
-    """The weight bytes as a flat, contiguous uint8 numpy view (no copy for contiguous CPU input)."""
+    """The weight bytes as a contiguous uint8 numpy array (no copy for contiguous CPU input)."""
     if isinstance(blocks, torch.Tensor):
         if blocks.dtype != torch.uint8:
             raise ValueError(f"{what}: blocks must be a uint8 tensor of ggml block bytes, not {blocks.dtype}")
         if blocks.device.type != "cpu":
             raise ValueError(f"{what}: blocks must be on the CPU, not {blocks.device}")
-        arr = blocks.detach().contiguous().numpy()
-    else:
-        arr = np.ascontiguousarray(blocks)
-        if arr.dtype != np.uint8:
-            raise ValueError(f"{what}: blocks must be uint8 ggml block bytes, not {arr.dtype}")
-    return arr.reshape(-1)
+        return (blocks if blocks.is_contiguous() else blocks.contiguous()).numpy()
+    arr = np.ascontiguousarray(blocks)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{what}: blocks must be uint8 ggml block bytes, not {arr.dtype}")
+    return arr
 
 
 def _geometry(qtype: int | GGMLType, cols: int, nbytes: int, what: str) -> tuple[TypeInfo, int, int]:
     """(type info, rows, row_bytes) of ``nbytes`` of type-``qtype`` rows of ``cols`` weights."""
-    info = type_info(qtype)  # ValueError for unsupported / unknown types
+    info = _info(qtype)
     if cols <= 0:
         raise ValueError(f"{what}: cols must be positive, not {cols}")
     row_bytes = info.row_bytes(cols)  # ValueError unless cols is a multiple of the block size
@@ -78,15 +88,17 @@ def _geometry(qtype: int | GGMLType, cols: int, nbytes: int, what: str) -> tuple
 
 
 def qmatvec(qtype: int | GGMLType, blocks: torch.Tensor | np.ndarray, x: torch.Tensor, threads: int | None = None,
-            *, use_native: bool | None = None) -> torch.Tensor:
+            *, use_native: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = W @ x`` for a ggml-quantized weight ``W`` and one activation row.
 
     ``qtype``: the ggml type id of ``blocks``. ``blocks``: uint8, contiguous, ``[rows, row_bytes]``
     or flat ``[rows * row_bytes]`` (``row_bytes = cols // block_size * type_size``). ``x``: ``[cols]``
     or ``[1, cols]``, any float dtype (widened to fp32). ``threads``: kernel threads (None: torch's
     thread count). ``use_native``: None = the C kernel when built; False forces the numpy fallback;
-    True requires the C kernel. Returns fp32 ``[rows]``. ``ValueError`` for unsupported types,
-    mismatched sizes or a ``cols`` that is not a multiple of the type's block size.
+    True requires the C kernel. ``out``: optional fp32 contiguous CPU ``[rows]`` tensor to write
+    (saves an allocation per call). Returns fp32 ``[rows]`` (``out`` when given). ``ValueError``
+    for unsupported types, mismatched sizes or a ``cols`` that is not a multiple of the type's
+    block size.
     """
     if x.dim() == 2 and x.shape[0] == 1:
         x = x[0]
@@ -94,22 +106,30 @@ def qmatvec(qtype: int | GGMLType, blocks: torch.Tensor | np.ndarray, x: torch.T
         raise ValueError(f"qmatvec: x must be a float [cols] or [1, cols] tensor, not {x.dtype} {tuple(x.shape)}")
     cols = x.shape[0]
     w = _as_uint8(blocks, "qmatvec")
-    if isinstance(blocks, (torch.Tensor, np.ndarray)) and blocks.ndim == 2 and blocks.shape[1] != type_info(qtype).row_bytes(cols):
-        raise ValueError(f"qmatvec: blocks rows of {blocks.shape[1]} bytes do not hold {cols} {type_info(qtype).ggml_type.name} "
-                         f"weights ({type_info(qtype).row_bytes(cols)} bytes)")
     info, rows, row_bytes = _geometry(qtype, cols, w.size, "qmatvec")
-    xf = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()  # [cols] f32
-    out = np.empty(rows, np.float32)  # [rows]
-    if use_native is True and _native_matvec is None:
-        raise RuntimeError("qmatvec: the C extension flashtier._native is not built")
+    if w.ndim == 2 and w.shape[1] != row_bytes:
+        raise ValueError(f"qmatvec: blocks rows of {w.shape[1]} bytes do not hold {cols} {info.ggml_type.name} "
+                         f"weights ({row_bytes} bytes)")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        x = x.to(device="cpu", dtype=torch.float32).contiguous()
+    xf = (x.detach() if x.requires_grad else x).numpy()  # [cols] f32
+    if out is None:
+        out = torch.empty(rows, dtype=torch.float32)  # [rows]
+    elif (out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous()
+          or out.numel() != rows):
+        raise ValueError(f"qmatvec: out must be a contiguous fp32 CPU tensor of {rows} elements")
+    y = out.numpy()  # [rows], shares memory with out
     if _native_matvec is not None and use_native is not False:
-        _native_matvec(int(info.ggml_type), w, xf, out, rows, cols, _threads(threads))
+        _native_matvec(int(qtype), w, xf, y, rows, cols, _threads(threads))
+    elif use_native:
+        raise RuntimeError("qmatvec: the C extension flashtier._native is not built")
     else:
         wr = w.reshape(rows, row_bytes)
+        y = y.reshape(rows)
         for r0 in range(0, rows, FALLBACK_CHUNK_ROWS):
             chunk = dequantize_numpy(info.ggml_type, wr[r0:r0 + FALLBACK_CHUNK_ROWS], cols)  # [n, cols] f32
-            np.matmul(chunk, xf, out=out[r0:r0 + chunk.shape[0]])
-    return torch.from_numpy(out)
+            np.matmul(chunk, xf, out=y[r0:r0 + chunk.shape[0]])
+    return out
 
 
 def dequantize(qtype: int | GGMLType, blocks: torch.Tensor | np.ndarray, rows: int, cols: int,
@@ -123,7 +143,7 @@ def dequantize(qtype: int | GGMLType, blocks: torch.Tensor | np.ndarray, rows: i
     if n_rows != rows:
         raise ValueError(f"dequantize: {w.size} bytes hold {n_rows} {info.ggml_type.name} rows of {cols} weights, "
                          f"not {rows}")
-    if use_native is True and _native_dequantize is None:
+    if use_native and _native_dequantize is None:
         raise RuntimeError("dequantize: the C extension flashtier._native is not built")
     if _native_dequantize is not None and use_native is not False:
         out = np.empty((rows, cols), np.float32)  # [rows, cols]

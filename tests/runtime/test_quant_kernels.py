@@ -178,6 +178,11 @@ def test_input_forms(native: bool) -> None:
         assert torch.equal(qk.qmatvec(t, b, x, 1, use_native=native), ref)
     assert torch.equal(qk.qmatvec(int(t), torch.from_numpy(blocks), x.half(), use_native=native),
                        qk.qmatvec(t, torch.from_numpy(blocks), x.half().float(), use_native=native))
+    out = torch.full((rows,), float("nan"))
+    assert qk.qmatvec(t, torch.from_numpy(blocks), x, 1, use_native=native, out=out) is out
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="out must be"):
+        qk.qmatvec(t, torch.from_numpy(blocks), x, 1, use_native=native, out=torch.empty(rows + 1))
 
 
 # ---------------------------------------------------------------- argument errors
