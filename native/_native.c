@@ -745,7 +745,12 @@ T4 static ALWAYS_INLINE void q4_0_block_v4(int mode, const uint8_t *b, const flo
     emit4(mode, acc + 1, x + 16, y + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t));
 }
 
-/* Row loops: BLOCKS_PER_STEP blocks per step, 4 accumulators. */
+/* Weight bytes prefetched this far ahead, non-temporally: on Zen 4 this keeps the streamed weights
+ * from evicting x out of L1 (rows of 5632 weights: 7.7 -> 10.9 GB/s of Q4_K on one thread). */
+#define PF_AHEAD 2048
+#define PF_LINES(n) for (int pf_ = 0; pf_ < (n); pf_ += 64) _mm_prefetch((const char *)b + PF_AHEAD + pf_, _MM_HINT_NTA)
+
+/* Row loops: STEP blocks per step, 4 accumulators. */
 #define V4_ROWS(T, BS, TS, STEP)                                                                       \
     T4 static void T##_mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                      \
         const Py_ssize_t nb = j->cols / BS;                                                           \
@@ -756,11 +761,15 @@ T4 static ALWAYS_INLINE void q4_0_block_v4(int mode, const uint8_t *b, const flo
             Py_ssize_t ib = 0;                                                                        \
             if (STEP == 2) {                                                                          \
                 for (; ib + 2 <= nb; ib += 2, b += 2 * TS, x += 2 * BS) {                             \
+                    PF_LINES(2 * TS);                                                                 \
                     T##_block_v4(0, b, x, NULL, acc, NULL);                                           \
                     T##_block_v4(0, b + TS, x + BS, NULL, acc + 2, NULL);                             \
                 }                                                                                     \
             }                                                                                         \
-            for (; ib < nb; ib++, b += TS, x += BS) T##_block_v4(0, b, x, NULL, acc, j->aux + 16 * ib); \
+            for (; ib < nb; ib++, b += TS, x += BS) {                                                 \
+                PF_LINES(TS);                                                                         \
+                T##_block_v4(0, b, x, NULL, acc, j->aux ? j->aux + 16 * ib : NULL);                   \
+            }                                                                                         \
             j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))); \
         }                                                                                             \
     }                                                                                                 \
@@ -785,10 +794,11 @@ T4 static void f16_mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
         const float *x = j->x;
         __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         Py_ssize_t i = 0;
-        for (; i + 64 <= j->cols; i += 64)
+        for (; i + 64 <= j->cols; i += 64) {
             for (int u = 0; u < 4; u++)
                 a[u] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * (i + 16 * u)))),
                                        _mm512_loadu_ps(x + i + 16 * u), a[u]);
+        }
         for (; i + 16 <= j->cols; i += 16)
             a[0] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * i))), _mm512_loadu_ps(x + i), a[0]);
         float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
