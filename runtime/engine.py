@@ -336,6 +336,12 @@ class Model:
             "finish_reason": stats.finish_reason,
             "matvec_kernel": {"native": "native-bf16", "numba": "numba-bf16"}.get(self.linear.kernel, "torch"),
         }
+        if getattr(self.checkpoint, "is_gguf", False):
+            from flashtier.runtime.quant_kernels import native_available
+
+            d["weights_format"] = "gguf"
+            d["weight_types"] = self.checkpoint.type_counts()
+            d["quantized_matvec_kernel"] = "native" if native_available() else "numpy"
         d.update(stats.extra)
         for part in (self.weights, self.cache):
             report = getattr(part, "stats", None)

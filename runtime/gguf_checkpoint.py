@@ -296,6 +296,13 @@ class GGUFCheckpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def type_counts(self) -> dict[str, int]:
+        """Bytes per weight type (e.g. ``{"Q4_K": ..., "Q6_K": ..., "F32": ...}``)."""
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
+        return out
+
 
 def find_gguf(path: Path) -> Path | None:
     """The GGUF file ``path`` names: the file itself, or the one ``*.gguf`` of a folder without

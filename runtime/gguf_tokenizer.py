@@ -41,7 +41,7 @@ def gguf_tokenizer(g: GGUFFile) -> Tokenizer | None:
     md = g.metadata
     kind = md.get("tokenizer.ggml.model")
     tokens = md.get("tokenizer.ggml.tokens")
-    if kind is None or tokens is None or kind == "none":
+    if kind is None or tokens is None or kind == "none" or md.get("flashtier.placeholder_vocabulary"):
         return None
     tokens = list(tokens)
     types = [int(t) for t in md.get("tokenizer.ggml.token_type", [1] * len(tokens))]

@@ -92,7 +92,7 @@ def tokenizer_metadata(model_dir: Path, cfg: ModelConfig) -> tuple[dict[str, Any
     has none. Byte-level BPE tokenizers with GPT-2's pre-tokenizer are supported."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        return {}, {}
+        return placeholder_vocabulary(cfg), {}
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         model = doc["model"]
@@ -139,6 +139,27 @@ def tokenizer_metadata(model_dir: Path, cfg: ModelConfig) -> tuple[dict[str, Any
 
 
 TOKEN_UNUSED = 5
+PLACEHOLDER_KEY = "flashtier.placeholder_vocabulary"
+"""Set on files written from a checkpoint without a tokenizer: llama.cpp needs a vocabulary to
+load a file, so one of the right size is written, and flashtier treats the file as having no
+tokenizer (prompts are token ids)."""
+
+
+def placeholder_vocabulary(cfg: ModelConfig) -> dict[str, Any]:
+    """A SentencePiece-style vocabulary of ``cfg.vocab_size`` tokens that carries no meaning."""
+    n = cfg.vocab_size
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    tokens = (tokens + [f"\u2581t{i}" for i in range(max(0, n - len(tokens)))])[:n]
+    types = (types + [1] * max(0, n - len(types)))[:n]
+    md: dict[str, Any] = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+                          "tokenizer.ggml.scores": np.zeros(n, dtype="<f4"),
+                          "tokenizer.ggml.token_type": np.asarray(types, dtype="<i4"), PLACEHOLDER_KEY: True}
+    if cfg.bos_token_id is not None:
+        md["tokenizer.ggml.bos_token_id"] = cfg.bos_token_id
+    if cfg.eos_token_ids:
+        md["tokenizer.ggml.eos_token_id"] = cfg.eos_token_ids[0]
+    return md
 
 
 def _plan_tensors(ck: Checkpoint, file_type: str) -> list[tuple[str, tuple[int, ...], int, Callable[[], np.ndarray]]]:
