@@ -130,14 +130,24 @@ class _Part:
 
 @dataclass
 class _LayerCache:
-    """One MoE layer's expert cache: a store of ``slots`` experts and each expert's page ids."""
+    """One MoE layer's expert cache: ``slots`` experts and each expert's page ids.
 
-    store: TieredStore
+    One store per extent index (an expert's gate, up and down extents when they are separate, as
+    in unconverted folders and GGUF files), each budgeted ``slots`` times that extent's largest
+    block in the layer: within one store every page has the same size, so a freed block always
+    fits the next page (a single store fragments when the extents differ in size, e.g. Q4_K gate
+    and up with a Q6_K down in a Q4_K_M file, and then cannot take an expert its budget holds)."""
+
+    stores: list[TieredStore]
     slots: int
     pages: dict[int, list[tuple[int, int, int]]]
     """expert -> page ids ``(layer, expert, extent index)``."""
     page_bytes: dict[int, int]
     """expert -> bytes read to bring it in."""
+
+    def store(self, pid: tuple[int, int, int]) -> TieredStore:
+        """The store holding page ``pid`` = ``(layer, expert, extent index)``."""
+        return self.stores[pid[2]]
 
 
 @dataclass
@@ -236,27 +246,29 @@ class ExpertWeights(PagedWeights):
 
     def _layer_cache(self, layer: int, slots: int, bandwidths: Bandwidths) -> _LayerCache:
         device_slots = min(self.expert_config.device_slots, slots)
-        store = TieredStore(StoreConfig(host_budget=slots * self.slot_bytes,
-                                        device_budget=device_slots * self.slot_bytes,
-                                        host_policy=self.expert_config.policy,
-                                        device_policy=self.expert_config.policy,
-                                        device=self.compute_device,
-                                        storage_gb_per_s=bandwidths.disk / 1e9), self._io)
+        mine = {e: extents for (lay, e), extents in self.layout.experts.items() if lay == layer}
+        n_ext = max(len(x) for x in mine.values())
+        block = [max(_block_bytes(x[k].offset, x[k].length) for x in mine.values() if len(x) > k) for k in range(n_ext)]
+        stores = [TieredStore(StoreConfig(host_budget=slots * block[k],
+                                          device_budget=device_slots * block[k],
+                                          host_policy=self.expert_config.policy,
+                                          device_policy=self.expert_config.policy,
+                                          device=self.compute_device,
+                                          storage_gb_per_s=bandwidths.disk / 1e9), self._io)
+                  for k in range(n_ext)]
         pages: dict[int, list[tuple[int, int, int]]] = {}
         page_bytes: dict[int, int] = {}
-        for (lay, e), extents in self.layout.experts.items():
-            if lay != layer:
-                continue
+        for e, extents in mine.items():
             pages[e] = []
             page_bytes[e] = sum(x.length for x in extents)
             for k, ext in enumerate(extents):
                 pid = (layer, e, k)
-                store.register(PageDesc(pid, PageSource(ext.path, ext.offset, ext.length)))
+                stores[k].register(PageDesc(pid, PageSource(ext.path, ext.offset, ext.length)))
                 pages[e].append(pid)
                 for part in ext.parts:
                     info = part.info
                     self._parts[info.name] = _Part(layer, e, k, part.offset, info.nbytes, info)
-        return _LayerCache(store, slots, pages, page_bytes)
+        return _LayerCache(stores, slots, pages, page_bytes)
 
     def _compressed_read_options(self) -> dict[str, int]:
         """A missed expert is read while its layer waits: one read per 4 MiB record, 8 at a time,
@@ -360,10 +372,11 @@ class ExpertWeights(PagedWeights):
             self._release_expert(*key)
         super().step_end()
         for cache in self._caches.values():
-            cache.store.tick()
+            for store in cache.stores:
+                store.tick()
         if self._tokens == 1 and self._step_start is not None:
             wall = time.perf_counter() - self._step_start
-            read = sum(c.store.stats().tiers["storage"].bytes_read for c in self._caches.values())
+            read = sum(s.stats().tiers["storage"].bytes_read for c in self._caches.values() for s in c.stores)
             busy = (read - self._bytes_at_step) / self.disk_bytes_per_s
             self.gate.observe_step((wall - self._blocked_s) / len(self._caches), busy / wall if wall > 0 else 0.0)
             self._bytes_at_step = read
@@ -393,14 +406,13 @@ class ExpertWeights(PagedWeights):
 
     def _cancel(self, cache: _LayerCache, e: int) -> None:
         for pid in cache.pages[e]:
-            cache.store.cancel_prefetch(pid)
+            cache.store(pid).cancel_prefetch(pid)
 
     def _is_ready(self, cache: _LayerCache, e: int) -> bool:
-        return all(_ready(cache.store, pid) for pid in cache.pages[e])
+        return all(_ready(cache.store(pid), pid) for pid in cache.pages[e])
 
     def _acquire_expert(self, layer: int, e: int) -> list[torch.Tensor]:
         cache = self._caches[layer]
-        store = cache.store
         st = self._step(layer)
         ready = (e in st.ready_at_route) if st.ready_at_route is not None else self._is_ready(cache, e)
         if self._tokens == 1:
@@ -417,10 +429,10 @@ class ExpertWeights(PagedWeights):
         start = time.perf_counter()
         try:
             for pid in cache.pages[e]:
-                held.append(store.acquire(pid))
+                held.append(cache.store(pid).acquire(pid))
         except BaseException:
             for pid in cache.pages[e][: len(held)]:
-                store.release(pid)
+                cache.store(pid).release(pid)
             raise
         self._blocked_s += time.perf_counter() - start
         self._held[(layer, e)] = held
@@ -432,7 +444,7 @@ class ExpertWeights(PagedWeights):
             return
         cache = self._caches[layer]
         for pid in cache.pages[e]:
-            cache.store.release(pid)
+            cache.store(pid).release(pid)
 
     def _read_pending(self, layer: int) -> None:
         """Start the reads of the experts ``layer`` routed to and does not hold yet, in the order
@@ -449,7 +461,7 @@ class ExpertWeights(PagedWeights):
     def _start(self, cache: _LayerCache, e: int, priority: int) -> bool:
         """Prefetch expert ``e``'s pages (IO ``priority``: lower first); False when the layer's
         cache has no room for them now."""
-        return all(cache.store.prefetch(pid, priority=priority) is not None for pid in cache.pages[e])
+        return all(cache.store(pid).prefetch(pid, priority=priority) is not None for pid in cache.pages[e])
 
     def _predict(self, layer: int, source: str, guess: list[int]) -> None:
         """Record ``source``'s guess for ``layer`` and, if it is the predictor in charge of that
@@ -485,8 +497,7 @@ class ExpertWeights(PagedWeights):
         s = super().stats()
         expert_bytes = 0
         wait = 0.0
-        for cache in self._caches.values():
-            st = cache.store.stats()
+        for st in (s2.stats() for cache in self._caches.values() for s2 in cache.stores):
             expert_bytes += st.tiers["storage"].bytes_read
             wait += st.wait_s
             s["host_hits"] += st.tiers["host"].hits  # the expert caches are host-tier stores too
@@ -530,7 +541,8 @@ class ExpertWeights(PagedWeights):
         for key in list(self._held):
             self._release_expert(*key)
         for cache in self._caches.values():
-            cache.store.close()
+            for store in cache.stores:
+                store.close()
         super().close()
 
 

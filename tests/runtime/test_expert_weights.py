@@ -171,7 +171,7 @@ def test_bad_options_are_refused():
 def test_stand_in_device_tier_gives_the_same_tokens(moe):
     path, expected = moe
     with paged(path, expert_slots=2, expert_device_slots=1) as llm:
-        assert llm.weights._caches[next(iter(llm.weights._caches))].store.compute_tier == "device"
+        assert all(s.compute_tier == "device" for s in llm.weights._caches[next(iter(llm.weights._caches))].stores)
         assert llm.generate(PROMPT, max_new_tokens=NEW, ignore_eos=True).tokens == expected
 
 
@@ -194,8 +194,9 @@ def test_failed_pass_leaves_the_caches_usable(moe):
         w._acquire_expert = real
         assert llm.generate(PROMPT, max_new_tokens=NEW, ignore_eos=True).tokens == expected
         for cache in w._caches.values():
-            cache.store.check_invariants()
-            assert all(cache.store.location(p).pins == 0 for ps in cache.pages.values() for p in ps)
+            for store in cache.stores:
+                store.check_invariants()
+            assert all(cache.store(p).location(p).pins == 0 for ps in cache.pages.values() for p in ps)
 
 
 def test_plan_gives_the_expert_cache_what_the_budget_leaves():

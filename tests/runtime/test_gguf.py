@@ -77,6 +77,25 @@ def test_paged_and_in_memory_runs_give_the_same_tokens(case):
     paged.close()
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_expert_caches_hold_extents_of_different_sizes(tmp_path, slots):
+    """Q4_K_M stores some layers' ffn_down as Q6_K (larger than the Q4_K gate and up): with one
+    or two expert slots per layer the cache must still take every routed expert (a single pool
+    per layer fragmented and refused one) and give the in-memory tokens."""
+    path, _ = gm.make_gguf("mixtral", tmp_path, "q4_k_m")
+    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint
+
+    types = {t.dtype for n, t in GGUFCheckpoint(path).tensors.items() if "experts" in n}
+    assert {"Q4_K", "Q6_K"} <= types, types  # the case this test is about
+    prompt = list(range(5, 25))
+    alone = Model(path).generate(prompt, max_new_tokens=16, sampling=SamplingConfig(), ignore_eos=True).tokens
+    with Model(path, EngineConfig(dram_budget=1 << 20, max_context=64, extra={"expert_slots": slots})) as llm:
+        got = llm.generate(prompt, max_new_tokens=16, sampling=SamplingConfig(), ignore_eos=True)
+        caches = llm.weights._caches
+        assert all(len(c.stores) == 3 for c in caches.values())
+    assert got.tokens == alone
+
+
 @pytest.mark.parametrize("ftype", ["q8_0", "q4_k_m"])
 def test_greedy_tokens_equal_transformers_reading_the_gguf(tmp_path, ftype):
     """The issue's reference: transformers' own GGUF loader (it undoes llama.cpp's q/k permutation
