@@ -34,6 +34,9 @@ MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 CRC_KEY = "flashtier.tensor_crc32"
 """Metadata key of the per-tensor crc32 list (tensor-info order) that flashtier writes."""
+SLICE_CRC_KEY = "flashtier.slice_crc32"
+"""Metadata key of the crc32 of each ``[rows, cols]`` slice of every 3-D tensor (stacked experts),
+in tensor-info order: paging reads one expert's slice, which the whole-tensor crc cannot check."""
 CRC_LAYOUT_KEY = "flashtier.tensor_crc32_layout"
 """crc32 of the tensor infos (names, shapes, types, offsets) the crc list belongs to. Tools that
 rewrite a file and copy its metadata (llama.cpp's quantizer does) leave a stale crc list behind;
@@ -82,6 +85,8 @@ class GGUFTensor:
     offset: int
     nbytes: int
     crc32: int | None = None
+    slice_crc32: tuple[int, ...] | None = None
+    """For a 3-D tensor written by flashtier: the crc32 of each ``shape[1:]`` slice."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,11 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         crcs = None  # rewritten by another tool: the list describes other bytes
     if crcs is not None and len(crcs) != len(infos):
         raise CheckpointError(f"{path}: {CRC_KEY} has {len(crcs)} entries for {len(infos)} tensors; the file is corrupt")
+    slice_crcs = metadata.get(SLICE_CRC_KEY) if crcs is not None else None
+    n_slices = sum(sh[0] for _, sh, _, _ in infos if len(sh) == 3)
+    if slice_crcs is not None and len(slice_crcs) != n_slices:
+        raise CheckpointError(f"{path}: {SLICE_CRC_KEY} has {len(slice_crcs)} entries for {n_slices} slices; the file is corrupt")
+    slice_pos = 0
     tensors: dict[str, GGUFTensor] = {}
     unsupported: dict[str, str] = {}
     spans: list[tuple[int, int, str]] = []
@@ -237,8 +247,13 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
                 f"{path}: tensor {name!r} ends at byte {start + nbytes} but the file has {size} bytes; "
                 "the GGUF file is truncated (download it again)")
         spans.append((start, start + nbytes, name))
+        slices = None
+        if len(shape) == 3:
+            if slice_crcs is not None:
+                slices = tuple(int(c) for c in slice_crcs[slice_pos: slice_pos + shape[0]])
+            slice_pos += shape[0]
         tensors[name] = GGUFTensor(name, shape, info.ggml_type, path, start, nbytes,
-                                   int(crcs[i]) if crcs is not None else None)
+                                   int(crcs[i]) if crcs is not None else None, slices)
     spans.sort()
     for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
         if s1 < e0:
@@ -312,6 +327,9 @@ def write_gguf(out: str | os.PathLike[str], metadata: dict[str, Any], tensors: I
     meta[CRC_LAYOUT_KEY] = _layout_crc([(t.name, tuple(t.shape), int(t.ggml_type), off) for t, off in zip(tensors, offsets)])
     # Placeholder crc list of the right size: the header's length must not change when it is filled.
     meta[CRC_KEY] = np.zeros(len(tensors), dtype="<u4")
+    n_slices = sum(t.shape[0] for t in tensors if len(t.shape) == 3)
+    if n_slices:
+        meta[SLICE_CRC_KEY] = np.zeros(n_slices, dtype="<u4")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
     def header() -> bytes:
@@ -331,17 +349,23 @@ def write_gguf(out: str | os.PathLike[str], metadata: dict[str, Any], tensors: I
             head = header()
             f.write(head)
             crcs = np.zeros(len(tensors), dtype="<u4")
+            slice_crcs: list[int] = []
             for i, (t, n) in enumerate(zip(tensors, sizes)):
                 data = t.data()
                 raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
                 if len(raw) != n:
                     raise CheckpointError(f"tensor {t.name!r}: {len(raw)} bytes for a {t.ggml_type.name} {list(t.shape)} tensor of {n} bytes")
                 crcs[i] = zlib.crc32(raw)
+                if len(t.shape) == 3:
+                    step = n // t.shape[0]
+                    slice_crcs += [zlib.crc32(raw[k * step:(k + 1) * step]) for k in range(t.shape[0])]
                 f.write(raw)
                 f.write(b"\0" * (-n % alignment))
                 if progress is not None:
                     progress(i + 1, len(tensors))
             meta[CRC_KEY] = crcs
+            if n_slices:
+                meta[SLICE_CRC_KEY] = np.asarray(slice_crcs, dtype="<u4")
             f.seek(0)
             head2 = header()
             assert len(head2) == len(head)

@@ -221,7 +221,7 @@ class ExpertWeights(PagedWeights):
             raise BudgetError(f"{experts.slots} experts per layer need {self.expert_cache_bytes} bytes of expert cache, "
                               f"the budget leaves {self.plan.expert_cache_bytes}; ask for fewer slots or raise --dram-budget")
         self._io: StorageBackend = self.backend
-        if self.layout.kind == "converted" and experts.verify != "off":
+        if self.layout.checksums() and experts.verify != "off":
             self._io = ChecksummedBackend(self.backend, self.layout.checksums(), always=experts.verify == "always")
         self._caches: dict[int, _LayerCache] = {}
         self._parts: dict[str, _Part] = {}

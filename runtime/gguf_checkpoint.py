@@ -164,8 +164,11 @@ def _read_plain(t: GGUFTensor) -> torch.Tensor:
 
 def _info(hf_name: str, t: GGUFTensor, offset: int, nbytes: int, shape: tuple[int, ...]) -> TensorInfo:
     plain = PLAIN.get(t.ggml_type)
+    crc = t.crc32 if (offset, nbytes) == (t.offset, t.nbytes) else None
+    if crc is None and t.slice_crc32 and nbytes * len(t.slice_crc32) == t.nbytes and (offset - t.offset) % nbytes == 0:
+        crc = t.slice_crc32[(offset - t.offset) // nbytes]  # one expert of a stacked tensor
     return TensorInfo(hf_name, plain or t.ggml_type.name, tuple(shape), t.path, offset, nbytes,
-                      None if plain else int(t.ggml_type), t.crc32 if (offset, nbytes) == (t.offset, t.nbytes) else None)
+                      None if plain else int(t.ggml_type), crc)
 
 
 def hf_tensor_map(g: GGUFFile, cfg: ModelConfig) -> dict[str, TensorInfo]:

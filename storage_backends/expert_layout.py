@@ -127,7 +127,8 @@ def _original_layout(checkpoint: Checkpoint) -> ExpertLayout:
         # parts in (gate, up, down) order inside the extent they belong to
         experts[key] = tuple(
             ExpertExtent(str(run[0].path), run[0].offset, sum(t.nbytes for t in run),
-                         tuple(ExtentPart(t.offset - run[0].offset, t) for t in run))
+                         tuple(ExtentPart(t.offset - run[0].offset, t) for t in run),
+                         run[0].crc32 if len(run) == 1 else None)  # a GGUF expert slice's crc32
             for run in runs)
     return ExpertLayout("original", experts)
 

@@ -201,6 +201,27 @@ def test_flipped_weight_byte_is_caught_by_the_checksum(small_gguf, tmp_path):
     paged.close()
 
 
+def test_flipped_expert_byte_is_caught_in_memory_and_when_paged(tmp_path):
+    """Paging reads one expert's slice of a stacked ``ffn_*_exps`` tensor: flashtier's files carry
+    a crc32 per slice, so a flipped bit in an expert is caught on that read too."""
+    from flashtier.checkpoint.gguf_format import read_gguf
+
+    path, _ = gm.make_gguf("mixtral", tmp_path, "q8_0")
+    t = read_gguf(path).tensors["blk.1.ffn_down_exps.weight"]
+    assert t.slice_crc32 is not None and len(t.slice_crc32) == t.shape[0]
+    raw = bytearray(path.read_bytes())
+    raw[t.offset + 2 * (t.nbytes // t.shape[0]) + 7] ^= 0x40  # expert 2
+    bad = tmp_path / "flip.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="crc32"):
+        Model(bad)
+    paged = Model(bad, EngineConfig(dram_budget=1 << 20, max_context=64, extra={"expert_slots": 1}))
+    with pytest.raises(IntegrityError, match="expert 2 of layer 1"):
+        for _ in range(4):  # until a token routes to expert 2 of layer 1
+            paged.generate(list(range(1, 50)), max_new_tokens=8, sampling=SamplingConfig(), ignore_eos=True)
+    paged.close()
+
+
 def test_unsupported_type_and_architecture_are_named(small_gguf, tmp_path):
     from flashtier.checkpoint.gguf_format import read_gguf
 
