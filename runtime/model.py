@@ -180,6 +180,27 @@ class Transformer:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w.to(x.dtype)
         self.trace.chosen[i] = top_i
+        if x.shape[0] == 1:  # decode: the same products and sums as below, without the index ops
+            ids = top_i[0].tolist()
+            experts = sorted(set(ids))
+            w.route(i, experts, x)
+            acc: torch.Tensor | None = None
+            for e in experts:
+                names = n.expert(e)
+                y = self._expert(x, names) * top_w[0, ids.index(e)]  # [1, H]
+                w.done(names)
+                acc = y if acc is None else acc + y
+            out = acc
+        else:
+            out = self._routed(i, n, x, top_i, top_w)
+        if n.shared_gate:
+            shared = self._mlp(x, n.shared_gate, n.shared_up, n.shared_down)
+            out = out + torch.sigmoid(self.linear(x, w.get(n.shared_expert_gate))) * shared
+        return out
+
+    def _routed(self, i: int, n: LayerNames, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """Several rows: each routed expert runs once over the rows routed to it."""
+        w = self.weights
         out = torch.zeros_like(x)
         experts = torch.unique(top_i).tolist()
         w.route(i, experts, x)  # the accessor may start reading every routed expert now
@@ -189,7 +210,4 @@ class Transformer:
             y = self._expert(x[rows], names) * top_w[rows, slot, None]
             w.done(names)
             out.index_add_(0, rows, y)
-        if n.shared_gate:
-            shared = self._mlp(x, n.shared_gate, n.shared_up, n.shared_down)
-            out = out + torch.sigmoid(self.linear(x, w.get(n.shared_expert_gate))) * shared
         return out
