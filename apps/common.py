@@ -159,3 +159,14 @@ def progress(label: str) -> Any:
         sys.stderr.flush()
 
     return cb
+
+
+def refuse_gguf(path: str, command: str, why: str) -> None:
+    """CheckpointError when ``path`` is a GGUF file (or a folder holding one and no config.json):
+    ``command`` works on Hugging Face safetensors folders only, for the reason ``why``."""
+    p = Path(path)
+    is_gguf = p.suffix.lower() == ".gguf" or (p.is_dir() and not (p / "config.json").exists()
+                                              and any(p.glob("*.gguf")))
+    if is_gguf:
+        raise CheckpointError(f"{path}: flashtier {command} works on Hugging Face safetensors folders, not GGUF files "
+                              f"({why})")

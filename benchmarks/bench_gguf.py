@@ -34,7 +34,7 @@ SCENARIOS: dict[str, dict] = {
                   "arch": "llama", "cap": "1G", "budget": "650M", "tokens": 8},
     "moe": {"preset": "moe-1.3g", "cap": "700M", "budget": "420M", "tokens": 32},
     "moe-big": {"config": {"architectures": ["MixtralForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 16,
-                           "intermediate_size": 4096, "num_attention_heads": 16, "num_key_value_heads": 8,
+                           "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 8,
                            "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
                            "max_position_embeddings": 4096},
                 "arch": "mixtral", "cap": "1G", "budget": "650M", "tokens": 16},

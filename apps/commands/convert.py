@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from flashtier.apps.common import progress
+from flashtier.apps.common import progress, refuse_gguf
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_gguf(args.model_dir, "convert", "a GGUF file's experts are already stacked per tensor and read in place; "
+                "--bundle needs a safetensors ReLU model")
     if args.bundle:
         from flashtier.storage_backends.bundles import convert_bundled
 

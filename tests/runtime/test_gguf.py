@@ -145,6 +145,37 @@ def test_shipped_model_as_q8_0_writes_the_same_code(tiny_moe_q8):
     assert q8.tokens[:4] == bf16.tokens[:4]
 
 
+def test_server_answers_from_a_gguf_as_the_library_does(tiny_moe_q8):
+    """``flashtier serve FILE.gguf``: the OpenAI endpoint's greedy answer equals the library's."""
+    from fastapi.testclient import TestClient
+
+    from flashtier.apps.server import ServerConfig, create_app
+    from flashtier.runtime import open_model
+
+    _, path = tiny_moe_q8
+    messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    with open_model(path) as llm:
+        expected = llm.generate(messages=messages, max_new_tokens=12, sampling=SamplingConfig()).text
+    app = create_app(lambda: open_model(path), ServerConfig("tiny-moe-q8_0"))
+    with TestClient(app) as client:
+        for _ in range(100):
+            if client.get("/health").status_code == 200:
+                break
+            import time
+
+            time.sleep(0.1)
+        r = client.post("/v1/chat/completions", json={"model": "tiny-moe-q8_0", "messages": messages,
+                                                      "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_compress_and_convert_refuse_gguf_with_one_line(small_gguf):
+    for cmd, out in (("compress", []), ("convert", [str(small_gguf.parent / "out")])):
+        rc, err = _cli(cmd, str(small_gguf), *out)
+        assert rc == 1 and "not GGUF files" in err and "Traceback" not in err, (cmd, err)
+
+
 # ------------------------------------------------------------------------- bad files
 def _cli(*args: str) -> tuple[int, str]:
     import subprocess
