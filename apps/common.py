@@ -48,6 +48,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="flashtier's bf16 kernel for single-token products (2x torch's): the C extension's when "
                         "built, else numba's (~120 MiB of RSS). auto (default): the C kernel always; numba only "
                         "without --dram-budget. off: torch's")
+    g.add_argument("--activations", default=None, choices=["f32", "q8"],
+                   help="GGUF decode products: f32 (default) multiplies the exact activations; q8 quantizes them "
+                        "to int8 per 32 values as llama.cpp does (faster with AVX-512 VNNI; an approximation)")
     g.add_argument("--compressed", default=None, choices=["auto", "on", "off"],
                    help="with --dram-budget, stream weights from the lossless compressed copy written by "
                         "`flashtier compress` (~0.67x the bytes from storage, same outputs). auto (default): when it exists")
@@ -132,7 +135,7 @@ def attention_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads", "device",
+    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads", "device", "activations",
                 "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate", "expert_verify",
                 "compressed"):
         value = getattr(args, key, None)

@@ -130,7 +130,8 @@ class Linear:
     object holds no weights; it is safe to share between passes of one model (not between
     threads running different models concurrently with different thread counts)."""
 
-    def __init__(self, fast: bool = True, threads: int | None = None, kernel: str | None = None) -> None:
+    def __init__(self, fast: bool = True, threads: int | None = None, kernel: str | None = None,
+                 activations: str = "f32") -> None:
         if kernel is not None and kernel not in KERNELS:
             raise ValueError(f"matvec kernel {kernel!r} is unknown; choose one of {', '.join(KERNELS)}")
         if not fast or kernel == "torch":
@@ -151,6 +152,8 @@ class Linear:
         self.calls_fast = 0
         self.calls_torch = 0
         self.calls_quantized = 0
+        self.activations = activations
+        """'f32' (exact) or 'q8' (int8 activations) for one-row products with quantized weights."""
 
     @property
     def fast(self) -> bool:
@@ -161,7 +164,7 @@ class Linear:
         -> ``[T, N]`` in ``x.dtype``."""
         if isinstance(w, QuantizedTensor):
             self.calls_quantized += 1
-            return quantized_linear(x, w, b, self._native_threads)
+            return quantized_linear(x, w, b, self._native_threads, self.activations)
         kernel = self._kernel
         if (self.kernel == "torch" or x.shape[0] != 1 or w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
                 or w.device.type != "cpu" or not w.is_contiguous() or x.requires_grad):

@@ -77,15 +77,30 @@ class QuantizedTensor:
 
 
 def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None = None,
-                     threads: int | None = None) -> torch.Tensor:
-    """``x @ W.T (+ b)`` for ``x`` ``[T, K]`` and a quantized ``W`` ``[N, K]`` -> ``[T, N]`` in ``x.dtype``."""
-    from flashtier.runtime.quant_kernels import qmatvec
+                     threads: int | None = None, activations: str = "f32") -> torch.Tensor:
+    """``x @ W.T (+ b)`` for ``x`` ``[T, K]`` and a quantized ``W`` ``[N, K]`` -> ``[T, N]`` in ``x.dtype``.
+
+    ``activations``: for one row (decode), 'f32' is exact, 'q8' quantizes the row to int8 per 32
+    values (an approximation, see :func:`~flashtier.runtime.quant_kernels.qmatvec`). Several rows
+    (prefill) are always exact."""
+    from flashtier.runtime import quant_kernels as qk
 
     rows, cols = w.shape
     if x.shape[-1] != cols:
         raise ValueError(f"activation of width {x.shape[-1]} times a weight of shape {list(w.shape)}")
     if x.shape[0] == 1:
-        y = qmatvec(int(w.qtype), w.data, x[0].float().contiguous(), threads).unsqueeze(0)  # [1, N] fp32
+        xr = x[0]
+        if xr.dtype != torch.float32 or not xr.is_contiguous():
+            xr = xr.float().contiguous()  # [K]
+        native = qk._native_matvec
+        if native is not None and w.data.is_contiguous() and w.data.device.type == "cpu" and not xr.requires_grad:
+            # the lean call: QuantizedTensor checked its geometry when it was made (decode makes
+            # ~80 of these per token; qmatvec's argument checks cost ~20 us each)
+            y = torch.empty(1, rows, dtype=torch.float32)  # [1, N]
+            args = (int(w.qtype), w.data.numpy(), xr.numpy(), y.numpy(), rows, cols, threads or torch.get_num_threads())
+            native(*args, 1) if activations == "q8" else native(*args)
+        else:
+            y = qk.qmatvec(int(w.qtype), w.data, xr, threads, activations=activations).unsqueeze(0)  # [1, N] fp32
     else:
         xf = x.float()
         step = max(1, TILE_BYTES // (4 * cols))
