@@ -12,10 +12,12 @@
  *   between products, then sleep); the GIL is released. Compiled for AVX-512, AVX2+FMA and baseline
  *   x86-64, chosen at load time (GCC target_clones).
  *
- * q_matvec(qtype, w, x, out, rows, cols, threads) / q_dequantize(qtype, w, out, rows, cols, threads):
+ * q_matvec(qtype, w, x, out, rows, cols, threads[, act]) / q_dequantize(qtype, w, out, rows, cols, threads):
  *   the same product (and plain dequantization) straight from GGUF / ggml blocks of type qtype
  *   (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) on the same pool; see the section below and
- *   runtime/quant_kernels.py. q_isa() / q_set_isa(level) report / lower the kernel level.
+ *   runtime/quant_kernels.py. act=1: the opt-in int8-activation approximation (x quantized per 32
+ *   values, integer dot products; "int8 activations" below). q_isa() / q_set_isa(level) report /
+ *   lower the kernel level; q_vnni() says whether act=1 runs the AVX-512 VNNI kernels.
  *
  * The module is optional: when it is not built, callers fall back to torch / numba.
  */
@@ -25,6 +27,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
+#include <float.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -142,6 +146,7 @@ struct matvec_job {
     const float *aux;     /* Q4_K / Q5_K products: per 256-block [0 x 8, sum(x) of its 8 sub-blocks] */
     Py_ssize_t rows, cols, row_bytes;
     int parts;
+    const struct q8x *qx; /* int8-activation products (act = 1): the quantized x, see q8x */
 };
 
 static void bf16_rows(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
@@ -289,7 +294,7 @@ static PyObject *bf16_matvec(PyObject *self, PyObject *args) {
         goto done;
     }
     matvec_job j = {bf16_rows, w.buf, (const float *)x.buf, (float *)out.buf, NULL, rows, cols, cols * 2,
-                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads)};
+                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL};
     Py_BEGIN_ALLOW_THREADS
     matvec(&j);
     Py_END_ALLOW_THREADS
@@ -304,12 +309,12 @@ done:
 
 /* ------------------------------------------------- GGUF-quantized matrix-vector product / dequant
  *
- * q_matvec(qtype, w, x, out, rows, cols, threads): out[r] = sum_k W[r, k] * x[k], W the ggml
+ * q_matvec(qtype, w, x, out, rows, cols, threads[, act=0]): out[r] = sum_k W[r, k] * x[k], W the ggml
  *   blocks of type `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K), rows * row_bytes bytes,
  *   fp32 x [cols] and out [rows]. The weights are dequantized in registers exactly as ggml's
  *   dequantize_row_* (and gguf-py's numpy code) computes them, in fp32; products are accumulated
  *   in fp32 (activations are never quantized). Results differ from an exact product only by fp32
- *   rounding of the sum.
+ *   rounding of the sum. act=1 (quantized types) is the int8-activation approximation instead.
  * q_dequantize(qtype, w, out, rows, cols, threads): out [rows, cols] fp32 = the dequantized
  *   weights, bit-identical to gguf.quants.dequantize.
  *
@@ -490,6 +495,156 @@ GENERIC_KERNELS(base, )
 #if Q_X86
 GENERIC_KERNELS(v3, __attribute__((target("arch=x86-64-v3"))))
 #endif
+
+/* ------------------------------------------------------------- int8 activations (act = 1)
+ * q_matvec(..., act=1) quantizes x once per call, per 32 consecutive values g:
+ *   s_g = max|x_k| / 127, xq_k = rint(x_k * (1 / s_g)) clamped to [-127, 127] (fp32 operations, ties
+ *   to even; s_g = 0 and xq = 0 where max |x_k| < 2^-96; s_g = NaN and xq = 0 where the 32 values
+ *   hold an inf / NaN),
+ * and computes each row from integer dot products of the weights' integer quants with xq (exact in
+ * int32), converted to fp32 once per sub-block and scaled by (d * sc) * s_g. The K-types' min term
+ * (dmin * m per 32-weight sub-block) multiplies the sums of the quantized x (s_g * sum(xq), as
+ * llama.cpp's q8_K bsums): then y = W @ deq(xq) to fp32 rounding, whose error W @ (deq(xq) - x)
+ * is several times smaller than with the exact sums of x (the d*sc*q and dmin*m parts of a weight
+ * are large and of opposite sign; their activation errors cancel only if both see the same x).
+ * F32 / F16 / BF16 weights ignore act (the exact path).
+ * Kernels: AVX-512 VNNI (vpdpbusd) where the CPU has it and the level is 4; AVX2 (vpmaddubsw /
+ * vpmaddwd) at level 3 or on AVX-512 CPUs without VNNI; a portable C version of the same integer
+ * math otherwise. */
+typedef struct q8x {
+    /* natural order (portable kernels; the source of the v4 layouts) */
+    int8_t *xqn;   /* [cols] quantized x */
+    float *sxn;    /* [cols / 32] scales s_g */
+    float *xsn;    /* [cols / 32] sums of the quantized x, s_g * sum(xq) (K-min types) */
+    /* AVX-512 layouts (v4 kernels), padded with zeros to whole groups */
+    int8_t *xq;    /* quantized x in the order the kernel's weight vectors hold the weights */
+    int32_t *corr; /* per 4-byte lane of xq: -offset * sum of its xq (the weights' zero point), or NULL */
+    float *sxl;    /* per int32 lane of the kernel's reduced sums: the scale s_g of that lane */
+    float *aux;    /* K-min types: per 256 [0 x 8, xsn of the 8 sub-blocks] (x_block_sums' layout) */
+} q8x;
+
+/* Groups with max |x| below 2^-96 quantize to 0 (scale 0): keeps 1 / s_g finite and s_g normal. */
+#define Q8_TINY 0x0F800000u /* the bits of 2^-96 */
+
+/* x -> (xq, s) as documented above; identical in every build (IEEE operations, rint). */
+MULTIVERSION
+static void q8_quantize(const float *restrict x, Py_ssize_t cols, int8_t *restrict xq, float *restrict sx) {
+    for (Py_ssize_t g = 0; g < cols / 32; g++) {
+        const float *v = x + 32 * g;
+        uint32_t u[32], m = 0; /* max |x| as bits: non-negative floats order as their bits; inf / NaN >= 0x7f800000 */
+        memcpy(u, v, sizeof u);
+        for (int l = 0; l < 32; l++) m = (u[l] & 0x7fffffffu) > m ? (u[l] & 0x7fffffffu) : m;
+        float amax;
+        memcpy(&amax, &m, 4);
+        float d = m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        sx[g] = d;
+        for (int l = 0; l < 32; l++) {
+            float q = d > 0.f ? rintf(v[l] * id) : 0.f;
+            q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
+            xq[32 * g + l] = (int8_t)q;
+        }
+    }
+}
+
+/* Portable block products with int8 x: the weights' integer quants (zero point removed, so
+ * signed), integer dot products per sub-block, one fp32 scaling per sub-block. */
+static ALWAYS_INLINE int idot(const int8_t *restrict q, const int8_t *restrict x, int n) {
+    int s = 0;
+    for (int l = 0; l < n; l++) s += (int)q[l] * (int)x[l];
+    return s;
+}
+
+static ALWAYS_INLINE float gq8_q8_0(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs) {
+    (void)xs;
+    return (h2f(rd16(b)) * sx[0]) * (float)idot((const int8_t *)(b + 2), xq, 32);
+}
+
+static ALWAYS_INLINE float gq8_q4_0(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs) {
+    (void)xs;
+    int8_t q[32];
+    for (int i = 0; i < 16; i++) {
+        q[i] = (int8_t)((b[2 + i] & 15) - 8);
+        q[i + 16] = (int8_t)((b[2 + i] >> 4) - 8);
+    }
+    return (h2f(rd16(b)) * sx[0]) * (float)idot(q, xq, 32);
+}
+
+/* Q4_K / Q5_K: q [256] the unsigned 4/5-bit quants in weight order. */
+static ALWAYS_INLINE float gq8_k_min(const uint8_t *b, const int8_t *q, const int8_t *xq, const float *sx,
+                                     const float *xs) {
+    float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2)), acc = 0.f;
+    uint8_t sc[8], mn[8];
+    k4_scale_min(b + 4, sc, mn);
+    for (int i = 0; i < 8; i++) {
+        acc += ((d * (float)sc[i]) * sx[i]) * (float)idot(q + 32 * i, xq + 32 * i, 32);
+        acc -= (dmin * (float)mn[i]) * xs[i];
+    }
+    return acc;
+}
+
+static ALWAYS_INLINE float gq8_q4_k(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs) {
+    int8_t q[256];
+    const uint8_t *qs = b + 16;
+    for (int jj = 0; jj < 4; jj++)
+        for (int l = 0; l < 32; l++) {
+            q[64 * jj + l] = (int8_t)(qs[32 * jj + l] & 15);
+            q[64 * jj + 32 + l] = (int8_t)(qs[32 * jj + l] >> 4);
+        }
+    return gq8_k_min(b, q, xq, sx, xs);
+}
+
+static ALWAYS_INLINE float gq8_q5_k(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs) {
+    int8_t q[256];
+    const uint8_t *qh = b + 16, *qs = b + 48;
+    for (int jj = 0; jj < 4; jj++)
+        for (int l = 0; l < 32; l++) {
+            q[64 * jj + l] = (int8_t)((qs[32 * jj + l] & 15) | (((qh[l] >> (2 * jj)) & 1) << 4));
+            q[64 * jj + 32 + l] = (int8_t)((qs[32 * jj + l] >> 4) | (((qh[l] >> (2 * jj + 1)) & 1) << 4));
+        }
+    return gq8_k_min(b, q, xq, sx, xs);
+}
+
+static ALWAYS_INLINE float gq8_q6_k(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs) {
+    (void)xs;
+    int8_t q[256];
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    for (int n = 0; n < 2; n++)
+        for (int l = 0; l < 32; l++) {
+            int8_t *y = q + 128 * n;
+            const uint8_t *L = ql + 64 * n, *H = qh + 32 * n;
+            y[l] = (int8_t)(((L[l] & 15) | ((H[l] & 3) << 4)) - 32);
+            y[l + 32] = (int8_t)(((L[l + 32] & 15) | (((H[l] >> 2) & 3) << 4)) - 32);
+            y[l + 64] = (int8_t)(((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32);
+            y[l + 96] = (int8_t)(((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32);
+        }
+    float d = h2f(rd16(b + 208)), acc = 0.f;
+    for (int i = 0; i < 16; i++) acc += ((d * (float)sc[i]) * sx[i / 2]) * (float)idot(q + 16 * i, xq + 16 * i, 16);
+    return acc;
+}
+
+/* Row loops of the portable int8-activation kernels; blocks summed in order. */
+#define GENERIC_Q8(SUFFIX, ATTR, T, BS, TS)                                                              \
+    ATTR static void T##_q8mv_##SUFFIX(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {            \
+        const Py_ssize_t nb = j->cols / BS;                                                           \
+        const q8x *qx = j->qx;                                                                        \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            float s = 0.f;                                                                            \
+            for (Py_ssize_t ib = 0; ib < nb; ib++)                                                    \
+                s += gq8_##T(b + ib * TS, qx->xqn + ib * BS, qx->sxn + ib * (BS / 32),                \
+                             qx->xsn ? qx->xsn + ib * (BS / 32) : NULL);                              \
+            j->out[r] = s;                                                                            \
+        }                                                                                             \
+    }
+#define GENERIC_Q8_KERNELS(SUFFIX, ATTR)        \
+    GENERIC_Q8(SUFFIX, ATTR, q8_0, 32, 34)      \
+    GENERIC_Q8(SUFFIX, ATTR, q4_0, 32, 18)      \
+    GENERIC_Q8(SUFFIX, ATTR, q4_k, 256, 144)    \
+    GENERIC_Q8(SUFFIX, ATTR, q5_k, 256, 176)    \
+    GENERIC_Q8(SUFFIX, ATTR, q6_k, 256, 210)
+
+GENERIC_Q8_KERNELS(base, )
 
 /* Baseline F16 (software conversion) and the dequantizers (baseline build: no FMA contraction). */
 static void f16_mv_base(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
@@ -816,11 +971,444 @@ T4 static void f16_dq_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
         for (; i < j->cols; i++) y[i] = _cvtsh_ss(rd16(w + 2 * i));
     }
 }
+
+/* ------------------------------------------------------------- AVX2 (x86-64-v3) int8-activation kernels
+ * Per 32 weights: vpmaddubsw (unsigned weights x signed x; signed weights through |w| and
+ * sign(x, w)) and vpmaddwd by ones give 8 exact int32 sums (no saturation: pairs of at most
+ * 128 * 127), converted to fp32 and FMA'd with the sub-block's (d * sc) * s_g. Natural x order. */
+T3 static ALWAYS_INLINE __m256 dot32_u_v3(__m256i u, const int8_t *xq) {
+    __m256i p = _mm256_maddubs_epi16(u, _mm256_load_si256((const __m256i *)xq));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+T3 static ALWAYS_INLINE __m256 dot32_s_v3(__m256i s, const int8_t *xq) {
+    __m256i x = _mm256_load_si256((const __m256i *)xq);
+    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(x, s));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+T3 static ALWAYS_INLINE float hsum8_v3(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Q4_K / Q5_K: 8 factors (d*sc[i]) * s_i into f, and acc[1] -= dmin*m * (s * sum(xq)). */
+T3 static ALWAYS_INLINE void k4_factors_v3(const uint8_t *b, const float *sx, const float *xs, float *f, __m256 *acc) {
+    uint8_t sm[16];
+    k4_scale_min(b + 4, sm, sm + 8);
+    __m128i v = _mm_loadu_si128((const __m128i *)sm);
+    __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+    __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(b))), dmin = _mm256_set1_ps(_cvtsh_ss(rd16(b + 2)));
+    _mm256_store_ps(f, _mm256_mul_ps(_mm256_mul_ps(d, sc), _mm256_loadu_ps(sx)));
+    acc[1] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, mn), _mm256_loadu_ps(xs), acc[1]);
+}
+
+T3 static ALWAYS_INLINE void q4_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
+                                        __m256 *acc) {
+    float f[8] __attribute__((aligned(32)));
+    k4_factors_v3(b, sx, xs, f, acc);
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; jj++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * jj));
+        __m256 lo = dot32_u_v3(_mm256_and_si256(q, m0f), xq + 64 * jj);
+        __m256 hi = dot32_u_v3(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f), xq + 64 * jj + 32);
+        acc[0] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(f + 2 * jj), acc[0]);
+        acc[1] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(f + 2 * jj + 1), acc[1]);
+    }
+}
+
+/* bit j of h (bytes) moved to bit 4 (j a constant after unrolling) */
+#define QH_BIT4_V3(h, j) ((j) < 4 ? _mm256_slli_epi16(h, 4 - (j)) : (j) == 4 ? (h) : _mm256_srli_epi16(h, (j) - 4))
+
+T3 static ALWAYS_INLINE void q5_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
+                                        __m256 *acc) {
+    float f[8] __attribute__((aligned(32)));
+    k4_factors_v3(b, sx, xs, f, acc);
+    const __m256i m0f = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; jj++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * jj));
+        __m256i l = _mm256_or_si256(_mm256_and_si256(q, m0f), _mm256_and_si256(QH_BIT4_V3(qh, 2 * jj), m10));
+        __m256i h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f),
+                                    _mm256_and_si256(QH_BIT4_V3(qh, 2 * jj + 1), m10));
+        acc[0] = _mm256_fmadd_ps(dot32_u_v3(l, xq + 64 * jj), _mm256_broadcast_ss(f + 2 * jj), acc[0]);
+        acc[1] = _mm256_fmadd_ps(dot32_u_v3(h, xq + 64 * jj + 32), _mm256_broadcast_ss(f + 2 * jj + 1), acc[1]);
+    }
+}
+
+T3 static ALWAYS_INLINE void q6_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
+                                        __m256 *acc) {
+    (void)xs;
+    const __m256i m0f = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30), k32 = _mm256_set1_epi8(32);
+    /* factors of the 16 sub-blocks: d * sc[s] * s_(s/2) */
+    __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
+    __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(b + 208)));
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    __m256 s0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sx)), dup);
+    __m256 s1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sx + 4)), dup);
+    __m256 F[2] = {_mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))), s0),
+                   _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))),
+                                 s1)};
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; n++) {
+        __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
+        __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
+        __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(ql0, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+            _mm256_or_si256(_mm256_and_si256(ql1, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m0f), _mm256_and_si256(qh, m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m0f),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
+        };
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) { /* weights 128n + 32k: sub-blocks 8n + 2k, 8n + 2k + 1 */
+            __m256 fk = _mm256_permutevar8x32_ps(F[n], _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1,
+                                                                         2 * k + 1, 2 * k + 1, 2 * k + 1));
+            acc[k & 1] = _mm256_fmadd_ps(dot32_s_v3(_mm256_sub_epi8(q[k], k32), xq + 128 * n + 32 * k), fk, acc[k & 1]);
+        }
+    }
+}
+
+T3 static ALWAYS_INLINE void q8_0_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
+                                        __m256 *acc) {
+    (void)xs;
+    __m256 dx = _mm256_set1_ps(_cvtsh_ss(rd16(b)) * sx[0]);
+    acc[0] = _mm256_fmadd_ps(dot32_s_v3(_mm256_loadu_si256((const __m256i *)(b + 2)), xq), dx, acc[0]);
+}
+
+T3 static ALWAYS_INLINE void q4_0_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
+                                        __m256 *acc) {
+    (void)xs;
+    __m128i q = _mm_loadu_si128((const __m128i *)(b + 2)), m = _mm_set1_epi8(0x0F);
+    __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+    __m256 dx = _mm256_set1_ps(_cvtsh_ss(rd16(b)) * sx[0]);
+    acc[0] = _mm256_fmadd_ps(dot32_s_v3(_mm256_sub_epi8(w, _mm256_set1_epi8(8)), xq), dx, acc[0]);
+}
+
+/* Row loops (Q8_0 / Q4_0: two blocks per step, one per accumulator). */
+#define V3Q8_ROWS(T, BS, TS)                                                                           \
+    T3 static void T##_q8mv_v3(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                    \
+        const Py_ssize_t nb = j->cols / BS;                                                           \
+        const q8x *qx = j->qx;                                                                        \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                               \
+            Py_ssize_t ib = 0;                                                                        \
+            if (BS == 32)                                                                             \
+                for (; ib + 2 <= nb; ib += 2) {                                                       \
+                    T##_q8_v3(b + ib * TS, qx->xqn + ib * 32, qx->sxn + ib, NULL, acc);               \
+                    T##_q8_v3(b + (ib + 1) * TS, qx->xqn + (ib + 1) * 32, qx->sxn + ib + 1, NULL, acc + 1); \
+                }                                                                                     \
+            for (; ib < nb; ib++)                                                                     \
+                T##_q8_v3(b + ib * TS, qx->xqn + ib * BS, qx->sxn + ib * (BS / 32),                   \
+                          qx->xsn ? qx->xsn + ib * (BS / 32) : NULL, acc);                            \
+            j->out[r] = hsum8_v3(_mm256_add_ps(acc[0], acc[1]));                                      \
+        }                                                                                             \
+    }
+V3Q8_ROWS(q8_0, 32, 34)
+V3Q8_ROWS(q4_0, 32, 18)
+V3Q8_ROWS(q4_k, 256, 144)
+V3Q8_ROWS(q5_k, 256, 176)
+V3Q8_ROWS(q6_k, 256, 210)
+
+/* ------------------------------------------------------------- AVX-512 VNNI int8-activation kernels
+ * vpdpbusd multiplies unsigned weight bytes by the signed int8 x: weights with a zero point (Q4_0,
+ * Q6_K, and Q8_0 shifted by +128) are taken as unsigned and the accumulator starts at
+ * -offset * sum(xq) of its lane (q8x.corr), so the int32 sums are exact. Four 16-lane sums are
+ * reduced to one vector of 16 sub-block (or block) sums (red4), converted to fp32 once and FMA'd with
+ * the lane's (d * sc) * s_g. x is laid out per type so that each weight vector is one load. */
+#define T4V __attribute__((target("arch=x86-64-v4,avx512vnni")))
+
+/* Lane 4c+e = the sum of 128-bit chunk c of a_e. */
+T4V static ALWAYS_INLINE __m512i red4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
+/* Q4_K / Q5_K: [d*sc[0..7], dmin*m[0..7]] (the scales unpacked in a vector: get_scale_min_k4). */
+T4V static ALWAYS_INLINE __m512 k4_dmv_q8(const uint8_t *b) {
+    __m128i s = _mm_loadu_si128((const __m128i *)(b + 4)); /* 12 scale bytes + 4 of the quants */
+    __m128i a = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    __m128i h = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    a = _mm_mask_blend_epi8(0xF000, a, _mm_srli_epi16(a, 4));
+    __m128i lo = _mm_and_si128(a, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+    __m128i sm = _mm_or_si128(lo, _mm_and_si128(_mm_srli_epi16(h, 2), _mm_set1_epi8(0x30)));
+    int32_t dd32;
+    memcpy(&dd32, b, 4);
+    __m512 dd = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                      _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dd32))));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sm)), dd);
+}
+
+/* Q4_K / Q5_K weight vectors hold sub-blocks [0|2], [1|3], [4|6], [5|7]: red4's lane 4c+e is
+ * sub-block K4_SB(e) + 2 * (c >= 2). */
+#define K4_LANE_SB _mm512_setr_epi32(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7)
+
+T4V static ALWAYS_INLINE void k4_q8_finish(__m512 dmv, __m512i a0, __m512i a1, __m512i a2, __m512i a3,
+                                           const float *sxl, const float *aux, __m512 *acc) {
+    __m512 f = _mm512_mul_ps(_mm512_permutexvar_ps(K4_LANE_SB, dmv), _mm512_load_ps(sxl));
+    acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(red4(a0, a1, a2, a3)), f, acc[0]);
+    acc[1] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(aux), acc[1]); /* - dmin*m * s * sum(xq) */
+}
+
+T4V static ALWAYS_INLINE void q4_k_q8_v4(const uint8_t *b, const int8_t *xq, const float *sxl, const float *aux,
+                                         __m512 *acc) {
+    __m512 dmv = k4_dmv_q8(b);
+    const __m512i m0f = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
+    __m512i w0 = _mm512_loadu_si512((const void *)(b + 16)), w1 = _mm512_loadu_si512((const void *)(b + 80));
+    __m512i a0 = _mm512_dpbusd_epi32(z, _mm512_and_si512(w0, m0f), _mm512_load_si512((const void *)xq));
+    __m512i a1 = _mm512_dpbusd_epi32(z, _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f),
+                                     _mm512_load_si512((const void *)(xq + 64)));
+    __m512i a2 = _mm512_dpbusd_epi32(z, _mm512_and_si512(w1, m0f), _mm512_load_si512((const void *)(xq + 128)));
+    __m512i a3 = _mm512_dpbusd_epi32(z, _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f),
+                                     _mm512_load_si512((const void *)(xq + 192)));
+    k4_q8_finish(dmv, a0, a1, a2, a3, sxl, aux, acc);
+}
+
+/* bytes 0-31 = a, 32-63 = b */
+#define HALVES8(a, b) _mm512_inserti64x4(_mm512_set1_epi8((char)(a)), _mm256_set1_epi8((char)(b)), 1)
+
+T4V static ALWAYS_INLINE void q5_k_q8_v4(const uint8_t *b, const int8_t *xq, const float *sxl, const float *aux,
+                                         __m512 *acc) {
+    __m512 dmv = k4_dmv_q8(b);
+    const __m512i m0f = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16), z = _mm512_setzero_si512();
+    __m512i hq = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
+    __m512i w0 = _mm512_loadu_si512((const void *)(b + 48)), w1 = _mm512_loadu_si512((const void *)(b + 112));
+    /* sub-block j's fifth bit is bit j of qh */
+    __m512i q0 = _mm512_and_si512(w0, m0f), q1 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
+    __m512i q2 = _mm512_and_si512(w1, m0f), q3 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
+    q0 = _mm512_mask_add_epi8(q0, _mm512_test_epi8_mask(hq, HALVES8(0x01, 0x04)), q0, k16);
+    q1 = _mm512_mask_add_epi8(q1, _mm512_test_epi8_mask(hq, HALVES8(0x02, 0x08)), q1, k16);
+    q2 = _mm512_mask_add_epi8(q2, _mm512_test_epi8_mask(hq, HALVES8(0x10, 0x40)), q2, k16);
+    q3 = _mm512_mask_add_epi8(q3, _mm512_test_epi8_mask(hq, HALVES8(0x20, 0x80)), q3, k16);
+    __m512i a0 = _mm512_dpbusd_epi32(z, q0, _mm512_load_si512((const void *)xq));
+    __m512i a1 = _mm512_dpbusd_epi32(z, q1, _mm512_load_si512((const void *)(xq + 64)));
+    __m512i a2 = _mm512_dpbusd_epi32(z, q2, _mm512_load_si512((const void *)(xq + 128)));
+    __m512i a3 = _mm512_dpbusd_epi32(z, q3, _mm512_load_si512((const void *)(xq + 192)));
+    k4_q8_finish(dmv, a0, a1, a2, a3, sxl, aux, acc);
+}
+
+/* Q6_K: unsigned 6-bit quants (weight order, as q6_k_block_v4 builds them) against x, the -32 zero
+ * point in corr; red4's lane 4c+e is 16-weight sub-block 4e+c. */
+T4V static ALWAYS_INLINE void q6_k_q8_v4(const uint8_t *b, const int8_t *xq, const int32_t *corr, const float *sxl,
+                                         __m512 *acc) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    const __m512i sh01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    __m512i a[4];
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; n++) {
+        __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * n));
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
+        __m512i h01 = _mm512_and_si512(_mm512_sllv_epi16(qh, sh01), m30);
+        __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(qh, sh23), m30);
+        __m512i z0 = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA); /* (a&b)|c */
+        __m512i z1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
+        a[2 * n] = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)(corr + 32 * n)), z0,
+                                       _mm512_load_si512((const void *)(xq + 128 * n)));
+        a[2 * n + 1] = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)(corr + 32 * n + 16)), z1,
+                                           _mm512_load_si512((const void *)(xq + 128 * n + 64)));
+    }
+    __m128i sc8 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(b + 192)),
+                                   _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)),
+                                           _mm512_set1_ps(_cvtsh_ss(rd16(b + 208)))),
+                             _mm512_load_ps(sxl));
+    acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(red4(a[0], a[1], a[2], a[3])), f, acc[0]);
+}
+
+/* Q8_0, two blocks (68 bytes, `n` of them present): quants + 128 as unsigned bytes (corr holds
+ * -128 * sum(xq); a missing block's bytes meet zero x and a zero scale); lanes 0-7 block 0, 8-15
+ * block 1. */
+T4V static ALWAYS_INLINE void q8_0_q8_v4(const uint8_t *b, int n, const int8_t *xq, const int32_t *corr,
+                                         const float *sxl, __m512 *acc) {
+    __m512i raw, w;
+    if (n == 2) {
+        raw = _mm512_loadu_si512((const void *)b);
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2))),
+                               _mm256_loadu_si256((const __m256i *)(b + 36)), 1);
+    } else {
+        raw = _mm512_maskz_loadu_epi8((1ULL << 34) - 1, b);
+        w = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2)));
+    }
+    w = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+    __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)corr), w, _mm512_load_si512((const void *)xq));
+    /* words 0-7 = d of block 0 (word 0), 8-15 = d of block 1 (word 17) */
+    const __m512i id = _mm512_setr_epi32(0, 0, 0, 0, 0x00110011, 0x00110011, 0x00110011, 0x00110011, 0, 0, 0, 0, 0, 0,
+                                         0, 0);
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(id, raw)));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_load_ps(sxl)), *acc);
+}
+
+/* Q4_0, four blocks (72 bytes, `n` of them present): the 4 x 16 quant bytes gathered into one vector;
+ * low nibbles against x laid out [blocks' x0-15], high ones against [x16-31]; corr holds -8 * sum(xq);
+ * lanes 4k..4k+3 are block k. */
+T4V static ALWAYS_INLINE void q4_0_q8_v4(const uint8_t *b, int n, const int8_t *xq, const int32_t *corr,
+                                         const float *sxl, __m512 *acc) {
+    __m512i raw, tail;
+    if (n == 4) {
+        raw = _mm512_loadu_si512((const void *)b);
+        tail = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(b + 64)));
+    } else {
+        raw = _mm512_maskz_loadu_epi8((1ULL << (18 * n)) - 1, b);
+        tail = _mm512_setzero_si512();
+    }
+    /* block k's quants: words 9k+1 .. 9k+8 */
+    const __m512i iw = _mm512_setr_epi32(0x00020001, 0x00040003, 0x00060005, 0x00080007, 0x000B000A, 0x000D000C,
+                                         0x000F000E, 0x00110010, 0x00140013, 0x00160015, 0x00180017, 0x001A0019,
+                                         0x001D001C, 0x001F001E, 0x00210020, 0x00230022);
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    __m512i q = _mm512_permutex2var_epi16(raw, iw, tail);
+    __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)corr), _mm512_and_si512(q, m0f),
+                                    _mm512_load_si512((const void *)xq));
+    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f),
+                            _mm512_load_si512((const void *)(xq + 64)));
+    /* words 4k..4k+3 = d of block k (word 9k) */
+    const __m512i id = _mm512_setr_epi32(0, 0, 0x00090009, 0x00090009, 0x00120012, 0x00120012, 0x001B001B,
+                                         0x001B001B, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(id, raw)));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_load_ps(sxl)), *acc);
+}
+
+/* Row loops. K-types: per 256-weight block 256 bytes of xq and 16 scales (+ 64 ints of corr for Q6_K,
+ * 16 floats of aux for Q4_K / Q5_K). */
+#define V4Q8_K_ROWS(T, TS, CALL)                                                                       \
+    T4V static void T##_q8mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                   \
+        const Py_ssize_t nb = j->cols / 256;                                                          \
+        const q8x *qx = j->qx;                                                                        \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};                               \
+            for (Py_ssize_t ib = 0; ib < nb; ib++, b += TS) {                                         \
+                PF_LINES(TS);                                                                         \
+                CALL;                                                                                 \
+            }                                                                                         \
+            j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));                          \
+        }                                                                                             \
+    }
+V4Q8_K_ROWS(q4_k, 144, q4_k_q8_v4(b, qx->xq + 256 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
+V4Q8_K_ROWS(q5_k, 176, q5_k_q8_v4(b, qx->xq + 256 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
+V4Q8_K_ROWS(q6_k, 210, q6_k_q8_v4(b, qx->xq + 256 * ib, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc))
+
+/* Q8_0 / Q4_0: G blocks per step (the last step may be partial), two accumulators. */
+#define V4Q8_SMALL_ROWS(T, TS, G)                                                                      \
+    T4V static void T##_q8mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                   \
+        const Py_ssize_t nb = j->cols / 32;                                                           \
+        const q8x *qx = j->qx;                                                                        \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            const int8_t *xq = qx->xq;                                                                \
+            const int32_t *corr = qx->corr;                                                           \
+            const float *sxl = qx->sxl;                                                               \
+            __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};                               \
+            Py_ssize_t ib = 0;                                                                        \
+            for (; ib + 2 * G <= nb; ib += 2 * G, b += 2 * G * TS, xq += 64 * G, corr += 32, sxl += 32) { \
+                PF_LINES(2 * G * TS);                                                                 \
+                T##_q8_v4(b, G, xq, corr, sxl, acc);                                                  \
+                T##_q8_v4(b + G * TS, G, xq + 32 * G, corr + 16, sxl + 16, acc + 1);                  \
+            }                                                                                         \
+            for (; ib < nb; ib += G, b += G * TS, xq += 32 * G, corr += 16, sxl += 16)                \
+                T##_q8_v4(b, nb - ib < G ? (int)(nb - ib) : G, xq, corr, sxl, acc);                   \
+            j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));                          \
+        }                                                                                             \
+    }
+V4Q8_SMALL_ROWS(q8_0, 34, 2)
+V4Q8_SMALL_ROWS(q4_0, 18, 4)
+
+/* q8_quantize, vectorised (the same operations, so the same result). */
+T4V static void q8_quantize_v4(const float *x, Py_ssize_t cols, int8_t *xq, float *sx) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    for (Py_ssize_t g = 0; g < cols / 32; g++, x += 32, xq += 32) {
+        __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        uint32_t m = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v0), abs_mask),
+                                                              _mm512_and_si512(_mm512_castps_si512(v1), abs_mask)));
+        float amax;
+        memcpy(&amax, &m, 4);
+        float d = m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f;
+        sx[g] = d;
+        if (!(d > 0.f)) {
+            memset(xq, 0, 32);
+            continue;
+        }
+        __m512 id = _mm512_set1_ps(1.f / d);
+        __m512 q0 = _mm512_roundscale_ps(_mm512_mul_ps(v0, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 q1 = _mm512_roundscale_ps(_mm512_mul_ps(v1, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q0 = _mm512_min_ps(_mm512_max_ps(q0, lo), hi);
+        q1 = _mm512_min_ps(_mm512_max_ps(q1, lo), hi);
+        _mm_storeu_si128((__m128i *)xq, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q0)));
+        _mm_storeu_si128((__m128i *)(xq + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q1)));
+    }
+}
+
+/* The x layouts of the kernels above (after q8_quantize; zero padding to whole 256-value groups). */
+T4V static void q8_layout_v4(int type, q8x *qx, Py_ssize_t cols) {
+    const Py_ssize_t padded = (cols + 255) / 256 * 256, ng = cols / 32;
+    const int8_t *xn = qx->xqn;
+    const float *sn = qx->sxn;
+    int8_t *xq = qx->xq;
+    float *sxl = qx->sxl;
+    switch (type) {
+    case GT_Q4_K:
+    case GT_Q5_K: { /* per 256: sub-blocks [0, 2, 1, 3, 4, 6, 5, 7]; 16 lane scales */
+        static const int ord[8] = {0, 2, 1, 3, 4, 6, 5, 7}, base[4] = {0, 1, 4, 5};
+        for (Py_ssize_t B = 0; B < cols / 256; B++) {
+            for (int p = 0; p < 8; p++) memcpy(xq + 256 * B + 32 * p, xn + 256 * B + 32 * ord[p], 32);
+            for (int L = 0; L < 16; L++) sxl[16 * B + L] = sn[8 * B + base[L & 3] + 2 * ((L >> 2) >> 1)];
+        }
+        return;
+    }
+    case GT_Q6_K: /* per 256: x as it is; 16 lane scales (lane 4c+e: sub-block 4e+c) */
+        memcpy(xq, xn, (size_t)cols);
+        for (Py_ssize_t B = 0; B < cols / 256; B++)
+            for (int L = 0; L < 16; L++) sxl[16 * B + L] = sn[8 * B + ((4 * (L & 3) + (L >> 2)) >> 1)];
+        break;
+    case GT_Q8_0: /* per 64: x as it is; lanes 0-7 scale of block 0, 8-15 of block 1 */
+        memcpy(xq, xn, (size_t)cols);
+        memset(xq + cols, 0, (size_t)(padded - cols));
+        memset(sxl + cols / 4, 0, (size_t)(padded - cols));
+        for (Py_ssize_t g = 0; g < ng; g++)
+            for (int i = 0; i < 8; i++) sxl[8 * g + i] = sn[g];
+        break;
+    case GT_Q4_0: /* per 128 (4 blocks): [x0-15 of each block], [x16-31 of each]; lanes 4k..4k+3 block k */
+        memset(xq, 0, (size_t)padded);
+        memset(sxl + cols / 8, 0, (size_t)(padded - cols) / 2);
+        for (Py_ssize_t g = 0; g < ng; g++) {
+            int8_t *o = xq + 128 * (g / 4) + 16 * (g % 4);
+            memcpy(o, xn + 32 * g, 16);
+            memcpy(o + 64, xn + 32 * g + 16, 16);
+            for (int i = 0; i < 4; i++) sxl[4 * g + i] = sn[g];
+        }
+        break;
+    }
+    /* corr: -zero point * the sum of each lane's activations (both halves for Q4_0) */
+    const __m512i ones = _mm512_set1_epi8(1), z = _mm512_setzero_si512();
+    if (type == GT_Q4_0) {
+        for (Py_ssize_t i = 0; i < padded / 128; i++) {
+            __m512i t = _mm512_dpbusd_epi32(z, ones, _mm512_load_si512((const void *)(xq + 128 * i)));
+            t = _mm512_dpbusd_epi32(t, ones, _mm512_load_si512((const void *)(xq + 128 * i + 64)));
+            _mm512_store_si512((void *)(qx->corr + 16 * i), _mm512_sub_epi32(z, _mm512_slli_epi32(t, 3)));
+        }
+    } else {
+        const int sh = type == GT_Q6_K ? 5 : 7; /* 32 or 128 */
+        for (Py_ssize_t i = 0; i < padded / 64; i++) {
+            __m512i t = _mm512_dpbusd_epi32(z, ones, _mm512_load_si512((const void *)(xq + 64 * i)));
+            _mm512_store_si512((void *)(qx->corr + 16 * i), _mm512_sub_epi32(z, _mm512_slli_epi32(t, sh)));
+        }
+    }
+}
 #endif /* Q_X86 */
 
 /* ------------------------------------------------------------- dispatch */
 static int q_isa_supported = -1;  /* 4: AVX-512 kernels, 3: AVX2/FMA build, 0: baseline */
 static int q_isa_level = -1;
+static int q_has_vnni = 0;        /* AVX-512 VNNI (the level-4 int8-activation kernels) */
 
 static void q_detect(void) {
     if (q_isa_supported >= 0) return;
@@ -833,6 +1421,7 @@ static void q_detect(void) {
     if (level == 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
         level = 4;
+    q_has_vnni = level == 4 && __builtin_cpu_supports("avx512vnni");
 #endif
     q_isa_supported = q_isa_level = level;
 }
@@ -901,6 +1490,41 @@ static rows_fn q_pick(int type, int dequant) {
     return NULL;
 }
 
+/* The int8-activation kernel of a quantized type (NULL for F32 / F16 / BF16: they use the exact one).
+ * Level 4 without VNNI uses the v3 build. */
+static rows_fn q_pick_q8(int type) {
+    int lv = q_isa_level;
+    (void)lv;
+#if Q_X86
+    if (lv >= 4 && q_has_vnni) {
+        switch (type) {
+        case GT_Q8_0: return q8_0_q8mv_v4;
+        case GT_Q4_0: return q4_0_q8mv_v4;
+        case GT_Q4_K: return q4_k_q8mv_v4;
+        case GT_Q5_K: return q5_k_q8mv_v4;
+        case GT_Q6_K: return q6_k_q8mv_v4;
+        }
+    }
+    if (lv >= 3) {
+        switch (type) {
+        case GT_Q8_0: return q8_0_q8mv_v3;
+        case GT_Q4_0: return q4_0_q8mv_v3;
+        case GT_Q4_K: return q4_k_q8mv_v3;
+        case GT_Q5_K: return q5_k_q8mv_v3;
+        case GT_Q6_K: return q6_k_q8mv_v3;
+        }
+    }
+#endif
+    switch (type) {
+    case GT_Q8_0: return q8_0_q8mv_base;
+    case GT_Q4_0: return q4_0_q8mv_base;
+    case GT_Q4_K: return q4_k_q8mv_base;
+    case GT_Q5_K: return q5_k_q8mv_base;
+    case GT_Q6_K: return q6_k_q8mv_base;
+    }
+    return NULL;
+}
+
 /* Per 256-weight block of x: 8 zeros, then the sums of its eight 32-weight sub-blocks (rounded from
  * fp64), so that a block's min term is one FMA with [d*sc[0..7], dmin*m[0..7]]. */
 static void x_block_sums(const float *x, Py_ssize_t cols, float *sums) {
@@ -914,19 +1538,54 @@ static void x_block_sums(const float *x, Py_ssize_t cols, float *sums) {
     }
 }
 
+/* The quantized x of one int8-activation product (q8x), in the layouts its kernel reads. */
+static void q8_prepare(int type, q8x *qx, const float *x, Py_ssize_t cols, int v4) {
+#if Q_X86
+    if (v4)
+        q8_quantize_v4(x, cols, qx->xqn, qx->sxn);
+    else
+#endif
+        q8_quantize(x, cols, qx->xqn, qx->sxn);
+    if (qx->xsn)
+        for (Py_ssize_t g = 0; g < cols / 32; g++) {
+            int t = 0;
+            for (int l = 0; l < 32; l++) t += qx->xqn[32 * g + l];
+            qx->xsn[g] = qx->sxn[g] * (float)t;
+        }
+#if Q_X86
+    if (v4) {
+        q8_layout_v4(type, qx, cols);
+        if (qx->aux)
+            for (Py_ssize_t b = 0; b < cols / 256; b++)
+                for (int i = 0; i < 8; i++) {
+                    qx->aux[16 * b + i] = 0.f;
+                    qx->aux[16 * b + 8 + i] = qx->xsn[8 * b + i];
+                }
+    }
+#else
+    (void)type;
+    (void)v4;
+#endif
+}
+
 /* Shared argument handling of q_matvec / q_dequantize. */
 static PyObject *q_run(PyObject *args, int dequant) {
     const char *fname = dequant ? "q_dequantize" : "q_matvec";
     Py_buffer w, x = {0}, out;
-    int qtype, threads;
+    int qtype, threads, act = 0;
     Py_ssize_t rows, cols;
     if (dequant) {
         if (!PyArg_ParseTuple(args, "iy*w*nni", &qtype, &w, &out, &rows, &cols, &threads)) return NULL;
     } else {
-        if (!PyArg_ParseTuple(args, "iy*y*w*nni", &qtype, &w, &x, &out, &rows, &cols, &threads)) return NULL;
+        if (!PyArg_ParseTuple(args, "iy*y*w*nni|i", &qtype, &w, &x, &out, &rows, &cols, &threads, &act)) return NULL;
     }
     PyObject *result = NULL;
     q_detect();
+    if (act != 0 && act != 1) {
+        PyErr_Format(PyExc_ValueError, "%s: act must be 0 (fp32 activations) or 1 (int8 activations), not %d",
+                     fname, act);
+        goto done;
+    }
     const qtype_info *ti = qtype_lookup(qtype);
     if (ti == NULL) {
         PyErr_Format(PyExc_ValueError, "%s: ggml type id %d is not supported (supported: F32=0, F16=1, BF16=30, "
@@ -978,13 +1637,21 @@ static PyObject *q_run(PyObject *args, int dequant) {
         goto done;
     }
     matvec_job j = {q_pick(qtype, dequant), w.buf, dequant ? NULL : (const float *)x.buf, (float *)out.buf, NULL,
-                    rows, cols, row_bytes, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads)};
+                    rows, cols, row_bytes, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads),
+                    NULL};
+    rows_fn q8fn = act == 1 && !dequant ? q_pick_q8(qtype) : NULL;
+    if (q8fn) j.fn = q8fn;
     float *sums = NULL;
+    void *q8mem = NULL;
+    q8x qx = {0};
 #if Q_X86
     int needs_sums = j.fn == q4_k_mv_v4 || j.fn == q5_k_mv_v4;
+    int q8_v4 = j.fn == q8_0_q8mv_v4 || j.fn == q4_0_q8mv_v4 || j.fn == q4_k_q8mv_v4 || j.fn == q5_k_q8mv_v4 ||
+                j.fn == q6_k_q8mv_v4;
 #else
-    int needs_sums = 0;
+    int needs_sums = 0, q8_v4 = 0;
 #endif
+    int kmin = qtype == GT_Q4_K || qtype == GT_Q5_K;
     if (needs_sums && rows > 0 && cols > 0) {
         sums = (float *)PyMem_Malloc((size_t)cols / 16 * sizeof(float));
         if (sums == NULL) {
@@ -993,12 +1660,38 @@ static PyObject *q_run(PyObject *args, int dequant) {
         }
         j.aux = sums;
     }
+    if (q8fn && rows > 0 && cols > 0) {
+        /* one allocation, each array 64-byte aligned: xqn [cols], sxn, xsn [cols/32]; the v4 layouts
+         * xq, corr, sxl [padded bytes each], aux [cols/16] */
+        size_t padded = (size_t)(cols + 255) / 256 * 256, ng = (size_t)cols / 32;
+        size_t sz[7] = {(size_t)cols, 4 * ng, kmin ? 4 * ng : 0, q8_v4 ? padded : 0, q8_v4 ? padded : 0,
+                        q8_v4 ? padded : 0, q8_v4 && kmin ? 8 * ng : 0};
+        size_t total = 64;
+        for (int i = 0; i < 7; i++) total += (sz[i] + 63) / 64 * 64;
+        q8mem = PyMem_Malloc(total);
+        if (q8mem == NULL) {
+            PyMem_Free(sums);
+            PyErr_NoMemory();
+            goto done;
+        }
+        uint8_t *p = (uint8_t *)(((uintptr_t)q8mem + 63) & ~(uintptr_t)63);
+        void *arr[7];
+        for (int i = 0; i < 7; i++) {
+            arr[i] = sz[i] ? p : NULL;
+            p += (sz[i] + 63) / 64 * 64;
+        }
+        qx.xqn = arr[0], qx.sxn = arr[1], qx.xsn = arr[2], qx.xq = arr[3], qx.corr = arr[4], qx.sxl = arr[5];
+        qx.aux = arr[6];
+        j.qx = &qx;
+    }
     if (rows > 0 && cols > 0) {
         Py_BEGIN_ALLOW_THREADS
         if (sums) x_block_sums((const float *)x.buf, cols, sums);
+        if (q8mem) q8_prepare(qtype, &qx, (const float *)x.buf, cols, q8_v4);
         matvec(&j);
         Py_END_ALLOW_THREADS
         PyMem_Free(sums);
+        PyMem_Free(q8mem);
     } else if (!dequant && rows > 0) {
         memset(out.buf, 0, (size_t)out.len);
     }
@@ -1019,6 +1712,11 @@ static PyObject *q_isa(PyObject *self, PyObject *args) {
     return PyLong_FromLong(q_isa_level);
 }
 
+static PyObject *q_vnni(PyObject *self, PyObject *args) {
+    q_detect();
+    return PyBool_FromLong(q_has_vnni && q_isa_level >= 4);
+}
+
 static PyObject *q_set_isa(PyObject *self, PyObject *args) {
     int level;
     if (!PyArg_ParseTuple(args, "i", &level)) return NULL;
@@ -1035,12 +1733,14 @@ static PyMethodDef methods[] = {
     {"bf16_matvec", bf16_matvec, METH_VARARGS,
      "bf16_matvec(w, x, out, rows, cols, threads): out = bf16(w) @ x in fp32 (GIL released)."},
     {"q_matvec", q_matvec, METH_VARARGS,
-     "q_matvec(qtype, w, x, out, rows, cols, threads): out = dequant(w) @ x in fp32, w ggml blocks of type qtype "
-     "(GIL released)."},
+     "q_matvec(qtype, w, x, out, rows, cols, threads, act=0): out = dequant(w) @ x in fp32, w ggml blocks of type "
+     "qtype; act=1: x quantized to int8 per 32 values, integer dot products (an approximation) (GIL released)."},
     {"q_dequantize", q_dequantize, METH_VARARGS,
      "q_dequantize(qtype, w, out, rows, cols, threads): out [rows, cols] fp32 = the dequantized ggml blocks "
      "(GIL released)."},
     {"q_isa", q_isa, METH_NOARGS, "q_isa(): the kernel level in use: 4 AVX-512, 3 AVX2/FMA, 0 baseline."},
+    {"q_vnni", q_vnni, METH_NOARGS,
+     "q_vnni(): whether int8-activation products (act=1) use the AVX-512 VNNI kernels (else AVX2 / baseline)."},
     {"q_set_isa", q_set_isa, METH_VARARGS,
      "q_set_isa(level): use at most that kernel level (4, 3, 0; for tests); returns the level now in use."},
     {"interleave16", interleave16, METH_VARARGS,

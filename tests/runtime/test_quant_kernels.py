@@ -244,3 +244,171 @@ def test_empty_shapes() -> None:
     _native.q_matvec(8, b"", b"", out, 3, 0, 1)
     assert (out == 0).all()
     _native.q_matvec(8, b"", np.zeros(32, np.float32), np.zeros(0, np.float32), 0, 32, 1)
+
+
+# ---------------------------------------------------------------- int8 activations (activations="q8")
+
+Q8_TYPES = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
+Q8_ERROR_BOUND = np.sqrt(32) / 254
+"""|y_q8 - y_exact| <= Q8_ERROR_BOUND * ||W[r]||_2 * ||x||_2 (+ fp32 rounding): Cauchy-Schwarz on
+|x - deq(q8(x))| <= s_g / 2 = max|x_g| / 254 per value (sum over a group of 32 <= 32 max|x_g|^2 / 254^2)."""
+
+
+def q8_reference(t: GGMLType, blocks: np.ndarray, x: np.ndarray, rows: int, cols: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(y_ref, tol, exact, half_step): the q8 contract in fp64, ``dequant(W) @ dequant(q8(x))``; its
+    fp32 rounding tolerance; the exact product ``W @ x``; and ``s_g / 2`` per activation."""
+    w = reference(t, blocks, rows, cols).astype(np.float64)
+    xq, scales = qk.quantize_activations_q8(x)
+    s = np.repeat(scales.astype(np.float64), 32)  # [cols]
+    xdq = xq.astype(np.float64) * s
+    x64 = x.astype(np.float64)
+    y = w @ xdq
+    # the same fp32 rounding budget as the exact path, on max(|x|, |deq(q8(x))|)
+    mag = magnitude(t, blocks, w.astype(np.float32), rows, cols)
+    tol = (cols / 16 + 32) * 2.0 ** -24 * (mag @ np.maximum(np.abs(x64), np.abs(xdq)))
+    return y, tol, w @ x64, s / 2
+
+
+def assert_q8_close(t: GGMLType, blocks: np.ndarray, y: np.ndarray, x: np.ndarray, rows: int, cols: int) -> None:
+    ref, tol, exact, half = q8_reference(t, blocks, x, rows, cols)
+    err = np.abs(y.astype(np.float64) - ref)
+    assert (err <= tol + 1e-30).all(), f"max error {err.max():.3e}, tolerance {tol[err.argmax()]:.3e}"
+    # against the exact product: the activation rounding, at most half a step per value
+    w = np.abs(reference(t, blocks, rows, cols).astype(np.float64))
+    dev = np.abs(y.astype(np.float64) - exact)
+    assert (dev <= w @ (half * (1 + 2.0 ** -20)) + 2 * tol + 1e-30).all()
+    norms = np.sqrt((w ** 2).sum(1)) * np.linalg.norm(x.astype(np.float64))
+    assert (dev <= Q8_ERROR_BOUND * norms + 2 * tol + 1e-30).all()
+
+
+q8_shapes = st.tuples(st.sampled_from(Q8_TYPES), st.integers(1, 80), st.integers(1, 9), st.integers(1, 3),
+                      st.integers(0, 2**31))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=q8_shapes)
+def test_qmatvec_q8_matches_quantized_x_product(level: int, case: tuple) -> None:
+    """Native int8-activation products (each kernel level) = the fp64 product of the dequantized
+    weights and the dequantized int8 x to fp32 rounding, and within the stated bound of the exact
+    product."""
+    t, rows, nb, threads, seed = case
+    cols = nb * type_info(t).block_size
+    blocks = random_blocks(t, rows, cols, seed)
+    x = np.random.default_rng(seed + 1).standard_normal(cols).astype(np.float32)
+    y = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), threads, use_native=True, activations="q8")
+    assert y.dtype == torch.float32 and y.shape == (rows,)
+    assert_q8_close(t, blocks, y.numpy(), x, rows, cols)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=q8_shapes)
+def test_numpy_fallback_q8(case: tuple) -> None:
+    t, rows, nb, _, seed = case
+    cols = nb * type_info(t).block_size
+    blocks = random_blocks(t, rows, cols, seed)
+    x = np.random.default_rng(seed + 1).standard_normal(cols).astype(np.float32)
+    y = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), use_native=False, activations="q8")
+    assert_q8_close(t, blocks, y.numpy(), x, rows, cols)
+
+
+@needs_native
+@pytest.mark.parametrize("t", Q8_TYPES, ids=lambda t: t.name)
+def test_q8_levels_agree(t: GGMLType) -> None:
+    """The AVX2 and baseline kernels compute the same int8 products as the AVX-512 VNNI one (equal
+    up to the order of the fp32 sums), on shapes with a ragged thread split and partial groups."""
+    for rows, nb in ((333, 7), (65, 1), (17, 3)):
+        cols = nb * type_info(t).block_size
+        blocks = random_blocks(t, rows, cols, rows + nb)
+        x = torch.from_numpy(np.random.default_rng(nb).standard_normal(cols).astype(np.float32) * 3)
+        ys = {}
+        try:
+            for lv in LEVELS:
+                _native.q_set_isa(lv)
+                ys[lv] = qk.qmatvec(t, torch.from_numpy(blocks), x, 3, activations="q8").numpy()
+                assert np.array_equal(ys[lv], qk.qmatvec(t, torch.from_numpy(blocks), x, 1, activations="q8").numpy())
+        finally:
+            _native.q_set_isa(SUPPORTED_LEVEL)
+        _, tol, _, _ = q8_reference(t, blocks, x.numpy(), rows, cols)
+        for lv, y in ys.items():
+            assert (np.abs(y.astype(np.float64) - ys[LEVELS[0]]) <= 2 * tol + 1e-30).all(), lv
+            assert_q8_close(t, blocks, y, x.numpy(), rows, cols)
+
+
+def identity_q8_0(n: int) -> np.ndarray:
+    """Q8_0 bytes of the [n, n] identity (d = 1, q = 1 on the diagonal): y = deq(q8(x)) exactly."""
+    b = np.zeros((n, n // 32, 34), np.uint8)
+    b[:, :, 0:2] = np.full((n, n // 32), 1.0, np.float16).view(np.uint8).reshape(n, n // 32, 2)
+    for r in range(n):
+        b[r, r // 32, 2 + r % 32] = 1
+    return b.reshape(n, -1)
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False], ids=["native", "numpy"])
+def test_q8_quantization_exact(level: int | None, native: bool) -> None:
+    """The activations the kernels use are exactly quantize_activations_q8's: per 32 values one
+    scale max|x| / 127, round half to even, zero / tiny groups -> 0, through an identity weight."""
+    if not native and level not in (None, LEVELS[0]):
+        pytest.skip("the numpy path has no kernel levels")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(32 * 7).astype(np.float32) * np.float32(10.0) ** rng.integers(-3, 4, 32 * 7)
+    x[0:32] = np.concatenate([[127.0, 2.5, -3.5, 0.5, -0.5, 126.5, -127.0, 1.5], np.arange(24) - 11.5])  # s = 1: ties
+    x[32:64] = 0.0  # all-zero group
+    x[64:96] = rng.standard_normal(32) * 2.0 ** -100  # below Q8_TINY: quantized to zero
+    x[96:128] = rng.standard_normal(32) * 2.0 ** -90  # small but normal scales
+    x = x.astype(np.float32)
+    xq, scales = qk.quantize_activations_q8(x)
+    assert xq.dtype == np.int8 and scales.dtype == np.float32 and np.abs(xq).max() == 127
+    assert scales[0] == 1.0 and list(xq[:8]) == [127, 2, -4, 0, 0, 126, -127, 2]
+    assert scales[1] == 0 and scales[2] == 0 and not xq[32:96].any()
+    assert np.array_equal(xq[:32], np.rint(x[:32]).astype(np.int8))
+    n = x.size
+    y = qk.qmatvec(GGMLType.Q8_0, identity_q8_0(n), torch.from_numpy(x), 2, use_native=native,
+                   activations="q8").numpy()
+    s = np.repeat(scales, 32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        back = np.where(s > 0, np.rint(y / s), y)
+    assert np.array_equal(back, xq.astype(np.float32))
+    # a non-finite activation makes its group's scale NaN: every output NaN
+    x[40] = np.inf
+    assert np.isnan(qk.quantize_activations_q8(x)[1][1]) and not qk.quantize_activations_q8(x)[0][32:64].any()
+    y = qk.qmatvec(GGMLType.Q8_0, identity_q8_0(n), torch.from_numpy(x), 2, use_native=native, activations="q8")
+    assert torch.isnan(y).all()
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False], ids=["native", "numpy"])
+def test_q8_float_types_are_exact(native: bool) -> None:
+    """F32 / F16 / BF16 weights ignore activations="q8" (the exact product)."""
+    for t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        blocks = torch.from_numpy(random_blocks(t, 9, 100, 2))
+        x = torch.randn(100)
+        assert torch.equal(qk.qmatvec(t, blocks, x, 2, use_native=native, activations="q8"),
+                           qk.qmatvec(t, blocks, x, 2, use_native=native))
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False], ids=["native", "numpy"])
+def test_q8_bad_activations(native: bool) -> None:
+    blocks = torch.from_numpy(random_blocks(GGMLType.Q4_K, 4, 256, 0))
+    for bad in ("int8", "F32", "", None):
+        with pytest.raises(ValueError, match=r"activations must be one of \('f32', 'q8'\)"):
+            qk.qmatvec(GGMLType.Q4_K, blocks, torch.randn(256), use_native=native, activations=bad)
+
+
+@needs_native
+def test_native_q8_arguments() -> None:
+    rows, cols = 4, 256
+    w = random_blocks(GGMLType.Q4_K, rows, cols, 0).reshape(-1)
+    x, out = np.random.default_rng(0).standard_normal(cols).astype(np.float32), np.zeros(rows, np.float32)
+    with pytest.raises(ValueError, match="act must be 0"):
+        _native.q_matvec(12, w, x, out, rows, cols, 1, 2)
+    _native.q_matvec(12, w, x, out, rows, cols, 1, 1)
+    assert_q8_close(GGMLType.Q4_K, w.reshape(rows, -1), out, x, rows, cols)
+    out0 = np.full(3, 7, np.float32)
+    _native.q_matvec(8, b"", b"", out0, 3, 0, 1, 1)  # no columns: zeros
+    assert (out0 == 0).all()
+    if 3 in LEVELS:
+        try:
+            _native.q_set_isa(3)
+            assert _native.q_vnni() is False  # level 3: the AVX2 int8 kernels
+        finally:
+            _native.q_set_isa(SUPPORTED_LEVEL)
