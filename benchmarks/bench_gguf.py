@@ -60,10 +60,10 @@ def ensure_files(work: Path, scenario: str, ftype: str) -> tuple[Path, Path]:
     return hf, out
 
 
-def flashtier_cmd(gguf: Path, tokens: int, budget: str | None, threads: int) -> list[str]:
+def flashtier_cmd(gguf: Path, tokens: int, budget: str | None, threads: int, activations: str = "f32") -> list[str]:
     cmd = [PY, "-m", "flashtier", "generate", str(gguf), "--prompt-ids", ",".join(str(i) for i in range(300, 316)),
            "--max-new-tokens", str(tokens), "--greedy", "--ignore-eos", "--json", "--max-context", "256",
-           "--threads", str(threads)]
+           "--threads", str(threads), "--activations", activations]
     return cmd + (["--dram-budget", budget] if budget else [])
 
 
@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--memory", action="store_true", help="also run both without a cap (flashtier's in-memory speed)")
+    ap.add_argument("--q8", action="store_true",
+                    help="also run flashtier with --activations q8 (int8 activations, llama.cpp's approximation)")
     a = ap.parse_args()
     s = SCENARIOS[a.scenario]
     cap = a.cap or s["cap"]
@@ -105,6 +107,8 @@ def main() -> None:
         rnd = {"disk": bench_io(work),
                "flashtier": run_json(flashtier_cmd(gguf, tokens, budget, a.threads), cap=cap),
                "llamacpp": run_json(llamacpp_cmd(gguf, tokens, a.threads), cap=cap)}
+        if a.q8:
+            rnd["flashtier_q8"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, "q8"), cap=cap)
         if a.memory:
             rnd["flashtier_memory"] = run_json(flashtier_cmd(gguf, tokens, None, a.threads))
             rnd["llamacpp_memory"] = run_json(llamacpp_cmd(gguf, tokens, a.threads))
@@ -123,7 +127,8 @@ def main() -> None:
                      "flashtier_peak_mib": f.get("peak_cgroup_mib"), "llamacpp_peak_mib": l.get("peak_cgroup_mib"),
                      "flashtier_error": f.get("error"), "llamacpp_error": l.get("error"),
                      "flashtier_memory_tok_s": tok_s(rnd["flashtier_memory"]) if "flashtier_memory" in rnd else None,
-                     "llamacpp_memory_tok_s": tok_s(rnd["llamacpp_memory"]) if "llamacpp_memory" in rnd else None})
+                     "llamacpp_memory_tok_s": tok_s(rnd["llamacpp_memory"]) if "llamacpp_memory" in rnd else None,
+                     "flashtier_q8_tok_s": tok_s(rnd["flashtier_q8"]) if "flashtier_q8" in rnd else None})
     res["summary"] = rows
     mid = sorted(rows, key=lambda r: r["flashtier_tok_s"])[len(rows) // 2]
     res["median_round"] = mid
@@ -139,6 +144,11 @@ def main() -> None:
           f"{_percent(r['of_limit'])} | "
           f"{r['flashtier_peak_mib']} / {r['llamacpp_peak_mib']} |" for i, r in enumerate(rows)],
     ]
+    if a.q8:
+        lines.append("")
+        lines.append("flashtier --activations q8 (int8 activations, as llama.cpp): " + "; ".join(
+            f"{r['flashtier_q8_tok_s']:.2f} tok/s = {r['flashtier_q8_tok_s'] / r['llamacpp_tok_s']:.2f}x llama.cpp"
+            if r["llamacpp_tok_s"] else f"{r['flashtier_q8_tok_s']:.2f} tok/s" for r in rows))
     if a.memory:
         lines.append("")
         lines.append("In memory (no cap): " + "; ".join(

@@ -77,6 +77,26 @@ def test_paged_and_in_memory_runs_give_the_same_tokens(case):
     paged.close()
 
 
+def test_q8_activations_are_an_opt_in_approximation(tmp_path):
+    """``activations="q8"`` changes decode logits only by the int8 rounding of the activations
+    (measured, bounded); the default stays exact; a bad value is one clear error."""
+    from flashtier.errors import ConfigError
+
+    path, _ = gm.make_gguf("llama", tmp_path, "q4_k_m")
+    ids = torch.randint(0, 320, (24,), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for act in ("f32", "q8"):
+        llm = Model(path, EngineConfig(activations=act))
+        with torch.inference_mode():
+            cache = llm.transformer.new_cache(16)
+            llm.transformer.forward(ids[:-1], cache, 0)
+            out[act] = llm.transformer.forward(ids[-1:], cache, len(ids) - 1)[0]  # [V], one-row products
+    rel = ((out["q8"] - out["f32"]).norm() / out["f32"].norm()).item()
+    assert 0 < rel < 0.05, rel  # not identical (the approximation ran), but close
+    with pytest.raises(ConfigError, match="activations"):
+        EngineConfig(activations="int4")
+
+
 @pytest.mark.parametrize("slots", [1, 2])
 def test_expert_caches_hold_extents_of_different_sizes(tmp_path, slots):
     """Q4_K_M stores some layers' ffn_down as Q6_K (larger than the Q4_K gate and up): with one
