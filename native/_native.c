@@ -1118,8 +1118,8 @@ V3Q8_ROWS(q6_k, 256, 210)
 
 /* ------------------------------------------------------------- AVX-512 VNNI int8-activation kernels
  * vpdpbusd multiplies unsigned weight bytes by the signed int8 x: weights with a zero point (Q4_0,
- * Q6_K, and Q8_0 shifted by +128) are taken as unsigned and the accumulator starts at
- * -offset * sum(xq) of its lane (q8x.corr), so the int32 sums are exact. Four 16-lane sums are
+ * Q6_K) are taken as unsigned and the accumulator starts at -offset * sum(xq) of its lane
+ * (q8x.corr); Q8_0's signed quants go in as |q| against sign(q) * x. The int32 sums are exact. Four 16-lane sums are
  * reduced to one vector of 16 sub-block (or block) sums (red4), converted to fp32 once and FMA'd with
  * the lane's (d * sc) * s_g. x is laid out per type so that each weight vector is one load. */
 #define T4V __attribute__((target("arch=x86-64-v4,avx512vnni")))
@@ -1223,27 +1223,26 @@ T4V static ALWAYS_INLINE void q6_k_q8_v4(const uint8_t *b, const int8_t *xq, con
     acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(red4(a[0], a[1], a[2], a[3])), f, acc[0]);
 }
 
-/* Q8_0, two blocks (68 bytes, `n` of them present): quants + 128 as unsigned bytes (corr holds
- * -128 * sum(xq); a missing block's bytes meet zero x and a zero scale); lanes 0-7 block 0, 8-15
- * block 1. */
+/* Q8_0, two blocks (68 bytes, `n` of them present): signed quants as |q| (unsigned) against
+ * x * sign(q); lanes 0-7 block 0, 8-15 block 1 (a missing block: zero quants and scale). */
 T4V static ALWAYS_INLINE void q8_0_q8_v4(const uint8_t *b, int n, const int8_t *xq, const int32_t *corr,
                                          const float *sxl, __m512 *acc) {
-    __m512i raw, w;
+    (void)corr;
+    __m256i w0 = _mm256_loadu_si256((const __m256i *)(b + 2));
+    __m256 f0 = _mm256_set1_ps(_cvtsh_ss(rd16(b)) * sxl[0]);
+    __m512i w;
+    __m512 f;
     if (n == 2) {
-        raw = _mm512_loadu_si512((const void *)b);
-        w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2))),
-                               _mm256_loadu_si256((const __m256i *)(b + 36)), 1);
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), _mm256_loadu_si256((const __m256i *)(b + 36)), 1);
+        f = _mm512_insertf32x8(_mm512_castps256_ps512(f0), _mm256_set1_ps(_cvtsh_ss(rd16(b + 34)) * sxl[8]), 1);
     } else {
-        raw = _mm512_maskz_loadu_epi8((1ULL << 34) - 1, b);
-        w = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2)));
+        w = _mm512_zextsi256_si512(w0);
+        f = _mm512_zextps256_ps512(f0);
     }
-    w = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
-    __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)corr), w, _mm512_load_si512((const void *)xq));
-    /* words 0-7 = d of block 0 (word 0), 8-15 = d of block 1 (word 17) */
-    const __m512i id = _mm512_setr_epi32(0, 0, 0, 0, 0x00110011, 0x00110011, 0x00110011, 0x00110011, 0, 0, 0, 0, 0, 0,
-                                         0, 0);
-    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(id, raw)));
-    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_load_ps(sxl)), *acc);
+    __m512i x = _mm512_load_si512((const void *)xq);
+    x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x); /* -x where q < 0 */
+    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), x);
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), f, *acc);
 }
 
 /* Q4_0, four blocks (72 bytes, `n` of them present): the 4 x 16 quant bytes gathered into one vector;
@@ -1387,6 +1386,7 @@ T4V static void q8_layout_v4(int type, q8x *qx, Py_ssize_t cols) {
         }
         break;
     }
+    if (type == GT_Q8_0) return; /* its kernel takes signs instead of a zero point */
     /* corr: -zero point * the sum of each lane's activations (both halves for Q4_0) */
     const __m512i ones = _mm512_set1_epi8(1), z = _mm512_setzero_si512();
     if (type == GT_Q4_0) {
@@ -1396,10 +1396,9 @@ T4V static void q8_layout_v4(int type, q8x *qx, Py_ssize_t cols) {
             _mm512_store_si512((void *)(qx->corr + 16 * i), _mm512_sub_epi32(z, _mm512_slli_epi32(t, 3)));
         }
     } else {
-        const int sh = type == GT_Q6_K ? 5 : 7; /* 32 or 128 */
-        for (Py_ssize_t i = 0; i < padded / 64; i++) {
+        for (Py_ssize_t i = 0; i < padded / 64; i++) { /* Q6_K: -32 */
             __m512i t = _mm512_dpbusd_epi32(z, ones, _mm512_load_si512((const void *)(xq + 64 * i)));
-            _mm512_store_si512((void *)(qx->corr + 16 * i), _mm512_sub_epi32(z, _mm512_slli_epi32(t, sh)));
+            _mm512_store_si512((void *)(qx->corr + 16 * i), _mm512_sub_epi32(z, _mm512_slli_epi32(t, 5)));
         }
     }
 }
