@@ -8,9 +8,12 @@ streaming plus dequantization, not cache hits); median and best of ``--repeat`` 
 ``--seconds`` (on a shared machine the best round is the one least disturbed by other processes).
 GB/s counts the bytes of the weight as stored (e.g. 144 B per 256 weights for Q4_K), so types
 compare by how close they get to the memory bandwidth, and Gw/s (weights per second) compares
-their arithmetic. Results JSON: ``bench_out/quant_matvec.json``.
+their arithmetic. The quantized types also run with int8 activations (``q8`` columns:
+``q_matvec(..., act=1)``, i.e. ``qmatvec(..., activations="q8")``, the opt-in approximation with
+x quantized per 32 values and integer dot products; F32 / F16 / BF16 have no such path). Results
+JSON: ``bench_out/quant_matvec.json`` (q8 keys end in `` q8``).
 
-    python -m flashtier.benchmarks.bench_quant_matvec [--types Q4_K,Q6_K] [--shapes 5632x2048]
+    python -m flashtier.benchmarks.bench_quant_matvec [--types Q4_K,Q6_K] [--shapes 5632x2048] [--activations f32]
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ def main() -> None:
     ap.add_argument("--types", default=TYPES, help="comma-separated ggml type names (BF16 = the bf16_matvec kernel)")
     ap.add_argument("--shapes", default=SHAPES, help="comma-separated ROWSxCOLS")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--activations", default="f32,q8",
+                    help="f32 (exact products), q8 (int8 activations, quantized types only), or both")
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
@@ -102,9 +107,15 @@ def main() -> None:
     types = [GGMLType[n.strip()] for n in a.types.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     threads_list = [int(t) for t in a.threads.split(",")]
-    res: dict = {"machine": machine(), "isa_level": _native.q_isa(), "seconds": a.seconds, "repeat": a.repeat,
+    acts = [v.strip() for v in a.activations.split(",")]
+    if not acts or any(v not in ("f32", "q8") for v in acts):
+        ap.error(f"--activations takes f32 and/or q8, not {a.activations!r}")
+    columns = [(th, act) for act in acts for th in threads_list]  # table columns: f32 ones first
+    res: dict = {"machine": machine(), "isa_level": _native.q_isa(), "q8_vnni": _native.q_vnni(),
+                 "seconds": a.seconds, "repeat": a.repeat,
                  "gb_per_s": {}, "gb_per_s_best": {}, "gweights_per_s": {}}
-    print(f"Machine: {res['machine']}; kernel level {res['isa_level']} (4 = AVX-512)", flush=True)
+    print(f"Machine: {res['machine']}; kernel level {res['isa_level']} (4 = AVX-512); int8 activations: "
+          f"{'AVX-512 VNNI' if res['q8_vnni'] else 'AVX2 / baseline'}", flush=True)
     for rows, cols in shapes:
         x = rng.standard_normal(cols, dtype=np.float32)
         out = np.empty(rows, np.float32)
@@ -112,10 +123,15 @@ def main() -> None:
             info = type_info(t)
             nbytes = rows * info.row_bytes(cols)
             ws = [random_weight(t, rows, cols, rng) for _ in range(max(1, -(-CACHE_DEFEAT_BYTES // nbytes)))]
-            for threads in threads_list:
+            for threads, act in columns:
+                if act == "q8" and not info.quantized:
+                    continue
                 if t == GGMLType.BF16:
                     def fn(w: np.ndarray) -> None:
                         _native.bf16_matvec(w, x, out, rows, cols, threads)
+                elif act == "q8":
+                    def fn(w: np.ndarray) -> None:
+                        _native.q_matvec(int(t), w, x, out, rows, cols, threads, 1)
                 else:
                     def fn(w: np.ndarray) -> None:
                         _native.q_matvec(int(t), w, x, out, rows, cols, threads)
@@ -124,7 +140,7 @@ def main() -> None:
                     wait_idle(a.wait_idle)
                     runs.append(gb_per_s(fn, ws, a.seconds))
                 gbs = statistics.median(runs)
-                key = f"{t.name} {rows}x{cols} t{threads}"
+                key = f"{t.name} {rows}x{cols} t{threads}" + (" q8" if act == "q8" else "")
                 res["gb_per_s"][key] = round(gbs, 1)
                 res["gb_per_s_best"][key] = round(max(runs), 1)
                 res["gweights_per_s"][key] = round(gbs * 1e9 / (nbytes / (rows * cols)) / 1e9, 1)
@@ -132,15 +148,20 @@ def main() -> None:
             del ws
     lines = [f"Machine: {res['machine']}; one fp32 activation row; GB/s of weight bytes as stored, median / "
              f"best of {a.repeat} rounds (Gweights/s of the median in brackets); BF16 = bf16_matvec, the others "
-             "q_matvec.", "",
-             "| type | B/weight | shape | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads_list) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in threads_list) + " |"]
+             "q_matvec; q8 = int8 activations (activations=\"q8\", quantized types only).", "",
+             "| type | B/weight | shape | "
+             + " | ".join(f"{t} thread{'s' if t > 1 else ''}{' q8' if act == 'q8' else ''}" for t, act in columns)
+             + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |"]
     for t in types:
         info = type_info(t)
         for rows, cols in shapes:
             cells = []
-            for threads in threads_list:
-                key = f"{t.name} {rows}x{cols} t{threads}"
+            for threads, act in columns:
+                key = f"{t.name} {rows}x{cols} t{threads}" + (" q8" if act == "q8" else "")
+                if key not in res["gb_per_s"]:
+                    cells.append("-")
+                    continue
                 cells.append(f"{res['gb_per_s'][key]} / {res['gb_per_s_best'][key]} ({res['gweights_per_s'][key]})")
             lines.append(f"| {t.name} | {info.type_size / info.block_size:.4g} | {rows}x{cols} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
