@@ -11,7 +11,7 @@ compare by how close they get to the memory bandwidth, and Gw/s (weights per sec
 their arithmetic. The quantized types also run with int8 activations (``q8`` columns:
 ``q_matvec(..., act=1)``, i.e. ``qmatvec(..., activations="q8")``, the opt-in approximation with
 x quantized per 32 values and integer dot products; F32 / F16 / BF16 have no such path). Results
-JSON: ``bench_out/quant_matvec.json`` (q8 keys end in `` q8``).
+JSON and table: ``benchmarks/results/quant_matvec.{json,md}`` (q8 keys end in `` q8``).
 
     python -m flashtier.benchmarks.bench_quant_matvec [--types Q4_K,Q6_K] [--shapes 5632x2048] [--activations f32]
 """
@@ -165,11 +165,12 @@ def main() -> None:
                 cells.append(f"{res['gb_per_s'][key]} / {res['gb_per_s_best'][key]} ({res['gweights_per_s'][key]})")
             lines.append(f"| {t.name} | {info.type_size / info.block_size:.4g} | {rows}x{cols} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    out_dir = REPO / "bench_out"
-    out_dir.mkdir(exist_ok=True)
+    out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quant_matvec.json").write_text(json.dumps(res, indent=2))
+    (out_dir / "quant_matvec.md").write_text(table + "\n")
     print(table)
-    print(f"\n(results: {out_dir / 'quant_matvec.json'})")
+    print(f"\n(results: {out_dir / 'quant_matvec.json'}, .md)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
  *   x86-64, chosen at load time (GCC target_clones).
  *
  * q_matvec(qtype, w, x, out, rows, cols, threads[, act]) / q_dequantize(qtype, w, out, rows, cols, threads):
+ *   (q_matvec_many(x, cols, threads, act, specs): several products of one x as one pool job)
  *   the same product (and plain dequantization) straight from GGUF / ggml blocks of type qtype
  *   (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) on the same pool; see the section below and
  *   runtime/quant_kernels.py. act=1: the opt-in int8-activation approximation (x quantized per 32
@@ -147,6 +148,8 @@ struct matvec_job {
     Py_ssize_t rows, cols, row_bytes;
     int parts;
     const struct q8x *qx; /* int8-activation products (act = 1): the quantized x, see q8x */
+    const void *ctx;      /* other jobs' own arguments (decode attention) */
+    Py_ssize_t unit;      /* rows per claim when > 0 (default: whole 16-row groups, ~8 per thread) */
 };
 
 static void bf16_rows(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
@@ -180,7 +183,7 @@ static inline void cpu_relax(void) {
  * computes it, so results do not depend on the split. */
 static void work_on(const matvec_job *j, uint32_t gen) {
     Py_ssize_t chunk = (j->rows + 8 * (Py_ssize_t)j->parts - 1) / (8 * (Py_ssize_t)j->parts);
-    chunk = chunk < 16 ? 16 : (chunk + 15) & ~(Py_ssize_t)15;
+    chunk = j->unit > 0 ? j->unit : chunk < 16 ? 16 : (chunk + 15) & ~(Py_ssize_t)15;
     for (;;) {
         uint64_t c = __atomic_load_n(&pool_claim, __ATOMIC_SEQ_CST);
         if ((uint32_t)(c >> 32) != gen) return;  /* a later job: this one is fully claimed */
@@ -251,9 +254,10 @@ static int ensure_workers(int want) {
     return pool_workers;
 }
 
-static void matvec(const matvec_job *job_in) {
+/* Runs `job_in` on the pool (alone on the caller below `min_rows` rows or with one part). */
+static void pool_run(const matvec_job *job_in, Py_ssize_t min_rows) {
     matvec_job j = *job_in;
-    if (j.parts <= 1 || j.rows < 64 || j.rows > INT32_MAX) {
+    if (j.parts <= 1 || j.rows < min_rows || j.rows > INT32_MAX) {
         j.fn(&j, 0, j.rows);
         return;
     }
@@ -274,6 +278,8 @@ static void matvec(const matvec_job *job_in) {
     while (__atomic_load_n(&pool_done, __ATOMIC_SEQ_CST) < j.rows) cpu_relax();
     pthread_mutex_unlock(&call_mu);
 }
+
+static void matvec(const matvec_job *job_in) { pool_run(job_in, 64); }
 
 static PyObject *bf16_matvec(PyObject *self, PyObject *args) {
     Py_buffer w, x, out;
@@ -1567,6 +1573,142 @@ static void q8_prepare(int type, q8x *qx, const float *x, Py_ssize_t cols, int v
 #endif
 }
 
+/* One product (or dequantization) made ready to run: the job plus the scratch its x needs (block
+ * sums of x for the exact Q4_K / Q5_K kernels, the quantized x of an int8-activation product). */
+typedef struct {
+    matvec_job j;
+    float *sums;
+    void *q8mem;
+    q8x qx;
+    int q8_v4;
+} q_prep;
+
+static void q_prep_free(q_prep *p) {
+    PyMem_Free(p->sums);
+    PyMem_Free(p->q8mem);
+    p->sums = NULL;
+    p->q8mem = NULL;
+}
+
+/* Checks the geometry of one product / dequantization and sets up `p` (its scratch allocated, not
+ * yet filled: q_prep_fill does that without the GIL). `x_len` < 0 for a dequantization. Returns 0,
+ * or -1 with a Python exception set. */
+static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const void *x, Py_ssize_t x_len,
+                     const Py_buffer *out, Py_ssize_t rows, Py_ssize_t cols, int threads, int act, q_prep *p) {
+    const int dequant = x_len < 0;
+    memset(p, 0, sizeof *p);
+    q_detect();
+    if (act != 0 && act != 1) {
+        PyErr_Format(PyExc_ValueError, "%s: act must be 0 (fp32 activations) or 1 (int8 activations), not %d",
+                     fname, act);
+        return -1;
+    }
+    const qtype_info *ti = qtype_lookup(qtype);
+    if (ti == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: ggml type id %d is not supported (supported: F32=0, F16=1, BF16=30, "
+                     "Q8_0=8, Q4_0=2, Q4_K=12, Q5_K=13, Q6_K=14)", fname, qtype);
+        return -1;
+    }
+    if (rows < 0 || cols < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: rows (%zd) and cols (%zd) must be >= 0", fname, rows, cols);
+        return -1;
+    }
+    if (cols % ti->block) {
+        PyErr_Format(PyExc_ValueError, "%s: %s rows hold a multiple of %d weights, not cols=%zd", fname, ti->name,
+                     ti->block, cols);
+        return -1;
+    }
+    Py_ssize_t row_bytes = cols / ti->block * ti->bytes;
+    if (rows > 0 && row_bytes > 0 && rows > PY_SSIZE_T_MAX / row_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: [%zd, %zd] is too large", fname, rows, cols);
+        return -1;
+    }
+    if (w->len != rows * row_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: a [%zd, %zd] %s weight is %zd bytes, the buffer has %zd", fname, rows,
+                     cols, ti->name, rows * row_bytes, w->len);
+        return -1;
+    }
+    if (!dequant && x_len != cols * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: x must be fp32 [%zd] (%zd bytes), the buffer has %zd bytes", fname, cols,
+                     cols * 4, x_len);
+        return -1;
+    }
+    if (dequant && rows > 0 && cols > PY_SSIZE_T_MAX / 4 / rows) {
+        PyErr_Format(PyExc_ValueError, "%s: [%zd, %zd] is too large", fname, rows, cols);
+        return -1;
+    }
+    Py_ssize_t out_len = dequant ? rows * cols * 4 : rows * 4;
+    if (out->len != out_len) {
+        if (dequant)
+            PyErr_Format(PyExc_ValueError, "%s: out must be fp32 [%zd, %zd] (%zd bytes), the buffer has %zd bytes",
+                         fname, rows, cols, out_len, out->len);
+        else
+            PyErr_Format(PyExc_ValueError, "%s: out must be fp32 [%zd] (%zd bytes), the buffer has %zd bytes",
+                         fname, rows, out_len, out->len);
+        return -1;
+    }
+    if (((uintptr_t)out->buf & 3) || (!dequant && ((uintptr_t)x & 3)) ||
+        (ti->block == 1 && ((uintptr_t)w->buf & (ti->bytes - 1)))) {
+        PyErr_Format(PyExc_ValueError, "%s: x and out must be 4-byte aligned (and F32/F16/BF16 weights aligned to "
+                     "their element size)", fname);
+        return -1;
+    }
+    matvec_job j = {q_pick(qtype, dequant), w->buf, dequant ? NULL : (const float *)x, (float *)out->buf, NULL,
+                    rows, cols, row_bytes, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads),
+                    NULL};
+    rows_fn q8fn = act == 1 && !dequant ? q_pick_q8(qtype) : NULL;
+    if (q8fn) j.fn = q8fn;
+#if Q_X86
+    int needs_sums = j.fn == q4_k_mv_v4 || j.fn == q5_k_mv_v4;
+    p->q8_v4 = j.fn == q8_0_q8mv_v4 || j.fn == q4_0_q8mv_v4 || j.fn == q4_k_q8mv_v4 || j.fn == q5_k_q8mv_v4 ||
+               j.fn == q6_k_q8mv_v4;
+#else
+    int needs_sums = 0;
+#endif
+    int kmin = qtype == GT_Q4_K || qtype == GT_Q5_K;
+    if (needs_sums && rows > 0 && cols > 0) {
+        p->sums = (float *)PyMem_Malloc((size_t)cols / 16 * sizeof(float));
+        if (p->sums == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        j.aux = p->sums;
+    }
+    if (q8fn && rows > 0 && cols > 0) {
+        /* one allocation, each array 64-byte aligned: xqn [cols], sxn, xsn [cols/32]; the v4 layouts
+         * xq, corr, sxl [padded bytes each], aux [cols/16] */
+        int v4 = p->q8_v4;
+        size_t padded = (size_t)(cols + 255) / 256 * 256, ng = (size_t)cols / 32;
+        size_t sz[7] = {(size_t)cols, 4 * ng, kmin ? 4 * ng : 0, v4 ? padded : 0, v4 ? padded : 0,
+                        v4 ? padded : 0, v4 && kmin ? 8 * ng : 0};
+        size_t total = 64;
+        for (int i = 0; i < 7; i++) total += (sz[i] + 63) / 64 * 64;
+        p->q8mem = PyMem_Malloc(total);
+        if (p->q8mem == NULL) {
+            q_prep_free(p);
+            PyErr_NoMemory();
+            return -1;
+        }
+        uint8_t *m = (uint8_t *)(((uintptr_t)p->q8mem + 63) & ~(uintptr_t)63);
+        void *arr[7];
+        for (int i = 0; i < 7; i++) {
+            arr[i] = sz[i] ? m : NULL;
+            m += (sz[i] + 63) / 64 * 64;
+        }
+        p->qx.xqn = arr[0], p->qx.sxn = arr[1], p->qx.xsn = arr[2], p->qx.xq = arr[3], p->qx.corr = arr[4];
+        p->qx.sxl = arr[5], p->qx.aux = arr[6];
+        j.qx = &p->qx;
+    }
+    p->j = j;
+    return 0;
+}
+
+/* Fills p's scratch from x (no GIL needed). */
+static void q_prep_fill(int qtype, q_prep *p) {
+    if (p->sums) x_block_sums(p->j.x, p->j.cols, p->sums);
+    if (p->q8mem) q8_prepare(qtype, &p->qx, p->j.x, p->j.cols, p->q8_v4);
+}
+
 /* Shared argument handling of q_matvec / q_dequantize. */
 static PyObject *q_run(PyObject *args, int dequant) {
     const char *fname = dequant ? "q_dequantize" : "q_matvec";
@@ -1579,118 +1721,16 @@ static PyObject *q_run(PyObject *args, int dequant) {
         if (!PyArg_ParseTuple(args, "iy*y*w*nni|i", &qtype, &w, &x, &out, &rows, &cols, &threads, &act)) return NULL;
     }
     PyObject *result = NULL;
-    q_detect();
-    if (act != 0 && act != 1) {
-        PyErr_Format(PyExc_ValueError, "%s: act must be 0 (fp32 activations) or 1 (int8 activations), not %d",
-                     fname, act);
+    q_prep p;
+    if (q_prepare(fname, qtype, &w, dequant ? NULL : x.buf, dequant ? -1 : x.len, &out, rows, cols, threads, act,
+                  &p) < 0)
         goto done;
-    }
-    const qtype_info *ti = qtype_lookup(qtype);
-    if (ti == NULL) {
-        PyErr_Format(PyExc_ValueError, "%s: ggml type id %d is not supported (supported: F32=0, F16=1, BF16=30, "
-                     "Q8_0=8, Q4_0=2, Q4_K=12, Q5_K=13, Q6_K=14)", fname, qtype);
-        goto done;
-    }
-    if (rows < 0 || cols < 0) {
-        PyErr_Format(PyExc_ValueError, "%s: rows (%zd) and cols (%zd) must be >= 0", fname, rows, cols);
-        goto done;
-    }
-    if (cols % ti->block) {
-        PyErr_Format(PyExc_ValueError, "%s: %s rows hold a multiple of %d weights, not cols=%zd", fname, ti->name,
-                     ti->block, cols);
-        goto done;
-    }
-    Py_ssize_t row_bytes = cols / ti->block * ti->bytes;
-    if (rows > 0 && row_bytes > 0 && rows > PY_SSIZE_T_MAX / row_bytes) {
-        PyErr_Format(PyExc_ValueError, "%s: [%zd, %zd] is too large", fname, rows, cols);
-        goto done;
-    }
-    if (w.len != rows * row_bytes) {
-        PyErr_Format(PyExc_ValueError, "%s: a [%zd, %zd] %s weight is %zd bytes, the buffer has %zd", fname, rows,
-                     cols, ti->name, rows * row_bytes, w.len);
-        goto done;
-    }
-    if (!dequant && x.len != cols * 4) {
-        PyErr_Format(PyExc_ValueError, "%s: x must be fp32 [%zd] (%zd bytes), the buffer has %zd bytes", fname, cols,
-                     cols * 4, x.len);
-        goto done;
-    }
-    if (dequant && rows > 0 && cols > PY_SSIZE_T_MAX / 4 / rows) {
-        PyErr_Format(PyExc_ValueError, "%s: [%zd, %zd] is too large", fname, rows, cols);
-        goto done;
-    }
-    Py_ssize_t out_len = dequant ? rows * cols * 4 : rows * 4;
-    if (out.len != out_len) {
-        if (dequant)
-            PyErr_Format(PyExc_ValueError, "%s: out must be fp32 [%zd, %zd] (%zd bytes), the buffer has %zd bytes",
-                         fname, rows, cols, out_len, out.len);
-        else
-            PyErr_Format(PyExc_ValueError, "%s: out must be fp32 [%zd] (%zd bytes), the buffer has %zd bytes",
-                         fname, rows, out_len, out.len);
-        goto done;
-    }
-    if (((uintptr_t)out.buf & 3) || (!dequant && ((uintptr_t)x.buf & 3)) ||
-        (ti->block == 1 && ((uintptr_t)w.buf & (ti->bytes - 1)))) {
-        PyErr_Format(PyExc_ValueError, "%s: x and out must be 4-byte aligned (and F32/F16/BF16 weights aligned to "
-                     "their element size)", fname);
-        goto done;
-    }
-    matvec_job j = {q_pick(qtype, dequant), w.buf, dequant ? NULL : (const float *)x.buf, (float *)out.buf, NULL,
-                    rows, cols, row_bytes, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads),
-                    NULL};
-    rows_fn q8fn = act == 1 && !dequant ? q_pick_q8(qtype) : NULL;
-    if (q8fn) j.fn = q8fn;
-    float *sums = NULL;
-    void *q8mem = NULL;
-    q8x qx = {0};
-#if Q_X86
-    int needs_sums = j.fn == q4_k_mv_v4 || j.fn == q5_k_mv_v4;
-    int q8_v4 = j.fn == q8_0_q8mv_v4 || j.fn == q4_0_q8mv_v4 || j.fn == q4_k_q8mv_v4 || j.fn == q5_k_q8mv_v4 ||
-                j.fn == q6_k_q8mv_v4;
-#else
-    int needs_sums = 0, q8_v4 = 0;
-#endif
-    int kmin = qtype == GT_Q4_K || qtype == GT_Q5_K;
-    if (needs_sums && rows > 0 && cols > 0) {
-        sums = (float *)PyMem_Malloc((size_t)cols / 16 * sizeof(float));
-        if (sums == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        j.aux = sums;
-    }
-    if (q8fn && rows > 0 && cols > 0) {
-        /* one allocation, each array 64-byte aligned: xqn [cols], sxn, xsn [cols/32]; the v4 layouts
-         * xq, corr, sxl [padded bytes each], aux [cols/16] */
-        size_t padded = (size_t)(cols + 255) / 256 * 256, ng = (size_t)cols / 32;
-        size_t sz[7] = {(size_t)cols, 4 * ng, kmin ? 4 * ng : 0, q8_v4 ? padded : 0, q8_v4 ? padded : 0,
-                        q8_v4 ? padded : 0, q8_v4 && kmin ? 8 * ng : 0};
-        size_t total = 64;
-        for (int i = 0; i < 7; i++) total += (sz[i] + 63) / 64 * 64;
-        q8mem = PyMem_Malloc(total);
-        if (q8mem == NULL) {
-            PyMem_Free(sums);
-            PyErr_NoMemory();
-            goto done;
-        }
-        uint8_t *p = (uint8_t *)(((uintptr_t)q8mem + 63) & ~(uintptr_t)63);
-        void *arr[7];
-        for (int i = 0; i < 7; i++) {
-            arr[i] = sz[i] ? p : NULL;
-            p += (sz[i] + 63) / 64 * 64;
-        }
-        qx.xqn = arr[0], qx.sxn = arr[1], qx.xsn = arr[2], qx.xq = arr[3], qx.corr = arr[4], qx.sxl = arr[5];
-        qx.aux = arr[6];
-        j.qx = &qx;
-    }
     if (rows > 0 && cols > 0) {
         Py_BEGIN_ALLOW_THREADS
-        if (sums) x_block_sums((const float *)x.buf, cols, sums);
-        if (q8mem) q8_prepare(qtype, &qx, (const float *)x.buf, cols, q8_v4);
-        matvec(&j);
+        q_prep_fill(qtype, &p);
+        matvec(&p.j);
         Py_END_ALLOW_THREADS
-        PyMem_Free(sums);
-        PyMem_Free(q8mem);
+        q_prep_free(&p);
     } else if (!dequant && rows > 0) {
         memset(out.buf, 0, (size_t)out.len);
     }
@@ -1700,6 +1740,93 @@ done:
     PyBuffer_Release(&w);
     if (!dequant) PyBuffer_Release(&x);
     PyBuffer_Release(&out);
+    return result;
+}
+
+/* ------------------------------------------------------------- several products of one x
+ * q_matvec_many(x, cols, threads, act, ((qtype, w, out, rows), ...)): out_i = dequant(w_i) @ x for up
+ * to MANY_MAX weights of `cols` columns (a layer's q, k, v; gate and up), as one job on the pool: x is
+ * prepared (summed / quantized) once per distinct type, the rows of all products are claimed from one
+ * counter, and the caller waits once. Each row is computed by the same row function as q_matvec, so
+ * every output equals q_matvec's bit for bit. */
+#define MANY_MAX 8
+
+typedef struct {
+    int n;
+    Py_ssize_t start[MANY_MAX + 1]; /* rows of product i are start[i] .. start[i+1]-1 of the job */
+    const matvec_job *sub[MANY_MAX];
+} many_job;
+
+static void many_rows(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    const many_job *m = (const many_job *)j->w;
+    for (int i = 0; i < m->n; i++) {
+        Py_ssize_t a = r0 > m->start[i] ? r0 : m->start[i], b = r1 < m->start[i + 1] ? r1 : m->start[i + 1];
+        if (a < b) m->sub[i]->fn(m->sub[i], a - m->start[i], b - m->start[i]);
+    }
+}
+
+static PyObject *q_matvec_many(PyObject *self, PyObject *args) {
+    Py_buffer x;
+    Py_ssize_t cols;
+    int threads, act;
+    PyObject *specs;
+    if (!PyArg_ParseTuple(args, "y*niiO", &x, &cols, &threads, &act, &specs)) return NULL;
+    PyObject *result = NULL;
+    Py_buffer w[MANY_MAX], out[MANY_MAX];
+    int qtypes[MANY_MAX], owner[MANY_MAX], n = 0, held = 0, prepared = 0;
+    q_prep p[MANY_MAX];
+    many_job m = {0};
+    if (!PyTuple_Check(specs) || PyTuple_GET_SIZE(specs) < 1 || PyTuple_GET_SIZE(specs) > MANY_MAX) {
+        PyErr_Format(PyExc_ValueError, "q_matvec_many: specs must be a tuple of 1 to %d (qtype, w, out, rows) tuples",
+                     MANY_MAX);
+        goto done;
+    }
+    n = (int)PyTuple_GET_SIZE(specs);
+    Py_ssize_t total = 0;
+    for (int i = 0; i < n; i++) {
+        Py_ssize_t rows;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(specs, i), "iy*w*n", &qtypes[i], &w[i], &out[i], &rows)) goto done;
+        held = i + 1;
+        if (q_prepare("q_matvec_many", qtypes[i], &w[i], x.buf, x.len, &out[i], rows, cols, threads, act, &p[i]) < 0)
+            goto done;
+        prepared = i + 1;
+        owner[i] = i;
+        for (int k = 0; k < i; k++) /* the same type: share the first one's prepared x */
+            if (qtypes[k] == qtypes[i] && owner[k] == k) {
+                owner[i] = k;
+                break;
+            }
+        if (owner[i] != i) {
+            q_prep_free(&p[i]);
+            p[i].j.aux = p[owner[i]].j.aux;
+            p[i].j.qx = p[owner[i]].j.qx;
+        }
+        m.start[i] = total;
+        total += rows;
+        m.sub[i] = &p[i].j;
+    }
+    m.start[n] = total;
+    m.n = n;
+    if (cols == 0) {
+        for (int i = 0; i < n; i++) memset(out[i].buf, 0, (size_t)out[i].len);
+    } else if (total > 0) {
+        matvec_job all = {many_rows, &m, (const float *)x.buf, NULL, NULL, total, cols, 0,
+                          threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL};
+        Py_BEGIN_ALLOW_THREADS
+        for (int i = 0; i < n; i++)
+            if (owner[i] == i) q_prep_fill(qtypes[i], &p[i]);
+        matvec(&all);
+        Py_END_ALLOW_THREADS
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (int i = 0; i < held; i++) {
+        if (i < prepared && owner[i] == i) q_prep_free(&p[i]);
+        PyBuffer_Release(&w[i]);
+        PyBuffer_Release(&out[i]);
+    }
+    PyBuffer_Release(&x);
     return result;
 }
 
@@ -1728,6 +1855,233 @@ static PyObject *q_set_isa(PyObject *self, PyObject *args) {
     return PyLong_FromLong(lv);
 }
 
+/* ------------------------------------------------------------- one-token decode steps (fp32)
+ * The small operations between a layer's products, each one call instead of several torch ops
+ * (runtime/model.py and runtime/kv_cache.py use them for one-row passes in fp32):
+ * rms_norm(x, w, out, n, eps): out = w * (x * 1/sqrt(mean(x^2) + eps));
+ * rope(x, out, heads, d, cos, sin, interleaved): out = x * cos + rotate(x) * sin per head, rotate
+ *   = (-x[half:], x[:half]) or, interleaved, (-x1, x0) per adjacent pair (runtime/model.apply_rope);
+ * attend(q, k, v, out, hq, hkv, d, lo, end, head_stride, scale, threads): for each query head h
+ *   (kv head h / (hq / hkv)): softmax over positions lo..end-1 of scale * q_h . k_p, times v_p. k
+ *   and v hold each kv head's positions contiguously [p, d] with head_stride floats between heads.
+ *   Scores are fp32, the softmax subtracts the maximum (exp of <= 0), sums are fp32. Heads run on
+ *   the pool when the work is large enough. */
+MULTIVERSION
+static void rms_norm_impl(const float *restrict x, const float *restrict w, float *restrict out, Py_ssize_t n,
+                          float eps) {
+    float ss = 0.f;
+    for (Py_ssize_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+MULTIVERSION
+static void rope_impl(const float *restrict x, float *restrict out, Py_ssize_t heads, Py_ssize_t d,
+                      const float *restrict c, const float *restrict sn, int interleaved) {
+    const Py_ssize_t half = d / 2;
+    for (Py_ssize_t h = 0; h < heads; h++) {
+        const float *xh = x + h * d;
+        float *o = out + h * d;
+        if (interleaved) {
+            for (Py_ssize_t i = 0; i < half; i++) {
+                float x0 = xh[2 * i], x1 = xh[2 * i + 1];
+                o[2 * i] = x0 * c[2 * i] + (-x1) * sn[2 * i];
+                o[2 * i + 1] = x1 * c[2 * i + 1] + x0 * sn[2 * i + 1];
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < half; i++) o[i] = xh[i] * c[i] + (-xh[i + half]) * sn[i];
+            for (Py_ssize_t i = half; i < d; i++) o[i] = xh[i] * c[i] + xh[i - half] * sn[i];
+        }
+    }
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the maximum), branch-free so that loops over it
+ * vectorise: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative error ~2e-7,
+ * about one fp32 ulp), times 2^n built in the exponent bits. x < -87 gives exp(-87) ~ 1.6e-38 (a
+ * softmax weight that small is below the fp32 resolution of the sum, which holds a 1); NaN stays NaN. */
+static ALWAYS_INLINE float exp_le0(float x) {
+    float xc = x < -87.f ? -87.f : x;
+    float n = rintf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693145751953125f;   /* ln2 in two parts: exact product with the high part */
+    r = r - n * 1.42860682030941723212e-6f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    float y = p * scale;
+    return x != x ? x : y;
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    Py_ssize_t hq, hkv, d, lo, end, head_stride;
+    float scale;
+} attend_args;
+
+static inline float hsum16(v16f v) {
+    float t = 0.f;
+    for (int l = 0; l < 16; l++) t += v[l];
+    return t;
+}
+
+/* The query heads g0..g1-1 of kv head kvh (they share its keys and values): sc holds (g1-g0) * n
+ * floats of scratch. */
+MULTIVERSION
+static void attend_group(const attend_args *a, Py_ssize_t kvh, Py_ssize_t g0, Py_ssize_t g1, float *restrict sc) {
+    const Py_ssize_t d = a->d, n = a->end - a->lo, G = a->hq / a->hkv, ng = g1 - g0;
+    const float *restrict K = a->k + kvh * a->head_stride + a->lo * d;
+    const float *restrict V = a->v + kvh * a->head_stride + a->lo * d;
+    const float *restrict Q = a->q + (kvh * G + g0) * d;
+    const int vec = d % 16 == 0;
+    for (Py_ssize_t p = 0; p < n; p++) { /* each key row read once for the group's queries */
+        const float *kp = K + p * d;
+        for (Py_ssize_t g = 0; g < ng; g++) {
+            const float *qg = Q + g * d;
+            float t = 0.f;
+            if (vec) {
+                v16f acc = {0};
+                for (Py_ssize_t i = 0; i < d; i += 16) acc += load_f32x16(qg + i) * load_f32x16(kp + i);
+                t = hsum16(acc);
+            } else {
+                for (Py_ssize_t i = 0; i < d; i++) t += qg[i] * kp[i];
+            }
+            sc[g * n + p] = t * a->scale;
+        }
+    }
+    for (Py_ssize_t g = 0; g < ng; g++) {
+        float *sg = sc + g * n, mx = -INFINITY, sum = 0.f;
+        for (Py_ssize_t p = 0; p < n; p++) mx = sg[p] > mx ? sg[p] : mx;
+        for (Py_ssize_t p = 0; p < n; p++) {
+            sg[p] = exp_le0(sg[p] - mx);
+            sum += sg[p];
+        }
+        float *restrict o = a->out + (kvh * G + g0 + g) * d;
+        const float inv = 1.f / sum;
+        if (vec && d <= 256) { /* the output row in registers / L1 while the values stream */
+            v16f acc[16];
+            for (Py_ssize_t c = 0; c < d / 16; c++) acc[c] = (v16f){0};
+            for (Py_ssize_t p = 0; p < n; p++) {
+                const float w = sg[p];
+                const float *vp = V + p * d;
+                for (Py_ssize_t c = 0; c < d / 16; c++) acc[c] += w * load_f32x16(vp + 16 * c);
+            }
+            for (Py_ssize_t c = 0; c < d / 16; c++) {
+                v16f r = acc[c] * inv;
+                memcpy(o + 16 * c, &r, sizeof r);
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < d; i++) o[i] = 0.f;
+            for (Py_ssize_t p = 0; p < n; p++)
+                for (Py_ssize_t i = 0; i < d; i++) o[i] += sg[p] * V[p * d + i];
+            for (Py_ssize_t i = 0; i < d; i++) o[i] *= inv;
+        }
+    }
+}
+
+#define ATTEND_GROUP 8 /* query heads scored together against one kv head's keys */
+
+/* kv heads h0..h1-1 (the pool's rows). */
+static void attend_rows(const matvec_job *j, Py_ssize_t h0, Py_ssize_t h1) {
+    const attend_args *a = (const attend_args *)j->ctx;
+    const Py_ssize_t n = a->end - a->lo, G = a->hq / a->hkv, ng = G < ATTEND_GROUP ? G : ATTEND_GROUP;
+    float stack[8192];
+    float *sc = n * ng <= 8192 ? stack : (float *)malloc((size_t)(n * ng) * sizeof(float));
+    if (sc == NULL) { /* out of memory in a worker: NaN rows (the caller's finiteness checks see them) */
+        for (Py_ssize_t i = h0 * G * a->d; i < h1 * G * a->d; i++) a->out[i] = NAN;
+        return;
+    }
+    for (Py_ssize_t h = h0; h < h1; h++)
+        for (Py_ssize_t g0 = 0; g0 < G; g0 += ng) attend_group(a, h, g0, g0 + ng < G ? g0 + ng : G, sc);
+    if (sc != stack) free(sc);
+}
+
+static PyObject *rms_norm(PyObject *self, PyObject *args) {
+    Py_buffer x, w, out;
+    Py_ssize_t n;
+    float eps;
+    if (!PyArg_ParseTuple(args, "y*y*w*nf", &x, &w, &out, &n, &eps)) return NULL;
+    PyObject *result = NULL;
+    if (n <= 0 || x.len != n * 4 || w.len != n * 4 || out.len != n * 4) {
+        PyErr_Format(PyExc_ValueError, "rms_norm: x, w and out must be fp32 [%zd] (got %zd, %zd, %zd bytes)", n, x.len,
+                     w.len, out.len);
+    } else {
+        rms_norm_impl((const float *)x.buf, (const float *)w.buf, (float *)out.buf, n, eps);
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *rope(PyObject *self, PyObject *args) {
+    Py_buffer x, out, c, sn;
+    Py_ssize_t heads, d;
+    int interleaved;
+    if (!PyArg_ParseTuple(args, "y*w*nny*y*p", &x, &out, &heads, &d, &c, &sn, &interleaved)) return NULL;
+    PyObject *result = NULL;
+    if (heads <= 0 || d <= 0 || d % 2 || x.len != heads * d * 4 || out.len != x.len || c.len != d * 4 ||
+        sn.len != d * 4) {
+        PyErr_Format(PyExc_ValueError, "rope: x and out must be fp32 [%zd, %zd] (even d), cos and sin fp32 [%zd]", heads,
+                     d, d);
+    } else {
+        rope_impl((const float *)x.buf, (float *)out.buf, heads, d, (const float *)c.buf, (const float *)sn.buf,
+                  interleaved);
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&sn);
+    return result;
+}
+
+static PyObject *attend(PyObject *self, PyObject *args) {
+    Py_buffer q, k, v, out;
+    attend_args a;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnnnfi", &q, &k, &v, &out, &a.hq, &a.hkv, &a.d, &a.lo, &a.end,
+                          &a.head_stride, &a.scale, &threads))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t need = (a.hkv - 1) * a.head_stride + a.end * a.d; /* floats of k / v read */
+    if (a.hq <= 0 || a.hkv <= 0 || a.hq % a.hkv || a.d <= 0 || a.lo < 0 || a.end <= a.lo ||
+        a.head_stride < a.end * a.d || q.len != a.hq * a.d * 4 || out.len != q.len || k.len < need * 4 ||
+        v.len < need * 4 || ((uintptr_t)q.buf & 3) || ((uintptr_t)k.buf & 3) || ((uintptr_t)v.buf & 3) ||
+        ((uintptr_t)out.buf & 3)) {
+        PyErr_Format(PyExc_ValueError, "attend: q/out fp32 [%zd x %zd], %zd kv heads, positions %zd..%zd, head "
+                     "stride %zd do not fit buffers of %zd / %zd bytes", a.hq, a.d, a.hkv, a.lo, a.end,
+                     a.head_stride, k.len, v.len);
+        goto done;
+    }
+    a.q = (const float *)q.buf, a.k = (const float *)k.buf, a.v = (const float *)v.buf, a.out = (float *)out.buf;
+    matvec_job j = {attend_rows, NULL, NULL, NULL, NULL, a.hkv, 0, 0,
+                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL, &a, 1};
+    /* below ~512K multiply-adds (~30 us) one thread is faster than waking another */
+    int pooled = (a.end - a.lo) * a.hq * a.d >= (1 << 19);
+    Py_BEGIN_ALLOW_THREADS
+    if (pooled) pool_run(&j, 2);
+    else attend_rows(&j, 0, a.hkv);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"bf16_matvec", bf16_matvec, METH_VARARGS,
      "bf16_matvec(w, x, out, rows, cols, threads): out = bf16(w) @ x in fp32 (GIL released)."},
@@ -1737,6 +2091,15 @@ static PyMethodDef methods[] = {
     {"q_dequantize", q_dequantize, METH_VARARGS,
      "q_dequantize(qtype, w, out, rows, cols, threads): out [rows, cols] fp32 = the dequantized ggml blocks "
      "(GIL released)."},
+    {"q_matvec_many", q_matvec_many, METH_VARARGS,
+     "q_matvec_many(x, cols, threads, act, ((qtype, w, out, rows), ...)): several q_matvec products of one fp32 x "
+     "(up to 8) as one job on the pool, x prepared once per type; each output equals q_matvec's (GIL released)."},
+    {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, w, out, n, eps): out = w * (x / sqrt(mean(x^2) + eps)), fp32."},
+    {"rope", rope, METH_VARARGS,
+     "rope(x, out, heads, d, cos, sin, interleaved): rotary embedding of one position, fp32 [heads, d]."},
+    {"attend", attend, METH_VARARGS,
+     "attend(q, k, v, out, hq, hkv, d, lo, end, head_stride, scale, threads): one query row's attention over "
+     "positions lo..end-1, fp32 (GIL released)."},
     {"q_isa", q_isa, METH_NOARGS, "q_isa(): the kernel level in use: 4 AVX-512, 3 AVX2/FMA, 0 baseline."},
     {"q_vnni", q_vnni, METH_NOARGS,
      "q_vnni(): whether int8-activation products (act=1) use the AVX-512 VNNI kernels (else AVX2 / baseline)."},

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flashtier.runtime.quantized import QuantizedTensor, quantized_linear
+from flashtier.runtime.quantized import QuantizedTensor, quantized_linear, quantized_linear_many
 
 MatVec = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 """``kernel(w_bits [N, K] uint16, x [K] float32, out [N] float32)``: ``out = bf16(w_bits) @ x``."""
@@ -158,6 +158,18 @@ class Linear:
     @property
     def fast(self) -> bool:
         return self.kernel != "torch"
+
+    def many(self, x: torch.Tensor, ws: "list[torch.Tensor | QuantizedTensor]",
+             bs: "list[torch.Tensor | None] | None" = None) -> list[torch.Tensor]:
+        """``[self(x, w, b) for w, b in zip(ws, bs)]``, the same tensors; one-row products with
+        quantized weights run as one native call (see :func:`quantized_linear_many`)."""
+        bs = bs if bs is not None else [None] * len(ws)
+        if x.shape[0] == 1 and all(isinstance(w, QuantizedTensor) for w in ws):
+            ys = quantized_linear_many(x, ws, bs, self._native_threads, self.activations)
+            if ys is not None:
+                self.calls_quantized += len(ws)
+                return ys
+        return [self(x, w, b) for w, b in zip(ws, bs)]
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[T, K]``, ``w`` ``[N, K]`` (a tensor or a quantized GGUF weight), ``b`` ``[N]``

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from flashtier.errors import ConfigError
+from flashtier.runtime import decode_ops
 
 
 class KVCache(Protocol):
@@ -81,6 +82,10 @@ class BlockKVCache:
         self.block_table: list[int] = []  # logical block -> physical block in the pools
         self._k: list[torch.Tensor] = []  # per layer [H_kv, N, B, D]
         self._v: list[torch.Tensor] = []
+        self._flat_k: list = []  # numpy views of _k / _v for the native attention (see reserve)
+        self._flat_v: list = []
+        self._np_k: list = []
+        self._np_v: list = []
         self._capacity_blocks = 0
 
     @property
@@ -100,6 +105,12 @@ class BlockKVCache:
             new_k[layer][:, :used] = self._k[layer][:, self.block_table]
             new_v[layer][:, :used] = self._v[layer][:, self.block_table]
         self._k, self._v = new_k, new_v
+        # flat numpy views of each layer's blocks for the native one-row attention (fp32 CPU only)
+        native = decode_ops.native_attend() and self.dtype == torch.float32 and self.device.type == "cpu"
+        self._flat_k = [t.view(-1).numpy() for t in new_k] if native else []
+        self._flat_v = [t.view(-1).numpy() for t in new_v] if native else []
+        self._np_k = [t.numpy() for t in new_k] if native else []  # [H_kv, N, B, D] each (one-row writes)
+        self._np_v = [t.numpy() for t in new_v] if native else []
         self.block_table = list(range(used))
         self._capacity_blocks = need
 
@@ -107,6 +118,15 @@ class BlockKVCache:
         """Store ``k``/``v`` ``[H_kv, T, D]`` for positions ``start .. start+T-1`` of ``layer``."""
         t = k.shape[1]
         end = start + t
+        if t == 1 and end <= self.capacity and self._flat_k and k.dtype == torch.float32 and not k.requires_grad:
+            blk, off = divmod(start, self.block_size)
+            if blk < len(self.block_table):
+                phys = self.block_table[blk]
+                self._np_k[layer][:, phys, off] = k.numpy()[:, 0]  # [H_kv, D]
+                self._np_v[layer][:, phys, off] = v.numpy()[:, 0]
+                if layer == self.num_layers - 1:
+                    self.length = max(self.length, end)
+                return
         if end > self.capacity:
             self.reserve(max(end, 2 * self.capacity))
         while len(self.block_table) * self.block_size < end:
@@ -140,7 +160,14 @@ class BlockKVCache:
         """Exact attention over all cached positions (see :class:`KVCache`)."""
         t = q.shape[1]
         self.write(layer, k, v, start)
-        keys, values = self.read(layer, start + t)  # [Hkv, S, D], S = start + T
+        end = start + t
+        if t == 1 and self._flat_k and q.dtype == torch.float32 and q.is_contiguous() and not q.requires_grad:
+            nblk = -(-end // self.block_size)
+            if self.block_table[:nblk] == list(range(nblk)):  # one row over blocks in physical order
+                lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
+                return decode_ops.attend_row(q, self._flat_k[layer], self._flat_v[layer], self.num_kv_heads,
+                                             self._k[layer].stride(0), lo, end, torch.get_num_threads())
+        keys, values = self.read(layer, end)  # [Hkv, S, D], S = start + T
         gqa = q.shape[0] != keys.shape[0]
         return F.scaled_dot_product_attention(
             q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=self._mask(t, start),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from flashtier.runtime import decode_ops
 from flashtier.runtime.checkpoint import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.runtime.config import ModelConfig, RopeConfig
 from flashtier.runtime.kernels import Linear
@@ -56,7 +57,11 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 and cast back, as transformers does."""
+    """RMSNorm computed in fp32 and cast back, as transformers does (one fp32 row: one native call)."""
+    if x.shape[0] == 1:
+        y = decode_ops.rms_norm_row(x, weight, eps)
+        if y is not None:
+            return y
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -65,7 +70,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """Rotate ``x`` ``[Hx, T, D]`` by ``cos``/``sin`` ``[T, D]``: rotate-half convention, or pairs
     of adjacent dimensions when ``interleaved`` (then ``cos``/``sin`` repeat each frequency twice
-    in a row instead of concatenating two halves: see :func:`rope_tables`)."""
+    in a row instead of concatenating two halves: see :func:`rope_tables`). One fp32 position:
+    one native call."""
+    if x.shape[1] == 1:
+        y = decode_ops.rope_row(x, cos, sin, interleaved)
+        if y is not None:
+            return y
     if interleaved:
         pairs = x.unflatten(-1, (-1, 2))  # [Hx, T, D/2, 2]
         rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
@@ -138,9 +148,7 @@ class Transformer:
     def _attention(self, i: int, n: LayerNames, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         c, w = self.config, self.weights
         t = x.shape[0]
-        q = self._linear(x, n.q, n.q_bias)  # [T, Hq*D]
-        k = self._linear(x, n.k, n.k_bias)  # [T, Hkv*D]
-        v = self._linear(x, n.v, n.v_bias)
+        q, k, v = self._linears(x, (n.q, n.k, n.v), (n.q_bias, n.k_bias, n.v_bias))  # [T, Hq*D], [T, Hkv*D] x 2
         q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
         k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
         v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
@@ -158,15 +166,28 @@ class Transformer:
         w.done((name,))
         return y
 
+    def _linears(self, x: torch.Tensor, names: tuple[str, ...], biases: tuple[str, ...]) -> list[torch.Tensor]:
+        """``[_linear(x, n, b) for n, b in zip(names, biases)]``, the same tensors; when every
+        weight is resident they are fetched together and multiplied in one call
+        (:meth:`Linear.many`); streamed ones go one at a time, each released right after use."""
+        w = self.weights
+        if not all(w.resident(name) for name in names):
+            return [self._linear(x, name, bias) for name, bias in zip(names, biases)]
+        ys = self.linear.many(x, [w.get(name) for name in names], [w.get(b) if b else None for b in biases])
+        w.done(names)
+        return ys
+
     def _mlp(self, x: torch.Tensor, gate: str, up: str, down: str) -> torch.Tensor:
         """Dense gated FFN ``down(act(gate x) * up x)``; each weight released right after use."""
-        return self._linear(self.act(self._linear(x, gate)) * self._linear(x, up), down)
+        g, u = self._linears(x, (gate, up), ("", ""))
+        return self._linear(self.act(g) * u, down)
 
     def _expert(self, x: torch.Tensor, names: tuple[str, str, str]) -> torch.Tensor:
         """One expert's FFN; its weights are released together (``done``) by the caller."""
         w, lin = self.weights, self.linear
         gate, up, down = names
-        return lin(self.act(lin(x, w.get(gate))) * lin(x, w.get(up)), w.get(down))
+        g, u = lin.many(x, [w.get(gate), w.get(up)])
+        return lin(self.act(g) * u, w.get(down))
 
     def _ffn(self, i: int, n: LayerNames, x: torch.Tensor) -> torch.Tensor:
         if not n.router:

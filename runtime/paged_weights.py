@@ -143,6 +143,9 @@ class PagedWeights:
         self._in_use.append(name)
         return as_weight(tensor, self.checkpoint.tensors[name], self.compute_dtype)
 
+    def resident(self, name: str) -> bool:
+        return name in self._resident
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         info = self._embed_info
         row = info.nbytes // info.shape[0]

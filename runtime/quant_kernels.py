@@ -41,6 +41,10 @@ try:
 except ImportError:  # extension not built: numpy fallback
     _native_matvec = None
     _native_dequantize = None
+try:
+    from flashtier._native import q_matvec_many as _native_matvec_many
+except ImportError:  # not built, or an extension built before it existed
+    _native_matvec_many = None
 
 ACTIVATIONS = ("f32", "q8")
 """Values of ``qmatvec(..., activations=)``: exact fp32 activations, or int8 with a scale per 32."""

@@ -16,13 +16,15 @@ activations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from flashtier.checkpoint.ggml_types import GGMLType, type_info
+from flashtier.runtime import quant_kernels as qk
 
 if TYPE_CHECKING:
     from flashtier.storage_backends.safetensors_format import TensorInfo
@@ -39,12 +41,17 @@ class QuantizedTensor:
     qtype: GGMLType
     shape: tuple[int, int]
 
+    array: "np.ndarray | None" = field(init=False, repr=False, compare=False, default=None)
+    """``data`` as a numpy array for the native kernels (contiguous CPU data), else None."""
+
     def __post_init__(self) -> None:
         rows, cols = self.shape
         want = (rows, type_info(self.qtype).row_bytes(cols))
         if tuple(self.data.shape) != want or self.data.dtype != torch.uint8:
             raise ValueError(f"{self.qtype.name} weight {list(self.shape)} needs uint8 data {list(want)}, "
                              f"got {self.data.dtype} {list(self.data.shape)}")
+        if self.data.device.type == "cpu" and self.data.is_contiguous() and not self.data.requires_grad:
+            object.__setattr__(self, "array", self.data.numpy())
 
     @classmethod
     def from_bytes(cls, flat: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...]) -> "QuantizedTensor":
@@ -83,8 +90,6 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
     ``activations``: for one row (decode), 'f32' is exact, 'q8' quantizes the row to int8 per 32
     values (an approximation, see :func:`~flashtier.runtime.quant_kernels.qmatvec`). Several rows
     (prefill) are always exact."""
-    from flashtier.runtime import quant_kernels as qk
-
     rows, cols = w.shape
     if x.shape[-1] != cols:
         raise ValueError(f"activation of width {x.shape[-1]} times a weight of shape {list(w.shape)}")
@@ -93,11 +98,11 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
         if xr.dtype != torch.float32 or not xr.is_contiguous():
             xr = xr.float().contiguous()  # [K]
         native = qk._native_matvec
-        if native is not None and w.data.is_contiguous() and w.data.device.type == "cpu" and not xr.requires_grad:
+        if native is not None and w.array is not None and not xr.requires_grad:
             # the lean call: QuantizedTensor checked its geometry when it was made (decode makes
             # ~80 of these per token; qmatvec's argument checks cost ~20 us each)
             y = torch.empty(1, rows, dtype=torch.float32)  # [1, N]
-            args = (int(w.qtype), w.data.numpy(), xr.numpy(), y.numpy(), rows, cols, threads or torch.get_num_threads())
+            args = (int(w.qtype), w.array, xr.numpy(), y.numpy(), rows, cols, threads or torch.get_num_threads())
             native(*args, 1) if activations == "q8" else native(*args)
         else:
             y = qk.qmatvec(int(w.qtype), w.data, xr, threads, activations=activations).unsqueeze(0)  # [1, N] fp32
@@ -111,6 +116,38 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
     if b is not None:
         y = y + b.float()
     return y.to(x.dtype)
+
+
+MANY_MAX = 8
+"""Most products :func:`quantized_linear_many` runs as one native call."""
+
+
+def quantized_linear_many(x: torch.Tensor, ws: "list[QuantizedTensor]", bs: "list[torch.Tensor | None]",
+                          threads: int, activations: str = "f32") -> "list[torch.Tensor] | None":
+    """``[x @ W.T (+ b) for W, b in zip(ws, bs)]`` for one row ``x`` ``[1, K]`` as ONE native call (a layer's q, k, v;
+    gate and up): x is prepared once per weight type, the rows of all products are split over the
+    threads together and the caller waits once. Each output ``[1, N_i]`` (``x.dtype``) equals
+    :func:`quantized_linear`'s bit for bit (the same row kernel computes every row). Returns None
+    where it does not apply (several rows, no native kernels, a weight that is not contiguous
+    CPU blocks of width K): then call :func:`quantized_linear` per weight."""
+    many = qk._native_matvec_many
+    if (many is None or x.shape[0] != 1 or not 1 <= len(ws) <= MANY_MAX or x.requires_grad
+            or x.device.type != "cpu"):
+        return None
+    cols = x.shape[1]
+    specs = []
+    outs = []
+    for w in ws:
+        if w.shape[1] != cols or w.array is None:
+            return None
+        y = torch.empty(1, w.shape[0], dtype=torch.float32)  # [1, N_i]
+        outs.append(y)
+        specs.append((int(w.qtype), w.array, y.numpy(), w.shape[0]))
+    xr = x[0]
+    if xr.dtype != torch.float32 or not xr.is_contiguous():
+        xr = xr.float().contiguous()  # [K]
+    many(xr.numpy(), cols, threads, 1 if activations == "q8" else 0, tuple(specs))
+    return [(y if b is None else y + b.float()).to(x.dtype) for y, b in zip(outs, bs)]
 
 
 def page_format(info: "TensorInfo") -> tuple[torch.dtype, tuple[int, ...]]:

@@ -212,6 +212,9 @@ class SparseFFNWeights:
     def get(self, name: str) -> torch.Tensor:
         return self.paged.get(name)
 
+    def resident(self, name: str) -> bool:
+        return self.paged.resident(name)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.paged.embed(tokens)
 

@@ -29,6 +29,13 @@ class WeightAccessor(Protocol):
         """The weight ``name`` (checkpoint name), in ``compute_dtype``, ready to compute with."""
         ...
 
+    def resident(self, name: str) -> bool:
+        """Whether ``get(name)`` returns at once a weight held for the whole run (not a page that
+        is streamed or cached): the forward may then fetch several such weights and multiply by
+        them together (one native call for a layer's q, k, v) without holding streamed pages
+        longer than the planner's window allows."""
+        ...
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embedding rows ``[T, H]`` of ``tokens`` ``[T]`` (an accessor may read only these rows)."""
         ...
@@ -89,6 +96,9 @@ class InMemoryWeights:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def resident(self, name: str) -> bool:
+        return True
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return embedding_rows(self._tensors[EMBED], tokens, self.compute_dtype)

@@ -412,3 +412,48 @@ def test_native_q8_arguments() -> None:
             assert _native.q_vnni() is False  # level 3: the AVX2 int8 kernels
         finally:
             _native.q_set_isa(SUPPORTED_LEVEL)
+
+
+# ------------------------------------------------------------------ several products of one x
+many_cases = st.tuples(st.lists(st.sampled_from(TYPES[3:] + [GGMLType.F32, GGMLType.BF16]), min_size=1, max_size=4),
+                       st.lists(st.integers(1, 90), min_size=4, max_size=4), st.integers(1, 3), st.integers(1, 3),
+                       st.booleans(), st.integers(0, 2**31))
+
+
+@needs_native
+@settings(max_examples=50, deadline=None)
+@given(case=many_cases)
+def test_matvec_many_equals_one_call_per_weight(case: tuple) -> None:
+    """q_matvec_many (a layer's q, k, v as one pool job; x prepared once per type) gives every
+    output bit for bit as q_matvec does alone, exact and int8 activations, any thread count."""
+    types, rows, nb, threads, q8, seed = case
+    cols = 256 * nb
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(cols).astype(np.float32)
+    specs, want = [], []
+    for i, t in enumerate(types):
+        blocks = random_blocks(t, rows[i], cols, seed + i).reshape(-1)
+        alone = np.empty(rows[i], np.float32)
+        _native.q_matvec(int(t), blocks, x, alone, rows[i], cols, threads, int(q8))
+        want.append(alone)
+        specs.append((int(t), blocks, np.full(rows[i], np.nan, np.float32), rows[i]))
+    _native.q_matvec_many(x, cols, threads, int(q8), tuple(specs))
+    for (_, _, got, _), alone in zip(specs, want):
+        assert np.array_equal(got.view(np.uint32), alone.view(np.uint32))
+
+
+@needs_native
+def test_matvec_many_rejects_bad_arguments() -> None:
+    cols = 256
+    w = random_blocks(GGMLType.Q4_K, 4, cols, 0).reshape(-1)
+    x, out = np.zeros(cols, np.float32), np.zeros(4, np.float32)
+    _native.q_matvec_many(x, cols, 2, 0, ((12, w, out, 4),))  # well-formed
+    for specs, msg in [((), "1 to 8"), (tuple((12, w, out, 4) for _ in range(9)), "1 to 8"),
+                       ([(12, w, out, 4)], "tuple"), (((12, w[:-1], out, 4),), "bytes"),
+                       (((12, w, out[:-1], 4),), "out must be fp32"), (((3, w, out, 4),), "not supported")]:
+        with pytest.raises(ValueError, match=msg):
+            _native.q_matvec_many(x, cols, 2, 0, specs)
+    with pytest.raises(ValueError, match="x must be fp32"):
+        _native.q_matvec_many(x[:-1], cols, 2, 0, ((12, w, out, 4),))
+    with pytest.raises(TypeError):
+        _native.q_matvec_many(x, cols, 2, 0, ((12, w, out),))
