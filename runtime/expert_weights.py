@@ -88,6 +88,10 @@ class ExpertCacheConfig:
     gate: bool = True
     """Issue a predicted expert only when the measured cost model says it pays (``PrefetchGate``);
     False: issue every prediction the cache has room for."""
+    pin: bool = True
+    """When every layer's cache has a slot for each of its experts: read them all when the model
+    opens and keep them (no prediction, routing bookkeeping or eviction per token: the decode costs
+    what a resident model costs). False: run the caching machinery anyway."""
 
     def __post_init__(self) -> None:
         if self.policy not in available_policies():
@@ -107,7 +111,8 @@ class ExpertCacheConfig:
         ``expert_slots``, ``expert_device_slots``, ``expert_verify``)."""
         kw: dict[str, Any] = {}
         for key, conv in (("policy", str), ("predictor", str), ("widen", int), ("slots", int),
-                          ("device_slots", int), ("verify", str), ("gate", _as_bool), ("state", str)):
+                          ("device_slots", int), ("verify", str), ("gate", _as_bool), ("state", str),
+                          ("pin", _as_bool)):
             value = extra.get(f"expert_{key}")
             if value is not None:
                 kw[key] = conv(value)
@@ -206,6 +211,8 @@ class ExpertWeights(PagedWeights):
         if not cfg.is_moe:
             raise ConfigError(f"{checkpoint.model_dir} is a dense model: expert caches need a MoE model")
         self.expert_config = experts
+        self._pinned: dict[str, torch.Tensor] = {}  # every expert weight, when all are pinned
+        self._pinned_pages: list[tuple[TieredStore, object]] = []
         self.layout: ExpertLayout = expert_layout(checkpoint)  # IntegrityError for a bad converted folder
         moe_layers = sorted({layer for layer, _ in self.layout.experts})
         self.slot_bytes = max(sum(_block_bytes(x.offset, x.length) for x in extents)
@@ -215,8 +222,9 @@ class ExpertWeights(PagedWeights):
         super().__init__(checkpoint, dram_budget, compute_dtype, kv_tokens, bandwidths, device_budget, direct_io,
                          progress=progress, compressed=compressed, external=names,
                          expert_cache_min_bytes=len(moe_layers) * min_slots * self.slot_bytes)
-        slots = _slots_per_layer(self.plan.expert_cache_bytes, self.slot_bytes, moe_layers, cfg.num_experts, experts.slots)
-        self.expert_cache_bytes = sum(slots.values()) * self.slot_bytes
+        layer_slot = {layer: sum(_extent_blocks(self.layout, layer)) for layer in moe_layers}
+        slots = _slots_per_layer(self.plan.expert_cache_bytes, layer_slot, moe_layers, cfg.num_experts, experts.slots)
+        self.expert_cache_bytes = sum(slots[layer] * layer_slot[layer] for layer in moe_layers)
         if self.expert_cache_bytes > max(self.plan.expert_cache_bytes, len(moe_layers) * self.slot_bytes):
             raise BudgetError(f"{experts.slots} experts per layer need {self.expert_cache_bytes} bytes of expert cache, "
                               f"the budget leaves {self.plan.expert_cache_bytes}; ask for fewer slots or raise --dram-budget")
@@ -243,19 +251,20 @@ class ExpertWeights(PagedWeights):
         self.disk_bytes_per_s = bandwidths.disk
         self.gate = PrefetchGate(moe_layers, self.predictor.width, self.slot_bytes / bandwidths.disk)
         self._c = _Counters()
+        if experts.pin and all(c.slots >= len(c.pages) for c in self._caches.values()):
+            self._pin_all()
 
     def _layer_cache(self, layer: int, slots: int, bandwidths: Bandwidths) -> _LayerCache:
         device_slots = min(self.expert_config.device_slots, slots)
         mine = {e: extents for (lay, e), extents in self.layout.experts.items() if lay == layer}
-        n_ext = max(len(x) for x in mine.values())
-        block = [max(_block_bytes(x[k].offset, x[k].length) for x in mine.values() if len(x) > k) for k in range(n_ext)]
+        block = _extent_blocks(self.layout, layer)
         stores = [TieredStore(StoreConfig(host_budget=slots * block[k],
                                           device_budget=device_slots * block[k],
                                           host_policy=self.expert_config.policy,
                                           device_policy=self.expert_config.policy,
                                           device=self.compute_device,
                                           storage_gb_per_s=bandwidths.disk / 1e9), self._io)
-                  for k in range(n_ext)]
+                  for k in range(len(block))]
         pages: dict[int, list[tuple[int, int, int]]] = {}
         page_bytes: dict[int, int] = {}
         for e, extents in mine.items():
@@ -276,14 +285,24 @@ class ExpertWeights(PagedWeights):
         measured 12.3 vs 14.4 tok/s on moe-1.3g under 700 MiB)."""
         return {"read_bytes": 0, "max_in_flight": 8}
 
-    # ---------------------------------------------------------------- accessor protocol
-    def get(self, name: str) -> torch.Tensor:
-        part = self._parts.get(name)
-        if part is None:
-            return super().get(name)
-        held = self._held.get((part.layer, part.expert))
-        if held is None:
-            held = self._acquire_expert(part.layer, part.expert)
+    def _pin_all(self) -> None:
+        """Read every expert into its layer's cache (reads of a layer in flight together, each
+        extent checksummed as on any read) and hold them until ``close``."""
+        held: dict[object, torch.Tensor] = {}
+        for cache in self._caches.values():
+            pids = [pid for e in sorted(cache.pages) for pid in cache.pages[e]]
+            for pid in pids:
+                cache.store(pid).prefetch(pid)
+            for pid in pids:
+                store = cache.store(pid)
+                held[pid] = store.acquire(pid)
+                self._pinned_pages.append((store, pid))
+        for name, part in self._parts.items():
+            pages = [held[pid] for pid in self._caches[part.layer].pages[part.expert]]
+            self._pinned[name] = self._weight(part, pages)
+
+    def _weight(self, part: _Part, held: list[torch.Tensor]) -> torch.Tensor:
+        """The weight ``part`` names, from its expert's held pages."""
         raw = held[part.page][part.offset: part.offset + part.nbytes]
         dtype, shape = page_format(part.info)
         try:
@@ -292,9 +311,31 @@ class ExpertWeights(PagedWeights):
             t = raw.clone().view(dtype).view(shape)
         return as_weight(t, part.info, self.compute_dtype)
 
+    # ---------------------------------------------------------------- accessor protocol
+    def get(self, name: str) -> torch.Tensor:
+        pinned = self._pinned.get(name)
+        if pinned is not None:
+            return pinned
+        part = self._parts.get(name)
+        if part is None:
+            return super().get(name)
+        held = self._held.get((part.layer, part.expert))
+        if held is None:
+            held = self._acquire_expert(part.layer, part.expert)
+        return self._weight(part, held)
+
     def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
         cache = self._caches.get(layer)
         if cache is None:
+            return
+        if self._pinned:  # every expert is held: each use is a hit
+            if self._tokens == 1:
+                c = self._c
+                c.uses += len(experts)
+                c.hits += len(experts)
+                hits = c.per_layer_hits.setdefault(layer, [0, 0])
+                hits[0] += len(experts)
+                hits[1] += len(experts)
             return
         st = self._step(layer)
         routed = set(experts)
@@ -315,6 +356,8 @@ class ExpertWeights(PagedWeights):
 
     def done(self, names: tuple[str, ...]) -> None:
         part = self._parts.get(names[0]) if names else None
+        if part is not None and self._pinned:
+            return
         if part is None:
             super().done(names)
             return
@@ -327,7 +370,7 @@ class ExpertWeights(PagedWeights):
             self._tokens = hidden.shape[0]
             self._step_start = time.perf_counter()
         p = self.predictor
-        if not p.enabled:
+        if not p.enabled or self._pinned:
             return
         if layer == self._first_moe:
             # No earlier state exists in this pass: predict this layer from its own input.
@@ -341,7 +384,7 @@ class ExpertWeights(PagedWeights):
             self._release_expert(*key)
         super().layer_end(layer)
         cache = self._caches.get(layer)
-        if cache is None:
+        if cache is None or self._pinned:
             return
         st = self._steps.pop(layer, _LayerStep())
         used = st.used
@@ -371,6 +414,9 @@ class ExpertWeights(PagedWeights):
         for key in list(self._held):
             self._release_expert(*key)
         super().step_end()
+        if self._pinned:
+            self._end_pass()
+            return
         for cache in self._caches.values():
             for store in cache.stores:
                 store.tick()
@@ -527,6 +573,7 @@ class ExpertWeights(PagedWeights):
                 "predictor": self.expert_config.predictor,
                 "predictor_choice": {str(i): self.predictor.source(i) for i in self._caches},
                 "gate": self.gate.report() if self.expert_config.gate else "off",
+                "pinned": bool(self._pinned),
                 "slots_per_layer": {str(i): c2.slots for i, c2 in self._caches.items()},
                 "slot_bytes": self.slot_bytes,
                 "layout": self.layout.kind,
@@ -540,6 +587,10 @@ class ExpertWeights(PagedWeights):
     def close(self) -> None:
         for key in list(self._held):
             self._release_expert(*key)
+        for store, pid in self._pinned_pages:
+            store.release(pid)
+        self._pinned_pages.clear()
+        self._pinned.clear()
         for cache in self._caches.values():
             for store in cache.stores:
                 store.close()
@@ -563,15 +614,33 @@ def _block_bytes(offset: int, length: int) -> int:
     return align_up(head + length, HOST_ALIGNMENT)
 
 
-def _slots_per_layer(cache_bytes: int, slot_bytes: int, layers: list[int], num_experts: int,
+def _extent_blocks(layout: ExpertLayout, layer: int) -> list[int]:
+    """Host bytes of one slot of each of ``layer``'s extent caches (gate, up, down...): the
+    largest aligned span of that extent over the layer's experts. Layers may differ (a GGUF
+    Q4_K_M file keeps some layers' down projections in Q6_K)."""
+    mine = [x for (lay, _), x in layout.experts.items() if lay == layer]
+    return [max(_block_bytes(x[k].offset, x[k].length) for x in mine if len(x) > k)
+            for k in range(max(len(x) for x in mine))]
+
+
+def _slots_per_layer(cache_bytes: int, slot_bytes: dict[int, int], layers: list[int], num_experts: int,
                      fixed: int | None) -> dict[int, int]:
-    """Experts per layer: ``fixed``, or the cache bytes shared out evenly (earlier layers get the
-    remainder: the first MoE layer of a step cannot be predicted a layer ahead), at least one."""
+    """Experts per layer: ``fixed``, or the cache bytes shared out evenly, one slot per layer per
+    round (earlier layers get the remainder: the first MoE layer of a step cannot be predicted a
+    layer ahead), at least one. ``slot_bytes``: one expert's bytes in each layer's cache."""
     if fixed is not None:
         return {layer: min(fixed, num_experts) for layer in layers}
-    total = min(cache_bytes // slot_bytes, num_experts * len(layers))
-    base, extra = divmod(total, len(layers))
-    return {layer: max(1, min(num_experts, base + (1 if k < extra else 0))) for k, layer in enumerate(layers)}
+    slots = {layer: 1 for layer in layers}
+    left = cache_bytes - sum(slot_bytes[layer] for layer in layers)
+    grew = True
+    while grew:
+        grew = False
+        for layer in layers:
+            if slots[layer] < num_experts and slot_bytes[layer] <= left:
+                slots[layer] += 1
+                left -= slot_bytes[layer]
+                grew = True
+    return slots
 
 
 def expert_weights(checkpoint: Checkpoint, config: Any) -> ExpertWeights:

@@ -357,11 +357,12 @@ def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[st
 def _expert_cache_share(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, taken: int) -> tuple[int, float]:
     """Expert-cache bytes (what the host budget leaves after ``taken``, at least the reserved
     minimum, at most all experts) and the share of the experts it holds."""
-    total = sum(s for n, s in sizes.items() if ".experts." in n)
-    slack = PAGE_SLACK * cfg.num_experts * sum(cfg.moe_layers)  # each expert's slot may be alignment-rounded
+    experts = [s for n, s in sizes.items() if ".experts." in n]
+    total = sum(experts)
+    slack = PAGE_SLACK * len(experts)  # each expert tensor's extent may be alignment-rounded in its slot
     left = total + slack if req.dram_budget is None else max(req.dram_budget - taken, req.expert_cache_min_bytes)
     cache = min(left, total + slack)
-    return cache, (min(cache / total, 1.0) if total else 0.0)
+    return cache, (min(cache / (total + slack), 1.0) if total else 0.0)
 
 
 def _ceil_size(n: int) -> str:

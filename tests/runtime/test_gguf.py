@@ -116,6 +116,28 @@ def test_expert_caches_hold_extents_of_different_sizes(tmp_path, slots):
     assert got.tokens == alone
 
 
+def test_a_budget_that_holds_every_expert_pins_them(tmp_path):
+    """When the plan's expert cache holds all experts (slots sized per layer: Q6_K down layers are
+    larger), every expert is read once at open and kept: no storage reads while decoding, each use
+    a hit, the in-memory tokens. ``expert_pin=off`` runs the caches on the same budget, same tokens."""
+    path, _ = gm.make_gguf("mixtral", tmp_path, "q4_k_m")
+    prompt = list(range(5, 25))
+    alone = Model(path).generate(prompt, max_new_tokens=12, sampling=SamplingConfig(), ignore_eos=True).tokens
+    runs = {}
+    for pin in ("on", "off"):
+        with Model(path, EngineConfig(dram_budget=64 << 20, max_context=64, extra={"expert_pin": pin})) as llm:
+            caches = llm.weights._caches
+            assert all(c.slots == len(c.pages) for c in caches.values())  # the budget holds every expert
+            before = llm.weights.stats()["bytes_read_storage"]
+            got = llm.generate(prompt, max_new_tokens=12, sampling=SamplingConfig(), ignore_eos=True)
+            runs[pin] = (got.tokens, got.stats["expert_cache"]["pinned"], got.stats["expert_hit_rate"],
+                         llm.weights.stats()["bytes_read_storage"] - before)
+    assert runs["on"][0] == runs["off"][0] == alone
+    assert runs["on"][1] is True and runs["off"][1] is False
+    assert runs["on"][2] == 1.0
+    assert runs["on"][3] <= 64 * 1024  # embedding rows only
+
+
 @pytest.mark.parametrize("ftype", ["q8_0", "q4_k_m"])
 def test_greedy_tokens_equal_transformers_reading_the_gguf(tmp_path, ftype):
     """The issue's reference: transformers' own GGUF loader (it undoes llama.cpp's q/k permutation
