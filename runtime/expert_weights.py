@@ -252,7 +252,11 @@ class ExpertWeights(PagedWeights):
         self.gate = PrefetchGate(moe_layers, self.predictor.width, self.slot_bytes / bandwidths.disk)
         self._c = _Counters()
         if experts.pin and all(c.slots >= len(c.pages) for c in self._caches.values()):
-            self._pin_all()
+            try:
+                self._pin_all()
+            except BaseException:  # e.g. a checksum mismatch: nothing is left running
+                self.close()
+                raise
 
     def _layer_cache(self, layer: int, slots: int, bandwidths: Bandwidths) -> _LayerCache:
         device_slots = min(self.expert_config.device_slots, slots)
