@@ -38,3 +38,8 @@ class StorageError(FlashtierError):
 
 class IntegrityError(StorageError):
     """Data read back does not match its checksum or manifest."""
+
+
+class BusyError(FlashtierError):
+    """A generation was started on a Model while one of its streams is still open on the same
+    thread (it would wait for itself forever)."""

@@ -15,6 +15,7 @@ request that extends the previous conversation prefills only the new tokens.
 from __future__ import annotations
 
 import asyncio
+import math
 import resource
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-from flashtier.errors import ConfigError, InputError
+from flashtier.errors import BusyError, ConfigError, InputError
 from flashtier.runtime.checkpoint import Checkpoint, open_checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
 from flashtier.runtime.kernels import Linear, choose_kernel
@@ -49,6 +50,8 @@ def parse_bytes(text: str | int | None) -> int | None:
         value = float(num)
     except ValueError:
         raise ConfigError(f"cannot read {text!r} as a size; use a number of bytes or a suffix, e.g. 1G, 700M") from None
+    if not math.isfinite(value) or value * mult >= 1 << 62:
+        raise ConfigError(f"size {text!r} is not a finite number of bytes below 4 EiB; use e.g. 1G, 700M")
     if value < 0:
         raise ConfigError(f"size {text!r} must not be negative")
     return int(value * mult)
@@ -179,6 +182,7 @@ class Model:
         self.cache = self._new_cache()
         self._cached_ids: list[int] = []
         self._lock = threading.Lock()
+        self._lock_owner: int | None = None  # thread id of the open stream holding _lock
         self.load_s = time.perf_counter() - t0
         self.name = self.model_dir.name
 
@@ -253,48 +257,61 @@ class Model:
         """Yield tokens as they are generated. Closing the iterator cancels the generation."""
         ids = self.encode(prompt, messages)
         stats = stats if stats is not None else GenerationStats()
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            raise BusyError("a stream of this model is still open on this thread: read it to the end or call its "
+                            "close() before starting another generation (one generation at a time per Model)")
         with self._lock:
-            if self.engine_config.threads is not None:
-                torch.set_num_threads(self.engine_config.threads)
-            reuse = _common_prefix(self._cached_ids, ids)
-            gen = generate_ids(self.transformer, self.cache, ids, max_new_tokens, Sampler(sampling),
-                               () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse,
-                               self.context_limit, decode_threads=1 if self.linear.kernel == "native" else None)
-            out: list[int] = []
-            emitted = ""
-            self._cached_ids = ids[:reuse]
+            self._lock_owner = me
             try:
-                for tok in gen:
-                    out.append(tok)
-                    if len(out) == 1:
-                        stats.decode_start_counters = self._io_counters()
-                    self._cached_ids = ids + out[:-1]  # the last token is not in the cache yet
-                    if self.tokenizer is None:
-                        yield TokenEvent(tok, "")
-                        continue
-                    text = self.tokenizer.decode(out)
-                    if text.endswith("\ufffd"):
-                        yield TokenEvent(tok, "")  # a multi-byte character is split across tokens
-                        continue
-                    hit = _find_stop(text, stop, len(emitted))
-                    if hit is not None:
-                        yield TokenEvent(tok, text[len(emitted):hit])
-                        stats.finish_reason = "stop"
-                        return
-                    safe = len(text) - _stop_prefix_overlap(text, stop)  # hold back a possible stop start
-                    yield TokenEvent(tok, text[len(emitted):safe])
-                    emitted = text[:safe]
-                if self.tokenizer is not None and out:
-                    text = self.tokenizer.decode(out)
-                    if len(text) > len(emitted):
-                        yield TokenEvent(None, text[len(emitted):])
-            except GeneratorExit:
-                raise  # the consumer stopped between tokens: the cache is consistent
-            except BaseException:
-                self._cached_ids = []  # the cache may hold a partial pass: never reuse it
-                raise
+                yield from self._stream_locked(ids, max_new_tokens, sampling, stop, stats, ignore_eos)
             finally:
-                gen.close()
+                self._lock_owner = None
+
+    def _stream_locked(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, stop: Sequence[str],
+                       stats: GenerationStats, ignore_eos: bool) -> Iterator[TokenEvent]:
+        """The body of :meth:`stream`, run while holding the model's lock."""
+        if self.engine_config.threads is not None:
+            torch.set_num_threads(self.engine_config.threads)
+        reuse = _common_prefix(self._cached_ids, ids)
+        gen = generate_ids(self.transformer, self.cache, ids, max_new_tokens, Sampler(sampling),
+                           () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse,
+                           self.context_limit, decode_threads=1 if self.linear.kernel == "native" else None)
+        out: list[int] = []
+        emitted = ""
+        self._cached_ids = ids[:reuse]
+        try:
+            for tok in gen:
+                out.append(tok)
+                if len(out) == 1:
+                    stats.decode_start_counters = self._io_counters()
+                self._cached_ids = ids + out[:-1]  # the last token is not in the cache yet
+                if self.tokenizer is None:
+                    yield TokenEvent(tok, "")
+                    continue
+                text = self.tokenizer.decode(out)
+                if text.endswith("\ufffd"):
+                    yield TokenEvent(tok, "")  # a multi-byte character is split across tokens
+                    continue
+                hit = _find_stop(text, stop, len(emitted))
+                if hit is not None:
+                    yield TokenEvent(tok, text[len(emitted):hit])
+                    stats.finish_reason = "stop"
+                    return
+                safe = len(text) - _stop_prefix_overlap(text, stop)  # hold back a possible stop start
+                yield TokenEvent(tok, text[len(emitted):safe])
+                emitted = text[:safe]
+            if self.tokenizer is not None and out:
+                text = self.tokenizer.decode(out)
+                if len(text) > len(emitted):
+                    yield TokenEvent(None, text[len(emitted):])
+        except GeneratorExit:
+            raise  # the consumer stopped between tokens: the cache is consistent
+        except BaseException:
+            self._cached_ids = []  # the cache may hold a partial pass: never reuse it
+            raise
+        finally:
+            gen.close()
 
     def generate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> GenerationResult:
         """Generate to completion; returns ids, text, finish reason and statistics."""

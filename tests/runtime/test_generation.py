@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashtier.errors import ConfigError, InputError
+from flashtier.errors import BusyError, ConfigError, InputError
 from flashtier.runtime import SamplingConfig
 from flashtier.runtime.engine import Model, parse_bytes
 from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
@@ -59,6 +59,19 @@ def test_continuing_a_conversation_reuses_the_cache(tiny):
     assert again.tokens == fresh.tokens
 
 
+def test_a_second_generation_while_a_stream_is_open_on_the_thread_is_refused(tiny):
+    """Not a hang: the open stream holds the model, and this thread would wait for itself."""
+    it = tiny.stream([1, 2, 3], max_new_tokens=20, ignore_eos=True)
+    next(it)
+    with pytest.raises(BusyError, match="still open on this thread"):
+        tiny.generate([1, 2], max_new_tokens=3, ignore_eos=True)
+    with pytest.raises(BusyError):
+        next(tiny.stream([4, 5], max_new_tokens=3))
+    rest = list(it)  # the open stream is unharmed
+    assert len(rest) >= 1
+    assert len(tiny.generate([1, 2], max_new_tokens=3, ignore_eos=True).tokens) == 3
+
+
 def test_closing_the_stream_cancels_and_frees_the_model(tiny):
     it = tiny.stream([1, 2, 3], max_new_tokens=50, ignore_eos=True)
     next(it)
@@ -89,3 +102,6 @@ def test_sizes_parse():
     assert parse_bytes("1.5GiB") == 3 << 29
     with pytest.raises(ConfigError, match="size"):
         parse_bytes("lots")
+    for bad in ("nan", "inf", "-inf", "1e400", "1e30G", ""):
+        with pytest.raises(ConfigError, match="size|finite"):
+            parse_bytes(bad)
