@@ -8,6 +8,7 @@ into one frozen dataclass, and rejects anything it cannot run with a message tha
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,15 +110,21 @@ class ModelConfig:
                 f"{source}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         try:
-            hidden = int(raw["hidden_size"])
-            num_heads = int(raw["num_attention_heads"])
-            num_layers = int(raw["num_hidden_layers"])
-            vocab = int(raw["vocab_size"])
-            intermediate = int(raw.get("intermediate_size") or 0)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{source}: missing or invalid field {e}; the config is incomplete") from e
-        num_kv = int(raw.get("num_key_value_heads") or num_heads)
-        head_dim = int(raw.get("head_dim") or hidden // num_heads)
+            hidden = _field(raw, "hidden_size", int, _MISSING, source)
+            num_heads = _field(raw, "num_attention_heads", int, _MISSING, source)
+            num_layers = _field(raw, "num_hidden_layers", int, _MISSING, source)
+            vocab = _field(raw, "vocab_size", int, _MISSING, source)
+            missing = [k for k, v in (("hidden_size", hidden), ("num_attention_heads", num_heads),
+                                      ("num_hidden_layers", num_layers), ("vocab_size", vocab)) if v is _MISSING]
+            if missing:
+                raise KeyError(", ".join(missing))
+            intermediate = _field(raw, "intermediate_size", int, 0, source, null_default=True)
+        except KeyError as e:
+            raise CheckpointError(f"{source}: missing field {e}; the config is incomplete") from e
+        if num_heads <= 0:
+            raise CheckpointError(f"{source}: num_attention_heads={num_heads} must be positive")
+        num_kv = _field(raw, "num_key_value_heads", int, num_heads, source, null_default=True)
+        head_dim = _field(raw, "head_dim", int, hidden // num_heads, source, null_default=True)
         act = raw.get("hidden_act", "silu")
         if act not in SUPPORTED_ACTIVATIONS:
             raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
@@ -125,17 +132,19 @@ class ModelConfig:
         num_experts, top_k, moe_inter, shared_inter, norm_topk = 0, 0, 0, 0, True
         moe_layers = tuple(False for _ in range(num_layers))
         if arch == "MixtralForCausalLM":
-            num_experts = int(raw.get("num_local_experts", 8))
-            top_k = int(raw.get("num_experts_per_tok", 2))
+            num_experts = _field(raw, "num_local_experts", int, 8, source)
+            top_k = _field(raw, "num_experts_per_tok", int, 2, source)
             moe_inter = intermediate
             moe_layers = tuple(True for _ in range(num_layers))
         elif arch == "Qwen2MoeForCausalLM":
-            num_experts = int(raw.get("num_experts", 0))
-            top_k = int(raw.get("num_experts_per_tok", 0))
-            moe_inter = int(raw.get("moe_intermediate_size", 0))
-            shared_inter = int(raw.get("shared_expert_intermediate_size", 0))
-            norm_topk = bool(raw.get("norm_topk_prob", False))
-            step = int(raw.get("decoder_sparse_step", 1))
+            num_experts = _field(raw, "num_experts", int, 0, source)
+            top_k = _field(raw, "num_experts_per_tok", int, 0, source)
+            moe_inter = _field(raw, "moe_intermediate_size", int, 0, source)
+            shared_inter = _field(raw, "shared_expert_intermediate_size", int, 0, source)
+            norm_topk = _field(raw, "norm_topk_prob", bool, False, source)
+            step = _field(raw, "decoder_sparse_step", int, 1, source)
+            if step < 1:
+                raise CheckpointError(f"{source}: decoder_sparse_step={step} must be >= 1")
             mlp_only = set(raw.get("mlp_only_layers") or [])
             moe_layers = tuple(
                 (i not in mlp_only) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
@@ -171,11 +180,11 @@ class ModelConfig:
             num_kv_heads=num_kv,
             head_dim=head_dim,
             intermediate_size=intermediate,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=_field(raw, "max_position_embeddings", int, 4096, source),
+            rms_norm_eps=_field(raw, "rms_norm_eps", float, 1e-6, source),
             hidden_act=act,
             rope=_rope(raw, source),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_field(raw, "tie_word_embeddings", bool, False, source, null_default=True),
             attention_bias=bias,
             sliding_window=window,
             num_experts=num_experts,
@@ -224,6 +233,31 @@ def _arch_from_model_type(model_type: object) -> str:
         "qwen2_moe": "Qwen2MoeForCausalLM",
     }.get(str(model_type), str(model_type))
 
+
+
+_MISSING = object()
+
+
+def _field(raw: dict[str, Any], key: str, kind: type, default: Any, source: str, null_default: bool = False) -> Any:
+    """``raw[key]`` checked to be a JSON ``kind`` (int: an integer, not a bool; float: any number;
+    bool: true/false), or ``default`` when absent (or null, with ``null_default``). A value of
+    another type raises CheckpointError naming the field, the value and the type expected."""
+    value = raw.get(key, _MISSING)
+    if value is _MISSING or (value is None and null_default):
+        return default
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, float) and value.is_integer():
+            value, ok = int(value), True
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, bool)
+    if not ok:
+        what = {int: "an integer", float: "a finite number", bool: "true or false"}[kind]
+        raise CheckpointError(f"{source}: {key} is {json.dumps(value)[:60]}, expected {what}; fix the config file")
+    return value
 
 def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
     params = dict(raw.get("rope_parameters") or {})

@@ -36,6 +36,32 @@ def test_unsupported_architecture_lists_supported(made):
         Checkpoint(made)
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_key_value_heads", "two", "an integer"),
+    ("max_position_embeddings", None, "an integer"),
+    ("rms_norm_eps", "small", "a finite number"),
+    ("rms_norm_eps", float("inf"), "a finite number"),
+    ("hidden_size", True, "an integer"),
+    ("num_hidden_layers", 2.5, "an integer"),
+    ("tie_word_embeddings", "yes", "true or false"),
+    ("intermediate_size", [128], "an integer"),
+])
+def test_config_fields_of_the_wrong_type_are_named(made, field, value, expected):
+    cfg = json.loads((made / "config.json").read_text())
+    cfg[field] = value
+    (made / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"{field} is .*expected {expected}"):
+        Checkpoint(made)
+
+
+def test_missing_required_field_is_named(made):
+    cfg = json.loads((made / "config.json").read_text())
+    del cfg["vocab_size"]
+    (made / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing field 'vocab_size'"):
+        Checkpoint(made)
+
+
 def test_missing_tensor_is_named(made):
     from safetensors.torch import load_file, save_file
 
