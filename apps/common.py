@@ -144,6 +144,13 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "fast_matvec", None) in ("on", "off"):  # "auto" = the engine's default (None)
         opts["fast_matvec"] = args.fast_matvec == "on"
     opts.update(attention_options(args))
+    if opts.get("dram_budget") is not None:  # a budget this process cannot hold: refused / warned now
+        from flashtier.runtime.engine import parse_bytes
+        from flashtier.runtime.memory_limit import check_budget, memory_limit
+
+        warning = check_budget(parse_bytes(opts["dram_budget"]), memory_limit())
+        if warning:
+            print(warning, file=sys.stderr)
     return opts
 
 
