@@ -19,6 +19,8 @@ from flashtier.errors import CheckpointError
 if TYPE_CHECKING:
     from flashtier.runtime import Model
 
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # = ServerConfig's default (not imported: that would import FastAPI)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a web chat page",
@@ -29,6 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="name clients use for the model (default: the folder name)")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="tokens generated when a request gives no max_tokens (default: 512)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+                   help=f"largest request body accepted; larger ones get 413 "
+                        f"(default: {DEFAULT_MAX_BODY_BYTES}, 4 MiB)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests whose Host or Origin header names NAME (repeatable; against DNS "
+                        "rebinding only localhost, 127.0.0.1, [::1] and the --host address are accepted by default; "
+                        "'*' accepts any)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_budget_args(p)
     p.set_defaults(func=run)
@@ -47,12 +56,20 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{model_dir} does not exist or has no config.json; pass a Hugging Face model folder "
                               "or a GGUF file")
     config = ServerConfig(model_name=args.model_name or model_dir.name, default_max_tokens=args.default_max_tokens,
-                          aliases=(str(model_dir),))
+                          aliases=(str(model_dir),), max_body_bytes=args.max_body_bytes,
+                          allowed_hosts=(args.host, *args.allow_host))
     app = create_app(functools.partial(_load, model_dir, engine_options(args)), config)
     print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
           f"loading {model_dir} in the background", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _load(model_dir: Path, options: dict[str, Any]) -> Model:

@@ -7,7 +7,8 @@ The model loads on the worker thread when the app starts (lifespan), so the serv
 once: ``/health`` says ``loading`` and completion requests get 503 + ``Retry-After`` until it is
 ready. Besides the OpenAI routes (:mod:`.routes`) the app serves ``/health``, ``/metrics``
 (Prometheus text), ``/v1/flashtier/stats`` (JSON for the web page) and the chat page at ``/``.
-Nothing is global: two apps in one process are independent.
+Every request first passes :class:`~.guard.RequestGuard` (Host / Origin allow-list, body size
+limit). Nothing is global: two apps in one process are independent.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flashtier import __version__
 from flashtier.apps.server.config import ServerConfig
 from flashtier.apps.server.errors import error_body, install_error_handlers
+from flashtier.apps.server.guard import RequestGuard
 from flashtier.apps.server.metrics import ServerMetrics
 from flashtier.apps.server.routes import ServerContext, completion_routes
 from flashtier.apps.server.worker import ModelWorker, WorkerState, WorkerUnavailable
@@ -49,6 +51,9 @@ def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastA
 
     app = FastAPI(title="flashtier", version=__version__, lifespan=lifespan)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
+    # added first = inner: requests the guard refuses are counted (received, failed) as well
+    app.add_middleware(RequestGuard, allowed_hosts=config.allowed_hosts, max_body_bytes=config.max_body_bytes,
+                       on_reject=lambda scope: _count_refusal(metrics, scope))
     app.add_middleware(_CountRequests, metrics=metrics)
     install_error_handlers(app, lambda request: _count_failure(metrics, request))
 
@@ -92,6 +97,11 @@ def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastA
 
 def _count_failure(metrics: ServerMetrics, request: Request) -> None:
     if request.url.path in COMPLETION_PATHS:
+        metrics.request_failed()
+
+
+def _count_refusal(metrics: ServerMetrics, scope: Scope) -> None:
+    if scope.get("method") == "POST" and scope.get("path") in COMPLETION_PATHS:
         metrics.request_failed()
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from flashtier.errors import ConfigError
 
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -24,6 +26,11 @@ class ServerConfig:
     """Other names a request may use for the model (e.g. the folder path)."""
     created: int = field(default_factory=lambda: int(time.time()))
     """Unix time reported as the model's ``created``."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Largest request body accepted; a larger one gets 413 before it is parsed."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (``Host`` / ``Origin`` headers) accepted besides localhost, 127.0.0.1 and [::1]
+    (give the address the server is bound to here); ``"*"`` accepts any host."""
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -34,6 +41,10 @@ class ServerConfig:
             raise ConfigError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
         if self.live_interval_s <= 0:
             raise ConfigError(f"live_interval_s must be positive, got {self.live_interval_s}")
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if any(not isinstance(h, str) or not h.strip() for h in self.allowed_hosts):
+            raise ConfigError(f"allowed_hosts must be non-empty host names, got {self.allowed_hosts!r}")
 
     def model_aliases(self) -> set[str]:
         return {self.model_name, *self.aliases}

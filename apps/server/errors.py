@@ -2,8 +2,10 @@
 
 Every error response of the server has this shape and a status that says whose fault it is:
 400 for a request the server cannot run (malformed JSON, a wrong type, a prompt longer than the
-context: FastAPI's 422 validation errors are turned into 400 here), 404 for an unknown model or
-path, 503 with ``Retry-After`` while the model loads, 500 for a fault of the server.
+context, a field the server does not implement: FastAPI's 422 validation errors are turned into
+400 here), 403 for a Host or Origin that is not allowed and 413 for a body over the limit
+(:mod:`.guard`), 404 for an unknown model or path, 503 with ``Retry-After`` while the model loads,
+500 for a fault of the server.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from flashtier.errors import ConfigError, FlashtierError, InputError
 
 log = logging.getLogger("flashtier.server")
 
-STATUS_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-                503: "service_unavailable", 500: "server_error"}
+STATUS_TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable",
+                500: "server_error"}
 
 
 class APIError(Exception):
@@ -63,7 +66,15 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     if first.get("type") == "model_attributes_type" or (not loc and first.get("type") == "dict_type"):
         return APIError(400, "the request body must be a JSON object", code="invalid_request")
     param = _param_path(loc)
+    field = (first.get("ctx") or {}).get("field")  # raised by a model validator (schemas): names the field
+    if isinstance(field, str) and field:
+        param = f"{param}{'' if field.startswith('[') or not param else '.'}{field}"
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "unsupported_field":  # a top-level field's message starts with its name
+        return APIError(400, msg if msg.startswith(param) else f"{param}: {msg}", param=param,
+                        code="unsupported_field")
+    if first.get("type") == "invalid_unicode":
+        return APIError(400, f"{param or 'the request body'} {msg}", param=param or None, code="invalid_unicode")
     if first.get("type") == "missing":
         msg = "is required"  # -> "messages is required"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""

@@ -55,6 +55,40 @@ def http(live_server) -> httpx.Client:
     (COMPLETIONS, b'{"prompt": ["a", "b"]}', "prompt", "one prompt per request"),
     (COMPLETIONS, b'{"prompt": [1, 2, 99999]}', "prompt", "outside the vocabulary"),
     (COMPLETIONS, json.dumps({"prompt": LONG_PROMPT, "stream": True}).encode(), "prompt", "maximum context length"),
+    # OpenAI fields the server does not implement: refused by name, never silently ignored
+    (CHAT, json.dumps({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(),
+     "tools", "tools are not supported"),
+    (CHAT, json.dumps({"messages": USER, "tool_choice": "auto"}).encode(), "tool_choice", "tool_choice is not"),
+    (CHAT, json.dumps({"messages": USER, "functions": [{"name": "f"}]}).encode(), "functions", "functions are not"),
+    (CHAT, json.dumps({"messages": USER, "function_call": "auto"}).encode(), "function_call", "function_call is"),
+    (CHAT, json.dumps({"messages": USER, "response_format": {"type": "json_object"}}).encode(), "response_format",
+     "response_format is not supported"),
+    (CHAT, json.dumps({"messages": USER, "top_logprobs": 3}).encode(), "top_logprobs", "top_logprobs is not"),
+    (CHAT, json.dumps({"messages": USER, "logit_bias": {"50": 10}}).encode(), "logit_bias", "logit_bias is not"),
+    (CHAT, json.dumps({"messages": USER, "presence_penalty": 0.5}).encode(), "presence_penalty", "not supported"),
+    (CHAT, json.dumps({"messages": USER, "n": 3}).encode(), "n", "only n=1"),
+    (COMPLETIONS, b'{"prompt": "x", "logit_bias": {"1": -100}}', "logit_bias", "logit_bias is not supported"),
+    (COMPLETIONS, b'{"prompt": "x", "best_of": 2}', "best_of", "best_of is not supported"),
+    (COMPLETIONS, b'{"prompt": "x", "suffix": "end"}', "suffix", "suffix is not supported"),
+    # roles and message content
+    (CHAT, b'{"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}', "messages[0].role",
+     "'tool' is not a supported role; use one of system, user, assistant"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]}',
+     "messages[1].role", "'wizard' is not a supported role"),
+    (CHAT, b'{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "c1"}]}]}',
+     "messages[0].tool_calls", "tool calls are not supported"),
+    (CHAT, b'{"messages": [{"role": "user", "content": {"text": "x"}}]}', "messages[0].content",
+     "string or a list of text parts"),
+    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+     "messages[0].content", "only text content parts"),
+    # JSON accepts lone surrogates, UTF-8 does not: a 400, never a 500
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content",
+     "messages[0].content is not valid Unicode"),
+    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text", "is not valid Unicode"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "stop": "\\ud83d"}', "stop", "stop is not valid Unicode"),
+    (COMPLETIONS, b'{"prompt": "\\ud83d\\ude00 ok \\ud800"}', "prompt", "prompt is not valid Unicode"),
+    (COMPLETIONS, b'{"prompt": "x", "model": "\\udc80"}', "model", "model is not valid Unicode"),
 ])
 def test_bad_request_is_a_400_with_a_clear_message(http, path, body, param, message):
     r = http.post(path, content=body, headers={"Content-Type": "application/json"})
@@ -167,3 +201,143 @@ def test_a_fault_during_generation_is_reported_and_the_server_goes_on(chat_model
         assert http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2}).status_code == 200  # 2 tokens: no fault
         assert http.get("/health").json()["status"] == "ok"
     live.stop()
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [], "tool_choice": "none", "functions": None, "function_call": "none"},
+    {"response_format": {"type": "text"}, "top_logprobs": 0, "logit_bias": {}, "n": 1},
+    {"n": None, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "parallel_tool_calls": True},
+])
+def test_unsupported_fields_that_ask_for_nothing_are_accepted(http, extra):
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": "hello", "tool_calls": []}, {"role": "user", "content": "again"}]
+    r = http.post(CHAT, json={"messages": messages, "max_tokens": 2, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+
+
+def test_valid_unicode_outside_the_bmp_is_accepted(http):
+    """A surrogate *pair* escape is one valid character (U+1F600); only lone surrogates are refused."""
+    r = http.post(COMPLETIONS, content=b'{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}',
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def refused(r: httpx.Response, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in err["message"], err["message"]
+    return err
+
+
+def test_body_over_the_limit_is_a_413_before_it_is_parsed(server_factory):
+    from flashtier.apps.server import ServerConfig, create_app
+
+    def no_model():
+        raise CheckpointError("no model in this test")
+
+    app = create_app(no_model, ServerConfig("x", max_body_bytes=1000))
+    live = server_factory(app)
+    with httpx.Client(base_url=live.base_url, timeout=30) as http:
+        big = b'{"messages": [' + b" " * 1000 + b"]}"  # not even valid JSON: never parsed
+        err = refused(http.post(CHAT, content=big, headers={"Content-Type": "application/json"}), 413,
+                      "larger than the limit of 1000 bytes", "--max-body-bytes")
+        assert err["code"] == "request_too_large" and err["type"] == "invalid_request_error"
+
+        def chunks():  # no Content-Length: chunked transfer, counted while read
+            for _ in range(50):
+                yield b" " * 100
+
+        r = http.post(CHAT, content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.request.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in r.request.headers
+        refused(r, 413, "more than 1000 bytes")
+        # at the limit the body is read and parsed (and refused for what it says)
+        body = json.dumps({"messages": [{"role": "user", "content": "x" * 900}], "n": 2}).encode()
+        assert len(body) <= 1000
+        refused(http.post(CHAT, content=body, headers={"Content-Type": "application/json"}), 400, "only n=1")
+        small_chunks = (body[i:i + 100] for i in range(0, len(body), 100))
+        refused(http.post(CHAT, content=small_chunks, headers={"Content-Type": "application/json"}), 400, "only n=1")
+        failed = [ln for ln in http.get("/metrics").text.splitlines()
+                  if ln.startswith("flashtier_requests_failed_total ")]
+        assert float(failed[0].split()[1]) == 4
+    live.stop()
+
+
+def test_default_body_limit_is_4_mib(http):
+    from flashtier.apps.server import ServerConfig
+
+    assert ServerConfig("x").max_body_bytes == 4 * 1024 * 1024
+    r = http.post(CHAT, content=b" " * (4 * 1024 * 1024 + 1), headers={"Content-Type": "application/json"})
+    refused(r, 413, "limit of 4194304 bytes")
+
+
+@pytest.mark.parametrize("headers", [
+    {"Host": "evil.example"},
+    {"Host": "evil.example:8000"},
+    {"Host": "127.0.0.1.evil.example"},
+    {"Origin": "http://evil.example"},
+    {"Origin": "https://evil.example:8000"},
+    {"Origin": "null"},
+])
+def test_hosts_that_are_not_allowed_get_a_403(http, headers):
+    for method, path in (("GET", "/v1/models"), ("GET", "/"), ("POST", CHAT)):
+        r = http.request(method, path, headers=headers, json={"messages": USER, "max_tokens": 1})
+        err = refused(r, 403, "not allowed")
+        assert err["type"] == "permission_error" and err["code"] == "host_not_allowed"
+        if "evil.example" in str(headers):
+            assert "evil.example" in err["message"] and "--allow-host" in err["message"]
+
+
+@pytest.mark.parametrize("headers", [
+    {"Host": "localhost"},
+    {"Host": "LOCALHOST:8000"},
+    {"Host": "127.0.0.1:9"},
+    {"Host": "[::1]:8000"},
+    {"Origin": "http://localhost:8000"},
+    {"Origin": "http://[::1]:1234"},
+])
+def test_loopback_hosts_are_allowed(http, headers):
+    r = http.get("/v1/models", headers=headers)
+    assert r.status_code == 200, r.text
+
+
+def test_allow_host_adds_names_and_star_allows_any(server_factory):
+    from flashtier.apps.server import ServerConfig, create_app
+
+    def no_model():
+        raise CheckpointError("no model in this test")
+
+    named = server_factory(create_app(no_model, ServerConfig("x", allowed_hosts=("my.box", "10.0.0.5"))))
+    anyone = server_factory(create_app(no_model, ServerConfig("x", allowed_hosts=("*",))))
+    with httpx.Client(base_url=named.base_url, timeout=30) as http:
+        assert http.get("/v1/models", headers={"Host": "my.box:8000"}).status_code == 200
+        assert http.get("/v1/models", headers={"Host": "10.0.0.5", "Origin": "http://My.Box"}).status_code == 200
+        refused(http.get("/v1/models", headers={"Host": "other.box"}), 403, "--allow-host other.box")
+        refused(http.get("/v1/models", headers={"Origin": "http://other.box"}), 403, "--allow-host other.box")
+    with httpx.Client(base_url=anyone.base_url, timeout=30) as http:
+        r = http.get("/v1/models", headers={"Host": "evil.example", "Origin": "http://evil.example"})
+        assert r.status_code == 200
+    named.stop()
+    anyone.stop()
+
+
+def test_serve_flags_reach_the_server_config(monkeypatch, chat_model_dir):
+    """``--max-body-bytes`` and ``--allow-host`` (repeatable); the --host address is allowed too."""
+    import uvicorn
+
+    from flashtier.apps.cli import build_parser
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    args = build_parser().parse_args(["serve", str(chat_model_dir), "--host", "192.168.1.7", "--max-body-bytes",
+                                      "2048", "--allow-host", "my.box", "--allow-host", "[fd00::1]"])
+    assert args.func(args) == 0
+    config = apps[0].state.config
+    assert config.max_body_bytes == 2048
+    assert config.allowed_hosts == ("192.168.1.7", "my.box", "[fd00::1]")
+    defaults = build_parser().parse_args(["serve", str(chat_model_dir)])
+    assert defaults.max_body_bytes == 4 * 1024 * 1024 and defaults.allow_host == []
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-body-bytes", "0"])
