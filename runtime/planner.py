@@ -354,6 +354,19 @@ def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[st
     return largest
 
 
+def expert_cache_min_bytes(cfg: ModelConfig, sizes: dict[str, int], slots: int = 1) -> int:
+    """Bytes an expert cache of ``slots`` experts per MoE layer needs at least: per layer, its
+    largest expert with each tensor's alignment slack (>= what ``ExpertWeights`` reserves, so a
+    plan made with it never fits a budget that the engine then refuses)."""
+    total = 0
+    for i in range(cfg.num_layers):
+        if not cfg.moe_layers[i]:
+            continue
+        n = layer_names(cfg, i)
+        total += slots * max(sum(sizes.get(t, 0) + PAGE_SLACK for t in n.expert(e)) for e in range(cfg.num_experts))
+    return total
+
+
 def _expert_cache_share(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, taken: int) -> tuple[int, float]:
     """Expert-cache bytes (what the host budget leaves after ``taken``, at least the reserved
     minimum, at most all experts) and the share of the experts it holds."""

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from flashtier.runtime.checkpoint import Checkpoint
     from flashtier.runtime.config import ModelConfig
     from flashtier.runtime.engine import parse_bytes
-    from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
+    from flashtier.runtime.planner import PlanRequest, expert_cache_min_bytes, make_plan, sizes_from_config
 
     from flashtier.runtime.gguf_checkpoint import find_gguf
 
@@ -100,9 +100,13 @@ def run(args: argparse.Namespace) -> int:
 
         layout = KVBlockLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, torch.bfloat16)
         kv_fraction = kv_codec(layout, args.kv_quant_bits, 32).record_bytes / layout.block_bytes
+    # MoE under a budget runs with per-layer expert caches (runtime/expert_weights.py): plan the
+    # same reservation the engine makes, so plan and generate agree on the minimum budget
+    experts = cfg.is_moe and args.dram_budget is not None
     req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
                       context=args.context, attention=args.attention, storage_fraction=fraction,
-                      kv_host_fraction=kv_fraction)
+                      kv_host_fraction=kv_fraction, expert_cache=experts,
+                      expert_cache_min_bytes=expert_cache_min_bytes(cfg, sizes) if experts else 0)
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
     if args.json:
         print(json.dumps({"model": str(target), "source": source, "context": args.context,
