@@ -43,3 +43,8 @@ class IntegrityError(StorageError):
 class BusyError(FlashtierError):
     """A generation was started on a Model while one of its streams is still open on the same
     thread (it would wait for itself forever)."""
+
+
+class NonFiniteError(FlashtierError):
+    """A forward pass produced NaN or infinite activations (corrupt weights, or a model that
+    overflows in the compute dtype): the layer is named instead of answering garbage."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from flashtier.errors import NonFiniteError
 from flashtier.runtime import decode_ops
 from flashtier.runtime.checkpoint import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.runtime.config import ModelConfig, RopeConfig
@@ -90,6 +91,14 @@ def rope_tables(freqs: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
 
 
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    """NonFiniteError naming ``where`` when ``x`` holds a NaN or an infinity (one reduction)."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{where} produced non-finite values (NaN or inf): the weights may be corrupt (a flipped "
+                             "bit in the checkpoint), or the model overflows in its compute dtype; check the files "
+                             "against the original, or try --compute-dtype float32")
+
+
 class Transformer:
     """A decoder-only transformer whose weights are fetched through ``weights``."""
 
@@ -130,15 +139,18 @@ class Transformer:
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [T, D]
         self.trace = RoutingTrace()
         try:
+            _check_finite(x, "the token embedding")
             for i, names in enumerate(self.names):
                 w.layer_begin(i, x)
                 h = x + self._attention(i, names, rms_norm(x, w.get(names.input_norm), self.config.rms_norm_eps), cache, start, cos, sin)
                 x = h + self._ffn(i, names, rms_norm(h, w.get(names.post_attn_norm), self.config.rms_norm_eps))
                 w.layer_end(i)
+                _check_finite(x, f"layer {i}")
             if not all_logits:
                 x = x[-1:]
             x = rms_norm(x, w.get(FINAL_NORM), self.config.rms_norm_eps)
             logits = self._linear(x, self.lm_head).float()  # [T or 1, V]
+            _check_finite(logits, "the output head")
         except BaseException:
             w.abort()
             raise

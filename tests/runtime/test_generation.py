@@ -105,3 +105,23 @@ def test_sizes_parse():
     for bad in ("nan", "inf", "-inf", "1e400", "1e30G", ""):
         with pytest.raises(ConfigError, match="size|finite"):
             parse_bytes(bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_corrupted_weight_is_an_error_naming_the_layer_not_an_empty_answer(tmp_path, bad):
+    """An original checkpoint carries no checksum: a flipped exponent bit (here a NaN / inf in
+    layer 1's attention output projection) must fail the forward, naming the layer."""
+    import safetensors.torch as st
+
+    from flashtier.errors import NonFiniteError
+
+    path = write_model(tmp_path / "m", MakeModelSpec(PRESETS["tiny-llama"], "float32"))
+    tensors = st.load_file(path / "model.safetensors")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name][3, 5] = bad
+    st.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for cfg in ({}, {"dram_budget": "1M", "max_context": 64}):  # resident and streamed
+        from flashtier.runtime.engine import open_model
+
+        with open_model(path, **cfg) as llm, pytest.raises(NonFiniteError, match="layer 1 produced non-finite"):
+            llm.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
