@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flashtier.errors import CheckpointError, ConfigError
+from flashtier.errors import CheckpointError, ConfigError, StorageError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_DIR / "models" / "tiny-moe"
@@ -180,3 +184,43 @@ def refuse_gguf(path: str, command: str, why: str) -> None:
     if is_gguf:
         raise CheckpointError(f"{path}: flashtier {command} works on Hugging Face safetensors folders, not GGUF files "
                               f"({why})")
+
+
+@contextmanager
+def staged_output_dir(out: str | os.PathLike[str], force: bool, source: str | os.PathLike[str] | None = None
+                      ) -> Iterator[Path]:
+    """A folder to write ``out`` into: a temporary sibling, renamed to ``out`` when the block
+    succeeds and removed when it fails (disk full included), so ``out`` is never left partial.
+    An existing non-empty ``out`` is replaced only with ``force`` (the old one is removed after the
+    new one is in place); a file, or the ``source`` folder itself, is always refused. OS errors
+    become one-line StorageErrors naming the path."""
+    out = Path(out)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise ConfigError(f"the output folder {out} is the input folder; write into a new folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} exists and is not empty; pass --force to replace it, or choose another folder")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise StorageError(f"cannot create {out}: {e.strerror or e}; check that {out.parent} is writable") from e
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"writing {out} failed: {e.strerror or e}; nothing was written (the partial output was "
+                           "removed)") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
