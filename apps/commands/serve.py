@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from flashtier.runtime import Model
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # = ServerConfig's default (not imported: that would import FastAPI)
+API_KEY_ENV = "FLASHTIER_API_KEY"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also accept requests whose Host or Origin header names NAME (repeatable; against DNS "
                         "rebinding only localhost, 127.0.0.1, [::1] and the --host address are accepted by default; "
                         "'*' accepts any)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every /v1 request (else 401); /health, /metrics and "
+                        f"the chat page stay open, but the page's requests then fail. Default: the environment "
+                        f"variable {API_KEY_ENV} (better: a flag shows in the process list), else no key")
+    p.add_argument("--max-prompt-chars", type=_positive_int, default=None, metavar="CHARS",
+                   help="longest prompt (characters of all messages, or of the completion prompt) that is tokenized; "
+                        "longer ones get 400 at once (default: 16 per token of the model's context)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_budget_args(p)
     p.set_defaults(func=run)
@@ -57,12 +66,21 @@ def run(args: argparse.Namespace) -> int:
                               "or a GGUF file")
     config = ServerConfig(model_name=args.model_name or model_dir.name, default_max_tokens=args.default_max_tokens,
                           aliases=(str(model_dir),), max_body_bytes=args.max_body_bytes,
-                          allowed_hosts=(args.host, *args.allow_host))
+                          allowed_hosts=(args.host, *args.allow_host), api_key=_api_key(args),
+                          max_prompt_chars=args.max_prompt_chars)
     app = create_app(functools.partial(_load, model_dir, engine_options(args)), config)
     print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
-          f"loading {model_dir} in the background", file=sys.stderr, flush=True)
+          f"loading {model_dir} in the background"
+          + ("; /v1 requests need the API key" if config.api_key is not None else ""), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """``--api-key``, else ``$FLASHTIER_API_KEY`` (empty: unset), else None (no authentication)."""
+    if args.api_key is not None:
+        return args.api_key
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def _positive_int(text: str) -> int:

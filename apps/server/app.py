@@ -7,8 +7,8 @@ The model loads on the worker thread when the app starts (lifespan), so the serv
 once: ``/health`` says ``loading`` and completion requests get 503 + ``Retry-After`` until it is
 ready. Besides the OpenAI routes (:mod:`.routes`) the app serves ``/health``, ``/metrics``
 (Prometheus text), ``/v1/flashtier/stats`` (JSON for the web page) and the chat page at ``/``.
-Every request first passes :class:`~.guard.RequestGuard` (Host / Origin allow-list, body size
-limit). Nothing is global: two apps in one process are independent.
+Every request first passes :class:`~.guard.RequestGuard` (Host / Origin allow-list, the API key
+when one is set, body size limit). Nothing is global: two apps in one process are independent.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastA
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
     # added first = inner: requests the guard refuses are counted (received, failed) as well
     app.add_middleware(RequestGuard, allowed_hosts=config.allowed_hosts, max_body_bytes=config.max_body_bytes,
-                       on_reject=lambda scope: _count_refusal(metrics, scope))
+                       on_reject=lambda scope: _count_refusal(metrics, scope), api_key=config.api_key)
     app.add_middleware(_CountRequests, metrics=metrics)
     install_error_handlers(app, lambda request: _count_failure(metrics, request))
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from flashtier.errors import ConfigError
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+PROMPT_CHARS_PER_TOKEN = 16
+"""Characters per token of context a prompt may have before it is refused untokenized: no
+tokenizer makes fewer tokens than that of real text, so a longer prompt cannot fit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,13 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     """Host names (``Host`` / ``Origin`` headers) accepted besides localhost, 127.0.0.1 and [::1]
     (give the address the server is bound to here); ``"*"`` accepts any host."""
+    api_key: str | None = field(default=None, repr=False)
+    """With a key, every ``/v1/...`` request needs ``Authorization: Bearer KEY`` (else 401);
+    None: no authentication. ``/health``, ``/metrics`` and the chat page stay open."""
+    max_prompt_chars: int | None = None
+    """Longest prompt, in characters (all messages' contents, or the completion prompt), that is
+    tokenized at all; a longer one gets 400 at once. None: ``PROMPT_CHARS_PER_TOKEN`` characters
+    per token of the model's context."""
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -43,8 +53,19 @@ class ServerConfig:
             raise ConfigError(f"live_interval_s must be positive, got {self.live_interval_s}")
         if self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key
+                                         or self.api_key != self.api_key.strip() or " " in self.api_key):
+            raise ConfigError("api_key must be a non-empty string without spaces (or None for no authentication)")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ConfigError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
         if any(not isinstance(h, str) or not h.strip() for h in self.allowed_hosts):
             raise ConfigError(f"allowed_hosts must be non-empty host names, got {self.allowed_hosts!r}")
 
     def model_aliases(self) -> set[str]:
         return {self.model_name, *self.aliases}
+
+    def prompt_chars_limit(self, context_tokens: int) -> int:
+        """Characters a prompt may have before it is tokenized, for a context of ``context_tokens``."""
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return PROMPT_CHARS_PER_TOKEN * context_tokens

@@ -3,7 +3,7 @@
 Every error response of the server has this shape and a status that says whose fault it is:
 400 for a request the server cannot run (malformed JSON, a wrong type, a prompt longer than the
 context, a field the server does not implement: FastAPI's 422 validation errors are turned into
-400 here), 403 for a Host or Origin that is not allowed and 413 for a body over the limit
+400 here), 401 without the API key when one is set, 403 for a Host or Origin that is not allowed and 413 for a body over the limit
 (:mod:`.guard`), 404 for an unknown model or path, 503 with ``Retry-After`` while the model loads,
 500 for a fault of the server.
 """
@@ -22,7 +22,7 @@ from flashtier.errors import ConfigError, FlashtierError, InputError
 
 log = logging.getLogger("flashtier.server")
 
-STATUS_TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
+STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable",
                 500: "server_error"}
 

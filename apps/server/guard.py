@@ -1,4 +1,5 @@
-"""What every request passes before the app sees it: a Host / Origin allow-list, a body size limit.
+"""What every request passes before the app sees it: a Host / Origin allow-list, an optional API
+key, a body size limit.
 
 * **Host allow-list** (against DNS rebinding: a web page on ``evil.example`` whose name is then
   made to resolve to 127.0.0.1 could otherwise call a server on loopback as its own origin). A
@@ -7,6 +8,10 @@
   one whose ``Origin`` header (sent by browsers on cross-origin and on POST requests) is not such
   a host, or is ``null``: a page elsewhere cannot call the API either. A request without a
   ``Host`` header (HTTP/1.0) passes. ``--allow-host '*'`` turns both checks off.
+* **API key** (``--api-key``, optional): with a key set, every request to ``/v1/...`` needs the
+  header ``Authorization: Bearer KEY`` (compared in constant time), else 401 with
+  ``WWW-Authenticate: Bearer``; this is checked before the body is read. ``/health``,
+  ``/metrics`` and the chat page at ``/`` stay open (the page's own API calls then get 401).
 * **Body size limit**: a body over ``max_body_bytes`` gets 413 before any of it is parsed: at once
   when ``Content-Length`` says so, else (chunked bodies) as soon as the bytes read pass the limit.
   The body is read here, whole, and handed to the app as one message.
@@ -16,6 +21,7 @@ Rejections are OpenAI-shaped errors (:func:`~flashtier.apps.server.errors.error_
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Callable
 from urllib.parse import urlsplit
@@ -52,15 +58,16 @@ def display_host(host: str) -> str:
 
 
 class RequestGuard:
-    """Pure ASGI middleware: Host / Origin allow-list, then the body size limit."""
+    """Pure ASGI middleware: Host / Origin allow-list, then the API key, then the body size limit."""
 
     def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...], max_body_bytes: int,
-                 on_reject: Callable[[Scope], None] | None = None) -> None:
+                 on_reject: Callable[[Scope], None] | None = None, api_key: str | None = None) -> None:
         self.app = app
         self.any_host = ANY_HOST in allowed_hosts
         self.allowed = {normalize_host(h) for h in (*LOOPBACK_HOSTS, *allowed_hosts) if h and h != ANY_HOST}
         self.max_body_bytes = max_body_bytes
         self.on_reject = on_reject
+        self.api_key = api_key.encode("utf-8") if api_key is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,6 +78,12 @@ class RequestGuard:
         if refusal is not None:
             await self._reject(scope, send, 403, refusal, "host_not_allowed")
             return
+        if self.api_key is not None and _needs_key(scope.get("path", "")):
+            refusal = self._key_refusal(headers)
+            if refusal is not None:
+                await self._reject(scope, send, 401, refusal, "invalid_api_key",
+                                   [(b"www-authenticate", b"Bearer")])
+                return
         length = headers.get("content-length")
         if length is not None:
             try:
@@ -119,18 +132,39 @@ class RequestGuard:
                         f"start the server with --allow-host {name} to accept them")
         return None
 
+    def _key_refusal(self, headers: dict[str, str]) -> str | None:
+        how = "pass the server's API key (--api-key) in the header 'Authorization: Bearer YOUR_KEY'"
+        value = headers.get("authorization")
+        if value is None:
+            return f"this server requires an API key; {how}"
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return f"the Authorization header is not a Bearer token; {how}"
+        assert self.api_key is not None
+        # header values are latin-1 strings here: back to their bytes, compared in constant time
+        if not hmac.compare_digest(token.strip().encode("latin-1"), self.api_key):
+            return f"the API key is not valid; {how}"
+        return None
+
     def _too_large(self, size: str) -> str:
         return (f"the request body ({size}) is larger than the limit of {self.max_body_bytes} bytes; "
                 "start the server with a larger --max-body-bytes to accept it")
 
-    async def _reject(self, scope: Scope, send: Send, status: int, message: str, code: str) -> None:
+    async def _reject(self, scope: Scope, send: Send, status: int, message: str, code: str,
+                      extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.on_reject is not None:
             self.on_reject(scope)
         payload = json.dumps(error_body(status, message, code=code)).encode("utf-8")
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        headers.extend(extra_headers or ())
         headers.append((b"connection", b"close"))  # the body (or its rest) is not read
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+def _needs_key(path: str) -> bool:
+    """The OpenAI API and the stats under ``/v1``; not ``/health``, ``/metrics`` or the page."""
+    return path == "/v1" or path.startswith("/v1/")
 
 
 def _headers(scope: Scope) -> dict[str, str]:

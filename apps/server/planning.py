@@ -1,6 +1,7 @@
 """Turn a validated request body into a :class:`GenerationRequest` the worker can run.
 
-This is where the checks that need the model live: the prompt is not empty, its token ids are in
+This is where the checks that need the model live: the prompt is not too many characters to be
+worth tokenizing (:func:`check_prompt_chars`, before the tokenizer runs), it is not empty, its token ids are in
 the vocabulary, and prompt + ``max_tokens`` fit the context. Each failed check is a 400 that
 names the parameter and says what to change; a request that passes cannot fail in the engine for
 a reason the client could have fixed.
@@ -8,7 +9,7 @@ a reason the client could have fixed.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from flashtier.apps.reporting import context_limit
 from flashtier.apps.server.errors import APIError, from_engine_error
@@ -16,6 +17,17 @@ from flashtier.apps.server.schemas import GenerationFields
 from flashtier.apps.server.worker import GenerationRequest
 from flashtier.errors import FlashtierError
 from flashtier.runtime import Model, SamplingConfig
+
+
+def check_prompt_chars(model: Model, chars: int, limit_for: Callable[[int], int], prompt_param: str) -> None:
+    """Refuse (400) a prompt of ``chars`` characters over ``limit_for(context)`` before it is
+    tokenized: tokenizing megabytes of text only to learn it does not fit would block the server."""
+    context = context_limit(model)
+    limit = limit_for(context)
+    if chars > limit:
+        raise APIError(400, f"the prompt is too long for this model's context of {context} tokens: {chars} "
+                            f"characters, more than the {limit} this server tokenizes at most; shorten the prompt",
+                       param=prompt_param, code="context_length_exceeded")
 
 
 def plan_generation(model: Model, prompt_ids: Sequence[int], body: GenerationFields, requested_max: int | None,

@@ -1,8 +1,8 @@
 """The OpenAI endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
 Each completion request is checked in full before anything is queued (body schema, model name,
-model loaded, prompt fits the context), so every client mistake is a 400 with a JSON error; the
-generation then runs on the model worker, in turn with all other requests. A client that goes
+model loaded, prompt not too many characters to tokenize, prompt fits the context), so every
+client mistake is a 400 with a JSON error; the generation then runs on the model worker, in turn with all other requests. A client that goes
 away, streamed or not, cancels its generation.
 """
 
@@ -20,7 +20,7 @@ from flashtier.apps.reporting import context_limit
 from flashtier.apps.server.config import ServerConfig
 from flashtier.apps.server.errors import APIError
 from flashtier.apps.server.metrics import ServerMetrics
-from flashtier.apps.server.planning import plan_generation
+from flashtier.apps.server.planning import check_prompt_chars, plan_generation
 from flashtier.apps.server.responses import (Events, ResponseMeta, chat_chunks, chat_completion, collect,
                                              completion_chunks, event_stream, text_completion)
 from flashtier.apps.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationFields
@@ -81,7 +81,10 @@ def completion_routes(ctx: ServerContext) -> APIRouter:
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = ctx.model_for(body)
-        ids = await asyncio.to_thread(model.encode, messages=body.engine_messages())
+        messages = body.engine_messages()
+        check_prompt_chars(model, sum(len(m["content"]) for m in messages), ctx.config.prompt_chars_limit,
+                           "messages")
+        ids = await asyncio.to_thread(model.encode, messages=messages)
         plan = plan_generation(model, ids, body, body.requested_max_tokens, ctx.config.default_max_tokens, "messages")
         meta = ResponseMeta.new(ctx.config.model_name, "chatcmpl")
         if body.stream:
@@ -93,6 +96,8 @@ def completion_routes(ctx: ServerContext) -> APIRouter:
     @router.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = ctx.model_for(body)
+        if isinstance(body.prompt, str):  # token ids are counted, not tokenized, by plan_generation
+            check_prompt_chars(model, len(body.prompt), ctx.config.prompt_chars_limit, "prompt")
         ids = await asyncio.to_thread(model.encode, body.prompt)
         plan = plan_generation(model, ids, body, body.requested_max_tokens, ctx.config.default_max_tokens, "prompt")
         echo = ""

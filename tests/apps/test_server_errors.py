@@ -341,3 +341,117 @@ def test_serve_flags_reach_the_server_config(monkeypatch, chat_model_dir):
     assert defaults.max_body_bytes == 4 * 1024 * 1024 and defaults.allow_host == []
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-body-bytes", "0"])
+
+
+def test_api_key_is_required_on_v1_but_not_on_health_or_the_page(server_factory):
+    from flashtier.apps.server import ServerConfig, create_app
+
+    def no_model():
+        raise CheckpointError("no model in this test")
+
+    config = ServerConfig("x", api_key="s3cret-key")
+    assert "s3cret-key" not in repr(config)
+    live = server_factory(create_app(no_model, config))
+    with httpx.Client(base_url=live.base_url, timeout=30) as http:
+        for headers, words in (({}, "requires an API key"), ({"Authorization": "Bearer wrong"}, "not valid"),
+                               ({"Authorization": "Basic s3cret-key"}, "not a Bearer token"),
+                               ({"Authorization": "Bearer s3cret-keyX"}, "not valid"),
+                               ({"Authorization": "Bearer"}, "not a Bearer token")):
+            for method, path in (("GET", "/v1/models"), ("POST", CHAT), ("GET", "/v1/flashtier/stats")):
+                r = http.request(method, path, headers=headers, json={"messages": USER})
+                err = refused(r, 401, words, "Authorization: Bearer")
+                assert err["code"] == "invalid_api_key" and r.headers["WWW-Authenticate"] == "Bearer"
+        # checked before the body is read: an unauthenticated client cannot make the server read 4 MiB
+        refused(http.post(CHAT, content=b" " * 10_000_000, headers={"Content-Type": "application/json"}), 401)
+        ok = {"Authorization": "Bearer s3cret-key"}
+        assert http.get("/v1/models", headers=ok).status_code == 200
+        assert http.get("/v1/models", headers={"Authorization": "bearer  s3cret-key"}).status_code == 200
+        assert http.post(CHAT, headers=ok, json={"messages": USER}).status_code == 500  # passes auth: no model
+        assert http.get("/health").status_code == 500 and http.get("/").status_code == 200
+        assert http.get("/metrics").status_code == 200
+        # the Host check still comes first
+        refused(http.get("/v1/models", headers={"Host": "evil.example"}), 403)
+    live.stop()
+    with pytest.raises(Exception, match="api_key"):
+        ServerConfig("x", api_key="")
+
+
+def test_no_api_key_means_no_auth(http):
+    assert http.get("/v1/models").status_code == 200
+
+
+class CountingModel:
+    """The real model; counts the prompts given to the tokenizer."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+        self.encoded = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def encode(self, *args, **kwargs):
+        self.encoded += 1
+        return self._model.encode(*args, **kwargs)
+
+
+def test_prompt_over_the_character_limit_is_refused_untokenized(chat_model_dir, server_factory, model_loader):
+    from flashtier.apps.server import ServerConfig, create_app
+
+    load = model_loader(chat_model_dir)
+    models = []
+    app = create_app(lambda: models.append(CountingModel(load())) or models[0], ServerConfig("chat-model"))
+    live = server_factory(app)
+    assert app.state.worker.wait_ready(timeout=60)
+    model = models[0]
+    limit = 16 * 2048
+    assert ServerConfig("x").prompt_chars_limit(2048) == limit
+    assert ServerConfig("x", max_prompt_chars=10).prompt_chars_limit(2048) == 10
+    with httpx.Client(base_url=live.base_url, timeout=60) as http:
+        half = "x" * (limit // 2 + 1)  # two messages, each under the limit, together over it
+        messages = [{"role": "system", "content": half}, {"role": "user", "content": [{"type": "text", "text": half}]}]
+        err = refused(http.post(CHAT, json={"messages": messages}), 400, "too long for this model's context of 2048",
+                      f"{limit + 2} characters", "shorten the prompt")
+        assert err["param"] == "messages" and err["code"] == "context_length_exceeded"
+        err = refused(http.post(COMPLETIONS, json={"prompt": "y" * (limit + 1), "stream": True}), 400, "too long")
+        assert err["param"] == "prompt"
+        assert model.encoded == 0
+        # under the character limit the token-level check still answers
+        refused(http.post(COMPLETIONS, json={"prompt": LONG_PROMPT}), 400, "maximum context length is 2048")
+        assert model.encoded == 1
+        assert http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+    live.stop()
+    small = server_factory(create_app(load, ServerConfig("chat-model", max_prompt_chars=50)))
+    with httpx.Client(base_url=small.base_url, timeout=60) as http:
+        assert small.app.state.worker.wait_ready(timeout=60)
+        refused(http.post(CHAT, json={"messages": [{"role": "user", "content": "z" * 51}]}), 400, "more than the 50")
+        assert http.post(CHAT, json={"messages": [{"role": "user", "content": "z" * 50}], "max_tokens": 1}
+                         ).status_code == 200
+    small.stop()
+
+
+def test_api_key_and_max_prompt_chars_flags(monkeypatch, chat_model_dir):
+    """``--api-key``, else $FLASHTIER_API_KEY (read by the command, not the server); ``--max-prompt-chars``."""
+    import uvicorn
+
+    from flashtier.apps.cli import build_parser
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.delenv("FLASHTIER_API_KEY", raising=False)
+
+    def config_of(*flags):
+        args = build_parser().parse_args(["serve", str(chat_model_dir), *flags])
+        assert args.func(args) == 0
+        return apps[-1].state.config
+
+    assert config_of().api_key is None and config_of().max_prompt_chars is None
+    assert config_of("--api-key", "k1", "--max-prompt-chars", "1000").api_key == "k1"
+    assert apps[-1].state.config.max_prompt_chars == 1000
+    monkeypatch.setenv("FLASHTIER_API_KEY", "from-env")
+    assert config_of().api_key == "from-env"
+    assert config_of("--api-key", "flag-wins").api_key == "flag-wins"
+    monkeypatch.setenv("FLASHTIER_API_KEY", "")
+    assert config_of().api_key is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-prompt-chars", "0"])
