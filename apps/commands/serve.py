@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-chars", type=_positive_int, default=None, metavar="CHARS",
                    help="longest prompt (characters of all messages, or of the completion prompt) that is tokenized; "
                         "longer ones get 400 at once (default: 16 per token of the model's context)")
+    p.add_argument("--shutdown-timeout", type=_positive_int, default=30, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C, wait at most this long for running requests to finish before "
+                        "closing them (default: 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_budget_args(p)
     p.set_defaults(func=run)
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
           f"loading {model_dir} in the background"
           + ("; /v1 requests need the API key" if config.api_key is not None else ""), file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
 
 
