@@ -235,6 +235,11 @@ def _index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                       and "/" not in v and v not in (".", "..")
+                                                       for k, v in weight_map.items()):
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names in this folder "
+                                  "(strings such as \"model-00001-of-00002.safetensors\"); the index is malformed")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:

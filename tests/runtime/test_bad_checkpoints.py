@@ -117,3 +117,11 @@ def test_missing_shard(tmp_path):
     next(many.glob("model-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="missing"):
         Checkpoint(many)
+
+
+@pytest.mark.parametrize("weight_map", [["x"], {"a": 1}, {"a": None}, {"a": "../../etc/passwd"}, {"a": ""}])
+def test_malformed_shard_index_is_one_error(made, weight_map):
+    """A shard named by a number, a list instead of a map, a path out of the folder: refused, named."""
+    (made / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard file names"):
+        Checkpoint(made)
