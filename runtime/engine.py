@@ -157,6 +157,15 @@ WeightsFactory = Callable[[Checkpoint, EngineConfig], WeightAccessor]
 
 
 def in_memory_weights(checkpoint: Checkpoint, config: EngineConfig) -> WeightAccessor:
+    # A converted folder's expert extents carry crc32s (flashtier_experts.json): a resident load
+    # checks them too, once, before reading the weights (costs one extra read of the expert bytes;
+    # paged runs check each extent on its first read instead).
+    folder = getattr(checkpoint, "model_dir", None)
+    if folder is not None and Path(folder).is_dir():
+        from flashtier.storage_backends.expert_layout import MANIFEST_NAME, verify_checksums
+
+        if (Path(folder) / MANIFEST_NAME).is_file() and str(dict(config.extra).get("expert_verify", "")) != "off":
+            verify_checksums(folder)
     dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
     return InMemoryWeights(checkpoint, dtype, device=config.device)
 

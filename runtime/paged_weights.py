@@ -17,13 +17,14 @@ stated in the README.
 from __future__ import annotations
 
 import os
+import zlib
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from flashtier.errors import BudgetError, CheckpointError, ConfigError
+from flashtier.errors import BudgetError, CheckpointError, ConfigError, IntegrityError
 from flashtier.runtime.checkpoint import EMBED, Checkpoint, layer_names, read_tensor
 from flashtier.checkpoint.ggml_types import GGMLType
 from flashtier.runtime.quantized import QuantizedTensor, as_weight, page_format, to_compute
@@ -126,6 +127,8 @@ class PagedWeights:
         self._in_use: list[str] = []
         self._embed_info = checkpoint.tensors[EMBED]
         self._embed_fd = os.open(self._embed_info.path, os.O_RDONLY)
+        if self._embed_info.crc32 is not None and EMBED not in self._resident:
+            _verify_extent(self._embed_fd, self._embed_info)  # rows are read one by one: check the table once
         self._lock = threading.Lock()
         self._counters = {"embedding_bytes_read": 0}
         self._top_up()
@@ -317,3 +320,21 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
 def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:
     """EngineConfig -> PagedWeights (the factory the engine uses when a budget is set)."""
     return PagedWeights(checkpoint, **budget_options(checkpoint, config, "paged weights"))
+
+
+def _verify_extent(fd: int, info: Any, chunk: int = 8 << 20) -> None:
+    """Check the crc32 recorded for tensor ``info`` by reading it once in ``chunk``-byte pieces
+    (pages dropped after each): for tensors read piecemeal (embedding rows), which no per-read
+    check covers. IntegrityError naming the file and tensor on a mismatch."""
+    crc, done = 0, 0
+    while done < info.nbytes:
+        n = min(chunk, info.nbytes - done)
+        data = os.pread(fd, n, info.offset + done)
+        os.posix_fadvise(fd, info.offset + done, n, os.POSIX_FADV_DONTNEED)
+        if len(data) != n:
+            raise CheckpointError(f"{info.path}: short read of tensor {info.name!r}; the file is truncated")
+        crc = zlib.crc32(data, crc)
+        done += n
+    if crc != info.crc32:
+        raise IntegrityError(f"{info.path}: tensor {info.name!r} does not match its crc32; the file is corrupt or was "
+                             "modified after it was written: write it again from the original")
