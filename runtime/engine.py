@@ -162,9 +162,10 @@ def in_memory_weights(checkpoint: Checkpoint, config: EngineConfig) -> WeightAcc
     # paged runs check each extent on its first read instead).
     folder = getattr(checkpoint, "model_dir", None)
     if folder is not None and Path(folder).is_dir():
+        from flashtier.runtime.expert_weights import ExpertCacheConfig
         from flashtier.storage_backends.expert_layout import MANIFEST_NAME, verify_checksums
 
-        if (Path(folder) / MANIFEST_NAME).is_file() and str(dict(config.extra).get("expert_verify", "")) != "off":
+        if (Path(folder) / MANIFEST_NAME).is_file() and ExpertCacheConfig.from_extra(dict(config.extra)).verify != "off":
             verify_checksums(folder)
     dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
     return InMemoryWeights(checkpoint, dtype, device=config.device)

@@ -215,8 +215,7 @@ class ExpertWeights(PagedWeights):
         self._pinned_pages: list[tuple[TieredStore, object]] = []
         self.layout: ExpertLayout = expert_layout(checkpoint)  # IntegrityError for a bad converted folder
         moe_layers = sorted({layer for layer, _ in self.layout.experts})
-        self.slot_bytes = max(sum(_block_bytes(x.offset, x.length) for x in extents)
-                              for extents in self.layout.experts.values())
+        self.slot_bytes = _slot_bytes(self.layout)
         min_slots = experts.slots or 1
         names = frozenset(x.info.name for extents in self.layout.experts.values() for ext in extents for x in ext.parts)
         super().__init__(checkpoint, dram_budget, compute_dtype, kv_tokens, bandwidths, device_budget, direct_io,
@@ -616,6 +615,18 @@ def _block_bytes(offset: int, length: int) -> int:
     block alignment."""
     head = offset % HOST_ALIGNMENT
     return align_up(head + length, HOST_ALIGNMENT)
+
+
+def _slot_bytes(layout: ExpertLayout) -> int:
+    """Host bytes of the largest expert's slot (its extents' aligned spans)."""
+    return max(sum(_block_bytes(x.offset, x.length) for x in extents) for extents in layout.experts.values())
+
+
+def min_cache_bytes(checkpoint: Checkpoint, slots: int = 1) -> int:
+    """The expert-cache bytes :class:`ExpertWeights` reserves before planning the rest (``slots``
+    of the largest expert per MoE layer); ``plan`` reserves the same."""
+    layout = expert_layout(checkpoint)
+    return len({layer for layer, _ in layout.experts}) * slots * _slot_bytes(layout)
 
 
 def _extent_blocks(layout: ExpertLayout, layer: int) -> list[int]:

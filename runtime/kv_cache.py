@@ -82,9 +82,7 @@ class BlockKVCache:
         self.block_table: list[int] = []  # logical block -> physical block in the pools
         self._k: list[torch.Tensor] = []  # per layer [H_kv, N, B, D]
         self._v: list[torch.Tensor] = []
-        self._flat_k: list = []  # numpy views of _k / _v for the native attention (see reserve)
-        self._flat_v: list = []
-        self._np_k: list = []
+        self._np_k: list = []  # numpy views of _k / _v for the native one-row write and attention (see reserve)
         self._np_v: list = []
         self._capacity_blocks = 0
 
@@ -107,9 +105,7 @@ class BlockKVCache:
         self._k, self._v = new_k, new_v
         # flat numpy views of each layer's blocks for the native one-row attention (fp32 CPU only)
         native = decode_ops.native_attend() and self.dtype == torch.float32 and self.device.type == "cpu"
-        self._flat_k = [t.view(-1).numpy() for t in new_k] if native else []
-        self._flat_v = [t.view(-1).numpy() for t in new_v] if native else []
-        self._np_k = [t.numpy() for t in new_k] if native else []  # [H_kv, N, B, D] each (one-row writes)
+        self._np_k = [t.numpy() for t in new_k] if native else []  # [H_kv, N, B, D] each
         self._np_v = [t.numpy() for t in new_v] if native else []
         self.block_table = list(range(used))
         self._capacity_blocks = need
@@ -118,7 +114,7 @@ class BlockKVCache:
         """Store ``k``/``v`` ``[H_kv, T, D]`` for positions ``start .. start+T-1`` of ``layer``."""
         t = k.shape[1]
         end = start + t
-        if t == 1 and end <= self.capacity and self._flat_k and k.dtype == torch.float32 and not k.requires_grad:
+        if t == 1 and end <= self.capacity and self._np_k and k.dtype == torch.float32 and not k.requires_grad:
             blk, off = divmod(start, self.block_size)
             if blk < len(self.block_table):
                 phys = self.block_table[blk]
@@ -161,12 +157,13 @@ class BlockKVCache:
         t = q.shape[1]
         self.write(layer, k, v, start)
         end = start + t
-        if t == 1 and self._flat_k and q.dtype == torch.float32 and q.is_contiguous() and not q.requires_grad:
+        if t == 1 and self._np_k and q.dtype == torch.float32 and q.is_contiguous() and not q.requires_grad:
             nblk = -(-end // self.block_size)
             if self.block_table[:nblk] == list(range(nblk)):  # one row over blocks in physical order
                 lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
-                return decode_ops.attend_row(q, self._flat_k[layer], self._flat_v[layer], self.num_kv_heads,
-                                             self._k[layer].stride(0), lo, end, torch.get_num_threads())
+                return decode_ops.attend_row(q, self._np_k[layer].reshape(-1), self._np_v[layer].reshape(-1),
+                                             self.num_kv_heads, self._k[layer].stride(0), lo, end,
+                                             torch.get_num_threads())
         keys, values = self.read(layer, end)  # [Hkv, S, D], S = start + T
         gqa = q.shape[0] != keys.shape[0]
         return F.scaled_dot_product_attention(

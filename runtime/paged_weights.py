@@ -17,7 +17,6 @@ stated in the README.
 from __future__ import annotations
 
 import os
-import zlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from flashtier.runtime.planner import (
     StreamedUnit,
     make_plan,
 )
+from flashtier.storage_backends.atomic import crc32_of_range
 from flashtier.storage_backends.base import StorageBackend
 from flashtier.storage_backends.checksummed import ChecksummedBackend
 from flashtier.storage_backends.compressed import CompressedBackend
@@ -322,19 +322,14 @@ def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:
     return PagedWeights(checkpoint, **budget_options(checkpoint, config, "paged weights"))
 
 
-def _verify_extent(fd: int, info: Any, chunk: int = 8 << 20) -> None:
-    """Check the crc32 recorded for tensor ``info`` by reading it once in ``chunk``-byte pieces
-    (pages dropped after each): for tensors read piecemeal (embedding rows), which no per-read
-    check covers. IntegrityError naming the file and tensor on a mismatch."""
-    crc, done = 0, 0
-    while done < info.nbytes:
-        n = min(chunk, info.nbytes - done)
-        data = os.pread(fd, n, info.offset + done)
-        os.posix_fadvise(fd, info.offset + done, n, os.POSIX_FADV_DONTNEED)
-        if len(data) != n:
-            raise CheckpointError(f"{info.path}: short read of tensor {info.name!r}; the file is truncated")
-        crc = zlib.crc32(data, crc)
-        done += n
+
+def _verify_extent(fd: int, info: Any) -> None:
+    """Check the crc32 recorded for tensor ``info`` by reading it once (pages dropped): for tensors
+    read piecemeal (embedding rows), which no per-read check covers. IntegrityError naming the
+    file and tensor on a mismatch."""
+    crc, got = crc32_of_range(fd, info.offset, info.nbytes)
+    if got != info.nbytes:
+        raise CheckpointError(f"{info.path}: short read of tensor {info.name!r}; the file is truncated")
     if crc != info.crc32:
         raise IntegrityError(f"{info.path}: tensor {info.name!r} does not match its crc32; the file is corrupt or was "
                              "modified after it was written: write it again from the original")

@@ -21,6 +21,21 @@ def crc32(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     return zlib.crc32(data, start) & 0xFFFFFFFF
 
 
+def crc32_of_range(fd: int, offset: int, length: int, chunk: int = 8 << 20) -> tuple[int, int]:
+    """crc32 of ``length`` bytes of the open file ``fd`` from ``offset``, read ``chunk`` bytes at a
+    time with the pages dropped after each (a check must not fill the page cache with the model).
+    Returns (crc32, bytes read): fewer than ``length`` where the file ends early."""
+    crc, done = 0, 0
+    while done < length:
+        data = os.pread(fd, min(chunk, length - done), offset + done)
+        os.posix_fadvise(fd, offset + done, len(data), os.POSIX_FADV_DONTNEED)
+        if not data:
+            break
+        crc = crc32(data, crc)
+        done += len(data)
+    return crc, done
+
+
 def verify_crc32(data: bytes | bytearray | memoryview, expected: int, where: str) -> None:
     """Raise IntegrityError naming ``where`` if ``data`` does not have checksum ``expected``."""
     actual = crc32(data)

@@ -39,7 +39,7 @@ from flashtier.errors import ConfigError, IntegrityError, StorageError
 from flashtier.runtime.checkpoint import Checkpoint, layer_names, read_tensor
 from flashtier.runtime.config import ModelConfig
 from flashtier.storage_backends.aligned import align_up
-from flashtier.storage_backends.atomic import crc32
+from flashtier.storage_backends.atomic import crc32, crc32_of_range
 from flashtier.storage_backends.progress import ticker
 from flashtier.storage_backends.safetensors_format import PAD_TENSOR_PREFIX, TensorInfo
 
@@ -206,10 +206,8 @@ def verify_checksums(model_dir: str | os.PathLike[str], progress: Callable[[int,
     items = list(layout.checksums().items())
     for i, ((path, offset, length), (expected, label)) in enumerate(items):
         with open(path, "rb", buffering=0) as f:
-            data = os.pread(f.fileno(), length, offset)
-            os.posix_fadvise(f.fileno(), offset, length, os.POSIX_FADV_DONTNEED)
-        actual = crc32(data)
-        if len(data) != length or actual != expected:
+            actual, got = crc32_of_range(f.fileno(), offset, length)
+        if got != length or actual != expected:
             raise IntegrityError(f"{path}: checksum mismatch in {label} (bytes {offset}..{offset + length}): crc32 "
                                  f"is {actual:#010x}, the manifest says {expected:#010x}; convert again or use the original")
         checked += length

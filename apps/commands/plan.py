@@ -62,12 +62,13 @@ def run(args: argparse.Namespace) -> int:
     from flashtier.runtime.checkpoint import Checkpoint
     from flashtier.runtime.config import ModelConfig
     from flashtier.runtime.engine import parse_bytes
-    from flashtier.runtime.planner import PlanRequest, expert_cache_min_bytes, make_plan, sizes_from_config
+    from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
 
     from flashtier.runtime.gguf_checkpoint import find_gguf
 
     target = resolve_model_dir(args.model)
     gguf = find_gguf(target) if target.exists() else None
+    ck = None  # the checkpoint, when there is one (not for a bare config.json)
     if gguf is not None:
         from flashtier.runtime.checkpoint import open_checkpoint
 
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
                       context=args.context, attention=args.attention, storage_fraction=fraction,
                       kv_host_fraction=kv_fraction, expert_cache=experts,
-                      expert_cache_min_bytes=expert_cache_min_bytes(cfg, sizes) if experts else 0)
+                      expert_cache_min_bytes=_expert_min(ck, cfg, sizes)
+                      if experts else 0)
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
     if args.json:
         print(json.dumps({"model": str(target), "source": source, "context": args.context,
@@ -127,3 +129,15 @@ def run(args: argparse.Namespace) -> int:
     for note in plan.notes:
         print(f"note         {note}")
     return 0
+
+
+def _expert_min(checkpoint: object, cfg: object, sizes: dict[str, int]) -> int:
+    """The expert-cache reservation ``generate`` makes (from the checkpoint's layout), or the
+    planner's upper estimate when only a config is given."""
+    if checkpoint is not None:
+        from flashtier.runtime.expert_weights import min_cache_bytes
+
+        return min_cache_bytes(checkpoint)
+    from flashtier.runtime.planner import expert_cache_min_bytes
+
+    return expert_cache_min_bytes(cfg, sizes)

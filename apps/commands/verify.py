@@ -11,7 +11,6 @@ line per check; the first failure is one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from flashtier.apps.common import resolve_model_dir
@@ -45,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
             bad = int((~torch.isfinite(values)).sum())
             raise IntegrityError(f"{info.path}: tensor {name!r} holds {bad} NaN / infinite value(s): the file is "
                                  "corrupt (a flipped bit?); restore it from the original download")
-        checked += info.nbytes
-        _drop_pages(str(info.path), info.offset, info.nbytes)
+        checked += info.nbytes  # read_tensor dropped the pages it read
     print(f"tensors        ok: {checked / 1e6:.1f} MB read, all weights finite, {crc} tensor crc32s checked")
     folder = target if target.is_dir() else target.parent
     from flashtier.storage_backends.expert_layout import MANIFEST_NAME, verify_checksums
@@ -54,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if (folder / MANIFEST_NAME).exists():
         n = verify_checksums(folder)
         print(f"expert extents ok: {n / 1e6:.1f} MB, every crc32 in {MANIFEST_NAME} matches")
-    from flashtier.storage_backends.atomic import crc32
+    from flashtier.storage_backends.atomic import crc32_of_range
     from flashtier.storage_backends.compressed_layout import load_index
 
     index = load_index(folder) if target.is_dir() else None  # checks the manifest against the shards
@@ -63,24 +61,12 @@ def run(args: argparse.Namespace) -> int:
         for shard in index.shards.values():
             with open(shard.side_file, "rb", buffering=0) as f:
                 for seg in shard.segments:
-                    data = os.pread(f.fileno(), seg.stored_length, seg.stored_offset)
-                    if len(data) != seg.stored_length or crc32(data) != seg.crc:
+                    crc, got = crc32_of_range(f.fileno(), seg.stored_offset, seg.stored_length)
+                    if got != seg.stored_length or crc != seg.crc:
                         raise IntegrityError(f"{shard.side_file}: the record of bytes {seg.offset}..{seg.end} of "
                                              f"{shard.shard} does not match its crc32; run `flashtier compress` again")
                     stored += seg.stored_length
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         print(f"compressed copy ok: {stored / 1e6:.1f} MB of records, every crc32 matches")
     print(f"verified {target} in {time.perf_counter() - t0:.1f} s")
     return 0
 
-
-def _drop_pages(path: str, offset: int, length: int) -> None:
-    """Keep the check from filling the page cache with the whole model."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)

@@ -62,8 +62,11 @@ def test_cli_refuses_a_budget_beyond_the_machine_with_one_line(tmp_path):
 def test_plan_and_generate_agree_on_a_moe_minimum_budget():
     """plan reserves the expert cache as generate does: a budget generate refuses, plan refuses."""
     model = str(Path(__file__).parents[2] / "models" / "tiny-moe")
+    minimums = []
     for cmd in (["plan", model], ["generate", model, "--prompt", "hi", "--max-new-tokens", "1"]):
         p = subprocess.run([sys.executable, "-m", "flashtier", *cmd, "--dram-budget", "12M"], capture_output=True,
                            text=True)
         assert p.returncode != 0 and "below the minimum this model needs" in p.stderr, (cmd, p.stderr)
         assert "an expert cache of" in p.stderr
+        minimums.append(p.stderr.split("needs (")[1].split(")")[0])
+    assert minimums[0] == minimums[1]  # one computation: the same figures, expert cache included
