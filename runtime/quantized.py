@@ -83,6 +83,12 @@ class QuantizedTensor:
         return dequantize(int(self.qtype), data, data.shape[0], self.shape[1]).to(dtype)
 
 
+def _row_f32(x: torch.Tensor) -> torch.Tensor:
+    """The one row of ``x`` ``[1, K]`` as a contiguous fp32 ``[K]`` (the native kernels' input)."""
+    xr = x[0]
+    return xr if xr.dtype == torch.float32 and xr.is_contiguous() else xr.float().contiguous()
+
+
 def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None = None,
                      threads: int | None = None, activations: str = "f32") -> torch.Tensor:
     """``x @ W.T (+ b)`` for ``x`` ``[T, K]`` and a quantized ``W`` ``[N, K]`` -> ``[T, N]`` in ``x.dtype``.
@@ -94,9 +100,7 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
     if x.shape[-1] != cols:
         raise ValueError(f"activation of width {x.shape[-1]} times a weight of shape {list(w.shape)}")
     if x.shape[0] == 1:
-        xr = x[0]
-        if xr.dtype != torch.float32 or not xr.is_contiguous():
-            xr = xr.float().contiguous()  # [K]
+        xr = _row_f32(x)  # [K]
         native = qk._native_matvec
         if native is not None and w.array is not None and not xr.requires_grad:
             # the lean call: QuantizedTensor checked its geometry when it was made (decode makes
@@ -143,9 +147,7 @@ def quantized_linear_many(x: torch.Tensor, ws: "list[QuantizedTensor]", bs: "lis
         y = torch.empty(1, w.shape[0], dtype=torch.float32)  # [1, N_i]
         outs.append(y)
         specs.append((int(w.qtype), w.array, y.numpy(), w.shape[0]))
-    xr = x[0]
-    if xr.dtype != torch.float32 or not xr.is_contiguous():
-        xr = xr.float().contiguous()  # [K]
+    xr = _row_f32(x)  # [K]
     many(xr.numpy(), cols, threads, 1 if activations == "q8" else 0, tuple(specs))
     return [(y if b is None else y + b.float()).to(x.dtype) for y, b in zip(outs, bs)]
 
