@@ -48,7 +48,7 @@ def ensure_files(work: Path, scenario: str, ftype: str) -> tuple[Path, Path]:
     s = SCENARIOS[scenario]
     hf = work / f"gguf-{scenario}"
     if not (hf / "config.json").is_file():
-        cmd = [PY, "-m", "flashtier", "make-model", str(hf)]
+        cmd = [PY, "-m", "flashtier", "make-model", str(hf), "--force"]
         cmd += ["--preset", s["preset"]] if "preset" in s else ["--arch", s["arch"], "--config", json.dumps(s["config"])]
         subprocess.run(cmd, check=True)
     f16 = work / f"gguf-{scenario}-f16.gguf"

@@ -41,7 +41,7 @@ def run_json(cmd: list[str], cap: str | None = None, timeout: int = 1800, env: d
 
 def ensure_model(path: Path, preset: str) -> Path:
     if not (path / "config.json").is_file():
-        subprocess.run([PY, "-m", "flashtier", "make-model", str(path), "--preset", preset], check=True)
+        subprocess.run([PY, "-m", "flashtier", "make-model", str(path), "--preset", preset, "--force"], check=True)
     return path
 
 

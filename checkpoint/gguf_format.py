@@ -11,7 +11,11 @@ types known, tensors inside the data section, sizes consistent with shape and ty
 and returns absolute file offsets, so paging code reads any tensor (or one expert's slab of a
 stacked expert tensor) in place through a storage backend. :func:`write_gguf` writes a file that
 llama.cpp loads, to a temporary sibling renamed into place, with a crc32 of every tensor's bytes
-in the metadata key ``flashtier.tensor_crc32`` (checked by flashtier wherever it reads them).
+in the metadata key ``flashtier.tensor_crc32`` (checked by flashtier wherever it reads them), and
+a crc32 of the header itself (every metadata pair but the crc lists, and the tensor table) in
+``flashtier.header_crc32``, checked by :func:`read_gguf` whenever the file still has the size
+flashtier wrote (``flashtier.file_size``): a flipped bit in a tokenizer string or a rope setting is
+an IntegrityError, while a file another tool rewrote (a different size) is read as foreign.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from flashtier.checkpoint.ggml_types import GGMLType, type_info
-from flashtier.errors import CheckpointError
+from flashtier.errors import CheckpointError, IntegrityError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -41,6 +45,26 @@ CRC_LAYOUT_KEY = "flashtier.tensor_crc32_layout"
 """crc32 of the tensor infos (names, shapes, types, offsets) the crc list belongs to. Tools that
 rewrite a file and copy its metadata (llama.cpp's quantizer does) leave a stale crc list behind;
 readers use the list only when this matches the file's own tensor infos."""
+
+
+HEADER_CRC_KEY = "flashtier.header_crc32"
+"""crc32 of the header: the bytes before the metadata, every metadata pair except the crc lists
+and this key, and the tensor table (see :func:`_header_crc`)."""
+FILE_SIZE_KEY = "flashtier.file_size"
+"""Size of the file as flashtier wrote it: a file of that size is checked against
+``HEADER_CRC_KEY``; another size means another tool rewrote it and copied the metadata."""
+_UNCHECKED_KEYS = frozenset({CRC_KEY, SLICE_CRC_KEY, HEADER_CRC_KEY})
+"""Metadata the header crc leaves out: values filled in after the data is written, and itself."""
+
+
+def _header_crc(prefix: bytes, pairs: Iterable[tuple[str, bytes]], table: bytes) -> int:
+    """crc32 of ``prefix`` (magic, version, counts), the raw bytes of each metadata pair whose key
+    is not in ``_UNCHECKED_KEYS`` (file order), and the tensor table."""
+    crc = zlib.crc32(prefix)
+    for key, raw in pairs:
+        if key not in _UNCHECKED_KEYS:
+            crc = zlib.crc32(raw, crc)
+    return zlib.crc32(table, crc) & 0xFFFFFFFF
 
 
 def _layout_crc(infos: list[tuple[str, tuple[int, ...], int, int]]) -> int:
@@ -192,9 +216,14 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         if n_tensors > MAX_COUNT or n_kv > MAX_COUNT:
             raise CheckpointError(f"{path}: header claims {n_tensors} tensors and {n_kv} metadata keys; the GGUF header is corrupt")
         metadata: dict[str, Any] = {}
+        pair_spans: list[tuple[str, int, int]] = []
+        kv_start = r.f.tell()
         for i in range(n_kv):
+            start = r.f.tell()
             key = r.string(f"metadata key {i}")
             metadata[key] = r.value(r.u32(f"type of {key!r}"), repr(key))
+            pair_spans.append((key, start, r.f.tell()))
+        table_start = r.f.tell()
         infos: list[tuple[str, tuple[int, ...], int, int]] = []
         for i in range(n_tensors):
             name = r.string(f"tensor name {i}")
@@ -206,6 +235,14 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
             offset = r.u64(f"offset of {name!r}")
             infos.append((name, tuple(reversed(ne)), gtype, offset))
         header_end = r.f.tell()
+        if metadata.get(FILE_SIZE_KEY) == size and HEADER_CRC_KEY in metadata:
+            f.seek(0)
+            head = f.read(header_end)
+            got = _header_crc(head[:kv_start], ((k, head[a:b]) for k, a, b in pair_spans), head[table_start:])
+            if got != metadata[HEADER_CRC_KEY]:
+                raise IntegrityError(
+                    f"{path}: checksum mismatch in the GGUF header (metadata or tensor table: crc32 {got:#010x}, "
+                    f"written {int(metadata[HEADER_CRC_KEY]):#010x}); the file is corrupt: write it again")
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
         raise CheckpointError(f"{path}: general.alignment={alignment!r} is invalid (a positive multiple of 8)")
@@ -322,7 +359,7 @@ def write_gguf(out: str | os.PathLike[str], metadata: dict[str, Any], tensors: I
     for n in sizes:
         offsets.append(pos)
         pos += -(-n // alignment) * alignment
-    meta = {k: v for k, v in metadata.items() if k not in (CRC_KEY, CRC_LAYOUT_KEY)}
+    meta = {k: v for k, v in metadata.items() if k not in (CRC_KEY, CRC_LAYOUT_KEY, HEADER_CRC_KEY, FILE_SIZE_KEY)}
     meta["general.alignment"] = alignment
     meta[CRC_LAYOUT_KEY] = _layout_crc([(t.name, tuple(t.shape), int(t.ggml_type), off) for t, off in zip(tensors, offsets)])
     # Placeholder crc list of the right size: the header's length must not change when it is filled.
@@ -330,20 +367,31 @@ def write_gguf(out: str | os.PathLike[str], metadata: dict[str, Any], tensors: I
     n_slices = sum(t.shape[0] for t in tensors if len(t.shape) == 3)
     if n_slices:
         meta[SLICE_CRC_KEY] = np.zeros(n_slices, dtype="<u4")
+    types = {**types, FILE_SIZE_KEY: ValueType.UINT64, HEADER_CRC_KEY: ValueType.UINT32}  # fixed widths
+    meta[FILE_SIZE_KEY] = 0
+    meta[HEADER_CRC_KEY] = 0
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
     def header() -> bytes:
-        buf = bytearray(MAGIC + struct.pack("<IQQ", 3, len(tensors), len(meta)))
+        prefix = MAGIC + struct.pack("<IQQ", 3, len(tensors), len(meta))
+        pairs = []
         for k, v in meta.items():
             vt, raw = _pack_value(v, types.get(k))
-            buf += _pack_value(k, ValueType.STRING)[1] + struct.pack("<I", vt) + raw
+            pairs.append((k, _pack_value(k, ValueType.STRING)[1] + struct.pack("<I", vt) + raw))
+        table = bytearray()
         for t, off in zip(tensors, offsets):
-            buf += _pack_value(t.name, ValueType.STRING)[1] + struct.pack("<I", len(t.shape))
-            buf += b"".join(struct.pack("<Q", d) for d in reversed(t.shape))
-            buf += struct.pack("<IQ", int(t.ggml_type), off)
+            table += _pack_value(t.name, ValueType.STRING)[1] + struct.pack("<I", len(t.shape))
+            table += b"".join(struct.pack("<Q", d) for d in reversed(t.shape))
+            table += struct.pack("<IQ", int(t.ggml_type), off)
+        meta[HEADER_CRC_KEY] = _header_crc(prefix, pairs, bytes(table))
+        pairs = [(k, raw) if k != HEADER_CRC_KEY else
+                 (k, _pack_value(k, ValueType.STRING)[1] + struct.pack("<II", ValueType.UINT32, meta[k]))
+                 for k, raw in pairs]
+        buf = bytearray(prefix) + b"".join(raw for _, raw in pairs) + table
         buf += b"\0" * (-len(buf) % alignment)
         return bytes(buf)
 
+    meta[FILE_SIZE_KEY] = len(header()) + pos  # the header's length does not depend on the value
     try:
         with open(tmp, "wb") as f:
             head = header()

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flashtier.errors import CheckpointError, ConfigError
+from flashtier.errors import CheckpointError, ConfigError, IntegrityError
 
 PREDICTOR_FILE = "sparsity_predictor.safetensors"
 
@@ -203,24 +205,31 @@ class PredictorSet:
         return sum(p.nbytes for p in self.layers.values())
 
     def save(self, model_dir: Path) -> Path:
-        from safetensors.torch import save_file
+        """Write the predictors to ``model_dir/PREDICTOR_FILE`` (temporary sibling, then renamed), with
+        the crc32 of every tensor's bytes in the metadata (checked by :meth:`load`)."""
+        from flashtier.storage_backends.safetensors_format import save_safetensors
 
         tensors, meta = {}, {}
         for i, p in self.layers.items():
             tensors[f"layers.{i}.a"], tensors[f"layers.{i}.b"], tensors[f"layers.{i}.bias"] = p.a, p.b, p.bias
             meta[str(i)] = {"threshold": p.threshold, "metrics": p.metrics}
         path = Path(model_dir) / PREDICTOR_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, tmp, metadata={"flashtier": json.dumps(
-            {"layers": meta, "fingerprint": self.fingerprint, "training": asdict(self.training)})})
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        header: dict[str, object] = {"layers": meta, "fingerprint": self.fingerprint, "training": asdict(self.training)}
+        header["crc32"] = _predictor_crc32(tensors, header)
+        try:
+            save_safetensors(tensors, tmp, metadata={"flashtier": json.dumps(header)})
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, model_dir: Path, fingerprint: dict[str, object]) -> PredictorSet:
         """Load ``model_dir``'s predictors; CheckpointError if missing or made for another model
         (``fingerprint`` is what the running model's fingerprint is)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(model_dir) / PREDICTOR_FILE
         if not path.is_file():
@@ -235,12 +244,28 @@ class PredictorSet:
                     layers[i] = LowRankPredictor(f.get_tensor(f"layers.{i}.a"), f.get_tensor(f"layers.{i}.b"),
                                                  f.get_tensor(f"layers.{i}.bias"), float(m["threshold"]),
                                                  dict(m["metrics"]))
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as e:
             raise CheckpointError(f"{path}: unreadable predictor file ({e!r}); re-run `flashtier calibrate`") from e
+        tensors = {f"layers.{i}.{k}": getattr(p, k) for i, p in layers.items() for k in ("a", "b", "bias")}
+        if "crc32" not in info:
+            raise CheckpointError(f"{path} carries no checksum (written by an older flashtier); re-run "
+                                  f"`flashtier calibrate {model_dir} --text FILE`")
+        if info["crc32"] != _predictor_crc32(tensors, {k: v for k, v in info.items() if k != "crc32"}):
+            raise IntegrityError(f"{path}: checksum mismatch in the predictor weights (crc32 differs from the one "
+                                 f"written); the file is corrupt: re-run `flashtier calibrate {model_dir} --text FILE`")
         if info.get("fingerprint") != fingerprint:
             raise CheckpointError(f"{path}: these predictors were trained for another model (fingerprint differs); "
                                   f"re-run `flashtier calibrate {model_dir} --text FILE`")
         return cls(layers, info["fingerprint"], PredictorTraining(**info["training"]))
+
+
+def _predictor_crc32(tensors: dict[str, torch.Tensor], header: dict[str, object]) -> int:
+    """crc32 of the header (thresholds, fingerprint, training; canonical JSON) followed by the
+    tensors' bytes in name order."""
+    crc = zlib.crc32(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(tensors):
+        crc = zlib.crc32(tensors[name].detach().contiguous().view(-1).view(torch.uint8).numpy(), crc)
+    return crc & 0xFFFFFFFF
 
 
 def recall_of(selected: np.ndarray, active: np.ndarray) -> tuple[int, int]:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 
 from flashtier.errors import ConfigError
 from flashtier.runtime.checkpoint import expected_shapes
 from flashtier.runtime.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from flashtier.storage_backends.safetensors_format import save_safetensors
 
 MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
@@ -110,13 +110,13 @@ def write_model(out_dir: str | Path, spec: MakeModelSpec, progress: Callable[[in
     for old in out.glob("model*.safetensors*"):
         old.unlink()
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(shards[0], out / "model.safetensors", metadata={"format": "pt"})
     else:
         weight_map = {}
         total = 0
         for k, shard in enumerate(shards, 1):
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out / fname, metadata={"format": "pt"})
+            save_safetensors(shard, out / fname, metadata={"format": "pt"})
             for name, t in shard.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()

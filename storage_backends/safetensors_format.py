@@ -13,11 +13,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flashtier.errors import CheckpointError
+from flashtier.errors import CheckpointError, StorageError
+
+if TYPE_CHECKING:
+    import torch
 
 # safetensors dtype name -> (bytes per element, torch dtype name)
 DTYPES: dict[str, tuple[int, str]] = {
@@ -78,7 +83,11 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     """
     path = Path(path)
     try:
-        file_size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open forever; a device reads nothing
+            raise CheckpointError(f"{path}: not a regular file ({_file_kind(st.st_mode)}); a safetensors shard must be "
+                                  "a file: replace it with the downloaded or converted shard")
+        file_size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -90,7 +99,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
             if n > MAX_HEADER_BYTES or 8 + n > file_size:
                 raise CheckpointError(
                     f"{path}: corrupted safetensors file: header length {n} runs past the end of "
-                    f"the file ({file_size} bytes); the file is truncated or not safetensors"
+                    f"the file ({file_size} bytes); the file is truncated or not safetensors: re-download or "
+                    "re-convert it"
                 )
             raw = f.read(n)
     except OSError as e:
@@ -115,6 +125,19 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a plain file"
+
+
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     try:
         dtype = entry["dtype"]  # type: ignore[index]
@@ -127,7 +150,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
     if begin < 0 or end < begin or end > data_size:
         raise CheckpointError(
             f"{path}: tensor {name!r} has data offsets [{begin}, {end}) outside the file's "
-            f"{data_size} data bytes; the file is truncated or corrupted"
+            f"{data_size} data bytes; the file is truncated or corrupted: re-download or re-convert it"
         )
     expected = math.prod(shape) * DTYPES[dtype][0]
     if end - begin != expected:
@@ -136,3 +159,17 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
             f"{dtype} needs {expected}; the file is corrupted"
         )
     return TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file at ``path`` (the caller picks a temporary name and
+    renames). Any failure, a full disk included, is a StorageError naming the path: the
+    safetensors library reports I/O errors as its own exception type, not OSError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except (SafetensorError, OSError) as e:
+        raise StorageError(f"writing {path} failed: {e}; check free space and that the folder is writable") from e

@@ -1,11 +1,15 @@
-"""``flashtier make-model``: write a random-weight checkpoint in Hugging Face layout."""
+"""``flashtier make-model``: write a random-weight checkpoint in Hugging Face layout.
+
+The folder is written to a temporary sibling and renamed at the end (nothing partial is left on
+any error, disk full included); an existing non-empty folder is replaced only with ``--force``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from flashtier.apps.common import progress
+from flashtier.apps.common import progress, staged_output_dir
 from flashtier.errors import ConfigError
 
 
@@ -20,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default="2G", help="split into shards of at most this size")
+    p.add_argument("--force", action="store_true", help="replace an existing, non-empty output folder")
     p.set_defaults(func=run)
 
 
@@ -37,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--config is not valid JSON: {e}") from e
     shard = parse_bytes(args.max_shard_size)
     assert shard is not None
-    out = write_model(args.out_dir, MakeModelSpec(cfg, args.dtype, args.seed, shard), progress("writing"))
-    print(out)
+    spec = MakeModelSpec(cfg, args.dtype, args.seed, shard)
+    with staged_output_dir(args.out_dir, args.force) as tmp:
+        write_model(tmp, spec, progress("writing"))
+    print(args.out_dir)
     return 0

@@ -91,3 +91,29 @@ def test_a_flip_in_the_embedding_table_is_caught_when_paged(written, tmp_path):
     flip_bit(bad, info.offset + info.nbytes // 3, 5)
     with pytest.raises(IntegrityError, match="embed_tokens"):
         Model(bad, EngineConfig(dram_budget=16 << 20, max_context=256))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_flip_anywhere_in_the_gguf_header_is_never_silent(written, tmp_path, seed):
+    """The header (tokenizer strings, chat template, rope and norm settings, tensor table) is under
+    ``flashtier.header_crc32``: a flipped bit at a random header offset is an IntegrityError, or a
+    CheckpointError when it breaks the header's structure first (a length, a type id); never a
+    model that loads with a different vocabulary or setting."""
+    from flashtier.checkpoint.gguf_format import read_gguf
+    from flashtier.errors import CheckpointError
+
+    gguf, _ = written
+    header_end = read_gguf(gguf).data_offset
+    rng = random.Random(seed)
+    for _ in range(8):
+        bad = tmp_path / "head.gguf"
+        shutil.copy(gguf, bad)
+        offset = rng.randrange(24, header_end - 32)  # past magic, version, counts; before the padding (never read)
+        flip_bit(bad, offset, rng.randrange(8))
+        try:
+            read_gguf(bad)
+        except (IntegrityError, CheckpointError):
+            continue
+        # Only a crc list can take a flip quietly, and it is caught when the tensor it describes is read.
+        with pytest.raises(IntegrityError):
+            verify.run(argparse.Namespace(model=str(bad)))

@@ -98,3 +98,33 @@ def test_predictor_scores_have_shapes():
     p = LowRankPredictor(torch.zeros(4, 2), torch.zeros(2, 6), torch.arange(6.0), 2.5)
     assert p.scores(torch.zeros(3, 4)).shape == (3, 6)
     assert p.select(torch.zeros(1, 4)).tolist() == [5, 4, 3]
+
+
+def test_a_flipped_bit_or_a_cut_in_the_predictor_file_is_refused(tmp_path):
+    """Every byte of the predictor file is under its crc32: a flip in a tensor or in a threshold
+    is an IntegrityError, a cut file one CheckpointError; never predictors that select wrongly."""
+    import random
+
+    from flashtier.errors import IntegrityError
+    from flashtier.prefetch.sparsity import PREDICTOR_FILE
+
+    x, w = synthetic(n=400)
+    pred = train_layer(x, w, PredictorTraining(rank=4, steps=0))
+    fp = {"config_sha256": "abc", "tensor_probe_crc32": {"t": 1}}
+    path = PredictorSet({3: pred}, fp, PredictorTraining(rank=4, steps=0)).save(tmp_path)
+    good = path.read_bytes()
+    header_len = int.from_bytes(good[:8], "little")
+    rng = random.Random(0)
+    data_offsets = [8 + header_len + rng.randrange(len(good) - 8 - header_len) for _ in range(4)]
+    threshold_at = good.index(repr(pred.threshold).encode(), 8)  # a digit of the threshold in the JSON header
+    for offset in data_offsets + [threshold_at + 2]:
+        bad = bytearray(good)
+        bad[offset] ^= 1 << rng.randrange(8) if offset != threshold_at + 2 else 0x01  # '3' <-> '2' etc.
+        path.write_bytes(bytes(bad))
+        with pytest.raises((IntegrityError, CheckpointError), match=f"{PREDICTOR_FILE}.*(checksum mismatch|unreadable)"):
+            PredictorSet.load(tmp_path, fp)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="unreadable predictor file.*flashtier calibrate"):
+        PredictorSet.load(tmp_path, fp)
+    path.write_bytes(good)
+    assert torch.equal(PredictorSet.load(tmp_path, fp).layers[3].b, pred.b)

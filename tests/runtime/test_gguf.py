@@ -307,13 +307,16 @@ def test_unsupported_type_and_architecture_are_named(small_gguf, tmp_path):
     struct.pack_into("<I", raw, at + 4 + 8 * n_dims, 10)
     bad = tmp_path / "q2k.gguf"
     bad.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="checksum mismatch in the GGUF header"):
+        Model(bad)  # as flashtier wrote it (same size): the edit is corruption
+    bad.write_bytes(bytes(raw) + bytes(32))  # another size: a file some other tool rewrote
     with pytest.raises(UnsupportedModelError, match=r"Q2_K.*supported: .*Q4_K"):
         Model(bad)
     raw = bytearray(small_gguf.read_bytes())
     at = raw.index(b"llama", raw.index(b"general.architecture"))
     raw[at: at + 5] = b"gemma"
     bad2 = tmp_path / "arch.gguf"
-    bad2.write_bytes(bytes(raw))
+    bad2.write_bytes(bytes(raw) + bytes(32))
     with pytest.raises(UnsupportedModelError, match="gemma.*supported: llama, qwen2, qwen2moe"):
         Model(bad2)
     assert g.tensors  # the original still parses
