@@ -95,6 +95,12 @@ class EngineConfig:
     device: str = "cpu"
     """Where the forward pass runs: 'cpu', or 'cuda' / 'cuda:N' with every weight and the KV cache
     resident on that GPU (paging with budgets and retrieval attention run on the CPU only, for now)."""
+    verified_record: str | None = None
+    """File recording the one-time integrity checks that passed (a converted folder's expert
+    extents before a resident load, a paged embedding table, FFN bundle files), keyed by each
+    file's size, mtime, ctime and inode, so a second load of unchanged files skips them
+    (``storage_backends/verified.py``). None: every load runs them. The CLI uses
+    ``~/.cache/flashtier/verified.json`` unless ``--reverify``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Options of optional subsystems (paging, experts, sparse FFN, retrieval), by name."""
 
@@ -165,8 +171,15 @@ def in_memory_weights(checkpoint: Checkpoint, config: EngineConfig) -> WeightAcc
         from flashtier.runtime.expert_weights import ExpertCacheConfig
         from flashtier.storage_backends.expert_layout import MANIFEST_NAME, verify_checksums
 
-        if (Path(folder) / MANIFEST_NAME).is_file() and ExpertCacheConfig.from_extra(dict(config.extra)).verify != "off":
-            verify_checksums(folder)
+        manifest = Path(folder) / MANIFEST_NAME
+        if manifest.is_file() and ExpertCacheConfig.from_extra(dict(config.extra)).verify != "off":
+            from flashtier.storage_backends.verified import VerifiedRecord
+
+            record = VerifiedRecord(config.verified_record)
+            files = [manifest, *sorted(Path(folder).glob("*.safetensors"))]
+            if not record.verified("expert-extents", files):
+                verify_checksums(folder)
+                record.mark("expert-extents", files)
     dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
     return InMemoryWeights(checkpoint, dtype, device=config.device)
 

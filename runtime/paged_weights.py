@@ -40,6 +40,7 @@ from flashtier.storage_backends.checksummed import ChecksummedBackend
 from flashtier.storage_backends.compressed import CompressedBackend
 from flashtier.storage_backends.compressed_layout import CompressedIndex, load_index
 from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFileConfig
+from flashtier.storage_backends.verified import VerifiedRecord
 from flashtier.tiers.config import StoreConfig
 from flashtier.tiers.page import PageDesc, PageSource
 from flashtier.tiers.store import TieredStore
@@ -61,7 +62,8 @@ class PagedWeights:
                  direct_io: str = "auto", host_policy: str = "lru",
                  progress: Callable[[int, int], None] | None = None,
                  external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None,
-                 streamed_unit: StreamedUnit = "tensor", compressed: str = "auto") -> None:
+                 streamed_unit: StreamedUnit = "tensor", compressed: str = "auto",
+                 verified_record: str | None = None) -> None:
         """``external``: streamed tensors another component serves (e.g. FFN neurons read from
         row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
         store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
@@ -128,7 +130,13 @@ class PagedWeights:
         self._embed_info = checkpoint.tensors[EMBED]
         self._embed_fd = os.open(self._embed_info.path, os.O_RDONLY)
         if self._embed_info.crc32 is not None and EMBED not in self._resident:
-            _verify_extent(self._embed_fd, self._embed_info)  # rows are read one by one: check the table once
+            # Rows are read one by one (no per-read check): the table is checked once, or not at all
+            # when the record says it passed on this very file before.
+            record = VerifiedRecord(verified_record)
+            what = f"tensor {EMBED} at {self._embed_info.offset}"
+            if not record.verified(what, [self._embed_info.path]):
+                _verify_extent(self._embed_fd, self._embed_info)
+                record.mark(what, [self._embed_info.path])
         self._lock = threading.Lock()
         self._counters = {"embedding_bytes_read": 0}
         self._top_up()
@@ -314,7 +322,8 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
             "kv_tokens": config.max_context or min(checkpoint.config.max_position_embeddings, 4096),
             "device_budget": config.device_budget or 0,
             "direct_io": str(dict(config.extra).get("direct_io", "auto")),
-            "compressed": str(dict(config.extra).get("compressed", "auto"))}
+            "compressed": str(dict(config.extra).get("compressed", "auto")),
+            "verified_record": config.verified_record}
 
 
 def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:

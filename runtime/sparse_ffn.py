@@ -45,6 +45,7 @@ from flashtier.storage_backends.bundles import (
     open_bundles,
     torch_dtype,
 )
+from flashtier.storage_backends.verified import VerifiedRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +140,9 @@ class SparseFFNWeights:
 
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, config: SparseFFNConfig = SparseFFNConfig(),
-                 selectors: Mapping[int, NeuronSelector] | None = None) -> None:
-        """``selectors`` overrides the predictors loaded from the model folder (tests, ablations)."""
+                 selectors: Mapping[int, NeuronSelector] | None = None, verified_record: str | None = None) -> None:
+        """``selectors`` overrides the predictors loaded from the model folder (tests, ablations);
+        ``verified_record``: see ``EngineConfig.verified_record`` (bundle files checked once)."""
         cfg = checkpoint.config
         if cfg.hidden_act != "relu":
             raise ConfigError(f"--sparse-ffn needs a ReLU FFN (most neurons exactly zero); {checkpoint.model_dir} "
@@ -148,7 +150,7 @@ class SparseFFNWeights:
         self.config = config
         self.checkpoint = checkpoint
         self.compute_dtype = compute_dtype or checkpoint.weights_dtype
-        self.manifest = open_bundles(checkpoint, verify=config.verify)
+        self.manifest = open_bundles(checkpoint, verify=config.verify, record=VerifiedRecord(verified_record))
         # The same request PagedWeights makes: which dense FFN layers does dense streaming stream?
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
         plan = make_plan(cfg, sizes, PlanRequest(dram_budget=dram_budget, context=kv_tokens,
@@ -158,7 +160,8 @@ class SparseFFNWeights:
         sparse = [i for i, n in names.items() if n.gate and plan.placement.get(n.gate) == "storage"]
         external = frozenset(x for i in sparse for x in (names[i].gate, names[i].up, names[i].down))
         self.paged = PagedWeights(checkpoint, dram_budget, self.compute_dtype, kv_tokens=kv_tokens,
-                                  direct_io=config.direct_io, external=external, streamed_unit="layer")
+                                  direct_io=config.direct_io, external=external, streamed_unit="layer",
+                                  verified_record=verified_record)
         try:
             if any(self.paged.plan.placement.get(x) != "storage" for x in external):
                 raise CheckpointError("internal: the sparse FFN's plan differs from PagedWeights'; keep their requests equal")
@@ -455,4 +458,4 @@ def sparse_ffn_weights(checkpoint: Checkpoint, config: Any) -> SparseFFNWeights:
     dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
     kv_tokens = config.max_context or min(checkpoint.config.max_position_embeddings, 4096)
     return SparseFFNWeights(checkpoint, config.dram_budget, dtype, kv_tokens=kv_tokens,
-                            config=SparseFFNConfig.from_extra(config.extra))
+                            config=SparseFFNConfig.from_extra(config.extra), verified_record=config.verified_record)

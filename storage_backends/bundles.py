@@ -44,6 +44,7 @@ from flashtier.storage_backends.aligned import align_up, allocate_aligned
 from flashtier.storage_backends.atomic import write_atomic
 from flashtier.storage_backends.batched_reads import Batch, BatchedReadConfig, BatchedReader
 from flashtier.storage_backends.safetensors_format import TensorInfo
+from flashtier.storage_backends.verified import VerifiedRecord
 
 BUNDLE_DIR = "ffn_bundles"
 MANIFEST = "manifest.json"
@@ -248,9 +249,9 @@ def convert_bundled(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
 
 
 # ---------------------------------------------------------------------------------- opening
-def open_bundles(checkpoint: Checkpoint, *, verify: bool = True) -> BundleManifest:
+def open_bundles(checkpoint: Checkpoint, *, verify: bool = True, record: VerifiedRecord | None = None) -> BundleManifest:
     """The manifest of ``checkpoint``'s bundles, checked against the model and (``verify``) against
-    the layer files' checksums. Raises CheckpointError (missing, other model, wrong shapes or
+    the layer files' checksums (skipped for a file ``record`` says passed and is unchanged). Raises CheckpointError (missing, other model, wrong shapes or
     sizes) or IntegrityError (corrupted layer file), naming the file and what to do."""
     path = checkpoint.model_dir / BUNDLE_DIR / MANIFEST
     if not path.is_file():
@@ -273,8 +274,10 @@ def open_bundles(checkpoint: Checkpoint, *, verify: bool = True) -> BundleManife
         if size != info.file_bytes:
             raise IntegrityError(f"{file}: {size} bytes, the manifest says {info.file_bytes}; the bundle file is "
                                  "truncated or from another conversion: re-run `flashtier convert --bundle`")
-        if verify:
+        if verify and not (record and record.verified("ffn-bundle", [file, path])):
             verify_layer_file(file, info)
+            if record:
+                record.mark("ffn-bundle", [file, path])
     return manifest
 
 
