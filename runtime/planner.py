@@ -19,7 +19,7 @@ plus, for long contexts, the KV bytes each tier reads per token.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from flashtier.errors import BudgetError, ConfigError
@@ -129,11 +129,21 @@ class Plan:
     predicted_decode_s: float
     bound_by: str
     min_dram_budget: int
+    """The least ``--dram-budget`` (to 64 KiB) that plans for this request (with a device: what
+    the placement needs in host memory). ``plan`` prints it and ``generate`` refuses below it."""
     stream_window_bytes: int
     bandwidths: Bandwidths
     notes: list[str] = field(default_factory=list)
     expert_cache_bytes: int = 0
     """Host bytes of the expert cache (``PlanRequest.expert_cache``), 0 otherwise."""
+    expert_reserve_bytes: int = 0
+    """Host bytes reserved for the expert cache (``expert_cache_min_bytes``)."""
+    need_bytes: int = 0
+    """What this placement needs besides its resident weights: norms/routers, the streaming window,
+    host KV and the expert reserve. ``min_dram_budget`` is the least budget whose own placement
+    fits (it also holds the weights that keep the window that small)."""
+    small_bytes: int = 0
+    """Norms, routers and other small tensors, always resident."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -202,8 +212,66 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
 
 
+class _BelowMinimum(Exception):
+    """``_make_plan``'s refusal: the budget is below what its own placement needs (``need`` bytes)."""
+
+    def __init__(self, need: int) -> None:
+        super().__init__(need)
+        self.need = need
+
+
 def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Bandwidths = Bandwidths()) -> Plan:
-    """Place every tensor and predict decode speed. Raises BudgetError below the minimum."""
+    """Place every tensor and predict decode speed. Raises BudgetError below the minimum, naming
+    the least budget that plans (and what it holds). The minimum is searched, not read off the
+    refused placement: a smaller budget streams more tensors and so needs a larger window than a
+    budget slightly above the true minimum does."""
+    try:
+        plan = _make_plan(cfg, sizes, req, bw)
+        if req.dram_budget is not None and req.device_budget <= 0:
+            plan = replace(plan, min_dram_budget=_least_budget(cfg, sizes, replace(req, dram_budget=0), bw,
+                                                               req.dram_budget))
+        return plan
+    except _BelowMinimum as e:
+        least = _least_budget(cfg, sizes, req, bw, e.need)
+        for _ in range(8):  # the least budget plans; guard against a placement that needs more there
+            try:
+                plan = _make_plan(cfg, sizes, replace(req, dram_budget=least), bw)
+                break
+            except _BelowMinimum as again:
+                least = max(again.need, least + 1)
+        else:
+            raise BudgetError(f"--dram-budget {_human(req.dram_budget or 0)} is below the minimum this model needs; "
+                              f"raise it to at least {_ceil_size(least)}") from None
+        kv_host = plan.kv_bytes["host"]
+        rest = least - plan.need_bytes
+        raise BudgetError(
+            f"--dram-budget {_human(req.dram_budget or 0)} is below the minimum this model needs "
+            f"({_human(least)}: {_human(plan.small_bytes)} of norms/routers, a {_human(plan.stream_window_bytes)} "
+            f"streaming window and {_human(kv_host)} of KV"
+            + (f", an expert cache of {_human(plan.expert_reserve_bytes)}" if plan.expert_reserve_bytes else "")
+            + (f", {_human(rest)} of resident weights (with less, more weights stream and the window grows)"
+               if rest >= 64 << 10 else "")
+            + f"); raise the budget to at least {_ceil_size(least)}"
+        ) from None
+
+
+def _least_budget(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Bandwidths, high: int) -> int:
+    """The least budget (a multiple of 64 KiB, or ``high``) in ``(req.dram_budget, high]`` that
+    plans, by bisection (a larger budget never needs more: it keeps more resident, which only
+    shrinks the streaming window). ``high``: a budget that plans, or what a refused placement needs."""
+    step = 64 << 10
+    lo, hi = (req.dram_budget or 0) // step, -(-high // step)  # lo fails; try hi last
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            _make_plan(cfg, sizes, replace(req, dram_budget=mid * step), bw)
+            hi = mid
+        except _BelowMinimum:
+            lo = mid
+    return min(hi * step, high)
+
+
+def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Bandwidths) -> Plan:
     groups = tensor_groups(cfg, sizes)
     expert_mode = req.expert_cache and cfg.is_moe
     if expert_mode:
@@ -258,13 +326,7 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
     placement.update(placed)
     min_dram = small_bytes + window + (0 if has_device else kv_bytes["host"]) + expert_min
     if req.dram_budget is not None and not has_device and req.dram_budget < min_dram:
-        raise BudgetError(
-            f"--dram-budget {_human(req.dram_budget)} is below the minimum this model needs "
-            f"({_human(min_dram)}: {_human(small_bytes)} of norms/routers, a {_human(window)} streaming window "
-            f"and {_human(kv_bytes['host'])} of KV"
-            + (f", an expert cache of {_human(expert_min)}" if expert_min else "")
-            + f"); raise the budget to at least {_ceil_size(min_dram)}"
-        )
+        raise _BelowMinimum(min_dram)
 
     resident = {"device": used["device"], "host": used["host"], "storage": sum(sizes.values())}
     per_token = _bytes_per_token(cfg, sizes, placement, has_device)
@@ -323,6 +385,9 @@ def make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ban
         bound_by=bound_by,
         min_dram_budget=int(min_dram),
         stream_window_bytes=int(window),
+        expert_reserve_bytes=int(expert_min),
+        need_bytes=int(min_dram),
+        small_bytes=int(small_bytes),
         expert_cache_bytes=int(expert_cache),
         bandwidths=bw,
         notes=notes,

@@ -217,7 +217,15 @@ def test_plan_gives_the_expert_cache_what_the_budget_leaves():
     assert plan.resident_bytes["host"] == small + attention + head  # every non-expert weight
     assert plan.stream_window_bytes == 0  # nothing else streams: the expert cache is the window
     assert plan.expert_cache_bytes == budget - (small + attention + head) - kv
-    assert plan.min_dram_budget == small + kv + 8 * expert
+    assert plan.need_bytes == small + kv + 8 * expert
+    # The minimum is the least budget that plans (64 KiB steps): attention streams there, so it
+    # holds a window besides the expert reserve.
+    least = plan.min_dram_budget
+    assert least >= plan.need_bytes
+    make_plan(cfg, sizes, PlanRequest(dram_budget=least, context=64, expert_cache=True, expert_cache_min_bytes=8 * expert))
+    with pytest.raises(BudgetError, match=f"at least {-(-least // (1 << 20))}M"):
+        make_plan(cfg, sizes, PlanRequest(dram_budget=least - (64 << 10), context=64, expert_cache=True,
+                                          expert_cache_min_bytes=8 * expert))
     assert sum(t == "host" for n, t in plan.placement.items() if ".experts." in n) == 0
     with pytest.raises(BudgetError, match="expert cache"):
         make_plan(cfg, sizes, PlanRequest(dram_budget=100 << 20, context=64, expert_cache=True,

@@ -129,3 +129,33 @@ def test_quantised_offloaded_kv_shrinks_the_host_tier_by_the_codec_ratio():
     assert quant.kv_bytes["device"] == raw.kv_bytes["device"]  # sinks + window stay exact
     with pytest.raises(ConfigError, match="kv_host_fraction"):
         PlanRequest(kv_host_fraction=0.0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "dense-1.7g", "moe-1.3g"])
+def test_the_minimum_budget_is_the_least_that_plans(preset):
+    """``plan``'s minimum and the refusal's minimum are one number: the least budget (64 KiB steps)
+    whose own placement fits. Below it, the refusal names it; at it, planning succeeds. (A refused
+    small budget streams more weights and needs a larger window than the true minimum does, so
+    the refused placement's need overstates the minimum.)"""
+    from flashtier.errors import BudgetError
+    from flashtier.runtime.config import ModelConfig
+    from flashtier.runtime.make_model import PRESETS, hf_config
+    from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
+
+    over = dict(PRESETS[preset])
+    if preset == "tiny-llama":
+        over["vocab_size"] = 32000  # a table large enough that the window matters
+    cfg = ModelConfig.from_hf(hf_config(over))
+    sizes = sizes_from_config(cfg)
+    generous = make_plan(cfg, sizes, PlanRequest(dram_budget=sum(sizes.values()), context=256))
+    least = generous.min_dram_budget
+    assert make_plan(cfg, sizes, PlanRequest(dram_budget=least, context=256)).min_dram_budget == least
+    for below in (least - (64 << 10), least // 2):
+        with pytest.raises(BudgetError, match=r"at least (\d+)([MK])") as e:
+            make_plan(cfg, sizes, PlanRequest(dram_budget=below, context=256))
+        import re
+
+        number, unit = re.search(r"at least (\d+)([MK])", str(e.value)).groups()
+        named = int(number) << (20 if unit == "M" else 10)
+        assert least <= named < least + (1 << 20)
+        make_plan(cfg, sizes, PlanRequest(dram_budget=named, context=256))  # what it names plans
