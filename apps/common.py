@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +73,10 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="issue a predicted expert only when the measured cost model says it pays (default on)")
     e.add_argument("--expert-verify", default=None, choices=["first-read", "always", "off"],
                    help="crc32 of converted expert extents: on each extent's first read (default), every read, or off")
+    e.add_argument("--reverify", action="store_true",
+                   help="run the one-time integrity checks at open (converted expert extents before a resident load, "
+                        "a paged embedding table, FFN bundle files) even if they passed on these unchanged files before "
+                        f"(recorded in {VERIFIED_RECORD})")
 
 
 RETRIEVAL_OPTIONS = ("retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget",
@@ -137,6 +143,10 @@ def attention_options(args: argparse.Namespace) -> dict[str, Any]:
     return {**opts, **retrieval}
 
 
+VERIFIED_RECORD = Path.home() / ".cache" / "flashtier" / "verified.json"
+"""Where the CLI records the one-time integrity checks that passed (``EngineConfig.verified_record``)."""
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads", "device", "activations",
@@ -148,6 +158,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "fast_matvec", None) in ("on", "off"):  # "auto" = the engine's default (None)
         opts["fast_matvec"] = args.fast_matvec == "on"
     opts.update(attention_options(args))
+    if hasattr(args, "reverify") and not args.reverify:
+        opts["verified_record"] = str(VERIFIED_RECORD)
     if opts.get("dram_budget") is not None:  # a budget this process cannot hold: refused / warned now
         from flashtier.runtime.engine import parse_bytes
         from flashtier.runtime.memory_limit import check_budget, memory_limit
@@ -193,7 +205,12 @@ def staged_output_dir(out: str | os.PathLike[str], force: bool, source: str | os
     succeeds and removed when it fails (disk full included), so ``out`` is never left partial.
     An existing non-empty ``out`` is replaced only with ``force`` (the old one is removed after the
     new one is in place); a file, or the ``source`` folder itself, is always refused. OS errors
-    become one-line StorageErrors naming the path."""
+    become one-line StorageErrors naming the path.
+
+    Concurrent writers of the same ``out`` (threads or processes) each stage into a sibling of
+    their own: the last to finish wins with ``force``; without it, the later one is refused as if
+    ``out`` had existed when it started. Either way ``out`` ends as one complete folder and no
+    ``.partial-*`` / ``.old-*`` sibling is left."""
     out = Path(out)
     if source is not None and out.resolve() == Path(source).resolve():
         raise ConfigError(f"the output folder {out} is the input folder; write into a new folder")
@@ -201,22 +218,16 @@ def staged_output_dir(out: str | os.PathLike[str], force: bool, source: str | os
         raise ConfigError(f"{out} is a file, not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out} exists and is not empty; pass --force to replace it, or choose another folder")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        # unique per writer (pid alone is shared by the threads of one process)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()  # (not mkdtemp: the output keeps the umask's permissions, not 0700)
     except OSError as e:
         raise StorageError(f"cannot create {out}: {e.strerror or e}; check that {out.parent} is writable") from e
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        _move_into_place(tmp, out, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StorageError(f"writing {out} failed: {e.strerror or e}; nothing was written (the partial output was "
@@ -224,3 +235,40 @@ def staged_output_dir(out: str | os.PathLike[str], force: bool, source: str | os
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``out``. An absent or empty ``out`` is replaced in one
+    rename. A non-empty one (there at the start, or written meanwhile by another writer) is moved
+    aside to a unique ``.old-*`` sibling and removed once ``tmp`` is in place (restored if that
+    rename fails), with ``force``; without it, ConfigError."""
+    for _ in range(16):  # each retry means another writer replaced ``out`` in between
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if not force:
+            raise ConfigError(f"{out} was written by another run while this one worked (it is not empty now); "
+                              "pass --force to replace it, or choose another folder")
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:
+            continue  # another writer moved it aside first
+        try:
+            os.rename(tmp, out)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another writer's folder went in between
+                shutil.rmtree(old, ignore_errors=True)
+                continue
+            if not out.exists():
+                os.rename(old, out)  # put the previous folder back
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    raise StorageError(f"{out} kept being replaced by other writers while this run tried to put its output in place; "
+                       "nothing was written: run one conversion at a time")

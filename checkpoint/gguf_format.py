@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -136,7 +137,8 @@ class _Reader:
     def take(self, n: int, what: str) -> bytes:
         data = self.f.read(n)
         if len(data) != n:
-            raise CheckpointError(f"{self.path}: file ends inside the header ({what}); the GGUF file is truncated")
+            raise CheckpointError(f"{self.path}: file ends inside the header ({what}); the GGUF file is truncated: "
+                                  "download it again, or write it again with `flashtier quantize`")
         return data
 
     def scalar(self, vtype: int, what: str) -> Any:
@@ -207,7 +209,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     with f:
         r = _Reader(f, path, size)
         if r.f.read(4) != MAGIC:
-            raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+            raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF'); an empty or cut file: "
+                                  "download it again, or write it again with `flashtier quantize`")
         version = r.u32("version")
         if version not in (2, 3):
             raise CheckpointError(f"{path}: GGUF version {version} is not supported (versions 2 and 3 are)")
@@ -370,7 +373,7 @@ def write_gguf(out: str | os.PathLike[str], metadata: dict[str, Any], tensors: I
     types = {**types, FILE_SIZE_KEY: ValueType.UINT64, HEADER_CRC_KEY: ValueType.UINT32}  # fixed widths
     meta[FILE_SIZE_KEY] = 0
     meta[HEADER_CRC_KEY] = 0
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # one per writer, threads too
 
     def header() -> bytes:
         prefix = MAGIC + struct.pack("<IQQ", 3, len(tensors), len(meta))

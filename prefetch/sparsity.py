@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flashtier.errors import CheckpointError, ConfigError, IntegrityError
+from flashtier.errors import CheckpointError, ConfigError, IntegrityError, StorageError
 
 PREDICTOR_FILE = "sparsity_predictor.safetensors"
 
@@ -214,12 +215,16 @@ class PredictorSet:
             tensors[f"layers.{i}.a"], tensors[f"layers.{i}.b"], tensors[f"layers.{i}.bias"] = p.a, p.b, p.bias
             meta[str(i)] = {"threshold": p.threshold, "metrics": p.metrics}
         path = Path(model_dir) / PREDICTOR_FILE
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # one per writer
         header: dict[str, object] = {"layers": meta, "fingerprint": self.fingerprint, "training": asdict(self.training)}
         header["crc32"] = _predictor_crc32(tensors, header)
         try:
             save_safetensors(tensors, tmp, metadata={"flashtier": json.dumps(header)})
             tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"writing {path} failed: {e.strerror or e}; check free space and that the folder is "
+                               "writable") from e
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

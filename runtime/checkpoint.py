@@ -228,6 +228,11 @@ def read_tensor(info: TensorInfo) -> Any:
     return buf.view(getattr(torch, info.torch_dtype_name)).reshape(info.shape)
 
 
+PREDICTOR_FILE = "sparsity_predictor.safetensors"
+"""The sparse FFN's predictor file (:data:`flashtier.prefetch.sparsity.PREDICTOR_FILE`), which
+sits next to the shards."""
+
+
 def _index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     index_path = model_dir / "model.safetensors.index.json"
     if index_path.is_file():
@@ -250,7 +255,13 @@ def _index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{model_dir}: no *.safetensors weights found (only safetensors checkpoints are supported)")
     tensors: dict[str, TensorInfo] = {}
     for fname in files:
-        shard, _ = read_header(model_dir / fname)
+        try:
+            shard, _ = read_header(model_dir / fname)
+        except CheckpointError as e:
+            if fname == PREDICTOR_FILE:  # not weights, but a *.safetensors file all the same
+                raise CheckpointError(f"{e} ({fname} holds the sparse FFN's predictors: re-run `flashtier calibrate "
+                                      f"{model_dir} --text FILE`, or delete it)") from e
+            raise
         for name, info in shard.items():
             if name.startswith(PAD_TENSOR_PREFIX):
                 continue  # alignment padding of a converted layout (storage_backends.expert_layout)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashtier.errors import StorageError
+from flashtier.errors import IntegrityError, StorageError
 from flashtier.runtime.kv_layout import BlockKey, KVBlockLayout
 from flashtier.storage_backends.atomic import verify_crc32
 from flashtier.storage_backends.base import StorageBackend
@@ -107,7 +107,13 @@ class KVSpillStore:
         out = []
         shape, dtype = self._record_spec()
         for key, record, job in jobs:
-            data = job.wait()
+            try:
+                data = job.wait()
+            except IntegrityError:
+                raise
+            except StorageError as e:  # the file was removed, truncated or replaced under the run
+                raise StorageError(f"KV spill block (layer {key[0]}, block {key[1]}): {e}; if another program "
+                                   "changed the spill folder, keep --kv-spill-dir private to this run") from e
             verify_crc32(data, record.crc32, f"KV spill block (layer {key[0]}, block {key[1]}) in {record.path}")
             flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             out.append(flat.view(dtype).reshape(shape))
@@ -150,13 +156,14 @@ class KVSpillStore:
 
     def _folder(self) -> str:
         if self._dir is None:
-            if self._parent is not None:
-                os.makedirs(self._parent, exist_ok=True)
             try:
+                if self._parent is not None:  # a file in the way is an OSError too (FileExistsError)
+                    os.makedirs(self._parent, exist_ok=True)
                 self._dir = tempfile.mkdtemp(prefix="flashtier-kv-", dir=self._parent)
             except OSError as e:
-                raise StorageError(f"cannot create a KV spill folder under {self._parent or tempfile.gettempdir()}: {e}; "
-                                   "pass a writable folder with --kv-spill-dir") from e
+                why = "it is a file, not a folder" if isinstance(e, FileExistsError) else e.strerror or e
+                raise StorageError(f"cannot create a KV spill folder under {self._parent or tempfile.gettempdir()}: "
+                                   f"{why}; pass a writable folder with --kv-spill-dir") from e
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         return self._dir
 

@@ -26,14 +26,18 @@ class Tokenizer:
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
-            raise CheckpointError(f"{path}: cannot load tokenizer ({e})") from e
+            raise CheckpointError(f"{path}: cannot load tokenizer ({e}); restore the file from the model's "
+                                  "download") from e
         cfg_path = model_dir / "tokenizer_config.json"
         cfg: dict[str, Any] = {}
         if cfg_path.is_file():
             try:
-                cfg = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{cfg_path}: not readable JSON ({e}); restore the file from the model's "
+                                      "download") from e
+            if not isinstance(cfg, dict):
+                raise CheckpointError(f"{cfg_path}: expected a JSON object; restore the file from the model's download")
         self.chat_template: str | None = cfg.get("chat_template")
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))

@@ -194,7 +194,15 @@ def load_index(model_dir: str | os.PathLike[str]) -> CompressedIndex | None:
         return None
     fix = f"run `flashtier compress {src}` again, or run with --compressed off"
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        why = (e.strerror or e) if isinstance(e, OSError) else e
+        raise IntegrityError(f"{manifest_path}: cannot read the manifest ({why}); {fix}") from e
+    except ValueError as e:  # JSONDecodeError: a truncated or garbled manifest
+        raise IntegrityError(f"{manifest_path}: malformed manifest ({e!r}); {fix}") from e
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{manifest_path}: malformed manifest (not a JSON object); {fix}")
+    try:
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise IntegrityError(f"{manifest_path}: not a version-{VERSION} {FORMAT} manifest; {fix}")
         shards: dict[str, CompressedShard] = {}
@@ -209,8 +217,8 @@ def load_index(model_dir: str | os.PathLike[str]) -> CompressedIndex | None:
             segments = tuple(Segment(int(a), int(b), str(c), int(d), int(e), int(f))
                              for a, b, c, d, e, f in entry["segments"])
             stored = sum(s.stored_length for s in segments)
-            if not side.exists() or side.stat().st_size != stored:
-                have = side.stat().st_size if side.exists() else "missing"
+            if not side.is_file() or side.stat().st_size != stored:
+                have = side.stat().st_size if side.is_file() else "missing" if not side.exists() else "not a file"
                 raise IntegrityError(f"{side}: size {have}, the manifest says {stored} bytes; {fix}")
             shards[str(shard)] = CompressedShard(str(shard), str(side), segments)
     except (KeyError, TypeError, ValueError) as e:

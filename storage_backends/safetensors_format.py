@@ -104,7 +104,9 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
                 )
             raw = f.read(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read safetensors file: {e.strerror or e}") from e
+        link = " (a link to a missing file)" if isinstance(e, FileNotFoundError) and path.is_symlink() else ""
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e.strerror or e}{link}; restore the file from "
+                              "the model's download or conversion") from e
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
