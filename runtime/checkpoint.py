@@ -143,7 +143,7 @@ class Checkpoint:
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_dir(self.model_dir)
-        self.tensors = _index_tensors(self.model_dir)
+        self.tensors = _attach_crcs(self.model_dir, _index_tensors(self.model_dir))
         self._validate()
 
     def _validate(self) -> None:
@@ -231,6 +231,37 @@ def read_tensor(info: TensorInfo) -> Any:
 PREDICTOR_FILE = "sparsity_predictor.safetensors"
 """The sparse FFN's predictor file (:data:`flashtier.prefetch.sparsity.PREDICTOR_FILE`), which
 sits next to the shards."""
+
+
+CONVERTED_MANIFEST = "flashtier_experts.json"
+"""Manifest of a folder ``flashtier convert`` wrote (storage_backends/expert_layout.py)."""
+TENSOR_CRC_KEY = "tensor_crc32"
+"""Its map of non-expert tensor name -> crc32 of the tensor's bytes."""
+
+
+def _attach_crcs(model_dir: Path, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """``tensors`` with the crc32s a converted folder's manifest records for them (reads of those
+    tensors then check them); unchanged for other folders. The manifest's own validity is checked
+    with its expert extents (``expert_layout``)."""
+    from dataclasses import replace
+
+    path = model_dir / CONVERTED_MANIFEST
+    if not path.is_file():
+        return tensors
+    try:
+        crcs = json.loads(path.read_text(encoding="utf-8")).get(TENSOR_CRC_KEY) or {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise IntegrityError(f"{path}: unreadable expert manifest of a converted folder ({e}); convert the checkpoint "
+                             "again") from e
+    if not isinstance(crcs, dict):
+        raise IntegrityError(f"{path}: {TENSOR_CRC_KEY} is not a map; convert the checkpoint again")
+    out = dict(tensors)
+    for name, crc in crcs.items():
+        if name not in out or not isinstance(crc, int):
+            raise IntegrityError(f"{path}: {TENSOR_CRC_KEY} names {name!r}, which is not a tensor of the folder "
+                                 "(or has no crc32); convert the checkpoint again")
+        out[name] = replace(out[name], crc32=crc)
+    return out
 
 
 def _index_tensors(model_dir: Path) -> dict[str, TensorInfo]:

@@ -10,7 +10,9 @@ files copied. Every data section starts aligned (the JSON header is padded with 
 format allows); where an extent's length is not a multiple of the alignment, a small padding tensor
 ``flashtier.pad.N`` fills the gap (the format forbids holes; readers ignore these tensors).
 ``flashtier_experts.json`` (the manifest) lists every extent: file, offset, length, crc32, and the
-tensors in it with their offsets inside the extent.
+tensors in it with their offsets inside the extent; and the crc32 of every other tensor
+(``tensor_crc32``), which :class:`~flashtier.runtime.checkpoint.Checkpoint` attaches to the
+tensors so every read of them (resident load, streamed page, ``verify``) is checked.
 
 :func:`expert_layout` gives every expert's extents for a checkpoint:
   * a converted folder: one extent per expert, from the manifest, checked against the safetensors
@@ -36,14 +38,14 @@ from pathlib import Path
 
 import torch
 from flashtier.errors import ConfigError, IntegrityError, StorageError
-from flashtier.runtime.checkpoint import Checkpoint, layer_names, read_tensor
+from flashtier.runtime.checkpoint import CONVERTED_MANIFEST, TENSOR_CRC_KEY, Checkpoint, layer_names, read_tensor
 from flashtier.runtime.config import ModelConfig
 from flashtier.storage_backends.aligned import align_up
 from flashtier.storage_backends.atomic import crc32, crc32_of_range
 from flashtier.storage_backends.progress import ticker
 from flashtier.storage_backends.safetensors_format import PAD_TENSOR_PREFIX, TensorInfo
 
-MANIFEST_NAME = "flashtier_experts.json"
+MANIFEST_NAME = CONVERTED_MANIFEST
 FORMAT = "flashtier-expert-extents"
 VERSION = 1
 ALIGNMENT = 4096
@@ -269,8 +271,10 @@ def _tensor_bytes(info: TensorInfo) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _write_shard(path: Path, items: list[_Item], on_tensor: Callable[[], None]) -> dict[ExpertKey, tuple[int, int, int]]:
-    """Write one shard atomically; return ``(layer, e) -> (file offset, length, crc32)`` of its extents."""
+def _write_shard(path: Path, items: list[_Item], on_tensor: Callable[[], None], tensor_crcs: dict[str, int]
+                 ) -> dict[ExpertKey, tuple[int, int, int]]:
+    """Write one shard atomically; return ``(layer, e) -> (file offset, length, crc32)`` of its
+    extents, and put the crc32 of every other tensor into ``tensor_crcs``."""
     header = _header(items)
     data_start = len(header)
     extents: dict[ExpertKey, tuple[int, int, int]] = {}
@@ -284,6 +288,8 @@ def _write_shard(path: Path, items: list[_Item], on_tensor: Callable[[], None]) 
                 if it.expert is not None:
                     off, length, crc = extents.get(it.expert, (data_start + it.start, 0, 0))
                     extents[it.expert] = (off, length + it.nbytes, crc32(data, crc))
+                elif it.info is not None:
+                    tensor_crcs[it.name] = crc32(data)
                 if it.info is not None:
                     on_tensor()
             f.flush()
@@ -328,8 +334,9 @@ def convert_experts(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     tick = ticker(len(ck.tensors), progress)
 
     entries = []
+    tensor_crcs: dict[str, int] = {}
     for fname, items in zip(files, shards):
-        extents = _write_shard(out / fname, items, tick)
+        extents = _write_shard(out / fname, items, tick, tensor_crcs)
         for key, (offset, length, checksum) in sorted(extents.items()):
             first = min(it.start for it in items if it.expert == key)
             parts = {it.name: it.start - first for it in items if it.expert == key}
@@ -344,7 +351,7 @@ def convert_experts(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
                 "model.safetensors.index.json", MANIFEST_NAME) and not p.name.startswith("."):
             shutil.copy2(p, out / p.name)
     manifest = {"format": FORMAT, "version": VERSION, "alignment": ALIGNMENT, "source": str(src.resolve()),
-                "experts": entries}
+                "experts": entries, TENSOR_CRC_KEY: dict(sorted(tensor_crcs.items()))}
     tmp = out / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST_NAME)  # written last: a folder with a manifest is complete

@@ -63,11 +63,25 @@ def converted_target(converted: Path, tmp: Path, seed: int) -> tuple[Path, str]:
     return bad, f"expert {entry['expert']} of layer {entry['layer']}"
 
 
+def converted_other_target(converted: Path, tmp: Path, seed: int) -> tuple[Path, str]:
+    """A tensor of a converted folder that is not an expert (embedding, attention, norms, router, head)."""
+    from flashtier.runtime.checkpoint import Checkpoint
+
+    rng = random.Random(seed)
+    infos = sorted((t for n, t in Checkpoint(converted).tensors.items()
+                    if ".experts." not in n), key=lambda t: t.name)
+    info = rng.choice(infos)
+    bad = shutil.copytree(converted, tmp / "bad")
+    flip_bit(bad / Path(info.path).name, info.offset + rng.randrange(info.nbytes), rng.randrange(8))
+    return bad, info.name
+
+
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("kind", ["gguf", "converted"])
+@pytest.mark.parametrize("kind", ["gguf", "converted", "converted-other"])
 def test_a_flipped_bit_is_detected_on_every_path(written, tmp_path, kind, seed):
     gguf, converted = written
-    bad, what = gguf_target(gguf, tmp_path, seed) if kind == "gguf" else converted_target(converted, tmp_path, seed)
+    target = {"gguf": gguf_target, "converted": converted_target, "converted-other": converted_other_target}[kind]
+    bad, what = target(gguf if kind == "gguf" else converted, tmp_path, seed)
     with pytest.raises(IntegrityError):
         verify.run(argparse.Namespace(model=str(bad)))
     with pytest.raises(IntegrityError):  # resident: every tensor read (and checked) when the model opens
