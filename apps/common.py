@@ -161,7 +161,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(args, "reverify") and not args.reverify:
         opts["verified_record"] = str(VERIFIED_RECORD)
     if opts.get("dram_budget") is not None:  # a budget this process cannot hold: refused / warned now
-        from flashtier.runtime.engine import parse_bytes
+        from flashtier.runtime.units import parse_bytes
         from flashtier.runtime.memory_limit import check_budget, memory_limit
 
         warning = check_budget(parse_bytes(opts["dram_budget"]), memory_limit())

@@ -50,7 +50,8 @@ from flashtier.runtime.checkpoint import Checkpoint, layer_names  # noqa: E402
 from flashtier.runtime.model import Transformer  # noqa: E402
 from flashtier.runtime.paged_weights import PagedWeights  # noqa: E402
 from flashtier.runtime.planner import PlanRequest, make_plan  # noqa: E402
-from flashtier.runtime.sparse_ffn import SparseFFNConfig, SparseFFNWeights  # noqa: E402
+from flashtier.runtime.options import SparseFFNConfig  # noqa: E402
+from flashtier.runtime.sparse_ffn import SparseFFNWeights  # noqa: E402
 from flashtier.runtime.tokenizer import Tokenizer  # noqa: E402
 from flashtier.runtime.weights import InMemoryWeights  # noqa: E402
 from flashtier.storage_backends.aligned import allocate_aligned  # noqa: E402

@@ -15,11 +15,10 @@ request that extends the previous conversation prefills only the new tokens.
 from __future__ import annotations
 
 import asyncio
-import math
 import resource
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
@@ -33,29 +32,9 @@ from flashtier.runtime.kv_cache import KVCache
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
 from flashtier.runtime.tokenizer import Tokenizer, load_tokenizer
+from flashtier.runtime.units import DTYPES, parse_bytes  # noqa: F401  (re-exported: public API)
+from flashtier.runtime.options import ExpertCacheConfig, PagingConfig, RetrievalOptions, SparseFFNConfig, section_kwargs
 from flashtier.runtime.weights import InMemoryWeights, WeightAccessor
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """``"1G"``, ``"700M"``, ``"512K"``, ``"123"`` -> bytes (binary units); None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
-    num = s[:-1] if s[-1:] in "KMGT" else s
-    try:
-        value = float(num)
-    except ValueError:
-        raise ConfigError(f"cannot read {text!r} as a size; use a number of bytes or a suffix, e.g. 1G, 700M") from None
-    if not math.isfinite(value) or value * mult >= 1 << 62:
-        raise ConfigError(f"size {text!r} is not a finite number of bytes below 4 EiB; use e.g. 1G, 700M")
-    if value < 0:
-        raise ConfigError(f"size {text!r} must not be negative")
-    return int(value * mult)
-
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -73,7 +52,7 @@ class EngineConfig:
     """Prompt tokens per prefill forward (bounds activation memory)."""
     attention: str = "full"
     """'full' (exact attention over the block KV cache) or 'retrieval' (sink + window + top-k
-    keys retrieved from an index over offloaded KV; options in ``extra``)."""
+    keys retrieved from an index over offloaded KV; options in ``retrieval``)."""
     threads: int | None = None
     """torch CPU threads for the forward (None = torch's default). Set on the thread that runs
     each generation, since OpenMP thread counts are per calling thread."""
@@ -101,10 +80,44 @@ class EngineConfig:
     file's size, mtime, ctime and inode, so a second load of unchanged files skips them
     (``storage_backends/verified.py``). None: every load runs them. The CLI uses
     ``~/.cache/flashtier/verified.json`` unless ``--reverify``."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Options of optional subsystems (paging, experts, sparse FFN, retrieval), by name."""
+    paging: PagingConfig = PagingConfig()
+    """How streamed weights are read (O_DIRECT, the compressed copy)."""
+    experts: ExpertCacheConfig | None = ExpertCacheConfig()
+    """MoE models under a budget: per-layer expert caches with next-layer prediction. None: experts
+    stream like any other weight (flat option ``expert_cache=off``)."""
+    sparse_ffn: SparseFFNConfig | None = None
+    """Sparse FFN from row-column bundles (ReLU models, with a budget): an opt-in approximation.
+    None: off."""
+    retrieval: RetrievalOptions = RetrievalOptions()
+    """Options of ``attention='retrieval'`` (ignored with full attention)."""
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """From flat option names, as the CLI and :func:`open_model` take them: this class's fields,
+        plus the section fields by their flat names (``expert_slots=4``, ``sparse_ffn=True``,
+        ``sparse_ffn_window_k=2``, ``window=256``, ``compressed="off"``, ``expert_cache="off"``;
+        see ``runtime/options.py``). Sizes may be strings like ``"1G"``. None means "not set".
+        An unknown name is a ConfigError naming the valid ones."""
+        options = dict(options)
+        for key in ("dram_budget", "device_budget"):
+            if key in options:
+                options[key] = parse_bytes(options[key])
+        expert_cache = options.pop("expert_cache", None)
+        top = frozenset(f for f in cls.__dataclass_fields__ if f not in ("paging", "experts", "sparse_ffn", "retrieval"))
+        kwargs = section_kwargs(options, top)
+        if expert_cache is not None and not _on(expert_cache, "expert_cache"):
+            if "experts" in kwargs:
+                raise ConfigError("expert_* options need the expert cache: drop expert_cache=off or them")
+            kwargs["experts"] = None
+        return cls(**kwargs)
 
     def __post_init__(self) -> None:
+        for name, kind in (("paging", PagingConfig), ("experts", ExpertCacheConfig), ("sparse_ffn", SparseFFNConfig),
+                           ("retrieval", RetrievalOptions)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) and not (value is None and name in ("experts", "sparse_ffn")):
+                raise ConfigError(f"EngineConfig.{name} must be a {kind.__name__}, got {type(value).__name__}; "
+                                  "build it with EngineConfig.from_options(...) to pass flat option names")
         if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
             raise ConfigError(f"compute dtype {self.compute_dtype!r} unknown; use one of {', '.join(DTYPES)}")
         if self.prefill_chunk <= 0:
@@ -127,7 +140,7 @@ class EngineConfig:
         head, _, index = self.device.partition(":")
         if head != "cuda" or (index and not index.isdigit()):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.dram_budget is not None or self.device_budget is not None or self.extra.get("sparse_ffn"):
+        if self.dram_budget is not None or self.device_budget is not None or self.sparse_ffn is not None:
             raise ConfigError(f"--device {self.device} runs with every weight resident on the GPU; paging "
                               "(--dram-budget / --device-budget) and the sparse FFN run on the CPU for now: "
                               "drop those flags or use --device cpu")
@@ -168,11 +181,10 @@ def in_memory_weights(checkpoint: Checkpoint, config: EngineConfig) -> WeightAcc
     # paged runs check each extent on its first read instead).
     folder = getattr(checkpoint, "model_dir", None)
     if folder is not None and Path(folder).is_dir():
-        from flashtier.runtime.expert_weights import ExpertCacheConfig
         from flashtier.storage_backends.expert_layout import MANIFEST_NAME, verify_checksums
 
         manifest = Path(folder) / MANIFEST_NAME
-        if manifest.is_file() and ExpertCacheConfig.from_extra(dict(config.extra)).verify != "off":
+        if manifest.is_file() and (config.experts is None or config.experts.verify != "off"):
             from flashtier.storage_backends.verified import VerifiedRecord
 
             record = VerifiedRecord(config.verified_record)
@@ -416,7 +428,7 @@ def _check_gguf_options(checkpoint: Any, config: EngineConfig) -> None:
     """Refuse, in one line, what the runtime does not do with quantized GGUF weights yet."""
     if not getattr(checkpoint, "is_gguf", False):
         return
-    if config.extra.get("sparse_ffn"):
+    if config.sparse_ffn is not None:
         raise ConfigError("--sparse-ffn reads FFN neurons from row-column bundles of a Hugging Face checkpoint; "
                           "it does not run on GGUF files (run the safetensors folder instead)")
     if config.device != "cpu" and any(t.quantized for t in checkpoint.tensors.values()):
@@ -424,7 +436,7 @@ def _check_gguf_options(checkpoint: Any, config: EngineConfig) -> None:
 
 
 def _default_weights_factory(config: EngineConfig) -> WeightsFactory:
-    if config.extra.get("sparse_ffn"):  # opt-in approximation: predicted FFN neurons from bundles
+    if config.sparse_ffn is not None:  # opt-in approximation: predicted FFN neurons from bundles
         from flashtier.runtime.sparse_ffn import sparse_ffn_weights
 
         return sparse_ffn_weights
@@ -433,7 +445,7 @@ def _default_weights_factory(config: EngineConfig) -> WeightsFactory:
     from flashtier.runtime.paged_weights import paged_weights  # the tiered store, when a budget is set
 
     def budgeted(checkpoint: Checkpoint, cfg: EngineConfig) -> WeightAccessor:
-        if checkpoint.config.is_moe and cfg.extra.get("expert_cache", "on") != "off":
+        if checkpoint.config.is_moe and cfg.experts is not None:
             from flashtier.runtime.expert_weights import expert_weights  # per-layer expert caches
 
             return expert_weights(checkpoint, cfg)
@@ -443,16 +455,21 @@ def _default_weights_factory(config: EngineConfig) -> WeightsFactory:
 
 
 def open_model(model_dir: str | Path, **options: Any) -> Model:
-    """Open a checkpoint folder; keyword options are :class:`EngineConfig` fields (sizes may be
-    strings like ``"1G"``)."""
-    for key in ("dram_budget", "device_budget"):
-        if key in options:
-            options[key] = parse_bytes(options[key])
-    known = set(EngineConfig.__dataclass_fields__)
-    extra = {k: options.pop(k) for k in list(options) if k not in known}
-    if extra:
-        options["extra"] = {**options.get("extra", {}), **extra}
-    return Model(model_dir, EngineConfig(**options))
+    """Open a checkpoint folder; keyword options are flat option names
+    (:meth:`EngineConfig.from_options`: the config's fields and its sections' fields; sizes may be
+    strings like ``"1G"``). An unknown option is a ConfigError naming the valid ones."""
+    return Model(model_dir, EngineConfig.from_options(**options))
+
+
+def _on(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"option {name}: expected on/off, got {value!r}")
 
 
 def peak_rss_bytes() -> int:

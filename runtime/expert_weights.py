@@ -50,6 +50,7 @@ from flashtier.prefetch.experts import (
     PrefetchGate,
 )
 from flashtier.runtime.checkpoint import Checkpoint, layer_names
+from flashtier.runtime.options import ExpertCacheConfig
 from flashtier.runtime.paged_weights import PagedWeights, budget_options
 from flashtier.runtime.quantized import as_weight, page_format
 from flashtier.storage_backends.safetensors_format import TensorInfo
@@ -63,61 +64,6 @@ from flashtier.tiers.host import HOST_ALIGNMENT
 from flashtier.tiers.page import PageDesc, PageSource
 from flashtier.tiers.policies import available_policies
 from flashtier.tiers.store import TieredStore
-
-VERIFY_MODES = ("first-read", "always", "off")
-
-
-@dataclass(frozen=True, slots=True)
-class ExpertCacheConfig:
-    """How MoE experts are cached and prefetched (``EngineConfig.extra`` keys ``expert_*``)."""
-
-    policy: str = "least-stale"
-    """Eviction policy of each layer's expert cache (see flashtier.tiers.policies)."""
-    predictor: str = "auto"
-    """Next-layer prediction: 'router', 'affinity', 'auto' (the better per layer), 'off'."""
-    widen: int = 0
-    """Prefetch top-(k + widen) experts, where the layer's cache has room."""
-    slots: int | None = None
-    """Experts cached per MoE layer (None: as many as the budget leaves, at least one)."""
-    device_slots: int = 0
-    """Experts per MoE layer in the device tier (with an accelerator; 0: host tier only)."""
-    state: str = "post-attention"
-    """Hidden state the router predictor reads: 'post-attention' or 'layer-input' (see prefetch/experts.py)."""
-    verify: str = "first-read"
-    """Checksums of converted extents: on each extent's 'first-read', on 'always', or 'off'."""
-    gate: bool = True
-    """Issue a predicted expert only when the measured cost model says it pays (``PrefetchGate``);
-    False: issue every prediction the cache has room for."""
-    pin: bool = True
-    """When every layer's cache has a slot for each of its experts: read them all when the model
-    opens and keep them (no prediction, routing bookkeeping or eviction per token: the decode costs
-    what a resident model costs). False: run the caching machinery anyway."""
-
-    def __post_init__(self) -> None:
-        if self.policy not in available_policies():
-            raise ConfigError(f"expert cache policy {self.policy!r} is unknown; choose one of "
-                              f"{', '.join(available_policies())}")
-        PredictorConfig(self.predictor, self.widen, state=self.state)  # validates them
-        if self.slots is not None and self.slots < 1:
-            raise ConfigError(f"expert cache slots must be >= 1 per layer, got {self.slots}")
-        if self.device_slots < 0:
-            raise ConfigError(f"expert device slots must be >= 0, got {self.device_slots}")
-        if self.verify not in VERIFY_MODES:
-            raise ConfigError(f"expert verify mode {self.verify!r} is unknown; choose one of {', '.join(VERIFY_MODES)}")
-
-    @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> ExpertCacheConfig:
-        """From ``EngineConfig.extra`` (``expert_policy``, ``expert_predictor``, ``expert_widen``,
-        ``expert_slots``, ``expert_device_slots``, ``expert_verify``)."""
-        kw: dict[str, Any] = {}
-        for key, conv in (("policy", str), ("predictor", str), ("widen", int), ("slots", int),
-                          ("device_slots", int), ("verify", str), ("gate", _as_bool), ("state", str),
-                          ("pin", _as_bool)):
-            value = extra.get(f"expert_{key}")
-            if value is not None:
-                kw[key] = conv(value)
-        return cls(**kw)
-
 
 @dataclass(frozen=True, slots=True)
 class _Part:
@@ -600,10 +546,6 @@ class ExpertWeights(PagedWeights):
         super().close()
 
 
-def _as_bool(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-
-
 def _ready(store: TieredStore, pid: object) -> bool:
     """Whether the page is in the compute tier now, not in flight."""
     loc = store.location(pid)
@@ -661,4 +603,4 @@ def _slots_per_layer(cache_bytes: int, slot_bytes: dict[int, int], layers: list[
 def expert_weights(checkpoint: Checkpoint, config: Any) -> ExpertWeights:
     """EngineConfig -> ExpertWeights (the factory the engine uses for MoE models under a budget)."""
     return ExpertWeights(checkpoint, **budget_options(checkpoint, config, "expert caches"),
-                         experts=ExpertCacheConfig.from_extra(dict(config.extra)))
+                         experts=config.experts)

@@ -340,6 +340,7 @@ def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig") -
     if c.sliding_window is not None:
         raise ConfigError(f"retrieval attention does not support sliding-window attention (this model attends to "
                           f"the last {c.sliding_window} positions only); use --attention full")
-    config = RetrievalCacheConfig.from_engine(engine_config.kv_block_size, engine_config.prefill_chunk, engine_config.extra)
+    config = RetrievalCacheConfig.from_engine(engine_config.kv_block_size, engine_config.prefill_chunk,
+                                              engine_config.retrieval.as_mapping())
     layout = KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, engine_config.kv_block_size, transformer.dtype)
     return RetrievalKVCache(layout, config)

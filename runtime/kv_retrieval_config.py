@@ -169,7 +169,7 @@ class RetrievalCacheConfig:
     @classmethod
     def from_engine(cls, block_size: int, prefill_chunk: int, extra: Mapping[str, Any]) -> RetrievalCacheConfig:
         """The config for an engine with ``block_size`` / ``prefill_chunk`` and ``extra`` options."""
-        from flashtier.runtime.engine import parse_bytes
+        from flashtier.runtime.units import parse_bytes
 
         get = extra.get
         retrieval = retrieval_config(extra)

@@ -313,7 +313,7 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
     """The constructor arguments a budgeted accessor takes from an EngineConfig: ``dram_budget``,
     ``compute_dtype``, ``kv_tokens`` (the context planned for), ``device_budget``, ``direct_io``.
     ``what`` names the accessor in the error raised when no budget is set."""
-    from flashtier.runtime.engine import DTYPES
+    from flashtier.runtime.units import DTYPES
 
     if config.dram_budget is None:
         raise BudgetError(f"{what} need --dram-budget")
@@ -321,8 +321,8 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
             "compute_dtype": DTYPES[config.compute_dtype] if config.compute_dtype else None,
             "kv_tokens": config.max_context or min(checkpoint.config.max_position_embeddings, 4096),
             "device_budget": config.device_budget or 0,
-            "direct_io": str(dict(config.extra).get("direct_io", "auto")),
-            "compressed": str(dict(config.extra).get("compressed", "auto")),
+            "direct_io": config.paging.direct_io,
+            "compressed": config.paging.compressed,
             "verified_record": config.verified_record}
 
 

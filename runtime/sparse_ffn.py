@@ -34,6 +34,7 @@ from flashtier.errors import BudgetError, CheckpointError, ConfigError
 from flashtier.prefetch.sparsity import NeuronSelector, PredictorSet, recall_of
 from flashtier.prefetch.windowing import NeuronWindow, RowMatrix, WindowConfig
 from flashtier.runtime.checkpoint import Checkpoint, layer_names, read_tensor
+from flashtier.runtime.options import SparseFFNConfig
 from flashtier.runtime.paged_weights import PagedWeights
 from flashtier.runtime.planner import PlanRequest, make_plan
 from flashtier.storage_backends.batched_reads import BatchedReadConfig
@@ -46,55 +47,6 @@ from flashtier.storage_backends.bundles import (
     torch_dtype,
 )
 from flashtier.storage_backends.verified import VerifiedRecord
-
-
-@dataclass(frozen=True, slots=True)
-class SparseFFNConfig:
-    """Options of the sparse FFN path (``EngineConfig.extra`` keys ``sparse_ffn_<field>``)."""
-
-    window_k: int = 4
-    """Tokens a used neuron stays in DRAM (the window length; 0: no reuse across tokens)."""
-    threshold_offset: float = 0.0
-    """Logits added to every layer's calibrated predictor threshold: negative reads more neurons
-    and misses fewer, positive reads fewer."""
-    queue_depth: int = 8
-    """Bundle reads in flight at once (IO threads), measured on the work disk."""
-    prefill_chunk_neurons: int = 64
-    """Neurons per read when a prompt computes a sparse layer exactly."""
-    max_capacity_fraction: float = 1.0
-    """Cap on window rows per layer, as a share of its neurons (the budget may cap it lower)."""
-    speculate: bool = False
-    """At the start of a sparse layer, apply its predictor to the residual stream normed as the
-    FFN will norm it (attention's contribution not yet known) and start reading the guessed
-    neurons while attention computes; the real selection then only tops up. Off by default:
-    on tiny-dense the guess covers ~70% of the selection, costs ~16% more bytes and, with 2 busy
-    cores, the background reads slow attention more than they hide (bench_sparse_ffn.py)."""
-    audit: bool = False
-    """Also compute every neuron's true activation (reads the gate matrices of the sparse layers
-    once, outside the budget) to report the predictor's real recall. For measurement only."""
-    verify: bool = True
-    """crc32 every bundle file when opening (one sequential read of the bundles)."""
-    direct_io: str = "auto"
-    """O_DIRECT mode of the weights PagedWeights streams (bundles use O_DIRECT where the
-    filesystem takes 512-byte reads, else buffered reads dropped from the page cache)."""
-
-    def __post_init__(self) -> None:
-        if self.window_k < 0:
-            raise ConfigError(f"sparse FFN window must be >= 0 tokens, got {self.window_k}")
-        if not 1 <= self.queue_depth <= 256:
-            raise ConfigError(f"sparse FFN queue depth must be in 1..256, got {self.queue_depth}")
-        if self.prefill_chunk_neurons < 1:
-            raise ConfigError(f"prefill_chunk_neurons must be >= 1, got {self.prefill_chunk_neurons}")
-        if not 0.0 < self.max_capacity_fraction <= 1.0:
-            raise ConfigError(f"max_capacity_fraction must be in (0, 1], got {self.max_capacity_fraction}")
-
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any]) -> SparseFFNConfig:
-        """Fields from ``extra`` keys ``sparse_ffn_<field>`` (absent keys keep defaults)."""
-        values = {f.name: extra[f"sparse_ffn_{f.name}"] for f in fields(cls) if f"sparse_ffn_{f.name}" in extra}
-        if "direct_io" in extra and "direct_io" not in values:
-            values["direct_io"] = extra["direct_io"]
-        return cls(**values)
 
 
 @dataclass
@@ -140,9 +92,12 @@ class SparseFFNWeights:
 
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, config: SparseFFNConfig = SparseFFNConfig(),
-                 selectors: Mapping[int, NeuronSelector] | None = None, verified_record: str | None = None) -> None:
+                 selectors: Mapping[int, NeuronSelector] | None = None, verified_record: str | None = None,
+                 direct_io: str = "auto") -> None:
         """``selectors`` overrides the predictors loaded from the model folder (tests, ablations);
-        ``verified_record``: see ``EngineConfig.verified_record`` (bundle files checked once)."""
+        ``verified_record``: see ``EngineConfig.verified_record`` (bundle files checked once);
+        ``direct_io``: O_DIRECT mode of the weights PagedWeights streams (bundles use O_DIRECT where
+        the filesystem takes 512-byte reads, else buffered reads dropped from the page cache)."""
         cfg = checkpoint.config
         if cfg.hidden_act != "relu":
             raise ConfigError(f"--sparse-ffn needs a ReLU FFN (most neurons exactly zero); {checkpoint.model_dir} "
@@ -160,7 +115,7 @@ class SparseFFNWeights:
         sparse = [i for i, n in names.items() if n.gate and plan.placement.get(n.gate) == "storage"]
         external = frozenset(x for i in sparse for x in (names[i].gate, names[i].up, names[i].down))
         self.paged = PagedWeights(checkpoint, dram_budget, self.compute_dtype, kv_tokens=kv_tokens,
-                                  direct_io=config.direct_io, external=external, streamed_unit="layer",
+                                  direct_io=direct_io, external=external, streamed_unit="layer",
                                   verified_record=verified_record)
         try:
             if any(self.paged.plan.placement.get(x) != "storage" for x in external):
@@ -450,7 +405,7 @@ def split_rows(total: int, demand: Mapping[int, float], cap: int) -> dict[int, i
 
 def sparse_ffn_weights(checkpoint: Checkpoint, config: Any) -> SparseFFNWeights:
     """EngineConfig -> SparseFFNWeights (the factory the engine uses with ``--sparse-ffn``)."""
-    from flashtier.runtime.engine import DTYPES
+    from flashtier.runtime.units import DTYPES
 
     if config.dram_budget is None:
         raise ConfigError("--sparse-ffn needs --dram-budget: without a budget every FFN is resident and "
@@ -458,4 +413,5 @@ def sparse_ffn_weights(checkpoint: Checkpoint, config: Any) -> SparseFFNWeights:
     dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
     kv_tokens = config.max_context or min(checkpoint.config.max_position_embeddings, 4096)
     return SparseFFNWeights(checkpoint, config.dram_budget, dtype, kv_tokens=kv_tokens,
-                            config=SparseFFNConfig.from_extra(config.extra), verified_record=config.verified_record)
+                            config=config.sparse_ffn or SparseFFNConfig(), verified_record=config.verified_record,
+                            direct_io=config.paging.direct_io)

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashtier.runtime.engine import parse_bytes
+    from flashtier.runtime.units import parse_bytes
     from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
 
     cfg = dict(PRESETS[args.preset]) if args.preset else dict(PRESETS["tiny-llama"])

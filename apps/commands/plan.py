@@ -61,7 +61,7 @@ def load_bandwidths(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from flashtier.runtime.checkpoint import Checkpoint
     from flashtier.runtime.config import ModelConfig
-    from flashtier.runtime.engine import parse_bytes
+    from flashtier.runtime.units import parse_bytes
     from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
 
     from flashtier.runtime.gguf_checkpoint import find_gguf

@@ -88,7 +88,7 @@ def test_a_flipped_bit_is_detected_on_every_path(written, tmp_path, kind, seed):
         Model(bad).generate(PROMPT, max_new_tokens=2, ignore_eos=True)
     for extra in ({}, {"expert_pin": "off"}):  # paged: pinned experts at open, or each page's first read
         with pytest.raises(IntegrityError):
-            with Model(bad, EngineConfig(dram_budget=16 << 20, max_context=256, extra=extra)) as llm:
+            with Model(bad, EngineConfig.from_options(dram_budget=16 << 20, max_context=256, **extra)) as llm:
                 for _ in range(3):  # enough tokens that every expert and streamed tensor is read
                     llm.generate(list(range(1, 120)), max_new_tokens=8, ignore_eos=True)
 

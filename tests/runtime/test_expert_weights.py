@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from flashtier.errors import BudgetError
 from flashtier.runtime.engine import EngineConfig, Model, parse_bytes
-from flashtier.runtime.expert_weights import ExpertCacheConfig, ExpertWeights
+from flashtier.runtime.expert_weights import ExpertWeights
+from flashtier.runtime.options import ExpertCacheConfig
 from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
 
 HERE = Path(__file__).parent
@@ -35,7 +36,7 @@ def moe(request, tmp_path_factory):
 
 
 def paged(path, budget=64 << 20, **extra):
-    return Model(path, EngineConfig(dram_budget=budget, max_context=64, kv_block_size=16, extra=extra))
+    return Model(path, EngineConfig.from_options(dram_budget=budget, max_context=64, kv_block_size=16, **extra))
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3, None])

@@ -109,7 +109,7 @@ def test_expert_caches_hold_extents_of_different_sizes(tmp_path, slots):
     assert {"Q4_K", "Q6_K"} <= types, types  # the case this test is about
     prompt = list(range(5, 25))
     alone = Model(path).generate(prompt, max_new_tokens=16, sampling=SamplingConfig(), ignore_eos=True).tokens
-    with Model(path, EngineConfig(dram_budget=1 << 20, max_context=64, extra={"expert_slots": slots})) as llm:
+    with Model(path, EngineConfig.from_options(dram_budget=1 << 20, max_context=64, expert_slots=slots)) as llm:
         got = llm.generate(prompt, max_new_tokens=16, sampling=SamplingConfig(), ignore_eos=True)
         caches = llm.weights._caches
         assert all(len(c.stores) == 3 for c in caches.values())
@@ -125,7 +125,7 @@ def test_a_budget_that_holds_every_expert_pins_them(tmp_path):
     alone = Model(path).generate(prompt, max_new_tokens=12, sampling=SamplingConfig(), ignore_eos=True).tokens
     runs = {}
     for pin in ("on", "off"):
-        with Model(path, EngineConfig(dram_budget=64 << 20, max_context=64, extra={"expert_pin": pin})) as llm:
+        with Model(path, EngineConfig.from_options(dram_budget=64 << 20, max_context=64, expert_pin=pin)) as llm:
             caches = llm.weights._caches
             assert all(c.slots == len(c.pages) for c in caches.values())  # the budget holds every expert
             before = llm.weights.stats()["bytes_read_storage"]
@@ -288,7 +288,7 @@ def test_flipped_expert_byte_is_caught_in_memory_and_when_paged(tmp_path):
     bad.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError, match="crc32"):
         Model(bad)
-    paged = Model(bad, EngineConfig(dram_budget=1 << 20, max_context=64, extra={"expert_slots": 1}))
+    paged = Model(bad, EngineConfig.from_options(dram_budget=1 << 20, max_context=64, expert_slots=1))
     with pytest.raises(IntegrityError, match="expert 2 of layer 1"):
         for _ in range(4):  # until a token routes to expert 2 of layer 1
             paged.generate(list(range(1, 50)), max_new_tokens=8, sampling=SamplingConfig(), ignore_eos=True)

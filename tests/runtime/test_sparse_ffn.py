@@ -19,7 +19,8 @@ from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.paged_weights import PagedWeights
 from flashtier.runtime.planner import PlanRequest, make_plan
-from flashtier.runtime.sparse_ffn import SparseFFNConfig, SparseFFNWeights
+from flashtier.runtime.options import SparseFFNConfig
+from flashtier.runtime.sparse_ffn import SparseFFNWeights
 from flashtier.runtime.weights import InMemoryWeights
 from flashtier.storage_backends.bundles import BUNDLE_DIR, convert_bundled
 

@@ -120,8 +120,8 @@ def test_paged_outputs_with_compressed_copy_equal_in_memory(made):
     assert result.tokens == ref
     assert result.stats["weights_at_rest"] == "compressed"
     assert result.stats["weights_decoded_bytes"] > 0
-    with Model(made, EngineConfig(dram_budget=budget, max_context=64, kv_block_size=16,
-                                  extra={"compressed": "off"})) as llm:
+    with Model(made, EngineConfig.from_options(dram_budget=budget, max_context=64, kv_block_size=16,
+                                               compressed="off")) as llm:
         raw = llm.generate(PROMPT, max_new_tokens=16, ignore_eos=True)
     assert raw.tokens == ref and raw.stats["weights_at_rest"] == "raw"
     assert result.stats["bytes_read_storage"] < 0.85 * raw.stats["bytes_read_storage"]
@@ -184,9 +184,9 @@ def test_compressed_on_without_a_copy_is_a_clear_error(tmp_path):
     path = write_model(tmp_path / "m", MakeModelSpec(cfg, "bfloat16", seed=2))
     total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     with pytest.raises(ConfigError, match="flashtier compress"):
-        Model(path, EngineConfig(dram_budget=total // 2, max_context=64, extra={"compressed": "on"}))
+        Model(path, EngineConfig.from_options(dram_budget=total // 2, max_context=64, compressed="on"))
     with pytest.raises(ConfigError, match="--compressed 'sometimes' is unknown"):
-        Model(path, EngineConfig(dram_budget=total // 2, max_context=64, extra={"compressed": "sometimes"}))
+        Model(path, EngineConfig.from_options(dram_budget=total // 2, max_context=64, compressed="sometimes"))
 
 
 def test_torch_fallback_decodes_the_same_bytes(monkeypatch):

@@ -36,8 +36,8 @@ def converted(source, tmp_path_factory):
 
 
 def paged(path, **extra):
-    return Model(path, EngineConfig(dram_budget=8 << 20, max_context=64, kv_block_size=16,
-                                    extra={"expert_slots": 1, **extra}))
+    return Model(path, EngineConfig.from_options(dram_budget=8 << 20, max_context=64, kv_block_size=16,
+                                                 **{"expert_slots": 1, **extra}))
 
 
 def tokens(path, **extra):
