@@ -35,139 +35,15 @@ def resolve_model_dir(value: str | None) -> Path:
     return DEFAULT_MODEL
 
 
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("memory budgets")
-    g.add_argument("--dram-budget", default=None, metavar="BYTES",
-                   help="host memory for weights, e.g. 1G or 700M (default: everything resident)")
-    g.add_argument("--device-budget", default=None, metavar="BYTES",
-                   help="accelerator memory, e.g. 24G (default: none)")
-    g.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
-                   help="most tokens per request; the KV cache is budgeted for it (default: model context, 4096 with a budget)")
-    g.add_argument("--device", default=None, metavar="DEVICE",
-                   help="where the forward pass runs: cpu (default), or cuda / cuda:N with every weight and the KV "
-                        "cache on that GPU (not with --dram-budget or --attention retrieval yet)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for the model (default: torch's choice)")
-    g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype to compute in (default: the checkpoint's, which keeps outputs exact)")
-    g.add_argument("--fast-matvec", default=None, choices=["auto", "on", "off"],
-                   help="flashtier's bf16 kernel for single-token products (2x torch's): the C extension's when "
-                        "built, else numba's (~120 MiB of RSS). auto (default): the C kernel always; numba only "
-                        "without --dram-budget. off: torch's")
-    g.add_argument("--activations", default=None, choices=["f32", "q8"],
-                   help="GGUF decode products: f32 (default) multiplies the exact activations; q8 quantizes them "
-                        "to int8 per 32 values as llama.cpp does (faster with AVX-512 VNNI; an approximation)")
-    g.add_argument("--compressed", default=None, choices=["auto", "on", "off"],
-                   help="with --dram-budget, stream weights from the lossless compressed copy written by "
-                        "`flashtier compress` (~0.67x the bytes from storage, same outputs). auto (default): when it exists")
-    e = p.add_argument_group("MoE experts (with --dram-budget)")
-    e.add_argument("--expert-policy", default=None, help="eviction policy of the per-layer expert caches "
-                   "(least-stale, lru, lfu, lrfu, cost, mru; default least-stale)")
-    e.add_argument("--expert-predictor", default=None, choices=["auto", "router", "affinity", "off"],
-                   help="next-layer expert prediction (default auto: router or inter-layer affinity, per layer)")
-    e.add_argument("--expert-widen", type=int, default=None, metavar="M",
-                   help="prefetch the top-(k+M) predicted experts where the cache has room (default 0)")
-    e.add_argument("--expert-slots", type=int, default=None, metavar="N",
-                   help="experts cached per MoE layer (default: what the budget leaves)")
-    e.add_argument("--expert-gate", default=None, choices=["on", "off"],
-                   help="issue a predicted expert only when the measured cost model says it pays (default on)")
-    e.add_argument("--expert-verify", default=None, choices=["first-read", "always", "off"],
-                   help="crc32 of converted expert extents: on each extent's first read (default), every read, or off")
-    e.add_argument("--reverify", action="store_true",
-                   help="run the one-time integrity checks at open (converted expert extents before a resident load, "
-                        "a paged embedding table, FFN bundle files) even if they passed on these unchanged files before "
-                        f"(recorded in {VERIFIED_RECORD})")
-
-
-RETRIEVAL_OPTIONS = ("retrieval_preset", "sink_tokens", "window", "top_k_keys", "kv_index", "scan_budget",
-                     "scan_max_keys", "estimate_rest", "check_attention", "kv_dram_budget", "kv_spill_dir", "kv_quant_bits",
-                     "kv_quant_group")
-"""Flags of :func:`add_attention_args` passed to the engine as ``EngineConfig.extra`` entries."""
-
-
-def add_attention_args(p: argparse.ArgumentParser) -> None:
-    """Long-context flags: attention mode and the retrieval attention options."""
-    g = p.add_argument_group("long context (retrieval attention)")
-    g.add_argument("--attention", choices=["full", "retrieval"], default=None,
-                   help="full: exact attention over an in-memory KV cache (default); retrieval: KV paged "
-                        "device -> host -> storage, exact prefill, decode attends to sinks + window + top-k "
-                        "keys retrieved from an index")
-    g.add_argument("--retrieval-preset", choices=["fast", "balanced", "quality"], default=None,
-                   help="starting point for the options below (default balanced): fast = clusters of 16 keys under "
-                        "super-clusters, 1%% of keys scanned, no estimate; balanced = clusters of 4 keys under "
-                        "super-clusters, 4.5%% scanned up to 1024 keys, unretrieved attention estimated; quality = "
-                        "clusters of 2 keys, every centroid scored (closest to full attention; step cost grows with "
-                        "the context)")
-    g.add_argument("--sink-tokens", type=int, default=None, metavar="N",
-                   help="first positions always attended exactly (default 4)")
-    g.add_argument("--window", type=int, default=None, metavar="N",
-                   help="most recent positions always attended exactly (default 256)")
-    g.add_argument("--top-k-keys", type=int, default=None, metavar="K",
-                   help="offloaded keys retrieved per query head at each decode step (default 100)")
-    g.add_argument("--kv-index", default=None, metavar="NAME",
-                   help="key index: cluster (attention-aware, default), ivf (faiss), flat (exact, scans all keys)")
-    g.add_argument("--scan-budget", type=float, default=None, metavar="FRACTION",
-                   help="share of the offloaded keys an index may score per search (default: the preset's, 0.045)")
-    g.add_argument("--scan-max-keys", type=int, default=None, metavar="N",
-                   help="but at most N keys per search, so a decode step's work stops growing with the context "
-                        "(cluster index; default: the preset's, 1024 for balanced)")
-    g.add_argument("--estimate-rest", action=argparse.BooleanOptionalAction, default=None,
-                   help="estimate the attention on offloaded keys not retrieved from the index's clusters "
-                        "(centroid + mean value; cluster index only; default: the preset's)")
-    g.add_argument("--check-attention", type=int, nargs="?", const=1, default=None, metavar="N",
-                   help="every N-th decode step (default 1), compare the attended keys with exact attention "
-                        "and report attention_mass_recall / attention_mass_covered (costs a full attention pass)")
-    g.add_argument("--kv-dram-budget", default=None, metavar="BYTES",
-                   help="host memory for KV blocks that left the window plus their key indexes, e.g. 8G; blocks "
-                        "over it spill to storage (default: unlimited; --dram-budget is for weights)")
-    g.add_argument("--kv-spill-dir", default=None, metavar="DIR",
-                   help="folder for KV spill files (default: the system temp folder)")
-    g.add_argument("--kv-quant-bits", type=int, choices=[2, 4, 8], default=None,
-                   help="keep KV that left the window (host tier, spill files) KIVI-quantised: keys per channel, "
-                        "values per token (2.7x fewer bytes at 4 bits, 4x at 2; default: exact)")
-    g.add_argument("--kv-quant-group", type=int, default=None, metavar="N",
-                   help="KIVI group: tokens per key group, channels per value group; divides the KV block size and "
-                        "the head dim (default 32, or the smaller of those)")
-
-
-def attention_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``attention`` and the retrieval options given on the command line (refused without
-    ``--attention retrieval``, where they would be ignored)."""
-    opts: dict[str, Any] = {}
-    if getattr(args, "attention", None) is not None:
-        opts["attention"] = args.attention
-    retrieval = {key: getattr(args, key) for key in RETRIEVAL_OPTIONS if getattr(args, key, None) is not None}
-    if retrieval and opts.get("attention") != "retrieval":
-        flags = ", ".join("--" + k.replace("_", "-") for k in retrieval)
-        raise ConfigError(f"{flags} only apply with --attention retrieval")
-    return {**opts, **retrieval}
-
-
-VERIFIED_RECORD = Path.home() / ".cache" / "flashtier" / "verified.json"
-"""Where the CLI records the one-time integrity checks that passed (``EngineConfig.verified_record``)."""
-
-
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for key in ("dram_budget", "device_budget", "compute_dtype", "max_context", "threads", "device", "activations",
-                "expert_policy", "expert_predictor", "expert_widen", "expert_slots", "expert_gate", "expert_verify",
-                "compressed"):
-        value = getattr(args, key, None)
-        if value is not None:
-            opts[key] = value
-    if getattr(args, "fast_matvec", None) in ("on", "off"):  # "auto" = the engine's default (None)
-        opts["fast_matvec"] = args.fast_matvec == "on"
-    opts.update(attention_options(args))
-    if hasattr(args, "reverify") and not args.reverify:
-        opts["verified_record"] = str(VERIFIED_RECORD)
-    if opts.get("dram_budget") is not None:  # a budget this process cannot hold: refused / warned now
-        from flashtier.runtime.units import parse_bytes
-        from flashtier.runtime.memory_limit import check_budget, memory_limit
-
-        warning = check_budget(parse_bytes(opts["dram_budget"]), memory_limit())
-        if warning:
-            print(warning, file=sys.stderr)
-    return opts
+from flashtier.apps.engine_flags import (  # noqa: E402,F401  (the engine's flags live there; re-exported)
+    VERIFIED_RECORD,
+    add_attention_args,
+    add_budget_args,
+    add_sparse_ffn_args,
+    attention_options,
+    engine_options,
+    sparse_ffn_options,
+)
 
 
 def progress(label: str) -> Any:

@@ -41,21 +41,24 @@ class EngineConfig:
     """How a model is run: budgets, dtypes, cache shape."""
 
     dram_budget: int | None = None
-    """Bytes of host memory for weights (None = everything resident)."""
+    """Host memory for weights, e.g. 1G or 700M; what does not fit streams from storage (None:
+    everything resident)."""
     device_budget: int | None = None
-    """Bytes of accelerator memory (None = no accelerator / unlimited)."""
+    """Accelerator memory, e.g. 24G (None: no accelerator, or unlimited)."""
     compute_dtype: str | None = None
-    """float32 / bfloat16 / float16; None = the checkpoint's dtype (exact vs. the reference)."""
+    """dtype to compute in: float32, bfloat16 or float16 (None: the checkpoint's, which keeps
+    outputs exact against the reference)."""
     kv_block_size: int = 64
     """Tokens per KV cache block."""
     prefill_chunk: int = 512
     """Prompt tokens per prefill forward (bounds activation memory)."""
     attention: str = "full"
-    """'full' (exact attention over the block KV cache) or 'retrieval' (sink + window + top-k
-    keys retrieved from an index over offloaded KV; options in ``retrieval``)."""
+    """'full': exact attention over an in-memory KV cache (default); 'retrieval': KV paged device ->
+    host -> storage, exact prefill, and decode attends to sinks + window + the top-k keys
+    retrieved from an index (options in ``retrieval``)."""
     threads: int | None = None
-    """torch CPU threads for the forward (None = torch's default). Set on the thread that runs
-    each generation, since OpenMP thread counts are per calling thread."""
+    """CPU threads for the forward (None: torch's choice). Set on the thread that runs each
+    generation, since OpenMP thread counts are per calling thread."""
     fast_matvec: bool | None = None
     """Use flashtier's bf16 kernel for single-token products on the CPU (about 2x torch's; same
     weights, fp32 accumulation; see ``runtime/kernels.py``). None (auto): the C extension's
@@ -69,11 +72,11 @@ class EngineConfig:
     faster where the CPU has AVX-512 VNNI (measured cost in the README). Ignored for bf16 / fp16 /
     fp32 weights."""
     max_context: int | None = None
-    """Most tokens (prompt + generated) a request may hold; the KV budget is planned for it
-    (None = the model's context, capped at 4096 when a budget is set)."""
+    """Most tokens (prompt + generated) a request may hold; the KV cache is budgeted for it
+    (None: the model's context, capped at 4096 when a budget is set)."""
     device: str = "cpu"
-    """Where the forward pass runs: 'cpu', or 'cuda' / 'cuda:N' with every weight and the KV cache
-    resident on that GPU (paging with budgets and retrieval attention run on the CPU only, for now)."""
+    """Where the forward pass runs: 'cpu' (default), or 'cuda' / 'cuda:N' with every weight and the
+    KV cache resident on that GPU (not with a budget or retrieval attention yet)."""
     verified_record: str | None = None
     """File recording the one-time integrity checks that passed (a converted folder's expert
     extents before a resident load, a paged embedding table, FFN bundle files), keyed by each
@@ -83,10 +86,11 @@ class EngineConfig:
     paging: PagingConfig = PagingConfig()
     """How streamed weights are read (O_DIRECT, the compressed copy)."""
     experts: ExpertCacheConfig | None = ExpertCacheConfig()
-    """MoE models under a budget: per-layer expert caches with next-layer prediction. None: experts
-    stream like any other weight (flat option ``expert_cache=off``)."""
+    """MoE models under a budget: per-layer expert caches with next-layer prediction. None (flat
+    option expert_cache off): experts stream like any other weight."""
     sparse_ffn: SparseFFNConfig | None = None
-    """Sparse FFN from row-column bundles (ReLU models, with a budget): an opt-in approximation.
+    """Approximate: read only the FFN neurons the predictors expect active, from row-column bundles
+    (ReLU models, with a budget; needs `flashtier convert --bundle` and `flashtier calibrate`).
     None: off."""
     retrieval: RetrievalOptions = RetrievalOptions()
     """Options of ``attention='retrieval'`` (ignored with full attention)."""

@@ -85,7 +85,8 @@ class PagingConfig:
     direct_io: str = "auto"
     """O_DIRECT reads of streamed weights: 'auto' (where the filesystem takes them), 'require', 'off'."""
     compressed: str = "auto"
-    """Stream from the lossless compressed copy (``flashtier compress``): 'auto' (when it exists), 'on', 'off'."""
+    """With a budget, stream weights from the lossless compressed copy written by `flashtier
+    compress` (~0.67x the bytes from storage, same outputs): 'auto' (default: when it exists), 'on', 'off'."""
 
     def __post_init__(self) -> None:
         if self.direct_io not in DIRECT_IO_MODES:
@@ -99,9 +100,10 @@ class ExpertCacheConfig:
     """How MoE experts are cached and prefetched (flat names ``expert_<field>``)."""
 
     policy: str = "least-stale"
-    """Eviction policy of each layer's expert cache (see flashtier.tiers.policies)."""
+    """Eviction policy of the per-layer expert caches: least-stale, lru, lfu, lrfu, cost or mru."""
     predictor: str = "auto"
-    """Next-layer prediction: 'router', 'affinity', 'auto' (the better per layer), 'off'."""
+    """Next-layer expert prediction: 'auto' (router or inter-layer affinity, the better per layer),
+    'router', 'affinity' or 'off'."""
     widen: int = 0
     """Prefetch top-(k + widen) experts, where the layer's cache has room."""
     slots: int | None = None
@@ -141,10 +143,10 @@ class SparseFFNConfig:
     """Options of the sparse FFN path (flat names ``sparse_ffn_<field>``; ``sparse_ffn=True`` turns it on)."""
 
     window_k: int = 4
-    """Tokens a used neuron stays in DRAM (the window length; 0: no reuse across tokens)."""
+    """Tokens a used neuron stays in DRAM (the window length, default 4; 0: no reuse across tokens)."""
     threshold_offset: float = 0.0
-    """Logits added to every layer's calibrated predictor threshold: negative reads more neurons
-    and misses fewer, positive reads fewer."""
+    """Logits added to every layer's calibrated predictor threshold (default 0): negative reads
+    more neurons and misses fewer, positive reads fewer."""
     queue_depth: int = 8
     """Bundle reads in flight at once (IO threads), measured on the work disk."""
     prefill_chunk_neurons: int = 64
@@ -159,7 +161,7 @@ class SparseFFNConfig:
     cores, the background reads slow attention more than they hide (bench_sparse_ffn.py)."""
     audit: bool = False
     """Also compute every neuron's true activation (reads the gate matrices of the sparse layers
-    once, outside the budget) to report the predictor's real recall. For measurement only."""
+    once, outside the budget) to report predictor_recall. For measurement only."""
     verify: bool = True
     """crc32 every bundle file when opening (one sequential read of the bundles)."""
 
@@ -180,37 +182,48 @@ class RetrievalOptions:
     the default value. Validated and combined with the preset by ``runtime/kv_retrieval_config.py``."""
 
     retrieval_preset: str | None = None
-    """Starting point: 'fast', 'balanced' (default) or 'quality'; the options below override it."""
+    """Starting point for the other retrieval options (default balanced): fast = clusters of 16
+    keys under super-clusters, 1% of keys scanned, no estimate; balanced = clusters of 4 keys
+    under super-clusters, 4.5% scanned up to 1024 keys, unretrieved attention estimated; quality =
+    clusters of 2 keys, every centroid scored (closest to full attention; the step cost grows with
+    the context)."""
     sink_tokens: int | None = None
     """First positions always attended exactly (default 4)."""
     window: int | None = None
     """Most recent positions always attended exactly (default 256)."""
     top_k_keys: int | None = None
-    """Offloaded keys retrieved per query head (default 100)."""
+    """Offloaded keys retrieved per query head at each decode step (default 100)."""
     kv_index: str | None = None
-    """Key index: 'cluster' (default), 'ivf' or 'flat'."""
+    """Key index: cluster (attention-aware, default), ivf (faiss) or flat (exact, scans all keys)."""
     scan_budget: float | None = None
-    """Share of offloaded keys an index may score (preset: 0.045)."""
+    """Share of the offloaded keys an index may score per search (default: the preset's, 0.045)."""
     scan_max_keys: int | None = None
-    """... but at most this many keys per search (cluster index; preset: 1024)."""
+    """But at most this many keys per search, so a decode step's work stops growing with the
+    context (cluster index; default: the preset's, 1024 for balanced)."""
     group_search: str | None = None
     """GQA: 'rows' (each query head searches), 'union' or 'mean' (one search per KV head)."""
     index_options: dict[str, Any] | None = None
     """Options of the chosen index (preset: its cluster settings)."""
     estimate_rest: bool | None = None
-    """Estimate attention on the keys not retrieved (cluster index; preset: on)."""
+    """Estimate the attention on offloaded keys not retrieved, from the index's clusters (centroid
+    + mean value; cluster index only; default: the preset's)."""
     check_attention: int | None = None
-    """Sample exact attention every N decode steps to measure the approximation (0: off)."""
+    """Every N-th decode step (1 when the flag has no value), compare the attended keys with exact
+    attention and report attention_mass_recall / attention_mass_covered (costs a full attention
+    pass; default 0: off)."""
     kv_dram_budget: str | int | None = None
-    """Host bytes for demoted KV blocks and their key indexes (None: unlimited); over it blocks spill."""
+    """Host memory for KV blocks that left the window plus their key indexes, e.g. 8G; blocks over
+    it spill to storage (default: unlimited; dram_budget is for weights)."""
     kv_device_budget: str | int | None = None
     """Bytes the device tier (sinks + ring) may use (None: unchecked)."""
     kv_spill_dir: str | None = None
     """Folder for KV spill files (None: the system temp folder)."""
     kv_quant_bits: int | None = None
-    """Keep offloaded KV as KIVI 2/4/8-bit codes (None: exact)."""
+    """Keep KV that left the window (host tier, spill files) KIVI-quantised to 2, 4 or 8 bits: keys
+    per channel, values per token (2.7x fewer bytes at 4 bits, 4x at 2; default: exact)."""
     kv_quant_group: int | None = None
-    """KIVI group size (tokens for keys, channels for values; default 32 or less)."""
+    """KIVI group: tokens per key group, channels per value group; divides the KV block size and
+    the head dim (default 32, or the smaller of those)."""
     prefill_key_block: int | None = None
     """Keys per partial-attention block in prefill (default 4096)."""
 
@@ -252,7 +265,8 @@ def section_kwargs(flat: Mapping[str, Any], top_level: frozenset[str]) -> dict[s
     sparse_on: bool | None = None
     for key, value in flat.items():
         if key in top_level:
-            out[key] = value
+            if value is not None:
+                out[key] = value
         elif key == "sparse_ffn":
             sparse_on = None if value is None else _as_bool(value, "sparse_ffn")
         elif key in names:

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from flashtier.apps.common import add_attention_args, add_budget_args, add_model_arg, engine_options, resolve_model_dir
+from flashtier.apps.common import add_model_arg, resolve_model_dir
+from flashtier.apps.engine_flags import add_attention_args, add_budget_args, add_sparse_ffn_args, engine_options
 from flashtier.errors import InputError
 
 
@@ -32,33 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_sparse_ffn_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sparse FFN from flash (ReLU models, with --dram-budget)")
-    g.add_argument("--sparse-ffn", action="store_true",
-                   help="approximate: read only the FFN neurons the predictors expect active, from row-column "
-                        "bundles (needs `flashtier convert --bundle` and `flashtier calibrate`)")
-    g.add_argument("--window-k", type=int, default=None, metavar="K",
-                   help="tokens a used neuron stays in DRAM (default 4)")
-    g.add_argument("--predictor-threshold", type=float, default=None, metavar="LOGITS",
-                   help="offset added to every layer's calibrated predictor threshold (default 0): negative "
-                        "reads more neurons and misses fewer, positive reads fewer")
-    g.add_argument("--sparse-ffn-audit", action="store_true",
-                   help="also compute every neuron's true activation to report predictor_recall (measurement only)")
-
-
-def sparse_ffn_options(args: argparse.Namespace) -> dict:
-    """``EngineConfig.extra`` entries of the sparse FFN flags (refused without --sparse-ffn)."""
-    given = {k: v for k, v in (("sparse_ffn_window_k", args.window_k), ("sparse_ffn_threshold_offset", args.predictor_threshold),
-                               ("sparse_ffn_audit", args.sparse_ffn_audit or None)) if v is not None}
-    if not args.sparse_ffn:
-        if given:
-            from flashtier.errors import ConfigError
-
-            raise ConfigError("--window-k, --predictor-threshold and --sparse-ffn-audit only apply with --sparse-ffn")
-        return {}
-    return {"sparse_ffn": True, **given}
-
-
 def parse_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -74,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = SamplingConfig(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
-    with open_model(resolve_model_dir(args.model_dir), **engine_options(args), **sparse_ffn_options(args)) as llm:
+    with open_model(resolve_model_dir(args.model_dir), **engine_options(args)) as llm:
         kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, ignore_eos=args.ignore_eos)
         if args.chat is not None:
             kwargs["messages"] = [{"role": "user", "content": args.chat}]
