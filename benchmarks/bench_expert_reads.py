@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from flashtier.runtime.checkpoint import Checkpoint
-    from flashtier.storage_backends.expert_layout import expert_layout
+    from flashtier.checkpoint.folder import Checkpoint
+    from flashtier.checkpoint.expert_layout import expert_layout
 
     layout = expert_layout(Checkpoint(args.model))
     extents = [xs[0] for xs in layout.experts.values()]  # first extent of each expert: where its read starts

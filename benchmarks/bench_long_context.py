@@ -37,10 +37,10 @@ from typing import Any
 import torch
 
 from flashtier.runtime.engine import open_model
-from flashtier.runtime.kv_cache import BlockKVCache
-from flashtier.runtime.kv_layout import KVBlockLayout
-from flashtier.runtime.kv_retrieval import RetrievalKVCache
-from flashtier.runtime.kv_retrieval_config import RetrievalCacheConfig
+from flashtier.runtime.kv.cache import BlockKVCache
+from flashtier.runtime.kv.layout import KVBlockLayout
+from flashtier.runtime.kv.retrieval import RetrievalKVCache
+from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
 from flashtier.runtime.model import Transformer, apply_rope, rms_norm
 
 FILL_CHUNK = 8192
@@ -49,7 +49,7 @@ FILL_CHUNK = 8192
 def ensure_model(path: Path) -> Path:
     """Write the ``kv-long`` random checkpoint to ``path`` unless it is there."""
     if not (path / "config.json").is_file():
-        from flashtier.runtime.make_model import PRESETS, MakeModelSpec, hf_config, make_model
+        from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, hf_config, make_model
 
         make_model(path, MakeModelSpec(hf_config(PRESETS["kv-long"])))
     return path

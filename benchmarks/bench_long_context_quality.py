@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from flashtier.runtime.engine import EngineConfig, Model
-from flashtier.runtime.kv_cache import BlockKVCache
-from flashtier.runtime.kv_layout import KVBlockLayout
-from flashtier.runtime.kv_retrieval import RetrievalKVCache
-from flashtier.runtime.kv_retrieval_config import RetrievalCacheConfig
+from flashtier.runtime.kv.cache import BlockKVCache
+from flashtier.runtime.kv.layout import KVBlockLayout
+from flashtier.runtime.kv.retrieval import RetrievalKVCache
+from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
 from flashtier.runtime.model import Transformer
 
 

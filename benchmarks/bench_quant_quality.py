@@ -65,7 +65,7 @@ def main() -> None:
     base_loss, base_pred, base_bytes = score(Path(a.model_dir), windows)
     rows = [("bf16 (safetensors)", base_loss, 1.0, base_bytes)]
     with tempfile.TemporaryDirectory() as tmp:
-        from flashtier.runtime.quantize import quantize_checkpoint
+        from flashtier.checkpoint.quantize import quantize_checkpoint
 
         for t in a.types.split(","):
             path = quantize_checkpoint(a.model_dir, Path(tmp) / f"{t}.gguf", t)

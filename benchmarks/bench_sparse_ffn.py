@@ -46,18 +46,18 @@ from train_tiny import corpus_files, encode_files, read_text  # noqa: E402
 
 from flashtier.prefetch.sparsity import PREDICTOR_FILE, PredictorTraining  # noqa: E402
 from flashtier.runtime.calibrate import CalibrationText, calibrate  # noqa: E402
-from flashtier.runtime.checkpoint import Checkpoint, layer_names  # noqa: E402
+from flashtier.checkpoint.folder import Checkpoint, layer_names  # noqa: E402
 from flashtier.runtime.model import Transformer  # noqa: E402
-from flashtier.runtime.paged_weights import PagedWeights  # noqa: E402
+from flashtier.runtime.weights.paged import PagedWeights  # noqa: E402
 from flashtier.runtime.planner import PlanRequest, make_plan  # noqa: E402
 from flashtier.runtime.options import SparseFFNConfig  # noqa: E402
-from flashtier.runtime.sparse_ffn import SparseFFNWeights  # noqa: E402
+from flashtier.runtime.weights.sparse_ffn import SparseFFNWeights  # noqa: E402
 from flashtier.runtime.tokenizer import Tokenizer  # noqa: E402
-from flashtier.runtime.weights import InMemoryWeights  # noqa: E402
+from flashtier.runtime.weights.base import InMemoryWeights  # noqa: E402
 from flashtier.storage_backends.aligned import allocate_aligned  # noqa: E402
 from flashtier.storage_backends.bench_io import measure_read, write_scratch_file  # noqa: E402
 from flashtier.storage_backends.batched_reads import BatchedReadConfig, BatchedReader  # noqa: E402
-from flashtier.storage_backends.bundles import BUNDLE_DIR, convert_bundled  # noqa: E402
+from flashtier.checkpoint.bundles import BUNDLE_DIR, convert_bundled  # noqa: E402
 
 MiB = 1 << 20
 
@@ -93,7 +93,7 @@ def prepare(model: Path, work: Path, calib_tokens: int, rank: int, recall: float
 
 def _calibrated_rank(model_dir: Path) -> int | None:
     from flashtier.prefetch.sparsity import PredictorSet
-    from flashtier.storage_backends.bundles import model_fingerprint
+    from flashtier.checkpoint.bundles import model_fingerprint
 
     try:
         return PredictorSet.load(model_dir, model_fingerprint(Checkpoint(model_dir))).training.rank

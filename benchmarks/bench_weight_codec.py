@@ -24,7 +24,7 @@ from flashtier.benchmarks.common import (
     report_by_threads,
     thread_label,
 )
-from flashtier.runtime.checkpoint import Checkpoint, read_tensor
+from flashtier.checkpoint.folder import Checkpoint, read_tensor
 from flashtier.storage_backends import weight_codec
 from flashtier.storage_backends.compressed_layout import SEGMENT_BYTES
 from flashtier.storage_backends.weight_codec import SPLIT16, decode_into, encode

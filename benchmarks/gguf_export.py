@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashtier.runtime.checkpoint import Checkpoint, layer_names
+from flashtier.checkpoint.folder import Checkpoint, layer_names
 
 
 def export(model_dir: str | Path, out: str | Path) -> Path:

@@ -1857,7 +1857,7 @@ static PyObject *q_set_isa(PyObject *self, PyObject *args) {
 
 /* ------------------------------------------------------------- one-token decode steps (fp32)
  * The small operations between a layer's products, each one call instead of several torch ops
- * (runtime/model.py and runtime/kv_cache.py use them for one-row passes in fp32):
+ * (runtime/model.py and runtime/kv/cache.py use them for one-row passes in fp32):
  * rms_norm(x, w, out, n, eps): out = w * (x * 1/sqrt(mean(x^2) + eps));
  * rope(x, out, heads, d, cos, sin, interleaved): out = x * cos + rotate(x) * sin per head, rotate
  *   = (-x[half:], x[:half]) or, interleaved, (-x1, x0) per adjacent pair (runtime/model.apply_rope);

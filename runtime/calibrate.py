@@ -16,10 +16,10 @@ import torch
 
 from flashtier.errors import InputError
 from flashtier.prefetch.sparsity import PredictorSet, PredictorTraining, train_layer
-from flashtier.runtime.checkpoint import Checkpoint, layer_names
+from flashtier.checkpoint.folder import Checkpoint, layer_names
 from flashtier.runtime.model import Transformer
-from flashtier.runtime.weights import InMemoryWeights
-from flashtier.storage_backends.bundles import model_fingerprint, sparse_ffn_layers
+from flashtier.runtime.weights.base import InMemoryWeights
+from flashtier.checkpoint.bundles import model_fingerprint, sparse_ffn_layers
 
 
 class _RecordingWeights(InMemoryWeights):

@@ -25,16 +25,16 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from flashtier.errors import BusyError, ConfigError, InputError
-from flashtier.runtime.checkpoint import Checkpoint, open_checkpoint
+from flashtier.checkpoint.folder import Checkpoint, open_checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
 from flashtier.runtime.kernels import Linear, choose_kernel
-from flashtier.runtime.kv_cache import KVCache
+from flashtier.runtime.kv.cache import KVCache
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
 from flashtier.runtime.tokenizer import Tokenizer, load_tokenizer
 from flashtier.runtime.units import DTYPES, parse_bytes  # noqa: F401  (re-exported: public API)
 from flashtier.runtime.options import ExpertCacheConfig, PagingConfig, RetrievalOptions, SparseFFNConfig, section_kwargs
-from flashtier.runtime.weights import InMemoryWeights, WeightAccessor
+from flashtier.runtime.weights.base import InMemoryWeights, WeightAccessor
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -185,7 +185,7 @@ def in_memory_weights(checkpoint: Checkpoint, config: EngineConfig) -> WeightAcc
     # paged runs check each extent on its first read instead).
     folder = getattr(checkpoint, "model_dir", None)
     if folder is not None and Path(folder).is_dir():
-        from flashtier.storage_backends.expert_layout import MANIFEST_NAME, verify_checksums
+        from flashtier.checkpoint.expert_layout import MANIFEST_NAME, verify_checksums
 
         manifest = Path(folder) / MANIFEST_NAME
         if manifest.is_file() and (config.experts is None or config.experts.verify != "off"):
@@ -239,7 +239,7 @@ class Model:
     def _new_cache(self) -> KVCache:
         if self.engine_config.attention == "full":
             return self.transformer.new_cache(self.engine_config.kv_block_size)
-        from flashtier.runtime.kv_retrieval import retrieval_cache  # long-context subsystem
+        from flashtier.runtime.kv.retrieval import retrieval_cache  # long-context subsystem
 
         return retrieval_cache(self.transformer, self.engine_config)
 
@@ -441,16 +441,16 @@ def _check_gguf_options(checkpoint: Any, config: EngineConfig) -> None:
 
 def _default_weights_factory(config: EngineConfig) -> WeightsFactory:
     if config.sparse_ffn is not None:  # opt-in approximation: predicted FFN neurons from bundles
-        from flashtier.runtime.sparse_ffn import sparse_ffn_weights
+        from flashtier.runtime.weights.sparse_ffn import sparse_ffn_weights
 
         return sparse_ffn_weights
     if config.dram_budget is None and config.device_budget is None:
         return in_memory_weights
-    from flashtier.runtime.paged_weights import paged_weights  # the tiered store, when a budget is set
+    from flashtier.runtime.weights.paged import paged_weights  # the tiered store, when a budget is set
 
     def budgeted(checkpoint: Checkpoint, cfg: EngineConfig) -> WeightAccessor:
         if checkpoint.config.is_moe and cfg.experts is not None:
-            from flashtier.runtime.expert_weights import expert_weights  # per-layer expert caches
+            from flashtier.runtime.weights.experts import expert_weights  # per-layer expert caches
 
             return expert_weights(checkpoint, cfg)
         return paged_weights(checkpoint, cfg)

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from flashtier.errors import InputError
-from flashtier.runtime.kv_cache import BlockKVCache
+from flashtier.runtime.kv.cache import BlockKVCache
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler
 

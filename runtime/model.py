@@ -1,13 +1,12 @@
 """The transformer forward: Llama-family dense and MoE (Mixtral, Qwen2-MoE), batch of one sequence.
 
-Every weight comes from a :class:`~flashtier.runtime.weights.WeightAccessor` by checkpoint name,
+Every weight comes from a :class:`~flashtier.runtime.weights.base.WeightAccessor` by checkpoint name,
 right before use; the forward holds no weights. Shapes: T tokens in this pass, H hidden size,
 Hq / Hkv query / key-value heads, D head dim, V vocabulary, E experts.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,11 +14,11 @@ import torch.nn.functional as F
 
 from flashtier.errors import NonFiniteError
 from flashtier.runtime import decode_ops
-from flashtier.runtime.checkpoint import FINAL_NORM, LayerNames, layer_names, lm_head_name
-from flashtier.runtime.config import ModelConfig, RopeConfig
+from flashtier.checkpoint.folder import FINAL_NORM, LayerNames, layer_names, lm_head_name
+from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
 from flashtier.runtime.kernels import Linear
-from flashtier.runtime.kv_cache import BlockKVCache, KVCache, KVCacheConfig
-from flashtier.runtime.weights import WeightAccessor
+from flashtier.runtime.kv.cache import BlockKVCache, KVCache, KVCacheConfig
+from flashtier.runtime.weights.base import WeightAccessor
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -35,26 +34,6 @@ class RoutingTrace:
     """Experts chosen per MoE layer during the last pass: ``layer -> LongTensor [T, k]``."""
 
     chosen: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
-    """Inverse frequencies ``[D/2]`` (fp32), with llama3 / linear scaling as transformers does."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if rope.rope_type == "linear":
-        return inv_freq / rope.factor
-    if rope.rope_type == "llama3":
-        old = rope.original_max_position_embeddings
-        low_wavelen = old / rope.low_freq_factor
-        high_wavelen = old / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return torch.where(medium, smoothed, scaled)
-    if rope.freq_factors:
-        return inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
-    return inv_freq
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

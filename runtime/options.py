@@ -179,7 +179,7 @@ class SparseFFNConfig:
 @dataclass(frozen=True, slots=True)
 class RetrievalOptions:
     """Options of the long-context KV cache (``attention='retrieval'``); None keeps the preset's or
-    the default value. Validated and combined with the preset by ``runtime/kv_retrieval_config.py``."""
+    the default value. Validated and combined with the preset by ``runtime/kv/retrieval_config.py``."""
 
     retrieval_preset: str | None = None
     """Starting point for the other retrieval options (default balanced): fast = clusters of 16

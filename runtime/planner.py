@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from flashtier.errors import BudgetError, ConfigError
-from flashtier.runtime.checkpoint import (
+from flashtier.checkpoint.folder import (
     EMBED,
     FINAL_NORM,
     LM_HEAD,
     expected_shapes,
     layer_names,
 )
-from flashtier.runtime.config import ModelConfig
+from flashtier.checkpoint.config import ModelConfig
 
 Tier = Literal["device", "host", "storage"]
 MiB = 1 << 20

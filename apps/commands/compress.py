@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashtier.runtime.checkpoint import Checkpoint
+    from flashtier.checkpoint.folder import Checkpoint
     from flashtier.storage_backends.compressed_layout import (
         compress_checkpoint,
         load_index,

@@ -28,11 +28,11 @@ def run(args: argparse.Namespace) -> int:
                 "--bundle needs a safetensors ReLU model")
     with staged_output_dir(args.out_dir, args.force, source=args.model_dir) as tmp:
         if args.bundle:
-            from flashtier.storage_backends.bundles import convert_bundled
+            from flashtier.checkpoint.bundles import convert_bundled
 
             convert_bundled(args.model_dir, tmp, progress=progress("bundling"))
         else:
-            from flashtier.storage_backends.expert_layout import convert_experts
+            from flashtier.checkpoint.expert_layout import convert_experts
 
             convert_experts(args.model_dir, tmp, progress=progress("converting"))
     out = args.out_dir

@@ -14,7 +14,7 @@ from flashtier.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from flashtier.runtime.make_model import PRESETS
+    from flashtier.checkpoint.make_model import PRESETS
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint (tests, benchmarks)", description=__doc__)
     p.add_argument("out_dir", help="folder to write")
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flashtier.runtime.units import parse_bytes
-    from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+    from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
     cfg = dict(PRESETS[args.preset]) if args.preset else dict(PRESETS["tiny-llama"])
     if args.arch:

@@ -59,18 +59,18 @@ def load_bandwidths(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashtier.runtime.checkpoint import Checkpoint
-    from flashtier.runtime.config import ModelConfig
+    from flashtier.checkpoint.folder import Checkpoint
+    from flashtier.checkpoint.config import ModelConfig
     from flashtier.runtime.units import parse_bytes
     from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
 
-    from flashtier.runtime.gguf_checkpoint import find_gguf
+    from flashtier.checkpoint.gguf_checkpoint import find_gguf
 
     target = resolve_model_dir(args.model)
     gguf = find_gguf(target) if target.exists() else None
     ck = None  # the checkpoint, when there is one (not for a bare config.json)
     if gguf is not None:
-        from flashtier.runtime.checkpoint import open_checkpoint
+        from flashtier.checkpoint.folder import open_checkpoint
 
         ck = open_checkpoint(gguf)
         cfg, sizes, source = ck.config, {n: t.nbytes for n, t in ck.tensors.items()}, "GGUF checkpoint (quantized bytes)"
@@ -96,12 +96,12 @@ def run(args: argparse.Namespace) -> int:
     if args.kv_quant_bits is not None:
         import torch
 
-        from flashtier.runtime.kv_codec import kv_codec
-        from flashtier.runtime.kv_layout import KVBlockLayout
+        from flashtier.runtime.kv.codec import kv_codec
+        from flashtier.runtime.kv.layout import KVBlockLayout
 
         layout = KVBlockLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, torch.bfloat16)
         kv_fraction = kv_codec(layout, args.kv_quant_bits, 32).record_bytes / layout.block_bytes
-    # MoE under a budget runs with per-layer expert caches (runtime/expert_weights.py): plan the
+    # MoE under a budget runs with per-layer expert caches (runtime/weights/experts.py): plan the
     # same reservation the engine makes, so plan and generate agree on the minimum budget
     experts = cfg.is_moe and args.dram_budget is not None
     req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
@@ -135,7 +135,7 @@ def _expert_min(checkpoint: object, cfg: object, sizes: dict[str, int]) -> int:
     """The expert-cache reservation ``generate`` makes (from the checkpoint's layout), or the
     planner's upper estimate when only a config is given."""
     if checkpoint is not None:
-        from flashtier.runtime.expert_weights import min_cache_bytes
+        from flashtier.runtime.weights.experts import min_cache_bytes
 
         return min_cache_bytes(checkpoint)
     from flashtier.runtime.planner import expert_cache_min_bytes

@@ -26,11 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashtier.runtime.quantize import quantize_checkpoint
+    from flashtier.checkpoint.quantize import quantize_checkpoint
 
     out = quantize_checkpoint(args.model_dir, args.out, args.type, force=args.force,
                               with_tokenizer=not args.no_tokenizer, progress=progress(f"quantizing to {args.type}"))
-    from flashtier.runtime.checkpoint import Checkpoint
+    from flashtier.checkpoint.folder import Checkpoint
 
     act = Checkpoint(args.model_dir).config.hidden_act
     if act != "silu":

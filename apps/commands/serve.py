@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from flashtier.apps.server import ServerConfig, create_app
 
     model_dir = resolve_model_dir(args.model_dir)
-    from flashtier.runtime.gguf_checkpoint import find_gguf
+    from flashtier.checkpoint.gguf_checkpoint import find_gguf
 
     # fail before listening on what cannot load at all
     if not (model_dir / "config.json").is_file() and (not model_dir.exists() or find_gguf(model_dir) is None):

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from flashtier.errors import IntegrityError
-    from flashtier.runtime.checkpoint import open_checkpoint
+    from flashtier.checkpoint.folder import open_checkpoint
     from flashtier.runtime.quantized import QuantizedTensor
 
     target = resolve_model_dir(args.model)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         checked += info.nbytes  # read_tensor dropped the pages it read
     print(f"tensors        ok: {checked / 1e6:.1f} MB read, all weights finite, {crc} tensor crc32s checked")
     folder = target if target.is_dir() else target.parent
-    from flashtier.storage_backends.expert_layout import MANIFEST_NAME, verify_checksums
+    from flashtier.checkpoint.expert_layout import MANIFEST_NAME, verify_checksums
 
     if (folder / MANIFEST_NAME).exists():
         n = verify_checksums(folder)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

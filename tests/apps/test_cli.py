@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

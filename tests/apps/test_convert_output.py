@@ -47,7 +47,7 @@ def test_a_file_or_the_input_folder_is_refused(tmp_path, target, message):
 
 
 def test_a_failure_midway_leaves_nothing(tmp_path, monkeypatch):
-    from flashtier.storage_backends import expert_layout
+    from flashtier.checkpoint import expert_layout
 
     def disk_full(src, out, progress=None):
         (Path(out) / "model.safetensors").write_bytes(b"partial")

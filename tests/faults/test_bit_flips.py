@@ -44,7 +44,7 @@ def written(tmp_path_factory):
 
 
 def gguf_target(gguf: Path, tmp: Path, seed: int) -> tuple[Path, str]:
-    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint
+    from flashtier.checkpoint.gguf_checkpoint import GGUFCheckpoint
 
     rng = random.Random(seed)
     infos = sorted(GGUFCheckpoint(gguf).tensors.values(), key=lambda t: t.name)
@@ -65,7 +65,7 @@ def converted_target(converted: Path, tmp: Path, seed: int) -> tuple[Path, str]:
 
 def converted_other_target(converted: Path, tmp: Path, seed: int) -> tuple[Path, str]:
     """A tensor of a converted folder that is not an expert (embedding, attention, norms, router, head)."""
-    from flashtier.runtime.checkpoint import Checkpoint
+    from flashtier.checkpoint.folder import Checkpoint
 
     rng = random.Random(seed)
     infos = sorted((t for n, t in Checkpoint(converted).tensors.items()
@@ -96,7 +96,7 @@ def test_a_flipped_bit_is_detected_on_every_path(written, tmp_path, kind, seed):
 def test_a_flip_in_the_embedding_table_is_caught_when_paged(written, tmp_path):
     """Paged runs read embedding rows one at a time (no per-read check covers a row): the table's
     crc32 is checked once when the model opens."""
-    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint
+    from flashtier.checkpoint.gguf_checkpoint import GGUFCheckpoint
 
     gguf, _ = written
     info = GGUFCheckpoint(gguf).tensors["model.embed_tokens.weight"]

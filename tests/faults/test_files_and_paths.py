@@ -141,8 +141,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     from flashtier.apps.cli import main
     from flashtier.prefetch.sparsity import PredictorTraining
     from flashtier.runtime.calibrate import CalibrationText, calibrate
-    from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
-    from flashtier.storage_backends.bundles import convert_bundled
+    from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
+    from flashtier.checkpoint.bundles import convert_bundled
 
     root = tmp_path_factory.mktemp("files")
     model = write_chat_model(root / "model")
@@ -285,8 +285,8 @@ def test_a_tokenizer_config_cut_inside_a_character_is_refused(files, tmp_path, c
 
 @pytest.mark.parametrize("damage", ["truncated", "emptied", "deleted"])
 def test_a_damaged_kv_spill_file_is_a_storage_error(tmp_path, damage):
-    from flashtier.runtime.kv_layout import KVBlockLayout
-    from flashtier.runtime.kv_spill import KVSpillStore
+    from flashtier.runtime.kv.layout import KVBlockLayout
+    from flashtier.runtime.kv.spill import KVSpillStore
 
     lay = KVBlockLayout(1, 2, 32, 32, torch.bfloat16)
     store = KVSpillStore(lay, str(tmp_path))
@@ -474,7 +474,7 @@ def _barrier_threads(n: int, patch: Callable[[Callable[[], None]], None], *argvs
 
 
 def _after_convert(monkeypatch) -> Callable[[Callable[[], None]], None]:
-    from flashtier.storage_backends import expert_layout
+    from flashtier.checkpoint import expert_layout
 
     real = expert_layout.convert_experts
 
@@ -561,7 +561,7 @@ def test_two_convert_processes_with_force_into_one_folder(files, tmp_path, capsy
     work = tmp_path / "work"
     out = shutil.copytree(files.converted, work / "out")  # an old output both replace
     argv = ["convert", str(files.model), str(out), "--force"]
-    for p in _two_processes(tmp_path, "flashtier.storage_backends.expert_layout", "convert_experts", "after",
+    for p in _two_processes(tmp_path, "flashtier.checkpoint.expert_layout", "convert_experts", "after",
                             argv, argv):
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert _siblings(work, "out") == []
@@ -615,8 +615,8 @@ def test_two_calibrations_saving_predictors_at_once(files, tmp_path, monkeypatch
     from flashtier.prefetch.sparsity import PREDICTOR_FILE, PredictorSet
 
     folder = shutil.copytree(files.bundled, tmp_path / "b")
-    from flashtier.runtime.checkpoint import Checkpoint
-    from flashtier.storage_backends.bundles import model_fingerprint
+    from flashtier.checkpoint.folder import Checkpoint
+    from flashtier.checkpoint.bundles import model_fingerprint
 
     predictors = PredictorSet.load(folder, model_fingerprint(Checkpoint(folder)))
     barrier = threading.Barrier(2, timeout=30)
@@ -649,8 +649,8 @@ def test_two_calibrations_saving_predictors_at_once(files, tmp_path, monkeypatch
 def test_two_kv_spill_stores_in_one_folder_do_not_interfere(tmp_path):
     """Two runs given the same --kv-spill-dir: each spills into a folder of its own; closing one
     leaves the other's blocks readable; both folders are removed at the end."""
-    from flashtier.runtime.kv_layout import KVBlockLayout
-    from flashtier.runtime.kv_spill import KVSpillStore
+    from flashtier.runtime.kv.layout import KVBlockLayout
+    from flashtier.runtime.kv.spill import KVSpillStore
 
     lay = KVBlockLayout(1, 2, 32, 32, torch.bfloat16)
     a, b = KVSpillStore(lay, str(tmp_path)), KVSpillStore(lay, str(tmp_path))

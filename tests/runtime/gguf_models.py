@@ -72,7 +72,7 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
 
 def make_gguf(kind: str, folder: Path, file_type: str, seed: int = 0) -> tuple[Path, object]:
     """(GGUF path, transformers model of the original weights)."""
-    from flashtier.runtime.quantize import quantize_checkpoint
+    from flashtier.checkpoint.quantize import quantize_checkpoint
 
     hf_dir = folder / "hf"
     model = make_hf(kind, hf_dir, seed)
@@ -89,7 +89,7 @@ def dequantized_reference(path: Path, hf_dir: Path, out: Path):
     import transformers as tf
     from safetensors.torch import save_file
 
-    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint
+    from flashtier.checkpoint.gguf_checkpoint import GGUFCheckpoint
 
     ck = GGUFCheckpoint(path)
     cfg = ck.config

@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from flashtier.errors import CheckpointError, UnsupportedModelError
-from flashtier.runtime.checkpoint import Checkpoint
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.folder import Checkpoint
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
 
 @pytest.fixture()

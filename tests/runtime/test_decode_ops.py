@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashtier.runtime import decode_ops
-from flashtier.runtime.kv_cache import BlockKVCache, KVCacheConfig
+from flashtier.runtime.kv.cache import BlockKVCache, KVCacheConfig
 from flashtier.runtime.model import apply_rope, rms_norm, rope_tables
 
 pytestmark = pytest.mark.skipif(not decode_ops.native_attend(), reason="C extension flashtier._native not built")

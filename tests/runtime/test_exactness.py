@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashtier.runtime import SamplingConfig
-from flashtier.runtime.checkpoint import Checkpoint
+from flashtier.checkpoint.folder import Checkpoint
 from flashtier.runtime.engine import Model
 
 HERE = Path(__file__).parent
@@ -76,7 +76,7 @@ def test_config_parsing_sees_architecture_features(pair):
 
 
 def test_sharded_checkpoint_loads_the_same(tmp_path):
-    from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+    from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
     one = write_model(tmp_path / "one", MakeModelSpec(PRESETS["tiny-mixtral"], "float32"))
     many = write_model(tmp_path / "many", MakeModelSpec(PRESETS["tiny-mixtral"], "float32", max_shard_bytes=100_000))
@@ -89,7 +89,7 @@ def test_sharded_checkpoint_loads_the_same(tmp_path):
 def test_made_model_loads_in_transformers(tmp_path):
     import transformers
 
-    from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+    from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
     for preset in ("tiny-llama", "tiny-mixtral"):
         path = write_model(tmp_path / preset, MakeModelSpec(PRESETS[preset], "float32"))

@@ -8,7 +8,7 @@ import torch
 from flashtier.errors import BusyError, ConfigError, InputError
 from flashtier.runtime import SamplingConfig
 from flashtier.runtime.engine import Model, parse_bytes
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 from flashtier.runtime.sampling import Sampler
 
 

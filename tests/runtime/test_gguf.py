@@ -103,7 +103,7 @@ def test_expert_caches_hold_extents_of_different_sizes(tmp_path, slots):
     or two expert slots per layer the cache must still take every routed expert (a single pool
     per layer fragmented and refused one) and give the in-memory tokens."""
     path, _ = gm.make_gguf("mixtral", tmp_path, "q4_k_m")
-    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint
+    from flashtier.checkpoint.gguf_checkpoint import GGUFCheckpoint
 
     types = {t.dtype for n, t in GGUFCheckpoint(path).tensors.items() if "experts" in n}
     assert {"Q4_K", "Q6_K"} <= types, types  # the case this test is about
@@ -158,7 +158,7 @@ def test_greedy_tokens_equal_transformers_reading_the_gguf(tmp_path, ftype):
 # ------------------------------------------------------------------------- the shipped model
 @pytest.fixture(scope="module")
 def tiny_moe_q8(tmp_path_factory):
-    from flashtier.runtime.quantize import quantize_checkpoint
+    from flashtier.checkpoint.quantize import quantize_checkpoint
 
     root = Path(__file__).resolve().parents[2] / "models" / "tiny-moe"
     return root, quantize_checkpoint(root, tmp_path_factory.mktemp("tm") / "tiny-moe-q8_0.gguf", "q8_0")
@@ -331,7 +331,7 @@ def test_folder_with_one_gguf_loads_and_two_are_refused(small_gguf, tmp_path):
 
 
 def test_quantize_refuses_to_overwrite_without_force(small_gguf, tmp_path):
-    from flashtier.runtime.quantize import quantize_checkpoint
+    from flashtier.checkpoint.quantize import quantize_checkpoint
 
     hf = small_gguf.parent / "hf"
     out = tmp_path / "m.gguf"
@@ -344,7 +344,7 @@ def test_quantize_refuses_to_overwrite_without_force(small_gguf, tmp_path):
 
 
 def test_quantized_file_is_smaller_and_plan_counts_quantized_bytes(small_gguf):
-    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint
+    from flashtier.checkpoint.gguf_checkpoint import GGUFCheckpoint
 
     ck = GGUFCheckpoint(small_gguf)
     bf16_bytes = sum(int(np.prod(t.shape)) * 2 for t in ck.tensors.values())

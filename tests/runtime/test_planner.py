@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from flashtier.errors import BudgetError, ConfigError
-from flashtier.runtime.config import ModelConfig
-from flashtier.runtime.make_model import PRESETS, hf_config
+from flashtier.checkpoint.config import ModelConfig
+from flashtier.checkpoint.make_model import PRESETS, hf_config
 from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama-3.1-8b-config.json"
@@ -138,8 +138,8 @@ def test_the_minimum_budget_is_the_least_that_plans(preset):
     small budget streams more weights and needs a larger window than the true minimum does, so
     the refused placement's need overstates the minimum.)"""
     from flashtier.errors import BudgetError
-    from flashtier.runtime.config import ModelConfig
-    from flashtier.runtime.make_model import PRESETS, hf_config
+    from flashtier.checkpoint.config import ModelConfig
+    from flashtier.checkpoint.make_model import PRESETS, hf_config
     from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
 
     over = dict(PRESETS[preset])

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashtier.errors import ConfigError, IntegrityError
-from flashtier.runtime.checkpoint import Checkpoint, read_tensor
+from flashtier.checkpoint.folder import Checkpoint, read_tensor
 from flashtier.runtime.engine import EngineConfig, Model
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 from flashtier.storage_backends.aligned import allocate_aligned
 from flashtier.storage_backends.compressed import CompressedBackend
 from flashtier.storage_backends.compressed_layout import (

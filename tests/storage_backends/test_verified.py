@@ -89,7 +89,7 @@ def converted(tmp_path_factory):
 
 
 def test_a_second_resident_load_skips_the_extent_check_until_a_file_changes(converted, tmp_path, monkeypatch):
-    from flashtier.storage_backends import expert_layout
+    from flashtier.checkpoint import expert_layout
 
     calls = []
     real = expert_layout.verify_checksums
@@ -113,9 +113,9 @@ def test_a_second_resident_load_skips_the_extent_check_until_a_file_changes(conv
 
 
 def test_a_second_paged_open_skips_the_embedding_check(tmp_path, monkeypatch):
-    from flashtier.runtime import paged_weights
+    from flashtier.runtime.weights import paged as paged_weights
 
-    from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+    from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
     src = write_model(tmp_path / "src", MakeModelSpec({**PRESETS["tiny-llama"], "vocab_size": 32000}, "float32"))
     gguf = tmp_path / "m.gguf"

@@ -9,7 +9,7 @@ import pytest
 
 from flashtier.errors import BudgetError, StorageError
 from flashtier.runtime.engine import EngineConfig, Model
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
 PROMPT = list(range(3, 40))  # longer than one 16-token KV block
 

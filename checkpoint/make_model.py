@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 
 from flashtier.errors import ConfigError
-from flashtier.runtime.checkpoint import expected_shapes
-from flashtier.runtime.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from flashtier.checkpoint.folder import expected_shapes
+from flashtier.checkpoint.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from flashtier.storage_backends.safetensors_format import save_safetensors
 
 MODEL_TYPES = {

@@ -13,16 +13,16 @@ import torch
 from flashtier.errors import CheckpointError, ConfigError, StorageError
 from flashtier.prefetch.sparsity import AllNeurons, PredictorTraining
 from flashtier.runtime.calibrate import CalibrationText, calibrate
-from flashtier.runtime.checkpoint import Checkpoint, layer_names
+from flashtier.checkpoint.folder import Checkpoint, layer_names
 from flashtier.runtime.engine import EngineConfig, Model, open_model
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 from flashtier.runtime.model import Transformer
-from flashtier.runtime.paged_weights import PagedWeights
+from flashtier.runtime.weights.paged import PagedWeights
 from flashtier.runtime.planner import PlanRequest, make_plan
 from flashtier.runtime.options import SparseFFNConfig
-from flashtier.runtime.sparse_ffn import SparseFFNWeights
-from flashtier.runtime.weights import InMemoryWeights
-from flashtier.storage_backends.bundles import BUNDLE_DIR, convert_bundled
+from flashtier.runtime.weights.sparse_ffn import SparseFFNWeights
+from flashtier.runtime.weights.base import InMemoryWeights
+from flashtier.checkpoint.bundles import BUNDLE_DIR, convert_bundled
 
 CONTEXT = 64
 CONFIG = dict(PRESETS["tiny-llama"], hidden_act="relu", intermediate_size=160, num_hidden_layers=4,
@@ -152,7 +152,7 @@ def test_the_budget_pays_for_resident_weights_windows_and_predictors(bundled):
 
 
 def test_window_rows_follow_each_layers_demand():
-    from flashtier.runtime.sparse_ffn import split_rows
+    from flashtier.runtime.weights.sparse_ffn import split_rows
 
     assert split_rows(100, {2: 0.1, 3: 0.3}, 1000) == {2: 25, 3: 75}
     assert split_rows(100, {2: 0.1, 3: 0.9}, 60) == {2: 40, 3: 60}  # 3 is capped: 2 gets the rest

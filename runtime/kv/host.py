@@ -3,13 +3,13 @@
 Blocks arrive here when they leave the device window (``put``) and never change afterwards. Each
 block is in exactly one of: a host slot (and maybe also on storage), or on storage only. When the
 host tier is over its budget, the least recently used blocks are dropped from host memory, written
-to storage first if they were never written (:class:`~flashtier.runtime.kv_spill.KVSpillStore`,
+to storage first if they were never written (:class:`~flashtier.runtime.kv.spill.KVSpillStore`,
 write-once). ``gather`` reads rows of one kv head (decode: the retrieved positions) and brings the
 spilled blocks it needs back into host slots when there is room, else reads them through.
 ``read_blocks`` serves the exact prefill, which scans a layer's blocks in order, reading spilled
 ones through without caching them (a scan would only evict what decode will want).
 
-Blocks are kept as records of a :class:`~flashtier.runtime.kv_codec.KVCodec` (raw bytes by
+Blocks are kept as records of a :class:`~flashtier.runtime.kv.codec.KVCodec` (raw bytes by
 default, or KIVI-quantised): slots are ``uint8 [record_bytes]``, spill files hold the same records,
 budgets count record bytes, and reads decode (``gather`` only the rows it returns).
 
@@ -27,9 +27,9 @@ import torch
 
 from flashtier.errors import BudgetError, InputError
 from flashtier.retrieval.buffer import GrowableRows
-from flashtier.runtime.kv_codec import KVCodec, RawCodec
-from flashtier.runtime.kv_layout import KVBlockLayout
-from flashtier.runtime.kv_spill import KVSpillStore
+from flashtier.runtime.kv.codec import KVCodec, RawCodec
+from flashtier.runtime.kv.layout import KVBlockLayout
+from flashtier.runtime.kv.spill import KVSpillStore
 
 NOT_HOST = -1
 """Slot-table entry of a block that is not in a host slot (on storage, or never demoted)."""

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from flashtier.errors import BudgetError
 from flashtier.runtime.engine import EngineConfig, Model, parse_bytes
-from flashtier.runtime.expert_weights import ExpertWeights
+from flashtier.runtime.weights.experts import ExpertWeights
 from flashtier.runtime.options import ExpertCacheConfig
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent  # tests/runtime: hf_models.py
 spec = importlib.util.spec_from_file_location("hf_models", HERE / "hf_models.py")
 hf_models = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(hf_models)
@@ -201,8 +201,8 @@ def test_failed_pass_leaves_the_caches_usable(moe):
 
 
 def test_plan_gives_the_expert_cache_what_the_budget_leaves():
-    from flashtier.runtime.config import ModelConfig
-    from flashtier.runtime.make_model import hf_config
+    from flashtier.checkpoint.config import ModelConfig
+    from flashtier.checkpoint.make_model import hf_config
     from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
 
     cfg = ModelConfig.from_hf(hf_config(PRESETS["moe-1.3g"]))

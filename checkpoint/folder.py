@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from flashtier.errors import CheckpointError, IntegrityError
-from flashtier.runtime.config import ModelConfig
+from flashtier.checkpoint.config import ModelConfig
 from flashtier.storage_backends.safetensors_format import PAD_TENSOR_PREFIX, TensorInfo, read_header
 
 
@@ -184,8 +184,8 @@ class Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike[str]) -> "Checkpoint | Any":
     """The checkpoint at ``path``: a Hugging Face folder (:class:`Checkpoint`), or a GGUF file or
-    a folder holding one (:class:`~flashtier.runtime.gguf_checkpoint.GGUFCheckpoint`)."""
-    from flashtier.runtime.gguf_checkpoint import GGUFCheckpoint, find_gguf
+    a folder holding one (:class:`~flashtier.checkpoint.gguf_checkpoint.GGUFCheckpoint`)."""
+    from flashtier.checkpoint.gguf_checkpoint import GGUFCheckpoint, find_gguf
 
     p = Path(path)
     gguf = find_gguf(p)
@@ -198,7 +198,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> "Checkpoint | Any":
 
 def read_tensor(info: TensorInfo) -> Any:
     """Read the bytes of ``info`` into a new CPU tensor of its dtype and shape (a
-    :class:`~flashtier.runtime.quantized.QuantizedTensor` for a quantized GGUF tensor). A
+    :class:`~flashtier.checkpoint.quantized_tensor.QuantizedTensor` for a quantized GGUF tensor). A
     recorded crc32 is checked."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
@@ -222,7 +222,7 @@ def read_tensor(info: TensorInfo) -> Any:
                              "(download or write it again)")
     if info.quantized:
         from flashtier.checkpoint.ggml_types import GGMLType
-        from flashtier.runtime.quantized import QuantizedTensor
+        from flashtier.checkpoint.quantized_tensor import QuantizedTensor
 
         return QuantizedTensor.from_bytes(buf, GGMLType(info.ggml_type), info.shape)
     return buf.view(getattr(torch, info.torch_dtype_name)).reshape(info.shape)
@@ -234,7 +234,7 @@ sits next to the shards."""
 
 
 CONVERTED_MANIFEST = "flashtier_experts.json"
-"""Manifest of a folder ``flashtier convert`` wrote (storage_backends/expert_layout.py)."""
+"""Manifest of a folder ``flashtier convert`` wrote (checkpoint/expert_layout.py)."""
 TENSOR_CRC_KEY = "tensor_crc32"
 """Its map of non-expert tensor name -> crc32 of the tensor's bytes."""
 

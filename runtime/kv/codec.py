@@ -33,7 +33,7 @@ from flashtier.retrieval.quant import (
     quantize_values,
     unpack_bits,
 )
-from flashtier.runtime.kv_layout import KVBlockLayout
+from flashtier.runtime.kv.layout import KVBlockLayout
 
 KIVI_GROUP = 32
 """Default KIVI group size (the KIVI paper's; capped by :func:`default_group`)."""

@@ -19,11 +19,11 @@ import flashtier.retrieval.blockwise as blockwise
 from flashtier.errors import BudgetError, ConfigError, IntegrityError
 from flashtier.retrieval.attention import RetrievalConfig
 from flashtier.runtime.engine import Model, open_model
-from flashtier.runtime.kv_layout import KVBlockLayout
-from flashtier.runtime.kv_retrieval import RetrievalKVCache
-from flashtier.runtime.kv_retrieval_config import RetrievalCacheConfig
-from flashtier.runtime.kv_spill import KVSpillStore
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.runtime.kv.layout import KVBlockLayout
+from flashtier.runtime.kv.retrieval import RetrievalKVCache
+from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
+from flashtier.runtime.kv.spill import KVSpillStore
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 from flashtier.runtime.sampling import SamplingConfig
 
 PROMPT = torch.randint(3, 250, (700,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -135,7 +135,7 @@ class RetrievalCacheConfig:
     kv_quant_group: int | None = None
     """KIVI group size: tokens per key group (divides ``block_size``), channels per value group
     (divides the head dim). None = 32, or the block size / head dim when smaller
-    (:func:`~flashtier.runtime.kv_codec.default_group`)."""
+    (:func:`~flashtier.runtime.kv.codec.default_group`)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

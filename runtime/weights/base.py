@@ -13,7 +13,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from flashtier.runtime.checkpoint import EMBED, Checkpoint
+from flashtier.checkpoint.folder import EMBED, Checkpoint
 from flashtier.runtime.quantized import QuantizedTensor, embedding_rows, to_compute
 
 

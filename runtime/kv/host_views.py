@@ -1,7 +1,7 @@
 """Views of the host KV pool for retrieval attention: per-head stores and the layer's offloaded part.
 
 :class:`PagedLayerKV` is the :class:`~flashtier.retrieval.attention.OffloadedLayerKV` of one layer
-whose K/V bytes are blocks of a :class:`~flashtier.runtime.kv_host.HostKVPool` (host memory or
+whose K/V bytes are blocks of a :class:`~flashtier.runtime.kv.host.HostKVPool` (host memory or
 storage): the indexes are built as blocks are demoted, and ``gather`` reads every kv head's
 retrieved rows with one indexing of the pool. The bytes are never copied into the retrieval stores.
 """
@@ -15,7 +15,7 @@ import torch
 from flashtier.errors import InputError
 from flashtier.retrieval.attention import OffloadedLayerKV, RetrievalConfig
 from flashtier.retrieval.store import KVStore
-from flashtier.runtime.kv_host import HostKVPool
+from flashtier.runtime.kv.host import HostKVPool
 
 
 class HostHeadStore(KVStore):

@@ -11,7 +11,7 @@ format allows); where an extent's length is not a multiple of the alignment, a s
 ``flashtier.pad.N`` fills the gap (the format forbids holes; readers ignore these tensors).
 ``flashtier_experts.json`` (the manifest) lists every extent: file, offset, length, crc32, and the
 tensors in it with their offsets inside the extent; and the crc32 of every other tensor
-(``tensor_crc32``), which :class:`~flashtier.runtime.checkpoint.Checkpoint` attaches to the
+(``tensor_crc32``), which :class:`~flashtier.checkpoint.folder.Checkpoint` attaches to the
 tensors so every read of them (resident load, streamed page, ``verify``) is checked.
 
 :func:`expert_layout` gives every expert's extents for a checkpoint:
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 from flashtier.errors import ConfigError, IntegrityError, StorageError
-from flashtier.runtime.checkpoint import CONVERTED_MANIFEST, TENSOR_CRC_KEY, Checkpoint, layer_names, read_tensor
-from flashtier.runtime.config import ModelConfig
+from flashtier.checkpoint.folder import CONVERTED_MANIFEST, TENSOR_CRC_KEY, Checkpoint, layer_names, read_tensor
+from flashtier.checkpoint.config import ModelConfig
 from flashtier.storage_backends.aligned import align_up
 from flashtier.storage_backends.atomic import crc32, crc32_of_range
 from flashtier.storage_backends.progress import ticker

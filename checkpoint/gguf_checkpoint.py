@@ -1,7 +1,7 @@
 """A GGUF file as a checkpoint: metadata -> :class:`ModelConfig`, llama.cpp tensor names ->
 the Hugging Face names the forward asks for, tensors read in place by offset.
 
-:class:`GGUFCheckpoint` has the interface of :class:`~flashtier.runtime.checkpoint.Checkpoint`
+:class:`GGUFCheckpoint` has the interface of :class:`~flashtier.checkpoint.folder.Checkpoint`
 (``config``, ``tensors``, ``read_tensor``...), so every weight accessor, the planner and the expert
 caches work on it unchanged. Tensors in a quantized block format keep their bytes: their
 :class:`TensorInfo` has ``ggml_type`` set, and ``read_tensor`` returns a
@@ -28,8 +28,8 @@ import torch
 from flashtier.checkpoint.ggml_types import GGMLType, type_info
 from flashtier.checkpoint.gguf_format import GGUFFile, GGUFTensor, read_gguf
 from flashtier.errors import CheckpointError, UnsupportedModelError
-from flashtier.runtime.checkpoint import EMBED, FINAL_NORM, LM_HEAD, expected_shapes, layer_names, lm_head_name
-from flashtier.runtime.config import SUPPORTED_ACTIVATIONS, ModelConfig, RopeConfig
+from flashtier.checkpoint.folder import EMBED, FINAL_NORM, LM_HEAD, expected_shapes, layer_names, lm_head_name
+from flashtier.checkpoint.config import SUPPORTED_ACTIVATIONS, ModelConfig, RopeConfig
 from flashtier.storage_backends.safetensors_format import TensorInfo
 
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM"}
@@ -157,7 +157,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
 
 def _read_plain(t: GGUFTensor) -> torch.Tensor:
     """A small plain (F32/F16/BF16) tensor read into memory."""
-    from flashtier.runtime.checkpoint import read_tensor
+    from flashtier.checkpoint.folder import read_tensor
 
     return read_tensor(_info(t.name, t, t.offset, t.nbytes, t.shape))
 
@@ -289,7 +289,7 @@ class GGUFCheckpoint:
 
     def read_tensor(self, name: str) -> Any:
         """The tensor ``name``: a torch tensor for plain types, a ``QuantizedTensor`` for blocks."""
-        from flashtier.runtime.checkpoint import read_tensor
+        from flashtier.checkpoint.folder import read_tensor
 
         info = self.tensors.get(name)
         if info is None:

@@ -22,8 +22,8 @@ import numpy as np
 from flashtier.checkpoint.ggml_types import GGMLType
 from flashtier.checkpoint.gguf_format import TensorToWrite, write_gguf
 from flashtier.errors import CheckpointError, ConfigError, UnsupportedModelError
-from flashtier.runtime.checkpoint import EMBED, FINAL_NORM, Checkpoint, layer_names
-from flashtier.runtime.config import ModelConfig
+from flashtier.checkpoint.folder import EMBED, FINAL_NORM, Checkpoint, layer_names
+from flashtier.checkpoint.config import ModelConfig
 
 FILE_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
                  "q6_k": 18, "bf16": 32}
@@ -208,8 +208,7 @@ def _plan_tensors(ck: Checkpoint, file_type: str) -> list[tuple[str, tuple[int, 
     if ck.lm_head != EMBED:
         out.append(("output.weight", ck.tensors[ck.lm_head].shape, -1, load(ck.lm_head)))
     if cfg.rope.rope_type == "llama3":
-        from flashtier.runtime.model import rope_inv_freq
-        from flashtier.runtime.config import RopeConfig
+        from flashtier.checkpoint.config import RopeConfig, rope_inv_freq
 
         plain = rope_inv_freq(cfg.head_dim, RopeConfig(theta=cfg.rope.theta))
         factors = (plain / rope_inv_freq(cfg.head_dim, cfg.rope)).numpy().astype(np.float32)

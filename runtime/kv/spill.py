@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from flashtier.errors import IntegrityError, StorageError
-from flashtier.runtime.kv_layout import BlockKey, KVBlockLayout
+from flashtier.runtime.kv.layout import BlockKey, KVBlockLayout
 from flashtier.storage_backends.atomic import verify_crc32
 from flashtier.storage_backends.base import StorageBackend
 

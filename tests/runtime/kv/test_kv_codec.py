@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from flashtier.errors import ConfigError, IntegrityError
 from flashtier.retrieval.attention import RetrievalConfig
 from flashtier.runtime.engine import open_model
-from flashtier.runtime.kv_codec import KiviCodec, RawCodec, default_group, kv_codec
-from flashtier.runtime.kv_host import HostKVPool
-from flashtier.runtime.kv_layout import KVBlockLayout
-from flashtier.runtime.kv_retrieval import RetrievalKVCache
-from flashtier.runtime.kv_retrieval_config import RetrievalCacheConfig
-from flashtier.runtime.kv_spill import KVSpillStore
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.runtime.kv.codec import KiviCodec, RawCodec, default_group, kv_codec
+from flashtier.runtime.kv.host import HostKVPool
+from flashtier.runtime.kv.layout import KVBlockLayout
+from flashtier.runtime.kv.retrieval import RetrievalKVCache
+from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
+from flashtier.runtime.kv.spill import KVSpillStore
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 from flashtier.runtime.sampling import SamplingConfig
 
 EVERYTHING = 10**6

@@ -1,6 +1,6 @@
 """Long-context KV cache: paged KV across tiers, exact chunked prefill, retrieval attention at decode.
 
-:class:`RetrievalKVCache` implements the :class:`~flashtier.runtime.kv_cache.KVCache` protocol;
+:class:`RetrievalKVCache` implements the :class:`~flashtier.runtime.kv.cache.KVCache` protocol;
 the engine builds it with :func:`retrieval_cache` when ``EngineConfig.attention == "retrieval"``.
 
 Where the KV of one layer lives (positions ``0 .. length-1``; B = block size)::
@@ -45,14 +45,14 @@ from flashtier.errors import BudgetError, ConfigError, InputError
 from flashtier.retrieval.attention import RetrievalAttention
 from flashtier.retrieval.blockwise import KeyBlock, blockwise_attention
 from flashtier.retrieval.merge import partial_attention
-from flashtier.runtime.kv_device import DeviceKVWindow
-from flashtier.runtime.kv_host import HostKVPool
-from flashtier.runtime.kv_host_views import PagedLayerKV
-from flashtier.runtime.kv_layout import KVBlockLayout
-from flashtier.runtime.kv_retrieval_config import RetrievalCacheConfig
-from flashtier.runtime.kv_retrieval_stats import AttentionCheck, RetrievalCounters
-from flashtier.runtime.kv_codec import kv_codec
-from flashtier.runtime.kv_spill import KVSpillStore
+from flashtier.runtime.kv.device import DeviceKVWindow
+from flashtier.runtime.kv.host import HostKVPool
+from flashtier.runtime.kv.host_views import PagedLayerKV
+from flashtier.runtime.kv.layout import KVBlockLayout
+from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
+from flashtier.runtime.kv.retrieval_stats import AttentionCheck, RetrievalCounters
+from flashtier.runtime.kv.codec import kv_codec
+from flashtier.runtime.kv.spill import KVSpillStore
 from flashtier.storage_backends.base import StorageBackend
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from flashtier.errors import BudgetError, CheckpointError, ConfigError, IntegrityError
-from flashtier.runtime.checkpoint import EMBED, Checkpoint, layer_names, read_tensor
+from flashtier.checkpoint.folder import EMBED, Checkpoint, layer_names, read_tensor
 from flashtier.checkpoint.ggml_types import GGMLType
 from flashtier.runtime.quantized import QuantizedTensor, as_weight, page_format, to_compute
 from flashtier.runtime.planner import (
@@ -50,7 +50,7 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 
 
 class PagedWeights:
-    """A :class:`~flashtier.runtime.weights.WeightAccessor` over a tiered store (see module doc)."""
+    """A :class:`~flashtier.runtime.weights.base.WeightAccessor` over a tiered store (see module doc)."""
 
     compute_device = "cpu"
     """Where the model computes, so where pages handed to it must live: the runtime's forward pass
@@ -180,7 +180,7 @@ class PagedWeights:
         return None
 
     def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
-        return None  # experts are streamed on demand here; runtime/expert_weights.py reads ahead
+        return None  # experts are streamed on demand here; runtime/weights/experts.py reads ahead
 
     def done(self, names: tuple[str, ...]) -> None:
         for name in names:

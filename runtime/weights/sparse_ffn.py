@@ -1,9 +1,9 @@
 """Sparse FFN from flash ("LLM in a flash"): a weight accessor that reads only predicted neurons.
 
-:class:`SparseFFNWeights` composes :class:`~flashtier.runtime.paged_weights.PagedWeights` with the
+:class:`SparseFFNWeights` composes :class:`~flashtier.runtime.weights.paged.PagedWeights` with the
 same plan as dense streaming under the same ``--dram-budget``: everything resident there stays
 resident, and every dense FFN layer the plan streams becomes a *sparse layer*, served by
-``ffn(layer, x)`` from the row-column bundles (``storage_backends/bundles.py``) instead:
+``ffn(layer, x)`` from the row-column bundles (``checkpoint/bundles.py``) instead:
 
 * decode (one token): the layer's low-rank predictor (``prefetch/sparsity.py``) names the
   neurons likely to be positive; the layer's :class:`~flashtier.prefetch.windowing.NeuronWindow`
@@ -23,7 +23,7 @@ Approximation is opt-in: only with ``--sparse-ffn`` does the engine build this a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from flashtier.errors import BudgetError, CheckpointError, ConfigError
 from flashtier.prefetch.sparsity import NeuronSelector, PredictorSet, recall_of
 from flashtier.prefetch.windowing import NeuronWindow, RowMatrix, WindowConfig
-from flashtier.runtime.checkpoint import Checkpoint, layer_names, read_tensor
+from flashtier.checkpoint.folder import Checkpoint, layer_names, read_tensor
 from flashtier.runtime.options import SparseFFNConfig
-from flashtier.runtime.paged_weights import PagedWeights
+from flashtier.runtime.weights.paged import PagedWeights
 from flashtier.runtime.planner import PlanRequest, make_plan
 from flashtier.storage_backends.batched_reads import BatchedReadConfig
-from flashtier.storage_backends.bundles import (
+from flashtier.checkpoint.bundles import (
     BundleReader,
     PendingRead,
     layer_views,
@@ -88,7 +88,7 @@ class _SparseLayer:
 
 
 class SparseFFNWeights:
-    """A :class:`~flashtier.runtime.weights.WeightAccessor` with sparse FFN layers (module doc)."""
+    """A :class:`~flashtier.runtime.weights.base.WeightAccessor` with sparse FFN layers (module doc)."""
 
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, config: SparseFFNConfig = SparseFFNConfig(),

@@ -1,12 +1,12 @@
 """MoE experts paged through per-layer expert caches, prefetched by next-layer prediction.
 
 :class:`ExpertWeights` is the weight accessor the engine picks for MoE models under a budget. It
-is a :class:`~flashtier.runtime.paged_weights.PagedWeights` for everything but the routed experts
+is a :class:`~flashtier.runtime.weights.paged.PagedWeights` for everything but the routed experts
 (attention, norms, routers, the output head and shared experts are resident or streamed as there)
 plus, per MoE layer, an **expert cache**: its own :class:`~flashtier.tiers.store.TieredStore`
 whose host tier holds ``slots`` experts, evicting by a pluggable policy (``least-stale`` by
 default, chosen by measurement; ``lru``, ``lfu``, ... by name). One page is one expert extent
-(:mod:`~flashtier.storage_backends.expert_layout`): a converted folder reads each expert in one
+(:mod:`~flashtier.checkpoint.expert_layout`): a converted folder reads each expert in one
 aligned read, checksummed on its first read; an original folder reads each expert's tensors where
 they lie (one read when they are neighbours, else three).
 
@@ -49,20 +49,19 @@ from flashtier.prefetch.experts import (
     PredictorConfig,
     PrefetchGate,
 )
-from flashtier.runtime.checkpoint import Checkpoint, layer_names
+from flashtier.checkpoint.folder import Checkpoint, layer_names
 from flashtier.runtime.options import ExpertCacheConfig
-from flashtier.runtime.paged_weights import PagedWeights, budget_options
+from flashtier.runtime.weights.paged import PagedWeights, budget_options
 from flashtier.runtime.quantized import as_weight, page_format
 from flashtier.storage_backends.safetensors_format import TensorInfo
 from flashtier.runtime.planner import Bandwidths
 from flashtier.storage_backends.aligned import align_up
 from flashtier.storage_backends.base import StorageBackend
 from flashtier.storage_backends.checksummed import ChecksummedBackend
-from flashtier.storage_backends.expert_layout import ExpertLayout, expert_layout
+from flashtier.checkpoint.expert_layout import ExpertLayout, expert_layout
 from flashtier.tiers.config import StoreConfig
 from flashtier.tiers.host import HOST_ALIGNMENT
 from flashtier.tiers.page import PageDesc, PageSource
-from flashtier.tiers.policies import available_policies
 from flashtier.tiers.store import TieredStore
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 from flashtier.errors import ConfigError, IntegrityError
-from flashtier.runtime.checkpoint import Checkpoint
+from flashtier.checkpoint.folder import Checkpoint
 from flashtier.runtime.engine import EngineConfig, Model
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
-from flashtier.storage_backends.expert_layout import (
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.expert_layout import (
     ALIGNMENT,
     MANIFEST_NAME,
     convert_experts,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from flashtier.errors import CheckpointError, ConfigError, IntegrityError
-from flashtier.runtime.checkpoint import Checkpoint, layer_names, read_tensor
+from flashtier.checkpoint.folder import Checkpoint, layer_names, read_tensor
 from flashtier.storage_backends.aligned import align_up, allocate_aligned
 from flashtier.storage_backends.atomic import write_atomic
 from flashtier.storage_backends.batched_reads import Batch, BatchedReadConfig, BatchedReader

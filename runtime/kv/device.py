@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from flashtier.errors import InputError
-from flashtier.runtime.kv_layout import KVBlockLayout
+from flashtier.runtime.kv.layout import KVBlockLayout
 
 
 class DeviceKVWindow:

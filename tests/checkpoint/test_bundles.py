@@ -11,9 +11,9 @@ import torch
 
 from flashtier.errors import CheckpointError, IntegrityError
 from flashtier.prefetch.windowing import RowMatrix
-from flashtier.runtime.checkpoint import Checkpoint, layer_names
-from flashtier.runtime.make_model import PRESETS, MakeModelSpec, write_model
-from flashtier.storage_backends.bundles import (
+from flashtier.checkpoint.folder import Checkpoint, layer_names
+from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
+from flashtier.checkpoint.bundles import (
     BUNDLE_DIR,
     MANIFEST,
     BundleReader,
