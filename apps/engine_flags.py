@@ -50,6 +50,10 @@ GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("activations", choices=("f32", "q8")),
         Flag("compressed", choices=("auto", "on", "off")),
     )),
+    ("prompt cache", (
+        Flag("prompt_cache", metavar="DIR"),
+        Flag("prompt_cache_budget", metavar="BYTES"),
+    )),
     ("MoE experts (with --dram-budget)", (
         Flag("expert_cache", style="onoff"),
         Flag("expert_policy", metavar="POLICY"),

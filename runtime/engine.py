@@ -77,6 +77,14 @@ class EngineConfig:
     device: str = "cpu"
     """Where the forward pass runs: 'cpu' (default), or 'cuda' / 'cuda:N' with every weight and the
     KV cache resident on that GPU (not with a budget or retrieval attention yet)."""
+    prompt_cache: str | None = None
+    """Folder of the prompt cache on storage: the KV blocks of prompts, written once and loaded
+    instead of prefilled by a later request or process with the same prefix (a long system prompt,
+    a document, a conversation resumed after a restart); identical logits (``runtime/kv/prompt_cache.py``).
+    Full attention only. None: no prompt cache."""
+    prompt_cache_budget: int | None = None
+    """Bytes the prompt cache folder may hold, e.g. 4G; the least recently used blocks are deleted
+    beyond it (default: 4 GiB)."""
     verified_record: str | None = None
     """File recording the one-time integrity checks that passed (a converted folder's expert
     extents before a resident load, a paged embedding table, FFN bundle files), keyed by each
@@ -103,7 +111,7 @@ class EngineConfig:
         see ``runtime/options.py``). Sizes may be strings like ``"1G"``. None means "not set".
         An unknown name is a ConfigError naming the valid ones."""
         options = dict(options)
-        for key in ("dram_budget", "device_budget"):
+        for key in ("dram_budget", "device_budget", "prompt_cache_budget"):
             if key in options:
                 options[key] = parse_bytes(options[key])
         expert_cache = options.pop("expert_cache", None)
@@ -134,6 +142,11 @@ class EngineConfig:
             raise ConfigError(f"fast_matvec must be True, False or None (auto), got {self.fast_matvec!r}")
         if self.activations not in ("f32", "q8"):
             raise ConfigError(f"activations must be 'f32' (exact) or 'q8' (int8, approximate), got {self.activations!r}")
+        if self.prompt_cache is not None and self.attention != "full":
+            raise ConfigError("--prompt-cache stores the blocks of the full-attention KV cache; it does not work with "
+                              "--attention retrieval yet (drop one of them)")
+        if self.prompt_cache_budget is not None and self.prompt_cache_budget <= 0:
+            raise ConfigError(f"prompt_cache_budget must be positive, got {self.prompt_cache_budget}")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
         self._check_device()
@@ -219,6 +232,7 @@ class Model:
                              activations=config.activations)
         self.transformer = Transformer(self.config, self.weights, set(self.checkpoint.tensors), self.linear)
         self.cache = self._new_cache()
+        self.prompt_cache = self._open_prompt_cache()
         self._cached_ids: list[int] = []
         self._lock = threading.Lock()
         self._lock_owner: int | None = None  # thread id of the open stream holding _lock
@@ -235,6 +249,19 @@ class Model:
         if c.dram_budget is not None or c.device_budget is not None:
             return min(4096, self.config.max_position_embeddings)
         return self.config.max_position_embeddings
+
+    def _open_prompt_cache(self) -> Any:
+        c = self.engine_config
+        if c.prompt_cache is None:
+            return None
+        from flashtier.runtime.kv.prompt_cache import PromptCache, model_key
+
+        cache = self.cache
+        settings = {"kv_dtype": str(getattr(cache, "dtype", "")), "block_size": c.kv_block_size,
+                    "prefill_chunk": c.prefill_chunk, "kernel": self.linear.kernel, "activations": c.activations,
+                    "compute_dtype": c.compute_dtype, "device": c.device}
+        return PromptCache(c.prompt_cache, c.prompt_cache_budget or (4 << 30), model_key(self.checkpoint, settings),
+                           c.kv_block_size, c.prefill_chunk)
 
     def _new_cache(self) -> KVCache:
         if self.engine_config.attention == "full":
@@ -313,6 +340,13 @@ class Model:
         if self.engine_config.threads is not None:
             torch.set_num_threads(self.engine_config.threads)
         reuse = _common_prefix(self._cached_ids, ids)
+        pc = self.prompt_cache
+        loaded = pc.load(self.cache, ids, at_least=reuse) if pc is not None else 0
+        if loaded:
+            reuse = loaded
+            stats.extra["prompt_cache_tokens"] = loaded
+        # Store the prompt's blocks when its prefill runs in the chunks a fresh prefill would use.
+        store = pc is not None and (loaded or reuse == 0)
         gen = generate_ids(self.transformer, self.cache, ids, max_new_tokens, Sampler(sampling),
                            () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse,
                            self.context_limit, decode_threads=1 if self.linear.kernel == "native" else None)
@@ -348,9 +382,12 @@ class Model:
             raise  # the consumer stopped between tokens: the cache is consistent
         except BaseException:
             self._cached_ids = []  # the cache may hold a partial pass: never reuse it
+            store = False
             raise
         finally:
             gen.close()
+            if store and out:  # the prompt's KV is complete once a token came out
+                pc.store(self.cache, ids, len(ids))
 
     def generate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> GenerationResult:
         """Generate to completion; returns ids, text, finish reason and statistics."""
@@ -409,6 +446,8 @@ class Model:
             d["quantized_matvec_kernel"] = "native" if native_available() else "numpy"
             d["activations"] = self.engine_config.activations
         d.update(stats.extra)
+        if self.prompt_cache is not None:
+            d.update(self.prompt_cache.report())
         for part in (self.weights, self.cache):
             report = getattr(part, "stats", None)
             if report is not None:
