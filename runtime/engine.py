@@ -400,6 +400,90 @@ class Model:
             parts.append(ev.text)
         return GenerationResult(tokens, "".join(parts), stats.finish_reason, self.stats_dict(stats))
 
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 128,
+                       sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False) -> list[GenerationResult]:
+        """Generate for several prompts together (offline batching): each prompt is prefilled on its
+        own, then every unfinished sequence decodes in one step, each weight fetched once per step
+        for all of them (under a budget, a step streams the weights once instead of once per
+        sequence). Batch-invariant: each result's tokens are the tokens :meth:`generate` gives for
+        that prompt alone (greedy, or sampling with a seed), whatever else is in the batch.
+        Full attention only; not with the sparse FFN. The conversation cache of :meth:`generate`
+        is left as it was."""
+        c = self.engine_config
+        if not prompts:
+            return []
+        if c.attention != "full" or c.sparse_ffn is not None:
+            raise ConfigError("generate_batch runs full attention without the sparse FFN; generate those requests "
+                              "one at a time")
+        encoded = [self.encode(p) for p in prompts]
+        limit = self.context_limit
+        for b, ids in enumerate(encoded):
+            if not ids:
+                raise InputError(f"prompt {b} is empty; give at least one token")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise InputError(f"prompt {b}: token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            if len(ids) + max_new_tokens > limit:
+                raise InputError(f"prompt {b} ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                                 f"context of {limit} tokens; shorten it or ask for fewer tokens")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1 for generate_batch, got {max_new_tokens}")
+        stop = set() if ignore_eos else set(self.stop_ids())
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            raise BusyError("a stream of this model is still open on this thread: close it before generate_batch")
+        with self._lock, torch.inference_mode():
+            if c.threads is not None:
+                torch.set_num_threads(c.threads)
+            caches = [self.transformer.new_cache(c.kv_block_size) for _ in encoded]
+            samplers = [Sampler(sampling) for _ in encoded]
+            out: list[list[int]] = [[] for _ in encoded]
+            finish = ["length"] * len(encoded)
+            t0 = time.perf_counter()
+            for b, ids in enumerate(encoded):  # prefill, as generate() does
+                caches[b].reserve(len(ids) + max_new_tokens)
+                tensor = torch.tensor(ids, dtype=torch.long)
+                logits = None
+                for s0 in range(0, len(ids), c.prefill_chunk):
+                    logits = self.transformer.forward(tensor[s0:s0 + c.prefill_chunk], caches[b], s0)
+                assert logits is not None
+                out[b].append(samplers[b](logits[-1]))
+            prefill_s = time.perf_counter() - t0
+            active = [b for b in range(len(encoded)) if not self._finished(out[b], stop, max_new_tokens, finish, b)]
+            saved = torch.get_num_threads()
+            if self.linear.kernel == "native":
+                torch.set_num_threads(1)  # as generate()'s decode steps
+            t1, steps = time.perf_counter(), 0
+            try:
+                while active:
+                    logits = self.transformer.forward_batch([out[b][-1] for b in active], [caches[b] for b in active],
+                                                            [len(encoded[b]) + len(out[b]) - 1 for b in active])
+                    steps += 1
+                    for row, b in enumerate(active):
+                        out[b].append(samplers[b](logits[row]))
+                    active = [b for b in active if not self._finished(out[b], stop, max_new_tokens, finish, b)]
+            finally:
+                torch.set_num_threads(saved)
+            decode_s = time.perf_counter() - t1
+        total = sum(len(o) - 1 for o in out)
+        results = []
+        for b, ids in enumerate(encoded):
+            stats = {"prompt_tokens": len(ids), "generated_tokens": len(out[b]), "batch_size": len(encoded),
+                     "batch_prefill_s": round(prefill_s, 6), "batch_decode_s": round(decode_s, 6),
+                     "batch_decode_steps": steps,
+                     "batch_decode_tok_s": round(total / decode_s, 3) if decode_s > 0 else 0.0,
+                     "finish_reason": finish[b]}
+            text = self.tokenizer.decode(out[b]) if self.tokenizer is not None else ""
+            results.append(GenerationResult(out[b], text, finish[b], stats))
+        return results
+
+    @staticmethod
+    def _finished(tokens: list[int], stop: set[int], max_new_tokens: int, finish: list[str], b: int) -> bool:
+        if tokens[-1] in stop:
+            finish[b] = "stop"
+            return True
+        return len(tokens) >= max_new_tokens
+
     async def astream(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> AsyncIterator[TokenEvent]:
         """Async generator over :meth:`stream`, run on a worker thread; closing it cancels."""
         loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from flashtier.errors import NonFiniteError
+from flashtier.errors import ConfigError, NonFiniteError
 from flashtier.runtime import decode_ops
 from flashtier.checkpoint.folder import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
@@ -135,6 +135,128 @@ class Transformer:
             raise
         w.step_end()
         return logits.cpu()
+
+    # ------------------------------------------------------------------ batched decode
+    def forward_batch(self, tokens: list[int], caches: list[KVCache], starts: list[int]) -> torch.Tensor:
+        """One decode step of ``B`` sequences: token ``tokens[b]`` at position ``starts[b]`` of the
+        sequence whose KV is ``caches[b]``. Returns logits ``[B, V]`` (fp32, CPU).
+
+        Each weight is fetched once per step and serves every row (a streamed page is read once
+        for the batch), and each row is computed by exactly the operations :meth:`forward` applies
+        to one token, in the same order: a row's logits do not depend on the other rows (batch
+        invariance), so greedy tokens equal the request's tokens alone."""
+        w, c = self.weights, self.config
+        rows = len(tokens)
+        if not (rows == len(caches) == len(starts)) or rows == 0:
+            raise ValueError(f"forward_batch: {rows} tokens, {len(caches)} caches, {len(starts)} positions")
+        xs = [w.embed(torch.tensor([t], device=self.device)) for t in tokens]  # B x [1, H]
+        tables = []  # per row, exactly as forward() makes them for one token: [1, D] cos, sin
+        for start in starts:
+            pos = torch.arange(start, start + 1, device=self.device)
+            emb = rope_tables(pos[:, None].float() * self.inv_freq[None, :], c.rope.interleaved)
+            tables.append((emb.cos().to(self.dtype), emb.sin().to(self.dtype)))
+        self.trace = RoutingTrace()
+        eps = c.rms_norm_eps
+        try:
+            for x in xs:
+                _check_finite(x, "the token embedding")
+            for i, n in enumerate(self.names):
+                w.layer_begin(i, torch.cat(xs))
+                norm = w.get(n.input_norm)
+                xn = [rms_norm(x, norm, eps) for x in xs]
+                qkv = self._rows_linears(xn, (n.q, n.k, n.v), (n.q_bias, n.k_bias, n.v_bias))
+                outs = []
+                for b, (q, k, v) in enumerate(qkv):
+                    q = q.view(1, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, 1, D]
+                    k = k.view(1, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, 1, D]
+                    v = v.view(1, c.num_kv_heads, c.head_dim).transpose(0, 1)
+                    cb, sb = tables[b]
+                    q, k = apply_rope(q, cb, sb, c.rope.interleaved), apply_rope(k, cb, sb, c.rope.interleaved)
+                    out = caches[b].attend(i, q, k, v, starts[b])  # [Hq, 1, D]
+                    outs.append(out.transpose(0, 1).reshape(1, c.num_heads * c.head_dim))
+                hs = [x + o for x, o in zip(xs, self._rows_linear(outs, n.o))]
+                post = w.get(n.post_attn_norm)
+                hn = [rms_norm(h, post, eps) for h in hs]
+                xs = [h + f for h, f in zip(hs, self._rows_ffn(i, n, hn))]
+                w.layer_end(i)
+                for x in xs:
+                    _check_finite(x, f"layer {i}")
+            final = w.get(FINAL_NORM)
+            logits = [y.float() for y in self._rows_linear([rms_norm(x, final, eps) for x in xs], self.lm_head)]
+            for y in logits:
+                _check_finite(y, "the output head")
+        except BaseException:
+            w.abort()
+            raise
+        w.step_end()
+        return torch.cat(logits).cpu()
+
+    def _rows_linear(self, xs: list[torch.Tensor], name: str, bias: str = "") -> list[torch.Tensor]:
+        """:meth:`_linear` of each row ``[1, K]``, the weight fetched once."""
+        w = self.weights
+        weight, b = w.get(name), (w.get(bias) if bias else None)
+        ys = [self.linear(x, weight, b) for x in xs]
+        w.done((name,))
+        return ys
+
+    def _rows_linears(self, xs: list[torch.Tensor], names: tuple[str, ...], biases: tuple[str, ...]
+                      ) -> list[list[torch.Tensor]]:
+        """:meth:`_linears` of each row, every weight fetched once (resident weights together, as
+        :meth:`_linears` does; streamed ones one at a time)."""
+        w = self.weights
+        if all(w.resident(name) for name in names):
+            weights = [w.get(name) for name in names]
+            bs = [w.get(b) if b else None for b in biases]
+            ys = [self.linear.many(x, weights, bs) for x in xs]
+            w.done(names)
+            return ys
+        per_name = [self._rows_linear(xs, name, bias) for name, bias in zip(names, biases)]
+        return [list(row) for row in zip(*per_name)]
+
+    def _rows_ffn(self, i: int, n: LayerNames, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`_ffn` of each row ``[1, H]``: dense weights fetched once; MoE experts fetched once
+        for every row routed to them, each row's experts summed in its own order."""
+        c, w = self.config, self.weights
+        if not n.router:
+            if w.ffn(i, torch.cat(xs)) is not None:
+                raise ConfigError("batched decode does not run the sparse FFN; decode its requests one at a time")
+            gu = self._rows_linears(xs, (n.gate, n.up), ("", ""))
+            return self._rows_linear([self.act(g) * u for g, u in gu], n.down)
+        router = w.get(n.router)
+        picks = []
+        for x in xs:
+            probs = F.softmax(self.linear(x, router).float(), dim=-1)  # [1, E]
+            top_w, top_i = torch.topk(probs, c.num_experts_per_tok, dim=-1)
+            if c.norm_topk_prob:
+                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            ids = top_i[0].tolist()
+            picks.append((ids, top_w.to(x.dtype)))
+        self.trace.chosen[i] = torch.tensor([p[0] for p in picks])
+        union = sorted({e for ids, _ in picks for e in ids})
+        w.route(i, union, torch.cat(xs))
+        ys: dict[tuple[int, int], torch.Tensor] = {}
+        lin = self.linear
+        for e in union:
+            names = n.expert(e)
+            gate, up, down = (w.get(x) for x in names)
+            for b, (ids, top_w) in enumerate(picks):
+                if e in ids:
+                    g, u = lin.many(xs[b], [gate, up])
+                    ys[b, e] = lin(self.act(g) * u, down) * top_w[0, ids.index(e)]
+            w.done(names)
+        out = []
+        for b, (ids, _) in enumerate(picks):
+            acc: torch.Tensor | None = None
+            for e in sorted(set(ids)):  # the order forward() sums them in
+                acc = ys[b, e] if acc is None else acc + ys[b, e]
+            assert acc is not None
+            out.append(acc)
+        if n.shared_gate:
+            gu = self._rows_linears(xs, (n.shared_gate, n.shared_up), ("", ""))
+            shared = self._rows_linear([self.act(g) * u for g, u in gu], n.shared_down)
+            gates = self._rows_linear(xs, n.shared_expert_gate)
+            out = [o + torch.sigmoid(gt) * s for o, gt, s in zip(out, gates, shared)]
+        return out
 
     def _attention(self, i: int, n: LayerNames, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         c, w = self.config, self.weights

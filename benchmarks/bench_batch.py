@@ -1,0 +1,83 @@
+"""Offline batched decode under a memory cap: one weight stream per step for B sequences.
+
+    python -m flashtier.benchmarks.bench_batch [--scenario dense-big] [--batches 1,2,4,8] [--rounds 1]
+
+The scenario's Q4_K_M GGUF (made by ``bench_gguf``: llama.cpp's quantizer) runs under
+``memcap.sh`` with flashtier's ``--dram-budget``; in one process per round, B = 1 is
+``Model.generate`` and B > 1 ``Model.generate_batch`` over B different 16-token prompts (greedy,
+16 new tokens). Reports aggregate decode tokens/s (all sequences' tokens / decode wall time) and
+checks that every sequence's tokens equal its tokens alone (batch invariance). Writes
+``benchmarks/results/batch_<scenario>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flashtier.benchmarks.common import PY, REPO, run_json
+
+SCENARIOS = {"dense-big": ("bench_out/gguf-dense-big-q4_k_m.gguf", "1G", "650M"),
+             "dense-fit": ("bench_out/gguf-dense-fit-q4_k_m.gguf", "1G", None)}
+
+CHILD = r"""
+import json, sys
+from flashtier.runtime import open_model
+path, budget, batches = sys.argv[1], sys.argv[2] or None, [int(b) for b in sys.argv[3].split(",")]
+prompts = [list(range(1 + 7 * i, 17 + 7 * i)) for i in range(max(batches))]
+out = {}
+with open_model(path, dram_budget=budget, max_context=64, threads=2) as llm:
+    llm.generate(prompts[0], max_new_tokens=2, ignore_eos=True)  # warm-up
+    alone = {}
+    for b in batches:
+        if b == 1:
+            r = llm.generate(prompts[0], max_new_tokens=16, ignore_eos=True)
+            alone[0] = r.tokens
+            out[b] = {"tok_s": r.stats["decode_tok_s"], "invariant": True}
+        else:
+            rs = llm.generate_batch(prompts[:b], max_new_tokens=16, ignore_eos=True)
+            out[b] = {"tok_s": rs[0].stats["batch_decode_tok_s"], "tokens": [r.tokens for r in rs]}
+    for b, o in out.items():
+        if b > 1:
+            solo = [llm.generate(p, max_new_tokens=16, ignore_eos=True).tokens for p in prompts[:b]]
+            o["invariant"] = o.pop("tokens") == solo
+print(json.dumps({"batches": out}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", default="dense-big", choices=sorted(SCENARIOS))
+    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--rounds", type=int, default=1)
+    args = ap.parse_args()
+    rel, cap, budget = SCENARIOS[args.scenario]
+    path = REPO / rel
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `python -m flashtier.benchmarks.bench_gguf --scenario {args.scenario}` first")
+    rows = []
+    for _ in range(args.rounds):
+        r = run_json([PY, "-c", CHILD, str(path), budget or "", args.batches], cap=cap, timeout=3000)
+        if "batches" not in r:
+            raise SystemExit(f"run failed: {r}")
+        rows.append((r["batches"], r.get("peak_cgroup_mib")))
+    batches = args.batches.split(",")
+    lines = [f"{args.scenario} Q4_K_M under a {cap} cap, --dram-budget {budget or 'none'}, 2 threads, 16 new tokens "
+             "after 16-token prompts; aggregate decode tokens/s", "",
+             "| round | " + " | ".join(f"B={b}" for b in batches) + " | B=max / B=1 | every sequence = alone | peak MiB |",
+             "| --- | " + " | ".join("---" for _ in batches) + " | --- | --- | --- |"]
+    for i, (out, peak) in enumerate(rows, 1):
+        speeds = [out[b]["tok_s"] for b in batches]
+        inv = all(out[b]["invariant"] for b in batches)
+        lines.append(f"| {i} | " + " | ".join(f"{v:.2f}" for v in speeds) + f" | {speeds[-1] / speeds[0]:.2f}x | "
+                     f"{'yes' if inv else 'NO'} | {peak} |")
+    text = "\n".join(lines) + "\n"
+    (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
+    (REPO / "benchmarks" / "results" / f"batch_{args.scenario.replace('-', '_')}.md").write_text(text)
+    print(text)
+    print(json.dumps([r[0] for r in rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Offline batched decode (``Model.generate_batch``): one weight fetch per step serves every
+sequence, and each sequence's tokens are exactly its tokens alone (batch invariance), resident or
+paged, bf16 or quantized, greedy or seeded sampling, with sequences finishing at different steps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashtier.errors import ConfigError, InputError
+from flashtier.runtime.engine import EngineConfig, Model
+from flashtier.runtime.sampling import SamplingConfig
+
+ROOT = Path(__file__).parents[2]
+PROMPTS = ["def fib(n):", "import os\n", "class Stack:\n    def push(self, x):", "# sort a list\n", "for i in"]
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch") / "tiny-dense.gguf"
+    p = subprocess.run([sys.executable, "-m", "flashtier", "quantize", str(ROOT / "models" / "tiny-dense"), str(out),
+                        "--type", "q4_k_m"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+@pytest.mark.parametrize("model, options", [
+    ("tiny-moe", {}),
+    ("tiny-moe", {"dram_budget": "16M"}),
+    ("tiny-dense", {"dram_budget": "12M"}),
+    ("tiny-dense", {"compute_dtype": "float32"}),
+    ("gguf", {}),
+    ("gguf", {"activations": "q8"}),
+])
+def test_each_sequence_gets_its_tokens_alone(gguf, model, options):
+    path = gguf if model == "gguf" else ROOT / "models" / model
+    with Model(path, EngineConfig.from_options(**options)) as llm:
+        alone = [llm.generate(p, max_new_tokens=12, ignore_eos=True).tokens for p in PROMPTS]
+        batch = llm.generate_batch(PROMPTS, max_new_tokens=12, ignore_eos=True)
+        pair = llm.generate_batch(PROMPTS[1:3], max_new_tokens=12, ignore_eos=True)  # other neighbours
+    assert [r.tokens for r in batch] == alone
+    assert [r.tokens for r in pair] == alone[1:3]
+    assert batch[0].stats["batch_size"] == 5 and batch[0].stats["batch_decode_steps"] == 11
+
+
+def test_sampling_with_a_seed_and_early_stops_are_per_sequence():
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, seed=7)
+    with Model(ROOT / "models" / "tiny-moe") as llm:
+        alone = [llm.generate(p, max_new_tokens=40, sampling=sampling) for p in PROMPTS]
+        batch = llm.generate_batch(PROMPTS, max_new_tokens=40, sampling=sampling)
+    assert [r.tokens for r in batch] == [r.tokens for r in alone]
+    assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone]
+
+
+def test_the_conversation_cache_is_left_alone():
+    with Model(ROOT / "models" / "tiny-moe") as llm:
+        first = llm.generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True)
+        llm.generate_batch(PROMPTS[1:], max_new_tokens=4, ignore_eos=True)
+        follow = llm.generate(llm.encode(PROMPTS[0]) + first.tokens + [10, 11], max_new_tokens=4, ignore_eos=True)
+    assert follow.stats["cached_prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("options, prompts, error, message", [
+    ({"attention": "retrieval"}, PROMPTS, ConfigError, "full attention"),
+    ({}, [[1, 2], [5, 10**7]], InputError, "prompt 1: token id 10000000 is outside the vocabulary"),
+    ({"max_context": 32}, ["x" * 200], InputError, "prompt 0"),
+])
+def test_bad_batches_are_one_error(options, prompts, error, message):
+    with Model(ROOT / "models" / "tiny-moe-16k" if options.get("attention") else ROOT / "models" / "tiny-moe",
+               EngineConfig.from_options(**options)) as llm:
+        with pytest.raises(error, match=message):
+            llm.generate_batch(prompts, max_new_tokens=8)
+        assert llm.generate_batch([], max_new_tokens=8) == []
