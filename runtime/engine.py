@@ -33,7 +33,14 @@ from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
 from flashtier.runtime.tokenizer import Tokenizer, load_tokenizer
 from flashtier.runtime.units import DTYPES, parse_bytes  # noqa: F401  (re-exported: public API)
-from flashtier.runtime.options import ExpertCacheConfig, PagingConfig, RetrievalOptions, SparseFFNConfig, section_kwargs
+from flashtier.runtime.options import (
+    ExpertCacheConfig,
+    PagingConfig,
+    RetrievalOptions,
+    SparseFFNConfig,
+    as_bool,
+    section_kwargs,
+)
 from flashtier.runtime.weights.base import InMemoryWeights, WeightAccessor
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +124,7 @@ class EngineConfig:
         expert_cache = options.pop("expert_cache", None)
         top = frozenset(f for f in cls.__dataclass_fields__ if f not in ("paging", "experts", "sparse_ffn", "retrieval"))
         kwargs = section_kwargs(options, top)
-        if expert_cache is not None and not _on(expert_cache, "expert_cache"):
+        if expert_cache is not None and not as_bool(expert_cache, "expert_cache"):
             if "experts" in kwargs:
                 raise ConfigError("expert_* options need the expert cache: drop expert_cache=off or them")
             kwargs["experts"] = None
@@ -586,17 +593,6 @@ def open_model(model_dir: str | Path, **options: Any) -> Model:
     (:meth:`EngineConfig.from_options`: the config's fields and its sections' fields; sizes may be
     strings like ``"1G"``). An unknown option is a ConfigError naming the valid ones."""
     return Model(model_dir, EngineConfig.from_options(**options))
-
-
-def _on(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("on", "true", "1", "yes"):
-        return True
-    if text in ("off", "false", "0", "no"):
-        return False
-    raise ConfigError(f"option {name}: expected on/off, got {value!r}")
 
 
 def peak_rss_bytes() -> int:

@@ -39,7 +39,8 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _as_bool(value: Any, name: str) -> bool:
+def as_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool (on/off, true/false, yes/no, 1/0); ConfigError naming option ``name``."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -59,7 +60,7 @@ def _coerce(value: Any, annotation: str, name: str) -> Any:
     base = annotation.replace(" | None", "").strip()
     try:
         if base == "bool":
-            return _as_bool(value, name)
+            return as_bool(value, name)
         if base == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -268,7 +269,7 @@ def section_kwargs(flat: Mapping[str, Any], top_level: frozenset[str]) -> dict[s
             if value is not None:
                 out[key] = value
         elif key == "sparse_ffn":
-            sparse_on = None if value is None else _as_bool(value, "sparse_ffn")
+            sparse_on = None if value is None else as_bool(value, "sparse_ffn")
         elif key in names:
             section, name, annotation = names[key]
             if value is not None:
