@@ -15,6 +15,7 @@ request that extends the previous conversation prefills only the new tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import threading
 import time
@@ -358,7 +359,7 @@ class Model:
                            () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse,
                            self.context_limit, decode_threads=1 if self.linear.kernel == "native" else None)
         out: list[int] = []
-        emitted = ""
+        texts = TextStream(self.tokenizer, stop)
         self._cached_ids = ids[:reuse]
         try:
             for tok in gen:
@@ -366,25 +367,14 @@ class Model:
                 if len(out) == 1:
                     stats.decode_start_counters = self._io_counters()
                 self._cached_ids = ids + out[:-1]  # the last token is not in the cache yet
-                if self.tokenizer is None:
-                    yield TokenEvent(tok, "")
-                    continue
-                text = self.tokenizer.decode(out)
-                if text.endswith("\ufffd"):
-                    yield TokenEvent(tok, "")  # a multi-byte character is split across tokens
-                    continue
-                hit = _find_stop(text, stop, len(emitted))
-                if hit is not None:
-                    yield TokenEvent(tok, text[len(emitted):hit])
+                event, stopped = texts.push(tok)
+                yield event
+                if stopped:
                     stats.finish_reason = "stop"
                     return
-                safe = len(text) - _stop_prefix_overlap(text, stop)  # hold back a possible stop start
-                yield TokenEvent(tok, text[len(emitted):safe])
-                emitted = text[:safe]
-            if self.tokenizer is not None and out:
-                text = self.tokenizer.decode(out)
-                if len(text) > len(emitted):
-                    yield TokenEvent(None, text[len(emitted):])
+            tail = texts.flush()
+            if tail is not None:
+                yield tail
         except GeneratorExit:
             raise  # the consumer stopped between tokens: the cache is consistent
         except BaseException:
@@ -556,6 +546,147 @@ class Model:
         report = getattr(self.weights, "memory_report", None)
         tiers = report() if report is not None else {"host": {"resident_bytes": self.weights.resident_bytes()}}  # type: ignore[attr-defined]
         return {"tiers": tiers, "kv_bytes": self.cache.nbytes(), "peak_rss_bytes": peak_rss_bytes()}
+
+
+class TextStream:
+    """The text of one generation, token by token: what each token adds, with a split UTF-8
+    character held back until it is whole and a possible start of a stop string held back until
+    it is decided; ``push`` reports when a stop string appeared (the text stops before it)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.tokens: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> tuple[TokenEvent, bool]:
+        """The event of ``token`` and whether a stop string ended the text."""
+        self.tokens.append(token)
+        if self.tokenizer is None:
+            return TokenEvent(token, ""), False
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return TokenEvent(token, ""), False  # a multi-byte character is split across tokens
+        hit = _find_stop(text, self.stop, len(self.emitted))
+        if hit is not None:
+            event = TokenEvent(token, text[len(self.emitted):hit])
+            self.emitted = text[:hit]
+            return event, True
+        safe = len(text) - _stop_prefix_overlap(text, self.stop)  # hold back a possible stop start
+        event = TokenEvent(token, text[len(self.emitted):safe])
+        self.emitted = text[:safe]
+        return event, False
+
+    def flush(self) -> TokenEvent | None:
+        """The held-back text once the generation ended without a stop string, if any."""
+        if self.tokenizer is None or not self.tokens:
+            return None
+        text = self.tokenizer.decode(self.tokens)
+        return TokenEvent(None, text[len(self.emitted):]) if len(text) > len(self.emitted) else None
+
+
+@dataclass(eq=False)
+class BatchSequence:
+    """One request in a :class:`BatchSession`: its tokens so far, statistics and state."""
+
+    ids: list[int]
+    max_new_tokens: int
+    sampler: Sampler
+    stop_ids: frozenset[int]
+    text: TextStream
+    cache: KVCache
+    stats: GenerationStats
+    finished: bool = False
+
+
+class BatchSession:
+    """Continuous batching on one :class:`Model`: sequences join (``admit``: their prompt is
+    prefilled and the first token sampled) and leave (finished or ``drop``) at token boundaries,
+    and every ``step`` decodes all of them with :meth:`Transformer.forward_batch` (each weight
+    fetched once per step). Each sequence's tokens are the tokens :meth:`Model.stream` gives it
+    alone (batch invariance). Holds the model's lock from ``open`` to ``close``; one thread drives it."""
+
+    def __init__(self, model: Model, max_batch: int) -> None:
+        c = model.engine_config
+        if c.attention != "full" or c.sparse_ffn is not None:
+            raise ConfigError("batching runs full attention without the sparse FFN; serve one request at a time "
+                              "(--max-batch 1) with those options")
+        if max_batch < 1:
+            raise ConfigError(f"max batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.active: list[BatchSequence] = []
+
+    def __enter__(self) -> BatchSession:
+        self.model._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.model._lock.release()
+
+    def admit(self, ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig, stop: Sequence[str] = (),
+              ignore_eos: bool = False) -> tuple[BatchSequence, list[TokenEvent]]:
+        """Prefill ``ids`` into a new sequence's KV and sample its first token: the sequence and
+        its first events (it may already be finished)."""
+        m = self.model
+        stats = GenerationStats()
+        cache = m.transformer.new_cache(m.engine_config.kv_block_size)
+        seq = BatchSequence(list(ids), max_new_tokens, Sampler(sampling),
+                            frozenset(() if ignore_eos else m.stop_ids()), TextStream(m.tokenizer, stop), cache, stats)
+        gen = generate_ids(m.transformer, cache, seq.ids, max_new_tokens, seq.sampler, (), stats,
+                           m.engine_config.prefill_chunk, 0, m.context_limit)
+        with contextlib.closing(gen):
+            first = next(gen, None)  # prefill + first token; InputError for a bad prompt
+        if first is None:  # max_new_tokens == 0
+            seq.finished = True
+            return seq, []
+        self.active.append(seq)
+        return seq, self._take(seq, first)
+
+    def step(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
+        """One decode step of every active sequence: each one's new events."""
+        live = [s for s in self.active if not s.finished]
+        if not live:
+            return []
+        m = self.model
+        saved = torch.get_num_threads()
+        if m.linear.kernel == "native":
+            torch.set_num_threads(1)  # as Model.stream's decode steps
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = m.transformer.forward_batch([s.text.tokens[-1] for s in live], [s.cache for s in live],
+                                                     [len(s.ids) + len(s.text.tokens) - 1 for s in live])
+        finally:
+            torch.set_num_threads(saved)
+        dt = time.perf_counter() - t0
+        out = []
+        for row, seq in enumerate(live):
+            seq.stats.decode_s += dt
+            seq.stats.generated_tokens += 1
+            out.append((seq, self._take(seq, seq.sampler(logits[row]))))
+        return out
+
+    def drop(self, seq: BatchSequence) -> None:
+        """Remove a sequence (finished, or its client went away); frees its KV."""
+        seq.finished = True
+        self.active = [s for s in self.active if s is not seq]
+
+    def _take(self, seq: BatchSequence, token: int) -> list[TokenEvent]:
+        event, stopped = seq.text.push(token)
+        events = [event]
+        if stopped:
+            seq.stats.finish_reason = "stop"
+        elif token in seq.stop_ids:
+            seq.stats.finish_reason = "stop"
+        elif len(seq.text.tokens) >= seq.max_new_tokens:
+            seq.stats.finish_reason = "length"
+        else:
+            return events
+        if not stopped:
+            tail = seq.text.flush()
+            if tail is not None:
+                events.append(tail)
+        self.drop(seq)
+        return events
 
 
 def _check_gguf_options(checkpoint: Any, config: EngineConfig) -> None:

@@ -38,7 +38,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastAPI:
     """The server app. ``model_loader`` is called once, on the worker thread, after startup."""
     metrics = ServerMetrics()
-    worker = ModelWorker(model_loader, metrics, config.live_interval_s)
+    worker = ModelWorker(model_loader, metrics, config.live_interval_s, config.max_batch)
     ctx = ServerContext(worker, metrics, config)
 
     @asynccontextmanager
@@ -83,7 +83,8 @@ def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastA
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         gauges = {"model_ready": (int(worker.state is WorkerState.READY), "1 once the model is loaded."),
-                  "queue_depth": (worker.queue_depth, "Generations queued or running.")}
+                  "queue_depth": (worker.queue_depth, "Generations queued or running."),
+                  "batch_size": (worker.batch_size, "Generations decoding together now.")}
         return PlainTextResponse(metrics.prometheus(gauges), media_type=PROMETHEUS_TEXT)
 
     @app.get("/v1/flashtier/stats")

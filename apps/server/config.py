@@ -24,6 +24,10 @@ class ServerConfig:
     retry_after_s: int = 2
     """``Retry-After`` seconds sent with 503 while the model loads."""
     live_interval_s: float = 0.5
+    max_batch: int = 1
+    """Requests that decode together (continuous batching: each weight fetched once per step for
+    all of them; every request's tokens equal its tokens alone). 1: one request at a time, in
+    arrival order, with the conversation-prefix reuse of the KV cache."""
     """How often, during a generation, the memory report of ``/v1/flashtier/stats`` is refreshed."""
     aliases: tuple[str, ...] = ()
     """Other names a request may use for the model (e.g. the folder path)."""
@@ -49,6 +53,8 @@ class ServerConfig:
             raise ConfigError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.retry_after_s < 0:
             raise ConfigError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ConfigError(f"max_batch must be a whole number >= 1, got {self.max_batch!r}")
         if self.live_interval_s <= 0:
             raise ConfigError(f"live_interval_s must be positive, got {self.live_interval_s}")
         if self.max_body_bytes < 1:

@@ -91,8 +91,15 @@ class WorkerUnavailable(Exception):
 class ModelWorker:
     """Owns the model: loads it, then serves :class:`GenerationRequest` s in FIFO order."""
 
-    def __init__(self, loader: Callable[[], Model], metrics: ServerMetrics, live_interval_s: float = 0.5) -> None:
+    def __init__(self, loader: Callable[[], Model], metrics: ServerMetrics, live_interval_s: float = 0.5,
+                 max_batch: int = 1) -> None:
+        """``max_batch`` > 1: up to that many jobs decode together (continuous batching: a job joins
+        at a token boundary, after its prompt is prefilled, and leaves when done or cancelled)."""
         self._loader = loader
+        self._max_batch = max_batch
+        self._batch: list[_Job] = []
+        self.peak_batch = 0
+        """The most jobs that decoded together so far."""
         self._metrics = metrics
         self._live_interval_s = live_interval_s
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -117,6 +124,8 @@ class ModelWorker:
         current = self._current
         if current is not None:
             current.cancelled.set()
+        for job in list(self._batch):
+            job.cancelled.set()
         with contextlib.suppress(queue.Empty):
             while True:
                 job = self._jobs.get_nowait()
@@ -140,8 +149,13 @@ class ModelWorker:
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting plus the one running."""
-        return self._jobs.qsize() + (1 if self._current is not None else 0)
+        """Jobs waiting plus the ones running."""
+        return self._jobs.qsize() + (1 if self._current is not None else 0) + len(self._batch)
+
+    @property
+    def batch_size(self) -> int:
+        """Jobs decoding together now (continuous batching; 0 or 1 without it)."""
+        return len(self._batch) if self._max_batch > 1 else int(self._current is not None)
 
     # ---------------------------------------------------------------- jobs
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
@@ -183,6 +197,13 @@ class ModelWorker:
         self._metrics.set_memory(model.memory_report())
         log.info("model %s loaded in %.2f s", model.name, time.perf_counter() - t0)
         self._ready.set()
+        if self._max_batch > 1:
+            try:
+                self._run_batched(model)
+            finally:
+                self.state = WorkerState.STOPPED
+                model.close()
+            return
         try:
             while (job := self._jobs.get()) is not None:
                 if job.cancelled.is_set():
@@ -228,6 +249,85 @@ class ModelWorker:
             log.warning("generation failed: %s", e)
             self._metrics.job_failed()
             _deliver_quietly(job, _Failed(e))
+
+
+    def _run_batched(self, model: Model) -> None:
+        """Continuous batching: admit queued jobs up to ``max_batch`` between decode steps (waiting
+        for one only when none runs), step every running job once, deliver each its events."""
+        from flashtier.runtime.engine import BatchSession
+
+        seqs: dict[int, object] = {}
+        with BatchSession(model, self._max_batch) as session:
+            stopping = False
+            while not stopping or self._batch:
+                while not stopping and len(self._batch) < self._max_batch:
+                    try:
+                        job = self._jobs.get(block=not self._batch)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        break
+                    if job.cancelled.is_set():
+                        self._metrics.job_skipped()
+                        continue
+                    self._admit(session, job, seqs)
+                for job in [j for j in self._batch if j.cancelled.is_set()]:
+                    session.drop(seqs.pop(id(job)))  # type: ignore[arg-type]
+                    self._batch.remove(job)
+                    self._metrics.job_finished({}, cancelled=True)
+                    if stopping:
+                        _deliver_quietly(job, _Failed(WorkerUnavailable(WorkerState.STOPPED, None)))
+                if not self._batch:
+                    continue
+                self.peak_batch = max(self.peak_batch, len(self._batch))
+                try:
+                    stepped = session.step()
+                except Exception as e:  # a fault in the step fails every job in it, the server goes on
+                    log.warning("batched generation failed: %s", e)
+                    for job in self._batch:
+                        self._metrics.job_failed()
+                        _deliver_quietly(job, _Failed(e))
+                        session.drop(seqs.pop(id(job)))  # type: ignore[arg-type]
+                    self._batch.clear()
+                    continue
+                by_seq = {id(seq): events for seq, events in stepped}
+                for job in list(self._batch):
+                    seq = seqs[id(job)]
+                    for event in by_seq.get(id(seq), []):
+                        job.deliver(event)
+                    self._metrics.job_progress(seq.stats.generated_tokens)  # type: ignore[attr-defined]
+                    if seq.finished:  # type: ignore[attr-defined]
+                        self._finish(model, job, seq)
+                        seqs.pop(id(job))
+                        self._batch.remove(job)
+
+    def _admit(self, session: object, job: _Job, seqs: dict[int, object]) -> None:
+        req = job.request
+        self._metrics.job_started()
+        try:
+            seq, events = session.admit(list(req.prompt_ids), req.max_new_tokens, req.sampling,  # type: ignore[attr-defined]
+                                        req.stop, req.ignore_eos)
+        except Exception as e:
+            log.warning("generation failed: %s", e)
+            self._metrics.job_failed()
+            _deliver_quietly(job, _Failed(e))
+            return
+        for event in events:
+            job.deliver(event)
+        if seq.finished:
+            self._finish(session.model, job, seq)  # type: ignore[attr-defined]
+            return
+        seqs[id(job)] = seq
+        self._batch.append(job)
+
+    def _finish(self, model: Model, job: _Job, seq: object) -> None:
+        stats = seq.stats  # type: ignore[attr-defined]
+        result = model.stats_dict(stats)
+        result["batch_size"] = len(self._batch)
+        self._metrics.job_finished(result, cancelled=False)
+        job.deliver(Finished(stats.finish_reason, stats.prompt_tokens, stats.generated_tokens,
+                             stats.cached_prompt_tokens, result))
 
 
 def _deliver_quietly(job: _Job, item: JobItem) -> None:

@@ -333,14 +333,17 @@ def test_serve_flags_reach_the_server_config(monkeypatch, chat_model_dir):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: (apps.append(app), kwargs.append(kw)))
     args = build_parser().parse_args(["serve", str(chat_model_dir), "--host", "192.168.1.7", "--max-body-bytes",
                                       "2048", "--allow-host", "my.box", "--allow-host", "[fd00::1]",
-                                      "--shutdown-timeout", "7"])
+                                      "--shutdown-timeout", "7", "--max-batch", "3"])
     assert args.func(args) == 0
     assert kwargs[0]["timeout_graceful_shutdown"] == 7  # a stuck request cannot hold the shutdown forever
     config = apps[0].state.config
     assert config.max_body_bytes == 2048
     assert config.allowed_hosts == ("192.168.1.7", "my.box", "[fd00::1]")
+    assert config.max_batch == 3
     defaults = build_parser().parse_args(["serve", str(chat_model_dir)])
-    assert defaults.max_body_bytes == 4 * 1024 * 1024 and defaults.allow_host == []
+    assert defaults.max_body_bytes == 4 * 1024 * 1024 and defaults.allow_host == [] and defaults.max_batch == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-batch", "0"])
     assert defaults.shutdown_timeout == 30
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-body-bytes", "0"])

@@ -84,3 +84,63 @@ def test_sixteen_concurrent_streaming_clients(load_server):
     assert health.status_code == 200 and health.json()["status"] == "ok"
     stats = httpx.get(f"{load_server.base_url}/v1/flashtier/stats", timeout=30).json()
     assert stats["queue_depth"] == 0 and stats["live"] is None
+
+
+@pytest.fixture(scope="module")
+def batched_server(server_factory, model_loader, chat_model_dir):
+    """The same model served with continuous batching (--max-batch 4)."""
+    from flashtier.apps.server import ServerConfig, create_app
+
+    model = DEFAULT_MODEL if (DEFAULT_MODEL / "tokenizer.json").is_file() else chat_model_dir
+    app = create_app(model_loader(model), ServerConfig("chat-model", max_batch=4))
+    live = server_factory(app)
+    assert app.state.worker.wait_ready(timeout=120)
+    return live
+
+
+def test_continuous_batching_gives_every_request_its_answer_alone(batched_server, load_server):
+    """16 clients on a server that decodes up to 4 requests together: every answer equals the
+    same request alone on the one-at-a-time server (batch invariance), nothing is lost or mixed."""
+    alone, together = asyncio.run(load(batched_server.base_url))
+    reference, _ = asyncio.run(load_one_each(load_server.base_url))
+    assert alone == reference  # batched path, batch of one == the one-at-a-time path
+    assert len(together) == CLIENTS * REQUESTS_PER_CLIENT
+    for k, got in together:
+        assert got == reference[k], f"request {k} in a batch differs from the same request alone"
+    assert batched_server.app.state.worker.peak_batch == 4  # requests did decode together
+    metrics = httpx.get(f"{batched_server.base_url}/metrics", timeout=30).text
+    assert "flashtier_batch_size 0" in metrics
+    stats = httpx.get(f"{batched_server.base_url}/v1/flashtier/stats", timeout=30).json()
+    assert stats["queue_depth"] == 0
+
+
+async def load_one_each(base_url: str) -> tuple[dict[int, tuple], None]:
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        return {k: await run_one(client, k) for k in range(DISTINCT)}, None
+
+
+def _metric(base_url: str, name: str) -> float:
+    for line in httpx.get(f"{base_url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_client_leaving_a_batch_is_dropped_and_the_others_go_on(batched_server):
+    import time
+
+    base = batched_server.base_url
+    cancelled = _metric(base, "flashtier_requests_cancelled_total")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    with client.completions.create(model="chat-model", prompt="def long(x):", max_tokens=1500, temperature=0,
+                                   stream=True, extra_body={"ignore_eos": True}) as stream:
+        for n, _ in enumerate(stream):
+            if n == 3:
+                break
+    r = client.completions.create(model="chat-model", prompt="def short(x):", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    deadline = time.time() + 30
+    while _metric(base, "flashtier_requests_cancelled_total") < cancelled + 1 and time.time() < deadline:
+        time.sleep(0.1)
+    assert _metric(base, "flashtier_requests_cancelled_total") == cancelled + 1
+    assert batched_server.app.state.worker.batch_size == 0
