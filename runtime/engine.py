@@ -15,7 +15,6 @@ request that extends the previous conversation prefills only the new tokens.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import resource
 import threading
 import time
@@ -413,73 +412,36 @@ class Model:
             raise ConfigError("generate_batch runs full attention without the sparse FFN; generate those requests "
                               "one at a time")
         encoded = [self.encode(p) for p in prompts]
-        limit = self.context_limit
-        for b, ids in enumerate(encoded):
-            if not ids:
-                raise InputError(f"prompt {b} is empty; give at least one token")
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise InputError(f"prompt {b}: token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-            if len(ids) + max_new_tokens > limit:
-                raise InputError(f"prompt {b} ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                                 f"context of {limit} tokens; shorten it or ask for fewer tokens")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1 for generate_batch, got {max_new_tokens}")
-        stop = set() if ignore_eos else set(self.stop_ids())
         me = threading.get_ident()
         if self._lock_owner == me:
             raise BusyError("a stream of this model is still open on this thread: close it before generate_batch")
-        with self._lock, torch.inference_mode():
+        with BatchSession(self, len(encoded)) as session:
             if c.threads is not None:
                 torch.set_num_threads(c.threads)
-            caches = [self.transformer.new_cache(c.kv_block_size) for _ in encoded]
-            samplers = [Sampler(sampling) for _ in encoded]
-            out: list[list[int]] = [[] for _ in encoded]
-            finish = ["length"] * len(encoded)
             t0 = time.perf_counter()
-            for b, ids in enumerate(encoded):  # prefill, as generate() does
-                caches[b].reserve(len(ids) + max_new_tokens)
-                tensor = torch.tensor(ids, dtype=torch.long)
-                logits = None
-                for s0 in range(0, len(ids), c.prefill_chunk):
-                    logits = self.transformer.forward(tensor[s0:s0 + c.prefill_chunk], caches[b], s0)
-                assert logits is not None
-                out[b].append(samplers[b](logits[-1]))
+            admitted = session.admit_many([(ids, max_new_tokens, sampling, (), ignore_eos) for ids in encoded])
             prefill_s = time.perf_counter() - t0
-            active = [b for b in range(len(encoded)) if not self._finished(out[b], stop, max_new_tokens, finish, b)]
-            saved = torch.get_num_threads()
-            if self.linear.kernel == "native":
-                torch.set_num_threads(1)  # as generate()'s decode steps
+            for b, result in enumerate(admitted):
+                if isinstance(result, Exception):
+                    raise InputError(f"prompt {b}: {result}") from result
+            seqs = [r[0] for r in admitted]  # type: ignore[index]
             t1, steps = time.perf_counter(), 0
-            try:
-                while active:
-                    logits = self.transformer.forward_batch([out[b][-1] for b in active], [caches[b] for b in active],
-                                                            [len(encoded[b]) + len(out[b]) - 1 for b in active])
-                    steps += 1
-                    for row, b in enumerate(active):
-                        out[b].append(samplers[b](logits[row]))
-                    active = [b for b in active if not self._finished(out[b], stop, max_new_tokens, finish, b)]
-            finally:
-                torch.set_num_threads(saved)
+            while session.step():
+                steps += 1
             decode_s = time.perf_counter() - t1
-        total = sum(len(o) - 1 for o in out)
+        total = sum(len(seq.text.tokens) - 1 for seq in seqs)
         results = []
-        for b, ids in enumerate(encoded):
-            stats = {"prompt_tokens": len(ids), "generated_tokens": len(out[b]), "batch_size": len(encoded),
+        for b, seq in enumerate(seqs):
+            stats = {"prompt_tokens": len(seq.ids), "generated_tokens": len(seq.text.tokens), "batch_size": len(seqs),
                      "batch_prefill_s": round(prefill_s, 6), "batch_decode_s": round(decode_s, 6),
                      "batch_decode_steps": steps,
                      "batch_decode_tok_s": round(total / decode_s, 3) if decode_s > 0 else 0.0,
-                     "finish_reason": finish[b]}
-            text = self.tokenizer.decode(out[b]) if self.tokenizer is not None else ""
-            results.append(GenerationResult(out[b], text, finish[b], stats))
+                     "finish_reason": seq.stats.finish_reason}
+            text = self.tokenizer.decode(seq.text.tokens) if self.tokenizer is not None else ""
+            results.append(GenerationResult(list(seq.text.tokens), text, seq.stats.finish_reason, stats))
         return results
-
-    @staticmethod
-    def _finished(tokens: list[int], stop: set[int], max_new_tokens: int, finish: list[str], b: int) -> bool:
-        if tokens[-1] in stop:
-            finish[b] = "stop"
-            return True
-        return len(tokens) >= max_new_tokens
 
     async def astream(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> AsyncIterator[TokenEvent]:
         """Async generator over :meth:`stream`, run on a worker thread; closing it cancels."""
@@ -625,21 +587,59 @@ class BatchSession:
     def admit(self, ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig, stop: Sequence[str] = (),
               ignore_eos: bool = False) -> tuple[BatchSequence, list[TokenEvent]]:
         """Prefill ``ids`` into a new sequence's KV and sample its first token: the sequence and
-        its first events (it may already be finished)."""
+        its first events (it may already be finished). InputError for a bad request."""
+        (result,) = self.admit_many([(ids, max_new_tokens, sampling, stop, ignore_eos)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def admit_many(self, requests: Sequence[tuple[Sequence[int], int, SamplingConfig, Sequence[str], bool]]
+                   ) -> list[tuple[BatchSequence, list[TokenEvent]] | Exception]:
+        """Prefill several prompts together, one pass over the weights per prefill chunk
+        (:meth:`Transformer.forward_groups`: each prompt computed as alone), and sample each one's
+        first token. ``requests``: ``(ids, max_new_tokens, sampling, stop, ignore_eos)``. Returns,
+        per request, its sequence and first events, or the InputError of a bad request (the
+        others go on)."""
+        from flashtier.runtime.generate import check_request
+
         m = self.model
-        stats = GenerationStats()
-        cache = m.transformer.new_cache(m.engine_config.kv_block_size)
-        seq = BatchSequence(list(ids), max_new_tokens, Sampler(sampling),
-                            frozenset(() if ignore_eos else m.stop_ids()), TextStream(m.tokenizer, stop), cache, stats)
-        gen = generate_ids(m.transformer, cache, seq.ids, max_new_tokens, seq.sampler, (), stats,
-                           m.engine_config.prefill_chunk, 0, m.context_limit)
-        with contextlib.closing(gen):
-            first = next(gen, None)  # prefill + first token; InputError for a bad prompt
-        if first is None:  # max_new_tokens == 0
-            seq.finished = True
-            return seq, []
-        self.active.append(seq)
-        return seq, self._take(seq, first)
+        chunk = m.engine_config.prefill_chunk
+        results: list[tuple[BatchSequence, list[TokenEvent]] | Exception] = []
+        pending: list[tuple[int, BatchSequence]] = []
+        for ids, max_new_tokens, sampling, stop, ignore_eos in requests:
+            try:
+                check_request(m.config, ids, max_new_tokens, m.context_limit)
+            except InputError as e:
+                results.append(e)
+                continue
+            stats = GenerationStats(prompt_tokens=len(ids))
+            cache = m.transformer.new_cache(m.engine_config.kv_block_size)
+            cache.reserve(len(ids) + max_new_tokens)
+            seq = BatchSequence(list(ids), max_new_tokens, Sampler(sampling),
+                                frozenset(() if ignore_eos else m.stop_ids()), TextStream(m.tokenizer, stop), cache,
+                                stats)
+            results.append((seq, []))
+            if max_new_tokens == 0:
+                seq.finished = True
+            else:
+                pending.append((len(results) - 1, seq))
+        t0 = time.perf_counter()
+        last: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for s0 in range(0, max((len(seq.ids) for _, seq in pending), default=0), chunk):
+                part = [(k, seq) for k, seq in pending if s0 < len(seq.ids)]
+                logits = m.transformer.forward_groups(
+                    [torch.tensor(seq.ids[s0:s0 + chunk], dtype=torch.long) for _, seq in part],
+                    [seq.cache for _, seq in part], [s0] * len(part))
+                for (k, _), y in zip(part, logits):
+                    last[k] = y
+        dt = time.perf_counter() - t0
+        for k, seq in pending:
+            seq.stats.prefill_s = seq.stats.first_token_s = dt
+            seq.stats.generated_tokens = 1
+            self.active.append(seq)
+            results[k] = (seq, self._take(seq, seq.sampler(last[k][-1])))
+        return results
 
     def step(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
         """One decode step of every active sequence: each one's new events."""

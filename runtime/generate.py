@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from flashtier.checkpoint.config import ModelConfig
 from flashtier.errors import InputError
 from flashtier.runtime.kv.cache import BlockKVCache
 from flashtier.runtime.model import Transformer
@@ -46,6 +47,26 @@ class GenerationStats:
         return steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def check_request(cfg: ModelConfig, prompt: Sequence[int], max_new_tokens: int, context_limit: int | None) -> None:
+    """InputError for an empty prompt, a token outside the vocabulary, a negative
+    ``max_new_tokens``, or a request longer than the context."""
+    n = len(prompt)
+    if n == 0:
+        raise InputError("the prompt is empty; give at least one token")
+    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise InputError(f"prompt token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = min(cfg.max_position_embeddings, context_limit or cfg.max_position_embeddings)
+    if n + max_new_tokens > limit:
+        what = "the model's context" if limit == cfg.max_position_embeddings else "the configured --max-context"
+        raise InputError(
+            f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds {what} of "
+            f"{limit} tokens; shorten the prompt or ask for fewer tokens"
+        )
+
+
 def generate_ids(
     model: Transformer,
     cache: BlockKVCache,
@@ -71,20 +92,7 @@ def generate_ids(
     cfg = model.config
     stats = stats if stats is not None else GenerationStats()
     n = len(prompt)
-    if n == 0:
-        raise InputError("the prompt is empty; give at least one token")
-    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise InputError(f"prompt token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = min(cfg.max_position_embeddings, context_limit or cfg.max_position_embeddings)
-    if n + max_new_tokens > limit:
-        what = "the model's context" if limit == cfg.max_position_embeddings else "the configured --max-context"
-        raise InputError(
-            f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds {what} of "
-            f"{limit} tokens; shorten the prompt or ask for fewer tokens"
-        )
+    check_request(cfg, prompt, max_new_tokens, context_limit)
     reuse = max(0, min(reuse, n - 1, cache.length))
     cache.truncate(reuse)
     cache.reserve(n + max_new_tokens)

@@ -139,20 +139,27 @@ class Transformer:
     # ------------------------------------------------------------------ batched decode
     def forward_batch(self, tokens: list[int], caches: list[KVCache], starts: list[int]) -> torch.Tensor:
         """One decode step of ``B`` sequences: token ``tokens[b]`` at position ``starts[b]`` of the
-        sequence whose KV is ``caches[b]``. Returns logits ``[B, V]`` (fp32, CPU).
+        sequence whose KV is ``caches[b]``. Returns logits ``[B, V]`` (fp32, CPU). See
+        :meth:`forward_groups`."""
+        groups = [torch.tensor([t], dtype=torch.long) for t in tokens]
+        return torch.cat(self.forward_groups(groups, caches, starts))
 
-        Each weight is fetched once per step and serves every row (a streamed page is read once
-        for the batch), and each row is computed by exactly the operations :meth:`forward` applies
-        to one token, in the same order: a row's logits do not depend on the other rows (batch
-        invariance), so greedy tokens equal the request's tokens alone."""
+    def forward_groups(self, groups: list[torch.Tensor], caches: list[KVCache], starts: list[int]) -> list[torch.Tensor]:
+        """Several sequences in one pass over the weights: ``groups[b]`` ``[T_b]`` tokens at
+        positions ``starts[b] ..`` of the sequence whose KV is ``caches[b]`` (a decode token, or a
+        prefill chunk). Returns each group's last-token logits ``[1, V]`` (fp32, CPU).
+
+        Each weight is fetched once per pass and serves every group (a streamed page is read once
+        for all of them), and each group is computed by exactly the operations :meth:`forward`
+        applies to it alone, in the same order: a sequence's logits do not depend on the others
+        (batch invariance), so its tokens equal its tokens alone."""
         w, c = self.weights, self.config
-        rows = len(tokens)
-        if not (rows == len(caches) == len(starts)) or rows == 0:
-            raise ValueError(f"forward_batch: {rows} tokens, {len(caches)} caches, {len(starts)} positions")
-        xs = [w.embed(torch.tensor([t], device=self.device)) for t in tokens]  # B x [1, H]
-        tables = []  # per row, exactly as forward() makes them for one token: [1, D] cos, sin
-        for start in starts:
-            pos = torch.arange(start, start + 1, device=self.device)
+        if not (len(groups) == len(caches) == len(starts)) or not groups:
+            raise ValueError(f"forward_groups: {len(groups)} groups, {len(caches)} caches, {len(starts)} positions")
+        xs = [w.embed(g.to(self.device)) for g in groups]  # B x [T_b, H]
+        tables = []  # per group, exactly as forward() makes them: [T_b, D] cos, sin
+        for g, start in zip(groups, starts):
+            pos = torch.arange(start, start + g.shape[0], device=self.device)
             emb = rope_tables(pos[:, None].float() * self.inv_freq[None, :], c.rope.interleaved)
             tables.append((emb.cos().to(self.dtype), emb.sin().to(self.dtype)))
         self.trace = RoutingTrace()
@@ -167,13 +174,14 @@ class Transformer:
                 qkv = self._rows_linears(xn, (n.q, n.k, n.v), (n.q_bias, n.k_bias, n.v_bias))
                 outs = []
                 for b, (q, k, v) in enumerate(qkv):
-                    q = q.view(1, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, 1, D]
-                    k = k.view(1, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, 1, D]
-                    v = v.view(1, c.num_kv_heads, c.head_dim).transpose(0, 1)
+                    t = q.shape[0]
+                    q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
+                    k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
+                    v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
                     cb, sb = tables[b]
                     q, k = apply_rope(q, cb, sb, c.rope.interleaved), apply_rope(k, cb, sb, c.rope.interleaved)
-                    out = caches[b].attend(i, q, k, v, starts[b])  # [Hq, 1, D]
-                    outs.append(out.transpose(0, 1).reshape(1, c.num_heads * c.head_dim))
+                    out = caches[b].attend(i, q, k, v, starts[b])  # [Hq, T, D]
+                    outs.append(out.transpose(0, 1).reshape(t, c.num_heads * c.head_dim))
                 hs = [x + o for x, o in zip(xs, self._rows_linear(outs, n.o))]
                 post = w.get(n.post_attn_norm)
                 hn = [rms_norm(h, post, eps) for h in hs]
@@ -182,14 +190,14 @@ class Transformer:
                 for x in xs:
                     _check_finite(x, f"layer {i}")
             final = w.get(FINAL_NORM)
-            logits = [y.float() for y in self._rows_linear([rms_norm(x, final, eps) for x in xs], self.lm_head)]
+            logits = [y.float() for y in self._rows_linear([rms_norm(x[-1:], final, eps) for x in xs], self.lm_head)]
             for y in logits:
                 _check_finite(y, "the output head")
         except BaseException:
             w.abort()
             raise
         w.step_end()
-        return torch.cat(logits).cpu()
+        return [y.cpu() for y in logits]
 
     def _rows_linear(self, xs: list[torch.Tensor], name: str, bias: str = "") -> list[torch.Tensor]:
         """:meth:`_linear` of each row ``[1, K]``, the weight fetched once."""
@@ -214,8 +222,8 @@ class Transformer:
         return [list(row) for row in zip(*per_name)]
 
     def _rows_ffn(self, i: int, n: LayerNames, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """:meth:`_ffn` of each row ``[1, H]``: dense weights fetched once; MoE experts fetched once
-        for every row routed to them, each row's experts summed in its own order."""
+        """:meth:`_ffn` of each group ``[T_b, H]``: dense weights fetched once; MoE experts fetched
+        once for every group routed to them, each group computed and summed as :meth:`_ffn` does."""
         c, w = self.config, self.weights
         if not n.router:
             if w.ffn(i, torch.cat(xs)) is not None:
@@ -223,31 +231,43 @@ class Transformer:
             gu = self._rows_linears(xs, (n.gate, n.up), ("", ""))
             return self._rows_linear([self.act(g) * u for g, u in gu], n.down)
         router = w.get(n.router)
-        picks = []
+        picks = []  # per group: (top_i [T, k], top_w [T, k] in x.dtype)
         for x in xs:
-            probs = F.softmax(self.linear(x, router).float(), dim=-1)  # [1, E]
+            probs = F.softmax(self.linear(x, router).float(), dim=-1)  # [T, E]
             top_w, top_i = torch.topk(probs, c.num_experts_per_tok, dim=-1)
             if c.norm_topk_prob:
                 top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-            ids = top_i[0].tolist()
-            picks.append((ids, top_w.to(x.dtype)))
-        self.trace.chosen[i] = torch.tensor([p[0] for p in picks])
-        union = sorted({e for ids, _ in picks for e in ids})
+            picks.append((top_i, top_w.to(x.dtype)))
+        self.trace.chosen[i] = torch.cat([p[0] for p in picks])
+        sets = [sorted(set(top_i.reshape(-1).tolist())) for top_i, _ in picks]
+        union = sorted({e for s in sets for e in s})
         w.route(i, union, torch.cat(xs))
         ys: dict[tuple[int, int], torch.Tensor] = {}
+        outs = [torch.zeros_like(x) if x.shape[0] > 1 else None for x in xs]
         lin = self.linear
         for e in union:
             names = n.expert(e)
             gate, up, down = (w.get(x) for x in names)
-            for b, (ids, top_w) in enumerate(picks):
-                if e in ids:
+            for b, (top_i, top_w) in enumerate(picks):
+                if e not in sets[b]:
+                    continue
+                if xs[b].shape[0] == 1:  # forward()'s one-token branch
                     g, u = lin.many(xs[b], [gate, up])
+                    ids = top_i[0].tolist()
                     ys[b, e] = lin(self.act(g) * u, down) * top_w[0, ids.index(e)]
+                else:  # forward()'s several-token branch (_routed)
+                    rows, slot = torch.nonzero(top_i == e, as_tuple=True)
+                    g, u = lin.many(xs[b][rows], [gate, up])
+                    y = lin(self.act(g) * u, down) * top_w[rows, slot, None]
+                    outs[b].index_add_(0, rows, y)  # type: ignore[union-attr]
             w.done(names)
         out = []
-        for b, (ids, _) in enumerate(picks):
+        for b, x in enumerate(xs):
+            if x.shape[0] > 1:
+                out.append(outs[b])
+                continue
             acc: torch.Tensor | None = None
-            for e in sorted(set(ids)):  # the order forward() sums them in
+            for e in sets[b]:  # the order forward() sums them in
                 acc = ys[b, e] if acc is None else acc + ys[b, e]
             assert acc is not None
             out.append(acc)

@@ -260,9 +260,10 @@ class ModelWorker:
         with BatchSession(model, self._max_batch) as session:
             stopping = False
             while not stopping or self._batch:
-                while not stopping and len(self._batch) < self._max_batch:
+                joining: list[_Job] = []
+                while not stopping and len(self._batch) + len(joining) < self._max_batch:
                     try:
-                        job = self._jobs.get(block=not self._batch)
+                        job = self._jobs.get(block=not self._batch and not joining)
                     except queue.Empty:
                         break
                     if job is None:
@@ -271,7 +272,9 @@ class ModelWorker:
                     if job.cancelled.is_set():
                         self._metrics.job_skipped()
                         continue
-                    self._admit(session, job, seqs)
+                    joining.append(job)
+                if joining:
+                    self._admit(session, joining, seqs)
                 for job in [j for j in self._batch if j.cancelled.is_set()]:
                     session.drop(seqs.pop(id(job)))  # type: ignore[arg-type]
                     self._batch.remove(job)
@@ -302,24 +305,32 @@ class ModelWorker:
                         seqs.pop(id(job))
                         self._batch.remove(job)
 
-    def _admit(self, session: object, job: _Job, seqs: dict[int, object]) -> None:
-        req = job.request
-        self._metrics.job_started()
+    def _admit(self, session: object, jobs: list[_Job], seqs: dict[int, object]) -> None:
+        """Prefill the joining jobs together and deliver their first events."""
+        for _ in jobs:
+            self._metrics.job_started()
         try:
-            seq, events = session.admit(list(req.prompt_ids), req.max_new_tokens, req.sampling,  # type: ignore[attr-defined]
-                                        req.stop, req.ignore_eos)
-        except Exception as e:
+            admitted = session.admit_many([(list(j.request.prompt_ids), j.request.max_new_tokens,  # type: ignore[attr-defined]
+                                            j.request.sampling, j.request.stop, j.request.ignore_eos) for j in jobs])
+        except Exception as e:  # a fault in the prefill pass fails the joining jobs, the server goes on
             log.warning("generation failed: %s", e)
-            self._metrics.job_failed()
-            _deliver_quietly(job, _Failed(e))
+            for job in jobs:
+                self._metrics.job_failed()
+                _deliver_quietly(job, _Failed(e))
             return
-        for event in events:
-            job.deliver(event)
-        if seq.finished:
-            self._finish(session.model, job, seq)  # type: ignore[attr-defined]
-            return
-        seqs[id(job)] = seq
-        self._batch.append(job)
+        for job, result in zip(jobs, admitted):
+            if isinstance(result, Exception):
+                self._metrics.job_failed()
+                _deliver_quietly(job, _Failed(result))
+                continue
+            seq, events = result
+            for event in events:
+                job.deliver(event)
+            if seq.finished:
+                self._finish(session.model, job, seq)  # type: ignore[attr-defined]
+                continue
+            seqs[id(job)] = seq
+            self._batch.append(job)
 
     def _finish(self, model: Model, job: _Job, seq: object) -> None:
         stats = seq.stats  # type: ignore[attr-defined]
