@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=_positive_int, default=30, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C, wait at most this long for running requests to finish before "
                         "closing them (default: 30)")
+    p.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="most requests waiting for the model besides the running ones; more get 503 with Retry-After "
+                        "before their prompt is tokenized (default: unbounded)")
     p.add_argument("--max-batch", type=_positive_int, default=1, metavar="N",
                    help="requests that decode together (continuous batching: a request joins after its prompt is "
                         "prefilled and leaves when done; each weight is fetched once per step for all of them, and "
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=args.model_name or model_dir.name, default_max_tokens=args.default_max_tokens,
                           aliases=(str(model_dir),), max_body_bytes=args.max_body_bytes,
                           allowed_hosts=(args.host, *args.allow_host), api_key=_api_key(args),
-                          max_prompt_chars=args.max_prompt_chars, max_batch=args.max_batch)
+                          max_prompt_chars=args.max_prompt_chars, max_batch=args.max_batch,
+                          max_queue=args.max_queue)
     app = create_app(functools.partial(_load, model_dir, engine_options(args)), config)
     print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
           f"loading {model_dir} in the background"

@@ -24,6 +24,11 @@ class ServerConfig:
     retry_after_s: int = 2
     """``Retry-After`` seconds sent with 503 while the model loads."""
     live_interval_s: float = 0.5
+    max_queue: int | None = None
+    """Most requests waiting for the model besides the ``max_batch`` it runs; a request that finds
+    the queue full gets 503 with ``Retry-After`` before its prompt is tokenized (checked when the
+    request arrives, so requests tokenizing at that moment may overshoot it by a few). None:
+    unbounded."""
     max_batch: int = 1
     """Requests that decode together (continuous batching: each weight fetched once per step for
     all of them; every request's tokens equal its tokens alone). 1: one request at a time, in
@@ -53,6 +58,8 @@ class ServerConfig:
             raise ConfigError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.retry_after_s < 0:
             raise ConfigError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
+            raise ConfigError(f"max_queue must be a whole number >= 0, got {self.max_queue!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ConfigError(f"max_batch must be a whole number >= 1, got {self.max_batch!r}")
         if self.live_interval_s <= 0:

@@ -26,6 +26,7 @@ _COUNTERS = {
     "requests_total": "Completion requests received.",
     "requests_failed_total": "Requests answered with an error, or whose generation failed.",
     "requests_cancelled_total": "Generations stopped because their client went away.",
+    "requests_refused_busy_total": "Requests refused with 503 because the queue was full (--max-queue).",
     "prompt_tokens_total": "Prompt tokens of finished generations (cached ones included).",
     "generated_tokens_total": "Tokens generated.",
 }
@@ -46,6 +47,11 @@ class ServerMetrics:
     def request_received(self) -> None:
         with self._lock:
             self._counts["requests_total"] += 1
+
+    def request_refused_busy(self) -> None:
+        """A request refused with 503 because the queue was full."""
+        with self._lock:
+            self._counts["requests_refused_busy_total"] += 1
 
     def request_failed(self) -> None:
         with self._lock:

@@ -43,6 +43,12 @@ class ServerContext:
         if body.model is not None and body.model not in self.config.model_aliases():
             raise APIError(404, f"the model {body.model!r} does not exist; this server runs {self.config.model_name!r}",
                            param="model", code="model_not_found")
+        limit = self.config.max_queue
+        if limit is not None and self.worker.queue_depth >= limit + self.config.max_batch:
+            self.metrics.request_refused_busy()
+            raise APIError(503, f"the server is busy: {self.worker.waiting} requests are waiting for the model "
+                                f"(--max-queue {limit}); retry later", code="server_busy",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
         try:
             return self.worker.require_model()
         except WorkerUnavailable as e:

@@ -153,6 +153,11 @@ class ModelWorker:
         return self._jobs.qsize() + (1 if self._current is not None else 0) + len(self._batch)
 
     @property
+    def waiting(self) -> int:
+        """Jobs queued and not started."""
+        return self._jobs.qsize()
+
+    @property
     def batch_size(self) -> int:
         """Jobs decoding together now (continuous batching; 0 or 1 without it)."""
         return len(self._batch) if self._max_batch > 1 else int(self._current is not None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -461,3 +462,39 @@ def test_api_key_and_max_prompt_chars_flags(monkeypatch, chat_model_dir):
     assert config_of().api_key is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-prompt-chars", "0"])
+
+
+def test_a_full_queue_is_a_503_with_retry_after(chat_model_dir, server_factory, model_loader):
+    """--max-queue 0 with one request at a time: while one runs, the next is refused at once."""
+    import threading
+
+    from flashtier.apps.server import ServerConfig, create_app
+
+    app = create_app(model_loader(chat_model_dir), ServerConfig("chat-model", max_queue=0))
+    live = server_factory(app)
+    assert app.state.worker.wait_ready(timeout=60)
+    started, leave = threading.Event(), threading.Event()
+
+    def long_request():
+        with httpx.stream("POST", f"{live.base_url}/v1/completions", timeout=120,
+                          json={"prompt": "x", "max_tokens": 1500, "stream": True, "ignore_eos": True}) as r:
+            for _ in r.iter_lines():
+                started.set()
+                if leave.wait(0):
+                    break  # leave: the generation is cancelled
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    assert started.wait(60)
+    r = httpx.post(f"{live.base_url}/v1/completions", json={"prompt": "y", "max_tokens": 2}, timeout=60)
+    leave.set()
+    t.join(60)
+    err = refused(r, 503, "the server is busy")
+    assert err["code"] == "server_busy" and r.headers["Retry-After"] == "2"
+    assert "flashtier_requests_refused_busy_total 1" in httpx.get(f"{live.base_url}/metrics", timeout=30).text
+    for _ in range(100):  # once the long one is cancelled, requests are accepted again
+        r = httpx.post(f"{live.base_url}/v1/completions", json={"prompt": "y", "max_tokens": 2}, timeout=60)
+        if r.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 200
