@@ -18,29 +18,37 @@ import json
 from flashtier.benchmarks.common import PY, REPO, run_json
 
 SCENARIOS = {"dense-big": ("bench_out/gguf-dense-big-q4_k_m.gguf", "1G", "650M"),
-             "dense-fit": ("bench_out/gguf-dense-fit-q4_k_m.gguf", "1G", None)}
+             "dense-fit": ("bench_out/gguf-dense-fit-q4_k_m.gguf", "1G", None),
+             # the batching issue's scenarios: bf16 safetensors folders (make-model presets, made by bench_gguf)
+             "dense-1.7g": ("bench_out/gguf-dense-fit", "1G", "700M"),
+             "dense-1.7g-mem": ("bench_out/gguf-dense-fit", None, None),
+             "moe-1.3g": ("bench_out/gguf-moe", "700M", "420M")}
 
 CHILD = r"""
 import json, sys
 from flashtier.runtime import open_model
 path, budget, batches = sys.argv[1], sys.argv[2] or None, [int(b) for b in sys.argv[3].split(",")]
+tokens, check = int(sys.argv[4]), sys.argv[5] == "1"
 prompts = [list(range(1 + 7 * i, 17 + 7 * i)) for i in range(max(batches))]
 out = {}
-with open_model(path, dram_budget=budget, max_context=64, threads=2) as llm:
+with open_model(path, dram_budget=budget, max_context=16 + tokens, threads=2) as llm:
     llm.generate(prompts[0], max_new_tokens=2, ignore_eos=True)  # warm-up
     alone = {}
     for b in batches:
         if b == 1:
-            r = llm.generate(prompts[0], max_new_tokens=16, ignore_eos=True)
+            r = llm.generate(prompts[0], max_new_tokens=tokens, ignore_eos=True)
             alone[0] = r.tokens
             out[b] = {"tok_s": r.stats["decode_tok_s"], "invariant": True}
         else:
-            rs = llm.generate_batch(prompts[:b], max_new_tokens=16, ignore_eos=True)
+            rs = llm.generate_batch(prompts[:b], max_new_tokens=tokens, ignore_eos=True)
             out[b] = {"tok_s": rs[0].stats["batch_decode_tok_s"], "tokens": [r.tokens for r in rs]}
     for b, o in out.items():
-        if b > 1:
-            solo = [llm.generate(p, max_new_tokens=16, ignore_eos=True).tokens for p in prompts[:b]]
-            o["invariant"] = o.pop("tokens") == solo
+        if b > 1:  # the first sequence against its run alone (B=1); --check: every sequence
+            seqs = o.pop("tokens")
+            solo = [alone.get(0) or llm.generate(prompts[0], max_new_tokens=tokens, ignore_eos=True).tokens]
+            if check:
+                solo += [llm.generate(p, max_new_tokens=tokens, ignore_eos=True).tokens for p in prompts[1:b]]
+            o["invariant"] = seqs[:len(solo)] == solo
 print(json.dumps({"batches": out}))
 """
 
@@ -50,6 +58,8 @@ def main() -> int:
     ap.add_argument("--scenario", default="dense-big", choices=sorted(SCENARIOS))
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=16, help="new tokens per request (default 16)")
+    ap.add_argument("--check", action="store_true", help="compare every sequence with its run alone (slow)")
     args = ap.parse_args()
     rel, cap, budget = SCENARIOS[args.scenario]
     path = REPO / rel
@@ -57,14 +67,16 @@ def main() -> int:
         raise SystemExit(f"{path} is missing: run `python -m flashtier.benchmarks.bench_gguf --scenario {args.scenario}` first")
     rows = []
     for _ in range(args.rounds):
-        r = run_json([PY, "-c", CHILD, str(path), budget or "", args.batches], cap=cap, timeout=3000)
+        r = run_json([PY, "-c", CHILD, str(path), budget or "", args.batches, str(args.tokens), "1" if args.check else "0"],
+                     cap=cap, timeout=5400)
         if "batches" not in r:
             raise SystemExit(f"run failed: {r}")
         rows.append((r["batches"], r.get("peak_cgroup_mib")))
     batches = args.batches.split(",")
-    lines = [f"{args.scenario} Q4_K_M under a {cap} cap, --dram-budget {budget or 'none'}, 2 threads, 16 new tokens "
-             "after 16-token prompts; aggregate decode tokens/s", "",
-             "| round | " + " | ".join(f"B={b}" for b in batches) + " | B=max / B=1 | every sequence = alone | peak MiB |",
+    lines = [f"{args.scenario} ({rel}) under {'a ' + cap + ' cap' if cap else 'no cap'}, --dram-budget {budget or 'none'}, "
+             f"2 threads, {args.tokens} new tokens after 16-token prompts; aggregate decode tokens/s", "",
+             "| round | " + " | ".join(f"B={b}" for b in batches) + " | B=max / B=1 | "
+             + ("every sequence = alone" if args.check else "first sequence = alone") + " | peak MiB |",
              "| --- | " + " | ".join("---" for _ in batches) + " | --- | --- | --- |"]
     for i, (out, peak) in enumerate(rows, 1):
         speeds = [out[b]["tok_s"] for b in batches]
