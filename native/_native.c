@@ -281,6 +281,54 @@ static void pool_run(const matvec_job *job_in, Py_ssize_t min_rows) {
 
 static void matvec(const matvec_job *job_in) { pool_run(job_in, 64); }
 
+/* Several activation rows against one weight (batched decode): for each weight row, every
+ * activation row in turn through matvec_rows, so each product is the one-row kernel's exact
+ * arithmetic (batch-invariant) while the weight row is read from memory once (it stays in the
+ * L1/L2 cache for the other activation rows). ctx: the number of activation rows. */
+typedef struct { Py_ssize_t batch; } rows_ctx;
+
+static void bf16_rows_multi(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    const rows_ctx *c = (const rows_ctx *)j->ctx;
+    for (Py_ssize_t r = r0; r < r1; r++)
+        for (Py_ssize_t b = 0; b < c->batch; b++)  /* the very one-row code: bit-identical by construction */
+            matvec_rows((const uint16_t *)j->w, j->x + b * j->cols, j->out + b * j->rows, r, r + 1, j->cols);
+}
+
+static PyObject *bf16_matvec_rows(PyObject *self, PyObject *args) {
+    Py_buffer w, x, out;
+    Py_ssize_t rows, cols, batch;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnni", &w, &x, &out, &rows, &cols, &batch, &threads)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (rows < 0 || cols < 0 || batch < 1 || w.len != rows * cols * 2 || x.len != batch * cols * 4
+        || out.len != batch * rows * 4) {
+        PyErr_Format(PyExc_ValueError,
+                     "bf16_matvec_rows: buffers of %zd, %zd and %zd bytes do not match a [%zd, %zd] bf16 weight, "
+                     "an fp32 [%zd, %zd] input and an fp32 [%zd, %zd] output", w.len, x.len, out.len, rows, cols,
+                     batch, cols, batch, rows);
+        goto done;
+    }
+    if (((uintptr_t)w.buf & 1) || ((uintptr_t)x.buf & 3) || ((uintptr_t)out.buf & 3)) {
+        PyErr_SetString(PyExc_ValueError, "bf16_matvec_rows: buffers must be aligned to their element size");
+        goto done;
+    }
+    rows_ctx c = {batch};
+    matvec_job j = {bf16_rows_multi, w.buf, (const float *)x.buf, (float *)out.buf, NULL, rows, cols, cols * 2,
+                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL, &c, 0};
+    Py_BEGIN_ALLOW_THREADS
+    matvec(&j);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *bf16_matvec(PyObject *self, PyObject *args) {
     Py_buffer w, x, out;
     Py_ssize_t rows, cols;
@@ -2083,6 +2131,9 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"bf16_matvec_rows", bf16_matvec_rows, METH_VARARGS,
+     "bf16_matvec_rows(w, x, out, rows, cols, batch, threads): out[b] = bf16(w) @ x[b] in fp32 for each of the "
+     "batch rows of x, each exactly as bf16_matvec computes it, the weight read once (GIL released)."},
     {"bf16_matvec", bf16_matvec, METH_VARARGS,
      "bf16_matvec(w, x, out, rows, cols, threads): out = bf16(w) @ x in fp32 (GIL released)."},
     {"q_matvec", q_matvec, METH_VARARGS,

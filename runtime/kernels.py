@@ -108,6 +108,16 @@ def native_matvec() -> Callable[..., None] | None:
     return bf16_matvec
 
 
+def _native_rows() -> Callable[..., None] | None:
+    """The C kernel ``bf16_matvec_rows`` (several rows against one weight), or None when the
+    extension was built before it existed."""
+    try:
+        from flashtier._native import bf16_matvec_rows
+    except ImportError:
+        return None
+    return bf16_matvec_rows
+
+
 KERNELS = ("native", "numba", "torch")
 
 
@@ -139,6 +149,7 @@ class Linear:
         elif kernel is None:
             kernel = "native" if native_matvec() is not None else "numba"
         self._native = native_matvec() if kernel == "native" else None
+        self._native_rows = _native_rows() if self._native is not None else None
         self._native_threads = max(1, threads or torch.get_num_threads())
         self._kernel = bf16_matvec_kernel() if kernel == "numba" else None
         self.kernel = "native" if self._native is not None else "numba" if self._kernel is not None else "torch"
@@ -170,6 +181,29 @@ class Linear:
                 self.calls_quantized += len(ws)
                 return ys
         return [self(x, w, b) for w, b in zip(ws, bs)]
+
+    def rows(self, xs: list[torch.Tensor], w: "torch.Tensor | QuantizedTensor",
+             b: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``[self(x, w, b) for x in xs]`` for one-row inputs ``[1, K]``, the same tensors; with the
+        C bf16 kernel, one call computes every row (each exactly as the one-row kernel does) and
+        reads the weight from memory once instead of once per row (batched decode)."""
+        if (len(xs) < 2 or self._native_rows is None or isinstance(w, QuantizedTensor) or w.dtype != torch.bfloat16
+                or w.device.type != "cpu" or not w.is_contiguous()
+                or any(x.shape[0] != 1 or x.dtype != torch.bfloat16 or x.requires_grad for x in xs)):
+            return [self(x, w, b) for x in xs]
+        self.calls_fast += len(xs)
+        n_rows, cols = w.shape
+        out = np.empty((len(xs), n_rows), np.float32)
+        xf = torch.cat(xs).float().contiguous().numpy()  # [B, K] f32 (exact widening of bf16)
+        bits = w.view(torch.int16).numpy().view(np.uint16)
+        self._native_rows(bits, xf, out, n_rows, cols, len(xs), self._native_threads)
+        ys = []
+        for row in out:
+            y = torch.from_numpy(row)
+            if b is not None:
+                y = y + b.float()
+            ys.append(y.to(xs[0].dtype).unsqueeze(0))  # [1, N]
+        return ys
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[T, K]``, ``w`` ``[N, K]`` (a tensor or a quantized GGUF weight), ``b`` ``[N]``

@@ -16,6 +16,7 @@ from flashtier.errors import ConfigError, NonFiniteError
 from flashtier.runtime import decode_ops
 from flashtier.checkpoint.folder import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
+from flashtier.checkpoint.quantized_tensor import QuantizedTensor
 from flashtier.runtime.kernels import Linear
 from flashtier.runtime.kv.cache import BlockKVCache, KVCache, KVCacheConfig
 from flashtier.runtime.weights.base import WeightAccessor
@@ -203,7 +204,7 @@ class Transformer:
         """:meth:`_linear` of each row ``[1, K]``, the weight fetched once."""
         w = self.weights
         weight, b = w.get(name), (w.get(bias) if bias else None)
-        ys = [self.linear(x, weight, b) for x in xs]
+        ys = self.linear.rows(xs, weight, b)  # one-row inputs: one kernel call, the weight read once
         w.done((name,))
         return ys
 
@@ -215,7 +216,11 @@ class Transformer:
         if all(w.resident(name) for name in names):
             weights = [w.get(name) for name in names]
             bs = [w.get(b) if b else None for b in biases]
-            ys = [self.linear.many(x, weights, bs) for x in xs]
+            if any(isinstance(t, QuantizedTensor) for t in weights):  # fused per row, as _linears does
+                ys = [self.linear.many(x, weights, bs) for x in xs]
+            else:  # Linear.many is one product per weight for these: each weight over all rows at once
+                per_weight = [self.linear.rows(xs, t, b) for t, b in zip(weights, bs)]
+                ys = [list(row) for row in zip(*per_weight)]
             w.done(names)
             return ys
         per_name = [self._rows_linear(xs, name, bias) for name, bias in zip(names, biases)]
@@ -248,10 +253,18 @@ class Transformer:
         for e in union:
             names = n.expert(e)
             gate, up, down = (w.get(x) for x in names)
+            single = [b for b in range(len(xs)) if xs[b].shape[0] == 1 and e in sets[b]]
+            if single and not isinstance(gate, QuantizedTensor):  # each weight over every routed row at once
+                gs, us = lin.rows([xs[b] for b in single], gate), lin.rows([xs[b] for b in single], up)
+                downs = lin.rows([self.act(g) * u for g, u in zip(gs, us)], down)
+                for b, d in zip(single, downs):
+                    ids = picks[b][0][0].tolist()
+                    ys[b, e] = d * picks[b][1][0, ids.index(e)]
+                single = []
             for b, (top_i, top_w) in enumerate(picks):
-                if e not in sets[b]:
+                if e not in sets[b] or (xs[b].shape[0] == 1 and b not in single):
                     continue
-                if xs[b].shape[0] == 1:  # forward()'s one-token branch
+                if xs[b].shape[0] == 1:  # forward()'s one-token branch (quantized: one fused call per row)
                     g, u = lin.many(xs[b], [gate, up])
                     ids = top_i[0].tolist()
                     ys[b, e] = lin(self.act(g) * u, down) * top_w[0, ids.index(e)]

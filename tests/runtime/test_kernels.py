@@ -3,6 +3,7 @@ and the engine's choice."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,3 +158,40 @@ def test_native_kernel_rejects_buffers_that_do_not_match_the_shape() -> None:
         native.bf16_matvec(w, np.zeros(9, np.float32), np.zeros(4, np.float32), 4, 9, 1)
     with pytest.raises(TypeError):
         native.bf16_matvec(w, np.zeros(8, np.float32), b"\0" * 16, 4, 8, 1)  # read-only output
+
+
+@pytest.mark.parametrize("batch, rows, cols, threads", [(2, 33, 64, 1), (5, 128, 1000, 2), (9, 17, 4096, 3)])
+def test_rows_equal_one_row_products_bitwise(batch, rows, cols, threads):
+    """Linear.rows (batched decode: one kernel call, the weight read once) gives each row exactly
+    the one-row product, bias included."""
+    from flashtier.runtime.kernels import Linear
+
+    g = torch.Generator().manual_seed(rows * cols)
+    w = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+    b = torch.randn(rows, generator=g).to(torch.bfloat16)
+    xs = [torch.randn(1, cols, generator=g).to(torch.bfloat16) for _ in range(batch)]
+    lin = Linear(threads=threads)
+    for bias in (None, b):
+        got = lin.rows(xs, w, bias)
+        want = [lin(x, w, bias) for x in xs]
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+@pytest.mark.parametrize("batch, threads", [(4, 1), (8, 2), (5, 3)])
+def test_native_rows_kernel_is_the_one_row_kernel_in_fp32(batch, threads):
+    """The C kernel's several-row entry point against its one-row entry point, compared in fp32
+    (a bf16 comparison would round most differences away): every bit equal."""
+    native = pytest.importorskip("flashtier._native")
+    if not hasattr(native, "bf16_matvec_rows"):
+        pytest.skip("extension built before bf16_matvec_rows")
+    g = torch.Generator().manual_seed(batch)
+    rows, cols = 777, 2048 + 48  # a 16-lane tail and a scalar-free tail
+    w = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    bits = w.view(torch.int16).numpy().view(np.uint16)
+    x = torch.randn(batch, cols, generator=g).to(torch.bfloat16).float().numpy()
+    out = np.empty((batch, rows), np.float32)
+    native.bf16_matvec_rows(bits, x, out, rows, cols, batch, threads)
+    ref = np.empty((batch, rows), np.float32)
+    for b in range(batch):
+        native.bf16_matvec(bits, np.ascontiguousarray(x[b]), ref[b], rows, cols, threads)
+    assert np.array_equal(out, ref)
