@@ -18,12 +18,24 @@ from flashtier import __version__
 from flashtier.errors import FlashtierError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one ``--help`` away) and no abbreviated flags:
+    a mistyped option (``--expert-slot``) is an error, not silently another one."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import flashtier.apps.commands as commands
 
-    parser = argparse.ArgumentParser(prog="flashtier", description="Run language models bigger than your memory.")
+    parser = _Parser(prog="flashtier", description="Run language models bigger than your memory.")
     parser.add_argument("--version", action="version", version=f"flashtier {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         register = getattr(module, "register", None)
