@@ -108,34 +108,10 @@ class Transformer:
         """Run ``tokens`` ``[T]`` at positions ``start .. start+T-1``; cache holds ``0 .. start-1``.
 
         Returns logits ``[T, V]`` when ``all_logits`` else ``[1, V]`` for the last token (fp32, on
-        the CPU whatever device computed them: sampling and stop checks run there).
+        the CPU whatever device computed them: sampling and stop checks run there). One group of
+        :meth:`forward_groups`, so a sequence computes the same numbers alone or in a batch.
         """
-        w = self.weights
-        t = tokens.shape[0]
-        x = w.embed(tokens.to(self.device))  # [T, H]
-        pos = torch.arange(start, start + t, device=self.device)
-        freqs = pos[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
-        emb = rope_tables(freqs, self.config.rope.interleaved)
-        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [T, D]
-        self.trace = RoutingTrace()
-        try:
-            _check_finite(x, "the token embedding")
-            for i, names in enumerate(self.names):
-                w.layer_begin(i, x)
-                h = x + self._attention(i, names, rms_norm(x, w.get(names.input_norm), self.config.rms_norm_eps), cache, start, cos, sin)
-                x = h + self._ffn(i, names, rms_norm(h, w.get(names.post_attn_norm), self.config.rms_norm_eps))
-                w.layer_end(i)
-                _check_finite(x, f"layer {i}")
-            if not all_logits:
-                x = x[-1:]
-            x = rms_norm(x, w.get(FINAL_NORM), self.config.rms_norm_eps)
-            logits = self._linear(x, self.lm_head).float()  # [T or 1, V]
-            _check_finite(logits, "the output head")
-        except BaseException:
-            w.abort()
-            raise
-        w.step_end()
-        return logits.cpu()
+        return self.forward_groups([tokens], [cache], [start], all_logits)[0]
 
     # ------------------------------------------------------------------ batched decode
     def forward_batch(self, tokens: list[int], caches: list[KVCache], starts: list[int]) -> torch.Tensor:
@@ -145,10 +121,12 @@ class Transformer:
         groups = [torch.tensor([t], dtype=torch.long) for t in tokens]
         return torch.cat(self.forward_groups(groups, caches, starts))
 
-    def forward_groups(self, groups: list[torch.Tensor], caches: list[KVCache], starts: list[int]) -> list[torch.Tensor]:
+    def forward_groups(self, groups: list[torch.Tensor], caches: list[KVCache], starts: list[int],
+                       all_logits: bool = False) -> list[torch.Tensor]:
         """Several sequences in one pass over the weights: ``groups[b]`` ``[T_b]`` tokens at
         positions ``starts[b] ..`` of the sequence whose KV is ``caches[b]`` (a decode token, or a
-        prefill chunk). Returns each group's last-token logits ``[1, V]`` (fp32, CPU).
+        prefill chunk). Returns each group's last-token logits ``[1, V]``, or with ``all_logits``
+        every token's ``[T_b, V]`` (fp32, CPU).
 
         Each weight is fetched once per pass and serves every group (a streamed page is read once
         for all of them), and each group is computed by exactly the operations :meth:`forward`
@@ -158,7 +136,7 @@ class Transformer:
         if not (len(groups) == len(caches) == len(starts)) or not groups:
             raise ValueError(f"forward_groups: {len(groups)} groups, {len(caches)} caches, {len(starts)} positions")
         xs = [w.embed(g.to(self.device)) for g in groups]  # B x [T_b, H]
-        tables = []  # per group, exactly as forward() makes them: [T_b, D] cos, sin
+        tables = []  # per group: [T_b, D] cos, sin of its positions
         for g, start in zip(groups, starts):
             pos = torch.arange(start, start + g.shape[0], device=self.device)
             emb = rope_tables(pos[:, None].float() * self.inv_freq[None, :], c.rope.interleaved)
@@ -169,7 +147,7 @@ class Transformer:
             for x in xs:
                 _check_finite(x, "the token embedding")
             for i, n in enumerate(self.names):
-                w.layer_begin(i, torch.cat(xs))
+                w.layer_begin(i, xs[0] if len(xs) == 1 else torch.cat(xs))
                 norm = w.get(n.input_norm)
                 xn = [rms_norm(x, norm, eps) for x in xs]
                 qkv = self._rows_linears(xn, (n.q, n.k, n.v), (n.q_bias, n.k_bias, n.v_bias))
@@ -191,7 +169,8 @@ class Transformer:
                 for x in xs:
                     _check_finite(x, f"layer {i}")
             final = w.get(FINAL_NORM)
-            logits = [y.float() for y in self._rows_linear([rms_norm(x[-1:], final, eps) for x in xs], self.lm_head)]
+            last = [x if all_logits else x[-1:] for x in xs]
+            logits = [y.float() for y in self._rows_linear([rms_norm(x, final, eps) for x in last], self.lm_head)]
             for y in logits:
                 _check_finite(y, "the output head")
         except BaseException:
@@ -201,7 +180,8 @@ class Transformer:
         return [y.cpu() for y in logits]
 
     def _rows_linear(self, xs: list[torch.Tensor], name: str, bias: str = "") -> list[torch.Tensor]:
-        """:meth:`_linear` of each row ``[1, K]``, the weight fetched once."""
+        """``x @ W.T (+ b)`` of each group ``[T_b, K]``, the weight fetched once and released right
+        after use (a streamed page occupies the window only while its products run)."""
         w = self.weights
         weight, b = w.get(name), (w.get(bias) if bias else None)
         ys = self.linear.rows(xs, weight, b)  # one-row inputs: one kernel call, the weight read once
@@ -210,13 +190,13 @@ class Transformer:
 
     def _rows_linears(self, xs: list[torch.Tensor], names: tuple[str, ...], biases: tuple[str, ...]
                       ) -> list[list[torch.Tensor]]:
-        """:meth:`_linears` of each row, every weight fetched once (resident weights together, as
-        :meth:`_linears` does; streamed ones one at a time)."""
+        """Several weights over each group: resident ones fetched together (quantized ones as one
+        fused native call per group), streamed ones one at a time, each released right after use."""
         w = self.weights
         if all(w.resident(name) for name in names):
             weights = [w.get(name) for name in names]
             bs = [w.get(b) if b else None for b in biases]
-            if any(isinstance(t, QuantizedTensor) for t in weights):  # fused per row, as _linears does
+            if any(isinstance(t, QuantizedTensor) for t in weights):  # one fused native call per group
                 ys = [self.linear.many(x, weights, bs) for x in xs]
             else:  # Linear.many is one product per weight for these: each weight over all rows at once
                 per_weight = [self.linear.rows(xs, t, b) for t, b in zip(weights, bs)]
@@ -227,12 +207,16 @@ class Transformer:
         return [list(row) for row in zip(*per_name)]
 
     def _rows_ffn(self, i: int, n: LayerNames, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """:meth:`_ffn` of each group ``[T_b, H]``: dense weights fetched once; MoE experts fetched
-        once for every group routed to them, each group computed and summed as :meth:`_ffn` does."""
+        """The FFN of each group ``[T_b, H]``: dense weights (or the sparse FFN, one group only)
+        fetched once; MoE experts fetched once for every group routed to them, a one-token group's
+        experts summed in expert order, a longer group's rows gathered per expert."""
         c, w = self.config, self.weights
         if not n.router:
-            if w.ffn(i, torch.cat(xs)) is not None:
-                raise ConfigError("batched decode does not run the sparse FFN; decode its requests one at a time")
+            custom = w.ffn(i, xs[0] if len(xs) == 1 else torch.cat(xs))  # the sparse FFN, where it runs
+            if custom is not None:
+                if len(xs) > 1:
+                    raise ConfigError("batched decode does not run the sparse FFN; decode its requests one at a time")
+                return [custom]
             gu = self._rows_linears(xs, (n.gate, n.up), ("", ""))
             return self._rows_linear([self.act(g) * u for g, u in gu], n.down)
         router = w.get(n.router)
@@ -243,10 +227,10 @@ class Transformer:
             if c.norm_topk_prob:
                 top_w = top_w / top_w.sum(dim=-1, keepdim=True)
             picks.append((top_i, top_w.to(x.dtype)))
-        self.trace.chosen[i] = torch.cat([p[0] for p in picks])
+        self.trace.chosen[i] = picks[0][0] if len(picks) == 1 else torch.cat([p[0] for p in picks])
         sets = [sorted(set(top_i.reshape(-1).tolist())) for top_i, _ in picks]
         union = sorted({e for s in sets for e in s})
-        w.route(i, union, torch.cat(xs))
+        w.route(i, union, xs[0] if len(xs) == 1 else torch.cat(xs))
         ys: dict[tuple[int, int], torch.Tensor] = {}
         outs = [torch.zeros_like(x) if x.shape[0] > 1 else None for x in xs]
         lin = self.linear
@@ -264,11 +248,11 @@ class Transformer:
             for b, (top_i, top_w) in enumerate(picks):
                 if e not in sets[b] or (xs[b].shape[0] == 1 and b not in single):
                     continue
-                if xs[b].shape[0] == 1:  # forward()'s one-token branch (quantized: one fused call per row)
+                if xs[b].shape[0] == 1:  # one token (quantized: one fused call per row)
                     g, u = lin.many(xs[b], [gate, up])
                     ids = top_i[0].tolist()
                     ys[b, e] = lin(self.act(g) * u, down) * top_w[0, ids.index(e)]
-                else:  # forward()'s several-token branch (_routed)
+                else:  # several tokens: the rows routed to e
                     rows, slot = torch.nonzero(top_i == e, as_tuple=True)
                     g, u = lin.many(xs[b][rows], [gate, up])
                     y = lin(self.act(g) * u, down) * top_w[rows, slot, None]
@@ -280,7 +264,7 @@ class Transformer:
                 out.append(outs[b])
                 continue
             acc: torch.Tensor | None = None
-            for e in sets[b]:  # the order forward() sums them in
+            for e in sets[b]:  # expert order, whatever else is in the batch
                 acc = ys[b, e] if acc is None else acc + ys[b, e]
             assert acc is not None
             out.append(acc)
@@ -289,92 +273,4 @@ class Transformer:
             shared = self._rows_linear([self.act(g) * u for g, u in gu], n.shared_down)
             gates = self._rows_linear(xs, n.shared_expert_gate)
             out = [o + torch.sigmoid(gt) * s for o, gt, s in zip(out, gates, shared)]
-        return out
-
-    def _attention(self, i: int, n: LayerNames, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        c, w = self.config, self.weights
-        t = x.shape[0]
-        q, k, v = self._linears(x, (n.q, n.k, n.v), (n.q_bias, n.k_bias, n.v_bias))  # [T, Hq*D], [T, Hkv*D] x 2
-        q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
-        k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
-        v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        inter = c.rope.interleaved
-        q, k = apply_rope(q, cos, sin, inter), apply_rope(k, cos, sin, inter)
-        out = cache.attend(i, q, k, v, start)  # [Hq, T, D]
-        out = out.transpose(0, 1).reshape(t, c.num_heads * c.head_dim)
-        return self._linear(out, n.o)  # [T, H]
-
-    def _linear(self, x: torch.Tensor, name: str, bias: str = "") -> torch.Tensor:
-        """``x @ W.T (+ b)`` for a dense (non-expert) weight, released as soon as it is used, so a
-        streamed page occupies the window only while its matmul runs."""
-        w = self.weights
-        y = self.linear(x, w.get(name), w.get(bias) if bias else None)
-        w.done((name,))
-        return y
-
-    def _linears(self, x: torch.Tensor, names: tuple[str, ...], biases: tuple[str, ...]) -> list[torch.Tensor]:
-        """``[_linear(x, n, b) for n, b in zip(names, biases)]``, the same tensors; when every
-        weight is resident they are fetched together and multiplied in one call
-        (:meth:`Linear.many`); streamed ones go one at a time, each released right after use."""
-        w = self.weights
-        if not all(w.resident(name) for name in names):
-            return [self._linear(x, name, bias) for name, bias in zip(names, biases)]
-        ys = self.linear.many(x, [w.get(name) for name in names], [w.get(b) if b else None for b in biases])
-        w.done(names)
-        return ys
-
-    def _mlp(self, x: torch.Tensor, gate: str, up: str, down: str) -> torch.Tensor:
-        """Dense gated FFN ``down(act(gate x) * up x)``; each weight released right after use."""
-        g, u = self._linears(x, (gate, up), ("", ""))
-        return self._linear(self.act(g) * u, down)
-
-    def _expert(self, x: torch.Tensor, names: tuple[str, str, str]) -> torch.Tensor:
-        """One expert's FFN; its weights are released together (``done``) by the caller."""
-        w, lin = self.weights, self.linear
-        gate, up, down = names
-        g, u = lin.many(x, [w.get(gate), w.get(up)])
-        return lin(self.act(g) * u, w.get(down))
-
-    def _ffn(self, i: int, n: LayerNames, x: torch.Tensor) -> torch.Tensor:
-        if not n.router:
-            custom = self.weights.ffn(i, x)
-            return custom if custom is not None else self._mlp(x, n.gate, n.up, n.down)
-        c, w = self.config, self.weights
-        logits = self.linear(x, w.get(n.router))  # [T, E]
-        probs = F.softmax(logits.float(), dim=-1)
-        top_w, top_i = torch.topk(probs, c.num_experts_per_tok, dim=-1)  # [T, k]
-        if c.norm_topk_prob:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        top_w = top_w.to(x.dtype)
-        self.trace.chosen[i] = top_i
-        if x.shape[0] == 1:  # decode: the same products and sums as below, without the index ops
-            ids = top_i[0].tolist()
-            experts = sorted(set(ids))
-            w.route(i, experts, x)
-            acc: torch.Tensor | None = None
-            for e in experts:
-                names = n.expert(e)
-                y = self._expert(x, names) * top_w[0, ids.index(e)]  # [1, H]
-                w.done(names)
-                acc = y if acc is None else acc + y
-            out = acc
-        else:
-            out = self._routed(i, n, x, top_i, top_w)
-        if n.shared_gate:
-            shared = self._mlp(x, n.shared_gate, n.shared_up, n.shared_down)
-            out = out + torch.sigmoid(self.linear(x, w.get(n.shared_expert_gate))) * shared
-        return out
-
-    def _routed(self, i: int, n: LayerNames, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        """Several rows: each routed expert runs once over the rows routed to it."""
-        w = self.weights
-        out = torch.zeros_like(x)
-        experts = torch.unique(top_i).tolist()
-        w.route(i, experts, x)  # the accessor may start reading every routed expert now
-        for e in experts:
-            rows, slot = torch.nonzero(top_i == e, as_tuple=True)
-            names = n.expert(e)
-            y = self._expert(x[rows], names) * top_w[rows, slot, None]
-            w.done(names)
-            out.index_add_(0, rows, y)
         return out
