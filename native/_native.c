@@ -294,29 +294,34 @@ static void bf16_rows_multi(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
             matvec_rows((const uint16_t *)j->w, j->x + b * j->cols, j->out + b * j->rows, r, r + 1, j->cols);
 }
 
-static PyObject *bf16_matvec_rows(PyObject *self, PyObject *args) {
+/* bf16_matvec (batched = 0: x [cols], out [rows]) and bf16_matvec_rows (batched = 1: x [batch, cols],
+ * out [batch, rows]): one argument check, one job. */
+static PyObject *bf16_product(PyObject *args, int batched) {
+    const char *name = batched ? "bf16_matvec_rows" : "bf16_matvec";
     Py_buffer w, x, out;
-    Py_ssize_t rows, cols, batch;
+    Py_ssize_t rows, cols, batch = 1;
     int threads;
-    if (!PyArg_ParseTuple(args, "y*y*w*nnni", &w, &x, &out, &rows, &cols, &batch, &threads)) {
+    if (batched ? !PyArg_ParseTuple(args, "y*y*w*nnni", &w, &x, &out, &rows, &cols, &batch, &threads)
+                : !PyArg_ParseTuple(args, "y*y*w*nni", &w, &x, &out, &rows, &cols, &threads)) {
         return NULL;
     }
     PyObject *result = NULL;
     if (rows < 0 || cols < 0 || batch < 1 || w.len != rows * cols * 2 || x.len != batch * cols * 4
         || out.len != batch * rows * 4) {
         PyErr_Format(PyExc_ValueError,
-                     "bf16_matvec_rows: buffers of %zd, %zd and %zd bytes do not match a [%zd, %zd] bf16 weight, "
-                     "an fp32 [%zd, %zd] input and an fp32 [%zd, %zd] output", w.len, x.len, out.len, rows, cols,
-                     batch, cols, batch, rows);
+                     "%s: buffers of %zd, %zd and %zd bytes do not match a [%zd, %zd] bf16 weight, "
+                     "an fp32 [%zd, %zd] input and an fp32 [%zd, %zd] output", name, w.len, x.len, out.len, rows,
+                     cols, batch, cols, batch, rows);
         goto done;
     }
     if (((uintptr_t)w.buf & 1) || ((uintptr_t)x.buf & 3) || ((uintptr_t)out.buf & 3)) {
-        PyErr_SetString(PyExc_ValueError, "bf16_matvec_rows: buffers must be aligned to their element size");
+        PyErr_Format(PyExc_ValueError, "%s: buffers must be aligned to their element size", name);
         goto done;
     }
     rows_ctx c = {batch};
-    matvec_job j = {bf16_rows_multi, w.buf, (const float *)x.buf, (float *)out.buf, NULL, rows, cols, cols * 2,
-                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL, &c, 0};
+    matvec_job j = {batched ? bf16_rows_multi : bf16_rows, w.buf, (const float *)x.buf, (float *)out.buf, NULL,
+                    rows, cols, cols * 2, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL,
+                    batched ? &c : NULL, 0};
     Py_BEGIN_ALLOW_THREADS
     matvec(&j);
     Py_END_ALLOW_THREADS
@@ -329,37 +334,9 @@ done:
     return result;
 }
 
-static PyObject *bf16_matvec(PyObject *self, PyObject *args) {
-    Py_buffer w, x, out;
-    Py_ssize_t rows, cols;
-    int threads;
-    if (!PyArg_ParseTuple(args, "y*y*w*nni", &w, &x, &out, &rows, &cols, &threads)) {
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (rows < 0 || cols < 0 || w.len != rows * cols * 2 || x.len != cols * 4 || out.len != rows * 4) {
-        PyErr_Format(PyExc_ValueError,
-                     "bf16_matvec: buffers of %zd, %zd and %zd bytes do not match a [%zd, %zd] bf16 weight, "
-                     "an fp32 [%zd] input and an fp32 [%zd] output", w.len, x.len, out.len, rows, cols, cols, rows);
-        goto done;
-    }
-    if (((uintptr_t)w.buf & 1) || ((uintptr_t)x.buf & 3) || ((uintptr_t)out.buf & 3)) {
-        PyErr_SetString(PyExc_ValueError, "bf16_matvec: buffers must be aligned to their element size");
-        goto done;
-    }
-    matvec_job j = {bf16_rows, w.buf, (const float *)x.buf, (float *)out.buf, NULL, rows, cols, cols * 2,
-                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL};
-    Py_BEGIN_ALLOW_THREADS
-    matvec(&j);
-    Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    PyBuffer_Release(&w);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&out);
-    return result;
-}
+static PyObject *bf16_matvec_rows(PyObject *self, PyObject *args) { return bf16_product(args, 1); }
+
+static PyObject *bf16_matvec(PyObject *self, PyObject *args) { return bf16_product(args, 0); }
 
 /* ------------------------------------------------- GGUF-quantized matrix-vector product / dequant
  *
