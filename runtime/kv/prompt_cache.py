@@ -30,7 +30,7 @@ import os
 import struct
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,7 +78,6 @@ class PromptCacheStats:
     evicted: int = 0
     """Files deleted to keep the folder within its budget."""
     load_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class PromptCache:
@@ -183,11 +182,12 @@ class PromptCache:
         written = 0
         if n_blocks == 0:
             return 0
-        kv = [cache.read(layer, n_blocks * self.block_size) for layer in range(cache.num_layers)]  # [H, S, D] x2
-        for i, h in enumerate(self.block_hashes(ids, n_blocks)):
-            path = self._path(h)
-            if path.exists():
-                continue
+        hashes = self.block_hashes(ids, n_blocks)
+        missing = [i for i, h in enumerate(hashes) if not self._path(h).exists()]
+        kv = ([cache.read(layer, n_blocks * self.block_size) for layer in range(cache.num_layers)]  # [H, S, D] x2
+              if missing else [])
+        for i in missing:
+            h, path = hashes[i], self._path(hashes[i])
             lo, hi = i * self.block_size, (i + 1) * self.block_size
             block = torch.stack([torch.stack([k[:, lo:hi], v[:, lo:hi]]) for k, v in kv]).contiguous()  # [L, 2, H, B, D]
             header = json.dumps({"version": VERSION, "key": self.key, "hash": h, "shape": list(block.shape),
@@ -201,7 +201,7 @@ class PromptCache:
                 break  # a full disk: the cache is an optimisation, the answer does not need it
             written += 1
         self.stats.blocks_written += written
-        self._touch(self.block_hashes(ids, n_blocks))
+        self._touch(hashes)
         self._evict()
         return written
 
