@@ -20,22 +20,12 @@
  *   values, integer dot products; "int8 activations" below). q_isa() / q_set_isa(level) report /
  *   lower the kernel level; q_vnni() says whether act=1 runs the AVX-512 VNNI kernels.
  *
+ * cluster_search(...): the cluster-index search of every kv head of a layer in one call
+ *   (native/cluster_search.c; retrieval/cluster_batch.py).
+ *
  * The module is optional: when it is not built, callers fall back to torch / numba.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <math.h>
-#include <float.h>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
+#include "common.h"
 
 static void interleave16_impl(const uint8_t *restrict lo, const uint8_t *restrict hi,
                               uint8_t *restrict out, Py_ssize_t n) {
@@ -82,33 +72,6 @@ done:
 
 /* ---------------------------------------------------------------- bf16 matrix-vector product */
 
-static inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Generic 16-lane vectors: GCC lowers them to one zmm (x86-64-v4), two ymm (v3) or four xmm. */
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef float v16f __attribute__((vector_size(64)));
-
-static inline v16f load_bf16x16(const uint16_t *p) {
-    v16h h;
-    memcpy(&h, p, sizeof h);
-    v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline v16f load_f32x16(const float *p) {
-    v16f f;
-    memcpy(&f, p, sizeof f);
-    return f;
-}
-
 /* One row at a time (one sequential stream for the hardware prefetcher), four independent
  * 16-lane accumulators (hides the add latency), lanes summed at the end. */
 MULTIVERSION
@@ -132,25 +95,6 @@ static void matvec_rows(const uint16_t *restrict w, const float *restrict x, flo
         out[r] = acc;
     }
 }
-
-#define MAX_THREADS 64
-
-/* One threaded product: `fn` computes rows [r0, r1) of it (a matrix-vector product or a
- * dequantization); the pool splits the rows into `parts` ranges of whole 16-row groups. */
-typedef struct matvec_job matvec_job;
-typedef void (*rows_fn)(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1);
-struct matvec_job {
-    rows_fn fn;
-    const void *w;        /* rows * row_bytes bytes */
-    const float *x;       /* [cols] (products) */
-    float *out;           /* [rows] (products) or [rows, cols] (dequantization) */
-    const float *aux;     /* Q4_K / Q5_K products: per 256-block [0 x 8, sum(x) of its 8 sub-blocks] */
-    Py_ssize_t rows, cols, row_bytes;
-    int parts;
-    const struct q8x *qx; /* int8-activation products (act = 1): the quantized x, see q8x */
-    const void *ctx;      /* other jobs' own arguments (decode attention) */
-    Py_ssize_t unit;      /* rows per claim when > 0 (default: whole 16-row groups, ~8 per thread) */
-};
 
 static void bf16_rows(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
     matvec_rows((const uint16_t *)j->w, j->x, j->out, r0, r1, j->cols);
@@ -255,7 +199,7 @@ static int ensure_workers(int want) {
 }
 
 /* Runs `job_in` on the pool (alone on the caller below `min_rows` rows or with one part). */
-static void pool_run(const matvec_job *job_in, Py_ssize_t min_rows) {
+HIDDEN void pool_run(const matvec_job *job_in, Py_ssize_t min_rows) {
     matvec_job j = *job_in;
     if (j.parts <= 1 || j.rows < min_rows || j.rows > INT32_MAX) {
         j.fn(&j, 0, j.rows);
@@ -360,8 +304,6 @@ static PyObject *bf16_matvec(PyObject *self, PyObject *args) { return bf16_produ
 #else
 #define Q_X86 0
 #endif
-
-#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q8_0 = 8, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_BF16 = 30 };
 
@@ -1920,41 +1862,12 @@ static void rope_impl(const float *restrict x, float *restrict out, Py_ssize_t h
     }
 }
 
-/* exp(x) for x <= 0 (softmax after subtracting the maximum), branch-free so that loops over it
- * vectorise: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative error ~2e-7,
- * about one fp32 ulp), times 2^n built in the exponent bits. x < -87 gives exp(-87) ~ 1.6e-38 (a
- * softmax weight that small is below the fp32 resolution of the sum, which holds a 1); NaN stays NaN. */
-static ALWAYS_INLINE float exp_le0(float x) {
-    float xc = x < -87.f ? -87.f : x;
-    float n = rintf(xc * 1.44269504088896341f);
-    float r = xc - n * 0.693145751953125f;   /* ln2 in two parts: exact product with the high part */
-    r = r - n * 1.42860682030941723212e-6f;
-    float p = 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
-    float y = p * scale;
-    return x != x ? x : y;
-}
-
 typedef struct {
     const float *q, *k, *v;
     float *out;
     Py_ssize_t hq, hkv, d, lo, end, head_stride;
     float scale;
 } attend_args;
-
-static inline float hsum16(v16f v) {
-    float t = 0.f;
-    for (int l = 0; l < 16; l++) t += v[l];
-    return t;
-}
 
 /* The query heads g0..g1-1 of kv head kvh (they share its keys and values): sc holds (g1-g0) * n
  * floats of scratch. */
@@ -2128,6 +2041,10 @@ static PyMethodDef methods[] = {
     {"attend", attend, METH_VARARGS,
      "attend(q, k, v, out, hq, hkv, d, lo, end, head_stride, scale, threads): one query row's attention over "
      "positions lo..end-1, fp32 (GIL released)."},
+    {"cluster_search", cluster_search, METH_VARARGS,
+     "cluster_search(q, ptrs, counts, out_pos, out_scanned, est_out, est_lse, R, D, k, budget, oversample, bf16, "
+     "two_level, estimate, bound_weight, group_scale, est_scale, threads): ClusterIndex searches of every kv head "
+     "of a layer (+ the estimate of the rest) in one call; see native/cluster_search.c (GIL released)."},
     {"q_isa", q_isa, METH_NOARGS, "q_isa(): the kernel level in use: 4 AVX-512, 3 AVX2/FMA, 0 baseline."},
     {"q_vnni", q_vnni, METH_NOARGS,
      "q_vnni(): whether int8-activation products (act=1) use the AVX-512 VNNI kernels (else AVX2 / baseline)."},

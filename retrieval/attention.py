@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 import torch
 
 from flashtier.errors import ConfigError, InputError
+from flashtier.retrieval.cluster_batch import search_heads
 from flashtier.retrieval.index import KeyIndex
 from flashtier.retrieval.index_config import IndexConfig
 from flashtier.retrieval.index_registry import INDEXES, index_config, make_index
@@ -277,17 +278,25 @@ class RetrievalAttention:
         t_start = time.perf_counter()
         resident = partial_attention(q, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
         t0 = time.perf_counter()
-        scanned = 0
         per_row = self.config.group_search is GroupSearch.ROWS
-        results = []
-        for head, q_group in zip(offloaded.heads, q):  # q_group [G, D]: one search per GQA group
-            rows = q_group.mean(dim=0, keepdim=True) if self.config.group_search is GroupSearch.MEAN else q_group
-            results.append(head.index.search(rows.float(), self.config.top_k))
-            scanned += results[-1].keys_scanned
-        # an index that returns one shared set per group (all it scanned) is attended as a union
-        per_row = per_row and not all(f.shared for f in results)
-        # per row: [G, k'] each query head's own top-k; else [n_h] sorted union over rows
-        retrieved = [f.positions if per_row else torch.unique(f.positions) for f in results]
+        batch = None
+        if per_row:  # every kv head's search (and estimate) in one native call where it applies
+            batch = search_heads([head.index for head in offloaded.heads], q.float(), self.config.top_k,
+                                 estimate_scale=scale if self.config.estimate_rest else None)
+        if batch is not None:
+            scanned = sum(batch.keys_scanned)
+            retrieved = list(batch.positions.unbind(0))  # [G, k] per kv head
+        else:
+            scanned = 0
+            results = []
+            for head, q_group in zip(offloaded.heads, q):  # q_group [G, D]: one search per GQA group
+                rows = q_group.mean(dim=0, keepdim=True) if self.config.group_search is GroupSearch.MEAN else q_group
+                results.append(head.index.search(rows.float(), self.config.top_k))
+                scanned += results[-1].keys_scanned
+            # an index that returns one shared set per group (all it scanned) is attended as a union
+            per_row = per_row and not all(f.shared for f in results)
+            # per row: [G, k'] each query head's own top-k; else [n_h] sorted union over rows
+            retrieved = [f.positions if per_row else torch.unique(f.positions) for f in results]
         t1 = time.perf_counter()
         k, v, valid = offloaded.gather([p.reshape(-1) for p in retrieved])  # [H_kv, n, D] x2, [H_kv, n]
         t2 = time.perf_counter()
@@ -300,7 +309,9 @@ class RetrievalAttention:
             far = partial_attention(q, k.to(q.dtype), v.to(q.dtype), scale, mask=valid.unsqueeze(1))  # [H_kv, G, D]
         parts = [resident, far]
         t3 = time.perf_counter()
-        if self.config.estimate_rest:  # the offloaded keys not retrieved, approximately
+        if batch is not None and batch.rest is not None:  # estimated by the native search
+            parts.append(PartialAttention(batch.rest.out.to(q.dtype), batch.rest.lse))
+        elif self.config.estimate_rest:  # the offloaded keys not retrieved, approximately
             rest = [head.index.estimate_rest(q_group.float(), found, scale)  # type: ignore[attr-defined]
                     for head, q_group, found in zip(offloaded.heads, q, retrieved)]
             parts.append(PartialAttention(torch.stack([r.out for r in rest]).to(q.dtype), torch.stack([r.lse for r in rest])))

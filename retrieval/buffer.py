@@ -42,6 +42,10 @@ class GrowableRows:
         """The filled rows ``[rows, *row_shape]`` (a view: valid until the next append)."""
         return self._data[: self._rows]
 
+    def address(self) -> int:
+        """Address of the first row (valid until the next append that grows the buffer)."""
+        return self._data.data_ptr()
+
     def nbytes(self) -> int:
         """Bytes held by the filled rows (capacity slack not counted)."""
         return self._rows * self._data[0].numel() * self._data.element_size()

@@ -18,8 +18,9 @@ Clusters are taken best first until ``scan_budget_fraction`` of the keys (at mos
 keeps its top ``k``.
 
 ``store_dtype="bfloat16"`` keeps the clustered keys and the centroids in bf16 (half the memory and
-half the bytes read per search, and bf16 matmuls run faster than fp32 GEMVs on CPUs without
-AVX-512). Keys of a trained model share a large common offset, so before rounding every key and
+half the bytes read per search). Scores are always fp32: the fp32 queries times the stored rows
+widened exactly to fp32, summed in fp32 (a bf16 product would round the scores themselves to 8
+bits and turn near-ties into ties). Keys of a trained model share a large common offset, so before rounding every key and
 centroid is centred on a fixed vector (the mean of the first keys clustered): ``q . (k - m)``
 ranks keys exactly like ``q . k`` (``q . m`` is the same for every key of a row), and the bf16
 rounding error is then relative to the small centred vectors, not to the offset. Tail keys are
@@ -43,6 +44,10 @@ the searched super-clusters are estimated by their super-cluster (its centroid, 
 count), so the estimate reads no more centroids than the search did. Long contexts of models that spread
 attention thinly over many far keys (length extrapolation) lose that mass with top-k alone; the
 estimate puts it back at the cost of one pass over the centroids.
+
+This module's ``search`` / ``estimate_rest`` are the reference; a decode step runs the same steps
+for every kv head of a layer in one native call (:mod:`flashtier.retrieval.cluster_batch`, which
+reads the tables through :meth:`ClusterIndex.native_tables`).
 """
 
 from __future__ import annotations
@@ -64,6 +69,12 @@ from flashtier.retrieval.merge import (
 )
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _scores(queries: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``queries [R, D]`` (fp32) times the rows of ``table [M, D]`` (fp32, or bf16 widened exactly):
+    fp32 products and sums ``[R, M]``, as the native search computes them."""
+    return queries @ (table if table.dtype == torch.float32 else table.float()).T
 
 
 @dataclass(frozen=True)
@@ -200,10 +211,28 @@ class ClusterIndex(KeyIndex):
         self._super_vmean = GrowableRows((dim,), self._dtype)  # [S, D] mean value of its keys (track_values)
         self._open_first_super = 0
         self._last: _LastSearch | None = None  # what the last search scored, for estimate_rest
+        self._tables: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # (ntotal, addresses, counts)
 
     @property
     def n_clusters(self) -> int:
         return len(self._size)
+
+    def native_tables(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The addresses of the tables a search reads, in the order of ``native/cluster_search.c``
+        (keys, key positions, centroids, radii, starts, sizes, tail keys, tail positions, tail
+        values, centre, super centroids, radii, first clusters, cluster counts, key counts, mean
+        values, super mean values) and the counts (clustered keys, clusters, tail keys,
+        super-clusters). Valid until the next ``add`` (buffers may move when they grow): cached
+        per number of keys added."""
+        if self._tables is None or self._tables[0] != self.ntotal:
+            self._center = self._center.contiguous()
+            parts = (self._keys, self._key_pos, self._centroids, self._radius, self._start, self._size, self._tail,
+                     self._tail_pos, self._tail_val, self._center, self._super, self._super_radius, self._super_first,
+                     self._super_clusters, self._super_keys, self._vmean, self._super_vmean)
+            addresses = tuple(p.data_ptr() if isinstance(p, torch.Tensor) else p.address() for p in parts)
+            counts = (len(self._keys), self.n_clusters, len(self._tail), len(self._super_first))
+            self._tables = (self.ntotal, addresses, counts)
+        return self._tables[1], self._tables[2]
 
     def _add(self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None) -> None:
         track = self.config.track_values
@@ -329,7 +358,7 @@ class ClusterIndex(KeyIndex):
         self._last = None
         if self.n_clusters and budget > tail_n:
             rows = self._select_rows(queries, budget - tail_n)  # [n_sel]
-            scores.append((queries.to(self._dtype) @ self._keys.view().index_select(0, rows).T).float())  # [R, n_sel]
+            scores.append(_scores(queries, self._keys.view().index_select(0, rows)))  # [R, n_sel]
             pos.append(self._key_pos.view().index_select(0, rows))
             scored = self.n_clusters
         all_scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)  # [R, n]
@@ -345,7 +374,7 @@ class ClusterIndex(KeyIndex):
         """For centroids ``table [M, D]`` (centroid - m) with ``radius [M]``: the raw scores
         ``q . (c - m)`` ``[R, M]`` and the group's score per centroid ``[M]`` (the bound
         ``q . c + w |q| r``; rows compared on a shared log-softmax-like scale)."""
-        raw = (queries.to(self._dtype) @ table.T).float()  # [R, M]
+        raw = _scores(queries, table)  # [R, M]
         bound = raw
         if self.config.bound_weight:
             bound = torch.addr(raw, self.config.bound_weight * queries.norm(dim=1), radius)  # raw + w |q| r
@@ -411,7 +440,7 @@ class ClusterIndex(KeyIndex):
         last = self._last
         fresh = last is not None and last.queries.shape == queries.shape and torch.equal(last.queries, queries)
         if not (fresh and last.raw.shape[1] == (n_c if last.clusters is None else last.clusters.shape[0])):
-            last = _LastSearch(queries, (queries.to(self._dtype) @ self._centroids.view().T).float(),
+            last = _LastSearch(queries, _scores(queries, self._centroids.view()),
                                None, None, None)
         q_center = (queries @ self._center).unsqueeze(1)  # [R, 1]: q . m
         if last.clusters is None:  # every cluster is a unit
@@ -440,7 +469,7 @@ class ClusterIndex(KeyIndex):
         unit = torch.where(local >= 0, local, n_u + rows - (self.ntotal - n_t))  # tail keys are their own unit
         taken = torch.zeros((r, n_u + n_t)).scatter_add_(1, unit, torch.ones(unit.shape))  # [R, U + P]
         left = torch.log((torch.cat([sizes, torch.ones(n_t)]).unsqueeze(0) - taken).clamp(min=0))  # -inf: all attended
-        clusters = partial_from_scores((scores + q_center) * scale + left[:, :n_u], vmean, product_dtype=self._dtype)
+        clusters = partial_from_scores((scores + q_center) * scale + left[:, :n_u], vmean.float())
         if n_t == 0:
             return clusters
         tail = partial_from_scores((queries @ self._tail.view().T) * scale + left[:, n_u:], self._tail_val.view())
@@ -450,7 +479,7 @@ class ClusterIndex(KeyIndex):
         """``scale/2 * sum_d q_d^2 var_d`` ``[R, M]`` for the clusters ``clusters [M]`` (None = all),
         in raw score units (``estimate_rest`` multiplies scores by ``scale``)."""
         var = self._kvar.view() if clusters is None else self._kvar.view().index_select(0, clusters)
-        return 0.5 * scale * (queries.pow(2).to(self._dtype) @ var.T).float()
+        return 0.5 * scale * _scores(queries.pow(2), var)
 
     def nbytes(self) -> int:
         parts = (self._keys, self._key_pos, self._centroids, self._radius, self._start, self._size,

@@ -1,0 +1,494 @@
+/* cluster_search: the search of retrieval/index_cluster.py (ClusterIndex) for every kv head of one
+ * layer in one call, heads spread over the thread pool, plus the estimate of the attention on the
+ * keys a search did not return (ClusterIndex.estimate_rest). The Python code in ClusterIndex is the
+ * reference this follows step by step; retrieval/cluster_batch.py calls it and documents the
+ * arguments. Per head:
+ *
+ *   1. tail keys (not clustered yet) are scored exactly: q . (key - m);
+ *   2. with two levels, the super-clusters are ranked by the group bound and the best ones holding
+ *      ceil(oversample * b) keys are opened (b = budget - tail keys): their clusters are the
+ *      candidates; with one level every cluster is a candidate;
+ *   3. candidate clusters are ranked by the group bound (raw + w |q| r, rows compared on a shared
+ *      log-softmax-like scale) and taken best first until they hold b keys;
+ *   4. their keys (contiguous rows, centred) are scored exactly and each query row keeps its top k;
+ *   5. estimate (optional): every candidate cluster stands for its members that row did not attend
+ *      (centroid score + log(count left), mean value), every unopened super-cluster for all its
+ *      keys, every tail key not attended for itself; one softmax over these units gives an output
+ *      row and its log-sum-exp, to be merged with the exact parts.
+ *
+ * Scores are fp32 dot products of fp32 queries with the stored rows (bf16 rows widened exactly).
+ * Ranking ties are broken by the lower index (a total order), so the result does not depend on
+ * the thread count. The GIL is released; a head that cannot allocate its scratch sets `failed`.
+ */
+#include "common.h"
+
+/* Addresses of one head's tables, in this order (retrieval/cluster_batch.py builds the rows). */
+enum {
+    P_KEYS,         /* [Nk, D] clustered keys - m, grouped by cluster (bf16 or fp32) */
+    P_KEY_POS,      /* [Nk] int64 their positions */
+    P_CENT,         /* [C, D] centroid - m */
+    P_RADIUS,       /* [C] fp32 */
+    P_START,        /* [C] int64 first row of each cluster */
+    P_SIZE,         /* [C] int64 rows of each cluster */
+    P_TAIL,         /* [P, D] fp32 keys not clustered yet (not centred) */
+    P_TAIL_POS,     /* [P] int64 */
+    P_TAIL_VAL,     /* [P, D] fp32 their values (estimate) */
+    P_CENTER,       /* [D] fp32 m */
+    P_SUP,          /* [S, D] super centroid - m */
+    P_SUP_RADIUS,   /* [S] fp32 */
+    P_SUP_FIRST,    /* [S] int64 first cluster */
+    P_SUP_CLUSTERS, /* [S] int64 clusters */
+    P_SUP_KEYS,     /* [S] int64 keys */
+    P_VMEAN,        /* [C, D] mean value per cluster (estimate) */
+    P_SUP_VMEAN,    /* [S, D] mean value per super-cluster (estimate) */
+    P_COUNT
+};
+enum { N_KEYS, N_CLUSTERS, N_TAIL, N_SUPERS, N_COUNT };
+
+typedef struct {
+    const float *q;        /* [H, R, D] */
+    const int64_t *ptrs;   /* [H, P_COUNT] */
+    const int64_t *counts; /* [H, N_COUNT] */
+    int64_t *out_pos;      /* [H, R, k]: each row's top k, best first (-1 past the keys scanned) */
+    int64_t *out_scanned;  /* [H] keys scored exactly */
+    float *est_out;        /* [H, R, D] (estimate) */
+    float *est_lse;        /* [H, R] (estimate) */
+    Py_ssize_t R, D, k, budget;
+    double oversample;
+    int bf16, two_level, estimate;
+    float bound_weight, group_scale, est_scale;
+    int failed;
+} search_args;
+
+typedef struct {
+    float s;
+    int32_t i;
+} scored;
+
+static inline int before(scored a, scored b) { return a.s > b.s || (a.s == b.s && a.i < b.i); }
+
+static int cmp_scored(const void *pa, const void *pb) {
+    scored a = *(const scored *)pa, b = *(const scored *)pb;
+    return before(a, b) ? -1 : before(b, a) ? 1 : 0;
+}
+
+/* Puts the m first entries of a[0..n) (in `before` order) at a[0..m), sorted: a quickselect, then a
+ * sort of the m. Entries must be distinct in (s, i) with no NaN s (callers map NaN to -inf). */
+static void top_sorted(scored *a, Py_ssize_t n, Py_ssize_t m) {
+    if (m > n) m = n;
+    if (m <= 0) return;
+    Py_ssize_t lo = 0, hi = n - 1, want = m - 1;
+    while (m < n && lo < hi) {
+        scored x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi], pivot; /* median of three */
+        if (before(x, y)) pivot = before(y, z) ? y : (before(x, z) ? z : x);
+        else pivot = before(x, z) ? x : (before(y, z) ? z : y);
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) {
+            while (before(a[i], pivot)) i++;
+            while (before(pivot, a[j])) j--;
+            if (i <= j) {
+                scored t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    qsort(a, (size_t)m, sizeof *a, cmp_scored);
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+/* Sum of the 16 lanes by halves (4 dependent adds instead of 15). */
+static ALWAYS_INLINE float hsum16_tree(v16f v) {
+    v8f h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (f[0] + f[2]) + (f[1] + f[3]);
+}
+
+static ALWAYS_INLINE float dot_f32(const float *restrict q, const float *restrict row, Py_ssize_t d) {
+    Py_ssize_t i = 0;
+    float t = 0.f;
+    if (d >= 16) {
+        v16f a0 = {0}, a1 = {0};
+        for (; i + 32 <= d; i += 32) {
+            a0 += load_f32x16(q + i) * load_f32x16(row + i);
+            a1 += load_f32x16(q + i + 16) * load_f32x16(row + i + 16);
+        }
+        for (; i + 16 <= d; i += 16) a0 += load_f32x16(q + i) * load_f32x16(row + i);
+        t = hsum16_tree(a0 + a1);
+    }
+    for (; i < d; i++) t += q[i] * row[i];
+    return t;
+}
+
+static ALWAYS_INLINE float dot_bf16(const float *restrict q, const uint16_t *restrict row, Py_ssize_t d) {
+    Py_ssize_t i = 0;
+    float t = 0.f;
+    if (d >= 16) {
+        v16f a0 = {0}, a1 = {0};
+        for (; i + 32 <= d; i += 32) {
+            a0 += load_f32x16(q + i) * load_bf16x16(row + i);
+            a1 += load_f32x16(q + i + 16) * load_bf16x16(row + i + 16);
+        }
+        for (; i + 16 <= d; i += 16) a0 += load_f32x16(q + i) * load_bf16x16(row + i);
+        t = hsum16_tree(a0 + a1);
+    }
+    for (; i < d; i++) t += q[i] * bf16_to_f32(row[i]);
+    return t;
+}
+
+static ALWAYS_INLINE float dot_row(const float *q, const void *table, int64_t row, Py_ssize_t d, int bf16) {
+    return bf16 ? dot_bf16(q, (const uint16_t *)table + row * d, d) : dot_f32(q, (const float *)table + row * d, d);
+}
+
+/* out[r * n + e] = q_r . table[rows[e]] for the R query rows (rows == NULL: row e itself); each
+ * table row is read once for all query rows. */
+static ALWAYS_INLINE void score_rows(const float *q, Py_ssize_t R, Py_ssize_t d, const void *table, int bf16,
+                                     const int64_t *rows, Py_ssize_t n, float *out) {
+    for (Py_ssize_t e = 0; e < n; e++) {
+        int64_t row = rows ? rows[e] : e;
+        for (Py_ssize_t r = 0; r < R; r++) out[r * n + e] = dot_row(q + r * d, table, row, d, bf16);
+    }
+}
+
+/* The group's score of each of n entries (ClusterIndex._group_bound): bound = raw + w |q_r| radius;
+ * one row: its bound; several: max over rows of scale * bound - (the row's max of it). */
+static void group_scores(const float *raw, Py_ssize_t R, Py_ssize_t n, const float *radius, const int64_t *rows,
+                         const float *qn, float w, float scale, scored *out, float *zmax) {
+    for (Py_ssize_t e = 0; e < n; e++) out[e].i = (int32_t)e;
+    if (R == 1) {
+        for (Py_ssize_t e = 0; e < n; e++) {
+            float b = raw[e];
+            if (w != 0.f) b = b + (w * qn[0]) * radius[rows ? rows[e] : e];
+            out[e].s = b == b ? b : -INFINITY;
+        }
+        return;
+    }
+    for (Py_ssize_t r = 0; r < R; r++) zmax[r] = -INFINITY;
+    for (Py_ssize_t r = 0; r < R; r++)
+        for (Py_ssize_t e = 0; e < n; e++) {
+            float b = raw[r * n + e];
+            if (w != 0.f) b = b + (w * qn[r]) * radius[rows ? rows[e] : e];
+            float z = scale * b;
+            if (z > zmax[r]) zmax[r] = z;
+        }
+    for (Py_ssize_t e = 0; e < n; e++) out[e].s = -INFINITY;
+    for (Py_ssize_t r = 0; r < R; r++)
+        for (Py_ssize_t e = 0; e < n; e++) {
+            float b = raw[r * n + e];
+            if (w != 0.f) b = b + (w * qn[r]) * radius[rows ? rows[e] : e];
+            float g = scale * b - zmax[r];
+            if (g > out[e].s) out[e].s = g;
+        }
+}
+
+#define TAB(T, i) ((T)(uintptr_t)pt[i])
+
+/* One head; 0 on success, -1 when out of memory. */
+MULTIVERSION
+static int search_head(const search_args *a, Py_ssize_t h) {
+    const Py_ssize_t R = a->R, D = a->D, K = a->k;
+    const int64_t *pt = a->ptrs + h * P_COUNT, *cnt = a->counts + h * N_COUNT;
+    const Py_ssize_t C = cnt[N_CLUSTERS], P = cnt[N_TAIL], S = cnt[N_SUPERS];
+    const float *q = a->q + h * R * D;
+    const int bf = a->bf16;
+    const void *keys = TAB(const void *, P_KEYS), *cent = TAB(const void *, P_CENT), *sup = TAB(const void *, P_SUP);
+    const int64_t *key_pos = TAB(const int64_t *, P_KEY_POS), *start = TAB(const int64_t *, P_START);
+    const int64_t *size = TAB(const int64_t *, P_SIZE), *tail_pos = TAB(const int64_t *, P_TAIL_POS);
+    const int64_t *sup_first = TAB(const int64_t *, P_SUP_FIRST), *sup_clusters = TAB(const int64_t *, P_SUP_CLUSTERS);
+    const int64_t *sup_keys = TAB(const int64_t *, P_SUP_KEYS);
+    const float *radius = TAB(const float *, P_RADIUS), *tail = TAB(const float *, P_TAIL);
+    const float *tail_val = TAB(const float *, P_TAIL_VAL), *center = TAB(const float *, P_CENTER);
+    const float *sup_radius = TAB(const float *, P_SUP_RADIUS);
+
+    const Py_ssize_t b = a->budget - P;
+    const int stage = C > 0 && b > 0;                /* clusters are searched */
+    const int two = stage && a->two_level && S > 0; /* through the super-clusters */
+    const int need_c = stage || (a->estimate && C > 0);
+    int rc = -1;
+    float *qn = NULL, *qm = NULL, *zmax = NULL, *raw_s = NULL, *raw_c = NULL, *scores = NULL, *tail_raw = NULL;
+    float *us = NULL, *acc = NULL, *logsize = NULL;
+    scored *gs = NULL, *gc = NULL, *tk = NULL;
+    unsigned char *chosen = NULL, *tail_taken = NULL;
+    int64_t *cand = NULL, *pos_of = NULL;
+    int32_t *unit_of = NULL, *taken = NULL;
+    Py_ssize_t M = 0, nsel = 0, rows = 0;
+
+    qn = malloc((size_t)R * sizeof *qn);
+    qm = malloc((size_t)R * sizeof *qm);
+    zmax = malloc((size_t)R * sizeof *zmax);
+    if (!qn || !qm || !zmax) goto out;
+    for (Py_ssize_t r = 0; r < R; r++) {
+        const float *qr = q + r * D;
+        float n2 = 0.f, m = 0.f;
+        for (Py_ssize_t i = 0; i < D; i++) {
+            n2 += qr[i] * qr[i];
+            m += qr[i] * center[i];
+        }
+        qn[r] = sqrtf(n2);
+        qm[r] = m;
+    }
+
+    /* 2. candidates */
+    if (two) {
+        raw_s = malloc((size_t)(R * S) * sizeof *raw_s);
+        gs = malloc((size_t)S * sizeof *gs);
+        chosen = calloc((size_t)S, 1);
+        if (!raw_s || !gs || !chosen) goto out;
+        score_rows(q, R, D, sup, bf, NULL, S, raw_s);
+        group_scores(raw_s, R, S, sup_radius, NULL, qn, a->bound_weight, a->group_scale, gs, zmax);
+        qsort(gs, (size_t)S, sizeof *gs, cmp_scored);
+        double target = ceil(a->oversample * (double)b);
+        Py_ssize_t n_open = S;
+        int64_t cum = 0;
+        for (Py_ssize_t i = 0; i < S; i++) {
+            cum += sup_keys[gs[i].i];
+            if ((double)cum >= target) {
+                n_open = i + 1;
+                break;
+            }
+        }
+        for (Py_ssize_t i = 0; i < n_open; i++) chosen[gs[i].i] = 1;
+        for (Py_ssize_t s = 0; s < S; s++)
+            if (chosen[s]) M += sup_clusters[s];
+        cand = malloc((size_t)(M > 0 ? M : 1) * sizeof *cand);
+        if (!cand) goto out;
+        Py_ssize_t m = 0;
+        for (Py_ssize_t s = 0; s < S; s++)
+            if (chosen[s])
+                for (int64_t c = 0; c < sup_clusters[s]; c++) cand[m++] = sup_first[s] + c;
+    } else if (need_c) {
+        M = C;
+    }
+    if (need_c) {
+        raw_c = malloc((size_t)(R * (M > 0 ? M : 1)) * sizeof *raw_c);
+        if (!raw_c) goto out;
+        score_rows(q, R, D, cent, bf, cand, M, raw_c);
+    }
+
+    /* 3. clusters best first until they hold b keys */
+    if (stage) {
+        gc = malloc((size_t)(M > 0 ? M : 1) * sizeof *gc);
+        if (!gc) goto out;
+        group_scores(raw_c, R, M, radius, cand, qn, a->bound_weight, a->group_scale, gc, zmax);
+        int64_t total = 0;
+        for (Py_ssize_t m = 0; m < M; m++) total += size[cand ? cand[m] : m];
+        Py_ssize_t guess = 2 * (Py_ssize_t)ceil((double)b * (double)M / (double)(total > 0 ? total : 1)) + 8;
+        if (guess > M) guess = M;
+        top_sorted(gc, M, guess);
+        int64_t have = 0;
+        for (Py_ssize_t i = 0; i < guess; i++) have += size[cand ? cand[gc[i].i] : gc[i].i];
+        if (have < b) qsort(gc, (size_t)M, sizeof *gc, cmp_scored);
+        nsel = M;
+        int64_t cum = 0;
+        for (Py_ssize_t i = 0; i < M; i++) {
+            cum += size[cand ? cand[gc[i].i] : gc[i].i];
+            if (cum >= b) {
+                nsel = i + 1;
+                break;
+            }
+        }
+        for (Py_ssize_t i = 0; i < nsel; i++) rows += size[cand ? cand[gc[i].i] : gc[i].i];
+    }
+
+    /* 4. exact scores of the tail and of the chosen clusters' keys; each row's top k */
+    const Py_ssize_t n = P + rows;
+    scores = malloc((size_t)(R * (n > 0 ? n : 1)) * sizeof *scores);
+    pos_of = malloc((size_t)(n > 0 ? n : 1) * sizeof *pos_of);
+    unit_of = malloc((size_t)(n > 0 ? n : 1) * sizeof *unit_of);
+    tk = malloc((size_t)(n > 0 ? n : 1) * sizeof *tk);
+    tail_raw = malloc((size_t)(R * (P > 0 ? P : 1)) * sizeof *tail_raw);
+    if (!scores || !pos_of || !unit_of || !tk || !tail_raw) goto out;
+    for (Py_ssize_t p = 0; p < P; p++) {
+        const float *kp = tail + p * D;
+        for (Py_ssize_t r = 0; r < R; r++) {
+            const float *qr = q + r * D;
+            float centred = 0.f, plain = 0.f;
+            for (Py_ssize_t i = 0; i < D; i++) {
+                centred += qr[i] * (kp[i] - center[i]);
+                plain += qr[i] * kp[i];
+            }
+            scores[r * n + p] = centred;
+            tail_raw[r * P + p] = plain;
+        }
+        pos_of[p] = tail_pos[p];
+        unit_of[p] = -1;
+    }
+    Py_ssize_t e = P;
+    for (Py_ssize_t i = 0; i < nsel; i++) {
+        const int32_t m = gc[i].i;
+        const int64_t c = cand ? cand[m] : m;
+        for (int64_t row = start[c]; row < start[c] + size[c]; row++, e++) {
+            for (Py_ssize_t r = 0; r < R; r++) scores[r * n + e] = dot_row(q + r * D, keys, row, D, bf);
+            pos_of[e] = key_pos[row];
+            unit_of[e] = m;
+        }
+    }
+    a->out_scanned[h] = n;
+    const Py_ssize_t kk = K < n ? K : n;
+    if (a->estimate) {
+        taken = calloc((size_t)(R * (M > 0 ? M : 1)), sizeof *taken);
+        tail_taken = calloc((size_t)(R * (P > 0 ? P : 1)), 1);
+        if (!taken || !tail_taken) goto out;
+    }
+    for (Py_ssize_t r = 0; r < R; r++) {
+        for (Py_ssize_t x = 0; x < n; x++) {
+            float s = scores[r * n + x];
+            tk[x].s = s == s ? s : -INFINITY;
+            tk[x].i = (int32_t)x;
+        }
+        top_sorted(tk, n, kk);
+        int64_t *o = a->out_pos + (h * R + r) * K;
+        for (Py_ssize_t i = 0; i < K; i++) o[i] = i < kk ? pos_of[tk[i].i] : -1;
+        if (a->estimate)
+            for (Py_ssize_t i = 0; i < kk; i++) {
+                int32_t x = tk[i].i;
+                if (x < P) tail_taken[r * P + x] = 1;
+                else taken[r * M + unit_of[x]]++;
+            }
+    }
+
+    /* 5. the estimate of the unattended keys */
+    if (a->estimate) {
+        const Py_ssize_t n_sup = two ? S : 0, U = M + n_sup + P;
+        const void *vmean = TAB(const void *, P_VMEAN), *sup_vmean = TAB(const void *, P_SUP_VMEAN);
+        us = malloc((size_t)(R * (U > 0 ? U : 1)) * sizeof *us);
+        acc = calloc((size_t)(R * D), sizeof *acc);
+        if (!us || !acc) goto out;
+        const float sc = a->est_scale;
+        logsize = malloc((size_t)(M > 0 ? M : 1) * sizeof *logsize);
+        if (!logsize) goto out;
+        for (Py_ssize_t m = 0; m < M; m++) logsize[m] = logf((float)size[cand ? cand[m] : m]);
+        for (Py_ssize_t r = 0; r < R; r++) {
+            float *u = us + r * U, mx = -INFINITY;
+            for (Py_ssize_t m = 0; m < M; m++) {
+                const int32_t t = taken[r * M + m];
+                const int64_t left = t ? size[cand ? cand[m] : m] - t : 1;
+                u[m] = left > 0 ? (raw_c[r * M + m] + qm[r]) * sc + (t ? logf((float)left) : logsize[m]) : -INFINITY;
+            }
+            for (Py_ssize_t s = 0; s < n_sup; s++)
+                u[M + s] = chosen[s] ? -INFINITY : (raw_s[r * S + s] + qm[r]) * sc + logf((float)sup_keys[s]);
+            for (Py_ssize_t p = 0; p < P; p++) u[M + n_sup + p] = tail_taken[r * P + p] ? -INFINITY : tail_raw[r * P + p] * sc;
+            for (Py_ssize_t x = 0; x < U; x++) mx = u[x] > mx ? u[x] : mx;
+            float sum = 0.f;
+            if (mx == -INFINITY) {
+                for (Py_ssize_t x = 0; x < U; x++) u[x] = 0.f;
+            } else {
+                for (Py_ssize_t x = 0; x < U; x++) {
+                    u[x] = u[x] == -INFINITY ? 0.f : exp_le0(u[x] - mx);
+                    sum += u[x];
+                }
+            }
+            a->est_lse[h * R + r] = mx == -INFINITY ? -INFINITY : mx + logf(sum);
+            zmax[r] = sum > 0.f ? 1.f / sum : 0.f;  /* reused: 1 / sum */
+        }
+        /* one pass over the unit rows (each read once for all query rows) */
+        for (Py_ssize_t x = 0; x < U; x++) {
+            const float *vf = NULL;
+            const uint16_t *vh = NULL;
+            if (x < M) {
+                int64_t c = cand ? cand[x] : x;
+                if (bf) vh = (const uint16_t *)vmean + c * D;
+                else vf = (const float *)vmean + c * D;
+            } else if (x < M + n_sup) {
+                if (bf) vh = (const uint16_t *)sup_vmean + (x - M) * D;
+                else vf = (const float *)sup_vmean + (x - M) * D;
+            } else {
+                vf = tail_val + (x - M - n_sup) * D;
+            }
+            for (Py_ssize_t r = 0; r < R; r++) {
+                const float w = us[r * U + x];
+                if (w == 0.f) continue;
+                float *o = acc + r * D;
+                Py_ssize_t i = 0;
+                if (vh) {
+                    for (; i + 16 <= D; i += 16) {
+                        v16f y = load_f32x16(o + i) + w * load_bf16x16(vh + i);
+                        memcpy(o + i, &y, sizeof y);
+                    }
+                    for (; i < D; i++) o[i] += w * bf16_to_f32(vh[i]);
+                } else {
+                    for (; i + 16 <= D; i += 16) {
+                        v16f y = load_f32x16(o + i) + w * load_f32x16(vf + i);
+                        memcpy(o + i, &y, sizeof y);
+                    }
+                    for (; i < D; i++) o[i] += w * vf[i];
+                }
+            }
+        }
+        for (Py_ssize_t r = 0; r < R; r++)
+            for (Py_ssize_t i = 0; i < D; i++) a->est_out[(h * R + r) * D + i] = acc[r * D + i] * zmax[r];
+    }
+    rc = 0;
+out:
+    free(qn); free(qm); free(zmax); free(raw_s); free(gs); free(chosen); free(cand); free(raw_c);
+    free(gc); free(scores); free(pos_of); free(unit_of); free(tk); free(tail_raw); free(taken); free(tail_taken);
+    free(us); free(acc); free(logsize);
+    return rc;
+}
+
+static void search_rows(const matvec_job *j, Py_ssize_t h0, Py_ssize_t h1) {
+    search_args *a = (search_args *)j->ctx;
+    for (Py_ssize_t h = h0; h < h1; h++)
+        if (search_head(a, h) != 0) __atomic_store_n(&a->failed, 1, __ATOMIC_SEQ_CST);
+}
+
+HIDDEN PyObject *cluster_search(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer q, ptrs, counts, out_pos, out_scanned, est_out, est_lse;
+    search_args a;
+    int threads;
+    memset(&a, 0, sizeof a);
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*nnnndiiifffi", &q, &ptrs, &counts, &out_pos, &out_scanned, &est_out,
+                          &est_lse, &a.R, &a.D, &a.k, &a.budget, &a.oversample, &a.bf16, &a.two_level, &a.estimate,
+                          &a.bound_weight, &a.group_scale, &a.est_scale, &threads))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t H = counts.len / (Py_ssize_t)(N_COUNT * sizeof(int64_t));
+    int bad = H <= 0 || a.R <= 0 || a.D <= 0 || a.k <= 0 || a.budget < a.k || !(a.oversample >= 1.0) ||
+              counts.len != H * N_COUNT * 8 || ptrs.len != H * P_COUNT * 8 || q.len != H * a.R * a.D * 4 ||
+              out_pos.len != H * a.R * a.k * 8 || out_scanned.len != H * 8 ||
+              (a.estimate && (est_out.len != H * a.R * a.D * 4 || est_lse.len != H * a.R * 4)) ||
+              ((uintptr_t)q.buf & 3) || ((uintptr_t)ptrs.buf & 7) || ((uintptr_t)counts.buf & 7) ||
+              ((uintptr_t)out_pos.buf & 7) || ((uintptr_t)out_scanned.buf & 7) || ((uintptr_t)est_out.buf & 3) ||
+              ((uintptr_t)est_lse.buf & 3);
+    for (Py_ssize_t h = 0; !bad && h < H; h++) {
+        const int64_t *c = (const int64_t *)counts.buf + h * N_COUNT, *p = (const int64_t *)ptrs.buf + h * P_COUNT;
+        for (int i = 0; i < N_COUNT; i++) bad |= c[i] < 0 || c[i] > INT32_MAX;
+        for (int i = 0; i < P_COUNT; i++) bad |= p[i] == 0;
+    }
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "cluster_search: inconsistent arguments (%zd heads, R=%zd, D=%zd, k=%zd, "
+                     "budget=%zd)", H, a.R, a.D, a.k, a.budget);
+        goto done;
+    }
+    a.q = (const float *)q.buf, a.ptrs = (const int64_t *)ptrs.buf, a.counts = (const int64_t *)counts.buf;
+    a.out_pos = (int64_t *)out_pos.buf, a.out_scanned = (int64_t *)out_scanned.buf;
+    a.est_out = (float *)est_out.buf, a.est_lse = (float *)est_lse.buf;
+    matvec_job j = {search_rows, NULL, NULL, NULL, NULL, H, 0, 0,
+                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL, &a, 1};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(&j, 2);
+    Py_END_ALLOW_THREADS
+    if (a.failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&ptrs);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&out_pos);
+    PyBuffer_Release(&out_scanned);
+    PyBuffer_Release(&est_out);
+    PyBuffer_Release(&est_lse);
+    return result;
+}

@@ -1,0 +1,111 @@
+/* What the translation units of flashtier._native share: the vector helpers, fp32 exp for softmax
+ * weights and the persistent thread pool's job type (the pool itself lives in _native.c).
+ *
+ * Vector code is written with GCC's generic 16-lane vectors; a function marked MULTIVERSION is
+ * compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (target_clones);
+ * helpers it calls are ALWAYS_INLINE so they are compiled for each target with it.
+ */
+#ifndef FLASHTIER_NATIVE_COMMON_H
+#define FLASHTIER_NATIVE_COMMON_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <float.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#define HIDDEN __attribute__((visibility("hidden")))
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Generic 16-lane vectors: GCC lowers them to one zmm (x86-64-v4), two ymm (v3) or four xmm. */
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef float v16f __attribute__((vector_size(64)));
+
+static ALWAYS_INLINE v16f load_bf16x16(const uint16_t *p) {
+    v16h h;
+    memcpy(&h, p, sizeof h);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static ALWAYS_INLINE v16f load_f32x16(const float *p) {
+    v16f f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+
+static ALWAYS_INLINE float hsum16(v16f v) {
+    float t = 0.f;
+    for (int l = 0; l < 16; l++) t += v[l];
+    return t;
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the maximum), branch-free so that loops over it
+ * vectorise: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative error ~2e-7,
+ * about one fp32 ulp), times 2^n built in the exponent bits. x < -87 gives exp(-87) ~ 1.6e-38 (a
+ * softmax weight that small is below the fp32 resolution of the sum, which holds a 1); NaN stays NaN. */
+static ALWAYS_INLINE float exp_le0(float x) {
+    float xc = x < -87.f ? -87.f : x;
+    float n = rintf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693145751953125f;   /* ln2 in two parts: exact product with the high part */
+    r = r - n * 1.42860682030941723212e-6f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    float y = p * scale;
+    return x != x ? x : y;
+}
+
+#define MAX_THREADS 64
+
+/* One threaded job: `fn` computes rows [r0, r1) of it (a matrix-vector product, a dequantization,
+ * or whatever `ctx` describes); the pool splits the rows into `parts` ranges. */
+typedef struct matvec_job matvec_job;
+typedef void (*rows_fn)(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1);
+struct matvec_job {
+    rows_fn fn;
+    const void *w;        /* rows * row_bytes bytes */
+    const float *x;       /* [cols] (products) */
+    float *out;           /* [rows] (products) or [rows, cols] (dequantization) */
+    const float *aux;     /* Q4_K / Q5_K products: per 256-block [0 x 8, sum(x) of its 8 sub-blocks] */
+    Py_ssize_t rows, cols, row_bytes;
+    int parts;
+    const struct q8x *qx; /* int8-activation products (act = 1): the quantized x, see q8x */
+    const void *ctx;      /* other jobs' own arguments (decode attention, cluster search) */
+    Py_ssize_t unit;      /* rows per claim when > 0 (default: whole 16-row groups, ~8 per thread) */
+};
+
+/* Runs `job` on the persistent pool (alone on the caller below `min_rows` rows or with one part);
+ * call with the GIL released. One job runs at a time. */
+HIDDEN void pool_run(const matvec_job *job, Py_ssize_t min_rows);
+
+/* cluster_search.c */
+HIDDEN PyObject *cluster_search(PyObject *self, PyObject *args);
+
+#endif

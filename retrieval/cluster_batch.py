@@ -1,0 +1,100 @@
+"""One native call searches the cluster indexes of every kv head of a layer (and estimates the rest).
+
+A decode step used to search each (layer, kv head) index in Python: about twenty small torch
+operations per head, ~1.5 ms whatever the context, where the bytes a search reads (super
+centroids, the opened clusters' centroids, at most ``scan_max_keys`` keys) take a few tens of
+microseconds to stream. :func:`search_heads` runs the same steps as :meth:`ClusterIndex.search`
+followed by :meth:`ClusterIndex.estimate_rest` (one query row per query head of the group, each row
+attending its own top-k: ``GroupSearch.ROWS``) for all heads at once in C
+(``native/cluster_search.c``), heads spread over the thread pool.
+
+Contract: the positions found and the estimate equal the reference's up to fp32 rounding of the
+sums (the reference and the kernel both score in fp32; a key whose score ties another's to the
+last bit may be ranked the other way). It returns None where it does not apply (no native
+extension, an index that is not a ``cluster`` index with the options the kernel implements, an
+empty index, ``k`` covering every key): the caller then runs the per-head reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from flashtier.retrieval.index import KeyIndex
+from flashtier.retrieval.index_cluster import ClusterIndex
+from flashtier.retrieval.merge import PartialAttention
+
+try:
+    from flashtier._native import cluster_search as _cluster_search
+except ImportError:  # extension not built, or built before it existed
+    _cluster_search = None
+
+
+@dataclass(frozen=True)
+class HeadsSearch:
+    """What :func:`search_heads` found for ``H`` kv heads of ``R`` query rows each."""
+
+    positions: torch.Tensor
+    """``[H, R, k]`` int64: each row's top ``k`` positions, best first."""
+    keys_scanned: tuple[int, ...]
+    """Per head, keys whose exact score was computed (tail + opened clusters)."""
+    rest: PartialAttention | None
+    """The estimate of the attention on the keys each row did not attend: out ``[H, R, D]``, lse ``[H, R]``."""
+
+
+def native_search_available() -> bool:
+    """Whether the native kernel is built."""
+    return _cluster_search is not None
+
+
+def _supported(indexes: Sequence[KeyIndex]) -> bool:
+    first = indexes[0]
+    if not isinstance(first, ClusterIndex):
+        return False
+    cfg = first.config
+    if cfg.attend_scanned or cfg.variance_correction:
+        return False
+    return all(isinstance(i, ClusterIndex) and i.config == cfg and i.ntotal == first.ntotal for i in indexes)
+
+
+def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, estimate_scale: float | None,
+                 threads: int | None = None) -> HeadsSearch | None:
+    """Search ``indexes[h]`` with ``queries[h] [R, D]`` (``queries [H, R, D]``) for each row's top
+    ``k``; with ``estimate_scale`` (the attention's ``q . k`` multiplier) also estimate each row's
+    attention on the keys it did not get (needs indexes built with ``track_values``). None where the
+    native search does not apply (see the module docstring)."""
+    if _cluster_search is None or not indexes or queries.dim() != 3 or queries.shape[0] != len(indexes):
+        return None
+    if not _supported(indexes):
+        return None
+    first: ClusterIndex = indexes[0]  # type: ignore[assignment]
+    cfg, ntotal = first.config, first.ntotal
+    h, r, d = queries.shape
+    if d != first.dim or ntotal == 0 or k <= 0 or k >= ntotal:
+        return None
+    if estimate_scale is not None and not cfg.track_values:
+        return None
+    budget = math.ceil(cfg.scan_budget_fraction * ntotal)
+    if cfg.scan_max_keys is not None:
+        budget = min(budget, cfg.scan_max_keys)
+    budget = max(k, budget)
+    tables = [i.native_tables() for i in indexes]  # type: ignore[attr-defined]
+    ptrs = np.array([t[0] for t in tables], dtype=np.int64)  # [H, 17]
+    counts = np.array([t[1] for t in tables], dtype=np.int64)  # [H, 4]
+    q = queries.detach().to(torch.float32).contiguous()  # [H, R, D]
+    positions = torch.empty((h, r, k), dtype=torch.int64)  # [H, R, k]
+    scanned = np.empty(h, dtype=np.int64)
+    estimate = estimate_scale is not None
+    out = torch.empty((h, r, d) if estimate else (0,), dtype=torch.float32)  # [H, R, D]
+    lse = torch.empty((h, r) if estimate else (0,), dtype=torch.float32)  # [H, R]
+    group_scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(d)
+    _cluster_search(q.numpy(), ptrs, counts, positions.numpy(), scanned, out.numpy(), lse.numpy(), r, d, k, budget,
+                    float(cfg.oversample), int(cfg.store_dtype == "bfloat16"), int(cfg.super_size > 0), int(estimate),
+                    float(cfg.bound_weight), float(group_scale), float(estimate_scale or 0.0),
+                    threads if threads is not None else torch.get_num_threads())
+    rest = PartialAttention(out, lse) if estimate else None
+    return HeadsSearch(positions, tuple(int(s) for s in scanned), rest)

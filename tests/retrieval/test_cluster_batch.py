@@ -1,0 +1,142 @@
+"""The native search of every kv head of a layer equals the per-head reference (ClusterIndex.search +
+estimate_rest), and the decode step gives the same attention through either path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flashtier.retrieval import attention as attention_mod
+from flashtier.retrieval.attention import OffloadedLayerKV, RetrievalAttention, RetrievalConfig
+from flashtier.retrieval.cluster_batch import native_search_available, search_heads
+from flashtier.runtime.kv.retrieval_config import PRESETS, retrieval_config
+
+pytestmark = pytest.mark.skipif(not native_search_available(), reason="native extension not built")
+
+
+def _layer(config: RetrievalConfig, heads: int, dim: int, blocks: list[int], seed: int) -> OffloadedLayerKV:
+    """Keys with a common offset (as a trained model's), added block by block as a cache demotes them."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = OffloadedLayerKV(heads, dim, config)
+    offset = torch.randn(heads, 1, dim, generator=gen) * 2
+    pos = 4
+    for n in blocks:
+        keys = offset + torch.randn(heads, n, dim, generator=gen)
+        values = torch.randn(heads, n, dim, generator=gen)
+        layer.append(keys, values, torch.arange(pos, pos + n))
+        pos += n
+    return layer
+
+
+def _check_against_reference(layer: OffloadedLayerKV, config: RetrievalConfig, rows: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed + 1)
+    heads, dim = layer.num_kv_heads, layer.head_dim
+    queries = torch.randn(heads, rows, dim, generator=gen) * 1.5  # [H, R, D]
+    scale = dim ** -0.5
+    indexes = [h.index for h in layer.heads]
+    found = search_heads(indexes, queries, config.top_k, estimate_scale=scale if config.estimate_rest else None)
+    assert found is not None
+    assert found.positions.shape == (heads, rows, config.top_k)
+    for h, index in enumerate(indexes):
+        ref = index.search(queries[h], config.top_k)
+        assert found.keys_scanned[h] == ref.keys_scanned
+        assert torch.equal(found.positions[h].sort(dim=1).values, ref.positions.sort(dim=1).values)
+        if config.estimate_rest:
+            rest = index.estimate_rest(queries[h], ref.positions, scale)
+            torch.testing.assert_close(found.rest.lse[h], rest.lse, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(found.rest.out[h], rest.out, rtol=1e-4, atol=1e-5)
+        else:
+            assert found.rest is None
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("rows", [1, 4])
+def test_presets_match_the_reference(preset: str, rows: int) -> None:
+    config = retrieval_config({"retrieval_preset": preset})
+    layer = _layer(config, heads=3, dim=32, blocks=[1024] * 6 + [64], seed=rows)  # 64 keys left in the tail
+    _check_against_reference(layer, config, rows, seed=rows)
+
+
+def test_fp32_store_one_level_and_no_estimate() -> None:
+    config = RetrievalConfig(top_k=20, scan_budget_fraction=0.05, group_search="rows", estimate_rest=False,
+                             index_options={"cluster_size": 8})
+    _check_against_reference(_layer(config, 2, 48, [512] * 4, seed=3), config, rows=2, seed=3)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=st.lists(st.integers(1, 700), min_size=1, max_size=5), rows=st.integers(1, 3),
+       dim=st.sampled_from([8, 16, 40]), top_k=st.integers(1, 60), preset=st.sampled_from(sorted(PRESETS)),
+       seed=st.integers(0, 2**16))
+def test_any_index_shape_matches_the_reference(blocks: list[int], rows: int, dim: int, top_k: int, preset: str,
+                                               seed: int) -> None:
+    """Small indexes of every shape: only a tail, budgets below / above the tail, open segments."""
+    config = retrieval_config({"retrieval_preset": preset, "top_k_keys": top_k})
+    layer = _layer(config, 2, dim, blocks, seed)
+    if top_k >= len(layer):
+        assert search_heads([h.index for h in layer.heads], torch.randn(2, rows, dim), top_k, estimate_scale=None) is None
+        return
+    _check_against_reference(layer, config, rows, seed)
+
+
+def test_result_does_not_depend_on_threads() -> None:
+    config = retrieval_config({})
+    layer = _layer(config, 4, 32, [1024] * 5, seed=7)
+    q = torch.randn(4, 4, 32, generator=torch.Generator().manual_seed(8))
+    indexes = [h.index for h in layer.heads]
+    one = search_heads(indexes, q, 100, estimate_scale=0.2, threads=1)
+    two = search_heads(indexes, q, 100, estimate_scale=0.2, threads=2)
+    assert torch.equal(one.positions, two.positions) and one.keys_scanned == two.keys_scanned
+    assert torch.equal(one.rest.out, two.rest.out) and torch.equal(one.rest.lse, two.rest.lse)
+
+
+def test_not_applicable_returns_none() -> None:
+    q = torch.randn(2, 1, 16)
+    for options in ({"attend_scanned": True}, {"variance_correction": True}):
+        config = RetrievalConfig(top_k=10, estimate_rest=False, index_options={"cluster_size": 4, **options})
+        layer = _layer(config, 2, 16, [600], seed=1)
+        assert search_heads([h.index for h in layer.heads], q, 10, estimate_scale=None) is None
+    ivf = RetrievalConfig(top_k=10, index="flat")
+    layer = _layer(ivf, 2, 16, [600], seed=1)
+    assert search_heads([h.index for h in layer.heads], q, 10, estimate_scale=None) is None
+    config = retrieval_config({})
+    empty = OffloadedLayerKV(2, 16, config)
+    assert search_heads([h.index for h in empty.heads], q, 10, estimate_scale=0.25) is None
+    no_values = RetrievalConfig(top_k=10, estimate_rest=False, index_options={"cluster_size": 4})
+    layer = _layer(no_values, 2, 16, [600], seed=1)
+    assert search_heads([h.index for h in layer.heads], q, 10, estimate_scale=0.25) is None  # estimate needs values
+
+
+def test_bad_arguments_are_an_error_not_a_crash() -> None:
+    from flashtier._native import cluster_search
+
+    q = np.zeros((2, 1, 16), dtype=np.float32)
+    ptrs = np.zeros((2, 17), dtype=np.int64)  # null tables
+    counts = np.zeros((2, 4), dtype=np.int64)
+    pos = np.zeros((2, 1, 4), dtype=np.int64)
+    with pytest.raises(ValueError, match="cluster_search"):
+        cluster_search(q, ptrs, counts, pos, np.zeros(2, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32),
+                       1, 16, 4, 8, 12.0, 1, 1, 0, 0.3, 0.25, 0.25, 1)
+    with pytest.raises(ValueError, match="cluster_search"):  # output of the wrong size
+        cluster_search(q, ptrs, counts, pos[:1], np.zeros(2, np.int64), np.zeros(0, np.float32),
+                       np.zeros(0, np.float32), 1, 16, 4, 8, 12.0, 1, 1, 0, 0.3, 0.25, 0.25, 1)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_decode_step_same_through_either_path(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = retrieval_config({"retrieval_preset": preset})
+    heads, group, dim = 2, 3, 32
+    layer = _layer(config, heads, dim, [1024] * 4 + [40], seed=11)
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(heads * group, dim, generator=gen)  # [H_q, D]
+    rk, rv = torch.randn(heads, 260, dim, generator=gen), torch.randn(heads, 260, dim, generator=gen)
+    step = RetrievalAttention(config)
+    native = step.decode_step(q, rk, rv, layer, dim ** -0.5)
+    monkeypatch.setattr(attention_mod, "search_heads", lambda *a, **k: None)
+    reference = step.decode_step(q, rk, rv, layer, dim ** -0.5)
+    assert native.stats.keys_scanned == reference.stats.keys_scanned
+    for a, b in zip(native.retrieved, reference.retrieved):
+        assert torch.equal(a.sort(dim=-1).values, b.sort(dim=-1).values)
+    torch.testing.assert_close(native.output, reference.output, rtol=1e-4, atol=1e-5)
