@@ -49,9 +49,9 @@ FILL_CHUNK = 8192
 def ensure_model(path: Path) -> Path:
     """Write the ``kv-long`` random checkpoint to ``path`` unless it is there."""
     if not (path / "config.json").is_file():
-        from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, hf_config, make_model
+        from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, hf_config, write_model
 
-        make_model(path, MakeModelSpec(hf_config(PRESETS["kv-long"])))
+        write_model(path, MakeModelSpec(hf_config(PRESETS["kv-long"])))
     return path
 
 

@@ -10,7 +10,8 @@
  *      candidates; with one level every cluster is a candidate;
  *   3. candidate clusters are ranked by the group bound (raw + w |q| r, rows compared on a shared
  *      log-softmax-like scale) and taken best first until they hold b keys;
- *   4. their keys (contiguous rows, centred) are scored exactly and each query row keeps its top k;
+ *   4. their keys (contiguous rows, centred) are scored exactly and each query row keeps its top k
+ *      (in no particular order);
  *   5. estimate (optional): every candidate cluster stands for its members that row did not attend
  *      (centroid score + log(count left), mean value), every unopened super-cluster for all its
  *      keys, every tail key not attended for itself; one softmax over these units gives an output
@@ -49,7 +50,7 @@ typedef struct {
     const float *q;        /* [H, R, D] */
     const int64_t *ptrs;   /* [H, P_COUNT] */
     const int64_t *counts; /* [H, N_COUNT] */
-    int64_t *out_pos;      /* [H, R, k]: each row's top k, best first (-1 past the keys scanned) */
+    int64_t *out_pos;      /* [H, R, k]: each row's top k, any order (-1 past the keys scanned) */
     int64_t *out_scanned;  /* [H] keys scored exactly */
     float *est_out;        /* [H, R, D] (estimate) */
     float *est_lse;        /* [H, R] (estimate) */
@@ -67,38 +68,56 @@ typedef struct {
 
 static inline int before(scored a, scored b) { return a.s > b.s || (a.s == b.s && a.i < b.i); }
 
-static int cmp_scored(const void *pa, const void *pb) {
-    scored a = *(const scored *)pa, b = *(const scored *)pb;
-    return before(a, b) ? -1 : before(b, a) ? 1 : 0;
+static ALWAYS_INLINE void swap_scored(scored *a, Py_ssize_t i, Py_ssize_t j) {
+    scored t = a[i];
+    a[i] = a[j];
+    a[j] = t;
 }
 
-/* Puts the m first entries of a[0..n) (in `before` order) at a[0..m), sorted: a quickselect, then a
- * sort of the m. Entries must be distinct in (s, i) with no NaN s (callers map NaN to -inf). */
-static void top_sorted(scored *a, Py_ssize_t n, Py_ssize_t m) {
-    if (m > n) m = n;
-    if (m <= 0) return;
-    Py_ssize_t lo = 0, hi = n - 1, want = m - 1;
-    while (m < n && lo < hi) {
-        scored x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi], pivot; /* median of three */
-        if (before(x, y)) pivot = before(y, z) ? y : (before(x, z) ? z : x);
-        else pivot = before(x, z) ? x : (before(y, z) ? z : y);
-        Py_ssize_t i = lo, j = hi;
-        while (i <= j) {
-            while (before(a[i], pivot)) i++;
-            while (before(pivot, a[j])) j--;
-            if (i <= j) {
-                scored t = a[i];
-                a[i] = a[j];
-                a[j] = t;
-                i++;
-                j--;
-            }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break;
+/* Lomuto partition of a[lo..hi) around its middle entry: returns p with a[lo..p) before a[p] and
+ * a(p..hi) after it. Entries are distinct in (s, i) (callers map NaN scores to -inf). */
+static Py_ssize_t partition(scored *a, Py_ssize_t lo, Py_ssize_t hi) {
+    swap_scored(a, lo + (hi - lo) / 2, hi - 1);
+    const scored pivot = a[hi - 1];
+    Py_ssize_t p = lo;
+    for (Py_ssize_t i = lo; i < hi - 1; i++)
+        if (before(a[i], pivot)) swap_scored(a, i, p++);
+    swap_scored(a, p, hi - 1);
+    return p;
+}
+
+/* Moves the m best entries of a[0..n) to a[0..m), in no particular order (quickselect). */
+static void select_best(scored *a, Py_ssize_t n, Py_ssize_t m) {
+    Py_ssize_t lo = 0, hi = n;
+    while (m < n && hi - lo > 1) {
+        Py_ssize_t p = partition(a, lo, hi);
+        if (p == m || p + 1 == m) return;
+        if (p > m) hi = p;
+        else lo = p + 1;
     }
-    qsort(a, (size_t)m, sizeof *a, cmp_scored);
+}
+
+/* The least m such that the m best entries of a[0..n) have weights (weight[a[x].i]) summing to at
+ * least `target` (n if all of them fall short); moves those entries to a[0..m), in no particular
+ * order. The same set as sorting best first and cutting where the running sum reaches the target,
+ * in O(n). */
+static Py_ssize_t take_until(scored *a, Py_ssize_t n, const int64_t *weight, double target) {
+    Py_ssize_t lo = 0, hi = n;
+    double need = target;
+    while (lo < hi) {
+        Py_ssize_t p = partition(a, lo, hi);
+        double better = 0;
+        for (Py_ssize_t x = lo; x < p; x++) better += (double)weight[a[x].i];
+        if (better >= need) {
+            hi = p;
+        } else if (better + (double)weight[a[p].i] >= need) {
+            return p + 1;
+        } else {
+            need -= better + (double)weight[a[p].i];
+            lo = p + 1;
+        }
+    }
+    return lo;
 }
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -188,6 +207,16 @@ static void group_scores(const float *raw, Py_ssize_t R, Py_ssize_t n, const flo
         }
 }
 
+#define LOG_TABLE 1024
+static float log_table[LOG_TABLE]; /* log_table[n] = logf(n) */
+
+__attribute__((constructor)) static void fill_log_table(void) {
+    log_table[0] = -INFINITY;
+    for (int n = 1; n < LOG_TABLE; n++) log_table[n] = logf((float)n);
+}
+
+static inline float log_count(int64_t n) { return n < LOG_TABLE ? log_table[n] : logf((float)n); }
+
 #define TAB(T, i) ((T)(uintptr_t)pt[i])
 
 /* One head; 0 on success, -1 when out of memory. */
@@ -213,10 +242,10 @@ static int search_head(const search_args *a, Py_ssize_t h) {
     const int need_c = stage || (a->estimate && C > 0);
     int rc = -1;
     float *qn = NULL, *qm = NULL, *zmax = NULL, *raw_s = NULL, *raw_c = NULL, *scores = NULL, *tail_raw = NULL;
-    float *us = NULL, *acc = NULL, *logsize = NULL;
+    float *us = NULL, *acc = NULL;
     scored *gs = NULL, *gc = NULL, *tk = NULL;
     unsigned char *chosen = NULL, *tail_taken = NULL;
-    int64_t *cand = NULL, *pos_of = NULL;
+    int64_t *cand = NULL, *pos_of = NULL, *wt = NULL;
     int32_t *unit_of = NULL, *taken = NULL;
     Py_ssize_t M = 0, nsel = 0, rows = 0;
 
@@ -243,17 +272,7 @@ static int search_head(const search_args *a, Py_ssize_t h) {
         if (!raw_s || !gs || !chosen) goto out;
         score_rows(q, R, D, sup, bf, NULL, S, raw_s);
         group_scores(raw_s, R, S, sup_radius, NULL, qn, a->bound_weight, a->group_scale, gs, zmax);
-        qsort(gs, (size_t)S, sizeof *gs, cmp_scored);
-        double target = ceil(a->oversample * (double)b);
-        Py_ssize_t n_open = S;
-        int64_t cum = 0;
-        for (Py_ssize_t i = 0; i < S; i++) {
-            cum += sup_keys[gs[i].i];
-            if ((double)cum >= target) {
-                n_open = i + 1;
-                break;
-            }
-        }
+        const Py_ssize_t n_open = take_until(gs, S, sup_keys, ceil(a->oversample * (double)b));
         for (Py_ssize_t i = 0; i < n_open; i++) chosen[gs[i].i] = 1;
         for (Py_ssize_t s = 0; s < S; s++)
             if (chosen[s]) M += sup_clusters[s];
@@ -277,23 +296,10 @@ static int search_head(const search_args *a, Py_ssize_t h) {
         gc = malloc((size_t)(M > 0 ? M : 1) * sizeof *gc);
         if (!gc) goto out;
         group_scores(raw_c, R, M, radius, cand, qn, a->bound_weight, a->group_scale, gc, zmax);
-        int64_t total = 0;
-        for (Py_ssize_t m = 0; m < M; m++) total += size[cand ? cand[m] : m];
-        Py_ssize_t guess = 2 * (Py_ssize_t)ceil((double)b * (double)M / (double)(total > 0 ? total : 1)) + 8;
-        if (guess > M) guess = M;
-        top_sorted(gc, M, guess);
-        int64_t have = 0;
-        for (Py_ssize_t i = 0; i < guess; i++) have += size[cand ? cand[gc[i].i] : gc[i].i];
-        if (have < b) qsort(gc, (size_t)M, sizeof *gc, cmp_scored);
-        nsel = M;
-        int64_t cum = 0;
-        for (Py_ssize_t i = 0; i < M; i++) {
-            cum += size[cand ? cand[gc[i].i] : gc[i].i];
-            if (cum >= b) {
-                nsel = i + 1;
-                break;
-            }
-        }
+        wt = malloc((size_t)(M > 0 ? M : 1) * sizeof *wt);
+        if (!wt) goto out;
+        for (Py_ssize_t m = 0; m < M; m++) wt[m] = size[cand ? cand[m] : m];
+        nsel = take_until(gc, M, wt, (double)b);
         for (Py_ssize_t i = 0; i < nsel; i++) rows += size[cand ? cand[gc[i].i] : gc[i].i];
     }
 
@@ -343,7 +349,7 @@ static int search_head(const search_args *a, Py_ssize_t h) {
             tk[x].s = s == s ? s : -INFINITY;
             tk[x].i = (int32_t)x;
         }
-        top_sorted(tk, n, kk);
+        select_best(tk, n, kk);
         int64_t *o = a->out_pos + (h * R + r) * K;
         for (Py_ssize_t i = 0; i < K; i++) o[i] = i < kk ? pos_of[tk[i].i] : -1;
         if (a->estimate)
@@ -362,18 +368,15 @@ static int search_head(const search_args *a, Py_ssize_t h) {
         acc = calloc((size_t)(R * D), sizeof *acc);
         if (!us || !acc) goto out;
         const float sc = a->est_scale;
-        logsize = malloc((size_t)(M > 0 ? M : 1) * sizeof *logsize);
-        if (!logsize) goto out;
-        for (Py_ssize_t m = 0; m < M; m++) logsize[m] = logf((float)size[cand ? cand[m] : m]);
         for (Py_ssize_t r = 0; r < R; r++) {
             float *u = us + r * U, mx = -INFINITY;
             for (Py_ssize_t m = 0; m < M; m++) {
                 const int32_t t = taken[r * M + m];
                 const int64_t left = t ? size[cand ? cand[m] : m] - t : 1;
-                u[m] = left > 0 ? (raw_c[r * M + m] + qm[r]) * sc + (t ? logf((float)left) : logsize[m]) : -INFINITY;
+                u[m] = left > 0 ? (raw_c[r * M + m] + qm[r]) * sc + log_count(t ? left : size[cand ? cand[m] : m]) : -INFINITY;
             }
             for (Py_ssize_t s = 0; s < n_sup; s++)
-                u[M + s] = chosen[s] ? -INFINITY : (raw_s[r * S + s] + qm[r]) * sc + logf((float)sup_keys[s]);
+                u[M + s] = chosen[s] ? -INFINITY : (raw_s[r * S + s] + qm[r]) * sc + log_count(sup_keys[s]);
             for (Py_ssize_t p = 0; p < P; p++) u[M + n_sup + p] = tail_taken[r * P + p] ? -INFINITY : tail_raw[r * P + p] * sc;
             for (Py_ssize_t x = 0; x < U; x++) mx = u[x] > mx ? u[x] : mx;
             float sum = 0.f;
@@ -427,9 +430,9 @@ static int search_head(const search_args *a, Py_ssize_t h) {
     }
     rc = 0;
 out:
-    free(qn); free(qm); free(zmax); free(raw_s); free(gs); free(chosen); free(cand); free(raw_c);
+    free(qn); free(qm); free(zmax); free(raw_s); free(gs); free(chosen); free(cand); free(raw_c); free(wt);
     free(gc); free(scores); free(pos_of); free(unit_of); free(tk); free(tail_raw); free(taken); free(tail_taken);
-    free(us); free(acc); free(logsize);
+    free(us); free(acc);
     return rc;
 }
 

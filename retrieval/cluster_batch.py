@@ -39,7 +39,7 @@ class HeadsSearch:
     """What :func:`search_heads` found for ``H`` kv heads of ``R`` query rows each."""
 
     positions: torch.Tensor
-    """``[H, R, k]`` int64: each row's top ``k`` positions, best first."""
+    """``[H, R, k]`` int64: each row's top ``k`` positions (a set: in no particular order)."""
     keys_scanned: tuple[int, ...]
     """Per head, keys whose exact score was computed (tail + opened clusters)."""
     rest: PartialAttention | None

@@ -388,7 +388,7 @@ class ClusterIndex(KeyIndex):
         clusters ``[M]`` (increasing), a mask of the chosen super-clusters ``[S]`` and the raw
         super scores ``[R, S]``."""
         raw, score = self._group_bound(queries, self._super.view(), self._super_radius.view())
-        order = torch.argsort(score, descending=True)  # [S]
+        order = torch.sort(score, descending=True, stable=True).indices  # [S] ties in index order
         keys_in = self._super_keys.view().index_select(0, order)
         n_sel = min(order.shape[0], int(torch.searchsorted(torch.cumsum(keys_in, 0), math.ceil(self.config.oversample * budget))) + 1)
         chosen = torch.sort(order[:n_sel]).values
@@ -410,11 +410,9 @@ class ClusterIndex(KeyIndex):
             raw, group_score = self._group_bound(queries, self._centroids.view(), self._radius.view())
         self._last = _LastSearch(queries, raw, cand, sup_mask, sup_raw)
         sizes_all = self._size.view() if cand is None else self._size.view().index_select(0, cand)
-        n_clusters = group_score.shape[0]
-        guess = min(n_clusters, 2 * math.ceil(budget * n_clusters / max(int(sizes_all.sum()), 1)) + 8)
-        order = torch.topk(group_score, guess).indices  # [m] best clusters first (cheaper than a full sort)
-        if int(sizes_all.index_select(0, order).sum()) < budget:
-            order = torch.argsort(group_score, descending=True)  # [C]
+        # best clusters first; equal scores (every row's best cluster scores exactly 0 for a group)
+        # in index order, the native search's tie rule
+        order = torch.sort(group_score, descending=True, stable=True).indices  # [C]
         sizes = sizes_all.index_select(0, order)
         n_sel = int(torch.searchsorted(torch.cumsum(sizes, 0), budget)) + 1
         sel, lens = order[:n_sel], sizes[:n_sel]
@@ -469,11 +467,11 @@ class ClusterIndex(KeyIndex):
         unit = torch.where(local >= 0, local, n_u + rows - (self.ntotal - n_t))  # tail keys are their own unit
         taken = torch.zeros((r, n_u + n_t)).scatter_add_(1, unit, torch.ones(unit.shape))  # [R, U + P]
         left = torch.log((torch.cat([sizes, torch.ones(n_t)]).unsqueeze(0) - taken).clamp(min=0))  # -inf: all attended
+        tail = partial_from_scores((queries @ self._tail.view().T) * scale + left[:, n_u:], self._tail_val.view()) if n_t else None
+        if n_u == 0:  # only tail keys so far
+            return tail
         clusters = partial_from_scores((scores + q_center) * scale + left[:, :n_u], vmean.float())
-        if n_t == 0:
-            return clusters
-        tail = partial_from_scores((queries @ self._tail.view().T) * scale + left[:, n_u:], self._tail_val.view())
-        return merge_partials([clusters, tail])  # no copy of the (large) mean-value table
+        return clusters if tail is None else merge_partials([clusters, tail])  # no copy of the (large) mean-value table
 
     def _variance_term(self, queries: torch.Tensor, scale: float, clusters: torch.Tensor | None) -> torch.Tensor:
         """``scale/2 * sum_d q_d^2 var_d`` ``[R, M]`` for the clusters ``clusters [M]`` (None = all),
