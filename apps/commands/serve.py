@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -58,6 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "prefilled and leaves when done; each weight is fetched once per step for all of them, and "
                         "every request's tokens equal its tokens alone). Default 1: one at a time, reusing the last "
                         "conversation's KV")
+    p.add_argument("--request-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="longest a request may take from being queued (waiting included) to its last token; past it "
+                        "the request gets 504 (a stream: an error event) and its generation stops at the next token, "
+                        "freeing its place in the batch (default: no limit)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_budget_args(p)
     p.set_defaults(func=run)
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                           aliases=(str(model_dir),), max_body_bytes=args.max_body_bytes,
                           allowed_hosts=(args.host, *args.allow_host), api_key=_api_key(args),
                           max_prompt_chars=args.max_prompt_chars, max_batch=args.max_batch,
-                          max_queue=args.max_queue)
+                          max_queue=args.max_queue, request_timeout_s=args.request_timeout)
     app = create_app(functools.partial(_load, model_dir, engine_options(args)), config)
     print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
           f"loading {model_dir} in the background"
@@ -100,6 +105,16 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
 
 

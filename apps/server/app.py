@@ -27,8 +27,9 @@ from flashtier.apps.server.config import ServerConfig
 from flashtier.apps.server.errors import error_body, install_error_handlers
 from flashtier.apps.server.guard import RequestGuard
 from flashtier.apps.server.metrics import ServerMetrics
+from flashtier.apps.server.responses import error_for
 from flashtier.apps.server.routes import ServerContext, completion_routes
-from flashtier.apps.server.worker import ModelWorker, WorkerState, WorkerUnavailable
+from flashtier.apps.server.worker import ModelWorker, RequestTimeout, WorkerState, WorkerUnavailable
 from flashtier.runtime import Model
 
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -38,7 +39,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastAPI:
     """The server app. ``model_loader`` is called once, on the worker thread, after startup."""
     metrics = ServerMetrics()
-    worker = ModelWorker(model_loader, metrics, config.live_interval_s, config.max_batch)
+    worker = ModelWorker(model_loader, metrics, config.live_interval_s, config.max_batch, config.request_timeout_s)
     ctx = ServerContext(worker, metrics, config)
 
     @asynccontextmanager
@@ -62,6 +63,12 @@ def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastA
         _count_failure(metrics, request)
         return JSONResponse(error_body(503, str(exc), code="model_unavailable"), status_code=503)
 
+    @app.exception_handler(RequestTimeout)
+    async def _timed_out(request: Request, exc: RequestTimeout) -> JSONResponse:
+        _count_failure(metrics, request)
+        err = error_for(exc)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
     app.include_router(completion_routes(ctx))
     page = resources.files("flashtier.apps").joinpath("static/chat.html").read_text(encoding="utf-8")
 
@@ -84,14 +91,15 @@ def create_app(model_loader: Callable[[], Model], config: ServerConfig) -> FastA
     async def prometheus() -> PlainTextResponse:
         gauges = {"model_ready": (int(worker.state is WorkerState.READY), "1 once the model is loaded."),
                   "queue_depth": (worker.queue_depth, "Generations queued or running."),
+                  "queue_length": (worker.waiting, "Generations queued and not started."),
                   "batch_size": (worker.batch_size, "Generations decoding together now.")}
         return PlainTextResponse(metrics.prometheus(gauges), media_type=PROMETHEUS_TEXT)
 
     @app.get("/v1/flashtier/stats")
     async def stats() -> dict[str, Any]:
-        """Live figures for the chat page: state, queue, the running and the last generation, memory."""
+        """Live figures for the chat page: state, queue, latency, the running and the last generation, memory."""
         return {"model": config.model_name, "state": worker.state.value, "queue_depth": worker.queue_depth,
-                **metrics.snapshot()}
+                "queue_length": worker.waiting, "batch_size": worker.batch_size, **metrics.snapshot()}
 
     return app
 

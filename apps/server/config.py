@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ class ServerConfig:
     retry_after_s: int = 2
     """``Retry-After`` seconds sent with 503 while the model loads."""
     live_interval_s: float = 0.5
+    """How often, during a generation, the memory report of ``/v1/flashtier/stats`` is refreshed."""
     max_queue: int | None = None
     """Most requests waiting for the model besides the ``max_batch`` it runs; a request that finds
     the queue full gets 503 with ``Retry-After`` before its prompt is tokenized (checked when the
@@ -33,7 +35,11 @@ class ServerConfig:
     """Requests that decode together (continuous batching: each weight fetched once per step for
     all of them; every request's tokens equal its tokens alone). 1: one request at a time, in
     arrival order, with the conversation-prefix reuse of the KV cache."""
-    """How often, during a generation, the memory report of ``/v1/flashtier/stats`` is refreshed."""
+    request_timeout_s: float | None = None
+    """Seconds a request may take from being queued for the model (after its checks and
+    tokenization; waiting time included) to its last token. Past it the request is answered with
+    an error at once (504 ``request_timeout``, or an error event in a stream) and its generation
+    stops at the next token boundary, freeing its KV and batch slot. None: no limit."""
     aliases: tuple[str, ...] = ()
     """Other names a request may use for the model (e.g. the folder path)."""
     created: int = field(default_factory=lambda: int(time.time()))
@@ -62,6 +68,11 @@ class ServerConfig:
             raise ConfigError(f"max_queue must be a whole number >= 0, got {self.max_queue!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ConfigError(f"max_batch must be a whole number >= 1, got {self.max_batch!r}")
+        if self.request_timeout_s is not None and (
+                isinstance(self.request_timeout_s, bool) or not isinstance(self.request_timeout_s, (int, float))
+                or not math.isfinite(self.request_timeout_s) or self.request_timeout_s <= 0):
+            raise ConfigError(f"request_timeout_s must be a positive number of seconds (or None for no limit), "
+                              f"got {self.request_timeout_s!r}")
         if self.live_interval_s <= 0:
             raise ConfigError(f"live_interval_s must be positive, got {self.live_interval_s}")
         if self.max_body_bytes < 1:

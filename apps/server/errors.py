@@ -5,7 +5,8 @@ Every error response of the server has this shape and a status that says whose f
 context, a field the server does not implement: FastAPI's 422 validation errors are turned into
 400 here), 401 without the API key when one is set, 403 for a Host or Origin that is not allowed and 413 for a body over the limit
 (:mod:`.guard`), 404 for an unknown model or path, 503 with ``Retry-After`` while the model loads,
-500 for a fault of the server.
+504 for a request stopped by ``--request-timeout`` (with ``x-should-retry: false``, so that OpenAI's
+clients do not send it again: it would time out again), 500 for a fault of the server.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger("flashtier.server")
 
 STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable",
-                500: "server_error"}
+                504: "timeout_error", 500: "server_error"}
 
 
 class APIError(Exception):

@@ -10,14 +10,22 @@ gauges ``flashtier_last_request_<stat>`` for every numeric statistic of the last
 them), ``flashtier_tier_<field>{tier="..."}`` for every numeric field of each tier in
 :meth:`Model.memory_report` (``resident_bytes``), ``flashtier_tier_hit_rate{tier="..."}`` from
 the last generation's ``<tier>_hits`` / ``<tier>_misses``, and ``flashtier_kv_bytes``,
-``flashtier_peak_rss_bytes``.
+``flashtier_peak_rss_bytes``; histograms (``_bucket{le="..."}``, ``_sum``, ``_count``)
+``flashtier_time_to_first_token_seconds`` (from the request's acceptance into the worker's queue,
+after it passed every check and was tokenized, to its first token leaving the worker: queue wait +
+prefill) and ``flashtier_inter_token_latency_seconds`` (between consecutive tokens of one request:
+a request of n tokens adds n - 1 observations, cancelled and timed-out ones included).
 """
 
 from __future__ import annotations
 
+import bisect
+import enum
+import math
 import re
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from flashtier.apps.reporting import hit_rates, is_number, tier_fields
@@ -27,17 +35,87 @@ _COUNTERS = {
     "requests_failed_total": "Requests answered with an error, or whose generation failed.",
     "requests_cancelled_total": "Generations stopped because their client went away.",
     "requests_refused_busy_total": "Requests refused with 503 because the queue was full (--max-queue).",
+    "requests_timed_out_total": "Requests stopped by --request-timeout (also counted as failed).",
     "prompt_tokens_total": "Prompt tokens of finished generations (cached ones included).",
     "generated_tokens_total": "Tokens generated.",
 }
 
 
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""Upper bounds of the time-to-first-token buckets (queue wait included, so up to minutes)."""
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds of the inter-token latency buckets (one decode step: ms on small models, s on big)."""
+RECENT_WINDOW = 4096
+"""Observations a :class:`Histogram` keeps for its p50 / p99 (the most recent ones)."""
+
+
+class Outcome(enum.Enum):
+    """How a generation that did not fail ended."""
+
+    DONE = "done"
+    CANCELLED = "cancelled"
+    """Its client went away (or the server is shutting down)."""
+    TIMED_OUT = "timed_out"
+    """It ran past ``--request-timeout``."""
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count) plus the most recent observations
+    for exact p50 / p99 over a window. Not locked itself: :class:`ServerMetrics` guards it."""
+
+    def __init__(self, bounds: tuple[float, ...], window: int = RECENT_WINDOW) -> None:
+        if list(bounds) != sorted(set(bounds)) or not bounds or not all(math.isfinite(b) for b in bounds):
+            raise ValueError(f"histogram bounds must be finite and strictly increasing, got {bounds}")
+        self.bounds = bounds
+        self._per_bucket = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        self.count = 0
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def observe(self, value: float) -> None:
+        """Count ``value`` (seconds) in the first bucket whose bound is >= it."""
+        self._per_bucket[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+        self._recent.append(value)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``[(le, observations <= le)]`` for every bound, then ``("+Inf", count)``."""
+        out, running = [], 0
+        for bound, n in zip((*map(repr, self.bounds), "+Inf"), self._per_bucket):
+            running += n
+            out.append((bound, running))
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile (nearest rank) of the recent window; None before any observation."""
+        if not self._recent:
+            return None
+        ordered = sorted(self._recent)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON: ``count`` and ``sum`` (all time), ``p50`` / ``p99`` over the last ``window``."""
+        p50, p99 = self.quantile(0.5), self.quantile(0.99)
+        return {"count": self.count, "sum": round(self.sum, 6), "window": len(self._recent),
+                "p50": None if p50 is None else round(p50, 6), "p99": None if p99 is None else round(p99, 6)}
+
+
+_HISTOGRAMS = {
+    "time_to_first_token_seconds": ("Seconds from a request's acceptance (queued for the model) to its first token.",
+                                    TTFT_BUCKETS_S),
+    "inter_token_latency_seconds": ("Seconds between consecutive tokens of one request.", ITL_BUCKETS_S),
+}
+
+
 class ServerMetrics:
-    """Thread-safe counters, the last generation's statistics, the live one's progress."""
+    """Thread-safe counters, latency histograms, the last generation's statistics, the live one's
+    progress."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._histograms = {name: Histogram(bounds) for name, (_, bounds) in _HISTOGRAMS.items()}
         self._last: dict[str, Any] = {}
         self._memory: dict[str, Any] = {}
         self._live_tokens = 0
@@ -65,18 +143,35 @@ class ServerMetrics:
         with self._lock:
             self._live_tokens = generated_tokens
 
-    def job_finished(self, stats: dict[str, Any], *, cancelled: bool) -> None:
+    def first_token(self, seconds: float) -> None:
+        """A request's first token left the worker ``seconds`` after the request was accepted."""
+        with self._lock:
+            self._histograms["time_to_first_token_seconds"].observe(seconds)
+
+    def next_token(self, seconds: float) -> None:
+        """A request's next token left the worker ``seconds`` after its previous one."""
+        with self._lock:
+            self._histograms["inter_token_latency_seconds"].observe(seconds)
+
+    def job_finished(self, stats: dict[str, Any], outcome: Outcome) -> None:
+        """A generation ended (``stats``: :meth:`Model.stats_dict`, possibly empty)."""
         with self._lock:
             self._last = dict(stats)
             self._counts["prompt_tokens_total"] += int(stats.get("prompt_tokens", 0))
             self._counts["generated_tokens_total"] += int(stats.get("generated_tokens", 0))
-            self._counts["requests_cancelled_total"] += int(cancelled)
+            self._count_outcome(outcome)
             self._live_started = None
 
-    def job_skipped(self) -> None:
-        """A job whose client went away before its turn."""
+    def job_skipped(self, outcome: Outcome) -> None:
+        """A job that ended before its turn: its client went away, or it timed out while queued."""
         with self._lock:
+            self._count_outcome(outcome)
+
+    def _count_outcome(self, outcome: Outcome) -> None:
+        if outcome is Outcome.CANCELLED:
             self._counts["requests_cancelled_total"] += 1
+        elif outcome is Outcome.TIMED_OUT:
+            self._counts["requests_timed_out_total"] += 1
 
     def job_failed(self) -> None:
         with self._lock:
@@ -89,24 +184,35 @@ class ServerMetrics:
 
     # ---------------------------------------------------------------- reads
     def snapshot(self) -> dict[str, Any]:
-        """JSON of everything: counters, ``last`` statistics, ``memory`` report, ``live`` progress."""
+        """JSON of everything: counters, ``latency`` (per histogram: count, sum, p50 / p99 of the
+        recent window, in seconds), ``last`` statistics, ``memory`` report, ``live`` progress."""
         with self._lock:
             live = None
             if self._live_started is not None:
                 elapsed = time.perf_counter() - self._live_started
                 live = {"generated_tokens": self._live_tokens,
                         "tok_s": round(self._live_tokens / elapsed, 3) if elapsed > 0 else 0.0}
-            return {"counters": dict(self._counts), "last": dict(self._last), "memory": self._memory,
+            latency = {name.removesuffix("_seconds"): h.summary() for name, h in self._histograms.items()}
+            return {"counters": dict(self._counts), "latency": latency, "last": dict(self._last), "memory": self._memory,
                     "tiers": tier_fields(self._memory), "hit_rates": hit_rates(self._last), "live": live}
 
     def prometheus(self, gauges: dict[str, tuple[float, str]]) -> str:
         """Prometheus text exposition (format 0.0.4); ``gauges`` adds server-level ``name: (value, help)``."""
         snap = self.snapshot()
+        with self._lock:
+            buckets = {name: (h.cumulative(), h.sum, h.count) for name, h in self._histograms.items()}
         lines: list[str] = []
         for name, help_text in _COUNTERS.items():
             _metric(lines, f"flashtier_{name}", "counter", help_text, [("", snap["counters"][name])])
         for name, (value, help_text) in gauges.items():
             _metric(lines, f"flashtier_{name}", "gauge", help_text, [("", value)])
+        for name, (cumulative, total, count) in buckets.items():
+            metric = f"flashtier_{name}"
+            lines.append(f"# HELP {metric} {_HISTOGRAMS[name][0]}")
+            lines.append(f"# TYPE {metric} histogram")
+            lines.extend(f'{metric}_bucket{{le="{le}"}} {n}' for le, n in cumulative)
+            lines.append(f"{metric}_sum {float(total)!r}")
+            lines.append(f"{metric}_count {count}")
         for key, value in sorted(snap["last"].items()):
             if is_number(value):
                 _metric(lines, f"flashtier_last_request_{_name(key)}", "gauge",

@@ -4,7 +4,9 @@ A stream is ``data: <json>\\n\\n`` events: chat streams open with a chunk carryi
 ``delta.role``; text arrives in content chunks (empty pieces are skipped); a chunk with empty
 delta / text carries ``finish_reason``; with ``stream_options.include_usage`` every chunk has
 ``"usage": null`` and one more chunk with no choices carries the usage; ``data: [DONE]`` ends it.
-An engine fault after the stream began is sent as one ``{"error": ...}`` event before ``[DONE]``.
+An engine fault after the stream began, or the request running past ``--request-timeout``, is sent
+as one ``{"error": ...}`` event before ``[DONE]`` (OpenAI's Python client raises ``APIError``
+with its message; the chat page shows it); ``finish_reason`` is then never sent.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from flashtier.apps.server.errors import APIError, from_engine_error
-from flashtier.apps.server.worker import Finished
+from flashtier.apps.server.worker import Finished, RequestTimeout
 from flashtier.errors import FlashtierError
 from flashtier.runtime import TokenEvent
 
@@ -39,6 +41,16 @@ class ResponseMeta:
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
+
+
+def error_for(exc: Exception) -> APIError:
+    """The error response for a generation that ended with ``exc``: 504 for a request timeout,
+    400 for bad input or configuration found by the engine, else 500."""
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc), code="request_timeout", headers={"x-should-retry": "false"})
+    if isinstance(exc, FlashtierError):
+        return from_engine_error(exc)
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}")
 
 
 def usage(done: Finished) -> dict[str, Any]:
@@ -141,6 +153,4 @@ async def _pieces(events: Events, on_failure: Callable[[], None]) -> AsyncIterat
                     yield item.text
         except Exception as e:  # noqa: BLE001 - reported to the client, the stream must end cleanly
             on_failure()
-            err = from_engine_error(e) if isinstance(e, FlashtierError) else APIError(
-                500, f"generation failed: {type(e).__name__}: {e}")
-            yield err.body()
+            yield error_for(e).body()

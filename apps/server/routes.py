@@ -2,8 +2,10 @@
 
 Each completion request is checked in full before anything is queued (body schema, model name,
 model loaded, prompt not too many characters to tokenize, prompt fits the context), so every
-client mistake is a 400 with a JSON error; the generation then runs on the model worker, in turn with all other requests. A client that goes
-away, streamed or not, cancels its generation.
+client mistake is a 400 with a JSON error; the generation then runs on the model worker, which
+starts requests in arrival order (one at a time, or ``--max-batch`` together). A client that goes
+away, streamed or not, cancels its generation; one that runs past ``--request-timeout`` gets 504
+(non-streamed; :func:`~.responses.error_for`) or an error event (streamed).
 """
 
 from __future__ import annotations

@@ -5,13 +5,24 @@ Contract:
 * :meth:`ModelWorker.start` returns at once; the model loads on the worker thread, so the server
   is already listening (and answers 503) while it loads. ``state`` goes LOADING -> READY, or
   LOADING -> FAILED with ``error`` set.
-* Jobs run in submission order, one at a time. The worker thread is the only thread that runs the
-  model; request handlers use only its tokenizer and config, which generation does not change.
+* Jobs start in submission order (FIFO: one queue, no job overtakes an earlier one, so none
+  starves while others keep arriving): one at a time, or with ``max_batch`` > 1 up to that many
+  decoding together, a waiting job joining as soon as a running one leaves. The worker thread is
+  the only thread that runs the model; request handlers use only its tokenizer and config, which
+  generation does not change.
 * :meth:`ModelWorker.stream` is the async face of a job: it yields the engine's
   :class:`TokenEvent` s, then one :class:`Finished`, delivered to the caller's event loop with
   ``call_soon_threadsafe``. Leaving the iteration early (a client went away) cancels the job: the
-  worker closes the engine's token iterator before computing the next token, which releases the
-  model for the next job. A job cancelled before its turn is skipped.
+  worker drops it before computing its next token (its KV and batch slot are freed; with one job
+  at a time the engine's token iterator is closed, which releases the model for the next job). A
+  job cancelled before its turn is skipped.
+* With ``request_timeout_s``, :meth:`ModelWorker.stream` raises :class:`RequestTimeout` once that
+  many seconds have passed since the job was queued (waiting time included) and it has not
+  finished: at the deadline itself, even while a prefill or a decode step runs; the job is then
+  cancelled as above, so the worker stops it at its next token boundary.
+* Latency: each job's first token and every next one are timed when the worker delivers them
+  (:meth:`ServerMetrics.first_token` from the job's acceptance, :meth:`ServerMetrics.next_token`
+  from its previous token).
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from flashtier.apps.server.metrics import ServerMetrics
+from flashtier.apps.server.metrics import Outcome, ServerMetrics
 from flashtier.runtime import Model, SamplingConfig, TokenEvent
 from flashtier.runtime.generate import GenerationStats
 
@@ -75,6 +86,27 @@ class _Job:
     request: GenerationRequest
     deliver: Callable[[JobItem], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    timed_out: bool = False
+    """Set (before ``cancelled``) by its consumer when the job ran past the request timeout."""
+    accepted_at: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None
+    """When the worker delivered the job's latest token (None before the first)."""
+
+    @property
+    def outcome(self) -> Outcome:
+        """How the job ends if the worker stops it now."""
+        return Outcome.TIMED_OUT if self.timed_out else Outcome.CANCELLED
+
+
+class RequestTimeout(Exception):
+    """A job ran past the server's request timeout (``--request-timeout``) and was stopped."""
+
+    def __init__(self, timeout_s: float, generated_tokens: int) -> None:
+        super().__init__(f"the request did not finish within --request-timeout {timeout_s:g} s and was stopped "
+                         f"after {generated_tokens} generated tokens; ask for fewer tokens (max_tokens) or raise "
+                         f"--request-timeout")
+        self.timeout_s = timeout_s
+        self.generated_tokens = generated_tokens
 
 
 class WorkerUnavailable(Exception):
@@ -92,12 +124,17 @@ class ModelWorker:
     """Owns the model: loads it, then serves :class:`GenerationRequest` s in FIFO order."""
 
     def __init__(self, loader: Callable[[], Model], metrics: ServerMetrics, live_interval_s: float = 0.5,
-                 max_batch: int = 1) -> None:
+                 max_batch: int = 1, request_timeout_s: float | None = None) -> None:
         """``max_batch`` > 1: up to that many jobs decode together (continuous batching: a job joins
-        at a token boundary, after its prompt is prefilled, and leaves when done or cancelled)."""
+        at a token boundary, after its prompt is prefilled, and leaves when done or cancelled).
+        ``request_timeout_s``: seconds from queueing after which a job is stopped (None: never)."""
         self._loader = loader
         self._max_batch = max_batch
+        self._request_timeout_s = request_timeout_s
         self._batch: list[_Job] = []
+        self._joining: list[_Job] = []
+        """Jobs taken from the queue and being prefilled (batched mode)."""
+        self._stopping = threading.Event()
         self.peak_batch = 0
         """The most jobs that decoded together so far."""
         self._metrics = metrics
@@ -121,10 +158,11 @@ class ModelWorker:
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running job and the queued ones (their consumers get
         :class:`WorkerUnavailable`), wait for the thread; it closes the model."""
+        self._stopping.set()
         current = self._current
         if current is not None:
             current.cancelled.set()
-        for job in list(self._batch):
+        for job in [*self._batch, *self._joining]:
             job.cancelled.set()
         with contextlib.suppress(queue.Empty):
             while True:
@@ -149,12 +187,13 @@ class ModelWorker:
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting plus the ones running."""
-        return self._jobs.qsize() + (1 if self._current is not None else 0) + len(self._batch)
+        """Jobs waiting plus the ones running (being prefilled included)."""
+        return self._jobs.qsize() + (1 if self._current is not None else 0) + len(self._batch) + len(self._joining)
 
     @property
     def waiting(self) -> int:
-        """Jobs queued and not started."""
+        """Jobs queued and not started (the queue length; ones whose client already left count until
+        their turn skips them)."""
         return self._jobs.qsize()
 
     @property
@@ -166,7 +205,9 @@ class ModelWorker:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
         """Queue ``request``; yield its tokens, then a :class:`Finished`. Closing this cancels it.
 
-        Engine errors raised while the job runs are re-raised here.
+        Engine errors raised while the job runs are re-raised here. With a request timeout,
+        :class:`RequestTimeout` is raised once it has passed since the job was queued (items the
+        worker delivered but this iteration has not yet taken are dropped), and the job is cancelled.
         """
         self.require_model()
         loop = asyncio.get_running_loop()
@@ -176,12 +217,21 @@ class ModelWorker:
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
         job = _Job(request, deliver)
+        timeout = self._request_timeout_s
+        deadline = None if timeout is None else loop.time() + timeout
+        tokens = 0
         self._jobs.put(job)
         try:
             while True:
-                item = await inbox.get()
+                try:
+                    item = await _next_before(inbox, deadline)
+                except TimeoutError:
+                    job.timed_out = True
+                    raise RequestTimeout(timeout or 0.0, tokens) from None
                 if isinstance(item, _Failed):
                     raise item.error
+                if isinstance(item, TokenEvent) and item.token_id is not None:
+                    tokens += 1
                 yield item
                 if isinstance(item, Finished):
                     return
@@ -212,18 +262,20 @@ class ModelWorker:
         try:
             while (job := self._jobs.get()) is not None:
                 if job.cancelled.is_set():
-                    self._metrics.job_skipped()  # its client left while it waited
+                    self._metrics.job_skipped(job.outcome)  # its client left, or it timed out, while it waited
                     continue
                 self._current = job
                 try:
-                    self._serve(model, job)
+                    last = self._serve(model, job)
                 finally:
                     self._current = None
+                _deliver_quietly(job, last)  # after the job left: its consumer sees the worker idle
         finally:
             self.state = WorkerState.STOPPED
             model.close()
 
-    def _serve(self, model: Model, job: _Job) -> None:
+    def _serve(self, model: Model, job: _Job) -> Finished | _Failed:
+        """Run ``job`` alone, delivering its tokens; its last item, for the caller to deliver."""
         req = job.request
         stats = GenerationStats()
         self._metrics.job_started()
@@ -237,24 +289,22 @@ class ModelWorker:
                     if job.cancelled.is_set():
                         cancelled = True
                         break
-                    job.deliver(event)
+                    self._emit(job, event)
                     self._metrics.job_progress(stats.generated_tokens)
                     if time.perf_counter() - last_live >= self._live_interval_s:
                         self._metrics.set_memory(model.memory_report())
                         last_live = time.perf_counter()
             result = model.stats_dict(stats)
-            self._metrics.job_finished(result, cancelled=cancelled)
+            self._metrics.job_finished(result, job.outcome if cancelled else Outcome.DONE)
             self._metrics.set_memory(model.memory_report())
             if cancelled:  # usually nobody listens any more; at shutdown the request gets an error
-                _deliver_quietly(job, _Failed(WorkerUnavailable(WorkerState.STOPPED, None)))
-            else:
-                job.deliver(Finished(stats.finish_reason, stats.prompt_tokens, stats.generated_tokens,
-                                     stats.cached_prompt_tokens, result))
+                return _Failed(WorkerUnavailable(WorkerState.STOPPED, None))
+            return Finished(stats.finish_reason, stats.prompt_tokens, stats.generated_tokens,
+                            stats.cached_prompt_tokens, result)
         except Exception as e:
             log.warning("generation failed: %s", e)
             self._metrics.job_failed()
-            _deliver_quietly(job, _Failed(e))
-
+            return _Failed(e)
 
     def _run_batched(self, model: Model) -> None:
         """Continuous batching: admit queued jobs up to ``max_batch`` between decode steps (waiting
@@ -265,7 +315,8 @@ class ModelWorker:
         with BatchSession(model, self._max_batch) as session:
             stopping = False
             while not stopping or self._batch:
-                joining: list[_Job] = []
+                self._drop_cancelled(session, seqs)  # first, so that their slots go to waiting jobs now
+                joining = self._joining
                 while not stopping and len(self._batch) + len(joining) < self._max_batch:
                     try:
                         job = self._jobs.get(block=not self._batch and not joining)
@@ -275,17 +326,15 @@ class ModelWorker:
                         stopping = True
                         break
                     if job.cancelled.is_set():
-                        self._metrics.job_skipped()
+                        self._metrics.job_skipped(job.outcome)
                         continue
                     joining.append(job)
                 if joining:
-                    self._admit(session, joining, seqs)
-                for job in [j for j in self._batch if j.cancelled.is_set()]:
-                    session.drop(seqs.pop(id(job)))  # type: ignore[arg-type]
-                    self._batch.remove(job)
-                    self._metrics.job_finished({}, cancelled=True)
-                    if stopping:
-                        _deliver_quietly(job, _Failed(WorkerUnavailable(WorkerState.STOPPED, None)))
+                    try:
+                        self._admit(session, joining, seqs)
+                    finally:
+                        joining.clear()
+                self._drop_cancelled(session, seqs)
                 if not self._batch:
                     continue
                 self.peak_batch = max(self.peak_batch, len(self._batch))
@@ -303,15 +352,38 @@ class ModelWorker:
                 for job in list(self._batch):
                     seq = seqs[id(job)]
                     for event in by_seq.get(id(seq), []):
-                        job.deliver(event)
+                        self._emit(job, event)
                     self._metrics.job_progress(seq.stats.generated_tokens)  # type: ignore[attr-defined]
                     if seq.finished:  # type: ignore[attr-defined]
-                        self._finish(model, job, seq)
+                        batch_size = len(self._batch)
                         seqs.pop(id(job))
                         self._batch.remove(job)
+                        self._finish(model, job, seq, batch_size)
+
+    def _drop_cancelled(self, session: object, seqs: dict[int, object]) -> None:
+        """Take the batch's cancelled (client gone, timed out, shutdown) jobs out of the session,
+        which frees their KV; at shutdown their consumers get :class:`WorkerUnavailable`."""
+        for job in [j for j in self._batch if j.cancelled.is_set()]:
+            session.drop(seqs.pop(id(job)))  # type: ignore[attr-defined]
+            self._batch.remove(job)
+            self._metrics.job_finished({}, job.outcome)
+            if self._stopping.is_set():
+                _deliver_quietly(job, _Failed(WorkerUnavailable(WorkerState.STOPPED, None)))
+
+    def _emit(self, job: _Job, event: TokenEvent) -> None:
+        """Deliver ``event`` to ``job``'s consumer; time it when it carries a token."""
+        if event.token_id is not None:
+            now = time.perf_counter()
+            if job.last_token_at is None:
+                self._metrics.first_token(now - job.accepted_at)
+            else:
+                self._metrics.next_token(now - job.last_token_at)
+            job.last_token_at = now
+        job.deliver(event)
 
     def _admit(self, session: object, jobs: list[_Job], seqs: dict[int, object]) -> None:
-        """Prefill the joining jobs together and deliver their first events."""
+        """Prefill the joining jobs together and deliver their first events; each job leaves
+        ``jobs`` for the batch, or before its last item is delivered (failed, or already done)."""
         for _ in jobs:
             self._metrics.job_started()
         try:
@@ -319,31 +391,48 @@ class ModelWorker:
                                             j.request.sampling, j.request.stop, j.request.ignore_eos) for j in jobs])
         except Exception as e:  # a fault in the prefill pass fails the joining jobs, the server goes on
             log.warning("generation failed: %s", e)
-            for job in jobs:
+            failed = list(jobs)
+            jobs.clear()
+            for job in failed:
                 self._metrics.job_failed()
                 _deliver_quietly(job, _Failed(e))
             return
-        for job, result in zip(jobs, admitted):
+        for job, result in zip(list(jobs), admitted):
             if isinstance(result, Exception):
+                jobs.remove(job)
                 self._metrics.job_failed()
                 _deliver_quietly(job, _Failed(result))
                 continue
             seq, events = result
+            if not seq.finished:
+                seqs[id(job)] = seq
+                self._batch.append(job)
+            jobs.remove(job)
             for event in events:
-                job.deliver(event)
+                self._emit(job, event)
             if seq.finished:
-                self._finish(session.model, job, seq)  # type: ignore[attr-defined]
-                continue
-            seqs[id(job)] = seq
-            self._batch.append(job)
+                self._finish(session.model, job, seq, len(self._batch) + 1)  # type: ignore[attr-defined]
 
-    def _finish(self, model: Model, job: _Job, seq: object) -> None:
+    def _finish(self, model: Model, job: _Job, seq: object, batch_size: int) -> None:
+        """Deliver the :class:`Finished` of a job that has left the batch (``batch_size``: the
+        batch it decoded its last token in)."""
         stats = seq.stats  # type: ignore[attr-defined]
         result = model.stats_dict(stats)
-        result["batch_size"] = len(self._batch)
-        self._metrics.job_finished(result, cancelled=False)
+        result["batch_size"] = batch_size
+        self._metrics.job_finished(result, Outcome.DONE)
         job.deliver(Finished(stats.finish_reason, stats.prompt_tokens, stats.generated_tokens,
                              stats.cached_prompt_tokens, result))
+
+
+async def _next_before(inbox: asyncio.Queue[JobItem], deadline: float | None) -> JobItem:
+    """The next item of ``inbox``; TimeoutError once the event loop's clock reaches ``deadline``
+    (checked first, so items already waiting do not outlive it)."""
+    if deadline is None:
+        return await inbox.get()
+    if asyncio.get_running_loop().time() >= deadline:
+        raise TimeoutError
+    async with asyncio.timeout_at(deadline):
+        return await inbox.get()
 
 
 def _deliver_quietly(job: _Job, item: JobItem) -> None:

@@ -103,6 +103,35 @@ def model_loader() -> Callable[..., Callable[[], object]]:
     return one_thread_loader
 
 
+def slowed_loader(model_dir: Path, pass_s: float, **options: object) -> Callable[[], object]:
+    """:func:`one_thread_loader` whose model sleeps ``pass_s`` before every pass over the weights
+    (each prefill chunk, each decode step of the batch), on this model only: tests of timing
+    (timeouts, queues) then rest on a step time the machine's speed barely changes."""
+    load = one_thread_loader(model_dir, **options)
+
+    def load_slowed() -> object:
+        import time
+
+        model = load()
+        transformer = model.transformer  # type: ignore[attr-defined]
+        forward_groups = transformer.forward_groups
+
+        def slowed(*args: object, **kwargs: object) -> object:
+            time.sleep(pass_s)
+            return forward_groups(*args, **kwargs)
+
+        transformer.forward_groups = slowed
+        return model
+
+    return load_slowed
+
+
+@pytest.fixture(scope="session")
+def slow_model_loader() -> Callable[..., Callable[[], object]]:
+    """:func:`slowed_loader`, for tests that build their own app."""
+    return slowed_loader
+
+
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_chat_model(tmp_path_factory.mktemp("apps") / "chat-model")
