@@ -1,0 +1,100 @@
+"""Fairness of the model worker: requests start in arrival order (FIFO), and none starves while
+others keep arriving.
+
+Scenario, on the fixture model with continuous batching (``max_batch`` 2): three requests arrive
+at once (the third one a long prompt that asks for many tokens, the kind a shortest-first policy
+would keep behind the others), then one more arrives every time any running request gets a token,
+until 12 have arrived, so the queue never empties while the early ones wait. A request's first
+token is delivered when it is admitted, so the order of first tokens is the admission order; it
+must be the arrival order, and every request must end with all its tokens, equal to its tokens
+alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flashtier.apps.server.metrics import ServerMetrics
+from flashtier.apps.server.worker import Finished, GenerationRequest, ModelWorker
+from flashtier.runtime import Model, SamplingConfig, TokenEvent
+
+ARRIVALS = 12
+MAX_BATCH = 2
+
+
+def request(k: int, model: Model) -> GenerationRequest:
+    """Request ``k``: a short prompt and 4..9 tokens, except k == 2: a long prompt, 24 tokens."""
+    text = "The quick brown fox jumps over the lazy dog. " * 12 if k == 2 else f"request {k}:"
+    ids = tuple(model.encode(text))
+    return GenerationRequest(ids, 24 if k == 2 else 4 + k % 6, SamplingConfig(temperature=0.0), ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def worker(chat_model_dir, model_loader):
+    w = ModelWorker(model_loader(chat_model_dir), ServerMetrics(), max_batch=MAX_BATCH)
+    w.start()
+    assert w.wait_ready(timeout=60)
+    yield w
+    w.stop()
+
+
+async def tokens_of(worker: ModelWorker, req: GenerationRequest) -> list[int]:
+    out = []
+    async for item in worker.stream(req):
+        if isinstance(item, TokenEvent) and item.token_id is not None:
+            out.append(item.token_id)
+    return out
+
+
+def test_admission_is_in_arrival_order_and_none_starves(worker):
+    model = worker.require_model()
+    requests = [request(k, model) for k in range(ARRIVALS)]
+    assert len(requests[2].prompt_ids) > 5 * len(requests[3].prompt_ids)
+
+    async def scenario() -> tuple[dict[int, list[int]], list[int], list[int], dict[int, Finished], int,
+                                  dict[int, list[int]]]:
+        alone = {k: await tokens_of(worker, r) for k, r in enumerate(requests)}
+        arrived: list[int] = []
+        admitted: list[int] = []
+        got: dict[int, list[int]] = {}
+        done: dict[int, Finished] = {}
+        most_waiting = 0
+        tasks: list[asyncio.Task] = []
+
+        def arrive() -> None:
+            k = len(arrived)
+            arrived.append(k)
+            tasks.append(asyncio.create_task(consume(k)))
+
+        async def consume(k: int) -> None:
+            nonlocal most_waiting
+            got[k] = []
+            async for item in worker.stream(requests[k]):
+                if isinstance(item, Finished):
+                    done[k] = item
+                elif item.token_id is not None:
+                    if not got[k]:
+                        admitted.append(k)
+                    got[k].append(item.token_id)
+                    most_waiting = max(most_waiting, worker.waiting)
+                    if len(arrived) < ARRIVALS:
+                        arrive()
+                        await asyncio.sleep(0)  # let it queue its job before this stream goes on
+
+        for _ in range(3):
+            arrive()
+            await asyncio.sleep(0)  # each task queues its job at its first step: in arrival order
+        while len(tasks) < ARRIVALS or not all(t.done() for t in tasks):
+            await asyncio.gather(*tasks)
+        return alone, arrived, admitted, done, most_waiting, got
+
+    alone, arrived, admitted, done, most_waiting, got = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    assert arrived == list(range(ARRIVALS))
+    assert most_waiting >= 3, "requests should have queued up behind the batch"
+    assert admitted == arrived, f"admitted in the order {admitted}, arrived in the order {arrived}"
+    for k, r in enumerate(requests):
+        assert done[k].finish_reason == "length" and done[k].completion_tokens == r.max_new_tokens
+        assert got[k] == alone[k], f"request {k} in the batch differs from the same request alone"
+    assert worker.peak_batch == MAX_BATCH and worker.queue_depth == 0
