@@ -1,5 +1,6 @@
 """The web chat page in headless Chromium: a streamed answer appears (the same text the API gives
-for the same request), the stop button cancels a generation on the server, tokens/s and memory show.
+for the same request), the stop button cancels a generation on the server, tokens/s and memory show;
+several tabs streaming at once each end with their own answer and their own token counts.
 
 Needs the Debian packages ``chromium`` and ``chromium-driver`` and the Python package ``selenium``;
 skipped with the reason when one is missing.
@@ -98,3 +99,75 @@ def test_stop_button_cancels_the_generation(browser, live_server):
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert r.status_code == 200
     assert cancelled() == before + 1
+
+
+TAB_QUESTIONS = ("What is the capital of France?", "How are you today?", "Hello!")
+TAB_MAX_TOKENS = 12  # the fixture model answers each of these with 12 tokens: all three end at one step
+
+
+def test_several_tabs_stream_at_once(browser, chat_model_dir, server_factory, slow_model_loader):
+    """Three tabs of the page ask at once, on a server decoding up to 3 requests together: all three
+    wait while the batch is full (three long requests run), then stream together and end at the
+    same step; each tab ends with its own answer (the API's answer alone) and shows its own token
+    counts (not those of the request that happened to finish last on the server)."""
+    import threading
+
+    from flashtier.apps.server import ServerConfig, create_app
+
+    app = create_app(slow_model_loader(chat_model_dir, 0.01), ServerConfig("chat-model", max_batch=3))
+    live = server_factory(app)
+    assert app.state.worker.wait_ready(timeout=60)
+    expected = []
+    for question in TAB_QUESTIONS:
+        r = httpx.post(f"{live.base_url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": question}], "max_tokens": TAB_MAX_TOKENS,
+            "temperature": 0}).json()
+        assert r["choices"][0]["message"]["content"] and r["usage"]["completion_tokens"] == TAB_MAX_TOKENS, r
+        expected.append((r["choices"][0]["message"]["content"], r["usage"]["prompt_tokens"]))
+    assert len({prompt for _, prompt in expected}) == 3  # so a tab showing another's counts is seen
+
+    release = threading.Event()
+
+    def long_request() -> None:  # holds one batch slot until released (its stream is then closed)
+        body = {"prompt": "story", "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=live.base_url, timeout=60) as http, \
+                http.stream("POST", "/v1/completions", json=body) as r:
+            for _ in r.iter_lines():
+                if release.is_set():
+                    return
+
+    blockers = [threading.Thread(target=long_request) for _ in range(3)]
+    tabs = []
+    try:
+        for t in blockers:
+            t.start()
+        for question in TAB_QUESTIONS:
+            if tabs:
+                browser.switch_to.new_window("tab")
+            tabs.append(browser.current_window_handle)
+            open_page(browser, live.base_url, TAB_MAX_TOKENS)
+            ask(browser, question)
+        for tab in tabs:
+            browser.switch_to.window(tab)
+            assert status(browser) == "streaming"  # all three are waiting for the model at once
+        assert app.state.worker.waiting == 3
+    finally:
+        release.set()
+        for t in blockers:
+            t.join(30)
+    try:
+        for tab, (text, prompt_tokens) in zip(tabs, expected):
+            browser.switch_to.window(tab)
+            WebDriverWait(browser, 60, poll_frequency=0.1).until(lambda d: status(d) in ("done", "error", "stopped"))
+            assert status(browser) == "done"
+            assert answers(browser) == [text]
+            info = browser.find_element(By.ID, "tokens-info").text
+            assert info.startswith(f"prompt {prompt_tokens} ") and info.endswith(f"{TAB_MAX_TOKENS} generated"), (
+                f"this tab shows {info!r}; its request had {prompt_tokens} prompt tokens")
+    finally:
+        for tab in tabs[1:]:
+            browser.switch_to.window(tab)
+            browser.close()
+        browser.switch_to.window(tabs[0])
+    assert app.state.worker.peak_batch == 3
+    live.stop()
