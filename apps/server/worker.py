@@ -309,10 +309,14 @@ class ModelWorker:
     def _run_batched(self, model: Model) -> None:
         """Continuous batching: admit queued jobs up to ``max_batch`` between decode steps (waiting
         for one only when none runs), step every running job once, deliver each its events."""
+        import torch
+
         from flashtier.runtime.engine import BatchSession
 
         seqs: dict[int, object] = {}
         with BatchSession(model, self._max_batch) as session:
+            if model.engine_config.threads is not None:  # --threads, as Model.stream and generate_batch apply it
+                torch.set_num_threads(model.engine_config.threads)
             stopping = False
             while not stopping or self._batch:
                 self._drop_cancelled(session, seqs)  # first, so that their slots go to waiting jobs now

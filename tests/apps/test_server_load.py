@@ -144,3 +144,45 @@ def test_a_client_leaving_a_batch_is_dropped_and_the_others_go_on(batched_server
         time.sleep(0.1)
     assert _metric(base, "flashtier_requests_cancelled_total") == cancelled + 1
     assert batched_server.app.state.worker.batch_size == 0
+
+
+def test_batched_worker_runs_with_the_threads_option(chat_model_dir, server_factory):
+    """``serve --max-batch N --threads T``: the batch's prefill passes run with T torch threads, as
+    ``Model.stream``'s and ``generate_batch``'s do (they ran with torch's default before: on a busy
+    2-core machine the shipped model served ~10x slower batched than one at a time). Decode steps
+    keep the engine's own choice (one thread with the native kernel)."""
+    import threading
+
+    import torch
+
+    from flashtier.apps.server import ServerConfig, create_app
+    from flashtier.runtime import open_model
+
+    default: list[int] = []
+    probe = threading.Thread(target=lambda: default.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    threads = default[0] + 1  # differs from what a fresh thread gets
+    seen: list[tuple[bool, int]] = []  # (a prefill pass, torch threads)
+
+    def load():
+        model = open_model(chat_model_dir, threads=threads)
+        forward_groups = model.transformer.forward_groups
+
+        def recording(groups, *args, **kwargs):
+            seen.append((any(len(g) > 1 for g in groups), torch.get_num_threads()))
+            return forward_groups(groups, *args, **kwargs)
+
+        model.transformer.forward_groups = recording
+        return model
+
+    app = create_app(load, ServerConfig("chat-model", max_batch=2))
+    live = server_factory(app)
+    assert app.state.worker.wait_ready(timeout=60)
+    r = httpx.post(f"{live.base_url}/v1/completions", timeout=60,
+                   json={"prompt": "a prompt of several tokens", "max_tokens": 3, "temperature": 0,
+                         "ignore_eos": True})
+    assert r.status_code == 200
+    prefill = {n for is_prefill, n in seen if is_prefill}
+    assert prefill == {threads}, f"prefill ran with {sorted(prefill)} threads, --threads {threads}"
+    live.stop()
