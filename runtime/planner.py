@@ -79,6 +79,11 @@ class PlanRequest:
     """Retrieval attention: at most this many offloaded keys scanned per search, as the runtime's
     default preset bounds it (``scan_max_keys``); None = the share alone."""
     retrieval_top_k: int = 2048
+    retrieval_step_s: float | None = None
+    """Retrieval attention: seconds of one decode step's attention over all layers as measured on
+    this machine (:mod:`flashtier.runtime.kv.retrieval_cost`: a probe of the runtime's own step,
+    scaled by the bytes the index reads at ``context``). Replaces the byte model above (scan
+    share, top-k rows at host memory bandwidth) in the prediction. None: the byte model."""
     streamed_unit: StreamedUnit = "tensor"
     """What the forward holds at once and what residency is decided for: ``tensor`` (dense weights
     are released after their matmul; a layer that does not fit whole keeps the tensors that fit)
@@ -144,6 +149,8 @@ class Plan:
     fits (it also holds the weights that keep the window that small)."""
     small_bytes: int = 0
     """Norms, routers and other small tensors, always resident."""
+    predicted_retrieval_s: float | None = None
+    """Retrieval attention's share of the step (``PlanRequest.retrieval_step_s``), None when not measured."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -154,6 +161,7 @@ class Plan:
             "predicted_decode_tok_s": round(self.predicted_decode_tok_s, 4),
             "predicted_decode_s_per_token": round(self.predicted_decode_s, 6),
             "bound_by": self.bound_by,
+            "predicted_retrieval_s_per_token": None if self.predicted_retrieval_s is None else round(self.predicted_retrieval_s, 6),
             "min_dram_budget": self.min_dram_budget,
             "stream_window_bytes": self.stream_window_bytes,
             "expert_cache_bytes": self.expert_cache_bytes,
@@ -369,6 +377,14 @@ def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ba
         "compute_device": (per_token["device"] + kv_device_read) / bw.device_memory,
         "compute_host": (per_token["host"] + kv_host_read) / bw.host_memory,
     }
+    retrieval_s = req.retrieval_step_s if req.attention == "retrieval" else None
+    if retrieval_s is not None:
+        if has_device:  # the host-side search overlaps the device's compute
+            times["retrieval_host"] = retrieval_s
+        else:  # the CPU runs the attention between the products
+            times["compute_host"] = per_token["host"] / bw.host_memory + retrieval_s
+        notes.append(f"retrieval step {retrieval_s * 1e3:.1f} ms/token from the probe of this machine's step "
+                     "(flashtier.runtime.kv.retrieval_cost), not from the byte model")
     bound_by = max(times, key=times.__getitem__)
     # Streaming overlaps compute; device compute and host-side retrieval overlap too.
     step = max(times.values())
@@ -389,6 +405,7 @@ def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ba
         need_bytes=int(min_dram),
         small_bytes=int(small_bytes),
         expert_cache_bytes=int(expert_cache),
+        predicted_retrieval_s=retrieval_s,
         bandwidths=bw,
         notes=notes,
     )

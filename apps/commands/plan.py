@@ -15,6 +15,7 @@ from flashtier.apps.common import resolve_model_dir
 from flashtier.errors import CheckpointError
 
 DEFAULT_CACHE = Path.home() / ".cache" / "flashtier" / "bench_io.json"
+PROBE_CACHE = Path.home() / ".cache" / "flashtier" / "retrieval_probe.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --attention retrieval: the offloaded KV is KIVI-quantised (group 32, 64-token blocks)")
     p.add_argument("--compressed", choices=["auto", "off"], default="auto",
                    help="plan reads from the compressed copy when the model has one (`flashtier compress`; default auto)")
+    p.add_argument("--retrieval-probe", choices=["auto", "off"], default="auto",
+                   help="with --attention retrieval: predict the attention step from a probe of this machine's own "
+                        "retrieval step (a few seconds, once per head shape; cached in --probe-cache) (default auto); "
+                        "off: the byte model at host memory bandwidth")
+    p.add_argument("--probe-cache", default=str(PROBE_CACHE), help="where the retrieval probe is cached")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -108,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                       context=args.context, attention=args.attention, storage_fraction=fraction,
                       kv_host_fraction=kv_fraction, expert_cache=experts,
                       expert_cache_min_bytes=_expert_min(ck, cfg, sizes)
-                      if experts else 0)
+                      if experts else 0,
+                      retrieval_step_s=_retrieval_step(cfg, args) if args.attention == "retrieval" else None)
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
     if args.json:
         print(json.dumps({"model": str(target), "source": source, "context": args.context,
@@ -129,6 +136,27 @@ def run(args: argparse.Namespace) -> int:
     for note in plan.notes:
         print(f"note         {note}")
     return 0
+
+
+def _retrieval_step(cfg: object, args: argparse.Namespace) -> float | None:
+    """Seconds of a decode step's retrieval attention at ``--context`` on this machine (the default
+    preset), from the cached probe (run now when missing); None with ``--retrieval-probe off``."""
+    if args.retrieval_probe == "off":
+        return None
+    import sys
+
+    from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
+    from flashtier.runtime.kv.retrieval_cost import HeadShape, cached_probe, is_cached
+
+    config = RetrievalCacheConfig(kv_quant_bits=args.kv_quant_bits,
+                                  kv_quant_group=32 if args.kv_quant_bits is not None else None)
+    shape = HeadShape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+    cache = Path(args.probe_cache)
+    if not is_cached(config, shape, cache):
+        print(f"probing this machine's retrieval step for {shape.num_kv_heads} kv heads x {shape.head_dim} "
+              f"(a few seconds, once; cached in {cache})", file=sys.stderr, flush=True)
+    cost = cached_probe(config, shape, cache)
+    return cost.step_seconds(config.retrieval, shape, args.context, cfg.num_layers)
 
 
 def _expert_min(checkpoint: object, cfg: object, sizes: dict[str, int]) -> int:

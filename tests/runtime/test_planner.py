@@ -97,7 +97,7 @@ def test_budget_below_minimum_names_the_minimum():
 def test_plan_cli_json_from_config_alone():
     r = subprocess.run([sys.executable, "-m", "flashtier", "plan", str(FIXTURE), "--device-budget", "24G",
                         "--dram-budget", "64G", "--context", "131072", "--attention", "retrieval", "--json",
-                        "--bench-cache", "/nonexistent"], capture_output=True, text=True, timeout=120)
+                        "--bench-cache", "/nonexistent", "--retrieval-probe", "off"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["fits"] is True and out["predicted_decode_tok_s"] > 5

@@ -1,0 +1,217 @@
+"""What a retrieval-attention decode step costs: bytes from the index config, time from a probe.
+
+The step of one layer (:meth:`~flashtier.retrieval.attention.RetrievalAttention.decode_step`)
+reads, per kv head: the super-centroids, the centroids of the clusters in the opened
+super-clusters (and their mean values for the estimate of the rest), the keys of the clusters
+scanned, the retrieved K/V rows and the resident window. :func:`step_bytes` counts them from the
+index configuration and the context, the way the search takes them.
+
+How fast those bytes go through this machine's CPU (one native call per layer, a few torch calls
+around it) is measured, not assumed: :func:`probe` times the real decode step on synthetic keys of
+the model's head shape at two context lengths (a few seconds) and fits
+``seconds per layer = fixed + bytes / rate``; :class:`RetrievalCost` then predicts the step at any
+context. ``flashtier plan --attention retrieval`` runs the probe once per (head shape, preset,
+threads, CPU) and caches it (``~/.cache/flashtier/retrieval_probe.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from flashtier.errors import ConfigError
+from flashtier.retrieval.attention import GroupSearch, RetrievalConfig
+from flashtier.retrieval.index_cluster import STORE_DTYPES, ClusterIndexConfig
+from flashtier.runtime.kv.layout import KVBlockLayout
+from flashtier.runtime.kv.retrieval import RetrievalKVCache
+from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
+
+
+@dataclass(frozen=True, slots=True)
+class HeadShape:
+    """The attention shape a retrieval step depends on."""
+
+    num_kv_heads: int
+    queries_per_kv: int
+    """Query heads per kv head (GQA group size)."""
+    head_dim: int
+    kv_dtype_bytes: int = 2
+    """Bytes per element of the K/V read back (bf16: 2)."""
+
+    def __post_init__(self) -> None:
+        if min(self.num_kv_heads, self.queries_per_kv, self.head_dim, self.kv_dtype_bytes) <= 0:
+            raise ConfigError(f"head shape needs positive sizes, got {self}")
+
+
+def step_bytes(config: RetrievalConfig, shape: HeadShape, context: int) -> int:
+    """Bytes one layer's decode step reads at ``context`` tokens (offloaded = context - sinks - window)."""
+    d, h, g = shape.head_dim, shape.num_kv_heads, shape.queries_per_kv
+    resident = min(context, config.sink_tokens + config.window)
+    offloaded = max(0, context - resident)
+    kv_row = 2 * d * shape.kv_dtype_bytes  # one position's K and V
+    per_head = resident * kv_row
+    if offloaded:
+        rows = g if config.group_search is not GroupSearch.MEAN else 1
+        k = min(config.top_k, offloaded)
+        per_head += rows * k * kv_row  # retrieved rows
+        idx = config.index_config()
+        if isinstance(idx, ClusterIndexConfig):
+            es = STORE_DTYPES[idx.store_dtype].itemsize
+            budget = math.ceil(config.scan_budget_fraction * offloaded)
+            if idx.scan_max_keys is not None:
+                budget = min(budget, idx.scan_max_keys)
+            budget = min(offloaded, max(k, budget))
+            if idx.super_size:
+                supers = math.ceil(offloaded / idx.super_size)
+                opened = min(offloaded, math.ceil(idx.oversample * budget))
+                clusters = math.ceil(opened / idx.cluster_size)
+                per_head += supers * (d * es + 40) * (2 if config.estimate_rest else 1)
+            else:
+                clusters = math.ceil(offloaded / idx.cluster_size)
+            per_head += clusters * (d * es + 20) * (2 if config.estimate_rest else 1)
+            per_head += budget * (d * es + 8)  # keys scanned and their positions
+        else:  # flat / ivf: the share scanned, exact keys
+            scanned = offloaded if config.index == "flat" else math.ceil(config.scan_budget_fraction * offloaded)
+            per_head += scanned * d * 4
+    return h * per_head
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalCost:
+    """Seconds per layer of a decode step = ``fixed_s + bytes / bytes_per_s`` (fitted by :func:`probe`)."""
+
+    fixed_s: float
+    bytes_per_s: float
+    threads: int
+    source: str = "probe"
+
+    def layer_seconds(self, config: RetrievalConfig, shape: HeadShape, context: int) -> float:
+        return self.fixed_s + step_bytes(config, shape, context) / self.bytes_per_s
+
+    def step_seconds(self, config: RetrievalConfig, shape: HeadShape, context: int, num_layers: int) -> float:
+        """Predicted attention time of one decode step (all layers)."""
+        return num_layers * self.layer_seconds(config, shape, context)
+
+
+PROBE_CONTEXTS = (4096, 16384)
+"""Context lengths of the two probe runs (the bytes a step reads differ ~3x between them for the
+default preset; both build in about a second per 8 kv heads)."""
+
+
+def _time_layer(config: RetrievalCacheConfig, shape: HeadShape, context: int, steps: int, seed: int,
+                dtype: torch.dtype) -> float:
+    """Median seconds of one layer's decode-step attention through the runtime's own cache
+    (:class:`RetrievalKVCache`: device ring, host pool, indexes) over synthetic K/V of ``context``
+    positions (keys: a common offset plus noise, as trained models' keys have)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, d, g = shape.num_kv_heads, shape.head_dim, shape.queries_per_kv
+    layout = KVBlockLayout(1, h, d, config.block_size, dtype)
+    cache = RetrievalKVCache(layout, config)
+    try:
+        cache.reserve(context + steps + 4)
+        offset = torch.randn(h, 1, d, generator=gen) * 2
+        for start in range(0, context, 4096):
+            n = min(4096, context - start)
+            keys = (offset + torch.randn(h, n, d, generator=gen)).to(dtype)  # [H, n, D]
+            cache.write(0, keys, torch.randn(h, n, d, generator=gen).to(dtype), start)
+        times = []
+        for i in range(steps + 3):
+            q = torch.randn(h * g, 1, d, generator=gen).to(dtype)  # [H_q, 1, D]
+            k = (offset + torch.randn(h, 1, d, generator=gen)).to(dtype)
+            t0 = time.perf_counter()
+            cache.attend(0, q, k, torch.randn(h, 1, d, generator=gen).to(dtype), context + i)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        cache.close()
+
+
+def probe(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple[int, int] = PROBE_CONTEXTS,
+          steps: int = 15, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> RetrievalCost:
+    """Fit :class:`RetrievalCost` from the runtime's decode-step attention at two context lengths
+    (a few seconds)."""
+    small, large = contexts
+    r = config.retrieval
+    t = [_time_layer(config, shape, c, steps, seed, dtype) for c in (small, large)]
+    b = [step_bytes(r, shape, c) for c in (small, large)]
+    if b[1] <= b[0]:
+        raise ConfigError(f"probe contexts {contexts} read the same bytes; give two that differ")
+    if t[1] <= t[0]:  # noise larger than the difference: all of it as bytes, no fixed part
+        rate, fixed = b[1] / t[1], 0.0
+    else:
+        rate = (b[1] - b[0]) / (t[1] - t[0])
+        fixed = max(0.0, t[0] - b[0] / rate)
+    return RetrievalCost(fixed, rate, torch.get_num_threads())
+
+
+def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape) -> str:
+    """What a cached probe is valid for: the head shape, the retrieval settings, the thread count and the CPU."""
+    config = cache_config.retrieval
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    settings = {"shape": asdict(shape), "top_k": config.top_k, "window": config.window, "sinks": config.sink_tokens,
+                "index": config.index, "scan": config.scan_budget_fraction, "group": config.group_search.value,
+                "estimate": config.estimate_rest, "options": dict(config.index_options),
+                "threads": torch.get_num_threads(), "cpu": cpu,
+                "block": cache_config.block_size, "kv_quant_bits": cache_config.kv_quant_bits}
+    return json.dumps(settings, sort_keys=True)
+
+
+def _entries_crc(entries: dict) -> int:
+    return zlib.crc32(json.dumps(entries, sort_keys=True).encode())
+
+
+def _read_cache(cache: Path) -> dict[str, dict]:
+    """The entries of a probe cache file; empty when missing, unreadable or failing its crc32."""
+    try:
+        stored = json.loads(cache.read_text())
+        if isinstance(stored, dict) and stored.get("crc32") == _entries_crc(stored["entries"]):
+            return dict(stored["entries"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return {}
+
+
+def is_cached(config: RetrievalCacheConfig, shape: HeadShape, cache: Path | None) -> bool:
+    """Whether ``cache`` holds a valid probe for these settings on this machine."""
+    return cache is not None and probe_key(config, shape) in _read_cache(cache)
+
+
+def cached_probe(config: RetrievalCacheConfig, shape: HeadShape, cache: Path | None) -> RetrievalCost:
+    """:func:`probe`, read from / written to the JSON file ``cache`` (None: no cache). The file
+    carries a crc32 of its entries; a file that does not match (cut, edited, another format) is
+    ignored and rewritten."""
+    key = probe_key(config, shape)
+    entries = _read_cache(cache) if cache is not None else {}
+    hit = entries.get(key)
+    if hit is not None:
+        try:
+            return RetrievalCost(float(hit["fixed_s"]), float(hit["bytes_per_s"]), int(hit["threads"]),
+                                 f"probe cached in {cache}")
+        except (KeyError, TypeError, ValueError):
+            pass  # a malformed entry under a good crc (written by another version): probe again
+    cost = probe(config, shape)
+    if cache is not None:
+        entries[key] = asdict(cost)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"crc32": _entries_crc(entries), "entries": entries}, indent=1))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a cache we cannot write only costs the probe next time
+    return cost

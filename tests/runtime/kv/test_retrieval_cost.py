@@ -1,0 +1,118 @@
+"""The retrieval step's cost model: bytes from the index config, the probe's fit, its cache, and
+how ``plan`` uses it."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashtier.checkpoint.config import ModelConfig
+from flashtier.runtime.kv import retrieval_cost as rc
+from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig, retrieval_config
+from flashtier.runtime.kv.retrieval_cost import HeadShape, RetrievalCost, cached_probe, is_cached, step_bytes
+from flashtier.runtime.planner import PlanRequest, make_plan, sizes_from_config
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_step_bytes_by_hand_for_the_default_preset() -> None:
+    config = retrieval_config({})  # balanced: 4 sinks, window 256, top-100, clusters of 4 under supers of 256
+    shape = HeadShape(num_kv_heads=8, queries_per_kv=4, head_dim=128)
+    context = 131072
+    offloaded = context - 260
+    budget = 1024  # 4.5% of the offloaded keys, capped by scan_max_keys
+    supers = math.ceil(offloaded / 256)
+    clusters = math.ceil(12 * budget / 4)  # the opened super-clusters hold 12x the budget
+    per_head = (260 * 2 * 128 * 2  # resident K and V
+                + 4 * 100 * 2 * 128 * 2  # each query head's 100 retrieved rows
+                + supers * (128 * 2 + 40) * 2 + clusters * (128 * 2 + 20) * 2  # centroids (+ mean values)
+                + budget * (128 * 2 + 8))  # keys scanned
+    assert step_bytes(config, shape, context) == 8 * per_head
+    # short contexts scan a share of the keys, and nothing before the window fills
+    assert step_bytes(config, shape, 200) == 8 * 200 * 2 * 128 * 2
+    assert step_bytes(config, shape, 8192) < step_bytes(config, shape, 65536)
+
+
+def test_probe_fits_fixed_cost_and_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = RetrievalCacheConfig()
+    shape = HeadShape(2, 4, 32)
+    fixed, rate = 0.0005, 3e9
+
+    def fake(cfg, shp, context, steps, seed, dtype):
+        return fixed + step_bytes(cfg.retrieval, shp, context) / rate
+
+    monkeypatch.setattr(rc, "_time_layer", fake)
+    cost = rc.probe(config, shape)
+    assert cost.fixed_s == pytest.approx(fixed, rel=1e-6) and cost.bytes_per_s == pytest.approx(rate, rel=1e-6)
+    context = 100_000
+    assert cost.step_seconds(config.retrieval, shape, context, 6) == pytest.approx(
+        6 * (fixed + step_bytes(config.retrieval, shape, context) / rate))
+
+
+def test_probe_cache_is_checked_and_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_probe(config, shape, *a, **k):
+        calls.append(shape)
+        return RetrievalCost(0.001, 2e9, 2)
+
+    monkeypatch.setattr(rc, "probe", fake_probe)
+    cache = tmp_path / "probe.json"
+    config, shape = RetrievalCacheConfig(), HeadShape(2, 4, 32)
+    assert not is_cached(config, shape, cache)
+    first = cached_probe(config, shape, cache)
+    assert is_cached(config, shape, cache) and len(calls) == 1
+    again = cached_probe(config, shape, cache)
+    assert len(calls) == 1 and again.bytes_per_s == first.bytes_per_s and "cached" in again.source
+    other = HeadShape(8, 1, 128)  # another head shape is another probe
+    cached_probe(config, other, cache)
+    assert len(calls) == 2 and is_cached(config, shape, cache) and is_cached(config, other, cache)
+    stored = json.loads(cache.read_text())
+    key = next(iter(stored["entries"]))
+    stored["entries"][key]["bytes_per_s"] = 1.0  # edited without the crc: not trusted
+    cache.write_text(json.dumps(stored))
+    assert not is_cached(config, shape, cache)
+    assert cached_probe(config, shape, cache).bytes_per_s == 2e9 and len(calls) == 3
+    cache.write_text("{cut")
+    assert not is_cached(config, shape, cache)
+    cached_probe(config, shape, cache)
+    assert len(calls) == 4 and is_cached(config, shape, cache)
+
+
+def test_plan_uses_the_measured_step() -> None:
+    cfg = ModelConfig.from_hf(json.loads((ROOT / "tests/runtime/fixtures/llama-3.1-8b-config.json").read_text()))
+    sizes = sizes_from_config(cfg)
+    base = PlanRequest(dram_budget=64 << 30, context=131072, attention="retrieval")
+    model = make_plan(cfg, sizes, base)
+    measured = make_plan(cfg, sizes, PlanRequest(dram_budget=64 << 30, context=131072, attention="retrieval",
+                                                 retrieval_step_s=0.5))
+    assert model.predicted_retrieval_s is None and measured.predicted_retrieval_s == 0.5
+    assert measured.predicted_decode_s >= 0.5 and measured.predicted_decode_s > model.predicted_decode_s
+    assert measured.as_json()["predicted_retrieval_s_per_token"] == 0.5
+    full = make_plan(cfg, sizes, PlanRequest(dram_budget=64 << 30, context=131072, retrieval_step_s=0.5))
+    assert full.predicted_retrieval_s is None  # only retrieval attention uses it
+    device = make_plan(cfg, sizes, PlanRequest(device_budget=24 << 30, dram_budget=64 << 30, context=131072,
+                                               attention="retrieval", retrieval_step_s=0.5))
+    assert device.bound_by == "retrieval_host" and device.predicted_decode_s == pytest.approx(0.5)
+
+
+def test_plan_cli_probes_once_then_reads_the_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "probe.json"
+    cmd = [sys.executable, "-m", "flashtier", "plan", str(ROOT / "models/tiny-moe-16k/config.json"), "--context",
+           "16384", "--attention", "retrieval", "--json", "--bench-cache", "/nonexistent", "--probe-cache", str(cache)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "probing this machine's retrieval step" in first.stderr
+    out = json.loads(first.stdout)
+    assert out["predicted_retrieval_s_per_token"] > 0
+    assert out["predicted_decode_s_per_token"] >= out["predicted_retrieval_s_per_token"]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "probing" not in second.stderr
+    assert json.loads(second.stdout)["predicted_retrieval_s_per_token"] == out["predicted_retrieval_s_per_token"]
+    off = subprocess.run(cmd + ["--retrieval-probe", "off"], capture_output=True, text=True, timeout=120)
+    assert off.returncode == 0 and json.loads(off.stdout)["predicted_retrieval_s_per_token"] is None
