@@ -169,11 +169,13 @@ async def streaming_load(base: str, s: Scenario) -> dict[str, Any]:
     results = dict(r for rs in per_client for r in rs)
     answers = {k: a for k, a in results.items() if isinstance(a, Answer)}
     lost = n - len(answers)
-    differ = [k for k, a in answers.items() if a.content() != alone[k].content()]
+    differ = sorted(k for k, a in answers.items() if a.content() != alone[k].content())
+    cut = sorted(k for k, a in answers.items()  # ended elsewhere than alone (fewer tokens, or another reason)
+                 if (a.finish_reason, a.completion_tokens) != (alone[k].finish_reason, alone[k].completion_tokens))
     ttfts = sorted(a.ttft_s for a in answers.values())
     tokens = sum(a.completion_tokens for a in answers.values())
     errors = sorted({f"{type(e).__name__}: {e}" for e in results.values() if isinstance(e, BaseException)})
-    return {"alone": [a.content() for a in alone], "lost": lost, "differ": differ, "errors": errors[:3],
+    return {"alone": [a.content() for a in alone], "lost": lost, "differ": differ, "cut": cut, "errors": errors[:3],
             "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
             "ttft_p50": _quantile(ttfts, 0.5), "ttft_p99": _quantile(ttfts, 0.99),
             "alone_tok_s": sum(a.completion_tokens for a in alone) / sum(a.total_s for a in alone)}
@@ -271,11 +273,12 @@ def streaming_table(name: str, s: Scenario, rows: list[tuple[int, dict[str, Any]
              f"client x {s.requests} streamed requests each ({n} different requests, half chat, half text "
              f"completion, greedy, at most {s.tokens} tokens); server --threads {s.threads or 'default'}, "
              f"{os.cpu_count()} CPU cores", "",
-             "| --max-batch | lost | mixed or truncated | TTFT p50 s | TTFT p99 s | aggregate tokens/s | "
-             "wall s | tokens | one at a time, alone: tokens/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --max-batch | lost | differ from alone | of which end differently | TTFT p50 s | TTFT p99 s | "
+             "aggregate tokens/s | wall s | tokens | alone, one after the other: tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b, r in rows:
-        lines.append(f"| {b} | {r['lost']} | {len(r['differ'])} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | "
+        lines.append(f"| {b} | {r['lost']} | {len(r['differ'])} | {len(r['cut'])} | {r['ttft_p50']:.2f} | "
+                     f"{r['ttft_p99']:.2f} | "
                      f"{r['tok_s']:.1f} | {r['wall_s']:.1f} | {r['tokens']} | {r['alone_tok_s']:.1f} |")
     lines += ["", f"Answers alone identical across --max-batch values: {'yes' if same_alone else 'NO'}."]
     for b, r in rows:
