@@ -241,6 +241,7 @@ class Model:
         self.cache = self._new_cache()
         self.prompt_cache = self._open_prompt_cache()
         self._cached_ids: list[int] = []
+        """Prompt ids whose KV in ``cache`` equals a fresh prefill's (whole prefill chunks from 0)."""
         self._lock = threading.Lock()
         self._lock_owner: int | None = None  # thread id of the open stream holding _lock
         self.load_s = time.perf_counter() - t0
@@ -346,14 +347,18 @@ class Model:
         """The body of :meth:`stream`, run while holding the model's lock."""
         if self.engine_config.threads is not None:
             torch.set_num_threads(self.engine_config.threads)
-        reuse = _common_prefix(self._cached_ids, ids)
+        # Reuse the cached KV of a shared prefix only in whole prefill chunks from position 0: that
+        # KV is bit-identical to what a fresh prefill of this prompt computes, so the answer does not
+        # depend on what ran before. A partial last chunk and decoded tokens were computed in other
+        # shapes (bf16 rounds them differently) and are recomputed.
+        chunk = self.engine_config.prefill_chunk
+        reuse = min(_common_prefix(self._cached_ids, ids), len(ids) - 1) // chunk * chunk
         pc = self.prompt_cache
         loaded = pc.load(self.cache, ids, at_least=reuse) if pc is not None else 0
         if loaded:
             reuse = loaded
             stats.extra["prompt_cache_tokens"] = loaded
-        # Store the prompt's blocks when its prefill runs in the chunks a fresh prefill would use.
-        store = pc is not None and (loaded or reuse == 0)
+        store = pc is not None  # the prefill runs in the chunks a fresh prefill uses (reuse is aligned)
         gen = generate_ids(self.transformer, self.cache, ids, max_new_tokens, Sampler(sampling),
                            () if ignore_eos else self.stop_ids(), stats, self.engine_config.prefill_chunk, reuse,
                            self.context_limit, decode_threads=1 if self.linear.kernel == "native" else None)
@@ -365,7 +370,7 @@ class Model:
                 out.append(tok)
                 if len(out) == 1:
                     stats.decode_start_counters = self._io_counters()
-                self._cached_ids = ids + out[:-1]  # the last token is not in the cache yet
+                self._cached_ids = ids[: len(ids) // chunk * chunk]  # the prompt's whole chunks
                 event, stopped = texts.push(tok)
                 yield event
                 if stopped:

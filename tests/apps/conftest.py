@@ -187,7 +187,8 @@ def live_server(chat_model_dir: Path, server_factory: Callable[[object], LiveSer
     """The shared server on the fixture model, loaded and ready."""
     from flashtier.apps.server import ServerConfig, create_app
 
-    app = create_app(one_thread_loader(chat_model_dir), ServerConfig("chat-model"))
+    # prefill chunks of 16 tokens: a repeated conversation reuses its KV (whole chunks only)
+    app = create_app(one_thread_loader(chat_model_dir, prefill_chunk=16), ServerConfig("chat-model"))
     live = server_factory(app)
     assert app.state.worker.wait_ready(timeout=60), "the model did not load within 60 s"
     return live

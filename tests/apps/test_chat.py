@@ -16,7 +16,7 @@ from flashtier.runtime import SamplingConfig, open_model
 
 @pytest.fixture(scope="module")
 def model(chat_model_dir):
-    with open_model(chat_model_dir) as m:
+    with open_model(chat_model_dir, prefill_chunk=16) as m:  # small chunks: short chats reuse their KV
         yield m
 
 
@@ -57,19 +57,27 @@ def session(model, max_new_tokens: int = 8, system: str | None = "You are terse.
     return ChatSession(model, system=system, sampling=SamplingConfig(temperature=0.0), max_new_tokens=max_new_tokens)
 
 
-def test_multi_turn_reuses_the_kv_cache(model):
-    chat = session(model)
-    app = ChatApp(chat, reader([]), io.StringIO(), io.StringIO())
-    turns = []
-    for question in ("Hello!", "What is the capital of France?", "And of Italy?"):
-        assert app.handle(question)
-        turns.append(chat.last.stats)
-    assert [m["role"] for m in chat.messages] == ["system"] + ["user", "assistant"] * 3
-    assert chat.messages[-1]["content"] == chat.last.text
-    # Each prompt extends the previous conversation: everything up to the last answer is cached.
-    assert turns[1].cached_prompt_tokens >= turns[0].prompt_tokens
-    assert turns[2].cached_prompt_tokens >= turns[1].prompt_tokens > turns[1].cached_prompt_tokens
-    assert all(t.prompt_tokens - t.cached_prompt_tokens < t.prompt_tokens for t in turns[1:])
+def test_multi_turn_reuses_whole_prefill_chunks_and_answers_as_if_alone(chat_model_dir):
+    """Each prompt extends the previous conversation; its KV is reused in whole prefill chunks (what
+    a fresh prefill computes bit for bit), so every answer equals the same prompt asked of a fresh
+    model, bf16 included."""
+    chunk = 16
+    with open_model(chat_model_dir, prefill_chunk=chunk) as m, open_model(chat_model_dir, prefill_chunk=chunk) as fresh:
+        chat = session(m, max_new_tokens=12)
+        app = ChatApp(chat, reader([]), io.StringIO(), io.StringIO())
+        turns, alone = [], []
+        for question in ("Hello!", "What is the capital of France?", "And of Italy?"):
+            asked = [dict(x) for x in chat.messages] + [{"role": "user", "content": question}]
+            assert app.handle(question)
+            turns.append(chat.last.stats)
+            fresh.cache.truncate(0)  # nothing to reuse: a fresh prefill
+            alone.append(fresh.generate(messages=asked, max_new_tokens=12, sampling=SamplingConfig(temperature=0.0)))
+            assert chat.last.text == alone[-1].text
+        assert [m["role"] for m in chat.messages] == ["system"] + ["user", "assistant"] * 3
+        assert turns[0].cached_prompt_tokens == 0
+        for before, now in zip(turns, turns[1:]):
+            assert now.cached_prompt_tokens == before.prompt_tokens // chunk * chunk > 0
+        assert all(a.stats["cached_prompt_tokens"] == 0 for a in alone)
 
 
 def test_reset_stats_help_and_exit(model):
@@ -117,7 +125,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(model, chat_model_dir):
     chat.max_new_tokens = 4
     assert app.handle("Go on.")
     assert not chat.last.cancelled and chat.last.stats.generated_tokens >= 1
-    assert chat.last.stats.cached_prompt_tokens >= interrupted.stats.prompt_tokens
+    assert chat.last.stats.cached_prompt_tokens == interrupted.stats.prompt_tokens // 16 * 16 > 0
     with open_model(chat_model_dir) as fresh:  # no cache: the answer must be the same
         alone = fresh.generate(messages=chat.messages[:-1], max_new_tokens=4, sampling=SamplingConfig(temperature=0))
     assert alone.text == chat.last.text

@@ -52,8 +52,10 @@ def test_streamed_chat_equals_the_plain_answer(client):
     assert finishes == [plain.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
-    # The same conversation again: the engine reuses its KV cache (OpenAI's cached_tokens).
-    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+    # The same conversation again: the engine reuses its KV cache (OpenAI's cached_tokens) in whole
+    # prefill chunks (16 tokens on this server), what a fresh prefill computes bit for bit.
+    prompt = chunks[-1].usage.prompt_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16 > 0
 
 
 def test_text_completion_plain_and_streamed(client):

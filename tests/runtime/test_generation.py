@@ -7,7 +7,7 @@ import torch
 
 from flashtier.errors import BusyError, ConfigError, InputError
 from flashtier.runtime import SamplingConfig
-from flashtier.runtime.engine import Model, parse_bytes
+from flashtier.runtime.engine import Model, open_model, parse_bytes
 from flashtier.checkpoint.make_model import PRESETS, MakeModelSpec, write_model
 from flashtier.runtime.sampling import Sampler
 
@@ -50,13 +50,18 @@ def test_stop_token_ends_generation(tiny):
     assert r.tokens == free[: first + 1] and r.finish_reason == "stop"
 
 
-def test_continuing_a_conversation_reuses_the_cache(tiny):
-    first = tiny.generate([5, 6, 7, 8], max_new_tokens=6, ignore_eos=True)
-    follow = [5, 6, 7, 8, *first.tokens, 9, 10]
-    again = tiny.generate(follow, max_new_tokens=6, ignore_eos=True)
-    assert again.stats["cached_prompt_tokens"] == 4 + 6 - 1
-    fresh = Model(tiny.model_dir).generate(follow, max_new_tokens=6, ignore_eos=True)
-    assert again.tokens == fresh.tokens
+def test_continuing_a_conversation_reuses_whole_prefill_chunks(tiny):
+    """Only the KV a fresh prefill would compute bit for bit is reused: the prompt's whole prefill
+    chunks from position 0 (not its partial last chunk, not the decoded tokens)."""
+    model = open_model(tiny.model_dir, prefill_chunk=3)
+    first = model.generate([5, 6, 7, 8, 9, 10, 11], max_new_tokens=6, ignore_eos=True)
+    follow = [5, 6, 7, 8, 9, 10, 11, *first.tokens, 9, 10]
+    again = model.generate(follow, max_new_tokens=6, ignore_eos=True)
+    assert again.stats["cached_prompt_tokens"] == 6  # 7 prompt tokens: two whole chunks of 3
+    fresh = open_model(tiny.model_dir, prefill_chunk=3).generate(follow, max_new_tokens=6, ignore_eos=True)
+    assert fresh.stats["cached_prompt_tokens"] == 0 and again.tokens == fresh.tokens
+    same = model.generate(follow, max_new_tokens=6, ignore_eos=True)  # the very prompt again
+    assert same.stats["cached_prompt_tokens"] == (len(follow) - 1) // 3 * 3 and same.tokens == fresh.tokens
 
 
 def test_a_second_generation_while_a_stream_is_open_on_the_thread_is_refused(tiny):
