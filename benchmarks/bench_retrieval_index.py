@@ -13,7 +13,8 @@ as they would leave the resident window: all but the last ``--decode-tokens`` in
 prefill), then blocks of ``--block``. Build time is the time spent in those adds.
 
 Per index, budget and group mode (``union``: one search with the group's G queries, attend the
-union of their top-k; ``mean``: one search with the mean query, attend its top-k) it reports
+union of their top-k; ``mean``: one search with the mean query, attend its top-k; ``rows``, the
+runtime's default: one search with the group's G queries, each query head attends its own top-k) it reports
 recall@k (exact top-k found, per query head), attention-mass recall (mass on attended keys / mass
 on as many best keys), mass covered (share of all exact mass), attended keys, scanned fraction,
 search time per group and build time per head. ``--policies`` adds a comparison of selection
@@ -97,7 +98,7 @@ def index_settings(n_keys: int, budgets: list[float],
 
 def measure(name: str, options: dict[str, float | int], heads: list[tuple[torch.Tensor, torch.Tensor]],
             k: int, block: int, decode_tokens: int, scale: float) -> list[Row]:
-    per_group: dict[str, list[list[float]]] = {"union": [], "mean": []}
+    per_group: dict[str, list[list[float]]] = {"union": [], "mean": [], "rows": []}
     builds = []
     for keys, queries in heads:
         n, _ = keys.shape
@@ -122,6 +123,16 @@ def measure(name: str, options: dict[str, float | int], heads: list[tuple[torch.
                 best = sorted_probs[:, : attended.numel()].sum(dim=1)
                 per_group[mode].append([recall, float((covered / best).mean()), float(covered.mean()),
                                         attended.numel(), found.keys_scanned / n, search_ms])
+            # rows (the runtime's default): one search of the group, each query head its own top-k
+            t0 = time.perf_counter()
+            found = index.search(q, k)
+            search_ms = (time.perf_counter() - t0) * 1e3
+            rows_found = found.positions if found.positions.shape[0] == q.shape[0] else found.positions.expand(q.shape[0], -1)
+            recall = np.mean([np.isin(e.numpy(), f.numpy()).mean() for f, e in zip(rows_found, exact_top)])
+            covered = torch.stack([probs[r, f].sum() for r, f in enumerate(rows_found)])  # [G]
+            best = sorted_probs[:, : rows_found.shape[1]].sum(dim=1)
+            per_group["rows"].append([recall, float((covered / best).mean()), float(covered.mean()),
+                                      rows_found.shape[1], found.keys_scanned / n, search_ms])
     n_keys = heads[0][0].shape[0]
     build = float(np.mean(builds))
     opts = ",".join(f"{a}={b}" for a, b in options.items())

@@ -5,7 +5,7 @@
 For each model (the random-weight ``kv-long``: 8 layers x 8 kv heads of 128; the shipped
 ``tiny-moe-16k``: 6 layers x 2 kv heads of 32, 4 query heads each) and context: the prediction
 ``plan --attention retrieval`` makes (:mod:`flashtier.runtime.kv.retrieval_cost`: a probe of one
-layer's step at 4K and 16K on synthetic keys, scaled by the bytes the index reads at the context),
+step (up to 8 layers) at 4K and 12K on synthetic keys, scaled by the bytes the index reads at the context),
 then the measured attention time of real decode steps (the model's forward over a retrieval cache
 filled by the projection-only prefill of ``bench_long_context``; median over ``--steps`` steps of
 the cache's own ``decode_attention_s``). The target: within 30%.
@@ -48,7 +48,7 @@ def run_model(path: Path, contexts: list[int], steps: int, warmup: int) -> list[
     c = model.config
     config = RetrievalCacheConfig.from_engine(llm.engine_config.kv_block_size, llm.engine_config.prefill_chunk, {})
     shape = HeadShape(c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim, model.dtype.itemsize)
-    cost = probe(config, shape, dtype=model.dtype)
+    cost = probe(config, shape, c.num_layers, dtype=model.dtype)
     fill = ProjectionPrefill(model, 0)
     rows = []
     for length in contexts:

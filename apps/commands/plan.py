@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="plan reads from the compressed copy when the model has one (`flashtier compress`; default auto)")
     p.add_argument("--retrieval-probe", choices=["auto", "off"], default="auto",
                    help="with --attention retrieval: predict the attention step from a probe of this machine's own "
-                        "retrieval step (a few seconds, once per head shape; cached in --probe-cache) (default auto); "
+                        "retrieval step (seconds to a minute, once per head shape; cached in --probe-cache) (default auto); "
                         "off: the byte model at host memory bandwidth")
     p.add_argument("--probe-cache", default=str(PROBE_CACHE), help="where the retrieval probe is cached")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -152,10 +152,10 @@ def _retrieval_step(cfg: object, args: argparse.Namespace) -> float | None:
                                   kv_quant_group=32 if args.kv_quant_bits is not None else None)
     shape = HeadShape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
     cache = Path(args.probe_cache)
-    if not is_cached(config, shape, cache):
+    if not is_cached(config, shape, cfg.num_layers, cache):
         print(f"probing this machine's retrieval step for {shape.num_kv_heads} kv heads x {shape.head_dim} "
-              f"(a few seconds, once; cached in {cache})", file=sys.stderr, flush=True)
-    cost = cached_probe(config, shape, cache)
+              f"(seconds to a minute, once; cached in {cache})", file=sys.stderr, flush=True)
+    cost = cached_probe(config, shape, cfg.num_layers, cache)
     return cost.step_seconds(config.retrieval, shape, args.context, cfg.num_layers)
 
 

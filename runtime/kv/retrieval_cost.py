@@ -8,7 +8,7 @@ index configuration and the context, the way the search takes them.
 
 How fast those bytes go through this machine's CPU (one native call per layer, a few torch calls
 around it) is measured, not assumed: :func:`probe` times the real decode step on synthetic keys of
-the model's head shape at two context lengths (a few seconds) and fits
+the model's head shape (up to 8 layers) at two context lengths and fits
 ``seconds per layer = fixed + bytes / rate``; :class:`RetrievalCost` then predicts the step at any
 context. ``flashtier plan --attention retrieval`` runs the probe once per (head shape, preset,
 threads, CPU) and caches it (``~/.cache/flashtier/retrieval_probe.json``).
@@ -102,47 +102,74 @@ class RetrievalCost:
         return num_layers * self.layer_seconds(config, shape, context)
 
 
-PROBE_CONTEXTS = (4096, 16384)
-"""Context lengths of the two probe runs (the bytes a step reads differ ~3x between them for the
-default preset; both build in about a second per 8 kv heads)."""
+PROBE_CONTEXTS = (4096, 12288)
+"""Context lengths of the two probe runs (the bytes a step reads differ ~2.5x between them for the
+default preset)."""
+PROBE_RUN = 6
+"""Timed steps of one context before the other takes its turn."""
+PROBE_MAX_LAYERS = 8
+"""Layers the probe builds (the model's, up to this many): a step that cycles through several
+layers' indexes finds them in DRAM, as the real step does, not in the last-level cache."""
 
 
-def _time_layer(config: RetrievalCacheConfig, shape: HeadShape, context: int, steps: int, seed: int,
-                dtype: torch.dtype) -> float:
-    """Median seconds of one layer's decode-step attention through the runtime's own cache
-    (:class:`RetrievalKVCache`: device ring, host pool, indexes) over synthetic K/V of ``context``
-    positions (keys: a common offset plus noise, as trained models' keys have)."""
+def _filled_cache(config: RetrievalCacheConfig, shape: HeadShape, context: int, steps: int, gen: torch.Generator,
+                  dtype: torch.dtype, layers: int, offset: torch.Tensor) -> RetrievalKVCache:
+    """A retrieval cache of ``layers`` layers holding ``context`` positions of synthetic K/V (keys:
+    a common ``offset [H, 1, D]`` plus noise, as trained models' keys have)."""
+    h, d = shape.num_kv_heads, shape.head_dim
+    cache = RetrievalKVCache(KVBlockLayout(layers, h, d, config.block_size, dtype), config)
+    cache.reserve(context + 2 * steps + 8)
+    for start in range(0, context, 4096):
+        n = min(4096, context - start)
+        for layer in range(layers):
+            keys = (offset + torch.randn(h, n, d, generator=gen)).to(dtype)  # [H, n, D]
+            cache.write(layer, keys, torch.randn(h, n, d, generator=gen).to(dtype), start)
+    return cache
+
+
+@torch.inference_mode()
+def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple[int, ...], steps: int, seed: int,
+                 dtype: torch.dtype, layers: int) -> list[float]:
+    """Per context, the median seconds per layer of the decode-step attention through the
+    runtime's own cache (:class:`RetrievalKVCache`: device ring, host pool, indexes) over ``layers``
+    layers. Each timed step attends every layer in turn, as a forward pass does; the contexts take
+    turns in short runs of steps, so load swings on a shared machine hit them alike (the first step
+    of a run, which finds the other context's data in the CPU caches, is not timed)."""
     gen = torch.Generator().manual_seed(seed)
     h, d, g = shape.num_kv_heads, shape.head_dim, shape.queries_per_kv
-    layout = KVBlockLayout(1, h, d, config.block_size, dtype)
-    cache = RetrievalKVCache(layout, config)
+    offset = torch.randn(h, 1, d, generator=gen) * 2
+    caches = [_filled_cache(config, shape, c, steps, gen, dtype, layers, offset) for c in contexts]
     try:
-        cache.reserve(context + steps + 4)
-        offset = torch.randn(h, 1, d, generator=gen) * 2
-        for start in range(0, context, 4096):
-            n = min(4096, context - start)
-            keys = (offset + torch.randn(h, n, d, generator=gen)).to(dtype)  # [H, n, D]
-            cache.write(0, keys, torch.randn(h, n, d, generator=gen).to(dtype), start)
-        times = []
-        for i in range(steps + 3):
-            q = torch.randn(h * g, 1, d, generator=gen).to(dtype)  # [H_q, 1, D]
-            k = (offset + torch.randn(h, 1, d, generator=gen)).to(dtype)
-            t0 = time.perf_counter()
-            cache.attend(0, q, k, torch.randn(h, 1, d, generator=gen).to(dtype), context + i)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        times: list[list[float]] = [[] for _ in contexts]
+        done = [0 for _ in contexts]
+        for _ in range(-(-steps // PROBE_RUN)):
+            for j, (cache, context) in enumerate(zip(caches, contexts)):
+                for i in range(PROBE_RUN + 1):  # the first step of a run warms the caches up: not timed
+                    args = [(torch.randn(h * g, 1, d, generator=gen).to(dtype),  # q [H_q, 1, D]
+                             (offset + torch.randn(h, 1, d, generator=gen)).to(dtype),  # k, v [H, 1, D]
+                             torch.randn(h, 1, d, generator=gen).to(dtype)) for _ in range(layers)]
+                    t0 = time.perf_counter()
+                    for layer, (q, k, v) in enumerate(args):
+                        cache.attend(layer, q, k, v, context + done[j])
+                    done[j] += 1
+                    if i:
+                        times[j].append((time.perf_counter() - t0) / layers)
+        return [statistics.median(t) for t in times]
     finally:
-        cache.close()
+        for cache in caches:
+            cache.close()
 
 
-def probe(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple[int, int] = PROBE_CONTEXTS,
-          steps: int = 15, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> RetrievalCost:
+def probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int = PROBE_MAX_LAYERS,
+          contexts: tuple[int, int] = PROBE_CONTEXTS, steps: int = 24, seed: int = 0,
+          dtype: torch.dtype = torch.bfloat16) -> RetrievalCost:
     """Fit :class:`RetrievalCost` from the runtime's decode-step attention at two context lengths
-    (a few seconds)."""
+    over ``min(num_layers, PROBE_MAX_LAYERS)`` layers (seconds to tens of seconds: the indexes of
+    those layers are built at both lengths)."""
     small, large = contexts
     r = config.retrieval
-    t = [_time_layer(config, shape, c, steps, seed, dtype) for c in (small, large)]
+    layers = max(1, min(num_layers, PROBE_MAX_LAYERS))
+    t = _time_layers(config, shape, (small, large), steps, seed, dtype, layers)
     b = [step_bytes(r, shape, c) for c in (small, large)]
     if b[1] <= b[0]:
         raise ConfigError(f"probe contexts {contexts} read the same bytes; give two that differ")
@@ -154,7 +181,7 @@ def probe(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple[int, i
     return RetrievalCost(fixed, rate, torch.get_num_threads())
 
 
-def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape) -> str:
+def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: int) -> str:
     """What a cached probe is valid for: the head shape, the retrieval settings, the thread count and the CPU."""
     config = cache_config.retrieval
     cpu = platform.processor() or platform.machine()
@@ -167,7 +194,8 @@ def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape) -> str:
                 "index": config.index, "scan": config.scan_budget_fraction, "group": config.group_search.value,
                 "estimate": config.estimate_rest, "options": dict(config.index_options),
                 "threads": torch.get_num_threads(), "cpu": cpu,
-                "block": cache_config.block_size, "kv_quant_bits": cache_config.kv_quant_bits}
+                "block": cache_config.block_size, "kv_quant_bits": cache_config.kv_quant_bits,
+                "layers": max(1, min(num_layers, PROBE_MAX_LAYERS))}
     return json.dumps(settings, sort_keys=True)
 
 
@@ -186,16 +214,16 @@ def _read_cache(cache: Path) -> dict[str, dict]:
     return {}
 
 
-def is_cached(config: RetrievalCacheConfig, shape: HeadShape, cache: Path | None) -> bool:
+def is_cached(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int, cache: Path | None) -> bool:
     """Whether ``cache`` holds a valid probe for these settings on this machine."""
-    return cache is not None and probe_key(config, shape) in _read_cache(cache)
+    return cache is not None and probe_key(config, shape, num_layers) in _read_cache(cache)
 
 
-def cached_probe(config: RetrievalCacheConfig, shape: HeadShape, cache: Path | None) -> RetrievalCost:
+def cached_probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int, cache: Path | None) -> RetrievalCost:
     """:func:`probe`, read from / written to the JSON file ``cache`` (None: no cache). The file
     carries a crc32 of its entries; a file that does not match (cut, edited, another format) is
     ignored and rewritten."""
-    key = probe_key(config, shape)
+    key = probe_key(config, shape, num_layers)
     entries = _read_cache(cache) if cache is not None else {}
     hit = entries.get(key)
     if hit is not None:
@@ -204,7 +232,7 @@ def cached_probe(config: RetrievalCacheConfig, shape: HeadShape, cache: Path | N
                                  f"probe cached in {cache}")
         except (KeyError, TypeError, ValueError):
             pass  # a malformed entry under a good crc (written by another version): probe again
-    cost = probe(config, shape)
+    cost = probe(config, shape, num_layers)
     if cache is not None:
         entries[key] = asdict(cost)
         try:

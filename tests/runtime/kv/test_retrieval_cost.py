@@ -43,10 +43,10 @@ def test_probe_fits_fixed_cost_and_rate(monkeypatch: pytest.MonkeyPatch) -> None
     shape = HeadShape(2, 4, 32)
     fixed, rate = 0.0005, 3e9
 
-    def fake(cfg, shp, context, steps, seed, dtype):
-        return fixed + step_bytes(cfg.retrieval, shp, context) / rate
+    def fake(cfg, shp, contexts, steps, seed, dtype, layers):
+        return [fixed + step_bytes(cfg.retrieval, shp, c) / rate for c in contexts]
 
-    monkeypatch.setattr(rc, "_time_layer", fake)
+    monkeypatch.setattr(rc, "_time_layers", fake)
     cost = rc.probe(config, shape)
     assert cost.fixed_s == pytest.approx(fixed, rel=1e-6) and cost.bytes_per_s == pytest.approx(rate, rel=1e-6)
     context = 100_000
@@ -64,24 +64,24 @@ def test_probe_cache_is_checked_and_rewritten(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(rc, "probe", fake_probe)
     cache = tmp_path / "probe.json"
     config, shape = RetrievalCacheConfig(), HeadShape(2, 4, 32)
-    assert not is_cached(config, shape, cache)
-    first = cached_probe(config, shape, cache)
-    assert is_cached(config, shape, cache) and len(calls) == 1
-    again = cached_probe(config, shape, cache)
+    assert not is_cached(config, shape, 6, cache)
+    first = cached_probe(config, shape, 6, cache)
+    assert is_cached(config, shape, 6, cache) and len(calls) == 1
+    again = cached_probe(config, shape, 6, cache)
     assert len(calls) == 1 and again.bytes_per_s == first.bytes_per_s and "cached" in again.source
     other = HeadShape(8, 1, 128)  # another head shape is another probe
-    cached_probe(config, other, cache)
-    assert len(calls) == 2 and is_cached(config, shape, cache) and is_cached(config, other, cache)
+    cached_probe(config, other, 6, cache)
+    assert len(calls) == 2 and is_cached(config, shape, 6, cache) and is_cached(config, other, 6, cache)
     stored = json.loads(cache.read_text())
     key = next(iter(stored["entries"]))
     stored["entries"][key]["bytes_per_s"] = 1.0  # edited without the crc: not trusted
     cache.write_text(json.dumps(stored))
-    assert not is_cached(config, shape, cache)
-    assert cached_probe(config, shape, cache).bytes_per_s == 2e9 and len(calls) == 3
+    assert not is_cached(config, shape, 6, cache)
+    assert cached_probe(config, shape, 6, cache).bytes_per_s == 2e9 and len(calls) == 3
     cache.write_text("{cut")
-    assert not is_cached(config, shape, cache)
-    cached_probe(config, shape, cache)
-    assert len(calls) == 4 and is_cached(config, shape, cache)
+    assert not is_cached(config, shape, 6, cache)
+    cached_probe(config, shape, 6, cache)
+    assert len(calls) == 4 and is_cached(config, shape, 6, cache)
 
 
 def test_plan_uses_the_measured_step() -> None:
