@@ -201,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policies", type=int, default=0, help="also compare selection policies at this token budget")
     p.add_argument("--cluster-variants", default=None,
                    help='JSON list of extra cluster options to measure too, e.g. \'[{"cluster_size": 4, "bound_weight": 0.3}]\'')
+    p.add_argument("--only-variants", action="store_true",
+                   help="measure only flat, --cluster-variants and --ivf-variants (not the budget grid)")
+    p.add_argument("--ivf-variants", default=None,
+                   help='JSON list of ivf options to measure too, e.g. \'[{"nlist": 1024, "nprobe": 16}]\'')
     p.add_argument("--build-heads", type=int, default=0,
                    help="also time indexing --n-keys keys for this many (layer, kv head) pairs")
     p.add_argument("--build-only", action="store_true", help="only the --build-heads timing")
@@ -225,7 +229,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{heads[0][1].shape[0]} query groups per head, k={args.k}, threads={args.threads}")
     rows: list[Row] = []
     variants = json.loads(args.cluster_variants) if args.cluster_variants else None
-    for name, options in index_settings(n_keys, budgets, variants):
+    settings = index_settings(n_keys, budgets, variants)
+    if args.only_variants:
+        settings = [("flat", {})] + [("cluster", {"scan_budget_fraction": b, **v}) for b in budgets for v in variants or []]
+    settings += [("ivf", dict(v)) for v in (json.loads(args.ivf_variants) if args.ivf_variants else [])]
+    for name, options in settings:
         rows.extend(measure(name, options, heads, args.k, args.block, args.decode_tokens, scale))
     header = f"{'index':8} {'options':38} {'group':5} {'rec@k':>6} {'massrec':>7} {'covered':>7} {'attend':>6} {'scanned':>7} {'ms':>6} {'build/16K':>9}"
     print(header)

@@ -56,11 +56,12 @@ def test_sampling_with_a_seed_and_early_stops_are_per_sequence():
 
 
 def test_the_conversation_cache_is_left_alone():
-    with Model(ROOT / "models" / "tiny-moe") as llm:
-        first = llm.generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True)
+    with Model(ROOT / "models" / "tiny-moe", EngineConfig(prefill_chunk=2)) as llm:  # chunks of 2: reuse is whole chunks
+        prompt = llm.encode(PROMPTS[0])
+        first = llm.generate(prompt, max_new_tokens=8, ignore_eos=True)
         llm.generate_batch(PROMPTS[1:], max_new_tokens=4, ignore_eos=True)
-        follow = llm.generate(llm.encode(PROMPTS[0]) + first.tokens + [10, 11], max_new_tokens=4, ignore_eos=True)
-    assert follow.stats["cached_prompt_tokens"] > 0
+        follow = llm.generate(prompt + first.tokens + [10, 11], max_new_tokens=4, ignore_eos=True)
+    assert follow.stats["cached_prompt_tokens"] == len(prompt) // 2 * 2 > 0
 
 
 @pytest.mark.parametrize("options, prompts, error, message", [
