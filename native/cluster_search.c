@@ -168,8 +168,57 @@ static ALWAYS_INLINE float dot_row(const float *q, const void *table, int64_t ro
 
 /* out[r * n + e] = q_r . table[rows[e]] for the R query rows (rows == NULL: row e itself); each
  * table row is read once for all query rows. */
+#define ROW_VECS 16 /* rows of up to 256 values are widened once into registers / L1 */
+#define PREFETCH_ROWS 4 /* table rows fetched ahead of the one being scored */
+
+/* Asks for the `bytes` at p to be brought into the caches (the rows scanned are scattered clusters:
+ * the hardware prefetcher cannot guess the next one). */
+static ALWAYS_INLINE void prefetch_bytes(const void *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
+}
+
+/* Widens row `row` of `table` ([*, d], bf16 or fp32) into v[d / 16] (d a multiple of 16, <= 256). */
+static ALWAYS_INLINE void load_row(const void *table, int64_t row, Py_ssize_t d, int bf16, v16f *v) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)table + row * d;
+        for (Py_ssize_t c = 0; c < d / 16; c++) v[c] = load_bf16x16(p + 16 * c);
+    } else {
+        const float *p = (const float *)table + row * d;
+        for (Py_ssize_t c = 0; c < d / 16; c++) v[c] = load_f32x16(p + 16 * c);
+    }
+}
+
+/* q_r . v for the R query rows (q [R, d]), v a widened row; out[r * stride]. */
+static ALWAYS_INLINE void dots_widened(const float *q, Py_ssize_t R, Py_ssize_t d, const v16f *v, float *out,
+                                      Py_ssize_t stride) {
+    for (Py_ssize_t r = 0; r < R; r++) {
+        const float *qr = q + r * d;
+        v16f a0 = {0}, a1 = {0};
+        Py_ssize_t c = 0;
+        for (; c + 2 <= d / 16; c += 2) {
+            a0 += load_f32x16(qr + 16 * c) * v[c];
+            a1 += load_f32x16(qr + 16 * c + 16) * v[c + 1];
+        }
+        if (c < d / 16) a0 += load_f32x16(qr + 16 * c) * v[c];
+        out[r * stride] = hsum16_tree(a0 + a1);
+    }
+}
+
+/* out[r * n + e] = q_r . table[rows[e]] for the R query rows (rows == NULL: row e itself); each
+ * table row is read (and widened) once for all query rows. */
 static ALWAYS_INLINE void score_rows(const float *q, Py_ssize_t R, Py_ssize_t d, const void *table, int bf16,
                                      const int64_t *rows, Py_ssize_t n, float *out) {
+    if (d % 16 == 0 && d <= 16 * ROW_VECS) {
+        v16f v[ROW_VECS];
+        const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4);
+        for (Py_ssize_t e = 0; e < n; e++) {
+            if (rows && e + PREFETCH_ROWS < n)
+                prefetch_bytes((const char *)table + rows[e + PREFETCH_ROWS] * row_bytes, row_bytes);
+            load_row(table, rows ? rows[e] : e, d, bf16, v);
+            dots_widened(q, R, d, v, out + e, n);
+        }
+        return;
+    }
     for (Py_ssize_t e = 0; e < n; e++) {
         int64_t row = rows ? rows[e] : e;
         for (Py_ssize_t r = 0; r < R; r++) out[r * n + e] = dot_row(q + r * d, table, row, d, bf16);
@@ -178,6 +227,9 @@ static ALWAYS_INLINE void score_rows(const float *q, Py_ssize_t R, Py_ssize_t d,
 
 /* The group's score of each of n entries (ClusterIndex._group_bound): bound = raw + w |q_r| radius;
  * one row: its bound; several: max over rows of scale * bound - (the row's max of it). */
+/* Kept out of the multiversioned search (baseline code, no FMA contraction): each row's best entry
+ * must score exactly 0 (z - max z), the tie the reference breaks by index; a fused multiply-add
+ * would leave its rounding error instead. */
 static void group_scores(const float *raw, Py_ssize_t R, Py_ssize_t n, const float *radius, const int64_t *rows,
                          const float *qn, float w, float scale, scored *out, float *zmax) {
     for (Py_ssize_t e = 0; e < n; e++) out[e].i = (int32_t)e;
@@ -327,11 +379,22 @@ static int search_head(const search_args *a, Py_ssize_t h) {
         unit_of[p] = -1;
     }
     Py_ssize_t e = P;
+    const size_t key_bytes = (size_t)D * (bf ? 2 : 4);
     for (Py_ssize_t i = 0; i < nsel; i++) {
         const int32_t m = gc[i].i;
         const int64_t c = cand ? cand[m] : m;
+        if (i + 2 < nsel) {  /* the cluster after next: its rows are elsewhere in the table */
+            const int64_t c2 = cand ? cand[gc[i + 2].i] : gc[i + 2].i;
+            prefetch_bytes((const char *)keys + start[c2] * key_bytes, (size_t)size[c2] * key_bytes);
+        }
         for (int64_t row = start[c]; row < start[c] + size[c]; row++, e++) {
-            for (Py_ssize_t r = 0; r < R; r++) scores[r * n + e] = dot_row(q + r * D, keys, row, D, bf);
+            if (D % 16 == 0 && D <= 16 * ROW_VECS) {
+                v16f v[ROW_VECS];
+                load_row(keys, row, D, bf, v);
+                dots_widened(q, R, D, v, scores + e, n);
+            } else {
+                for (Py_ssize_t r = 0; r < R; r++) scores[r * n + e] = dot_row(q + r * D, keys, row, D, bf);
+            }
             pos_of[e] = key_pos[row];
             unit_of[e] = m;
         }
@@ -404,6 +467,21 @@ static int search_head(const search_args *a, Py_ssize_t h) {
                 else vf = (const float *)sup_vmean + (x - M) * D;
             } else {
                 vf = tail_val + (x - M - n_sup) * D;
+            }
+            if (D % 16 == 0 && D <= 16 * ROW_VECS) {
+                v16f v[ROW_VECS];
+                if (vh) for (Py_ssize_t c = 0; c < D / 16; c++) v[c] = load_bf16x16(vh + 16 * c);
+                else for (Py_ssize_t c = 0; c < D / 16; c++) v[c] = load_f32x16(vf + 16 * c);
+                for (Py_ssize_t r = 0; r < R; r++) {
+                    const float w = us[r * U + x];
+                    if (w == 0.f) continue;
+                    float *o = acc + r * D;
+                    for (Py_ssize_t c = 0; c < D / 16; c++) {
+                        v16f y = load_f32x16(o + 16 * c) + w * v[c];
+                        memcpy(o + 16 * c, &y, sizeof y);
+                    }
+                }
+                continue;
             }
             for (Py_ssize_t r = 0; r < R; r++) {
                 const float w = us[r * U + x];
