@@ -13,7 +13,9 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -203,18 +205,28 @@ def run_bench_io(
     return result
 
 
+def _crc(data: dict[str, object]) -> int:
+    return zlib.crc32(json.dumps(data, sort_keys=True).encode())
+
+
 def save_cached(result: BenchIoResult, cache_path: str) -> None:
-    """Write ``result`` as JSON to ``cache_path`` (atomically, creating parent folders)."""
+    """Write ``result`` as JSON to ``cache_path`` with a crc32 of its fields (atomically: a
+    temporary sibling per writer, then a rename; parent folders created)."""
     target = Path(cache_path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(json.dumps(result.as_dict(), indent=2))
+    data = result.as_dict()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps({**data, "crc32": _crc(data)}, indent=2))
     os.replace(tmp, target)
 
 
 def load_cached(cache_path: str) -> BenchIoResult | None:
-    """The result cached at ``cache_path``, or None if there is none or it is unreadable."""
+    """The result cached at ``cache_path``, or None if there is none, it is unreadable or its
+    crc32 does not match (cut, edited, or written before caches carried one): measure again."""
     try:
-        return BenchIoResult.from_dict(json.loads(Path(cache_path).read_text()))
+        data = json.loads(Path(cache_path).read_text())
+        if not isinstance(data, dict) or data.pop("crc32", None) != _crc(data):
+            return None
+        return BenchIoResult.from_dict(data)
     except (OSError, ValueError, TypeError):
         return None

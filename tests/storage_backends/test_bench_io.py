@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zlib
 import os
 
 import pytest
@@ -43,23 +44,26 @@ def test_load_cached_tolerates_missing_corrupt_and_newer_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert load_cached(str(bad)) is None
+    fields = {
+        "disk_read_gb_per_s": 1.3,
+        "best_chunk_size": 8 * MiB,
+        "best_queue_depth": 4,
+        "memcpy_gb_per_s": 10.0,
+        "o_direct": True,
+        "file_bytes": MiB,
+        "directory": "/x",
+        "a_field_from_a_later_version": 1,
+    }
     newer = tmp_path / "newer.json"
-    newer.write_text(
-        json.dumps(
-            {
-                "disk_read_gb_per_s": 1.3,
-                "best_chunk_size": 8 * MiB,
-                "best_queue_depth": 4,
-                "memcpy_gb_per_s": 10.0,
-                "o_direct": True,
-                "file_bytes": MiB,
-                "directory": "/x",
-                "a_field_from_a_later_version": 1,
-            }
-        )
-    )
+    newer.write_text(json.dumps({**fields, "crc32": zlib.crc32(json.dumps(fields, sort_keys=True).encode())}))
     cached = load_cached(str(newer))
     assert isinstance(cached, BenchIoResult) and cached.disk_read_gb_per_s == 1.3
+    unchecked = tmp_path / "unchecked.json"  # no crc32 (or an older version's file): not trusted
+    unchecked.write_text(json.dumps(fields))
+    assert load_cached(str(unchecked)) is None
+    edited = tmp_path / "edited.json"  # a field changed after the crc was taken
+    edited.write_text(newer.read_text().replace('"disk_read_gb_per_s": 1.3', '"disk_read_gb_per_s": 9.9'))
+    assert load_cached(str(edited)) is None
 
 
 def test_missing_directory_is_a_config_error(tmp_path):
@@ -78,7 +82,8 @@ def test_cli_subcommand_prints_one_json_object(tmp_path, capsys):
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert {p["queue_depth"] for p in out["points"]} == {1, 2}
-    assert json.loads(cache.read_text()) == out
+    stored = json.loads(cache.read_text())
+    assert stored.pop("crc32") == zlib.crc32(json.dumps(stored, sort_keys=True).encode()) and stored == out
 
 
 def test_cli_rejects_bad_lists():
