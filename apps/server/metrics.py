@@ -33,6 +33,7 @@ from flashtier.apps.reporting import hit_rates, is_number, tier_fields
 _COUNTERS = {
     "requests_total": "Completion requests received.",
     "requests_failed_total": "Requests answered with an error, or whose generation failed.",
+    "generations_failed_total": "Generations that raised in the engine (their requests are in requests_failed_total).",
     "requests_cancelled_total": "Generations stopped because their client went away.",
     "requests_refused_busy_total": "Requests refused with 503 because the queue was full (--max-queue).",
     "requests_timed_out_total": "Requests stopped by --request-timeout (also counted as failed).",
@@ -174,8 +175,9 @@ class ServerMetrics:
             self._counts["requests_timed_out_total"] += 1
 
     def job_failed(self) -> None:
+        """A generation raised; its request is counted failed where it is answered (the route)."""
         with self._lock:
-            self._counts["requests_failed_total"] += 1
+            self._counts["generations_failed_total"] += 1
             self._live_started = None
 
     def set_memory(self, report: dict[str, Any]) -> None:

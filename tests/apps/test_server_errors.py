@@ -201,6 +201,10 @@ def test_a_fault_during_generation_is_reported_and_the_server_goes_on(chat_model
         assert "short read" in error["message"] and error["type"] == "server_error"
         assert http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2}).status_code == 200  # 2 tokens: no fault
         assert http.get("/health").json()["status"] == "ok"
+        metrics = {ln.split()[0]: float(ln.split()[1]) for ln in http.get("/metrics").text.splitlines()
+                   if ln.startswith("flashtier_") and " " in ln}
+    # two failed requests, each counted once (not once by the worker and again by the route)
+    assert metrics["flashtier_requests_failed_total"] == 2 and metrics["flashtier_generations_failed_total"] == 2
     live.stop()
 
 
