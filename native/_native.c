@@ -2045,6 +2045,10 @@ static PyMethodDef methods[] = {
      "cluster_search(q, ptrs, counts, out_pos, out_scanned, est_out, est_lse, R, D, k, budget, oversample, bf16, "
      "two_level, estimate, bound_weight, group_scale, est_scale, threads): ClusterIndex searches of every kv head "
      "of a layer (+ the estimate of the rest) in one call; see native/cluster_search.c (GIL released)."},
+    {"retrieval_attend", retrieval_attend, METH_VARARGS,
+     "retrieval_attend(q, rk, rv, tk, tv, est_out, est_lse, out, H, G, S, n, D, res_bf16, ret_bf16, scale, threads): "
+     "each query row's exact attention over its kv head's resident keys and its own retrieved keys, merged with "
+     "the estimate of the rest; see native/cluster_search.c (GIL released)."},
     {"q_isa", q_isa, METH_NOARGS, "q_isa(): the kernel level in use: 4 AVX-512, 3 AVX2/FMA, 0 baseline."},
     {"q_vnni", q_vnni, METH_NOARGS,
      "q_vnni(): whether int8-activation products (act=1) use the AVX-512 VNNI kernels (else AVX2 / baseline)."},

@@ -169,7 +169,7 @@ static ALWAYS_INLINE float dot_row(const float *q, const void *table, int64_t ro
 /* out[r * n + e] = q_r . table[rows[e]] for the R query rows (rows == NULL: row e itself); each
  * table row is read once for all query rows. */
 #define ROW_VECS 16 /* rows of up to 256 values are widened once into registers / L1 */
-#define PREFETCH_ROWS 4 /* table rows fetched ahead of the one being scored */
+#define PREFETCH_ROWS 12 /* table rows fetched ahead of the one being scored (~DRAM latency / time per row) */
 
 /* Asks for the `bytes` at p to be brought into the caches (the rows scanned are scattered clusters:
  * the hardware prefetcher cannot guess the next one). */
@@ -455,9 +455,14 @@ static int search_head(const search_args *a, Py_ssize_t h) {
             zmax[r] = sum > 0.f ? 1.f / sum : 0.f;  /* reused: 1 / sum */
         }
         /* one pass over the unit rows (each read once for all query rows) */
+        const size_t vrow = (size_t)D * (bf ? 2 : 4);
         for (Py_ssize_t x = 0; x < U; x++) {
             const float *vf = NULL;
             const uint16_t *vh = NULL;
+            if (x + PREFETCH_ROWS < M) {
+                const int64_t c2 = cand ? cand[x + PREFETCH_ROWS] : x + PREFETCH_ROWS;
+                prefetch_bytes((const char *)vmean + c2 * vrow, vrow);
+            }
             if (x < M) {
                 int64_t c = cand ? cand[x] : x;
                 if (bf) vh = (const uint16_t *)vmean + c * D;
@@ -571,5 +576,153 @@ done:
     PyBuffer_Release(&out_scanned);
     PyBuffer_Release(&est_out);
     PyBuffer_Release(&est_lse);
+    return result;
+}
+
+/* ------------------------------------------------------------------ retrieval_attend
+ * The exact part of a retrieval decode step and the merge, for every query row of a layer in one
+ * call: query row (h, g) attends the resident keys of kv head h (sinks + window, shared by the
+ * group) and its own retrieved keys, and the estimate of the rest (one unit with log-weight lse_e and
+ * value out_e) joins the same softmax. Equal to partial attention over each part merged by their
+ * log-sum-exp (retrieval/merge.py), up to fp32 rounding. Scores are scale * q . k in fp32, keys and
+ * values bf16 (widened exactly) or fp32. */
+typedef struct {
+    const float *q;            /* [H, G, D] */
+    const void *rk, *rv;       /* [H, S, D] */
+    const void *tk, *tv;       /* [H, G, n, D] */
+    const float *eo, *el;      /* [H, G, D], [H, G] or NULL */
+    float *out;                /* [H, G, D] */
+    Py_ssize_t H, G, S, n, D;
+    int res_bf16, ret_bf16;
+    float scale;
+    int failed;
+} attend_rows_args;
+
+static ALWAYS_INLINE float dot_any(const float *q, const void *base, int64_t row, Py_ssize_t d, int bf16) {
+    return dot_row(q, base, row, d, bf16);
+}
+
+static ALWAYS_INLINE void axpy_any(float *o, float w, const void *base, int64_t row, Py_ssize_t d, int bf16) {
+    Py_ssize_t i = 0;
+    if (bf16) {
+        const uint16_t *v = (const uint16_t *)base + row * d;
+        for (; i + 16 <= d; i += 16) {
+            v16f y = load_f32x16(o + i) + w * load_bf16x16(v + i);
+            memcpy(o + i, &y, sizeof y);
+        }
+        for (; i < d; i++) o[i] += w * bf16_to_f32(v[i]);
+    } else {
+        const float *v = (const float *)base + row * d;
+        for (; i + 16 <= d; i += 16) {
+            v16f y = load_f32x16(o + i) + w * load_f32x16(v + i);
+            memcpy(o + i, &y, sizeof y);
+        }
+        for (; i < d; i++) o[i] += w * v[i];
+    }
+}
+
+MULTIVERSION
+static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
+    const Py_ssize_t G = a->G, S = a->S, n = a->n, D = a->D;
+    float *sc = malloc((size_t)(S + n + 1) * sizeof *sc);
+    float *acc = malloc((size_t)D * sizeof *acc);
+    if (!sc || !acc) {
+        free(sc);
+        free(acc);
+        return -1;
+    }
+    for (Py_ssize_t g = 0; g < G; g++) {
+        const float *q = a->q + (h * G + g) * D;
+        const int64_t ret0 = (h * G + g) * n;  /* first retrieved row of this query row */
+        float mx = -INFINITY;
+        for (Py_ssize_t i = 0; i < S; i++) {
+            sc[i] = a->scale * dot_any(q, a->rk, h * S + i, D, a->res_bf16);
+            mx = sc[i] > mx ? sc[i] : mx;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            sc[S + i] = a->scale * dot_any(q, a->tk, ret0 + i, D, a->ret_bf16);
+            mx = sc[S + i] > mx ? sc[S + i] : mx;
+        }
+        const float le = a->el ? a->el[h * G + g] : -INFINITY;
+        mx = le > mx ? le : mx;
+        float *o = a->out + (h * G + g) * D;
+        if (mx == -INFINITY) {  /* nothing to attend */
+            for (Py_ssize_t i = 0; i < D; i++) o[i] = 0.f;
+            continue;
+        }
+        for (Py_ssize_t i = 0; i < D; i++) acc[i] = 0.f;
+        float sum = 0.f;
+        for (Py_ssize_t i = 0; i < S + n; i++) {
+            const float w = exp_le0(sc[i] - mx);
+            sum += w;
+            if (i < S) axpy_any(acc, w, a->rv, h * S + i, D, a->res_bf16);
+            else axpy_any(acc, w, a->tv, ret0 + (i - S), D, a->ret_bf16);
+        }
+        if (le != -INFINITY) {
+            const float w = exp_le0(le - mx);
+            sum += w;
+            axpy_any(acc, w, a->eo, h * G + g, D, 0);
+        }
+        const float inv = 1.f / sum;
+        for (Py_ssize_t i = 0; i < D; i++) o[i] = acc[i] * inv;
+    }
+    free(sc);
+    free(acc);
+    return 0;
+}
+
+static void attend_rows_job(const matvec_job *j, Py_ssize_t h0, Py_ssize_t h1) {
+    attend_rows_args *a = (attend_rows_args *)j->ctx;
+    for (Py_ssize_t h = h0; h < h1; h++)
+        if (attend_head(a, h) != 0) __atomic_store_n(&a->failed, 1, __ATOMIC_SEQ_CST);
+}
+
+HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer q, rk, rv, tk, tv, eo, el, out;
+    attend_rows_args a;
+    int threads;
+    memset(&a, 0, sizeof a);
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*w*nnnnniifi", &q, &rk, &rv, &tk, &tv, &eo, &el, &out, &a.H, &a.G,
+                          &a.S, &a.n, &a.D, &a.res_bf16, &a.ret_bf16, &a.scale, &threads))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t rs = a.res_bf16 ? 2 : 4, ts = a.ret_bf16 ? 2 : 4, rows = a.H * a.G;
+    const int est = eo.len > 0;
+    if (a.H <= 0 || a.G <= 0 || a.S < 0 || a.n < 0 || a.D <= 0 || q.len != rows * a.D * 4 || out.len != q.len ||
+        rk.len != a.H * a.S * a.D * rs || rv.len != rk.len || tk.len != rows * a.n * a.D * ts || tv.len != tk.len ||
+        (est && (eo.len != q.len || el.len != rows * 4)) || (!est && el.len != 0) || ((uintptr_t)q.buf & 3) ||
+        ((uintptr_t)out.buf & 3) || ((uintptr_t)rk.buf & 1) || ((uintptr_t)rv.buf & 1) || ((uintptr_t)tk.buf & 1) ||
+        ((uintptr_t)tv.buf & 1) || (!a.res_bf16 && (((uintptr_t)rk.buf & 3) || ((uintptr_t)rv.buf & 3))) ||
+        (!a.ret_bf16 && (((uintptr_t)tk.buf & 3) || ((uintptr_t)tv.buf & 3))) || ((uintptr_t)eo.buf & 3) ||
+        ((uintptr_t)el.buf & 3)) {
+        PyErr_Format(PyExc_ValueError, "retrieval_attend: buffers do not match H=%zd, G=%zd, S=%zd, n=%zd, D=%zd",
+                     a.H, a.G, a.S, a.n, a.D);
+        goto done;
+    }
+    a.q = (const float *)q.buf, a.rk = rk.buf, a.rv = rv.buf, a.tk = tk.buf, a.tv = tv.buf;
+    a.eo = est ? (const float *)eo.buf : NULL, a.el = est ? (const float *)el.buf : NULL, a.out = (float *)out.buf;
+    matvec_job j = {attend_rows_job, NULL, NULL, NULL, NULL, a.H, 0, 0,
+                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL, &a, 1};
+    const int pooled = a.G * (a.S + a.n) * a.D * a.H >= (1 << 18);
+    Py_BEGIN_ALLOW_THREADS
+    if (pooled) pool_run(&j, 2);
+    else attend_rows_job(&j, 0, a.H);
+    Py_END_ALLOW_THREADS
+    if (a.failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&rk);
+    PyBuffer_Release(&rv);
+    PyBuffer_Release(&tk);
+    PyBuffer_Release(&tv);
+    PyBuffer_Release(&eo);
+    PyBuffer_Release(&el);
+    PyBuffer_Release(&out);
     return result;
 }

@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 import torch
 
 from flashtier.errors import ConfigError, InputError
-from flashtier.retrieval.cluster_batch import search_heads
+from flashtier.retrieval.cluster_batch import attend_rows, search_heads
 from flashtier.retrieval.index import KeyIndex
 from flashtier.retrieval.index_config import IndexConfig
 from flashtier.retrieval.index_registry import INDEXES, index_config, make_index
@@ -275,8 +275,6 @@ class RetrievalAttention:
                 f"resident K/V must be [H_kv={h_kv}, S, D={d}], got {tuple(resident_k.shape)} and {tuple(resident_v.shape)}"
             )
         q = query.reshape(h_kv, -1, d)  # [H_kv, G, D]
-        t_start = time.perf_counter()
-        resident = partial_attention(q, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
         t0 = time.perf_counter()
         per_row = self.config.group_search is GroupSearch.ROWS
         batch = None
@@ -300,6 +298,16 @@ class RetrievalAttention:
         t1 = time.perf_counter()
         k, v, valid = offloaded.gather([p.reshape(-1) for p in retrieved])  # [H_kv, n, D] x2, [H_kv, n]
         t2 = time.perf_counter()
+        attended = sum(p.numel() for p in retrieved)
+        if batch is not None:  # exact parts and the merge in one native call where it applies
+            g = q.shape[1]
+            fused = attend_rows(q, resident_k, resident_v, k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d),
+                                batch.rest, scale)  # [H_kv, G, D]
+            if fused is not None:
+                t3 = time.perf_counter()
+                stats = StepStats(len(offloaded) * h_kv, scanned, attended, t1 - t0, t2 - t1, t3 - t2)
+                return RetrievalOutput(fused.to(query.dtype).reshape(query.shape), tuple(retrieved), stats)
+        resident = partial_attention(q, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
         if per_row:  # n = G * k' for every head: attend row by row
             g = q.shape[1]
             rk, rv = k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d)  # [H_kv, G, k', D]
@@ -318,7 +326,5 @@ class RetrievalAttention:
         t4 = time.perf_counter()
         merged = merge_partials(parts)  # out [H_kv, G, D]
         t5 = time.perf_counter()
-        attended = sum(p.numel() for p in retrieved)
-        stats = StepStats(len(offloaded) * h_kv, scanned, attended, (t1 - t0) + (t4 - t3), t2 - t1,
-                          (t0 - t_start) + (t3 - t2) + (t5 - t4))
+        stats = StepStats(len(offloaded) * h_kv, scanned, attended, (t1 - t0) + (t4 - t3), t2 - t1, (t3 - t2) + (t5 - t4))
         return RetrievalOutput(merged.out.reshape(query.shape), tuple(retrieved), stats)

@@ -32,6 +32,12 @@ try:
     from flashtier._native import cluster_search as _cluster_search
 except ImportError:  # extension not built, or built before it existed
     _cluster_search = None
+try:
+    from flashtier._native import retrieval_attend as _retrieval_attend
+except ImportError:
+    _retrieval_attend = None
+
+_KV_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -98,3 +104,37 @@ def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, 
                     threads if threads is not None else torch.get_num_threads())
     rest = PartialAttention(out, lse) if estimate else None
     return HeadsSearch(positions, tuple(int(s) for s in scanned), rest)
+
+
+def attend_rows(q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Tensor, retrieved_k: torch.Tensor,
+                retrieved_v: torch.Tensor, rest: PartialAttention | None, scale: float,
+                threads: int | None = None) -> torch.Tensor | None:
+    """The exact part of a retrieval decode step and the merge in one native call: query row
+    ``q[h, g]`` (``q [H, G, D]`` fp32) attends the resident ``K/V [H, S, D]`` of kv head ``h`` and
+    its own retrieved ``K/V [H, G, n, D]``, and ``rest`` (the estimate of the other keys: out
+    ``[H, G, D]``, lse ``[H, G]``) joins the same softmax. Returns ``[H, G, D]`` fp32, equal to
+    :func:`~flashtier.retrieval.merge.partial_attention` of each part merged by
+    :func:`~flashtier.retrieval.merge.merge_partials` up to fp32 rounding; None where it does not
+    apply (no native extension, other dtypes, tensors on a GPU)."""
+    if _retrieval_attend is None or q.dtype != torch.float32 or q.device.type != "cpu" or q.dim() != 3:
+        return None
+    if resident_k.dtype not in _KV_DTYPES or retrieved_k.dtype not in _KV_DTYPES:
+        return None
+    if resident_v.dtype != resident_k.dtype or retrieved_v.dtype != retrieved_k.dtype:
+        return None
+    h, g, d = q.shape
+    if resident_k.shape[0] != h or retrieved_k.dim() != 4 or retrieved_k.shape[:2] != (h, g):
+        return None
+    parts = [t.detach().contiguous() for t in (q, resident_k, resident_v, retrieved_k, retrieved_v)]
+    if rest is not None:
+        est_out = rest.out.detach().to(torch.float32).contiguous()  # [H, G, D]
+        est_lse = rest.lse.detach().to(torch.float32).contiguous()  # [H, G]
+    else:
+        est_out = est_lse = torch.empty(0, dtype=torch.float32)
+    out = torch.empty((h, g, d), dtype=torch.float32)  # [H, G, D]
+    views = [t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy() for t in parts]
+    _retrieval_attend(*views, est_out.numpy(), est_lse.numpy(), out.numpy(), h, g, resident_k.shape[1],
+                      retrieved_k.shape[2], d, int(resident_k.dtype == torch.bfloat16),
+                      int(retrieved_k.dtype == torch.bfloat16), float(scale),
+                      threads if threads is not None else torch.get_num_threads())
+    return out

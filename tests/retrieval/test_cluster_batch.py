@@ -140,3 +140,29 @@ def test_decode_step_same_through_either_path(preset: str, monkeypatch: pytest.M
     for a, b in zip(native.retrieved, reference.retrieved):
         assert torch.equal(a.sort(dim=-1).values, b.sort(dim=-1).values)
     torch.testing.assert_close(native.output, reference.output, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_rest", [True, False])
+def test_fused_attention_equals_the_merged_parts(dtype: torch.dtype, with_rest: bool) -> None:
+    from flashtier.retrieval.cluster_batch import attend_rows
+    from flashtier.retrieval.merge import PartialAttention, merge_partials, partial_attention
+
+    gen = torch.Generator().manual_seed(3)
+    h, g, s, n, d = 3, 4, 37, 20, 48  # D not a multiple of 16: the scalar tails too
+    q = torch.randn(h, g, d, generator=gen)
+    rk, rv = (torch.randn(h, s, d, generator=gen) * 2).to(dtype), torch.randn(h, s, d, generator=gen).to(dtype)
+    tk, tv = (torch.randn(h, g, n, d, generator=gen) * 2).to(dtype), torch.randn(h, g, n, d, generator=gen).to(dtype)
+    rest = PartialAttention(torch.randn(h, g, d, generator=gen), torch.randn(h, g, generator=gen) + 3) if with_rest else None
+    scale = d ** -0.5
+    fused = attend_rows(q, rk, rv, tk, tv, rest, scale)
+    resident = partial_attention(q, rk.float(), rv.float(), scale)
+    far = partial_attention(q.unsqueeze(2), tk.float(), tv.float(), scale)
+    parts = [resident, PartialAttention(far.out.squeeze(2), far.lse.squeeze(2))] + ([rest] if rest else [])
+    torch.testing.assert_close(fused, merge_partials(parts).out, rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="retrieval_attend"):  # sizes that do not fit are an error, not a crash
+        from flashtier._native import retrieval_attend
+
+        retrieval_attend(q.numpy(), rk.float().numpy(), rv.float().numpy(), tk.float().numpy(), tv.float().numpy(),
+                         torch.empty(0).numpy(), torch.empty(0).numpy(), torch.empty(h, g, d).numpy(),
+                         h, g, s + 1, n, d, 0, 0, scale, 1)
