@@ -8,7 +8,7 @@ index configuration and the context, the way the search takes them.
 
 How fast those bytes go through this machine's CPU (one native call per layer, a few torch calls
 around it) is measured, not assumed: :func:`probe` times the real decode step on synthetic keys of
-the model's head shape (up to 8 layers) at two context lengths and fits
+the model's head shape (up to 8 layers, at most 16 (layer, kv head) pairs) at two context lengths and fits
 ``seconds per layer = fixed + bytes / rate``; :class:`RetrievalCost` then predicts the step at any
 context. ``flashtier plan --attention retrieval`` runs the probe once per (head shape, preset,
 threads, CPU) and caches it (``~/.cache/flashtier/retrieval_probe.json``).
@@ -110,6 +110,15 @@ PROBE_RUN = 6
 PROBE_MAX_LAYERS = 8
 """Layers the probe builds (the model's, up to this many): a step that cycles through several
 layers' indexes finds them in DRAM, as the real step does, not in the last-level cache."""
+PROBE_MAX_PAIRS = 16
+"""At most this many (layer, kv head) pairs are built: enough that their indexes and KV (hundreds of
+MB at 12K positions) are far larger than any CPU cache, few enough that the probe stays small in
+memory and time for models with many kv heads."""
+
+
+def probe_layers(num_layers: int, num_kv_heads: int) -> int:
+    """Layers the probe builds for a model of ``num_layers`` x ``num_kv_heads``."""
+    return max(1, min(num_layers, PROBE_MAX_LAYERS, PROBE_MAX_PAIRS // max(1, num_kv_heads)))
 
 
 def _filled_cache(config: RetrievalCacheConfig, shape: HeadShape, context: int, steps: int, gen: torch.Generator,
@@ -164,11 +173,11 @@ def probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int = PROB
           contexts: tuple[int, int] = PROBE_CONTEXTS, steps: int = 24, seed: int = 0,
           dtype: torch.dtype = torch.bfloat16) -> RetrievalCost:
     """Fit :class:`RetrievalCost` from the runtime's decode-step attention at two context lengths
-    over ``min(num_layers, PROBE_MAX_LAYERS)`` layers (seconds to tens of seconds: the indexes of
-    those layers are built at both lengths)."""
+    over :func:`probe_layers` layers (seconds to tens of seconds: the indexes of those layers are
+    built at both lengths)."""
     small, large = contexts
     r = config.retrieval
-    layers = max(1, min(num_layers, PROBE_MAX_LAYERS))
+    layers = probe_layers(num_layers, shape.num_kv_heads)
     t = _time_layers(config, shape, (small, large), steps, seed, dtype, layers)
     b = [step_bytes(r, shape, c) for c in (small, large)]
     if b[1] <= b[0]:
@@ -195,7 +204,7 @@ def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: 
                 "estimate": config.estimate_rest, "options": dict(config.index_options),
                 "threads": torch.get_num_threads(), "cpu": cpu,
                 "block": cache_config.block_size, "kv_quant_bits": cache_config.kv_quant_bits,
-                "layers": max(1, min(num_layers, PROBE_MAX_LAYERS))}
+                "layers": probe_layers(num_layers, shape.num_kv_heads)}
     return json.dumps(settings, sort_keys=True)
 
 

@@ -116,3 +116,9 @@ def test_plan_cli_probes_once_then_reads_the_cache(tmp_path: Path) -> None:
     assert json.loads(second.stdout)["predicted_retrieval_s_per_token"] == out["predicted_retrieval_s_per_token"]
     off = subprocess.run(cmd + ["--retrieval-probe", "off"], capture_output=True, text=True, timeout=120)
     assert off.returncode == 0 and json.loads(off.stdout)["predicted_retrieval_s_per_token"] is None
+
+
+def test_probe_size_is_bounded_for_models_with_many_kv_heads() -> None:
+    assert rc.probe_layers(6, 2) == 6  # small models: every layer (up to 8)
+    assert rc.probe_layers(32, 8) == 2  # 16 (layer, kv head) pairs at most
+    assert rc.probe_layers(80, 64) == 1  # never zero layers
