@@ -120,5 +120,6 @@ def test_plan_cli_probes_once_then_reads_the_cache(tmp_path: Path) -> None:
 
 def test_probe_size_is_bounded_for_models_with_many_kv_heads() -> None:
     assert rc.probe_layers(6, 2) == 6  # small models: every layer (up to 8)
-    assert rc.probe_layers(32, 8) == 2  # 16 (layer, kv head) pairs at most
-    assert rc.probe_layers(80, 64) == 1  # never zero layers
+    assert rc.probe_layers(32, 8) == 8
+    assert rc.probe_layers(32, 32) == 2  # 64 (layer, kv head) pairs at most
+    assert rc.probe_layers(80, 128) == 1  # never zero layers
