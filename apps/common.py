@@ -16,13 +16,13 @@ from typing import Any
 from flashtier.errors import CheckpointError, ConfigError, StorageError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = PACKAGE_DIR / "models" / "tiny-moe"
+DEFAULT_MODEL = PACKAGE_DIR / "models" / "tiny-moe-16k"
 
 
 def add_model_arg(p: argparse.ArgumentParser, optional: bool = True) -> None:
     if optional:
         p.add_argument("model_dir", nargs="?", default=None,
-                       help=f"Hugging Face model folder or GGUF file (default: the shipped tiny-moe, {DEFAULT_MODEL})")
+                       help=f"Hugging Face model folder or GGUF file (default: the shipped tiny-moe-16k, {DEFAULT_MODEL})")
     else:
         p.add_argument("model_dir", help="Hugging Face model folder (config.json + *.safetensors) or GGUF file")
 

@@ -38,16 +38,19 @@ def _ffn(layer):
     return getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
 
 
-def heldout_ids(model_dir: str) -> np.ndarray:
-    """The held-out modules as one token stream (int64), as the windows below cut it."""
+def heldout_ids(model_dir: str, text_dir: str | None = None) -> np.ndarray:
+    """The held-out text as one token stream (int64), as the windows below cut it: the stdlib
+    modules of train_tiny.HELDOUT, or the ``.py`` files of ``text_dir``."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    return encode_files(tok, corpus_files("eval")).astype(np.int64)
+    files = corpus_files("eval") if text_dir is None else sorted(
+        os.path.join(text_dir, f) for f in os.listdir(text_dir) if f.endswith(".py"))
+    return encode_files(tok, files).astype(np.int64)
 
 
 def measure(model_dir: str, seq: int = 256, max_windows: int = 0, batch: int = 8,
-            threads: int = 0, windows_k=(1, 2, 4)) -> dict:
+            threads: int = 0, windows_k=(1, 2, 4), text_dir: str | None = None) -> dict:
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -55,7 +58,7 @@ def measure(model_dir: str, seq: int = 256, max_windows: int = 0, batch: int = 8
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    ids = heldout_ids(model_dir)
+    ids = heldout_ids(model_dir, text_dir)
     n_win = (ids.size - 1) // seq
     if max_windows:
         n_win = min(n_win, max_windows)
@@ -171,7 +174,7 @@ def measure(model_dir: str, seq: int = 256, max_windows: int = 0, batch: int = 8
         "model_dir": model_dir,
         "architecture": cfg.architectures[0] if cfg.architectures else type(model).__name__,
         "params": sum(p.numel() for p in model.parameters()),
-        "heldout_modules": HELDOUT,
+        "heldout_modules": HELDOUT if text_dir is None else sorted(f for f in os.listdir(text_dir) if f.endswith(".py")),
         "eval_tokens": n_tok,
         "seq": seq,
         "loss": round(loss_sum / n_tok, 4),
@@ -211,9 +214,12 @@ def main(argv=None) -> None:
     ap.add_argument("--max-windows", type=int, default=0, help="0 = the whole held-out set")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--text-dir", default=None,
+                    help="score the .py files of this folder instead of the held-out stdlib modules "
+                         "(e.g. benchmarks/data/heldout_ml)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    res = measure(args.model_dir, args.seq, args.max_windows, args.batch, args.threads)
+    res = measure(args.model_dir, args.seq, args.max_windows, args.batch, args.threads, text_dir=args.text_dir)
     if args.json:
         print(json.dumps(res, indent=1))
         return

@@ -110,15 +110,19 @@ def run(args: argparse.Namespace) -> int:
     # MoE under a budget runs with per-layer expert caches (runtime/weights/experts.py): plan the
     # same reservation the engine makes, so plan and generate agree on the minimum budget
     experts = cfg.is_moe and args.dram_budget is not None
+    # a request never holds more than the model's positions (generate caps its KV the same way)
+    context = min(args.context, cfg.max_position_embeddings)
     req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
-                      context=args.context, attention=args.attention, storage_fraction=fraction,
+                      context=context, attention=args.attention, storage_fraction=fraction,
                       kv_host_fraction=kv_fraction, expert_cache=experts,
                       expert_cache_min_bytes=_expert_min(ck, cfg, sizes)
                       if experts else 0,
-                      retrieval_step_s=_retrieval_step(cfg, args) if args.attention == "retrieval" else None)
+                      retrieval_step_s=_retrieval_step(cfg, args, context) if args.attention == "retrieval" else None)
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
+    if context < args.context:
+        plan.notes.append(f"context {args.context} capped at the model's {cfg.max_position_embeddings} positions")
     if args.json:
-        print(json.dumps({"model": str(target), "source": source, "context": args.context,
+        print(json.dumps({"model": str(target), "source": source, "context": context,
                           "attention": args.attention, **plan.as_json()}))
         return 0
     gib = 1 << 30
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _retrieval_step(cfg: object, args: argparse.Namespace) -> float | None:
+def _retrieval_step(cfg: object, args: argparse.Namespace, context: int) -> float | None:
     """Seconds of a decode step's retrieval attention at ``--context`` on this machine (the default
     preset), from the cached probe (run now when missing); None with ``--retrieval-probe off``."""
     if args.retrieval_probe == "off":
@@ -156,7 +160,7 @@ def _retrieval_step(cfg: object, args: argparse.Namespace) -> float | None:
         print(f"probing this machine's retrieval step for {shape.num_kv_heads} kv heads x {shape.head_dim} "
               f"(seconds to a minute, once; cached in {cache})", file=sys.stderr, flush=True)
     cost = cached_probe(config, shape, cfg.num_layers, cache)
-    return cost.step_seconds(config.retrieval, shape, args.context, cfg.num_layers)
+    return cost.step_seconds(config.retrieval, shape, context, cfg.num_layers)
 
 
 def _expert_min(checkpoint: object, cfg: object, sizes: dict[str, int]) -> int:

@@ -3,7 +3,7 @@ then print the speed and where the memory went.
 
     python apps/examples/embed.py [MODEL_DIR] [--dram-budget 64M] [--question TEXT]
 
-MODEL_DIR defaults to the shipped tiny-moe model. Without ``--dram-budget`` every weight stays
+MODEL_DIR defaults to the shipped tiny-moe-16k model. Without ``--dram-budget`` every weight stays
 resident in host memory; with one, weights are paged through the tiered store.
 """
 
@@ -19,7 +19,7 @@ from flashtier.errors import FlashtierError
 from flashtier.runtime import SamplingConfig, open_model
 from flashtier.runtime.generate import GenerationStats
 
-DEFAULT_MODEL = Path(flashtier.__file__).resolve().parent / "models" / "tiny-moe"
+DEFAULT_MODEL = Path(flashtier.__file__).resolve().parent / "models" / "tiny-moe-16k"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Load: 16 concurrent streaming clients x 4 requests each. Every request completes, every answer
 equals what the same request gets alone (greedy), and the server is healthy afterwards.
 
-Runs on the shipped default model (models/tiny-moe) when it is there, else on the fixture model.
+Runs on the shipped default model (models/tiny-moe-16k) when it is there, else on the fixture model.
 """
 
 from __future__ import annotations

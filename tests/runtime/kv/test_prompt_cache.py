@@ -5,6 +5,8 @@ or half-written block is never used."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,8 +20,7 @@ from flashtier.runtime.engine import EngineConfig, Model
 from flashtier.runtime.kv.prompt_cache import SUFFIX
 
 ROOT = Path(__file__).parents[3]
-MODEL = ROOT / "models" / "tiny-moe"
-OTHER = ROOT / "models" / "tiny-dense"
+MODEL = ROOT / "models" / "tiny-moe-16k"
 PROMPT = (list(range(5, 400)) * 4)[:1100]  # 1100 tokens: 1024 loadable (two 512-token prefill chunks)
 
 
@@ -29,6 +30,18 @@ def run(model: Path, ids: list[int], folder: Path | None, **kw) -> tuple[list[in
         r = llm.generate(ids, max_new_tokens=6, ignore_eos=True)
         kv = [torch.cat(llm.cache.read(layer, len(ids))) for layer in range(llm.cache.num_layers)]
         return r.tokens, kv, r.stats
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another model with the same KV format: tiny-dense, its context raised for this test (it
+    ships declaring the 256 positions it was trained on; the prompt here is 1100 tokens)."""
+    folder = tmp_path_factory.mktemp("other") / "tiny-dense-long"
+    shutil.copytree(ROOT / "models" / "tiny-dense", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 16384
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +93,14 @@ def test_a_corrupt_block_is_dropped_and_recomputed(reference, tmp_path):
     assert run(MODEL, PROMPT, tmp_path)[2]["prompt_cache_tokens"] == 1024
 
 
-def test_another_models_blocks_are_refused(tmp_path):
+def test_another_models_blocks_are_refused(tmp_path, other):
     tokens, kv, _ = run(MODEL, PROMPT, tmp_path)
-    with Model(OTHER, EngineConfig(prompt_cache=str(tmp_path))) as llm:
+    with Model(other, EngineConfig(prompt_cache=str(tmp_path))) as llm:
         want = llm.prompt_cache.block_hashes(PROMPT, 1)[0]
     theirs = sorted(tmp_path.glob(f"*{SUFFIX}"))[0]
     (tmp_path / f"{want}{SUFFIX}").write_bytes(theirs.read_bytes())  # tiny-moe's block under tiny-dense's name
-    ref = run(OTHER, PROMPT, None)
-    got = run(OTHER, PROMPT, tmp_path)
+    ref = run(other, PROMPT, None)
+    got = run(other, PROMPT, tmp_path)
     assert got[2]["prompt_cache_dropped_corrupt"] == 1 and "prompt_cache_tokens" not in got[2]
     assert same(got, ref)
 
