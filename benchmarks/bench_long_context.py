@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from flashtier.benchmarks.common import finish
 from flashtier.runtime.engine import open_model
 from flashtier.runtime.kv.cache import BlockKVCache
 from flashtier.runtime.kv.layout import KVBlockLayout
@@ -236,11 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "retrieval_vs_4k": {r["context"]: r["retrieval_vs_4k"] for r in rows},
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
-    return 0
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

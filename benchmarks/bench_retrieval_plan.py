@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from flashtier.benchmarks.common import finish
 from flashtier.benchmarks.bench_long_context import ProjectionPrefill, ensure_model, retrieval_cache
 from flashtier.runtime.engine import open_model
 from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
@@ -85,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_model(ensure_model(args.kv_long), [int(x) for x in args.kv_long_contexts.split(",")], args.steps,
                           args.warmup)
     result = {"threads": torch.get_num_threads(), "rows": rows, "all_within_30pct": all(r["within_30pct"] for r in rows)}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
-    return 0
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

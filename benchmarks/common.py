@@ -81,6 +81,16 @@ def write_results(name: str, results: dict[str, Any], table: str) -> Path:
     return out_dir / f"{name}.md"
 
 
+def finish(result: dict[str, Any], json_path: Path | None, summary_skips: tuple[str, ...] = ("rows",)) -> int:
+    """Write ``result`` to ``json_path`` (if given, parents created) and print it as one JSON line
+    without the bulky ``summary_skips`` keys; the exit status of a benchmark's ``main``."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in summary_skips}))
+    return 0
+
+
 def thread_label(name: str, threads: int) -> str:
     """``"NAME, N thread(s)"``: the key of a result measured on ``threads`` threads (the tables of
     :func:`report_by_threads` split it back into two columns)."""

@@ -130,44 +130,36 @@ static ALWAYS_INLINE float hsum16_tree(v16f v) {
     return (f[0] + f[2]) + (f[1] + f[3]);
 }
 
-static ALWAYS_INLINE float dot_f32(const float *restrict q, const float *restrict row, Py_ssize_t d) {
-    Py_ssize_t i = 0;
-    float t = 0.f;
-    if (d >= 16) {
-        v16f a0 = {0}, a1 = {0};
-        for (; i + 32 <= d; i += 32) {
-            a0 += load_f32x16(q + i) * load_f32x16(row + i);
-            a1 += load_f32x16(q + i + 16) * load_f32x16(row + i + 16);
-        }
-        for (; i + 16 <= d; i += 16) a0 += load_f32x16(q + i) * load_f32x16(row + i);
-        t = hsum16_tree(a0 + a1);
-    }
-    for (; i < d; i++) t += q[i] * row[i];
-    return t;
+/* 16 values of a bf16 or fp32 row from element i (the branch is hoisted out of the loops). */
+static ALWAYS_INLINE v16f load16(const void *row, Py_ssize_t i, int bf16) {
+    return bf16 ? load_bf16x16((const uint16_t *)row + i) : load_f32x16((const float *)row + i);
 }
 
-static ALWAYS_INLINE float dot_bf16(const float *restrict q, const uint16_t *restrict row, Py_ssize_t d) {
+static ALWAYS_INLINE float load1(const void *row, Py_ssize_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* q . row in fp32 (row bf16, widened exactly, or fp32). */
+static ALWAYS_INLINE float dot_any_row(const float *restrict q, const void *row, Py_ssize_t d, int bf16) {
     Py_ssize_t i = 0;
     float t = 0.f;
     if (d >= 16) {
         v16f a0 = {0}, a1 = {0};
         for (; i + 32 <= d; i += 32) {
-            a0 += load_f32x16(q + i) * load_bf16x16(row + i);
-            a1 += load_f32x16(q + i + 16) * load_bf16x16(row + i + 16);
+            a0 += load_f32x16(q + i) * load16(row, i, bf16);
+            a1 += load_f32x16(q + i + 16) * load16(row, i + 16, bf16);
         }
-        for (; i + 16 <= d; i += 16) a0 += load_f32x16(q + i) * load_bf16x16(row + i);
+        for (; i + 16 <= d; i += 16) a0 += load_f32x16(q + i) * load16(row, i, bf16);
         t = hsum16_tree(a0 + a1);
     }
-    for (; i < d; i++) t += q[i] * bf16_to_f32(row[i]);
+    for (; i < d; i++) t += q[i] * load1(row, i, bf16);
     return t;
 }
 
 static ALWAYS_INLINE float dot_row(const float *q, const void *table, int64_t row, Py_ssize_t d, int bf16) {
-    return bf16 ? dot_bf16(q, (const uint16_t *)table + row * d, d) : dot_f32(q, (const float *)table + row * d, d);
+    return dot_any_row(q, (const char *)table + (size_t)row * (size_t)d * (bf16 ? 2 : 4), d, bf16);
 }
 
-/* out[r * n + e] = q_r . table[rows[e]] for the R query rows (rows == NULL: row e itself); each
- * table row is read once for all query rows. */
 #define ROW_VECS 16 /* rows of up to 256 values are widened once into registers / L1 */
 #define PREFETCH_ROWS 12 /* table rows fetched ahead of the one being scored (~DRAM latency / time per row) */
 
@@ -178,14 +170,21 @@ static ALWAYS_INLINE void prefetch_bytes(const void *p, size_t bytes) {
 }
 
 /* Widens row `row` of `table` ([*, d], bf16 or fp32) into v[d / 16] (d a multiple of 16, <= 256). */
+/* Widens row `row` of `table` ([*, d], bf16 or fp32) into v[d / 16] (d a multiple of 16, <= 256). */
 static ALWAYS_INLINE void load_row(const void *table, int64_t row, Py_ssize_t d, int bf16, v16f *v) {
-    if (bf16) {
-        const uint16_t *p = (const uint16_t *)table + row * d;
-        for (Py_ssize_t c = 0; c < d / 16; c++) v[c] = load_bf16x16(p + 16 * c);
-    } else {
-        const float *p = (const float *)table + row * d;
-        for (Py_ssize_t c = 0; c < d / 16; c++) v[c] = load_f32x16(p + 16 * c);
+    const char *p = (const char *)table + (size_t)row * (size_t)d * (bf16 ? 2 : 4);
+    for (Py_ssize_t c = 0; c < d / 16; c++) v[c] = load16(p, 16 * c, bf16);
+}
+
+/* o += w * base[row] (bf16 or fp32 row, d values). */
+static ALWAYS_INLINE void axpy_any(float *o, float w, const void *base, int64_t row, Py_ssize_t d, int bf16) {
+    const char *v = (const char *)base + (size_t)row * (size_t)d * (bf16 ? 2 : 4);
+    Py_ssize_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        v16f y = load_f32x16(o + i) + w * load16(v, i, bf16);
+        memcpy(o + i, &y, sizeof y);
     }
+    for (; i < d; i++) o[i] += w * load1(v, i, bf16);
 }
 
 /* q_r . v for the R query rows (q [R, d]), v a widened row; out[r * stride]. */
@@ -455,28 +454,25 @@ static int search_head(const search_args *a, Py_ssize_t h) {
             zmax[r] = sum > 0.f ? 1.f / sum : 0.f;  /* reused: 1 / sum */
         }
         /* one pass over the unit rows (each read once for all query rows) */
-        const size_t vrow = (size_t)D * (bf ? 2 : 4);
+        const size_t vrow_bytes = (size_t)D * (bf ? 2 : 4);
         for (Py_ssize_t x = 0; x < U; x++) {
-            const float *vf = NULL;
-            const uint16_t *vh = NULL;
+            const void *vrow;  /* the unit's value row: a cluster's or super-cluster's mean (store dtype), a tail value (fp32) */
+            int vbf = bf;
             if (x + PREFETCH_ROWS < M) {
                 const int64_t c2 = cand ? cand[x + PREFETCH_ROWS] : x + PREFETCH_ROWS;
-                prefetch_bytes((const char *)vmean + c2 * vrow, vrow);
+                prefetch_bytes((const char *)vmean + c2 * vrow_bytes, vrow_bytes);
             }
             if (x < M) {
-                int64_t c = cand ? cand[x] : x;
-                if (bf) vh = (const uint16_t *)vmean + c * D;
-                else vf = (const float *)vmean + c * D;
+                vrow = (const char *)vmean + (cand ? cand[x] : x) * vrow_bytes;
             } else if (x < M + n_sup) {
-                if (bf) vh = (const uint16_t *)sup_vmean + (x - M) * D;
-                else vf = (const float *)sup_vmean + (x - M) * D;
+                vrow = (const char *)sup_vmean + (x - M) * vrow_bytes;
             } else {
-                vf = tail_val + (x - M - n_sup) * D;
+                vrow = tail_val + (x - M - n_sup) * D;
+                vbf = 0;
             }
-            if (D % 16 == 0 && D <= 16 * ROW_VECS) {
+            if (D % 16 == 0 && D <= 16 * ROW_VECS) {  /* widen the row once for every query row */
                 v16f v[ROW_VECS];
-                if (vh) for (Py_ssize_t c = 0; c < D / 16; c++) v[c] = load_bf16x16(vh + 16 * c);
-                else for (Py_ssize_t c = 0; c < D / 16; c++) v[c] = load_f32x16(vf + 16 * c);
+                load_row(vrow, 0, D, vbf, v);
                 for (Py_ssize_t r = 0; r < R; r++) {
                     const float w = us[r * U + x];
                     if (w == 0.f) continue;
@@ -486,26 +482,9 @@ static int search_head(const search_args *a, Py_ssize_t h) {
                         memcpy(o + 16 * c, &y, sizeof y);
                     }
                 }
-                continue;
-            }
-            for (Py_ssize_t r = 0; r < R; r++) {
-                const float w = us[r * U + x];
-                if (w == 0.f) continue;
-                float *o = acc + r * D;
-                Py_ssize_t i = 0;
-                if (vh) {
-                    for (; i + 16 <= D; i += 16) {
-                        v16f y = load_f32x16(o + i) + w * load_bf16x16(vh + i);
-                        memcpy(o + i, &y, sizeof y);
-                    }
-                    for (; i < D; i++) o[i] += w * bf16_to_f32(vh[i]);
-                } else {
-                    for (; i + 16 <= D; i += 16) {
-                        v16f y = load_f32x16(o + i) + w * load_f32x16(vf + i);
-                        memcpy(o + i, &y, sizeof y);
-                    }
-                    for (; i < D; i++) o[i] += w * vf[i];
-                }
+            } else {
+                for (Py_ssize_t r = 0; r < R; r++)
+                    if (us[r * U + x] != 0.f) axpy_any(acc + r * D, us[r * U + x], vrow, 0, D, vbf);
             }
         }
         for (Py_ssize_t r = 0; r < R; r++)
@@ -598,29 +577,6 @@ typedef struct {
     int failed;
 } attend_rows_args;
 
-static ALWAYS_INLINE float dot_any(const float *q, const void *base, int64_t row, Py_ssize_t d, int bf16) {
-    return dot_row(q, base, row, d, bf16);
-}
-
-static ALWAYS_INLINE void axpy_any(float *o, float w, const void *base, int64_t row, Py_ssize_t d, int bf16) {
-    Py_ssize_t i = 0;
-    if (bf16) {
-        const uint16_t *v = (const uint16_t *)base + row * d;
-        for (; i + 16 <= d; i += 16) {
-            v16f y = load_f32x16(o + i) + w * load_bf16x16(v + i);
-            memcpy(o + i, &y, sizeof y);
-        }
-        for (; i < d; i++) o[i] += w * bf16_to_f32(v[i]);
-    } else {
-        const float *v = (const float *)base + row * d;
-        for (; i + 16 <= d; i += 16) {
-            v16f y = load_f32x16(o + i) + w * load_f32x16(v + i);
-            memcpy(o + i, &y, sizeof y);
-        }
-        for (; i < d; i++) o[i] += w * v[i];
-    }
-}
-
 MULTIVERSION
 static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
     const Py_ssize_t G = a->G, S = a->S, n = a->n, D = a->D;
@@ -636,11 +592,11 @@ static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
         const int64_t ret0 = (h * G + g) * n;  /* first retrieved row of this query row */
         float mx = -INFINITY;
         for (Py_ssize_t i = 0; i < S; i++) {
-            sc[i] = a->scale * dot_any(q, a->rk, h * S + i, D, a->res_bf16);
+            sc[i] = a->scale * dot_row(q, a->rk, h * S + i, D, a->res_bf16);
             mx = sc[i] > mx ? sc[i] : mx;
         }
         for (Py_ssize_t i = 0; i < n; i++) {
-            sc[S + i] = a->scale * dot_any(q, a->tk, ret0 + i, D, a->ret_bf16);
+            sc[S + i] = a->scale * dot_row(q, a->tk, ret0 + i, D, a->ret_bf16);
             mx = sc[S + i] > mx ? sc[S + i] : mx;
         }
         const float le = a->el ? a->el[h * G + g] : -INFINITY;
