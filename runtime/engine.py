@@ -563,6 +563,8 @@ class BatchSequence:
     cache: KVCache
     stats: GenerationStats
     finished: bool = False
+    prefilled: int = 0
+    """Prompt positions in ``cache`` (the prompt is complete once this is ``len(ids)``)."""
 
 
 class BatchSession:
@@ -581,6 +583,8 @@ class BatchSession:
             raise ConfigError(f"max batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
         self.active: list[BatchSequence] = []
+        self.prefilling: list[BatchSequence] = []
+        """Sequences admitted with ``interleave``: one prefill chunk of each per :meth:`step`."""
 
     def __enter__(self) -> BatchSession:
         self.model._lock.acquire()
@@ -598,13 +602,16 @@ class BatchSession:
             raise result
         return result
 
-    def admit_many(self, requests: Sequence[tuple[Sequence[int], int, SamplingConfig, Sequence[str], bool]]
-                   ) -> list[tuple[BatchSequence, list[TokenEvent]] | Exception]:
+    def admit_many(self, requests: Sequence[tuple[Sequence[int], int, SamplingConfig, Sequence[str], bool]],
+                   interleave: bool = False) -> list[tuple[BatchSequence, list[TokenEvent]] | Exception]:
         """Prefill several prompts together, one pass over the weights per prefill chunk
         (:meth:`Transformer.forward_groups`: each prompt computed as alone), and sample each one's
         first token. ``requests``: ``(ids, max_new_tokens, sampling, stop, ignore_eos)``. Returns,
         per request, its sequence and first events, or the InputError of a bad request (the
-        others go on)."""
+        others go on). With ``interleave`` nothing is prefilled here: each following :meth:`step`
+        prefills one chunk of every joining prompt before the decode step of the running ones, so
+        a long prompt does not stall them, and a prompt's first events come from the step that
+        completes it (its chunks are the same, so are its tokens)."""
         from flashtier.runtime.generate import check_request
 
         m = self.model
@@ -626,6 +633,8 @@ class BatchSession:
             results.append((seq, []))
             if max_new_tokens == 0:
                 seq.finished = True
+            elif interleave:
+                self.prefilling.append(seq)
             else:
                 pending.append((len(results) - 1, seq))
         t0 = time.perf_counter()
@@ -647,10 +656,13 @@ class BatchSession:
         return results
 
     def step(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
-        """One decode step of every active sequence: each one's new events."""
+        """One prefill chunk of every joining sequence (``admit_many(interleave=True)``; those it
+        completes give their first events), then one decode step of every sequence that was
+        running before it: each one's new events."""
         live = [s for s in self.active if not s.finished]
+        out = self._prefill_chunk() if self.prefilling else []
         if not live:
-            return []
+            return out
         m = self.model
         saved = torch.get_num_threads()
         if m.linear.kernel == "native":
@@ -663,17 +675,43 @@ class BatchSession:
         finally:
             torch.set_num_threads(saved)
         dt = time.perf_counter() - t0
-        out = []
         for row, seq in enumerate(live):
             seq.stats.decode_s += dt
             seq.stats.generated_tokens += 1
             out.append((seq, self._take(seq, seq.sampler(logits[row]))))
         return out
 
+    def _prefill_chunk(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
+        """The next prefill chunk of every joining prompt in one pass (each computed as alone, at
+        the chunk boundaries a whole-prompt prefill uses); completed prompts sample their first
+        token and join the running sequences."""
+        m = self.model
+        chunk = m.engine_config.prefill_chunk
+        part = list(self.prefilling)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = m.transformer.forward_groups(
+                [torch.tensor(seq.ids[seq.prefilled:seq.prefilled + chunk], dtype=torch.long) for seq in part],
+                [seq.cache for seq in part], [seq.prefilled for seq in part])
+        dt = time.perf_counter() - t0
+        out = []
+        for seq, y in zip(part, logits):
+            seq.prefilled = min(len(seq.ids), seq.prefilled + chunk)
+            seq.stats.prefill_s += dt
+            if seq.prefilled < len(seq.ids):
+                continue
+            self.prefilling.remove(seq)
+            seq.stats.first_token_s = seq.stats.prefill_s
+            seq.stats.generated_tokens = 1
+            self.active.append(seq)
+            out.append((seq, self._take(seq, seq.sampler(y[-1]))))
+        return out
+
     def drop(self, seq: BatchSequence) -> None:
         """Remove a sequence (finished, or its client went away); frees its KV."""
         seq.finished = True
         self.active = [s for s in self.active if s is not seq]
+        self.prefilling = [s for s in self.prefilling if s is not seq]
 
     def _take(self, seq: BatchSequence, token: int) -> list[TokenEvent]:
         event, stopped = seq.text.push(token)

@@ -386,13 +386,17 @@ class ModelWorker:
         job.deliver(event)
 
     def _admit(self, session: object, jobs: list[_Job], seqs: dict[int, object]) -> None:
-        """Prefill the joining jobs together and deliver their first events; each job leaves
-        ``jobs`` for the batch, or before its last item is delivered (failed, or already done)."""
+        """Admit the joining jobs (their prompts are prefilled a chunk per step, interleaved with the
+        running jobs' decode steps; their first events come from the step that completes them);
+        each job leaves ``jobs`` for the batch, or before its last item is delivered (failed, or
+        already done)."""
         for _ in jobs:
             self._metrics.job_started()
         try:
+            # interleaved: their prompts are prefilled a chunk per step, between the running ones' tokens
             admitted = session.admit_many([(list(j.request.prompt_ids), j.request.max_new_tokens,  # type: ignore[attr-defined]
-                                            j.request.sampling, j.request.stop, j.request.ignore_eos) for j in jobs])
+                                            j.request.sampling, j.request.stop, j.request.ignore_eos) for j in jobs],
+                                          interleave=True)
         except Exception as e:  # a fault in the prefill pass fails the joining jobs, the server goes on
             log.warning("generation failed: %s", e)
             failed = list(jobs)

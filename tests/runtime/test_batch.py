@@ -75,3 +75,35 @@ def test_bad_batches_are_one_error(options, prompts, error, message):
         with pytest.raises(error, match=message):
             llm.generate_batch(prompts, max_new_tokens=8)
         assert llm.generate_batch([], max_new_tokens=8) == []
+
+
+def test_a_long_prompt_joins_a_chunk_per_step_without_stalling_the_batch():
+    """``admit_many(interleave=True)``: the running sequence gets a token every step while the
+    joiner's 7 prefill chunks go through; both get exactly their tokens alone."""
+    from flashtier.runtime.engine import BatchSession
+
+    greedy = SamplingConfig(temperature=0.0)
+    with Model(ROOT / "models" / "tiny-moe-16k", EngineConfig(prefill_chunk=16)) as llm:
+        short, long = llm.encode(PROMPTS[0]), (llm.encode(PROMPTS[2]) * 12)[:100]
+        alone = [llm.generate(ids, max_new_tokens=12, sampling=greedy, ignore_eos=True).tokens for ids in (short, long)]
+        got: dict[int, list[int]] = {0: [], 1: []}
+        with BatchSession(llm, max_batch=2) as session:
+            (first, events), = session.admit_many([(short, 12, greedy, (), True)])
+            got[0] += [e.token_id for e in events if e.token_id is not None]
+            for _ in range(3):
+                for seq, evs in session.step():
+                    got[0] += [e.token_id for e in evs if e.token_id is not None]
+            (joiner, events), = session.admit_many([(long, 12, greedy, (), True)], interleave=True)
+            assert events == [] and session.prefilling == [joiner]
+            steps_until_first = 0
+            while not first.finished or not joiner.finished:
+                stepped = dict((id(seq), evs) for seq, evs in session.step())
+                if not got[1]:
+                    steps_until_first += 1
+                    if not first.finished:  # the running sequence is served while the joiner prefills
+                        assert id(first) in stepped
+                for key, seq in ((0, first), (1, joiner)):
+                    got[key] += [e.token_id for e in stepped.get(id(seq), []) if e.token_id is not None]
+    assert steps_until_first == 7  # 100 prompt tokens in chunks of 16
+    assert got[0] == alone[0] and got[1] == alone[1]
+    assert joiner.prefilled == len(long) and joiner.stats.generated_tokens == 12
