@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from flashtier.apps.common import resolve_model_dir
-from flashtier.errors import CheckpointError
+from flashtier.errors import CheckpointError, InputError
 
 DEFAULT_CACHE = Path.home() / ".cache" / "flashtier" / "bench_io.json"
 PROBE_CACHE = Path.home() / ".cache" / "flashtier" / "retrieval_probe.json"
@@ -72,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
 
     from flashtier.checkpoint.gguf_checkpoint import find_gguf
 
+    if args.context <= 0:
+        raise InputError(f"--context must be a positive number of tokens, got {args.context}")
+    if args.attention == "retrieval" and args.retrieval_probe != "off" and Path(args.probe_cache).is_dir():
+        raise InputError(f"--probe-cache {args.probe_cache} is a directory; give the path of a file "
+                         f"(e.g. {Path(args.probe_cache) / 'retrieval_probe.json'})")
     target = resolve_model_dir(args.model)
     gguf = find_gguf(target) if target.exists() else None
     ck = None  # the checkpoint, when there is one (not for a bare config.json)

@@ -123,3 +123,14 @@ def test_probe_size_is_bounded_for_models_with_many_kv_heads() -> None:
     assert rc.probe_layers(32, 8) == 8
     assert rc.probe_layers(32, 32) == 2  # 64 (layer, kv head) pairs at most
     assert rc.probe_layers(80, 128) == 1  # never zero layers
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--context", "0"], "--context must be a positive number of tokens"),
+    (["--probe-cache", "/tmp"], "is a directory"),
+])
+def test_plan_refuses_bad_probe_arguments_before_probing(args: list[str], message: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "flashtier", "plan", str(ROOT / "models/tiny-moe-16k/config.json"),
+                        "--attention", "retrieval", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and message in r.stderr and "probing" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
