@@ -107,3 +107,27 @@ def test_a_long_prompt_joins_a_chunk_per_step_without_stalling_the_batch():
     assert steps_until_first == 7  # 100 prompt tokens in chunks of 16
     assert got[0] == alone[0] and got[1] == alone[1]
     assert joiner.prefilled == len(long) and joiner.stats.generated_tokens == 12
+
+
+def test_a_request_dropped_while_its_prompt_is_prefilled_leaves_the_others_alone():
+    from flashtier.runtime.engine import BatchSession
+
+    greedy = SamplingConfig(temperature=0.0)
+    with Model(ROOT / "models" / "tiny-moe-16k", EngineConfig(prefill_chunk=16)) as llm:
+        short, long = llm.encode(PROMPTS[1]), (llm.encode(PROMPTS[3]) * 20)[:90]
+        alone = llm.generate(short, max_new_tokens=6, sampling=greedy, ignore_eos=True).tokens
+        with BatchSession(llm, max_batch=2) as session:
+            (a, ev_a), (b, ev_b) = session.admit_many([(short, 6, greedy, (), True), (long, 6, greedy, (), True)],
+                                                      interleave=True)
+            assert ev_a == ev_b == [] and session.prefilling == [a, b]
+            tokens = []
+            for seq, events in session.step():  # a's prompt fits one chunk: its first token
+                assert seq is a
+                tokens += [e.token_id for e in events if e.token_id is not None]
+            session.drop(b)  # its client went away mid-prefill
+            assert session.prefilling == [] and b.finished
+            while not a.finished:
+                for seq, events in session.step():
+                    assert seq is a
+                    tokens += [e.token_id for e in events if e.token_id is not None]
+    assert tokens == alone
