@@ -219,6 +219,9 @@ def main(argv=None) -> None:
                          "(e.g. benchmarks/data/heldout_ml)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.text_dir is not None and not any(f.endswith(".py") for f in (os.listdir(args.text_dir)
+                                                                      if os.path.isdir(args.text_dir) else [])):
+        ap.error(f"--text-dir {args.text_dir}: not a folder holding .py files")
     res = measure(args.model_dir, args.seq, args.max_windows, args.batch, args.threads, text_dir=args.text_dir)
     if args.json:
         print(json.dumps(res, indent=1))
