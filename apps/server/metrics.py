@@ -119,8 +119,7 @@ class ServerMetrics:
         self._histograms = {name: Histogram(bounds) for name, (_, bounds) in _HISTOGRAMS.items()}
         self._last: dict[str, Any] = {}
         self._memory: dict[str, Any] = {}
-        self._live_tokens = 0
-        self._live_started: float | None = None
+        self._live: dict[int, tuple[float, int]] = {}  # running generation -> (start, tokens so far)
 
     # ---------------------------------------------------------------- updates
     def request_received(self) -> None:
@@ -136,13 +135,15 @@ class ServerMetrics:
         with self._lock:
             self._counts["requests_failed_total"] += 1
 
-    def job_started(self) -> None:
+    def job_started(self, key: int) -> None:
+        """A generation started (``key`` names it until it ends; several run at once when batched)."""
         with self._lock:
-            self._live_tokens, self._live_started = 0, time.perf_counter()
+            self._live[key] = (time.perf_counter(), 0)
 
-    def job_progress(self, generated_tokens: int) -> None:
+    def job_progress(self, key: int, generated_tokens: int) -> None:
         with self._lock:
-            self._live_tokens = generated_tokens
+            if key in self._live:
+                self._live[key] = (self._live[key][0], generated_tokens)
 
     def first_token(self, seconds: float) -> None:
         """A request's first token left the worker ``seconds`` after the request was accepted."""
@@ -154,14 +155,14 @@ class ServerMetrics:
         with self._lock:
             self._histograms["inter_token_latency_seconds"].observe(seconds)
 
-    def job_finished(self, stats: dict[str, Any], outcome: Outcome) -> None:
+    def job_finished(self, key: int, stats: dict[str, Any], outcome: Outcome) -> None:
         """A generation ended (``stats``: :meth:`Model.stats_dict`, possibly empty)."""
         with self._lock:
+            self._live.pop(key, None)
             self._last = dict(stats)
             self._counts["prompt_tokens_total"] += int(stats.get("prompt_tokens", 0))
             self._counts["generated_tokens_total"] += int(stats.get("generated_tokens", 0))
             self._count_outcome(outcome)
-            self._live_started = None
 
     def job_skipped(self, outcome: Outcome) -> None:
         """A job that ended before its turn: its client went away, or it timed out while queued."""
@@ -174,11 +175,11 @@ class ServerMetrics:
         elif outcome is Outcome.TIMED_OUT:
             self._counts["requests_timed_out_total"] += 1
 
-    def job_failed(self) -> None:
+    def job_failed(self, key: int) -> None:
         """A generation raised; its request is counted failed where it is answered (the route)."""
         with self._lock:
             self._counts["generations_failed_total"] += 1
-            self._live_started = None
+            self._live.pop(key, None)
 
     def set_memory(self, report: dict[str, Any]) -> None:
         with self._lock:
@@ -190,10 +191,10 @@ class ServerMetrics:
         recent window, in seconds), ``last`` statistics, ``memory`` report, ``live`` progress."""
         with self._lock:
             live = None
-            if self._live_started is not None:
-                elapsed = time.perf_counter() - self._live_started
-                live = {"generated_tokens": self._live_tokens,
-                        "tok_s": round(self._live_tokens / elapsed, 3) if elapsed > 0 else 0.0}
+            if self._live:  # every running generation: how many, their tokens, their summed speed
+                now = time.perf_counter()
+                live = {"running": len(self._live), "generated_tokens": sum(t for _, t in self._live.values()),
+                        "tok_s": round(sum(t / (now - s) for s, t in self._live.values() if now > s), 3)}
             latency = {name.removesuffix("_seconds"): h.summary() for name, h in self._histograms.items()}
             return {"counters": dict(self._counts), "latency": latency, "last": dict(self._last), "memory": self._memory,
                     "tiers": tier_fields(self._memory), "hit_rates": hit_rates(self._last), "live": live}

@@ -278,7 +278,7 @@ class ModelWorker:
         """Run ``job`` alone, delivering its tokens; its last item, for the caller to deliver."""
         req = job.request
         stats = GenerationStats()
-        self._metrics.job_started()
+        self._metrics.job_started(id(job))
         cancelled = False
         last_live = time.perf_counter()
         try:
@@ -290,12 +290,12 @@ class ModelWorker:
                         cancelled = True
                         break
                     self._emit(job, event)
-                    self._metrics.job_progress(stats.generated_tokens)
+                    self._metrics.job_progress(id(job), stats.generated_tokens)
                     if time.perf_counter() - last_live >= self._live_interval_s:
                         self._metrics.set_memory(model.memory_report())
                         last_live = time.perf_counter()
             result = model.stats_dict(stats)
-            self._metrics.job_finished(result, job.outcome if cancelled else Outcome.DONE)
+            self._metrics.job_finished(id(job), result, job.outcome if cancelled else Outcome.DONE)
             self._metrics.set_memory(model.memory_report())
             if cancelled:  # usually nobody listens any more; at shutdown the request gets an error
                 return _Failed(WorkerUnavailable(WorkerState.STOPPED, None))
@@ -303,7 +303,7 @@ class ModelWorker:
                             stats.cached_prompt_tokens, result)
         except Exception as e:
             log.warning("generation failed: %s", e)
-            self._metrics.job_failed()
+            self._metrics.job_failed(id(job))
             return _Failed(e)
 
     def _run_batched(self, model: Model) -> None:
@@ -347,7 +347,7 @@ class ModelWorker:
                 except Exception as e:  # a fault in the step fails every job in it, the server goes on
                     log.warning("batched generation failed: %s", e)
                     for job in self._batch:
-                        self._metrics.job_failed()
+                        self._metrics.job_failed(id(job))
                         _deliver_quietly(job, _Failed(e))
                         session.drop(seqs.pop(id(job)))  # type: ignore[arg-type]
                     self._batch.clear()
@@ -357,7 +357,7 @@ class ModelWorker:
                     seq = seqs[id(job)]
                     for event in by_seq.get(id(seq), []):
                         self._emit(job, event)
-                    self._metrics.job_progress(seq.stats.generated_tokens)  # type: ignore[attr-defined]
+                    self._metrics.job_progress(id(job), seq.stats.generated_tokens)  # type: ignore[attr-defined]
                     if seq.finished:  # type: ignore[attr-defined]
                         batch_size = len(self._batch)
                         seqs.pop(id(job))
@@ -370,7 +370,7 @@ class ModelWorker:
         for job in [j for j in self._batch if j.cancelled.is_set()]:
             session.drop(seqs.pop(id(job)))  # type: ignore[attr-defined]
             self._batch.remove(job)
-            self._metrics.job_finished({}, job.outcome)
+            self._metrics.job_finished(id(job), {}, job.outcome)
             if self._stopping.is_set():
                 _deliver_quietly(job, _Failed(WorkerUnavailable(WorkerState.STOPPED, None)))
 
@@ -390,8 +390,8 @@ class ModelWorker:
         running jobs' decode steps; their first events come from the step that completes them);
         each job leaves ``jobs`` for the batch, or before its last item is delivered (failed, or
         already done)."""
-        for _ in jobs:
-            self._metrics.job_started()
+        for job in jobs:
+            self._metrics.job_started(id(job))
         try:
             # interleaved: their prompts are prefilled a chunk per step, between the running ones' tokens
             admitted = session.admit_many([(list(j.request.prompt_ids), j.request.max_new_tokens,  # type: ignore[attr-defined]
@@ -402,13 +402,13 @@ class ModelWorker:
             failed = list(jobs)
             jobs.clear()
             for job in failed:
-                self._metrics.job_failed()
+                self._metrics.job_failed(id(job))
                 _deliver_quietly(job, _Failed(e))
             return
         for job, result in zip(list(jobs), admitted):
             if isinstance(result, Exception):
                 jobs.remove(job)
-                self._metrics.job_failed()
+                self._metrics.job_failed(id(job))
                 _deliver_quietly(job, _Failed(result))
                 continue
             seq, events = result
@@ -427,7 +427,7 @@ class ModelWorker:
         stats = seq.stats  # type: ignore[attr-defined]
         result = model.stats_dict(stats)
         result["batch_size"] = batch_size
-        self._metrics.job_finished(result, Outcome.DONE)
+        self._metrics.job_finished(id(job), result, Outcome.DONE)
         job.deliver(Finished(stats.finish_reason, stats.prompt_tokens, stats.generated_tokens,
                              stats.cached_prompt_tokens, result))
 

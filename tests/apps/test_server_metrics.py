@@ -255,3 +255,23 @@ def test_histogram_buckets_and_quantiles():
     assert Histogram((1.0,)).summary() == {"count": 0, "sum": 0.0, "window": 0, "p50": None, "p99": None}
     with pytest.raises(ValueError, match="strictly increasing"):
         Histogram((1.0, 0.5))
+
+
+def test_live_progress_covers_every_running_generation():
+    """With batching several generations run at once: ``live`` counts all of them until each ends."""
+    from flashtier.apps.server.metrics import Outcome, ServerMetrics
+
+    m = ServerMetrics()
+    assert m.snapshot()["live"] is None
+    m.job_started(1)
+    m.job_started(2)
+    m.job_progress(1, 5)
+    m.job_progress(2, 3)
+    live = m.snapshot()["live"]
+    assert live["running"] == 2 and live["generated_tokens"] == 8 and live["tok_s"] > 0
+    m.job_finished(1, {"generated_tokens": 5}, Outcome.DONE)  # one ends: the other is still live
+    assert m.snapshot()["live"]["running"] == 1 and m.snapshot()["live"]["generated_tokens"] == 3
+    m.job_failed(2)
+    assert m.snapshot()["live"] is None
+    m.job_progress(7, 1)  # progress of a generation that is not running is ignored
+    assert m.snapshot()["live"] is None
