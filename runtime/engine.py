@@ -633,7 +633,9 @@ class BatchSession:
             results.append((seq, []))
             if max_new_tokens == 0:
                 seq.finished = True
-            elif interleave:
+                continue
+            self._reuse_prefix(seq)
+            if interleave:
                 self.prefilling.append(seq)
             else:
                 pending.append((len(results) - 1, seq))
@@ -641,7 +643,9 @@ class BatchSession:
         last: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
             for s0 in range(0, max((len(seq.ids) for _, seq in pending), default=0), chunk):
-                part = [(k, seq) for k, seq in pending if s0 < len(seq.ids)]
+                part = [(k, seq) for k, seq in pending if seq.prefilled <= s0 < len(seq.ids)]
+                if not part:  # every prompt's chunks up to here were copied from another sequence
+                    continue
                 logits = m.transformer.forward_groups(
                     [torch.tensor(seq.ids[s0:s0 + chunk], dtype=torch.long) for _, seq in part],
                     [seq.cache for _, seq in part], [s0] * len(part))
@@ -649,6 +653,7 @@ class BatchSession:
                     last[k] = y
         dt = time.perf_counter() - t0
         for k, seq in pending:
+            seq.prefilled = len(seq.ids)
             seq.stats.prefill_s = seq.stats.first_token_s = dt
             seq.stats.generated_tokens = 1
             self.active.append(seq)
@@ -680,6 +685,28 @@ class BatchSession:
             seq.stats.generated_tokens += 1
             out.append((seq, self._take(seq, seq.sampler(logits[row]))))
         return out
+
+    def _reuse_prefix(self, seq: BatchSequence) -> None:
+        """Copy into ``seq``'s cache the KV of the longest prompt prefix it shares with a sequence of
+        this session, in whole prefill chunks from position 0 (bit-identical to prefilling them: a
+        shared system prompt is prefilled once per session, not once per request), leaving at least
+        one chunk for ``seq`` to prefill (its last logits). The KV is copied, not shared: it saves
+        the prefill, not memory."""
+        if self.model.config.sliding_window is not None:  # its cache keeps only the window: nothing to copy from
+            return
+        chunk = self.model.engine_config.prefill_chunk
+        best, donor = 0, None
+        for other in self.active + self.prefilling:
+            n = min(_common_prefix(other.ids, seq.ids), other.prefilled, len(seq.ids) - 1) // chunk * chunk
+            if n > best:
+                best, donor = n, other
+        if donor is None:
+            return
+        with torch.inference_mode():
+            for layer in range(seq.cache.num_layers):
+                k, v = donor.cache.read(layer, best)  # [H_kv, best, D] each
+                seq.cache.write(layer, k, v, 0)
+        seq.prefilled = seq.stats.cached_prompt_tokens = best
 
     def _prefill_chunk(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
         """The next prefill chunk of every joining prompt in one pass (each computed as alone, at

@@ -131,3 +131,31 @@ def test_a_request_dropped_while_its_prompt_is_prefilled_leaves_the_others_alone
                     assert seq is a
                     tokens += [e.token_id for e in events if e.token_id is not None]
     assert tokens == alone
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_a_shared_prompt_prefix_is_prefilled_once_per_session(interleave):
+    """A request whose prompt starts like a running one's copies that KV in whole prefill chunks
+    (what prefilling them computes bit for bit) and prefills only the rest: same tokens as alone."""
+    from flashtier.runtime.engine import BatchSession
+
+    greedy = SamplingConfig(temperature=0.0)
+    with Model(ROOT / "models" / "tiny-moe-16k", EngineConfig(prefill_chunk=16)) as llm:
+        system = (llm.encode(PROMPTS[2]) * 5)[:40]
+        first, second = system + llm.encode(PROMPTS[0]), system + llm.encode(PROMPTS[4])
+        alone = [llm.generate(ids, max_new_tokens=8, sampling=greedy, ignore_eos=True).tokens for ids in (first, second)]
+        got: dict[int, list[int]] = {}
+        with BatchSession(llm, max_batch=2) as session:
+            (a, events), = session.admit_many([(first, 8, greedy, (), True)], interleave=interleave)
+            while a.prefilled < len(first):
+                session.step()
+            (b, events_b), = session.admit_many([(second, 8, greedy, (), True)], interleave=interleave)
+            assert b.stats.cached_prompt_tokens == 32  # 40 shared tokens: two whole chunks of 16
+            seqs = {id(a): 0, id(b): 1}
+            got = {0: [], 1: [e.token_id for e in events_b if e.token_id is not None]}
+            if not interleave:
+                got[0] = [e.token_id for e in events if e.token_id is not None]
+            while not (a.finished and b.finished):
+                for seq, evs in session.step():
+                    got[seqs[id(seq)]] += [e.token_id for e in evs if e.token_id is not None]
+    assert got[1] == alone[1]
