@@ -1,4 +1,4 @@
-"""Atomic file writes and crc32 checksums (for spill files such as spilled KV blocks).
+"""Atomic file writes and crc32 checksums (for spill files such as spilled KV blocks, and JSON caches).
 
 ``write_atomic`` writes to a temporary file in the same directory, fsyncs it, renames it over the
 target and fsyncs the directory: a reader sees the old file or the whole new one, and a crash
@@ -8,6 +8,7 @@ leaves at most a stray ``.*.tmp-*`` file. Written pages are dropped from the pag
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 import zlib
@@ -19,6 +20,12 @@ from flashtier.errors import IntegrityError, StorageError
 def crc32(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     """zlib.crc32 of ``data`` continuing from ``start`` (an unsigned 32-bit value)."""
     return zlib.crc32(data, start) & 0xFFFFFFFF
+
+
+def json_crc32(obj: object) -> int:
+    """crc32 of ``obj`` as canonical JSON (sorted keys): the checksum of the small JSON files
+    flashtier writes (caches, records), computed the same way wherever they are read."""
+    return crc32(json.dumps(obj, sort_keys=True).encode())
 
 
 def crc32_of_range(fd: int, offset: int, length: int, chunk: int = 8 << 20) -> tuple[int, int]:

@@ -13,9 +13,7 @@ import json
 import os
 import platform
 import tempfile
-import threading
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 from flashtier.errors import ConfigError, StorageError
 from flashtier.storage_backends.aligned import allocate_aligned
+from flashtier.storage_backends.atomic import json_crc32, write_atomic
 from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFileConfig
 
 MiB = 1 << 20
@@ -205,19 +204,13 @@ def run_bench_io(
     return result
 
 
-def _crc(data: dict[str, object]) -> int:
-    return zlib.crc32(json.dumps(data, sort_keys=True).encode())
-
-
 def save_cached(result: BenchIoResult, cache_path: str) -> None:
-    """Write ``result`` as JSON to ``cache_path`` with a crc32 of its fields (atomically: a
-    temporary sibling per writer, then a rename; parent folders created)."""
+    """Write ``result`` as JSON to ``cache_path`` with a crc32 of its fields (atomically; parent
+    folders created). StorageError if it cannot be written."""
     target = Path(cache_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     data = result.as_dict()
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps({**data, "crc32": _crc(data)}, indent=2))
-    os.replace(tmp, target)
+    write_atomic(str(target), [json.dumps({**data, "crc32": json_crc32(data)}, indent=2).encode()])
 
 
 def load_cached(cache_path: str) -> BenchIoResult | None:
@@ -225,7 +218,7 @@ def load_cached(cache_path: str) -> BenchIoResult | None:
     crc32 does not match (cut, edited, or written before caches carried one): measure again."""
     try:
         data = json.loads(Path(cache_path).read_text())
-        if not isinstance(data, dict) or data.pop("crc32", None) != _crc(data):
+        if not isinstance(data, dict) or data.pop("crc32", None) != json_crc32(data):
             return None
         return BenchIoResult.from_dict(data)
     except (OSError, ValueError, TypeError):

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from flashtier.errors import StorageError
-from flashtier.storage_backends.atomic import write_atomic
+from flashtier.storage_backends.atomic import json_crc32, write_atomic
 
 VERSION = 1
 MAX_ENTRIES = 512
@@ -57,7 +56,7 @@ class VerifiedRecord:
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
             entries = doc["entries"]
-            if doc.get("version") != VERSION or doc.get("crc32") != _crc(entries):
+            if doc.get("version") != VERSION or doc.get("crc32") != json_crc32(entries):
                 return {}
             return dict(entries)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -87,13 +86,10 @@ class VerifiedRecord:
         entries[key] = stamps
         while len(entries) > MAX_ENTRIES:
             entries.pop(next(iter(entries)))
-        doc = {"version": VERSION, "entries": entries, "crc32": _crc(entries)}
+        doc = {"version": VERSION, "entries": entries, "crc32": json_crc32(entries)}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(str(self.path), [json.dumps(doc).encode()])
         except (OSError, StorageError):
             pass  # the check passed; without a record the next load only repeats it
 
-
-def _crc(entries: object) -> int:
-    return zlib.crc32(json.dumps(entries, sort_keys=True).encode()) & 0xFFFFFFFF

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import statistics
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from flashtier.errors import ConfigError
+from flashtier.errors import ConfigError, StorageError
 from flashtier.retrieval.attention import GroupSearch, RetrievalConfig
 from flashtier.retrieval.index_cluster import STORE_DTYPES, ClusterIndexConfig
+from flashtier.storage_backends.atomic import json_crc32, write_atomic
 from flashtier.runtime.kv.layout import KVBlockLayout
 from flashtier.runtime.kv.retrieval import RetrievalKVCache
 from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
@@ -209,15 +208,11 @@ def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: 
     return json.dumps(settings, sort_keys=True)
 
 
-def _entries_crc(entries: dict) -> int:
-    return zlib.crc32(json.dumps(entries, sort_keys=True).encode())
-
-
 def _read_cache(cache: Path) -> dict[str, dict]:
     """The entries of a probe cache file; empty when missing, unreadable or failing its crc32."""
     try:
         stored = json.loads(cache.read_text())
-        if isinstance(stored, dict) and stored.get("crc32") == _entries_crc(stored["entries"]):
+        if isinstance(stored, dict) and stored.get("crc32") == json_crc32(stored["entries"]):
             return dict(stored["entries"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
@@ -247,9 +242,7 @@ def cached_probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int
         entries[key] = asdict(cost)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"crc32": _entries_crc(entries), "entries": entries}, indent=1))
-            os.replace(tmp, cache)
-        except OSError:
+            write_atomic(str(cache), [json.dumps({"crc32": json_crc32(entries), "entries": entries}, indent=1).encode()])
+        except (OSError, StorageError):
             pass  # a cache we cannot write only costs the probe next time
     return cost
