@@ -299,8 +299,8 @@ class RetrievalAttention:
         k, v, valid = offloaded.gather([p.reshape(-1) for p in retrieved])  # [H_kv, n, D] x2, [H_kv, n]
         t2 = time.perf_counter()
         attended = sum(p.numel() for p in retrieved)
+        g = q.shape[1]
         if batch is not None:  # exact parts and the merge in one native call where it applies
-            g = q.shape[1]
             fused = attend_rows(q, resident_k, resident_v, k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d),
                                 batch.rest, scale)  # [H_kv, G, D]
             if fused is not None:
@@ -309,7 +309,6 @@ class RetrievalAttention:
                 return RetrievalOutput(fused.to(query.dtype).reshape(query.shape), tuple(retrieved), stats)
         resident = partial_attention(q, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
         if per_row:  # n = G * k' for every head: attend row by row
-            g = q.shape[1]
             rk, rv = k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d)  # [H_kv, G, k', D]
             row = partial_attention(q.unsqueeze(2), rk.to(q.dtype), rv.to(q.dtype), scale)  # out [H_kv, G, 1, D]
             far = PartialAttention(row.out.squeeze(2), row.lse.squeeze(2))

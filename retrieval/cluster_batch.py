@@ -17,7 +17,6 @@ empty index, ``k`` covering every key): the caller then runs the per-head refere
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,10 +83,7 @@ def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, 
         return None
     if estimate_scale is not None and not cfg.track_values:
         return None
-    budget = math.ceil(cfg.scan_budget_fraction * ntotal)
-    if cfg.scan_max_keys is not None:
-        budget = min(budget, cfg.scan_max_keys)
-    budget = max(k, budget)
+    budget = cfg.scan_budget(ntotal, k)
     tables = [i.native_tables() for i in indexes]  # type: ignore[attr-defined]
     ptrs = np.array([t[0] for t in tables], dtype=np.int64)  # [H, 17]
     counts = np.array([t[1] for t in tables], dtype=np.int64)  # [H, 4]
@@ -97,10 +93,9 @@ def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, 
     estimate = estimate_scale is not None
     out = torch.empty((h, r, d) if estimate else (0,), dtype=torch.float32)  # [H, R, D]
     lse = torch.empty((h, r) if estimate else (0,), dtype=torch.float32)  # [H, R]
-    group_scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(d)
     _cluster_search(q.numpy(), ptrs, counts, positions.numpy(), scanned, out.numpy(), lse.numpy(), r, d, k, budget,
                     float(cfg.oversample), int(cfg.store_dtype == "bfloat16"), int(cfg.super_size > 0), int(estimate),
-                    float(cfg.bound_weight), float(group_scale), float(estimate_scale or 0.0),
+                    float(cfg.bound_weight), float(first.group_scale), float(estimate_scale or 0.0),
                     threads if threads is not None else torch.get_num_threads())
     rest = PartialAttention(out, lse) if estimate else None
     return HeadsSearch(positions, tuple(int(s) for s in scanned), rest)

@@ -160,6 +160,14 @@ class ClusterIndexConfig(IndexConfig):
         if self.store_dtype not in STORE_DTYPES:
             raise ConfigError(f"cluster index store_dtype must be one of {sorted(STORE_DTYPES)}, got {self.store_dtype!r}")
 
+    def scan_budget(self, ntotal: int, k: int) -> int:
+        """Keys a search of ``ntotal`` indexed keys for the top ``k`` scores exactly (tail included):
+        the ``scan_budget_fraction`` share, capped by ``scan_max_keys``, at least ``k``."""
+        budget = math.ceil(self.scan_budget_fraction * ntotal)
+        if self.scan_max_keys is not None:
+            budget = min(budget, self.scan_max_keys)
+        return max(k, budget)
+
     def bytes_per_key(self, dim: int) -> float:
         """Key copy + positions, plus each cluster's centroid, radius, start and size shared by
         ``cluster_size`` keys."""
@@ -216,6 +224,11 @@ class ClusterIndex(KeyIndex):
     @property
     def n_clusters(self) -> int:
         return len(self._size)
+
+    @property
+    def group_scale(self) -> float:
+        """The scale rows of a group are compared on (``softmax_scale``, else ``1/sqrt(D)``)."""
+        return self._scale
 
     def native_tables(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The addresses of the tables a search reads, in the order of ``native/cluster_search.c``
@@ -345,10 +358,7 @@ class ClusterIndex(KeyIndex):
                                      / keys_in.unsqueeze(1))
 
     def _search(self, queries: torch.Tensor, k: int) -> SearchResult:
-        budget = math.ceil(self.config.scan_budget_fraction * self.ntotal)
-        if self.config.scan_max_keys is not None:
-            budget = min(budget, self.config.scan_max_keys)
-        budget = max(k, budget)
+        budget = self.config.scan_budget(self.ntotal, k)
         tail_n = len(self._tail)
         scores, pos = [], []  # scores q . (key - m): the same ranking as q . key
         if tail_n:

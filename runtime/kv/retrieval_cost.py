@@ -65,10 +65,7 @@ def step_bytes(config: RetrievalConfig, shape: HeadShape, context: int) -> int:
         idx = config.index_config()
         if isinstance(idx, ClusterIndexConfig):
             es = STORE_DTYPES[idx.store_dtype].itemsize
-            budget = math.ceil(config.scan_budget_fraction * offloaded)
-            if idx.scan_max_keys is not None:
-                budget = min(budget, idx.scan_max_keys)
-            budget = min(offloaded, max(k, budget))
+            budget = min(offloaded, idx.scan_budget(offloaded, k))
             if idx.super_size:
                 supers = math.ceil(offloaded / idx.super_size)
                 opened = min(offloaded, math.ceil(idx.oversample * budget))
