@@ -352,7 +352,7 @@ class Model:
         # depend on what ran before. A partial last chunk and decoded tokens were computed in other
         # shapes (bf16 rounds them differently) and are recomputed.
         chunk = self.engine_config.prefill_chunk
-        reuse = min(_common_prefix(self._cached_ids, ids), len(ids) - 1) // chunk * chunk
+        reuse = _reusable_prefix(self._cached_ids, ids, chunk)
         pc = self.prompt_cache
         loaded = pc.load(self.cache, ids, at_least=reuse) if pc is not None else 0
         if loaded:
@@ -370,7 +370,7 @@ class Model:
                 out.append(tok)
                 if len(out) == 1:
                     stats.decode_start_counters = self._io_counters()
-                self._cached_ids = ids[: len(ids) // chunk * chunk]  # the prompt's whole chunks
+                    self._cached_ids = ids[: len(ids) // chunk * chunk]  # the prompt is in: its whole chunks
                 event, stopped = texts.push(tok)
                 yield event
                 if stopped:
@@ -697,7 +697,7 @@ class BatchSession:
         chunk = self.model.engine_config.prefill_chunk
         best, donor = 0, None
         for other in self.active + self.prefilling:
-            n = min(_common_prefix(other.ids, seq.ids), other.prefilled, len(seq.ids) - 1) // chunk * chunk
+            n = _reusable_prefix(other.ids[: other.prefilled], seq.ids, chunk)
             if n > best:
                 best, donor = n, other
         if donor is None:
@@ -799,6 +799,13 @@ def open_model(model_dir: str | Path, **options: Any) -> Model:
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reusable_prefix(cached: Sequence[int], ids: Sequence[int], chunk: int) -> int:
+    """Positions of ``ids`` whose KV may be taken from a cache holding the prefill of ``cached``:
+    the shared prefix in whole prefill chunks from position 0 (bit-identical to prefilling them),
+    leaving at least one token to prefill (the last logits)."""
+    return min(_common_prefix(cached, ids), len(ids) - 1) // chunk * chunk
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
