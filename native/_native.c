@@ -264,7 +264,7 @@ static PyObject *bf16_product(PyObject *args, int batched) {
     }
     rows_ctx c = {batch};
     matvec_job j = {batched ? bf16_rows_multi : bf16_rows, w.buf, (const float *)x.buf, (float *)out.buf, NULL,
-                    rows, cols, cols * 2, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL,
+                    rows, cols, cols * 2, pool_parts(threads), NULL,
                     batched ? &c : NULL, 0};
     Py_BEGIN_ALLOW_THREADS
     matvec(&j);
@@ -1621,7 +1621,7 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
         return -1;
     }
     matvec_job j = {q_pick(qtype, dequant), w->buf, dequant ? NULL : (const float *)x, (float *)out->buf, NULL,
-                    rows, cols, row_bytes, threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads),
+                    rows, cols, row_bytes, pool_parts(threads),
                     NULL};
     rows_fn q8fn = act == 1 && !dequant ? q_pick_q8(qtype) : NULL;
     if (q8fn) j.fn = q8fn;
@@ -1778,7 +1778,7 @@ static PyObject *q_matvec_many(PyObject *self, PyObject *args) {
         for (int i = 0; i < n; i++) memset(out[i].buf, 0, (size_t)out[i].len);
     } else if (total > 0) {
         matvec_job all = {many_rows, &m, (const float *)x.buf, NULL, NULL, total, cols, 0,
-                          threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL};
+                          pool_parts(threads), NULL};
         Py_BEGIN_ALLOW_THREADS
         for (int i = 0; i < n; i++)
             if (owner[i] == i) q_prep_fill(qtypes[i], &p[i]);
@@ -2003,7 +2003,7 @@ static PyObject *attend(PyObject *self, PyObject *args) {
     }
     a.q = (const float *)q.buf, a.k = (const float *)k.buf, a.v = (const float *)v.buf, a.out = (float *)out.buf;
     matvec_job j = {attend_rows, NULL, NULL, NULL, NULL, a.hkv, 0, 0,
-                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL, &a, 1};
+                    pool_parts(threads), NULL, &a, 1};
     /* below ~512K multiply-adds (~30 us) one thread is faster than waking another */
     int pooled = (a.end - a.lo) * a.hq * a.d >= (1 << 19);
     Py_BEGIN_ALLOW_THREADS

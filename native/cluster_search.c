@@ -537,7 +537,7 @@ HIDDEN PyObject *cluster_search(PyObject *self, PyObject *args) {
     a.out_pos = (int64_t *)out_pos.buf, a.out_scanned = (int64_t *)out_scanned.buf;
     a.est_out = (float *)est_out.buf, a.est_lse = (float *)est_lse.buf;
     matvec_job j = {search_rows, NULL, NULL, NULL, NULL, H, 0, 0,
-                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL, &a, 1};
+                    pool_parts(threads), NULL, &a, 1};
     Py_BEGIN_ALLOW_THREADS
     pool_run(&j, 2);
     Py_END_ALLOW_THREADS
@@ -659,7 +659,7 @@ HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args) {
     a.q = (const float *)q.buf, a.rk = rk.buf, a.rv = rv.buf, a.tk = tk.buf, a.tv = tv.buf;
     a.eo = est ? (const float *)eo.buf : NULL, a.el = est ? (const float *)el.buf : NULL, a.out = (float *)out.buf;
     matvec_job j = {attend_rows_job, NULL, NULL, NULL, NULL, a.H, 0, 0,
-                    threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), NULL, &a, 1};
+                    pool_parts(threads), NULL, &a, 1};
     const int pooled = a.G * (a.S + a.n) * a.D * a.H >= (1 << 18);
     Py_BEGIN_ALLOW_THREADS
     if (pooled) pool_run(&j, 2);

@@ -101,6 +101,9 @@ struct matvec_job {
     Py_ssize_t unit;      /* rows per claim when > 0 (default: whole 16-row groups, ~8 per thread) */
 };
 
+/* The pool parts for a caller's thread count: at least 1, at most MAX_THREADS. */
+static inline int pool_parts(int threads) { return threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads); }
+
 /* Runs `job` on the persistent pool (alone on the caller below `min_rows` rows or with one part);
  * call with the GIL released. One job runs at a time. */
 HIDDEN void pool_run(const matvec_job *job, Py_ssize_t min_rows);
