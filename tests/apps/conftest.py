@@ -167,6 +167,24 @@ def start_server(app: object) -> LiveServer:
     return LiveServer(app, f"http://127.0.0.1:{port}", server, thread)
 
 
+def _hold_stream(base_url: str, release: threading.Event) -> None:
+    """Stream a long completion from the server at ``base_url`` until ``release`` is set (then close
+    the stream): keeps one generation (a batch slot) busy for a test."""
+    import httpx
+
+    body = {"prompt": "story", "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=base_url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        for _ in r.iter_lines():
+            if release.is_set():
+                return
+
+
+@pytest.fixture(scope="session")
+def hold_stream() -> Callable[[str, threading.Event], None]:
+    """:func:`_hold_stream`, for tests that keep generations busy in threads."""
+    return _hold_stream
+
+
 @pytest.fixture(scope="session")
 def server_factory() -> Iterator[Callable[[object], LiveServer]]:
     """Start servers for apps built by a test; all are stopped at the end of the session."""

@@ -198,7 +198,7 @@ def test_latency_histograms_count_every_token_of_real_requests(chat_model_dir, s
     live.stop()
 
 
-def test_queue_length_counts_the_requests_waiting(chat_model_dir, server_factory, slow_model_loader):
+def test_queue_length_counts_the_requests_waiting(chat_model_dir, server_factory, slow_model_loader, hold_stream):
     """One request at a time: while a long generation runs, two more wait; the gauge and the JSON
     say 2 waiting (3 with the running one), then 0 once the clients have gone."""
     import threading
@@ -208,17 +208,8 @@ def test_queue_length_counts_the_requests_waiting(chat_model_dir, server_factory
     app = create_app(slow_model_loader(chat_model_dir, 0.01), ServerConfig("chat-model"))
     live = server_factory(app)
     assert app.state.worker.wait_ready(timeout=60)
-    long = {"prompt": "story", "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
     stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(base_url=live.base_url, timeout=60) as http, \
-                http.stream("POST", "/v1/completions", json=long) as r:
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
-
-    threads = [threading.Thread(target=client) for _ in range(3)]
+    threads = [threading.Thread(target=hold_stream, args=(live.base_url, stop)) for _ in range(3)]
     try:
         for t in threads:
             t.start()

@@ -105,7 +105,7 @@ TAB_QUESTIONS = ("What is the capital of France?", "How are you today?", "Hello!
 TAB_MAX_TOKENS = 12  # the fixture model answers each of these with 12 tokens: all three end at one step
 
 
-def test_several_tabs_stream_at_once(browser, chat_model_dir, server_factory, slow_model_loader):
+def test_several_tabs_stream_at_once(browser, chat_model_dir, server_factory, slow_model_loader, hold_stream):
     """Three tabs of the page ask at once, on a server decoding up to 3 requests together: all three
     wait while the batch is full (three long requests run), then stream together and end at the
     same step; each tab ends with its own answer (the API's answer alone) and shows its own token
@@ -128,15 +128,7 @@ def test_several_tabs_stream_at_once(browser, chat_model_dir, server_factory, sl
 
     release = threading.Event()
 
-    def long_request() -> None:  # holds one batch slot until released (its stream is then closed)
-        body = {"prompt": "story", "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
-        with httpx.Client(base_url=live.base_url, timeout=60) as http, \
-                http.stream("POST", "/v1/completions", json=body) as r:
-            for _ in r.iter_lines():
-                if release.is_set():
-                    return
-
-    blockers = [threading.Thread(target=long_request) for _ in range(3)]
+    blockers = [threading.Thread(target=hold_stream, args=(live.base_url, release)) for _ in range(3)]
     tabs = []
     try:
         for t in blockers:
