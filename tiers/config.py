@@ -57,3 +57,36 @@ class StoreConfig:
     def reload_cost_s(self, nbytes: int) -> float:
         """Estimated seconds to read ``nbytes`` back from storage."""
         return self.storage_latency_s + nbytes / (self.storage_gb_per_s * 1e9)
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaConfig:
+    """One arena of a store (see :mod:`flashtier.tiers.manager`): a named share of the tiers with
+    its own budgets and eviction policies, for one kind of page (e.g. one MoE layer's experts)."""
+
+    name: str
+    """Unique within the store; also the key of its statistics."""
+    host_budget: int
+    """Bytes of host memory for the arena's pages."""
+    device_budget: int = 0
+    """Bytes of device memory; 0 = the arena computes on the host tier."""
+    host_policy: str = "lru"
+    """Eviction policy of the arena's host pool."""
+    device_policy: str = "lru"
+    """Eviction policy of the arena's device pool."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("an arena needs a name")
+        if self.host_budget <= 0 or self.device_budget < 0:
+            raise ConfigError(
+                f"arena {self.name!r} needs a host budget > 0 and a device budget >= 0 bytes, got "
+                f"{self.host_budget} and {self.device_budget}"
+            )
+        for field_name in ("host_policy", "device_policy"):
+            name = getattr(self, field_name)
+            if name not in available_policies():
+                raise ConfigError(
+                    f"{field_name} {name!r} of arena {self.name!r} is unknown; choose one of "
+                    f"{', '.join(available_policies())}"
+                )

@@ -44,6 +44,11 @@ class EvictionPolicy(ABC):
     def insert(self, key: Key, nbytes: int, reload_cost_s: float) -> None:
         """A page arrived; ``reload_cost_s`` estimates the time to bring it back once evicted."""
 
+    def place(self, key: Key, block: object) -> None:
+        """Where the page landed in its pool (a :class:`~flashtier.tiers.base.Block`), told just
+        before ``insert``; for policies that index pages by position (most ignore it)."""
+        return None
+
     @abstractmethod
     def touch(self, key: Key) -> None:
         """The page was used (or announced as needed soon)."""

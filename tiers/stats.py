@@ -66,6 +66,19 @@ class StoreStats:
             self.transfers_failed,
         )
 
+    def add(self, other: StoreStats) -> None:
+        """Add ``other``'s counters (and pool sizes) to these, tier by tier."""
+        for name, t in other.tiers.items():
+            mine = self.tiers.setdefault(name, TierStats())
+            for f in fields(t):
+                setattr(mine, f.name, getattr(mine, f.name) + getattr(t, f.name))
+        self.acquires += other.acquires
+        self.late += other.late
+        self.wait_s += other.wait_s
+        self.prefetches += other.prefetches
+        self.prefetches_declined += other.prefetches_declined
+        self.transfers_failed += other.transfers_failed
+
     def hit_rate(self, tier: str) -> float:
         """hits / (hits + misses) of ``tier`` (0.0 when it saw no acquire)."""
         t = self.tiers[tier]

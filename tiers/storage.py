@@ -32,6 +32,12 @@ class StorageTier:
 
     def __init__(self, backend: StorageBackend) -> None:
         self.backend = backend
+        self._backends: dict[str, StorageBackend] = {}
+
+    def set_backend(self, arena: str, backend: StorageBackend) -> None:
+        """Read ``arena``'s pages through ``backend`` (e.g. one that checks their checksums)
+        instead of the store's."""
+        self._backends[arena] = backend
 
     def placement(self, desc: PageDesc) -> HostPlacement:
         """Where ``desc``'s bytes go in a host block (zero copy unless the dtype would misalign)."""
@@ -41,13 +47,16 @@ class StorageTier:
         return HostPlacement(desc.source.length, 0)
 
     def load(
-        self, desc: PageDesc, block: memoryview, placement: HostPlacement, priority: int
+        self, desc: PageDesc, block: memoryview, placement: HostPlacement, priority: int,
+        arena: str | None = None,
     ) -> ReadJob:
-        """Start reading ``desc`` into ``block`` (laid out as ``placement``); never blocks on IO."""
+        """Start reading ``desc`` into ``block`` (laid out as ``placement``) through ``arena``'s
+        backend; never blocks on IO."""
         src = desc.source
         # A span-sized dest makes the backend read in place; a length-sized one makes it bounce.
         dest = block[: placement.block_bytes]
-        return self.backend.submit_read(src.path, src.offset, src.length, dest, priority)
+        backend = self._backends.get(arena, self.backend) if arena is not None else self.backend
+        return backend.submit_read(src.path, src.offset, src.length, dest, priority)
 
     def check_source(self, desc: PageDesc, sizes: dict[str, int]) -> None:
         """StorageError if ``desc``'s range lies past the end of its file.

@@ -15,7 +15,11 @@ Public contract (what the model integration relies on):
   * A failed read (short read, IO error) fails the jobs and acquires waiting on it with
     StorageError; the page stays where it was and the next request retries from scratch.
 
-Bookkeeping lives in :class:`~flashtier.tiers.manager.PageManager`, byte moving in
+Pages belong to arenas (:class:`~flashtier.tiers.config.ArenaConfig`, see
+:mod:`flashtier.tiers.manager`): the store's own config describes the ``default`` arena, and
+``add_arena`` adds more (each MoE layer's expert cache, ...), so one store, one page table and one
+set of transfer threads serve every kind of page while each arena keeps its own budgets and
+policies. Bookkeeping lives in :class:`~flashtier.tiers.manager.PageManager`, byte moving in
 :class:`~flashtier.tiers.transfer.TransferHandler`; this class holds the one lock (a Condition,
 notified whenever a transfer completes) and wires them. The storage backend is the caller's: the
 store does not close it.
@@ -35,14 +39,14 @@ import torch
 from flashtier.errors import BudgetError, FlashtierError, StorageError
 from flashtier.storage_backends.base import StorageBackend
 from flashtier.tiers.base import SlabPool
-from flashtier.tiers.config import StoreConfig
+from flashtier.tiers.config import ArenaConfig, StoreConfig
 from flashtier.tiers.device import DevicePool
 from flashtier.tiers.host import HostPool
 from flashtier.tiers.jobs import TransferJob
-from flashtier.tiers.manager import HopSpec, PageEntry, PageManager, Room
+from flashtier.tiers.manager import DEFAULT_ARENA, HopSpec, PageEntry, PageManager, Room
 from flashtier.tiers.page import PageDesc, PageId
 from flashtier.tiers.policies import make_policy
-from flashtier.tiers.stats import StoreStats, TierStats
+from flashtier.tiers.stats import StoreStats
 from flashtier.tiers.storage import StorageTier
 from flashtier.tiers.transfer import TransferHandler
 
@@ -79,43 +83,66 @@ class TieredStore:
 
     def __init__(self, config: StoreConfig, backend: StorageBackend) -> None:
         self.config = config
-        device = _resolve_device(config)
-        pools: dict[str, SlabPool] = {}
-        if config.device_budget > 0:
-            pools["device"] = DevicePool(config.device_budget, device=device)
-        pinned = device.type == "cuda" and "device" in pools
-        pools["host"] = HostPool(config.host_budget, pinned=pinned)
-        policies = {"host": make_policy(config.host_policy)}
-        if "device" in pools:
-            policies["device"] = make_policy(config.device_policy)
-        self._stats = StoreStats(tiers={t: TierStats() for t in (*pools, "storage")})
+        self._device = _resolve_device(config)
         self._storage = StorageTier(backend)
-        self._manager = PageManager(pools, policies, self._storage, config, self._stats)
-        self._handler = TransferHandler(self._storage, pools)
-        self._pools = pools
-        self._cuda_device = "device" in pools and device.type == "cuda"
+        self._manager = PageManager(self._storage, config)
+        self._handler = TransferHandler(self._storage, self._manager.pools)
         self._cond = threading.Condition()
+        self.add_arena(ArenaConfig(DEFAULT_ARENA, config.host_budget, config.device_budget,
+                                   config.host_policy, config.device_policy))
         self._ids = itertools.count(1)
         self._closed = False
 
     @property
     def compute_tier(self) -> str:
-        """Where acquired pages live: 'device' with a device tier, else 'host'."""
-        return self._manager.compute_tier
+        """Where the default arena's acquired pages live: 'device' with a device tier, else 'host'."""
+        return self._manager.compute_tier(DEFAULT_ARENA)
 
+    def compute_tier_of(self, page_id: PageId) -> str:
+        """Where ``page_id``'s arena computes ('device' when it has a device pool, else 'host')."""
+        with self._cond:
+            return self._manager.compute_tier(self._manager.entry(page_id).arena)
+
+    # -- arenas --------------------------------------------------------------------------------
+
+    def add_arena(self, arena: ArenaConfig, backend: StorageBackend | None = None) -> None:
+        """Add an arena: its own pools (allocated now) and policies, under its own budgets; its
+        pages are read through ``backend`` when given (same files, e.g. checked against their
+        checksums), else through the store's.
+
+        Its host pool is pinned when it has a CUDA device pool. ValueError if the name is taken.
+        """
+        pools: dict[str, SlabPool] = {}
+        if arena.device_budget > 0:
+            pools["device"] = DevicePool(arena.device_budget, device=self._device)
+        pinned = self._device.type == "cuda" and "device" in pools
+        pools["host"] = HostPool(arena.host_budget, pinned=pinned)
+        policies = {t: make_policy(arena.host_policy if t == "host" else arena.device_policy) for t in pools}
+        with self._cond:
+            self._manager.add_arena(arena.name, pools, policies)
+            if backend is not None:
+                self._storage.set_backend(arena.name, backend)
+        if "device" in pools:
+            self._handler.enable_copies(pools["device"].device)
+
+    @property
+    def arenas(self) -> list[str]:
+        """Names of the store's arenas, in the order they were added."""
+        with self._cond:
+            return self._manager.arenas
     # -- registration --------------------------------------------------------------------------
 
-    def register(self, desc: PageDesc) -> None:
-        """Add a streamed page at rest in storage (idempotent); StorageError if its range is
-        past the end of its file."""
+    def register(self, desc: PageDesc, arena: str = DEFAULT_ARENA) -> None:
+        """Add a streamed page at rest in storage to ``arena`` (idempotent); StorageError if its
+        range is past the end of its file."""
         with self._cond:
-            self._manager.register(desc)
+            self._manager.register(desc, arena)
 
-    def register_many(self, descs: Iterable[PageDesc]) -> None:
-        """``register`` each descriptor."""
+    def register_many(self, descs: Iterable[PageDesc], arena: str = DEFAULT_ARENA) -> None:
+        """``register`` each descriptor in ``arena``."""
         with self._cond:
             for desc in descs:
-                self._manager.register(desc)
+                self._manager.register(desc, arena)
 
     def unregister(self, page_id: PageId) -> None:
         """Forget a page and free its copies; ValueError if acquired, resident or in flight."""
@@ -143,7 +170,7 @@ class TieredStore:
             manager.mark_prefetched(entry)
             if entry.route is not None:
                 return entry.route
-            target = manager.compute_tier
+            target = manager.compute_tier(entry.arena)
             dst = manager.next_tier(entry, target)
             job = TransferJob(next(self._ids), page_id, target, demand=False)
             if dst is None:
@@ -151,11 +178,12 @@ class TieredStore:
                 outcome: HopSpec | Room | None = None
             else:
                 outcome = manager.prepare_hop(entry, dst, demand=False, priority=1 + priority)
+                stats = manager.stats[entry.arena]
                 if not isinstance(outcome, HopSpec):
-                    self._stats.prefetches_declined += 1
+                    stats.prefetches_declined += 1
                     return None
                 entry.route = job
-                self._stats.prefetches += 1
+                stats.prefetches += 1
         if outcome is None:
             job.settle()  # already there
         else:
@@ -181,7 +209,8 @@ class TieredStore:
         finally:
             waited = time.perf_counter() - start
             with self._cond:
-                self._stats.wait_s += waited
+                entry = self._manager.pages.get(job.page_id)
+                self._manager.stats[entry.arena if entry is not None else DEFAULT_ARENA].wait_s += waited
 
     # -- use -----------------------------------------------------------------------------------
 
@@ -202,7 +231,7 @@ class TieredStore:
             entry = manager.entry(page_id)
             manager.count_access(entry)
             manager.pin(entry)
-            if manager.at_or_above(entry, manager.compute_tier):
+            if manager.at_or_above(entry, manager.compute_tier(entry.arena)):
                 manager.touch(entry)
                 return manager.view(entry, dtype, shape)
         try:
@@ -220,7 +249,7 @@ class TieredStore:
         with self._cond:
             entry = self._manager.entry(page_id)
             self._manager.unpin(entry)
-            if self._cuda_device and entry.tier == "device":
+            if entry.tier == "device" and self._device.type == "cuda":
                 event = torch.cuda.Event()
                 event.record()  # the compute stream's last use; reusing the block waits on it
                 entry.release_event = event
@@ -248,24 +277,26 @@ class TieredStore:
         """
         ids = list(dict.fromkeys(page_ids))
         manager = self._manager
-        tier = manager.compute_tier
-        pool = self._pools[tier]
         with self._cond:
             entries = [manager.entry(pid) for pid in ids]
             fresh = [e for e in entries if not e.resident]
-            need = sum(pool.block_size(self._block_need(e, tier)) for e in fresh)
-            held = sum(
-                pool.block_size(self._block_need(e, tier))
-                for e in manager.pages.values()
-                if e.resident
-            )
-            if need + held > pool.capacity:
-                raise BudgetError(
-                    f"{len(fresh)} pages to keep resident need {need} bytes in the {tier} tier, "
-                    f"{held} are already resident, the budget is {pool.capacity} bytes; keep fewer "
-                    f"pages resident or raise "
-                    f"{'--dram-budget' if tier == 'host' else '--device-budget'}"
+            for arena in dict.fromkeys(e.arena for e in fresh):
+                tier = manager.compute_tier(arena)
+                pool = manager.pools[(arena, tier)]
+                need = sum(pool.block_size(self._block_need(e, tier)) for e in fresh if e.arena == arena)
+                held = sum(
+                    pool.block_size(self._block_need(e, tier))
+                    for e in manager.pages.values()
+                    if e.resident and e.arena == arena
                 )
+                if need + held > pool.capacity:
+                    where = f"the {tier} tier" if arena == DEFAULT_ARENA else f"arena {arena!r} of the {tier} tier"
+                    raise BudgetError(
+                        f"{len(fresh)} pages to keep resident need {need} bytes in {where}, "
+                        f"{held} are already resident, the budget is {pool.capacity} bytes; keep fewer "
+                        f"pages resident or raise "
+                        f"{'--dram-budget' if tier == 'host' else '--device-budget'}"
+                    )
             for e in fresh:
                 e.resident = True
         try:
@@ -289,12 +320,14 @@ class TieredStore:
             for pid in page_ids:
                 self._manager.entry(pid).resident = False
 
-    def tick(self) -> None:
-        """One step of the caller's clock passed (e.g. one forward pass): tell the tiers' eviction
-        policies, for those that age by steps (``least-stale``)."""
+    def tick(self, arenas: Iterable[str] | None = None) -> None:
+        """One step of the caller's clock passed (e.g. one forward pass): tell the eviction
+        policies of ``arenas`` (all when None), for those that age by steps (``least-stale``)."""
         with self._cond:
-            for policy in self._manager.policies.values():
-                policy.tick()
+            chosen = None if arenas is None else set(arenas)
+            for (arena, _tier), policy in self._manager.policies.items():
+                if chosen is None or arena in chosen:
+                    policy.tick()
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -307,14 +340,23 @@ class TieredStore:
                 entry.tier, hop.dst if hop is not None else None, entry.pins, entry.resident
             )
 
-    def stats(self) -> StoreStats:
-        """A snapshot of the counters, with current pool usage."""
+    def stats(self, arenas: Iterable[str] | None = None) -> StoreStats:
+        """A snapshot of the counters of ``arenas`` (summed; every arena when None), with current
+        pool usage."""
         with self._cond:
-            snapshot = self._stats.copy()
-            for name, pool in self._pools.items():
-                snapshot.tiers[name].used_bytes = pool.used
-                snapshot.tiers[name].capacity_bytes = pool.capacity
-            return snapshot
+            manager = self._manager
+            names = manager.arenas if arenas is None else list(arenas)
+            total = StoreStats(tiers={})
+            for arena in names:
+                snapshot = manager.stats[arena].copy()
+                for tier in manager.tiers(arena):
+                    pool = manager.pools.get((arena, tier))
+                    if pool is not None:
+                        snapshot.tiers[tier].used_bytes = pool.used
+                        snapshot.tiers[tier].capacity_bytes = pool.capacity
+                total.add(snapshot)
+            total.tiers = {t: total.tiers[t] for t in ("device", "host", "storage") if t in total.tiers}
+            return total
 
     def check_invariants(self) -> None:
         """Assert the page table invariants (for tests)."""
@@ -350,7 +392,7 @@ class TieredStore:
         between the hop that brings it and the caller's use.
         """
         manager = self._manager
-        target = manager.compute_tier
+        target = manager.compute_tier(entry.arena)
         waited = 0.0
         try:
             while True:
@@ -376,7 +418,7 @@ class TieredStore:
         finally:
             if waited:
                 with self._cond:
-                    self._stats.wait_s += waited
+                    manager.stats[entry.arena].wait_s += waited
 
     def _demand_step(
         self, entry: PageEntry, target: str

@@ -14,14 +14,14 @@ thread, or on the caller's thread if the hop fails before it starts. Routes:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from flashtier.storage_backends.base import ReadJob
 from flashtier.storage_backends.io_workers import IoWorkerPool
 from flashtier.tiers.base import SlabPool
-from flashtier.tiers.manager import HopSpec
+from flashtier.tiers.manager import HopSpec, PoolKey
 from flashtier.tiers.storage import StorageTier
 
 HopDone = Callable[[HopSpec, BaseException | None], None]
@@ -30,16 +30,20 @@ HopDone = Callable[[HopSpec, BaseException | None], None]
 class TransferHandler:
     """Moves bytes for hops (see the module docstring). Thread-safe."""
 
-    def __init__(self, storage: StorageTier, pools: dict[str, SlabPool]) -> None:
+    def __init__(self, storage: StorageTier, pools: Mapping[PoolKey, SlabPool]) -> None:
+        """``pools``: the store's pools by ``(arena, tier)`` (a live mapping: arenas added later
+        are seen)."""
         self._storage = storage
-        self._host = pools["host"]
-        self._device = pools.get("device")
+        self._pools = pools
         self._copier: IoWorkerPool | None = None
         self._stream: torch.cuda.Stream | None = None
-        if self._device is not None:
+
+    def enable_copies(self, device: torch.device) -> None:
+        """Start the host -> device copy thread (once; with a CUDA stream on a GPU)."""
+        if self._copier is None:
             self._copier = IoWorkerPool(1, "flashtier-h2d")
-            if self._device.device.type == "cuda":
-                self._stream = torch.cuda.Stream(self._device.device)
+            if device.type == "cuda":
+                self._stream = torch.cuda.Stream(device)
 
     def start(self, spec: HopSpec, on_done: HopDone) -> None:
         """Begin moving ``spec``'s bytes; never blocks on the transfer itself."""
@@ -55,8 +59,8 @@ class TransferHandler:
             on_done(spec, e)
 
     def _read(self, spec: HopSpec, on_done: HopDone) -> None:
-        block = self._host.buffer(spec.dst_block)
-        job = self._storage.load(spec.desc, block, spec.placement, spec.priority)
+        block = self._pools[(spec.arena, "host")].buffer(spec.dst_block)
+        job = self._storage.load(spec.desc, block, spec.placement, spec.priority, spec.arena)
 
         def finished(done: ReadJob) -> None:
             on_done(spec, done.exception())
@@ -65,12 +69,12 @@ class TransferHandler:
 
     def _copy(self, spec: HopSpec, on_done: HopDone) -> None:
         """Copy thread: host block -> device block, then report."""
-        assert self._device is not None and spec.src_block is not None
+        assert spec.src_block is not None
         error: BaseException | None = None
         try:
             nbytes = spec.desc.nbytes
-            src = self._host.view(spec.src_block, spec.src_offset, nbytes)
-            dst = self._device.view(spec.dst_block, 0, nbytes)
+            src = self._pools[(spec.arena, "host")].view(spec.src_block, spec.src_offset, nbytes)
+            dst = self._pools[(spec.arena, "device")].view(spec.dst_block, 0, nbytes)
             if self._stream is not None:
                 for event in spec.wait_events:
                     self._stream.wait_event(event)  # type: ignore[arg-type]

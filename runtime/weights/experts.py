@@ -59,7 +59,7 @@ from flashtier.storage_backends.aligned import align_up
 from flashtier.storage_backends.base import StorageBackend
 from flashtier.storage_backends.checksummed import ChecksummedBackend
 from flashtier.checkpoint.expert_layout import ExpertLayout, expert_layout
-from flashtier.tiers.config import StoreConfig
+from flashtier.tiers.config import ArenaConfig
 from flashtier.tiers.host import HOST_ALIGNMENT
 from flashtier.tiers.page import PageDesc, PageSource
 from flashtier.tiers.store import TieredStore
@@ -82,22 +82,20 @@ class _Part:
 class _LayerCache:
     """One MoE layer's expert cache: ``slots`` experts and each expert's page ids.
 
-    One store per extent index (an expert's gate, up and down extents when they are separate, as
-    in unconverted folders and GGUF files), each budgeted ``slots`` times that extent's largest
-    block in the layer: within one store every page has the same size, so a freed block always
-    fits the next page (a single store fragments when the extents differ in size, e.g. Q4_K gate
-    and up with a Q6_K down in a Q4_K_M file, and then cannot take an expert its budget holds)."""
+    One arena of the weights' store per extent index (an expert's gate, up and down extents when
+    they are separate, as in unconverted folders and GGUF files), each budgeted ``slots`` times that
+    extent's largest block in the layer: within one arena every page has the same size, so a freed
+    block always fits the next page (a single pool fragments when the extents differ in size, e.g.
+    Q4_K gate and up with a Q6_K down in a Q4_K_M file, and then cannot take an expert its budget
+    holds)."""
 
-    stores: list[TieredStore]
+    arenas: list[str]
     slots: int
     pages: dict[int, list[tuple[int, int, int]]]
     """expert -> page ids ``(layer, expert, extent index)``."""
     page_bytes: dict[int, int]
     """expert -> bytes read to bring it in."""
 
-    def store(self, pid: tuple[int, int, int]) -> TieredStore:
-        """The store holding page ``pid`` = ``(layer, expert, extent index)``."""
-        return self.stores[pid[2]]
 
 
 @dataclass
@@ -157,7 +155,7 @@ class ExpertWeights(PagedWeights):
             raise ConfigError(f"{checkpoint.model_dir} is a dense model: expert caches need a MoE model")
         self.expert_config = experts
         self._pinned: dict[str, torch.Tensor] = {}  # every expert weight, when all are pinned
-        self._pinned_pages: list[tuple[TieredStore, object]] = []
+        self._pinned_pages: list[object] = []
         self.layout: ExpertLayout = expert_layout(checkpoint)  # IntegrityError for a bad converted folder
         moe_layers = sorted({layer for layer, _ in self.layout.experts})
         self.slot_bytes = _slot_bytes(self.layout)
@@ -206,13 +204,11 @@ class ExpertWeights(PagedWeights):
         device_slots = min(self.expert_config.device_slots, slots)
         mine = {e: extents for (lay, e), extents in self.layout.experts.items() if lay == layer}
         block = _extent_blocks(self.layout, layer)
-        stores = [TieredStore(StoreConfig(host_budget=slots * block[k],
-                                          device_budget=device_slots * block[k],
-                                          host_policy=self.expert_config.policy,
-                                          device_policy=self.expert_config.policy,
-                                          device=self.compute_device,
-                                          storage_gb_per_s=bandwidths.disk / 1e9), self._io)
-                  for k in range(len(block))]
+        arenas = [f"experts.{layer}.{k}" for k in range(len(block))]
+        for k, name in enumerate(arenas):
+            self.store.add_arena(ArenaConfig(name, host_budget=slots * block[k], device_budget=device_slots * block[k],
+                                             host_policy=self.expert_config.policy,
+                                             device_policy=self.expert_config.policy), self._io)
         pages: dict[int, list[tuple[int, int, int]]] = {}
         page_bytes: dict[int, int] = {}
         for e, extents in mine.items():
@@ -220,12 +216,12 @@ class ExpertWeights(PagedWeights):
             page_bytes[e] = sum(x.length for x in extents)
             for k, ext in enumerate(extents):
                 pid = (layer, e, k)
-                stores[k].register(PageDesc(pid, PageSource(ext.path, ext.offset, ext.length)))
+                self.store.register(PageDesc(pid, PageSource(ext.path, ext.offset, ext.length)), arenas[k])
                 pages[e].append(pid)
                 for part in ext.parts:
                     info = part.info
                     self._parts[info.name] = _Part(layer, e, k, part.offset, info.nbytes, info)
-        return _LayerCache(stores, slots, pages, page_bytes)
+        return _LayerCache(arenas, slots, pages, page_bytes)
 
     def _compressed_read_options(self) -> dict[str, int]:
         """A missed expert is read while its layer waits: one read per 4 MiB record, 8 at a time,
@@ -240,11 +236,10 @@ class ExpertWeights(PagedWeights):
         for cache in self._caches.values():
             pids = [pid for e in sorted(cache.pages) for pid in cache.pages[e]]
             for pid in pids:
-                cache.store(pid).prefetch(pid)
+                self.store.prefetch(pid)
             for pid in pids:
-                store = cache.store(pid)
-                held[pid] = store.acquire(pid)
-                self._pinned_pages.append((store, pid))
+                held[pid] = self.store.acquire(pid)
+                self._pinned_pages.append(pid)
         for name, part in self._parts.items():
             pages = [held[pid] for pid in self._caches[part.layer].pages[part.expert]]
             self._pinned[name] = self._weight(part, pages)
@@ -365,12 +360,10 @@ class ExpertWeights(PagedWeights):
         if self._pinned:
             self._end_pass()
             return
-        for cache in self._caches.values():
-            for store in cache.stores:
-                store.tick()
+        self.store.tick(self._expert_arenas())
         if self._tokens == 1 and self._step_start is not None:
             wall = time.perf_counter() - self._step_start
-            read = sum(s.stats().tiers["storage"].bytes_read for c in self._caches.values() for s in c.stores)
+            read = self.store.stats(self._expert_arenas()).tiers["storage"].bytes_read
             busy = (read - self._bytes_at_step) / self.disk_bytes_per_s
             self.gate.observe_step((wall - self._blocked_s) / len(self._caches), busy / wall if wall > 0 else 0.0)
             self._bytes_at_step = read
@@ -400,10 +393,10 @@ class ExpertWeights(PagedWeights):
 
     def _cancel(self, cache: _LayerCache, e: int) -> None:
         for pid in cache.pages[e]:
-            cache.store(pid).cancel_prefetch(pid)
+            self.store.cancel_prefetch(pid)
 
     def _is_ready(self, cache: _LayerCache, e: int) -> bool:
-        return all(_ready(cache.store(pid), pid) for pid in cache.pages[e])
+        return all(_ready(self.store, pid) for pid in cache.pages[e])
 
     def _acquire_expert(self, layer: int, e: int) -> list[torch.Tensor]:
         cache = self._caches[layer]
@@ -423,10 +416,10 @@ class ExpertWeights(PagedWeights):
         start = time.perf_counter()
         try:
             for pid in cache.pages[e]:
-                held.append(cache.store(pid).acquire(pid))
+                held.append(self.store.acquire(pid))
         except BaseException:
             for pid in cache.pages[e][: len(held)]:
-                cache.store(pid).release(pid)
+                self.store.release(pid)
             raise
         self._blocked_s += time.perf_counter() - start
         self._held[(layer, e)] = held
@@ -438,7 +431,7 @@ class ExpertWeights(PagedWeights):
             return
         cache = self._caches[layer]
         for pid in cache.pages[e]:
-            cache.store(pid).release(pid)
+            self.store.release(pid)
 
     def _read_pending(self, layer: int) -> None:
         """Start the reads of the experts ``layer`` routed to and does not hold yet, in the order
@@ -455,7 +448,7 @@ class ExpertWeights(PagedWeights):
     def _start(self, cache: _LayerCache, e: int, priority: int) -> bool:
         """Prefetch expert ``e``'s pages (IO ``priority``: lower first); False when the layer's
         cache has no room for them now."""
-        return all(cache.store(pid).prefetch(pid, priority=priority) is not None for pid in cache.pages[e])
+        return all(self.store.prefetch(pid, priority=priority) is not None for pid in cache.pages[e])
 
     def _predict(self, layer: int, source: str, guess: list[int]) -> None:
         """Record ``source``'s guess for ``layer`` and, if it is the predictor in charge of that
@@ -491,10 +484,11 @@ class ExpertWeights(PagedWeights):
         s = super().stats()
         expert_bytes = 0
         wait = 0.0
-        for st in (s2.stats() for cache in self._caches.values() for s2 in cache.stores):
+        if self._caches:
+            st = self.store.stats(self._expert_arenas())
             expert_bytes += st.tiers["storage"].bytes_read
             wait += st.wait_s
-            s["host_hits"] += st.tiers["host"].hits  # the expert caches are host-tier stores too
+            s["host_hits"] += st.tiers["host"].hits  # the expert caches are host-tier arenas too
             s["host_misses"] += st.tiers["host"].misses
         c = self._c
         if self.compressed_index is None:  # else the backend's count (in ``s``) has the experts already
@@ -535,20 +529,21 @@ class ExpertWeights(PagedWeights):
     def close(self) -> None:
         for key in list(self._held):
             self._release_expert(*key)
-        for store, pid in self._pinned_pages:
-            store.release(pid)
+        for pid in self._pinned_pages:
+            self.store.release(pid)
         self._pinned_pages.clear()
         self._pinned.clear()
-        for cache in self._caches.values():
-            for store in cache.stores:
-                store.close()
         super().close()
+
+    def _expert_arenas(self) -> list[str]:
+        """The store arenas of every layer's expert cache."""
+        return [name for cache in self._caches.values() for name in cache.arenas]
 
 
 def _ready(store: TieredStore, pid: object) -> bool:
-    """Whether the page is in the compute tier now, not in flight."""
+    """Whether the page is in its arena's compute tier now, not in flight."""
     loc = store.location(pid)
-    return loc.tier == store.compute_tier and loc.in_flight_to is None
+    return loc.tier == store.compute_tier_of(pid) and loc.in_flight_to is None
 
 
 def _block_bytes(offset: int, length: int) -> int:

@@ -43,6 +43,7 @@ from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFile
 from flashtier.storage_backends.verified import VerifiedRecord
 from flashtier.tiers.config import StoreConfig
 from flashtier.tiers.page import PageDesc, PageSource
+from flashtier.tiers.manager import DEFAULT_ARENA
 from flashtier.tiers.store import TieredStore
 
 COMPRESSED_MODES = ("auto", "on", "off")
@@ -114,7 +115,7 @@ class PagedWeights:
                   if i.crc32 is not None and n in streamed}
         self.store = TieredStore(
             StoreConfig(host_budget=window if streamed else max(window, 4096),  # an idle store: one block
-                        device_budget=0, host_policy=host_policy,
+                        device_budget=0, host_policy=host_policy, device=self.compute_device,  # type: ignore[arg-type]
                         storage_gb_per_s=bandwidths.disk / 1e9),
             ChecksummedBackend(self.backend, checks) if checks else self.backend)
         self._descs: dict[str, PageDesc] = {}
@@ -236,7 +237,7 @@ class PagedWeights:
 
     # ---------------------------------------------------------------- reporting
     def stats(self) -> dict[str, Any]:
-        s = self.store.stats()
+        s = self.store.stats([DEFAULT_ARENA])  # the streamed weights (subclasses' arenas count themselves)
         storage = s.tiers["storage"]
         host = s.tiers["host"]
         resident = sum(t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()

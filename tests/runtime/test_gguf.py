@@ -112,7 +112,7 @@ def test_expert_caches_hold_extents_of_different_sizes(tmp_path, slots):
     with Model(path, EngineConfig.from_options(dram_budget=1 << 20, max_context=64, expert_slots=slots)) as llm:
         got = llm.generate(prompt, max_new_tokens=16, sampling=SamplingConfig(), ignore_eos=True)
         caches = llm.weights._caches
-        assert all(len(c.stores) == 3 for c in caches.values())
+        assert all(len(c.arenas) == 3 for c in caches.values())
     assert got.tokens == alone
 
 

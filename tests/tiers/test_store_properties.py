@@ -1,8 +1,8 @@
 """Property tests: random acquire / release / prefetch / cancel / fault sequences on random budgets,
-page sizes and offsets. After every step: budgets are not exceeded, the page table is consistent
+page sizes and offsets, with the pages split between two arenas of one store. After every step: budgets are not exceeded, the page table is consistent
 (each page at one location or in flight, pools account exactly for the blocks), and every page the
-test holds is still in the compute tier with its bytes intact (a pinned page is never evicted nor
-overwritten)."""
+test holds is still in its arena's compute tier with its bytes intact (a pinned page is never
+evicted nor overwritten); an arena never holds more than its own budgets."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from flashtier.errors import BudgetError, StorageError
 from flashtier.storage_backends import MemoryBackend
 from flashtier.tiers import (
+    ArenaConfig,
     PageDesc,
     PageSource,
     StoreConfig,
@@ -48,13 +49,14 @@ class StoreMachine(RuleBasedStateMachine):
         host_blocks=st.integers(1, 6),
         device_blocks=st.integers(0, 3),
         policy=st.sampled_from(available_policies()),
+        other=st.tuples(st.integers(1, 4), st.integers(0, 2), st.sampled_from(available_policies())),
         layout=st.lists(
             st.tuples(st.integers(0, 80 * KiB), st.integers(1, 10 * KiB)),
             min_size=N_PAGES,
             max_size=N_PAGES,
         ),
     )
-    def build(self, host_blocks, device_blocks, policy, layout) -> None:
+    def build(self, host_blocks, device_blocks, policy, other, layout) -> None:
         config = StoreConfig(
             host_budget=host_blocks * 4096,
             device_budget=device_blocks * 4096,
@@ -63,10 +65,11 @@ class StoreMachine(RuleBasedStateMachine):
             device="cpu",
         )
         self.store = TieredStore(config, self.backend)
+        self.store.add_arena(ArenaConfig("b", other[0] * 4096, other[1] * 4096, other[2], other[2]))
         for pid, (offset, length) in enumerate(layout):
             desc = PageDesc(pid, PageSource("f", offset, length))
             self.descs[pid] = desc
-            self.store.register(desc)
+            self.store.register(desc, "b" if pid % 2 else "default")
 
     def expected(self, pid: int) -> bytes:
         src = self.descs[pid].source
@@ -122,10 +125,11 @@ class StoreMachine(RuleBasedStateMachine):
         if self.store is None:
             return
         self.store.check_invariants()
-        stats = self.store.stats()
-        for name, tier in stats.tiers.items():
-            if name != "storage":
-                assert tier.used_bytes <= tier.capacity_bytes
+        for arenas in (None, ["default"], ["b"]):
+            stats = self.store.stats(arenas)
+            for name, tier in stats.tiers.items():
+                if name != "storage":
+                    assert tier.used_bytes <= tier.capacity_bytes
 
     @invariant()
     def held_pages_stay_put_and_intact(self) -> None:
@@ -133,7 +137,7 @@ class StoreMachine(RuleBasedStateMachine):
             return
         for pid in +self.held:
             location = self.store.location(pid)
-            assert location.tier == self.store.compute_tier and location.pins == self.held[pid]
+            assert location.tier == self.store.compute_tier_of(pid) and location.pins == self.held[pid]
             assert self.views[pid].numpy().tobytes() == self.expected(pid)
 
     def teardown(self) -> None:

@@ -462,3 +462,42 @@ def test_page_descriptor_checks_shape_against_length():
     with pytest.raises(ValueError, match="shape"):
         PageDesc("x", PageSource("f", 0, 100), torch.float16, (10, 10))
     assert PageDesc("x", PageSource("f", 0, 100), torch.float16).shape == (50,)
+
+
+# -- arenas -----------------------------------------------------------------------------------
+
+
+def test_arenas_share_one_page_table_but_never_evict_each_other(backend, pages):
+    from flashtier.tiers import ArenaConfig
+
+    store = TieredStore(StoreConfig(host_budget=2 * PAGE, device="cpu"), backend)
+    try:
+        store.add_arena(ArenaConfig("experts", 1 * PAGE, device_budget=1 * PAGE))
+        store.register_many([pages.desc(0), pages.desc(1)])
+        store.register_many([pages.desc(2), pages.desc(3)], arena="experts")
+        touch(store, 0, 1)
+        assert where(store, 0, 1) == ["host", "host"]
+        # the expert arena computes on its device pool; cycling its pages leaves the default's alone
+        assert store.compute_tier == "host" and store.compute_tier_of(2) == "device"
+        touch(store, 2, 3, 2)
+        assert where(store, 0, 1) == ["host", "host"]
+        assert where(store, 2) == ["device"]
+        with store.use(3) as w:
+            assert tensor_bytes(w) == pages.expected(pages.desc(3))
+        stats, experts, default = store.stats(), store.stats(["experts"]), store.stats(["default"])
+        assert default.acquires == 2 and experts.acquires == 4 and stats.acquires == 6
+        assert default.tiers["host"].evictions == 0 and experts.tiers["device"].evictions >= 2
+        assert stats.tiers["host"].capacity_bytes == 3 * PAGE
+        assert "device" not in default.tiers and experts.tiers["device"].capacity_bytes == PAGE
+        # an arena that cannot hold a page names itself
+        store.add_arena(ArenaConfig("small", 16))
+        store.register(pages.desc(4), arena="small")
+        with pytest.raises(BudgetError, match="arena 'small'"):
+            store.acquire(4)
+        with pytest.raises(ValueError, match="already has an arena named 'small'"):
+            store.add_arena(ArenaConfig("small", PAGE))
+        with pytest.raises(KeyError, match="no arena 'nope'"):
+            store.register(pages.desc(5), arena="nope")
+        store.check_invariants()
+    finally:
+        store.close()

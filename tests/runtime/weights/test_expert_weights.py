@@ -172,7 +172,10 @@ def test_bad_options_are_refused():
 def test_stand_in_device_tier_gives_the_same_tokens(moe):
     path, expected = moe
     with paged(path, expert_slots=2, expert_device_slots=1) as llm:
-        assert all(s.compute_tier == "device" for s in llm.weights._caches[next(iter(llm.weights._caches))].stores)
+        w = llm.weights
+        cache = w._caches[next(iter(w._caches))]
+        assert all(w.store.compute_tier_of(p) == "device" for ps in cache.pages.values() for p in ps)
+        assert w.store.compute_tier == "host"  # the streamed weights' arena has no device pool
         assert llm.generate(PROMPT, max_new_tokens=NEW, ignore_eos=True).tokens == expected
 
 
@@ -194,10 +197,9 @@ def test_failed_pass_leaves_the_caches_usable(moe):
             llm.generate(PROMPT, max_new_tokens=NEW, ignore_eos=True)
         w._acquire_expert = real
         assert llm.generate(PROMPT, max_new_tokens=NEW, ignore_eos=True).tokens == expected
+        w.store.check_invariants()
         for cache in w._caches.values():
-            for store in cache.stores:
-                store.check_invariants()
-            assert all(cache.store(p).location(p).pins == 0 for ps in cache.pages.values() for p in ps)
+            assert all(w.store.location(p).pins == 0 for ps in cache.pages.values() for p in ps)
 
 
 def test_plan_gives_the_expert_cache_what_the_budget_leaves():
