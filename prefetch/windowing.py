@@ -163,10 +163,18 @@ class RowMatrix:
     Rows are read into directly from storage (O_DIRECT needs aligned addresses: ``row_bytes`` must
     be a multiple of the read alignment). ``apply`` performs a plan's moves."""
 
-    def __init__(self, capacity: int, row_bytes: int) -> None:
+    def __init__(self, capacity: int, row_bytes: int, buffer: torch.Tensor | None = None) -> None:
+        """``buffer``: the matrix's memory (``uint8 [capacity * row_bytes]``, page-aligned, e.g. a
+        working page reserved in the store's window arena); None = allocate one."""
         self.capacity = capacity
         self.row_bytes = row_bytes
-        self._buf = allocate_aligned(capacity * row_bytes)
+        if buffer is not None:
+            if buffer.dtype != torch.uint8 or buffer.numel() != capacity * row_bytes:
+                raise ValueError(f"a {capacity} x {row_bytes} row matrix needs {capacity * row_bytes} bytes, "
+                                 f"got {buffer.numel()} {buffer.dtype}")
+            self._buf = buffer.numpy()
+        else:
+            self._buf = allocate_aligned(capacity * row_bytes)
         self.array = np.frombuffer(self._buf, dtype=np.uint8).reshape(capacity, row_bytes)
         self.tensor = torch.from_numpy(self.array)  # shares memory
 

@@ -276,7 +276,7 @@ class Model:
             return self.transformer.new_cache(self.engine_config.kv_block_size)
         from flashtier.runtime.kv.retrieval import retrieval_cache  # long-context subsystem
 
-        return retrieval_cache(self.transformer, self.engine_config)
+        return retrieval_cache(self.transformer, self.engine_config, getattr(self.weights, "store", None))
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> "Model":
@@ -286,9 +286,10 @@ class Model:
         self.close()
 
     def close(self) -> None:
-        close = getattr(self.weights, "close", None)
-        if close is not None:
-            close()
+        for part in (self.cache, self.weights):  # the cache first: its blocks may be an arena of the weights' store
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
 
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[int] | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
@@ -509,10 +510,17 @@ class Model:
         return d
 
     def memory_report(self) -> dict[str, Any]:
-        """What lives where: resident weight bytes per tier, KV bytes, process peak RSS."""
+        """What lives where: resident weight bytes per tier, KV bytes, process peak RSS, and
+        ``store``: the tiered store's own account per tier and arena (streamed weights, expert
+        caches, neuron windows, host KV blocks: every page it holds; see
+        :meth:`TieredStore.memory_report`), when the model has one."""
         report = getattr(self.weights, "memory_report", None)
         tiers = report() if report is not None else {"host": {"resident_bytes": self.weights.resident_bytes()}}  # type: ignore[attr-defined]
-        return {"tiers": tiers, "kv_bytes": self.cache.nbytes(), "peak_rss_bytes": peak_rss_bytes()}
+        out: dict[str, Any] = {"tiers": tiers, "kv_bytes": self.cache.nbytes(), "peak_rss_bytes": peak_rss_bytes()}
+        store = getattr(self.weights, "store", None) or getattr(getattr(self.cache, "host", None), "store", None)
+        if store is not None:
+            out["store"] = store.memory_report()
+        return out
 
 
 class TextStream:

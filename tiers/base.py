@@ -31,6 +31,9 @@ class TierPool(ABC):
 
     name: str
     """Tier name used in the page table and the statistics ('device', 'host')."""
+    stable_views: bool = True
+    """Whether a view of a block stays valid while the block is allocated (False for pools that
+    reallocate their memory to grow: the store then does not cache page views)."""
 
     @property
     @abstractmethod

@@ -159,6 +159,19 @@ class PageManager:
         self._pending_events[name] = []
         self.stats[name] = StoreStats(tiers={t: TierStats() for t in self._tiers[name]})
 
+    def remove_arena(self, name: str) -> None:
+        """Drop an arena that holds no pages (its pools are released with it)."""
+        if name == DEFAULT_ARENA or name not in self._tiers:
+            raise ValueError(f"cannot remove arena {name!r}")
+        assert not any(e.arena == name for e in self.pages.values()), f"arena {name!r} still has pages"
+        for tier in self._tiers.pop(name):
+            self.pools.pop((name, tier), None)
+            self.policies.pop((name, tier), None)
+            self._inflight.pop((name, tier), None)
+        self._pending_events.pop(name, None)
+        self.stats.pop(name, None)
+        self.listeners.pop(name, None)
+
     @property
     def arenas(self) -> list[str]:
         return list(self._tiers)
@@ -289,11 +302,12 @@ class PageManager:
             return entry.view
         tier = entry.tier
         offset = entry.placement.view_offset if tier == "host" else 0
-        raw = self.pool(entry, tier).view(entry.blocks[tier], offset, entry.desc.nbytes)
+        pool = self.pool(entry, tier)
+        raw = pool.view(entry.blocks[tier], offset, entry.desc.nbytes)
         if shape is None:
             shape = entry.desc.shape if dtype is None else (-1,)
         tensor = raw.view(dtype or entry.desc.dtype).view(shape)
-        if default:
+        if default and pool.stable_views:
             entry.view = tensor
         return tensor
 
@@ -459,6 +473,10 @@ class PageManager:
     def victims(self, arena: str, tier: str) -> Iterator[PageEntry]:
         """Evictable copies of ``arena`` in ``tier``, best victim first (prefetched-unused last)."""
         return self._victims(arena, tier, demand=True)
+
+    def make_room(self, arena: str, tier: str, need: int) -> Block | Room:
+        """A ``need``-byte block of ``arena``'s pool in ``tier``, evicting as a demand would."""
+        return self._make_room(arena, tier, need, demand=True)
 
     def _evict(self, entry: PageEntry, tier: str) -> None:
         arena = entry.arena

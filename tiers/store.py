@@ -30,10 +30,11 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flashtier.errors import BudgetError, FlashtierError, StorageError
@@ -43,11 +44,19 @@ from flashtier.tiers.config import ArenaConfig, StoreConfig
 from flashtier.tiers.device import DevicePool
 from flashtier.tiers.host import HostPool
 from flashtier.tiers.jobs import TransferJob
-from flashtier.tiers.manager import DEFAULT_ARENA, HopSpec, PageEntry, PageManager, Room
-from flashtier.tiers.page import PageDesc, PageId
+from flashtier.tiers.manager import (
+    DEFAULT_ARENA,
+    HopSpec,
+    PageEntry,
+    PageManager,
+    PlacementListener,
+    Room,
+)
+from flashtier.tiers.page import PageDesc, PageId, PageSource
+from flashtier.tiers.slots import UNLIMITED, SlotLRU, SlotPool
 from flashtier.tiers.policies import make_policy
 from flashtier.tiers.stats import StoreStats
-from flashtier.tiers.storage import StorageTier
+from flashtier.tiers.storage import StorageTier, WriteBack
 from flashtier.tiers.transfer import TransferHandler
 
 DEMAND_PRIORITY = 0
@@ -81,12 +90,14 @@ class _Fail:
 class TieredStore:
     """Pages in a device / host / storage hierarchy (see the module docstring). Thread-safe."""
 
-    def __init__(self, config: StoreConfig, backend: StorageBackend) -> None:
+    def __init__(self, config: StoreConfig, backend: StorageBackend | None) -> None:
+        """``backend`` reads pages registered from files (None: a store of created pages only)."""
         self.config = config
         self._device = _resolve_device(config)
         self._storage = StorageTier(backend)
         self._manager = PageManager(self._storage, config)
         self._handler = TransferHandler(self._storage, self._manager.pools)
+        self._manager.write_back = self._write_back
         self._cond = threading.Condition()
         self.add_arena(ArenaConfig(DEFAULT_ARENA, config.host_budget, config.device_budget,
                                    config.host_policy, config.device_policy))
@@ -125,6 +136,29 @@ class TieredStore:
         if "device" in pools:
             self._handler.enable_copies(pools["device"].device)
 
+    def add_slot_arena(self, name: str, record_bytes: int, limit: int | None, write_back: WriteBack,
+                       listener: PlacementListener | None = None) -> None:
+        """Add an arena of pages created in memory, all ``record_bytes`` long, in the host tier:
+        at most ``limit`` of them there (None = no budget), ranked by :class:`SlotLRU`; evicted
+        ones are written to ``write_back`` first and read back from it. ``listener`` is told where
+        each page lands (see :data:`~flashtier.tiers.manager.PlacementListener`)."""
+        pool = SlotPool(name, record_bytes, limit)
+        with self._cond:
+            self._manager.add_arena(name, {"host": pool}, {"host": SlotLRU(pool)})
+            self._storage.set_write_back(name, write_back)
+            if listener is not None:
+                self._manager.listeners[name] = listener
+
+    def remove_arena(self, name: str) -> None:
+        """Forget arena ``name`` and all its pages (written-back copies included); its pools are
+        freed. ValueError if one of its pages is in use."""
+        with self._cond:
+            ids = [pid for pid, e in self._manager.pages.items() if e.arena == name]
+        self.forget(ids)
+        with self._cond:
+            self._manager.remove_arena(name)
+            self._storage.forget_arena(name)
+
     @property
     def arenas(self) -> list[str]:
         """Names of the store's arenas, in the order they were added."""
@@ -146,8 +180,138 @@ class TieredStore:
 
     def unregister(self, page_id: PageId) -> None:
         """Forget a page and free its copies; ValueError if acquired, resident or in flight."""
+        self.forget([page_id])
+
+    def forget(self, page_ids: Iterable[PageId]) -> None:
+        """Forget pages and free their copies, written-back copies of created pages included;
+        ValueError (and nothing forgotten) if one is acquired, resident or in flight."""
         with self._cond:
-            self._manager.unregister(page_id)
+            manager = self._manager
+            entries = [manager.entry(pid) for pid in page_ids]
+            busy = [e.desc.page_id for e in entries if e.pins or e.resident or e.hop is not None]
+            if busy:
+                raise ValueError(f"pages {busy[:4]!r} are in use (acquired, resident or in flight)")
+            written: dict[str, list[PageId]] = {}
+            for e in entries:
+                if e.on_storage and self._storage.write_back(e.arena) is not None:
+                    written.setdefault(e.arena, []).append(e.desc.page_id)
+                manager.unregister(e.desc.page_id)
+        for arena, ids in written.items():
+            medium = self._storage.write_back(arena)
+            assert medium is not None
+            medium.discard(ids)
+
+    # -- pages created in memory -----------------------------------------------------------------
+
+    def create(self, page_id: PageId, data: torch.Tensor, arena: str) -> None:
+        """Add a page whose bytes are ``data`` (any dtype; copied) to ``arena``'s host pool,
+        evicting (and writing back) that arena's least valuable pages if it is full.
+
+        BudgetError if the arena cannot hold it (every page pinned); StorageError if a write-back
+        failed (the page is then not created). The page is immutable from now on."""
+        raw = data.detach().reshape(-1).contiguous().view(torch.uint8)
+        desc = PageDesc(page_id, PageSource(f"<{arena}>", 0, raw.numel()))
+        with self._cond:
+            manager = self._manager
+            entry = manager.create(desc, arena)
+            try:
+                pool = manager.pool(entry, "host")
+                block = pool.try_allocate(desc.nbytes)
+                if block is None:
+                    made = manager.make_room(arena, "host", pool.block_size(desc.nbytes))
+                    if isinstance(made, Room):
+                        raise BudgetError(manager.room_denied_message(entry, "host"))
+                    block = made
+                pool.view(block, 0, desc.nbytes).copy_(raw)
+                manager.place(entry, block)
+            except BaseException:
+                if not entry.blocks:
+                    del manager.pages[page_id]
+                raise
+
+    def reserve(self, page_id: PageId, nbytes: int, arena: str) -> torch.Tensor:
+        """A working page: ``nbytes`` of ``arena``'s host pool that its owner reads and writes
+        (e.g. a sparse FFN's neuron window), resident and never evicted until ``forget``; its bytes
+        are the owner's (uninitialised, never written back). BudgetError if the arena has no room.
+        Returns the page as ``uint8 [nbytes]``, aligned as the pool aligns blocks."""
+        desc = PageDesc(page_id, PageSource(f"<{arena}>", 0, nbytes))
+        with self._cond:
+            manager = self._manager
+            entry = manager.create(desc, arena)
+            pool = manager.pool(entry, "host")
+            block = pool.try_allocate(nbytes)
+            if block is None:
+                del manager.pages[page_id]
+                raise BudgetError(
+                    f"arena {arena!r} cannot reserve {nbytes} bytes for {page_id!r}: {pool.free_bytes} of its "
+                    f"{pool.capacity} bytes are free (largest hole {pool.largest_hole()})"
+                )
+            entry.resident = True
+            manager.place(entry, block)
+            return manager.view(entry)
+
+    def touch_slots(self, arena: str, slots: np.ndarray) -> None:
+        """Tell a slot arena's policy that the pages in host ``slots`` were used (one call for a
+        whole step; see :class:`SlotLRU`)."""
+        with self._cond:
+            policy = self._manager.policies[(arena, "host")]
+            assert isinstance(policy, SlotLRU)
+            policy.touch_slots(slots)
+
+    def slot_table(self, arena: str) -> torch.Tensor:
+        """A slot arena's host table ``uint8 [slots, R]``. Its owner may index it directly for
+        pages the listener placed in host slots, between its own calls that can evict
+        (``create``, ``prefetch``, ``set_slot_limit``) and after them fetch it again (an unbudgeted
+        table grows by reallocation)."""
+        with self._cond:
+            pool = self._manager.pools[(arena, "host")]
+            assert isinstance(pool, SlotPool)
+            return pool.table
+
+    def set_slot_limit(self, arena: str, slots: int) -> None:
+        """Let a slot arena hold at most ``slots`` pages in host memory, evicting (writing back)
+        the least recently used now if it holds more. BudgetError if the pages over the limit are
+        pinned."""
+        with self._cond:
+            manager = self._manager
+            pool = manager.pools[(arena, "host")]
+            assert isinstance(pool, SlotPool)
+            over = pool.used // pool.record_bytes - max(slots, 0)
+            if over > 0:
+                victims = list(itertools.islice(manager.victims(arena, "host"), over))
+                if len(victims) < over:
+                    raise BudgetError(
+                        f"arena {arena!r} must drop {over} pages to fit {slots} slots but only "
+                        f"{len(victims)} are not in use; release pages or raise the budget"
+                    )
+                for victim in victims:
+                    manager.evict(victim, "host")
+            pool.set_limit(slots)
+
+    def read_through(self, page_ids: Sequence[PageId]) -> list[torch.Tensor]:
+        """Copies of pages' bytes (``uint8``) wherever they are, without bringing any into a
+        faster tier (a scan that must not evict what is cached); pages on storage only must be
+        created pages (read back verified through their arena's medium)."""
+        out: list[torch.Tensor | None] = [None] * len(page_ids)
+        missing: dict[str, list[int]] = {}
+        with self._cond:
+            manager = self._manager
+            for i, pid in enumerate(page_ids):
+                entry = manager.entry(pid)
+                tier = next((t for t in manager.tiers(entry.arena) if t in entry.blocks), None)
+                if tier is not None:
+                    offset = entry.placement.view_offset if tier == "host" else 0
+                    out[i] = manager.pool(entry, tier).view(entry.blocks[tier], offset, entry.desc.nbytes).clone()
+                else:
+                    if self._storage.write_back(entry.arena) is None:
+                        raise ValueError(f"read_through reads created pages from storage; {pid!r} comes from a file")
+                    missing.setdefault(entry.arena, []).append(i)
+        for arena, idx in missing.items():
+            medium = self._storage.write_back(arena)
+            assert medium is not None
+            for i, data in zip(idx, medium.read([page_ids[i] for i in idx])):
+                out[i] = data.reshape(-1).view(torch.uint8)
+        return out  # type: ignore[return-value]
 
     # -- transfers -----------------------------------------------------------------------------
 
@@ -324,10 +488,10 @@ class TieredStore:
         """One step of the caller's clock passed (e.g. one forward pass): tell the eviction
         policies of ``arenas`` (all when None), for those that age by steps (``least-stale``)."""
         with self._cond:
-            chosen = None if arenas is None else set(arenas)
-            for (arena, _tier), policy in self._manager.policies.items():
-                if chosen is None or arena in chosen:
-                    policy.tick()
+            manager = self._manager
+            for arena in manager.arenas if arenas is None else arenas:
+                for tier in manager.tiers(arena)[:-1]:  # storage has no policy
+                    manager.policies[(arena, tier)].tick()
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -358,6 +522,26 @@ class TieredStore:
             total.tiers = {t: total.tiers[t] for t in ("device", "host", "storage") if t in total.tiers}
             return total
 
+    def memory_report(self) -> dict[str, dict[str, dict[str, int]]]:
+        """What the store holds, per tier and arena: ``{tier: {arena: {"used_bytes",
+        "capacity_bytes", "pages"}, "total": {...}}}`` (pages counted where they have a copy; an
+        unbudgeted arena's capacity is its used bytes)."""
+        with self._cond:
+            manager = self._manager
+            pages: dict[tuple[str, str], int] = {}
+            for e in manager.pages.values():
+                for tier in e.blocks:
+                    pages[(e.arena, tier)] = pages.get((e.arena, tier), 0) + 1
+            report: dict[str, dict[str, dict[str, int]]] = {}
+            for (arena, tier), pool in manager.pools.items():
+                capacity = pool.capacity if pool.capacity < UNLIMITED else pool.used
+                row = {"used_bytes": pool.used, "capacity_bytes": capacity, "pages": pages.get((arena, tier), 0)}
+                report.setdefault(tier, {})[arena] = row
+            for per_tier in report.values():
+                per_tier["total"] = {key: sum(row[key] for row in list(per_tier.values()))
+                                     for key in ("used_bytes", "capacity_bytes", "pages")}
+            return {t: report[t] for t in ("device", "host") if t in report}
+
     def check_invariants(self) -> None:
         """Assert the page table invariants (for tests)."""
         with self._cond:
@@ -381,6 +565,13 @@ class TieredStore:
         self.close()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _write_back(self, entry: PageEntry, tier: str) -> None:
+        """The manager's write-back hook: the page's bytes in ``tier`` to its arena's medium
+        (store lock held)."""
+        view = self._manager.pool(entry, tier).view(entry.blocks[tier], 0, entry.desc.nbytes)
+        self._handler.write_back(entry.arena, entry.desc.page_id, view)
+        self._manager.stats[entry.arena].tiers["storage"].bytes_written += entry.desc.nbytes
 
     def _block_need(self, entry: PageEntry, tier: str) -> int:
         return entry.placement.block_bytes if tier == "host" else entry.desc.nbytes
@@ -414,7 +605,12 @@ class TieredStore:
                         step.job.settle()
                     err = step.error
                     raise type(err)(str(err)) from err
+                with self._cond:
+                    job = entry.route
                 self._handler.start(step, self._on_hop_done)
+                if job is not None and job.error is not None:  # the hop failed on this thread
+                    err = job.error
+                    raise type(err)(str(err)) from err
         finally:
             if waited:
                 with self._cond:

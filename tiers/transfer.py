@@ -6,6 +6,10 @@ thread, or on the caller's thread if the hop fails before it starts. Routes:
 
   * storage -> host: the storage backend reads the page's source straight into the host block
     (O_DIRECT on its IO threads).
+  * storage -> host of a page created in memory: read back through its arena's write-back medium
+    (checksum verified), on the caller's thread.
+  * host -> storage (``write_back``): a created page's bytes written once through its arena's
+    medium, on the caller's thread, before the store frees its last memory copy.
   * host -> device: a copy thread; with CUDA the copy is issued on its own stream (after waiting on
     the events that guard reused device memory) and synchronised before reporting, so the compute
     stream may use the page as soon as the store says it is there. Without CUDA the same thread
@@ -58,7 +62,25 @@ class TransferHandler:
         except Exception as e:  # report synchronously; the manager rolls the hop back
             on_done(spec, e)
 
+    def write_back(self, arena: str, page_id: object, data: torch.Tensor) -> None:
+        """host -> storage: write a created page (``uint8 [nbytes]``) through ``arena``'s medium."""
+        medium = self._storage.write_back(arena)
+        if medium is None:
+            raise ValueError(f"arena {arena!r} has no write-back medium for created pages")
+        medium.write(page_id, data)
+
     def _read(self, spec: HopSpec, on_done: HopDone) -> None:
+        medium = self._storage.write_back(spec.arena)
+        if medium is not None:  # a created page: its copy is the medium's
+            error: BaseException | None = None
+            try:
+                (data,) = medium.read([spec.page_id])
+                pool = self._pools[(spec.arena, "host")]
+                pool.view(spec.dst_block, spec.placement.view_offset, spec.desc.nbytes).copy_(data.view(torch.uint8).reshape(-1))
+            except Exception as e:
+                error = e
+            on_done(spec, error)
+            return
         block = self._pools[(spec.arena, "host")].buffer(spec.dst_block)
         job = self._storage.load(spec.desc, block, spec.placement, spec.priority, spec.arena)
 

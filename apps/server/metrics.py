@@ -230,6 +230,15 @@ class ServerMetrics:
         for key, samples in by_field.items():
             _metric(lines, f"flashtier_tier_{key}", "gauge", f"{key} per memory tier (hit rate: last generation).",
                     samples)
+        store: dict[str, list[tuple[str, Any]]] = {}
+        for tier, arenas in sorted((memory.get("store") or {}).items()):
+            for arena, row in sorted(arenas.items()):
+                if arena != "total":
+                    for key in ("used_bytes", "capacity_bytes"):
+                        store.setdefault(key, []).append((f'{{tier="{_label(tier)}",arena="{_label(arena)}"}}', row[key]))
+        for key, samples in store.items():
+            _metric(lines, f"flashtier_store_{key}", "gauge",
+                    f"{key} of each arena of the tiered store (streamed weights, expert caches, windows, KV).", samples)
         for key in ("kv_bytes", "peak_rss_bytes"):
             if is_number(memory.get(key)):
                 _metric(lines, f"flashtier_{key}", "gauge", f"{key} of the memory report.", [("", memory[key])])

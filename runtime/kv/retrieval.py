@@ -54,13 +54,17 @@ from flashtier.runtime.kv.retrieval_stats import AttentionCheck, RetrievalCounte
 from flashtier.runtime.kv.codec import kv_codec
 from flashtier.runtime.kv.spill import KVSpillStore
 from flashtier.storage_backends.base import StorageBackend
+from flashtier.tiers.store import TieredStore
 
 
 class RetrievalKVCache:
     """KV of one sequence across device / host / storage tiers (see the module docstring)."""
 
     def __init__(self, layout: KVBlockLayout, config: RetrievalCacheConfig = RetrievalCacheConfig(),
-                 backend: StorageBackend | None = None, device: torch.device | str = "cpu") -> None:
+                 backend: StorageBackend | None = None, device: torch.device | str = "cpu",
+                 store: TieredStore | None = None) -> None:
+        """``store``: the tiered store whose arena holds the host blocks (the model's); None = a
+        store of the cache's own."""
         if config.block_size != layout.block_size:
             raise ConfigError(f"cache config block size {config.block_size} != layout block size {layout.block_size}")
         self.layout, self.config = layout, config
@@ -76,7 +80,7 @@ class RetrievalKVCache:
             )
         codec = kv_codec(layout, config.kv_quant_bits, config.kv_quant_group)
         self.spill = KVSpillStore(layout, config.spill_dir, backend, record_bytes=codec.record_bytes)
-        self.host = HostKVPool(layout, config.host_budget, self.spill, codec)
+        self.host = HostKVPool(layout, config.host_budget, self.spill, codec, store)
         self._attention = RetrievalAttention(r)
         self._scale = layout.head_dim ** -0.5
         self._layer_len = [0] * layout.num_layers  # positions written per layer
@@ -191,7 +195,8 @@ class RetrievalKVCache:
         return d
 
     def close(self) -> None:
-        """Delete the spill files. The cache must not be used afterwards."""
+        """Forget the host blocks and delete the spill files. The cache must not be used afterwards."""
+        self.host.close()
         self.spill.close()
 
     # ------------------------------------------------------------------ passes
@@ -333,9 +338,11 @@ def _split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv[0], kv[1]
 
 
-def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig") -> RetrievalKVCache:  # noqa: F821
+def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig",  # noqa: F821
+                    store: TieredStore | None = None) -> RetrievalKVCache:
     """The long-context cache for ``transformer`` with the options of ``engine_config`` (the
-    engine's factory for ``attention == "retrieval"``)."""
+    engine's factory for ``attention == "retrieval"``); its host blocks are an arena of ``store``
+    (the weights' store) when given."""
     c = transformer.config
     if c.sliding_window is not None:
         raise ConfigError(f"retrieval attention does not support sliding-window attention (this model attends to "
@@ -343,4 +350,4 @@ def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig") -
     config = RetrievalCacheConfig.from_engine(engine_config.kv_block_size, engine_config.prefill_chunk,
                                               engine_config.retrieval.as_mapping())
     layout = KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, engine_config.kv_block_size, transformer.dtype)
-    return RetrievalKVCache(layout, config)
+    return RetrievalKVCache(layout, config, store=store)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from flashtier.errors import BudgetError, CheckpointError, ConfigError
 from flashtier.prefetch.sparsity import NeuronSelector, PredictorSet, recall_of
 from flashtier.prefetch.windowing import NeuronWindow, RowMatrix, WindowConfig
+from flashtier.tiers.config import ArenaConfig
+from flashtier.tiers.host import HOST_ALIGNMENT
 from flashtier.checkpoint.folder import Checkpoint, layer_names, read_tensor
 from flashtier.runtime.options import SparseFFNConfig
 from flashtier.runtime.weights.paged import PagedWeights
@@ -47,6 +49,10 @@ from flashtier.checkpoint.bundles import (
     torch_dtype,
 )
 from flashtier.storage_backends.verified import VerifiedRecord
+
+
+WINDOW_ARENA = "ffn_windows"
+"""The weights' store arena of the neuron windows and prefill chunk buffers."""
 
 
 @dataclass
@@ -129,7 +135,11 @@ class SparseFFNWeights:
         row = self.reader.row_bytes
         neurons = cfg.intermediate_size
         chunk = min(config.prefill_chunk_neurons, neurons)
-        free = self.paged.external_window_bytes - predictor_bytes - 2 * chunk * row
+        # each window and chunk buffer is a page of the window arena, rounded up to the host block
+        # alignment: leave that slack out of the rows so the arena stays within the plan's share
+        align = lambda n: -(-n // HOST_ALIGNMENT) * HOST_ALIGNMENT
+        free = (self.paged.external_window_bytes - predictor_bytes - 2 * align(chunk * row)
+                - len(sparse) * (HOST_ALIGNMENT - 1))
         demand = {i: float(getattr(selectors[i], "metrics", {}).get("predicted_fraction", 1.0)) for i in sparse}
         self.capacities = split_rows(max(0, free) // row, demand, int(neurons * config.max_capacity_fraction))
         if sparse and min(self.capacities.values()) < 1:
@@ -137,17 +147,26 @@ class SparseFFNWeights:
             raise BudgetError(
                 f"--dram-budget leaves {max(free, 0)} bytes for the sparse FFN's neuron windows after "
                 f"{predictor_bytes} bytes of predictors; raise it by at least {row * len(sparse) - free} bytes")
+        # The windows and the prefill chunk buffers are working pages of one arena of the weights'
+        # store (the share of the budget the plan left beside the streamed layers): the store's
+        # statistics and memory report count them with every other page.
+        sizes = {("ffn_window", i): self.capacities[i] * row for i in sparse}
+        sizes.update({("ffn_chunk", j): chunk * row for j in range(2 if sparse else 0)})
+        store = self.paged.store
+        if sizes:
+            store.add_arena(ArenaConfig(WINDOW_ARENA, sum(align(n) for n in sizes.values())))
+        matrix = lambda key, rows: RowMatrix(rows, row, store.reserve(key, rows * row, WINDOW_ARENA))
         self.layers: dict[int, _SparseLayer] = {}
         for i in sparse:
             cap = self.capacities[i]
             self.layers[i] = _SparseLayer(i, selectors[i], NeuronWindow(neurons, WindowConfig(config.window_k, cap)),
-                                          RowMatrix(cap, row), names[i].post_attn_norm)
+                                          matrix(("ffn_window", i), cap), names[i].post_attn_norm)
             if config.audit:
                 self.layers[i].gate_audit = read_tensor(checkpoint.tensors[names[i].gate]).float()
-        self._chunks = [RowMatrix(chunk, row) for _ in range(2)] if sparse else []
+        self._chunks = [matrix(("ffn_chunk", j), chunk) for j in range(2)] if sparse else []
         self._bundle_dtype = torch_dtype(self.manifest)
-        self.memory_bytes = predictor_bytes + sum(sl.matrix.nbytes for sl in self.layers.values()) + \
-            sum(c.nbytes for c in self._chunks)
+        # what the window arena holds (each matrix rounded up to the host block alignment)
+        self.memory_bytes = predictor_bytes + (store.stats([WINDOW_ARENA]).tiers["host"].capacity_bytes if sizes else 0)
         self._c = _Counters()
         self._pass_tokens = 0
         self._pass_start_bytes = self._storage_bytes()

@@ -310,3 +310,37 @@ def test_cli_kv_quant_flags_reach_the_host_tier_and_bad_ones_are_refused(tiny):
     assert r.returncode != 0 and "--kv-quant-bits" in r.stderr
     r = subprocess.run(cmd[:-1] + ["12"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "--kv-quant-group" in r.stderr and "must divide the KV block size" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- one store
+def test_paged_weights_and_host_kv_blocks_share_one_store(tmp_path):
+    """A budgeted MoE model with retrieval attention: the streamed weights, each layer's expert
+    cache and the demoted KV blocks are arenas of one tiered store (one page table, one memory
+    report); tokens equal the model's own with a private KV store; closing the model forgets the KV
+    arena and its spill folder."""
+    path = write_model(tmp_path / "moe", MakeModelSpec(dict(PRESETS["tiny-mixtral"], num_hidden_layers=2), "float32"))
+    prompt = [5 + i % 200 for i in range(330)]
+    options = dict(attention="retrieval", top_k_keys=EVERYTHING, window=64, kv_index="flat", sink_tokens=4,
+                   kv_block_size=16, prefill_chunk=128, kv_dram_budget="160K", kv_spill_dir=str(tmp_path / "spill"))
+    alone = RetrievalKVCache  # the cache's own store when the weights have none (in memory)
+    with open_model(path, **options) as llm:
+        assert llm.weights.__class__.__name__ == "InMemoryWeights" or not hasattr(llm.weights, "store")
+        assert isinstance(llm.cache, alone) and llm.cache.host._own_store
+        reference = llm.generate(prompt, max_new_tokens=6, sampling=SamplingConfig(), ignore_eos=True).tokens
+    with open_model(path, dram_budget="4M", expert_slots=2, **options) as llm:
+        store = llm.weights.store
+        assert llm.cache.host.store is store and not llm.cache.host._own_store
+        result = llm.generate(prompt, max_new_tokens=6, sampling=SamplingConfig(), ignore_eos=True)
+        assert result.tokens == reference
+        assert result.stats["kv_blocks_spilled"] > 0  # the KV arena's budget made blocks go to storage
+        report = llm.memory_report()["store"]["host"]
+        arenas = set(report) - {"total"}
+        assert {"default", llm.cache.host.arena} <= arenas
+        assert any(a.startswith("experts.") for a in arenas)
+        kv = report[llm.cache.host.arena]
+        assert kv["used_bytes"] == llm.cache.host.host_block_bytes() <= 160 * 1024
+        assert report["total"]["used_bytes"] == sum(r["used_bytes"] for a, r in report.items() if a != "total")
+        store.check_invariants()
+        arena = llm.cache.host.arena
+    assert arena not in store.arenas
+    assert not any((tmp_path / "spill").iterdir())

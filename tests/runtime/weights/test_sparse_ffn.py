@@ -147,6 +147,13 @@ def test_the_budget_pays_for_resident_weights_windows_and_predictors(bundled):
         kv = sum(plan.kv_bytes.values())
         assert plan.resident_bytes["host"] + store_window + acc.memory_bytes + kv <= budget
         assert max(acc.capacities.values()) < CONFIG["intermediate_size"]  # the budget, not the layer, sets it
+        # the windows and chunk buffers are working pages of one arena of the weights' store
+        windows = acc.paged.store.memory_report()["host"]["ffn_windows"]
+        assert windows["pages"] == len(acc.layers) + 2 and windows["used_bytes"] == windows["capacity_bytes"]
+        assert acc.memory_bytes - windows["used_bytes"] == sum(getattr(sl.selector, "nbytes", 0) for sl in acc.layers.values())
+        for sl in acc.layers.values():  # each window is the store's memory (rows land in place)
+            page = acc.paged.store.location(("ffn_window", sl.layer))
+            assert page.resident and page.tier == "host"
     finally:
         acc.close()
 
