@@ -24,14 +24,19 @@ CONFIGS = [
     ("moe Q4_K_M 420M", "bench_out/gguf-moe-q4_k_m.gguf", {"dram_budget": "420M"}),
     ("dense-big Q4_K_M 650M", "bench_out/gguf-dense-big-q4_k_m.gguf", {"dram_budget": "650M", "max_context": 64}),
     ("tiny-moe 16M", "models/tiny-moe", {"dram_budget": "16M"}),
+    # session 9 (one store): expert arenas that evict, KV blocks spilled from their arena
+    ("moe-big Q4_K_M 650M", "bench_out/gguf-moe-big-q4_k_m.gguf", {"dram_budget": "650M", "max_context": 64}),
+    ("tiny-moe-16k retrieval, 3K prompt, KV spills", "models/tiny-moe-16k",
+     {"dram_budget": "64M", "attention": "retrieval", "kv_dram_budget": "12M", "max_context": 4096, "_prompt": 3000}),
 ]
 CHILD = r"""
 import hashlib, json, sys
 from flashtier.runtime import open_model
 path, kw, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+prompt = [1 + i % 200 for i in range(kw.pop("_prompt", 16))]
 with open_model(path, threads=2, **kw) as llm:
-    llm.generate(list(range(1, 17)), max_new_tokens=2, ignore_eos=True)
-    r = llm.generate(list(range(1, 17)), max_new_tokens=tokens, ignore_eos=True)
+    llm.generate(prompt[:16], max_new_tokens=2, ignore_eos=True)
+    r = llm.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
 print(json.dumps({"tok_s": r.stats["decode_tok_s"], "tokens": hashlib.sha1(str(r.tokens).encode()).hexdigest()[:10]}))
 """
 

@@ -127,7 +127,7 @@ class TieredStore:
         if arena.device_budget > 0:
             pools["device"] = DevicePool(arena.device_budget, device=self._device)
         pinned = self._device.type == "cuda" and "device" in pools
-        pools["host"] = HostPool(arena.host_budget, pinned=pinned)
+        pools["host"] = HostPool(arena.host_budget, pinned=pinned, alignment=arena.alignment)
         policies = {t: make_policy(arena.host_policy if t == "host" else arena.device_policy) for t in pools}
         with self._cond:
             self._manager.add_arena(arena.name, pools, policies)

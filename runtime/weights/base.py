@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 from flashtier.checkpoint.folder import EMBED, Checkpoint
 from flashtier.runtime.quantized import QuantizedTensor, embedding_rows, to_compute

@@ -16,6 +16,7 @@ stated in the README.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import deque
@@ -41,7 +42,7 @@ from flashtier.storage_backends.compressed import CompressedBackend
 from flashtier.storage_backends.compressed_layout import CompressedIndex, load_index
 from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFileConfig
 from flashtier.storage_backends.verified import VerifiedRecord
-from flashtier.tiers.config import StoreConfig
+from flashtier.tiers.config import ArenaConfig, StoreConfig
 from flashtier.tiers.page import PageDesc, PageSource
 from flashtier.tiers.manager import DEFAULT_ARENA
 from flashtier.tiers.store import TieredStore
@@ -93,10 +94,6 @@ class PagedWeights:
         streamed = [n for n, t in self.plan.placement.items()
                     if t == "storage" and (n != EMBED or n == head) and n not in external]
         resident = [n for n, t in self.plan.placement.items() if t != "storage" and n in checkpoint.tensors]
-        for i, name in enumerate(resident):
-            self._resident[name] = to_compute(read_tensor(checkpoint.tensors[name]), self.compute_dtype)
-            if progress is not None:
-                progress(i + 1, len(resident))
 
         window = self.plan.stream_window_bytes
         if external:
@@ -118,6 +115,12 @@ class PagedWeights:
                         device_budget=0, host_policy=host_policy, device=self.compute_device,  # type: ignore[arg-type]
                         storage_gb_per_s=bandwidths.disk / 1e9),
             ChecksummedBackend(self.backend, checks) if checks else self.backend)
+        try:
+            self._load_resident(resident, progress)
+        except BaseException:
+            self.store.close()
+            self.backend.close()
+            raise
         self._descs: dict[str, PageDesc] = {}
         for name in streamed:
             info = checkpoint.tensors[name]
@@ -235,6 +238,28 @@ class PagedWeights:
         order.append(self.checkpoint.lm_head)
         return order
 
+    def _load_resident(self, names: list[str], progress: Callable[[int, int], None] | None) -> None:
+        """Read the weights the plan keeps in memory into working pages of the store's resident
+        arena (sized to them exactly, 64-byte aligned), so the store accounts every weight byte."""
+        sizes = {n: _compute_nbytes(self.checkpoint.tensors[n], self.compute_dtype) for n in names}
+        if not sizes:
+            return
+        align = lambda n: -(-n // RESIDENT_ALIGNMENT) * RESIDENT_ALIGNMENT
+        self.store.add_arena(ArenaConfig(RESIDENT_ARENA, sum(align(n) for n in sizes.values()),
+                                         alignment=RESIDENT_ALIGNMENT))
+        for i, name in enumerate(names):
+            t = to_compute(read_tensor(self.checkpoint.tensors[name]), self.compute_dtype)
+            page = self.store.reserve(("resident", name), sizes[name], RESIDENT_ARENA)
+            if isinstance(t, QuantizedTensor):
+                page.copy_(t.data.reshape(-1))
+                self._resident[name] = QuantizedTensor(page.view(t.data.shape), t.qtype, t.shape)
+            else:
+                weight = page.view(t.dtype).view(t.shape)
+                weight.copy_(t)
+                self._resident[name] = weight
+            if progress is not None:
+                progress(i + 1, len(names))
+
     # ---------------------------------------------------------------- reporting
     def stats(self) -> dict[str, Any]:
         s = self.store.stats([DEFAULT_ARENA])  # the streamed weights (subclasses' arenas count themselves)
@@ -282,6 +307,18 @@ class PagedWeights:
         self.store.close()
         self.backend.close()
         os.close(self._embed_fd)
+
+
+RESIDENT_ARENA = "resident"
+"""The weights' store arena of the weights kept in memory (working pages, never evicted)."""
+RESIDENT_ALIGNMENT = 64
+"""Block alignment of the resident arena: enough for any dtype and the kernels' vector loads, and
+small, so that the arena's size is the planner's resident bytes to within 63 bytes per tensor."""
+
+
+def _compute_nbytes(info: "TensorInfo", compute_dtype: torch.dtype) -> int:  # noqa: F821
+    """Bytes of tensor ``info`` once ready to compute with (:func:`to_compute`)."""
+    return info.nbytes if info.quantized else math.prod(info.shape) * compute_dtype.itemsize
 
 
 def _compressed_index(checkpoint: Checkpoint, mode: str) -> CompressedIndex | None:

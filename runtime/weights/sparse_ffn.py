@@ -212,9 +212,6 @@ class SparseFFNWeights:
     def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
         self.paged.route(layer, experts, hidden)  # MoE layers only; sparse layers are dense
 
-    def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
-        self.paged.route(layer, experts, hidden)
-
     def layer_end(self, layer: int) -> None:
         self.paged.layer_end(layer)
 

@@ -335,7 +335,8 @@ def test_paged_weights_and_host_kv_blocks_share_one_store(tmp_path):
         assert result.stats["kv_blocks_spilled"] > 0  # the KV arena's budget made blocks go to storage
         report = llm.memory_report()["store"]["host"]
         arenas = set(report) - {"total"}
-        assert {"default", llm.cache.host.arena} <= arenas
+        assert {"default", "resident", llm.cache.host.arena} <= arenas
+        assert report["resident"]["used_bytes"] - result.stats["resident_bytes"]["host"] < 64 * len(llm.weights._resident)
         assert any(a.startswith("experts.") for a in arenas)
         kv = report[llm.cache.host.arena]
         assert kv["used_bytes"] == llm.cache.host.host_block_bytes() <= 160 * 1024
