@@ -20,6 +20,7 @@ plus, for long contexts, the KV bytes each tier reads per token.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from flashtier.errors import BudgetError, ConfigError
@@ -94,6 +95,10 @@ class PlanRequest:
     tensors). 64 MiB measured worse on the 1.7 GB model (23 MB tensors): the slab fragments,
     prefetched pages get evicted and are read twice (1.34 GB/token instead of the planned 1.04)."""
     weight_dtype_bytes: int = 2
+    resident_sizes: Mapping[str, int] | None = None
+    """Bytes a tensor takes when kept in memory, where that differs from its stored size (a bf16
+    tensor computed in float32 takes twice its bytes); placement and the budget check use these,
+    the streaming window and the bytes read per token the stored sizes."""
     expert_cache: bool = False
     """MoE experts are served by a per-layer expert cache: never placed resident; the host bytes
     left after the other weights, the KV and the streaming window form that cache."""
@@ -315,7 +320,7 @@ def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ba
     # ---- weights: fill the fast tier, then (with a device) the host tier, then stream.
     # The streaming window must hold two of the largest streamed tensors; which tensors stream
     # depends on the window, so iterate until the window is consistent with the placement.
-    small_bytes = sum(sizes[n] for n in groups[0][1])
+    small_bytes = sum((req.resident_sizes or {}).get(n, sizes[n]) for n in groups[0][1])
     base_window = min(req.stream_window_bytes, sum(sizes.values()) // 8)
     window = base_window
     for _ in range(4):
@@ -481,8 +486,10 @@ def _place(groups: list[tuple[str, list[str]]], sizes: dict[str, int], req: Plan
     used: dict[Tier, int] = {"device": 0, "host": 0}
     order: list[Tier] = ["device", "host"] if has_device else ["host"]
     placement: dict[str, Tier] = {}
+    held = req.resident_sizes or {}
+    rsize = lambda n: held.get(n, sizes[n])  # noqa: E731
     for kind, names in groups:
-        need = sum(sizes[n] for n in names)
+        need = sum(rsize(n) for n in names)
         tier: Tier = "storage"
         for t in order:
             # Small tensors (norms, routers) are always resident: the budget check reports them.
@@ -498,9 +505,9 @@ def _place(groups: list[tuple[str, list[str]]], sizes: dict[str, int], req: Plan
             # left over from whole groups (up to a group's size) still saves reads.
             for n in names:
                 for t in order:
-                    if used[t] + sizes[n] <= caps[t]:
+                    if used[t] + rsize(n) <= caps[t]:
                         placement[n] = t
-                        used[t] += sizes[n]
+                        used[t] += rsize(n)
                         break
     return placement, used
 

@@ -30,6 +30,9 @@ class StoreConfig:
     """Storage read bandwidth (from bench-io) used to estimate reload costs."""
     storage_latency_s: float = 1e-4
     """Storage read latency used to estimate reload costs."""
+    host_tier_budget: int | None = None
+    """The most host bytes all arenas together may be given (their shares are checked against it
+    as they are added: one budget for the tier); None = the sum of what they are given."""
 
     def __post_init__(self) -> None:
         if self.host_budget <= 0:
@@ -39,6 +42,9 @@ class StoreConfig:
             )
         if self.device_budget < 0:
             raise ConfigError(f"device budget must be >= 0 bytes, got {self.device_budget}")
+        if self.host_tier_budget is not None and self.host_tier_budget < self.host_budget:
+            raise ConfigError(f"the host tier budget {self.host_tier_budget} cannot hold the default arena's "
+                              f"{self.host_budget} bytes")
         for field_name in ("host_policy", "device_policy"):
             name = getattr(self, field_name)
             if name not in available_policies():

@@ -99,6 +99,7 @@ class TieredStore:
         self._handler = TransferHandler(self._storage, self._manager.pools)
         self._manager.write_back = self._write_back
         self._cond = threading.Condition()
+        self._extensions: dict[str, int | None] = {}  # arenas whose share extends the host tier
         self.add_arena(ArenaConfig(DEFAULT_ARENA, config.host_budget, config.device_budget,
                                    config.host_policy, config.device_policy))
         self._ids = itertools.count(1)
@@ -123,6 +124,7 @@ class TieredStore:
 
         Its host pool is pinned when it has a CUDA device pool. ValueError if the name is taken.
         """
+        self._check_tier_share(arena.name, arena.host_budget)
         pools: dict[str, SlabPool] = {}
         if arena.device_budget > 0:
             pools["device"] = DevicePool(arena.device_budget, device=self._device)
@@ -137,17 +139,53 @@ class TieredStore:
             self._handler.enable_copies(pools["device"].device)
 
     def add_slot_arena(self, name: str, record_bytes: int, limit: int | None, write_back: WriteBack,
-                       listener: PlacementListener | None = None) -> None:
+                       listener: PlacementListener | None = None, extends_tier: bool = False) -> None:
         """Add an arena of pages created in memory, all ``record_bytes`` long, in the host tier:
         at most ``limit`` of them there (None = no budget), ranked by :class:`SlotLRU`; evicted
         ones are written to ``write_back`` first and read back from it. ``listener`` is told where
-        each page lands (see :data:`~flashtier.tiers.manager.PlacementListener`)."""
+        each page lands (see :data:`~flashtier.tiers.manager.PlacementListener`). With
+        ``extends_tier`` its share is added to the host tier's budget (a share the user grants
+        separately, e.g. ``--kv-dram-budget``; an unlimited arena makes the tier unlimited), else
+        it must fit the tier's budget beside the other arenas."""
+        if extends_tier:
+            with self._cond:
+                self._extensions[name] = None if limit is None else limit * record_bytes
+        else:
+            self._check_tier_share(name, UNLIMITED if limit is None else limit * record_bytes)
         pool = SlotPool(name, record_bytes, limit)
         with self._cond:
             self._manager.add_arena(name, {"host": pool}, {"host": SlotLRU(pool)})
             self._storage.set_write_back(name, write_back)
             if listener is not None:
                 self._manager.listeners[name] = listener
+
+    @property
+    def host_tier_budget(self) -> int | None:
+        """The budget of the host tier shared by all arenas (None: unbounded)."""
+        with self._cond:
+            return self._tier_budget()
+
+    def _tier_budget(self) -> int | None:
+        base = self.config.host_tier_budget
+        if base is None or any(v is None for v in self._extensions.values()):
+            return None
+        return base + sum(v for v in self._extensions.values() if v is not None)
+
+    def _check_tier_share(self, name: str, nbytes: int) -> None:
+        """BudgetError if the host tier's arenas plus ``nbytes`` for arena ``name`` would exceed
+        the tier's budget."""
+        with self._cond:
+            budget = self._tier_budget()
+            if budget is None:
+                return
+            given = {a: p.capacity for (a, t), p in self._manager.pools.items() if t == "host"}
+            if sum(given.values()) + nbytes > budget:
+                shares = ", ".join(f"{a} {n}" for a, n in given.items())
+                raise BudgetError(
+                    f"arena {name!r} asks for {nbytes} bytes of host memory, but the host tier's budget of "
+                    f"{budget} bytes is already given to {shares}; raise --dram-budget or give the other "
+                    f"arenas less"
+                )
 
     def remove_arena(self, name: str) -> None:
         """Forget arena ``name`` and all its pages (written-back copies included); its pools are
@@ -158,6 +196,7 @@ class TieredStore:
         with self._cond:
             self._manager.remove_arena(name)
             self._storage.forget_arena(name)
+            self._extensions.pop(name, None)
 
     @property
     def arenas(self) -> list[str]:
@@ -540,12 +579,20 @@ class TieredStore:
             for per_tier in report.values():
                 per_tier["total"] = {key: sum(row[key] for row in list(per_tier.values()))
                                      for key in ("used_bytes", "capacity_bytes", "pages")}
-            return {t: report[t] for t in ("device", "host") if t in report}
+            out = {t: report[t] for t in ("device", "host") if t in report}
+            budget = self._tier_budget()
+            if "host" in out and budget is not None:
+                out["host"]["total"]["tier_budget_bytes"] = budget
+            return out
 
     def check_invariants(self) -> None:
         """Assert the page table invariants (for tests)."""
         with self._cond:
             self._manager.check_invariants()
+            budget = self._tier_budget()
+            if budget is not None:
+                used = sum(p.used for (_, t), p in self._manager.pools.items() if t == "host")
+                assert used <= budget, f"host tier uses {used} of {budget} bytes"
 
     def close(self) -> None:
         """Wait for transfers in flight, then stop the copy thread. Idempotent."""

@@ -100,7 +100,7 @@ class HostKVPool:
         self.gathers_from_storage = 0
         """Blocks that ``gather`` had to read from storage."""
         self.store.add_slot_arena(self.arena, self._rec, None if budget is None else budget // self._rec,
-                                  _SpillMedium(spill), _weak_listener(self))
+                                  _SpillMedium(spill), _weak_listener(self), extends_tier=True)  # --kv-dram-budget
 
     def _placed(self, page_id: KVPageId, tier: str, block: Block | None) -> None:
         """The store's placement listener: keep the block tables in step (store lock held)."""

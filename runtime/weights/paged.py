@@ -79,7 +79,7 @@ class PagedWeights:
         self.compute_dtype = compute_dtype or checkpoint.weights_dtype
         self.compressed_index = _compressed_index(checkpoint, compressed)
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
-        req = PlanRequest(dram_budget=dram_budget, context=kv_tokens,
+        req = PlanRequest(dram_budget=dram_budget, context=kv_tokens, resident_sizes=resident_sizes(checkpoint, self.compute_dtype),
                           kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                           expert_cache=expert_cache_min_bytes is not None,
                           expert_cache_min_bytes=expert_cache_min_bytes or 0,
@@ -113,7 +113,11 @@ class PagedWeights:
         self.store = TieredStore(
             StoreConfig(host_budget=window if streamed else max(window, 4096),  # an idle store: one block
                         device_budget=0, host_policy=host_policy, device=self.compute_device,  # type: ignore[arg-type]
-                        storage_gb_per_s=bandwidths.disk / 1e9),
+                        storage_gb_per_s=bandwidths.disk / 1e9,
+                        # one host budget for every arena of this store (streamed and resident weights,
+                        # expert caches, neuron windows; the KV arena adds --kv-dram-budget): the
+                        # planner's shares, plus the block alignment they round to
+                        host_tier_budget=max(dram_budget, window) + _alignment_slack(len(resident))),
             ChecksummedBackend(self.backend, checks) if checks else self.backend)
         try:
             self._load_resident(resident, progress)
@@ -314,6 +318,25 @@ RESIDENT_ARENA = "resident"
 RESIDENT_ALIGNMENT = 64
 """Block alignment of the resident arena: enough for any dtype and the kernels' vector loads, and
 small, so that the arena's size is the planner's resident bytes to within 63 bytes per tensor."""
+
+
+def resident_sizes(checkpoint: Checkpoint, compute_dtype: torch.dtype) -> dict[str, int]:
+    """The tensors that take more bytes in memory than stored once ready to compute with (a bf16
+    or f16 tensor computed in float32: twice), with those bytes, for the planner's placement (the
+    stored size undercounted resident weights there: found in session 9 by the store's one-budget
+    check)."""
+    out = {}
+    for n, t in checkpoint.tensors.items():
+        held = _compute_nbytes(t, compute_dtype)
+        if held > t.nbytes:
+            out[n] = held
+    return out
+
+
+def _alignment_slack(resident_tensors: int) -> int:
+    """Bytes the arenas may take beyond the planner's shares: the idle default arena's one block
+    and the resident arena's rounding (at most 63 bytes per tensor)."""
+    return 4096 + RESIDENT_ALIGNMENT * resident_tensors
 
 
 def _compute_nbytes(info: "TensorInfo", compute_dtype: torch.dtype) -> int:  # noqa: F821

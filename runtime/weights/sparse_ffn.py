@@ -37,7 +37,7 @@ from flashtier.tiers.config import ArenaConfig
 from flashtier.tiers.host import HOST_ALIGNMENT
 from flashtier.checkpoint.folder import Checkpoint, layer_names, read_tensor
 from flashtier.runtime.options import SparseFFNConfig
-from flashtier.runtime.weights.paged import PagedWeights
+from flashtier.runtime.weights.paged import PagedWeights, resident_sizes
 from flashtier.runtime.planner import PlanRequest, make_plan
 from flashtier.storage_backends.batched_reads import BatchedReadConfig
 from flashtier.checkpoint.bundles import (
@@ -115,6 +115,7 @@ class SparseFFNWeights:
         # The same request PagedWeights makes: which dense FFN layers does dense streaming stream?
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
         plan = make_plan(cfg, sizes, PlanRequest(dram_budget=dram_budget, context=kv_tokens,
+                                                 resident_sizes=resident_sizes(checkpoint, self.compute_dtype),
                                                  kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                                                  streamed_unit="layer"))
         names = {i: layer_names(cfg, i) for i in range(cfg.num_layers)}

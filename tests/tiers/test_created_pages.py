@@ -219,3 +219,28 @@ class CreatedMachine(RuleBasedStateMachine):
 
 CreatedMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
 test_created_pages_state_machine = CreatedMachine.TestCase
+
+
+def test_one_host_budget_for_every_arena():
+    """The tier budget is checked as arenas are added; a separately granted share (the KV flag)
+    extends it while its arena lives; the memory report states it."""
+    from flashtier.tiers import ArenaConfig
+
+    store = TieredStore(StoreConfig(host_budget=4096, host_tier_budget=3 * 4096), None)
+    try:
+        store.add_arena(ArenaConfig("a", 4096))
+        with pytest.raises(BudgetError, match="arena 'b' asks for 8192 bytes .* budget of 12288 bytes"):
+            store.add_arena(ArenaConfig("b", 2 * 4096))
+        store.add_slot_arena("kv", R, 10, Medium(), extends_tier=True)
+        assert store.host_tier_budget == 3 * 4096 + 10 * R
+        store.add_arena(ArenaConfig("c", 4096))  # the tier is full again
+        with pytest.raises(BudgetError):
+            store.add_slot_arena("kv2", R, 1, Medium())
+        assert store.memory_report()["host"]["total"]["tier_budget_bytes"] == 3 * 4096 + 10 * R
+        store.remove_arena("kv")
+        assert store.host_tier_budget == 3 * 4096
+        store.add_slot_arena("kv3", R, None, Medium(), extends_tier=True)
+        assert store.host_tier_budget is None  # an unbudgeted share makes the tier unbounded
+        store.check_invariants()
+    finally:
+        store.close()

@@ -55,3 +55,22 @@ def test_failed_read_fails_the_request_and_the_next_one_works(made, tmp_path):
                 llm.generate([7, 8, 9], max_new_tokens=8, ignore_eos=True)
         weights.write_bytes(good)
         assert llm.generate(PROMPT, max_new_tokens=4, ignore_eos=True).tokens == expected
+
+
+@pytest.mark.parametrize("fraction", [0.35, 0.6, 1.2])
+def test_float32_compute_of_bf16_weights_keeps_the_budget(made, fraction):
+    """Resident bf16 weights computed in float32 take twice their stored bytes: the plan places
+    them by those bytes, so the store's arenas (every byte the weights hold) stay within the
+    budget. (Planned by stored bytes, the resident weights overran it: found by the store's
+    one-budget check, session 9.)"""
+    total = sum(f.stat().st_size for f in made.glob("*.safetensors"))
+    budget = int(total * fraction) + 64 * 128 * 16 * 2
+    with Model(made, EngineConfig.from_options(dram_budget=budget, max_context=64, kv_block_size=16,
+                                               compute_dtype="float32")) as llm:
+        tokens = llm.generate(PROMPT, max_new_tokens=8, ignore_eos=True).tokens
+        host = llm.memory_report()["store"]["host"]
+    with Model(made, EngineConfig.from_options(compute_dtype="float32")) as llm:
+        assert tokens == llm.generate(PROMPT, max_new_tokens=8, ignore_eos=True).tokens
+    arenas = sum(r["capacity_bytes"] for a, r in host.items() if a != "total")
+    assert arenas <= host["total"]["tier_budget_bytes"] <= budget + 4096 + 64 * 200
+    assert host["resident"]["used_bytes"] > 0
