@@ -101,7 +101,8 @@ class Transformer:
         """A full-attention block KV cache for this model."""
         c = self.config
         return BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
-                            KVCacheConfig(block_size, sliding_window=c.sliding_window), device=self.device)
+                            KVCacheConfig(block_size, sliding_window=c.sliding_window), device=self.device,
+                            store=getattr(self.weights, "store", None))  # paged weights: the model's store
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:

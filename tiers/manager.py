@@ -117,6 +117,8 @@ class PageEntry:
     """CUDA event recorded when the page was last released on the device."""
     on_storage: bool = True
     """Whether storage holds a copy (False for a created page not written back yet)."""
+    working: bool = False
+    """A working page (``TieredStore.reserve``): its owner's memory, resident until forgotten."""
 
 
 class PageManager:

@@ -1,4 +1,5 @@
-"""Fixed-size pages: a tier pool of equal slots, and the LRU policy that ranks them in bulk.
+"""Pools for pages made in memory: equal slots with an LRU that ranks them in bulk, and a heap of
+working pages.
 
 Pages created in memory by the model (KV blocks) are many (tens of thousands at 128K tokens), all
 of one size, and read in bulk by index (a decode step gathers rows of hundreds of blocks with one
@@ -199,3 +200,54 @@ class SlotLRU(EvictionPolicy):
 
     def __len__(self) -> int:
         return len(self._slot_of)
+
+
+class HeapPool(TierPool):
+    """Working pages allocated one by one (each its own zeroed tensor) without a budget of their
+    own: for memory whose size another component bounds (the full-attention KV cache, sized by the
+    planner's KV share per sequence), so the store accounts it beside every other page. Not
+    thread-safe (the store locks)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._pages: dict[int, torch.Tensor] = {}
+        self._ids = 0
+        self._used = 0
+
+    @property
+    def capacity(self) -> int:
+        return UNLIMITED
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def largest_hole(self) -> int:
+        return UNLIMITED
+
+    def block_size(self, nbytes: int) -> int:
+        return nbytes
+
+    def try_allocate(self, nbytes: int) -> Block | None:
+        self._ids += 1
+        self._pages[self._ids] = torch.zeros(max(nbytes, 1), dtype=torch.uint8)
+        self._used += nbytes
+        return Block(self._ids, nbytes)
+
+    def release(self, block: Block) -> None:
+        del self._pages[block.offset]
+        self._used -= block.nbytes
+
+    def view(self, block: Block, byte_offset: int, nbytes: int) -> torch.Tensor:
+        return self._pages[block.offset][byte_offset : byte_offset + nbytes]
+
+    def buffer(self, block: Block) -> memoryview:
+        return memoryview(self._pages[block.offset].numpy())
+
+    def check(self) -> None:
+        """Assert every page is counted (for tests)."""
+        assert self._used <= sum(b.numel() for b in self._pages.values()), "heap pool accounting"

@@ -53,7 +53,7 @@ from flashtier.tiers.manager import (
     Room,
 )
 from flashtier.tiers.page import PageDesc, PageId, PageSource
-from flashtier.tiers.slots import UNLIMITED, SlotLRU, SlotPool
+from flashtier.tiers.slots import UNLIMITED, HeapPool, SlotLRU, SlotPool
 from flashtier.tiers.policies import make_policy
 from flashtier.tiers.stats import StoreStats
 from flashtier.tiers.storage import StorageTier, WriteBack
@@ -100,6 +100,7 @@ class TieredStore:
         self._manager.write_back = self._write_back
         self._cond = threading.Condition()
         self._extensions: dict[str, int | None] = {}  # arenas whose share extends the host tier
+        self._unbudgeted: set[str] = set()  # heap arenas: accounted, outside the tier budget
         self.add_arena(ArenaConfig(DEFAULT_ARENA, config.host_budget, config.device_budget,
                                    config.host_policy, config.device_policy))
         self._ids = itertools.count(1)
@@ -159,6 +160,16 @@ class TieredStore:
             if listener is not None:
                 self._manager.listeners[name] = listener
 
+    def add_heap_arena(self, name: str) -> None:
+        """Add an arena of working pages (``reserve``) that the store accounts but does not
+        budget: each page is its own zeroed allocation, never evicted, outside the tier budget
+        (for memory another component bounds, e.g. the full-attention KV cache). ValueError if
+        the name is taken."""
+        pool = HeapPool(name)
+        with self._cond:
+            self._manager.add_arena(name, {"host": pool}, {"host": make_policy("lru")})
+            self._unbudgeted.add(name)
+
     @property
     def host_tier_budget(self) -> int | None:
         """The budget of the host tier shared by all arenas (None: unbounded)."""
@@ -178,7 +189,8 @@ class TieredStore:
             budget = self._tier_budget()
             if budget is None:
                 return
-            given = {a: p.capacity for (a, t), p in self._manager.pools.items() if t == "host"}
+            given = {a: p.capacity for (a, t), p in self._manager.pools.items()
+                     if t == "host" and a not in self._unbudgeted}
             if sum(given.values()) + nbytes > budget:
                 shares = ", ".join(f"{a} {n}" for a, n in given.items())
                 raise BudgetError(
@@ -197,6 +209,7 @@ class TieredStore:
             self._manager.remove_arena(name)
             self._storage.forget_arena(name)
             self._extensions.pop(name, None)
+            self._unbudgeted.discard(name)
 
     @property
     def arenas(self) -> list[str]:
@@ -222,18 +235,21 @@ class TieredStore:
         self.forget([page_id])
 
     def forget(self, page_ids: Iterable[PageId]) -> None:
-        """Forget pages and free their copies, written-back copies of created pages included;
-        ValueError (and nothing forgotten) if one is acquired, resident or in flight."""
+        """Forget pages and free their copies, written-back copies of created pages included, and
+        working pages (``reserve``); ValueError (and nothing forgotten) if one is acquired,
+        resident-pinned or in flight."""
         with self._cond:
             manager = self._manager
             entries = [manager.entry(pid) for pid in page_ids]
-            busy = [e.desc.page_id for e in entries if e.pins or e.resident or e.hop is not None]
+            busy = [e.desc.page_id for e in entries
+                     if e.pins or e.hop is not None or (e.resident and not e.working)]
             if busy:
                 raise ValueError(f"pages {busy[:4]!r} are in use (acquired, resident or in flight)")
             written: dict[str, list[PageId]] = {}
             for e in entries:
                 if e.on_storage and self._storage.write_back(e.arena) is not None:
                     written.setdefault(e.arena, []).append(e.desc.page_id)
+                e.resident = False  # a working page is its owner's to drop
                 manager.unregister(e.desc.page_id)
         for arena, ids in written.items():
             medium = self._storage.write_back(arena)
@@ -285,7 +301,7 @@ class TieredStore:
                     f"arena {arena!r} cannot reserve {nbytes} bytes for {page_id!r}: {pool.free_bytes} of its "
                     f"{pool.capacity} bytes are free (largest hole {pool.largest_hole()})"
                 )
-            entry.resident = True
+            entry.resident = entry.working = True
             manager.place(entry, block)
             return manager.view(entry)
 
@@ -591,7 +607,7 @@ class TieredStore:
             self._manager.check_invariants()
             budget = self._tier_budget()
             if budget is not None:
-                used = sum(p.used for (_, t), p in self._manager.pools.items() if t == "host")
+                used = sum(p.used for (a, t), p in self._manager.pools.items() if t == "host" and a not in self._unbudgeted)
                 assert used <= budget, f"host tier uses {used} of {budget} bytes"
 
     def close(self) -> None:

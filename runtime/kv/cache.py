@@ -12,14 +12,26 @@ tiers demote to host / storage and index for retrieval attention.
 
 from __future__ import annotations
 
+import itertools
+import math
+import weakref
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from flashtier.errors import ConfigError
 from flashtier.runtime import decode_ops
+
+if TYPE_CHECKING:
+    from flashtier.tiers.store import TieredStore
+
+KV_BLOCKS_ARENA = "kv.blocks"
+"""The store arena of the full-attention caches' block pools (working pages, accounted, bounded by
+the planner's KV share per sequence rather than by the store)."""
+
+_CACHE_IDS = itertools.count()
 
 
 class KVCache(Protocol):
@@ -71,8 +83,11 @@ class BlockKVCache:
         dtype: torch.dtype,
         config: KVCacheConfig = KVCacheConfig(),
         device: torch.device | str = "cpu",
+        store: "TieredStore | None" = None,
     ) -> None:
-        """``device``: where the blocks live (the device the model computes on)."""
+        """``device``: where the blocks live (the device the model computes on). ``store``: keep
+        the block pools as working pages of that store's ``kv.blocks`` arena (so its memory report
+        and page table cover them; CPU only), else plain tensors."""
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype = dtype
         self.device = torch.device(device)
@@ -85,6 +100,16 @@ class BlockKVCache:
         self._np_k: list = []  # numpy views of _k / _v for the native one-row write and attention (see reserve)
         self._np_v: list = []
         self._capacity_blocks = 0
+        self._store = store if store is not None and self.device.type == "cpu" else None
+        self._pages: list[tuple] = []  # page ids of the current pools in the store
+        self._id = next(_CACHE_IDS)
+        self._gen = 0
+        if self._store is not None:
+            try:
+                self._store.add_heap_arena(KV_BLOCKS_ARENA)
+            except ValueError:
+                pass  # another cache of this model added it
+            weakref.finalize(self, _forget_pages, self._store, self._pages)
 
     @property
     def capacity(self) -> int:
@@ -96,8 +121,11 @@ class BlockKVCache:
         if need <= self._capacity_blocks:
             return
         shape = (self.num_kv_heads, need, self.block_size, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        old_pages = list(self._pages)
+        self._pages.clear()
+        self._gen += 1
+        new_k = [self._pool(shape, ("k", layer)) for layer in range(self.num_layers)]
+        new_v = [self._pool(shape, ("v", layer)) for layer in range(self.num_layers)]
         used = len(self.block_table)
         for layer in range(len(self._k)):
             new_k[layer][:, :used] = self._k[layer][:, self.block_table]
@@ -109,6 +137,18 @@ class BlockKVCache:
         self._np_v = [t.numpy() for t in new_v] if native else []
         self.block_table = list(range(used))
         self._capacity_blocks = need
+        if old_pages:
+            assert self._store is not None
+            self._store.forget(old_pages)
+
+    def _pool(self, shape: tuple[int, ...], what: tuple[str, int]) -> torch.Tensor:
+        """A zeroed block pool ``[H_kv, N, B, D]``: a working page of the store, or a tensor."""
+        if self._store is None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        key = (KV_BLOCKS_ARENA, self._id, self._gen, *what)
+        page = self._store.reserve(key, math.prod(shape) * self.dtype.itemsize, KV_BLOCKS_ARENA)
+        self._pages.append(key)
+        return page.view(self.dtype).view(shape)  # the heap arena's pages start zeroed
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store ``k``/``v`` ``[H_kv, T, D]`` for positions ``start .. start+T-1`` of ``layer``."""
@@ -191,3 +231,11 @@ class BlockKVCache:
 
     def nbytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self._k)
+
+
+def _forget_pages(store: "TieredStore", pages: list[tuple]) -> None:
+    """A dropped cache's pools leave the store (its finalizer)."""
+    try:
+        store.forget(list(pages))
+    except (KeyError, ValueError):
+        pass  # already gone (the store was torn down first)

@@ -74,3 +74,21 @@ def test_float32_compute_of_bf16_weights_keeps_the_budget(made, fraction):
     arenas = sum(r["capacity_bytes"] for a, r in host.items() if a != "total")
     assert arenas <= host["total"]["tier_budget_bytes"] <= budget + 4096 + 64 * 200
     assert host["resident"]["used_bytes"] > 0
+
+
+def test_full_attention_kv_blocks_are_pages_of_the_models_store(made):
+    """The block pools of every full-attention cache (the conversation's, a batch's sequences')
+    are working pages of the store's kv.blocks arena: the memory report counts them, and a
+    finished batch's sequences give theirs back."""
+    import gc
+
+    total = sum(f.stat().st_size for f in made.glob("*.safetensors"))
+    with Model(made, EngineConfig(dram_budget=int(total * 0.6) + 64 * 128 * 16, max_context=64, kv_block_size=16)) as llm:
+        alone = llm.generate(PROMPT, max_new_tokens=8, ignore_eos=True).tokens
+        kv = llm.memory_report()["store"]["host"]["kv.blocks"]
+        assert kv["used_bytes"] == llm.cache.nbytes() > 0 and kv["pages"] == 2 * llm.config.num_layers
+        batch = llm.generate_batch([PROMPT, PROMPT[:20]], max_new_tokens=8, ignore_eos=True)
+        assert batch[0].tokens == alone
+        gc.collect()
+        assert llm.memory_report()["store"]["host"]["kv.blocks"]["used_bytes"] == llm.cache.nbytes()
+        llm.weights.store.check_invariants()
