@@ -45,13 +45,7 @@ class StoreConfig:
         if self.host_tier_budget is not None and self.host_tier_budget < self.host_budget:
             raise ConfigError(f"the host tier budget {self.host_tier_budget} cannot hold the default arena's "
                               f"{self.host_budget} bytes")
-        for field_name in ("host_policy", "device_policy"):
-            name = getattr(self, field_name)
-            if name not in available_policies():
-                raise ConfigError(
-                    f"{field_name} {name!r} is unknown; choose one of "
-                    f"{', '.join(available_policies())}"
-                )
+        _check_policies(self, "")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
         if self.storage_gb_per_s <= 0 or self.storage_latency_s < 0:
@@ -94,10 +88,14 @@ class ArenaConfig:
                 f"arena {self.name!r} needs a host budget > 0 and a device budget >= 0 bytes, got "
                 f"{self.host_budget} and {self.device_budget}"
             )
-        for field_name in ("host_policy", "device_policy"):
-            name = getattr(self, field_name)
-            if name not in available_policies():
-                raise ConfigError(
-                    f"{field_name} {name!r} of arena {self.name!r} is unknown; choose one of "
-                    f"{', '.join(available_policies())}"
-                )
+        _check_policies(self, f" of arena {self.name!r}")
+
+
+def _check_policies(config: StoreConfig | ArenaConfig, where: str) -> None:
+    """ConfigError naming the valid policies if ``config``'s host or device policy is unknown."""
+    for field_name in ("host_policy", "device_policy"):
+        name = getattr(config, field_name)
+        if name not in available_policies():
+            raise ConfigError(
+                f"{field_name} {name!r}{where} is unknown; choose one of {', '.join(available_policies())}"
+            )

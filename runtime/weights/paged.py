@@ -41,6 +41,7 @@ from flashtier.storage_backends.checksummed import ChecksummedBackend
 from flashtier.storage_backends.compressed import CompressedBackend
 from flashtier.storage_backends.compressed_layout import CompressedIndex, load_index
 from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFileConfig
+from flashtier.storage_backends.safetensors_format import TensorInfo
 from flashtier.storage_backends.verified import VerifiedRecord
 from flashtier.tiers.config import ArenaConfig, StoreConfig
 from flashtier.tiers.page import PageDesc, PageSource
@@ -339,7 +340,7 @@ def _alignment_slack(resident_tensors: int) -> int:
     return 4096 + RESIDENT_ALIGNMENT * resident_tensors
 
 
-def _compute_nbytes(info: "TensorInfo", compute_dtype: torch.dtype) -> int:  # noqa: F821
+def _compute_nbytes(info: TensorInfo, compute_dtype: torch.dtype) -> int:
     """Bytes of tensor ``info`` once ready to compute with (:func:`to_compute`)."""
     return info.nbytes if info.quantized else math.prod(info.shape) * compute_dtype.itemsize
 
