@@ -43,6 +43,7 @@ GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("dram_budget", metavar="BYTES"),
         Flag("device_budget", metavar="BYTES"),
         Flag("max_context", metavar="TOKENS"),
+        Flag("kv_sequences", metavar="N"),
         Flag("device", metavar="DEVICE"),
         Flag("threads", metavar="N"),
         Flag("compute_dtype", choices=("float32", "bfloat16", "float16")),

@@ -31,7 +31,7 @@ path, budget, batches = sys.argv[1], sys.argv[2] or None, [int(b) for b in sys.a
 tokens, check = int(sys.argv[4]), sys.argv[5] == "1"
 prompts = [list(range(1 + 7 * i, 17 + 7 * i)) for i in range(max(batches))]
 out = {}
-with open_model(path, dram_budget=budget, max_context=16 + tokens, threads=2) as llm:
+with open_model(path, dram_budget=budget, max_context=16 + tokens, kv_sequences=max(batches), threads=2) as llm:
     # warm-up on a prompt no other one starts with: Model.generate reuses the KV of a shared prefix,
     # computed in other chunks than a fresh prefill, which can round differently (see the notes)
     llm.generate([3] * 8, max_new_tokens=2, ignore_eos=True)

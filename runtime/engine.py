@@ -28,7 +28,7 @@ from flashtier.errors import BusyError, ConfigError, InputError
 from flashtier.checkpoint.folder import Checkpoint, open_checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
 from flashtier.runtime.kernels import Linear, choose_kernel
-from flashtier.runtime.kv.cache import KVCache
+from flashtier.runtime.kv.cache import KVBudgetFull, KVCache
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
 from flashtier.runtime.tokenizer import Tokenizer, load_tokenizer
@@ -81,6 +81,10 @@ class EngineConfig:
     max_context: int | None = None
     """Most tokens (prompt + generated) a request may hold; the KV cache is budgeted for it
     (None: the model's context, capped at 4096 when a budget is set)."""
+    kv_sequences: int = 1
+    """Sequences whose full-attention KV a budget plans for, each up to --max-context tokens
+    (``serve`` sets it to --max-batch): under --dram-budget every running sequence's KV blocks come
+    from that one share of the budget, and a sequence that does not fit waits until one finishes."""
     device: str = "cpu"
     """Where the forward pass runs: 'cpu' (default), or 'cuda' / 'cuda:N' with every weight and the
     KV cache resident on that GPU (not with a budget or retrieval attention yet)."""
@@ -154,6 +158,8 @@ class EngineConfig:
                               "--attention retrieval yet (drop one of them)")
         if self.prompt_cache_budget is not None and self.prompt_cache_budget <= 0:
             raise ConfigError(f"prompt_cache_budget must be positive, got {self.prompt_cache_budget}")
+        if not isinstance(self.kv_sequences, int) or self.kv_sequences < 1:
+            raise ConfigError(f"kv_sequences must be a whole number >= 1, got {self.kv_sequences!r}")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
         self._check_device()
@@ -426,16 +432,35 @@ class Model:
         with BatchSession(self, len(encoded)) as session:
             if c.threads is not None:
                 torch.set_num_threads(c.threads)
+            requests = [(ids, max_new_tokens, sampling, (), ignore_eos) for ids in encoded]
             t0 = time.perf_counter()
-            admitted = session.admit_many([(ids, max_new_tokens, sampling, (), ignore_eos) for ids in encoded])
+            admitted = session.admit_many(requests)
             prefill_s = time.perf_counter() - t0
             for b, result in enumerate(admitted):
-                if isinstance(result, Exception):
+                if isinstance(result, Exception) and not isinstance(result, KVBudgetFull):
                     raise InputError(f"prompt {b}: {result}") from result
-            seqs = [r[0] for r in admitted]  # type: ignore[index]
+            # prompts the KV budget cannot hold beside the running ones join as those finish
+            waiting = [b for b, r in enumerate(admitted) if isinstance(r, KVBudgetFull)]
+            seqs: list[BatchSequence | None] = [None if b in waiting else r[0] for b, r in enumerate(admitted)]  # type: ignore[index]
             t1, steps = time.perf_counter(), 0
-            while session.step():
-                steps += 1
+            tried_with = len(session.active)
+            while True:
+                if waiting and (len(session.active) < tried_with or not session.active):  # blocks were freed
+                    joined = session.admit_many([requests[b] for b in waiting])
+                    for b, result in zip(list(waiting), joined):
+                        if isinstance(result, KVBudgetFull):
+                            if not session.active:
+                                raise result
+                            continue
+                        if isinstance(result, Exception):
+                            raise InputError(f"prompt {b}: {result}") from result
+                        seqs[b] = result[0]
+                        waiting.remove(b)
+                tried_with = len(session.active)
+                if session.step():
+                    steps += 1
+                elif not waiting:
+                    break
             decode_s = time.perf_counter() - t1
         total = sum(len(seq.text.tokens) - 1 for seq in seqs)
         results = []
@@ -575,6 +600,18 @@ class BatchSequence:
     """Prompt positions in ``cache`` (the prompt is complete once this is ``len(ids)``)."""
 
 
+class _ReleasedCache:
+    """The cache of a sequence that left its batch (its KV was given back)."""
+
+    length = 0
+
+    def __getattr__(self, name: str) -> Any:
+        raise InputError("this sequence left its batch: its KV cache was released")
+
+
+_RELEASED: Any = _ReleasedCache()
+
+
 class BatchSession:
     """Continuous batching on one :class:`Model`: sequences join (``admit``: their prompt is
     prefilled and the first token sampled) and leave (finished or ``drop``) at token boundaries,
@@ -626,15 +663,25 @@ class BatchSession:
         chunk = m.engine_config.prefill_chunk
         results: list[tuple[BatchSequence, list[TokenEvent]] | Exception] = []
         pending: list[tuple[int, BatchSequence]] = []
+        deferred: KVBudgetFull | None = None
         for ids, max_new_tokens, sampling, stop, ignore_eos in requests:
             try:
                 check_request(m.config, ids, max_new_tokens, m.context_limit)
             except InputError as e:
                 results.append(e)
                 continue
+            if deferred is not None:  # first come, first served: no later request overtakes a waiting one
+                results.append(deferred)
+                continue
             stats = GenerationStats(prompt_tokens=len(ids))
-            cache = m.transformer.new_cache(m.engine_config.kv_block_size)
-            cache.reserve(len(ids) + max_new_tokens)
+            try:
+                cache = self._new_cache(len(ids) + max_new_tokens)
+            except KVBudgetFull as e:
+                # kept in the results: a fresh error, without the traceback (and cause) whose frames
+                # would keep this frame's locals, earlier requests' caches, and so their KV alive
+                deferred = KVBudgetFull(str(e))
+                results.append(deferred)
+                continue
             seq = BatchSequence(list(ids), max_new_tokens, Sampler(sampling),
                                 frozenset(() if ignore_eos else m.stop_ids()), TextStream(m.tokenizer, stop), cache,
                                 stats)
@@ -667,6 +714,25 @@ class BatchSession:
             self.active.append(seq)
             results[k] = (seq, self._take(seq, seq.sampler(last[k][-1])))
         return results
+
+    def _new_cache(self, positions: int) -> KVCache:
+        """A sequence's KV cache with room for ``positions``, from the model's KV budget.
+
+        KVBudgetFull when the running sequences hold the budget (the request waits for one to
+        finish: callers keep it queued); with none running the conversation cache of
+        :meth:`Model.generate` gives its blocks back first, and a request that still does not fit
+        gets the error (it cannot: each request fits ``--max-context`` by its checks)."""
+        m = self.model
+        for attempt in range(2):
+            cache = m.transformer.new_cache(m.engine_config.kv_block_size)
+            try:
+                cache.reserve(positions)
+                return cache
+            except KVBudgetFull:
+                if attempt or self.active or self.prefilling:
+                    raise
+                m.cache, m._cached_ids = m._new_cache(), []  # the conversation's blocks go back to the budget
+        raise AssertionError("unreachable")
 
     def step(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
         """One prefill chunk of every joining sequence (``admit_many(interleave=True)``; those it
@@ -747,6 +813,7 @@ class BatchSession:
         seq.finished = True
         self.active = [s for s in self.active if s is not seq]
         self.prefilling = [s for s in self.prefilling if s is not seq]
+        seq.cache = _RELEASED  # its blocks go back to the KV budget now, not when the caller lets go of seq
 
     def _take(self, seq: BatchSequence, token: int) -> list[TokenEvent]:
         event, stopped = seq.text.push(token)

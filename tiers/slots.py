@@ -203,20 +203,21 @@ class SlotLRU(EvictionPolicy):
 
 
 class HeapPool(TierPool):
-    """Working pages allocated one by one (each its own zeroed tensor) without a budget of their
-    own: for memory whose size another component bounds (the full-attention KV cache, sized by the
-    planner's KV share per sequence), so the store accounts it beside every other page. Not
-    thread-safe (the store locks)."""
+    """Working pages allocated one by one (each its own zeroed tensor), at most ``limit`` bytes
+    together: for pages of varying sizes that come and go (the block pools of full-attention KV
+    caches: the conversation's and each batched sequence's). Not thread-safe (the store locks)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, limit: int | None = None) -> None:
+        """``limit``: the most bytes its pages may take together (None: no limit)."""
         self.name = name
+        self.limit = limit
         self._pages: dict[int, torch.Tensor] = {}
         self._ids = 0
         self._used = 0
 
     @property
     def capacity(self) -> int:
-        return UNLIMITED
+        return UNLIMITED if self.limit is None else self.limit
 
     @property
     def used(self) -> int:
@@ -227,12 +228,14 @@ class HeapPool(TierPool):
         return torch.device("cpu")
 
     def largest_hole(self) -> int:
-        return UNLIMITED
+        return self.capacity - self._used
 
     def block_size(self, nbytes: int) -> int:
         return nbytes
 
     def try_allocate(self, nbytes: int) -> Block | None:
+        if self.limit is not None and self._used + nbytes > self.limit:
+            return None
         self._ids += 1
         self._pages[self._ids] = torch.zeros(max(nbytes, 1), dtype=torch.uint8)
         self._used += nbytes

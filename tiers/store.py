@@ -160,15 +160,18 @@ class TieredStore:
             if listener is not None:
                 self._manager.listeners[name] = listener
 
-    def add_heap_arena(self, name: str) -> None:
-        """Add an arena of working pages (``reserve``) that the store accounts but does not
-        budget: each page is its own zeroed allocation, never evicted, outside the tier budget
-        (for memory another component bounds, e.g. the full-attention KV cache). ValueError if
-        the name is taken."""
-        pool = HeapPool(name)
+    def add_heap_arena(self, name: str, limit: int | None = None) -> None:
+        """Add an arena of working pages (``reserve``: each its own zeroed allocation, never
+        evicted) of at most ``limit`` bytes together, a share of the host tier's budget; None:
+        accounted but outside the tier budget (memory another component bounds). ValueError if the
+        name is taken, BudgetError if the tier cannot give ``limit``."""
+        if limit is not None:
+            self._check_tier_share(name, limit)
+        pool = HeapPool(name, limit)
         with self._cond:
             self._manager.add_arena(name, {"host": pool}, {"host": make_policy("lru")})
-            self._unbudgeted.add(name)
+            if limit is None:
+                self._unbudgeted.add(name)
 
     @property
     def host_tier_budget(self) -> int | None:

@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
                           allowed_hosts=(args.host, *args.allow_host), api_key=_api_key(args),
                           max_prompt_chars=args.max_prompt_chars, max_batch=args.max_batch,
                           max_queue=args.max_queue, request_timeout_s=args.request_timeout)
-    app = create_app(functools.partial(_load, model_dir, engine_options(args)), config)
+    options = engine_options(args)
+    options.setdefault("kv_sequences", args.max_batch)  # the budget plans the KV of every batched request
+    app = create_app(functools.partial(_load, model_dir, options), config)
     print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
           f"loading {model_dir} in the background"
           + ("; /v1 requests need the API key" if config.api_key is not None else ""), file=sys.stderr, flush=True)

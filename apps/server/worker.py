@@ -28,6 +28,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -40,6 +41,7 @@ from typing import AsyncIterator, Callable
 from flashtier.apps.server.metrics import Outcome, ServerMetrics
 from flashtier.runtime import Model, SamplingConfig, TokenEvent
 from flashtier.runtime.generate import GenerationStats
+from flashtier.runtime.kv.cache import KVBudgetFull
 
 log = logging.getLogger("flashtier.server")
 
@@ -130,6 +132,9 @@ class ModelWorker:
         ``request_timeout_s``: seconds from queueing after which a job is stopped (None: never)."""
         self._loader = loader
         self._max_batch = max_batch
+        self._kv_waiting: collections.deque[_Job] = collections.deque()
+        """Jobs admitted while the KV budget was held by running ones (``--kv-sequences`` below
+        ``--max-batch``): they join, in arrival order, as running jobs finish."""
         self._request_timeout_s = request_timeout_s
         self._batch: list[_Job] = []
         self._joining: list[_Job] = []
@@ -164,6 +169,9 @@ class ModelWorker:
             current.cancelled.set()
         for job in [*self._batch, *self._joining]:
             job.cancelled.set()
+        for job in list(self._kv_waiting):
+            job.cancelled.set()
+            _deliver_quietly(job, _Failed(WorkerUnavailable(WorkerState.STOPPED, None)))
         with contextlib.suppress(queue.Empty):
             while True:
                 job = self._jobs.get_nowait()
@@ -188,13 +196,14 @@ class ModelWorker:
     @property
     def queue_depth(self) -> int:
         """Jobs waiting plus the ones running (being prefilled included)."""
-        return self._jobs.qsize() + (1 if self._current is not None else 0) + len(self._batch) + len(self._joining)
+        return (self._jobs.qsize() + (1 if self._current is not None else 0) + len(self._batch) + len(self._joining)
+                + len(self._kv_waiting))
 
     @property
     def waiting(self) -> int:
         """Jobs queued and not started (the queue length; ones whose client already left count until
-        their turn skips them)."""
-        return self._jobs.qsize()
+        their turn skips them), those waiting for KV budget included."""
+        return self._jobs.qsize() + len(self._kv_waiting)
 
     @property
     def batch_size(self) -> int:
@@ -321,7 +330,13 @@ class ModelWorker:
             while not stopping or self._batch:
                 self._drop_cancelled(session, seqs)  # first, so that their slots go to waiting jobs now
                 joining = self._joining
-                while not stopping and len(self._batch) + len(joining) < self._max_batch:
+                while self._kv_waiting and len(self._batch) + len(joining) < self._max_batch:
+                    job = self._kv_waiting.popleft()  # first: they arrived before the queue
+                    if job.cancelled.is_set():  # it was started (its admission was tried): it ends here
+                        self._metrics.job_finished(id(job), {}, job.outcome)
+                    else:
+                        joining.append(job)
+                while not stopping and not self._kv_waiting and len(self._batch) + len(joining) < self._max_batch:
                     try:
                         job = self._jobs.get(block=not self._batch and not joining)
                     except queue.Empty:
@@ -405,7 +420,12 @@ class ModelWorker:
                 self._metrics.job_failed(id(job))
                 _deliver_quietly(job, _Failed(e))
             return
+        waiting = []
         for job, result in zip(list(jobs), admitted):
+            if isinstance(result, KVBudgetFull) and self._batch:  # KV held by running jobs: it waits, in order
+                jobs.remove(job)
+                waiting.append(job)
+                continue
             if isinstance(result, Exception):
                 jobs.remove(job)
                 self._metrics.job_failed(id(job))
@@ -420,6 +440,7 @@ class ModelWorker:
                 self._emit(job, event)
             if seq.finished:
                 self._finish(session.model, job, seq, len(self._batch) + 1)  # type: ignore[attr-defined]
+        self._kv_waiting.extendleft(reversed(waiting))
 
     def _finish(self, model: Model, job: _Job, seq: object, batch_size: int) -> None:
         """Deliver the :class:`Finished` of a job that has left the batch (``batch_size``: the

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from flashtier.errors import ConfigError
+from flashtier.errors import BudgetError, ConfigError
 from flashtier.runtime import decode_ops
 
 if TYPE_CHECKING:
@@ -32,6 +32,10 @@ KV_BLOCKS_ARENA = "kv.blocks"
 the planner's KV share per sequence rather than by the store)."""
 
 _CACHE_IDS = itertools.count()
+
+
+class KVBudgetFull(BudgetError):
+    """The KV blocks arena has no room for a cache now (other sequences hold it)."""
 
 
 class KVCache(Protocol):
@@ -121,15 +125,29 @@ class BlockKVCache:
         if need <= self._capacity_blocks:
             return
         shape = (self.num_kv_heads, need, self.block_size, self.head_dim)
-        old_pages = list(self._pages)
-        self._pages.clear()
-        self._gen += 1
-        new_k = [self._pool(shape, ("k", layer)) for layer in range(self.num_layers)]
-        new_v = [self._pool(shape, ("v", layer)) for layer in range(self.num_layers)]
         used = len(self.block_table)
-        for layer in range(len(self._k)):
-            new_k[layer][:, :used] = self._k[layer][:, self.block_table]
-            new_v[layer][:, :used] = self._v[layer][:, self.block_table]
+        old_k = [k[:, self.block_table] for k in self._k]  # [H_kv, used, B, D] copies of what is cached
+        old_v = [v[:, self.block_table] for v in self._v]
+        if self._pages:  # the old pools leave the KV arena before the new ones are taken from it
+            assert self._store is not None
+            self._store.forget(list(self._pages))
+            self._pages.clear()
+        self._k, self._v, self._np_k, self._np_v = [], [], [], []
+        self._capacity_blocks, self.block_table = 0, []
+        self._gen += 1
+        try:
+            new_k = [self._pool(shape, ("k", layer)) for layer in range(self.num_layers)]
+            new_v = [self._pool(shape, ("v", layer)) for layer in range(self.num_layers)]
+        except BaseException:  # no room in the KV arena: the cache is left empty
+            if self._pages:
+                assert self._store is not None
+                self._store.forget(list(self._pages))
+                self._pages.clear()
+            self.length = 0
+            raise
+        for layer in range(len(old_k)):
+            new_k[layer][:, :used] = old_k[layer]
+            new_v[layer][:, :used] = old_v[layer]
         self._k, self._v = new_k, new_v
         # flat numpy views of each layer's blocks for the native one-row attention (fp32 CPU only)
         native = decode_ops.native_attend() and self.dtype == torch.float32 and self.device.type == "cpu"
@@ -137,16 +155,22 @@ class BlockKVCache:
         self._np_v = [t.numpy() for t in new_v] if native else []
         self.block_table = list(range(used))
         self._capacity_blocks = need
-        if old_pages:
-            assert self._store is not None
-            self._store.forget(old_pages)
 
     def _pool(self, shape: tuple[int, ...], what: tuple[str, int]) -> torch.Tensor:
         """A zeroed block pool ``[H_kv, N, B, D]``: a working page of the store, or a tensor."""
         if self._store is None:
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
         key = (KV_BLOCKS_ARENA, self._id, self._gen, *what)
-        page = self._store.reserve(key, math.prod(shape) * self.dtype.itemsize, KV_BLOCKS_ARENA)
+        nbytes = math.prod(shape) * self.dtype.itemsize
+        try:
+            page = self._store.reserve(key, nbytes, KV_BLOCKS_ARENA)
+        except BudgetError as e:
+            held = self._store.stats([KV_BLOCKS_ARENA]).tiers["host"]
+            raise KVBudgetFull(
+                f"the KV cache needs {2 * self.num_layers * nbytes} bytes for {shape[1] * self.block_size} positions; "
+                f"the KV budget ({held.capacity_bytes} bytes: --kv-sequences contexts of --max-context positions) "
+                f"has {held.capacity_bytes - held.used_bytes} free, the rest held by other sequences; wait for one "
+                "to finish, or raise --kv-sequences (and --dram-budget)") from e
         self._pages.append(key)
         return page.view(self.dtype).view(shape)  # the heap arena's pages start zeroed
 

@@ -147,7 +147,8 @@ class ExpertWeights(PagedWeights):
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, bandwidths: Bandwidths | None = None, device_budget: int = 0,
                  direct_io: str = "auto", experts: ExpertCacheConfig | None = None, compressed: str = "auto",
-                 progress: Callable[[int, int], None] | None = None, verified_record: str | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None, verified_record: str | None = None,
+                 kv_block_size: int | None = None, kv_sequences: int = 1) -> None:
         cfg = checkpoint.config
         bandwidths = bandwidths or Bandwidths()
         experts = experts or ExpertCacheConfig()
@@ -163,6 +164,7 @@ class ExpertWeights(PagedWeights):
         names = frozenset(x.info.name for extents in self.layout.experts.values() for ext in extents for x in ext.parts)
         super().__init__(checkpoint, dram_budget, compute_dtype, kv_tokens, bandwidths, device_budget, direct_io,
                          progress=progress, compressed=compressed, external=names, verified_record=verified_record,
+                         kv_block_size=kv_block_size, kv_sequences=kv_sequences,
                          expert_cache_min_bytes=len(moe_layers) * min_slots * self.slot_bytes)
         layer_slot = {layer: sum(_extent_blocks(self.layout, layer)) for layer in moe_layers}
         slots = _slots_per_layer(self.plan.expert_cache_bytes, layer_slot, moe_layers, cfg.num_experts, experts.slots)

@@ -33,6 +33,7 @@ from flashtier.runtime.planner import (
     Plan,
     PlanRequest,
     StreamedUnit,
+    kv_bytes_per_token,
     make_plan,
 )
 from flashtier.storage_backends.atomic import crc32_of_range
@@ -45,6 +46,7 @@ from flashtier.storage_backends.safetensors_format import TensorInfo
 from flashtier.storage_backends.verified import VerifiedRecord
 from flashtier.tiers.config import ArenaConfig, StoreConfig
 from flashtier.tiers.page import PageDesc, PageSource
+from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA
 from flashtier.tiers.manager import DEFAULT_ARENA
 from flashtier.tiers.store import TieredStore
 
@@ -66,7 +68,8 @@ class PagedWeights:
                  progress: Callable[[int, int], None] | None = None,
                  external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None,
                  streamed_unit: StreamedUnit = "tensor", compressed: str = "auto",
-                 verified_record: str | None = None) -> None:
+                 verified_record: str | None = None, kv_block_size: int | None = None,
+                 kv_sequences: int = 1) -> None:
         """``external``: streamed tensors another component serves (e.g. FFN neurons read from
         row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
         store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
@@ -74,13 +77,20 @@ class PagedWeights:
         tensors from the checkpoint's compressed side files (``flashtier compress``): 'auto' when
         they exist, 'on' (an error without them), 'off'. ``expert_cache_min_bytes``: plan
         MoE experts for a per-layer expert cache of at least that many bytes instead of placing
-        them (``plan.expert_cache_bytes``; the expert cache pages them, see ``expert_weights``)."""
+        them (``plan.expert_cache_bytes``; the expert cache pages them, see ``expert_weights``).
+        ``kv_block_size``: the full-attention KV caches of this model keep their blocks in the
+        store's ``kv.blocks`` arena, budgeted at the plan's KV share (``kv_sequences`` sequences
+        of ``kv_tokens`` positions, each rounded up to whole blocks of that size) and shared by
+        every cache (a batch's sequences draw from it); None = no such arena (retrieval attention
+        keeps its own)."""
         self.checkpoint = checkpoint
         cfg = self.config = checkpoint.config
         self.compute_dtype = compute_dtype or checkpoint.weights_dtype
         self.compressed_index = _compressed_index(checkpoint, compressed)
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
-        req = PlanRequest(dram_budget=dram_budget, context=kv_tokens, resident_sizes=resident_sizes(checkpoint, self.compute_dtype),
+        sequences = kv_sequences if kv_block_size is not None else 1
+        req = PlanRequest(dram_budget=dram_budget, context=kv_tokens * sequences,
+                          resident_sizes=resident_sizes(checkpoint, self.compute_dtype),
                           kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                           expert_cache=expert_cache_min_bytes is not None,
                           expert_cache_min_bytes=expert_cache_min_bytes or 0,
@@ -111,6 +121,11 @@ class PagedWeights:
         # is checked on its first read, on the IO thread that read it.
         checks = {(str(i.path), i.offset, i.nbytes): (i.crc32, f"tensor {n}") for n, i in checkpoint.tensors.items()
                   if i.crc32 is not None and n in streamed}
+        kv_limit = kv_rounding = 0
+        if kv_block_size is not None and not device_budget:
+            kv_limit = sequences * -(-kv_tokens // kv_block_size) * kv_block_size * \
+                kv_bytes_per_token(cfg, self.compute_dtype.itemsize)
+            kv_rounding = max(0, kv_limit - self.plan.kv_bytes["host"])
         self.store = TieredStore(
             StoreConfig(host_budget=window if streamed else max(window, 4096),  # an idle store: one block
                         device_budget=0, host_policy=host_policy, device=self.compute_device,  # type: ignore[arg-type]
@@ -118,10 +133,13 @@ class PagedWeights:
                         # one host budget for every arena of this store (streamed and resident weights,
                         # expert caches, neuron windows; the KV arena adds --kv-dram-budget): the
                         # planner's shares, plus the block alignment they round to
-                        host_tier_budget=max(dram_budget, window) + _alignment_slack(len(resident))),
+                        host_tier_budget=max(dram_budget, window) + _alignment_slack(len(resident))
+                        + kv_rounding),
             ChecksummedBackend(self.backend, checks) if checks else self.backend)
         try:
             self._load_resident(resident, progress)
+            if kv_limit:
+                self.store.add_heap_arena(KV_BLOCKS_ARENA, kv_limit)
         except BaseException:
             self.store.close()
             self.backend.close()
@@ -385,7 +403,9 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
             "device_budget": config.device_budget or 0,
             "direct_io": config.paging.direct_io,
             "compressed": config.paging.compressed,
-            "verified_record": config.verified_record}
+            "verified_record": config.verified_record,
+            "kv_block_size": config.kv_block_size if config.attention == "full" else None,
+            "kv_sequences": config.kv_sequences}
 
 
 def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:

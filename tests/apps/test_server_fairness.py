@@ -98,3 +98,38 @@ def test_admission_is_in_arrival_order_and_none_starves(worker):
         assert done[k].finish_reason == "length" and done[k].completion_tokens == r.max_new_tokens
         assert got[k] == alone[k], f"request {k} in the batch differs from the same request alone"
     assert worker.peak_batch == MAX_BATCH and worker.queue_depth == 0
+
+
+def test_requests_wait_for_kv_budget_in_arrival_order(chat_model_dir, model_loader):
+    """--kv-sequences below --max-batch under a budget: the KV of one context is planned, so a
+    request that does not fit beside the running ones waits (not refused) and joins, in arrival
+    order, as they finish; every answer equals its answer alone."""
+    import gc
+
+    options = dict(dram_budget="64M", max_context=48, kv_sequences=1, kv_block_size=16)
+    w = ModelWorker(model_loader(chat_model_dir, **options), ServerMetrics(), max_batch=4)
+    w.start()
+    try:
+        assert w.wait_ready(timeout=60)
+        model = w.require_model()
+        requests = [GenerationRequest(tuple(model.encode(f"request {k}:")), 6 + k, SamplingConfig(temperature=0.0),
+                                      ignore_eos=True) for k in range(5)]
+
+        async def scenario() -> tuple[list[list[int]], list[list[int]], int]:
+            alone = [await tokens_of(w, r) for r in requests]
+            tasks = []
+            for r in requests:
+                tasks.append(asyncio.create_task(tokens_of(w, r)))
+                await asyncio.sleep(0)
+            together = list(await asyncio.gather(*tasks))
+            return alone, together, w.peak_batch
+
+        alone, together, peak = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+        assert together == alone
+        assert peak < 4  # the KV budget, not --max-batch, bounded the batch
+        assert w.queue_depth == 0
+        gc.collect()
+        kv = model.weights.store.stats(["kv.blocks"]).tiers["host"]
+        assert kv.used_bytes <= kv.capacity_bytes
+    finally:
+        w.stop()

@@ -37,13 +37,52 @@ def gguf(tmp_path_factory):
 ])
 def test_each_sequence_gets_its_tokens_alone(gguf, model, options):
     path = gguf if model == "gguf" else ROOT / "models" / model
-    with Model(path, EngineConfig.from_options(**options)) as llm:
+    with Model(path, EngineConfig.from_options(kv_sequences=len(PROMPTS), **options)) as llm:  # KV for all five
         alone = [llm.generate(p, max_new_tokens=12, ignore_eos=True).tokens for p in PROMPTS]
         batch = llm.generate_batch(PROMPTS, max_new_tokens=12, ignore_eos=True)
         pair = llm.generate_batch(PROMPTS[1:3], max_new_tokens=12, ignore_eos=True)  # other neighbours
     assert [r.tokens for r in batch] == alone
     assert [r.tokens for r in pair] == alone[1:3]
     assert batch[0].stats["batch_size"] == 5 and batch[0].stats["batch_decode_steps"] == 11
+
+
+@pytest.mark.parametrize("sequences", [1, 2])
+def test_under_a_budget_sequences_share_the_planned_kv_and_wait_for_room(sequences):
+    """With a budget the KV of ``kv_sequences`` contexts is planned inside it and every batched
+    sequence's blocks come from that one arena of the store: the arena is never over its share
+    (checked before and after every step), sequences that do not fit wait and join as others
+    finish (in order), each one's tokens are its tokens alone, and finished ones give their blocks
+    back at once."""
+    from flashtier.runtime.engine import BatchSession
+    from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA
+
+    with Model(ROOT / "models" / "tiny-dense", EngineConfig.from_options(dram_budget="12M", kv_sequences=sequences,
+                                                                         kv_block_size=16, max_context=32)) as llm:
+        alone = [llm.generate(p, max_new_tokens=12, ignore_eos=True).tokens for p in PROMPTS]
+        store = llm.weights.store
+        seen: list[int] = []
+        step = BatchSession.step
+
+        def checked_step(self):
+            kv = store.memory_report()["host"][KV_BLOCKS_ARENA]
+            assert kv["used_bytes"] <= kv["capacity_bytes"]
+            out = step(self)
+            seen.append(len([s for s in self.active if not s.finished]))
+            store.check_invariants()
+            return out
+
+        BatchSession.step = checked_step
+        try:
+            batch = llm.generate_batch(PROMPTS, max_new_tokens=12, ignore_eos=True)
+        finally:
+            BatchSession.step = step
+        kv = store.memory_report()["host"][KV_BLOCKS_ARENA]
+    assert [r.tokens for r in batch] == alone
+    c = llm.config  # each sequence <= 29 tokens: two 16-token blocks, a whole 32-token context
+    assert kv["capacity_bytes"] == sequences * 32 * c.num_layers * 2 * c.num_kv_heads * c.head_dim * \
+        llm.transformer.dtype.itemsize
+    assert max(seen) == sequences and batch[0].stats["batch_decode_steps"] > 11  # the others waited
+    assert kv["used_bytes"] == llm.cache.nbytes()  # the finished sequences' blocks were given back
 
 
 def test_sampling_with_a_seed_and_early_stops_are_per_sequence():
