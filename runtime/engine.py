@@ -160,6 +160,9 @@ class EngineConfig:
             raise ConfigError(f"prompt_cache_budget must be positive, got {self.prompt_cache_budget}")
         if not isinstance(self.kv_sequences, int) or self.kv_sequences < 1:
             raise ConfigError(f"kv_sequences must be a whole number >= 1, got {self.kv_sequences!r}")
+        if self.kv_sequences > 1 and self.attention != "full":
+            raise ConfigError("--kv-sequences plans the full-attention KV of several batched sequences; retrieval "
+                              "attention runs one sequence: drop --kv-sequences or use --attention full")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
         self._check_device()
