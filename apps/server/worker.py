@@ -449,6 +449,7 @@ class ModelWorker:
         result = model.stats_dict(stats)
         result["batch_size"] = batch_size
         self._metrics.job_finished(id(job), result, Outcome.DONE)
+        self._metrics.set_memory(model.memory_report())  # as the one-at-a-time path does after each request
         job.deliver(Finished(stats.finish_reason, stats.prompt_tokens, stats.generated_tokens,
                              stats.cached_prompt_tokens, result))
 
