@@ -1828,11 +1828,13 @@ static PyObject *q_set_isa(PyObject *self, PyObject *args) {
  * rms_norm(x, w, out, n, eps): out = w * (x * 1/sqrt(mean(x^2) + eps));
  * rope(x, out, heads, d, cos, sin, interleaved): out = x * cos + rotate(x) * sin per head, rotate
  *   = (-x[half:], x[:half]) or, interleaved, (-x1, x0) per adjacent pair (runtime/model.apply_rope);
- * attend(q, k, v, out, hq, hkv, d, lo, end, head_stride, scale, threads): for each query head h
+ * attend(q, k, v, out, hq, hkv, d, lo, end, head_stride, scale, threads[, table, block]): for each query head h
  *   (kv head h / (hq / hkv)): softmax over positions lo..end-1 of scale * q_h . k_p, times v_p. k
  *   and v hold each kv head's positions contiguously [p, d] with head_stride floats between heads.
  *   Scores are fp32, the softmax subtracts the maximum (exp of <= 0), sums are fp32. Heads run on
- *   the pool when the work is large enough. */
+ *   the pool when the work is large enough. With an int64 block table, position p lives in row
+ *   table[p / block] * block + p % block of its head (a KV block pool shared by sequences): the
+ *   positions are visited in the same order, so the result is bit-identical to the rows in order. */
 MULTIVERSION
 static void rms_norm_impl(const float *restrict x, const float *restrict w, float *restrict out, Py_ssize_t n,
                           float eps) {
@@ -1867,19 +1869,28 @@ typedef struct {
     float *out;
     Py_ssize_t hq, hkv, d, lo, end, head_stride;
     float scale;
+    const int64_t *table; /* NULL: positions in order; else logical block -> physical block */
+    int block_log2;       /* log2 of the positions per block (with a table) */
 } attend_args;
+
+/* The row of position pos in one kv head's [P, d] rows: in order, or through the block table (the
+ * same rows in the same order either way, so the arithmetic is the same). */
+static ALWAYS_INLINE const float *kv_row(const attend_args *a, const float *head, Py_ssize_t pos) {
+    if (a->table == NULL) return head + pos * a->d;
+    const Py_ssize_t b = a->block_log2;
+    return head + ((Py_ssize_t)a->table[pos >> b] * ((Py_ssize_t)1 << b) + (pos & (((Py_ssize_t)1 << b) - 1))) * a->d;
+}
 
 /* The query heads g0..g1-1 of kv head kvh (they share its keys and values): sc holds (g1-g0) * n
  * floats of scratch. */
 MULTIVERSION
 static void attend_group(const attend_args *a, Py_ssize_t kvh, Py_ssize_t g0, Py_ssize_t g1, float *restrict sc) {
     const Py_ssize_t d = a->d, n = a->end - a->lo, G = a->hq / a->hkv, ng = g1 - g0;
-    const float *restrict K = a->k + kvh * a->head_stride + a->lo * d;
-    const float *restrict V = a->v + kvh * a->head_stride + a->lo * d;
+    const float *K = a->k + kvh * a->head_stride, *V = a->v + kvh * a->head_stride;
     const float *restrict Q = a->q + (kvh * G + g0) * d;
     const int vec = d % 16 == 0;
     for (Py_ssize_t p = 0; p < n; p++) { /* each key row read once for the group's queries */
-        const float *kp = K + p * d;
+        const float *kp = kv_row(a, K, a->lo + p);
         for (Py_ssize_t g = 0; g < ng; g++) {
             const float *qg = Q + g * d;
             float t = 0.f;
@@ -1907,7 +1918,7 @@ static void attend_group(const attend_args *a, Py_ssize_t kvh, Py_ssize_t g0, Py
             for (Py_ssize_t c = 0; c < d / 16; c++) acc[c] = (v16f){0};
             for (Py_ssize_t p = 0; p < n; p++) {
                 const float w = sg[p];
-                const float *vp = V + p * d;
+                const float *vp = kv_row(a, V, a->lo + p);
                 for (Py_ssize_t c = 0; c < d / 16; c++) acc[c] += w * load_f32x16(vp + 16 * c);
             }
             for (Py_ssize_t c = 0; c < d / 16; c++) {
@@ -1916,8 +1927,10 @@ static void attend_group(const attend_args *a, Py_ssize_t kvh, Py_ssize_t g0, Py
             }
         } else {
             for (Py_ssize_t i = 0; i < d; i++) o[i] = 0.f;
-            for (Py_ssize_t p = 0; p < n; p++)
-                for (Py_ssize_t i = 0; i < d; i++) o[i] += sg[p] * V[p * d + i];
+            for (Py_ssize_t p = 0; p < n; p++) {
+                const float *vp = kv_row(a, V, a->lo + p);
+                for (Py_ssize_t i = 0; i < d; i++) o[i] += sg[p] * vp[i];
+            }
             for (Py_ssize_t i = 0; i < d; i++) o[i] *= inv;
         }
     }
@@ -1984,14 +1997,35 @@ static PyObject *rope(PyObject *self, PyObject *args) {
 }
 
 static PyObject *attend(PyObject *self, PyObject *args) {
-    Py_buffer q, k, v, out;
+    Py_buffer q, k, v, out, tab = {0};
     attend_args a;
     int threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnnnfi", &q, &k, &v, &out, &a.hq, &a.hkv, &a.d, &a.lo, &a.end,
-                          &a.head_stride, &a.scale, &threads))
+    Py_ssize_t block = 0;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnnnfi|y*n", &q, &k, &v, &out, &a.hq, &a.hkv, &a.d, &a.lo, &a.end,
+                          &a.head_stride, &a.scale, &threads, &tab, &block))
         return NULL;
     PyObject *result = NULL;
+    a.table = NULL, a.block_log2 = 0;
     Py_ssize_t need = (a.hkv - 1) * a.head_stride + a.end * a.d; /* floats of k / v read */
+    if (tab.buf != NULL) { /* positions through a block table: every block it names must lie in a head's rows */
+        if (block <= 0 || (block & (block - 1)) || tab.len % 8 || ((uintptr_t)tab.buf & 7) ||
+            (Py_ssize_t)(tab.len / 8) * block < a.end) {
+            PyErr_Format(PyExc_ValueError, "attend: the block table (%zd bytes of int64) must cover positions ..%zd "
+                         "in blocks of a power of two (got %zd)", tab.len, a.end, block);
+            goto done;
+        }
+        while (((Py_ssize_t)1 << a.block_log2) < block) a.block_log2++;
+        const int64_t *t = (const int64_t *)tab.buf;
+        for (Py_ssize_t i = a.lo / block; i * block < a.end; i++) {
+            if (t[i] < 0 || (t[i] + 1) * block * a.d > a.head_stride) {
+                PyErr_Format(PyExc_ValueError, "attend: block table entry %zd is %lld, outside the %zd blocks of a "
+                             "head", i, (long long)t[i], a.head_stride / (block * a.d));
+                goto done;
+            }
+        }
+        a.table = t;
+        need = a.hkv * a.head_stride; /* every head's rows may be read */
+    }
     if (a.hq <= 0 || a.hkv <= 0 || a.hq % a.hkv || a.d <= 0 || a.lo < 0 || a.end <= a.lo ||
         a.head_stride < a.end * a.d || q.len != a.hq * a.d * 4 || out.len != q.len || k.len < need * 4 ||
         v.len < need * 4 || ((uintptr_t)q.buf & 3) || ((uintptr_t)k.buf & 3) || ((uintptr_t)v.buf & 3) ||
@@ -2017,6 +2051,7 @@ done:
     PyBuffer_Release(&k);
     PyBuffer_Release(&v);
     PyBuffer_Release(&out);
+    if (tab.buf != NULL) PyBuffer_Release(&tab);
     return result;
 }
 
@@ -2039,8 +2074,9 @@ static PyMethodDef methods[] = {
     {"rope", rope, METH_VARARGS,
      "rope(x, out, heads, d, cos, sin, interleaved): rotary embedding of one position, fp32 [heads, d]."},
     {"attend", attend, METH_VARARGS,
-     "attend(q, k, v, out, hq, hkv, d, lo, end, head_stride, scale, threads): one query row's attention over "
-     "positions lo..end-1, fp32 (GIL released)."},
+     "attend(q, k, v, out, hq, hkv, d, lo, end, head_stride, scale, threads[, table, block]): one query row's "
+     "attention over positions lo..end-1, fp32 (GIL released); with an int64 block table, position p is row "
+     "table[p / block] * block + p % block of each head (same arithmetic as the rows in order)."},
     {"cluster_search", cluster_search, METH_VARARGS,
      "cluster_search(q, ptrs, counts, out_pos, out_scanned, est_out, est_lse, R, D, k, budget, oversample, bf16, "
      "two_level, estimate, bound_weight, group_scale, est_scale, threads): ClusterIndex searches of every kv head "

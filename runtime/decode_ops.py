@@ -52,12 +52,21 @@ def native_attend() -> bool:
 
 
 def attend_row(q: torch.Tensor, k: "np.ndarray", v: "np.ndarray", kv_heads: int, head_stride: int, lo: int,
-               end: int, threads: int) -> torch.Tensor:
+               end: int, threads: int, table: "np.ndarray | None" = None, block: int = 0) -> torch.Tensor:
     """Attention of one fp32 query row ``q`` ``[Hq, 1, D]`` (contiguous) over positions
     ``lo .. end-1`` of a cache whose keys / values ``k``, ``v`` are flat fp32 arrays holding each
     kv head's positions as contiguous ``[P, D]`` rows, ``head_stride`` floats apart (the kernel
-    checks that the positions fit). Scale ``D ** -0.5``. Returns ``[Hq, 1, D]``."""
+    checks that the positions fit). Scale ``D ** -0.5``. Returns ``[Hq, 1, D]``.
+
+    With ``table`` (int64 ``[blocks]``) and ``block`` (positions per block, a power of two),
+    position ``p`` is row ``table[p // block] * block + p % block`` of its head: the blocks of a
+    sequence in a pool shared with others. The positions are visited in the same order, so the
+    result is bit-identical to the same rows laid out in order."""
     hq, _, d = q.shape
     out = torch.empty((hq, 1, d), dtype=torch.float32)  # [Hq, 1, D]
-    _attend(q.numpy(), k, v, out.numpy(), hq, kv_heads, d, lo, end, head_stride, d ** -0.5, threads)
+    if table is None:
+        _attend(q.numpy(), k, v, out.numpy(), hq, kv_heads, d, lo, end, head_stride, d ** -0.5, threads)
+    else:
+        _attend(q.numpy(), k, v, out.numpy(), hq, kv_heads, d, lo, end, head_stride, d ** -0.5, threads,
+                np.ascontiguousarray(table, dtype=np.int64), block)
     return out

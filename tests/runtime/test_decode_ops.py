@@ -107,3 +107,37 @@ def test_native_ops_reject_bad_sizes() -> None:
         _native.rope(x, x, 2, 4, x[:3], x[:4], False)
     with pytest.raises(ValueError, match="attend"):
         _native.attend(x, x, x, x, 2, 1, 4, 0, 3, 4, 0.5, 1)  # 3 positions do not fit a head stride of 4
+
+
+@pytest.mark.parametrize("n, lo, threads", [(37, 0, 1), (300, 0, 2), (5000, 0, 2), (300, 100, 1)])
+def test_attention_through_a_block_table_is_bit_identical_to_the_rows_in_order(n, lo, threads) -> None:
+    """The blocks of a sequence scattered in a pool shared with others (a block table) give exactly
+    the attention of the same rows in order: the kernel visits the positions in the same order."""
+    if not decode_ops.native_attend():
+        pytest.skip("the C extension is not built")
+    g = torch.Generator().manual_seed(n)
+    hkv, hq, d, block = 2, 8, 64, 16
+    blocks = -(-n // block)
+    pool_blocks = 3 * blocks + 5
+    pool_k = torch.randn(hkv, pool_blocks, block, d, generator=g)  # [H, N, B, D], others' blocks around
+    pool_v = torch.randn(hkv, pool_blocks, block, d, generator=g)
+    table = torch.randperm(pool_blocks, generator=g)[:blocks]  # logical block -> physical block
+    in_order_k = pool_k[:, table].reshape(hkv, -1, d).contiguous()  # [H, blocks * B, D]
+    in_order_v = pool_v[:, table].reshape(hkv, -1, d).contiguous()
+    q = torch.randn(hq, 1, d, generator=g)
+    want = decode_ops.attend_row(q, in_order_k.numpy().reshape(-1), in_order_v.numpy().reshape(-1), hkv,
+                                 blocks * block * d, lo, n, threads)
+    got = decode_ops.attend_row(q, pool_k.numpy().reshape(-1), pool_v.numpy().reshape(-1), hkv,
+                                pool_blocks * block * d, lo, n, threads, table.numpy(), block)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="block table entry"):
+        bad = table.numpy().copy()
+        bad[-1] = pool_blocks
+        decode_ops.attend_row(q, pool_k.numpy().reshape(-1), pool_v.numpy().reshape(-1), hkv,
+                              pool_blocks * block * d, lo, n, threads, bad, block)
+    with pytest.raises(ValueError, match="must cover positions"):
+        decode_ops.attend_row(q, pool_k.numpy().reshape(-1), pool_v.numpy().reshape(-1), hkv,
+                              pool_blocks * block * d, lo, n, threads, table.numpy()[:-1], block)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_ops.attend_row(q, pool_k.numpy().reshape(-1), pool_v.numpy().reshape(-1), hkv,
+                              pool_blocks * block * d, lo, n, threads, table.numpy(), 12)
