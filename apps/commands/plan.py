@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-budget", default=None, metavar="BYTES", help="device memory, e.g. 24G (default: no device)")
     p.add_argument("--context", type=int, default=4096, help="context tokens the KV cache must hold")
     p.add_argument("--attention", choices=["full", "retrieval"], default="full")
+    p.add_argument("--kv-sequences", type=int, default=1, metavar="N",
+                   help="sequences decoded together, each with --context tokens of KV (generate's --kv-sequences, "
+                        "serve's --max-batch): the KV of all of them is planned (full attention)")
     p.add_argument("--weight-bytes", type=int, default=None, help="bytes per weight when planning from a config alone (default 2)")
     p.add_argument("--disk-gbps", type=float, default=None, help="override the disk bandwidth (GB/s)")
     p.add_argument("--host-gbps", type=float, default=None, help="override host memory bandwidth for compute (GB/s)")
@@ -74,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.context <= 0:
         raise InputError(f"--context must be a positive number of tokens, got {args.context}")
+    if args.kv_sequences < 1 or (args.kv_sequences > 1 and args.attention != "full"):
+        raise InputError(f"--kv-sequences must be >= 1 (and 1 with --attention retrieval), got {args.kv_sequences}")
     if args.attention == "retrieval" and args.retrieval_probe != "off" and Path(args.probe_cache).is_dir():
         raise InputError(f"--probe-cache {args.probe_cache} is a directory; give the path of a file "
                          f"(e.g. {Path(args.probe_cache) / 'retrieval_probe.json'})")
@@ -118,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     # a request never holds more than the model's positions (generate caps its KV the same way)
     context = min(args.context, cfg.max_position_embeddings)
     req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
-                      context=context, attention=args.attention, storage_fraction=fraction,
+                      context=context * (args.kv_sequences if args.attention == "full" else 1),
+                      attention=args.attention, storage_fraction=fraction,
                       kv_host_fraction=kv_fraction, expert_cache=experts,
                       expert_cache_min_bytes=_expert_min(ck, cfg, sizes)
                       if experts else 0,
@@ -126,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
     if context < args.context:
         plan.notes.append(f"context {args.context} capped at the model's {cfg.max_position_embeddings} positions")
+    if args.kv_sequences > 1 and args.attention == "full":
+        plan.notes.append(f"KV planned for {args.kv_sequences} sequences of {context} tokens")
     if args.json:
         print(json.dumps({"model": str(target), "source": source, "context": context,
                           "attention": args.attention, **plan.as_json()}))

@@ -159,3 +159,19 @@ def test_the_minimum_budget_is_the_least_that_plans(preset):
         named = int(number) << (20 if unit == "M" else 10)
         assert least <= named < least + (1 << 20)
         make_plan(cfg, sizes, PlanRequest(dram_budget=named, context=256))  # what it names plans
+
+
+def test_plan_cli_plans_the_kv_of_several_sequences():
+    """``plan --kv-sequences N`` reserves the KV of N contexts (what generate's --kv-sequences and
+    serve's --max-batch make the engine reserve); refused with retrieval attention."""
+    def plan(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flashtier", "plan", str(FIXTURE), "--dram-budget", "64G",
+                               "--context", "1024", "--json", "--bench-cache", "/nonexistent", *extra],
+                              capture_output=True, text=True, timeout=120)
+
+    one, four = plan(), plan("--kv-sequences", "4")
+    assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
+    kv1, kv4 = json.loads(one.stdout)["kv_bytes"], json.loads(four.stdout)["kv_bytes"]
+    assert kv4["host"] == 4 * kv1["host"] > 0
+    bad = plan("--kv-sequences", "2", "--attention", "retrieval", "--retrieval-probe", "off")
+    assert bad.returncode != 0 and "--kv-sequences" in bad.stderr and "Traceback" not in bad.stderr
