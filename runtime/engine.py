@@ -677,22 +677,22 @@ class BatchSession:
                 results.append(deferred)
                 continue
             stats = GenerationStats(prompt_tokens=len(ids))
+            seq = BatchSequence(list(ids), max_new_tokens, Sampler(sampling),
+                                frozenset(() if ignore_eos else m.stop_ids()), TextStream(m.tokenizer, stop),
+                                m.transformer.new_cache(m.engine_config.kv_block_size), stats)
             try:
-                cache = self._new_cache(len(ids) + max_new_tokens)
+                self._reserve(seq, len(ids) + max_new_tokens)  # shares a running sequence's prefix blocks first
             except KVBudgetFull as e:
                 # kept in the results: a fresh error, without the traceback (and cause) whose frames
                 # would keep this frame's locals, earlier requests' caches, and so their KV alive
                 deferred = KVBudgetFull(str(e))
                 results.append(deferred)
+                seq.cache = _RELEASED  # its cache gives back the blocks it shared, now
                 continue
-            seq = BatchSequence(list(ids), max_new_tokens, Sampler(sampling),
-                                frozenset(() if ignore_eos else m.stop_ids()), TextStream(m.tokenizer, stop), cache,
-                                stats)
             results.append((seq, []))
             if max_new_tokens == 0:
                 seq.finished = True
                 continue
-            self._reuse_prefix(seq)
             if interleave:
                 self.prefilling.append(seq)
             else:
@@ -718,24 +718,32 @@ class BatchSession:
             results[k] = (seq, self._take(seq, seq.sampler(last[k][-1])))
         return results
 
-    def _new_cache(self, positions: int) -> KVCache:
-        """A sequence's KV cache with room for ``positions``, from the model's KV budget.
+    def _reserve(self, seq: BatchSequence, positions: int) -> None:
+        """Room for ``positions`` in ``seq``'s new cache: first the blocks of the longest prompt
+        prefix it shares with a running sequence (referenced, not copied: see :meth:`_reuse_prefix`),
+        then fresh blocks from the model's KV budget for the rest.
 
         KVBudgetFull when the running sequences hold the budget (the request waits for one to
         finish: callers keep it queued); with none running the conversation cache of
         :meth:`Model.generate` gives its blocks back first, and a request that still does not fit
         gets the error (it cannot: each request fits ``--max-context`` by its checks)."""
         m = self.model
+        shared = self._reuse_prefix(seq)
         for attempt in range(2):
-            cache = m.transformer.new_cache(m.engine_config.kv_block_size)
             try:
-                cache.reserve(positions)
-                return cache
+                seq.cache.reserve(positions)
+                break
             except KVBudgetFull:
                 if attempt or self.active or self.prefilling:
                     raise
                 m.cache, m._cached_ids = m._new_cache(), []  # the conversation's blocks go back to the budget
-        raise AssertionError("unreachable")
+        if shared is not None:
+            donor, best = shared
+            with torch.inference_mode():  # the positions of the shared prefix past its last whole block
+                for layer in range(seq.cache.num_layers):
+                    k, v = donor.cache.read(layer, best)  # [H_kv, best, D] each
+                    seq.cache.write(layer, k[:, seq.cache.length:], v[:, seq.cache.length:], seq.cache.length)
+                seq.cache.length = best
 
     def step(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
         """One prefill chunk of every joining sequence (``admit_many(interleave=True)``; those it
@@ -763,14 +771,16 @@ class BatchSession:
             out.append((seq, self._take(seq, seq.sampler(logits[row]))))
         return out
 
-    def _reuse_prefix(self, seq: BatchSequence) -> None:
-        """Copy into ``seq``'s cache the KV of the longest prompt prefix it shares with a sequence of
+    def _reuse_prefix(self, seq: BatchSequence) -> tuple[BatchSequence, int] | None:
+        """Give ``seq``'s empty cache the KV of the longest prompt prefix it shares with a sequence of
         this session, in whole prefill chunks from position 0 (bit-identical to prefilling them: a
         shared system prompt is prefilled once per session, not once per request), leaving at least
-        one chunk for ``seq`` to prefill (its last logits). The KV is copied, not shared: it saves
-        the prefill, not memory."""
+        one chunk for ``seq`` to prefill (its last logits). Its whole blocks are *shared* (the same
+        blocks of the pool, copied only if one of the two writes into one: copy on write), so a
+        common prefix is held once; returns the donor and the prefix length when the positions after
+        the last whole block remain to be copied (by the caller, once it has the blocks)."""
         if self.model.config.sliding_window is not None:  # its cache keeps only the window: nothing to copy from
-            return
+            return None
         chunk = self.model.engine_config.prefill_chunk
         best, donor = 0, None
         for other in self.active + self.prefilling:
@@ -778,12 +788,10 @@ class BatchSession:
             if n > best:
                 best, donor = n, other
         if donor is None:
-            return
-        with torch.inference_mode():
-            for layer in range(seq.cache.num_layers):
-                k, v = donor.cache.read(layer, best)  # [H_kv, best, D] each
-                seq.cache.write(layer, k, v, 0)
+            return None
+        shared = seq.cache.share(donor.cache, best)  # type: ignore[attr-defined]
         seq.prefilled = seq.stats.cached_prompt_tokens = best
+        return (donor, best) if shared < best else None
 
     def _prefill_chunk(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
         """The next prefill chunk of every joining prompt in one pass (each computed as alone, at

@@ -18,7 +18,7 @@ from flashtier.checkpoint.folder import FINAL_NORM, LayerNames, layer_names, lm_
 from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
 from flashtier.checkpoint.quantized_tensor import QuantizedTensor
 from flashtier.runtime.kernels import Linear
-from flashtier.runtime.kv.cache import BlockKVCache, KVCache, KVCacheConfig
+from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA, BlockKVCache, KVBlockPool, KVCache, KVCacheConfig
 from flashtier.runtime.weights.base import WeightAccessor
 
 ACTIVATIONS = {
@@ -96,13 +96,21 @@ class Transformer:
         self.act = ACTIVATIONS[config.hidden_act]
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope).to(self.device)  # [D/2] fp32
         self.trace = RoutingTrace()
+        self._kv_pools: dict[int, KVBlockPool] = {}  # block size -> the KV block pool of every cache
 
     def new_cache(self, block_size: int = 64) -> BlockKVCache:
         """A full-attention block KV cache for this model."""
         c = self.config
+        pool = self._kv_pools.get(block_size)
+        if pool is None:  # one block pool per model: every cache (conversation, batched sequences) shares it
+            store = getattr(self.weights, "store", None)  # paged weights: its tensors are pages of the model's store
+            limit = store.arena_limit(KV_BLOCKS_ARENA) if store is not None and KV_BLOCKS_ARENA in store.arenas else None
+            block_bytes = 2 * c.num_layers * c.num_kv_heads * block_size * c.head_dim * self.dtype.itemsize
+            pool = self._kv_pools[block_size] = KVBlockPool(
+                c.num_layers, c.num_kv_heads, c.head_dim, block_size, self.dtype, self.device, store,
+                fixed_blocks=None if limit is None else max(1, limit // block_bytes))  # a budget's share: fixed
         return BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
-                            KVCacheConfig(block_size, sliding_window=c.sliding_window), device=self.device,
-                            store=getattr(self.weights, "store", None))  # paged weights: the model's store
+                            KVCacheConfig(block_size, sliding_window=c.sliding_window), device=self.device, pool=pool)
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:

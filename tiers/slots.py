@@ -207,10 +207,12 @@ class HeapPool(TierPool):
     together: for pages of varying sizes that come and go (the block pools of full-attention KV
     caches: the conversation's and each batched sequence's). Not thread-safe (the store locks)."""
 
-    def __init__(self, name: str, limit: int | None = None) -> None:
-        """``limit``: the most bytes its pages may take together (None: no limit)."""
+    def __init__(self, name: str, limit: int | None = None, zeroed: bool = True) -> None:
+        """``limit``: the most bytes its pages may take together (None: no limit). ``zeroed``: pages
+        start zeroed (False: uninitialised, committed by the OS only as they are written)."""
         self.name = name
         self.limit = limit
+        self.zeroed = zeroed
         self._pages: dict[int, torch.Tensor] = {}
         self._ids = 0
         self._used = 0
@@ -237,7 +239,8 @@ class HeapPool(TierPool):
         if self.limit is not None and self._used + nbytes > self.limit:
             return None
         self._ids += 1
-        self._pages[self._ids] = torch.zeros(max(nbytes, 1), dtype=torch.uint8)
+        alloc = torch.zeros if self.zeroed else torch.empty
+        self._pages[self._ids] = alloc(max(nbytes, 1), dtype=torch.uint8)
         self._used += nbytes
         return Block(self._ids, nbytes)
 

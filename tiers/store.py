@@ -160,18 +160,24 @@ class TieredStore:
             if listener is not None:
                 self._manager.listeners[name] = listener
 
-    def add_heap_arena(self, name: str, limit: int | None = None) -> None:
+    def add_heap_arena(self, name: str, limit: int | None = None, zeroed: bool = True) -> None:
         """Add an arena of working pages (``reserve``: each its own zeroed allocation, never
         evicted) of at most ``limit`` bytes together, a share of the host tier's budget; None:
         accounted but outside the tier budget (memory another component bounds). ValueError if the
         name is taken, BudgetError if the tier cannot give ``limit``."""
         if limit is not None:
             self._check_tier_share(name, limit)
-        pool = HeapPool(name, limit)
+        pool = HeapPool(name, limit, zeroed)
         with self._cond:
             self._manager.add_arena(name, {"host": pool}, {"host": make_policy("lru")})
             if limit is None:
                 self._unbudgeted.add(name)
+
+    def arena_limit(self, name: str, tier: str = "host") -> int | None:
+        """The budget of ``name``'s pool in ``tier`` (None: unbudgeted)."""
+        with self._cond:
+            capacity = self._manager.pools[(name, tier)].capacity
+            return None if capacity >= UNLIMITED else capacity
 
     @property
     def host_tier_budget(self) -> int | None:

@@ -4,20 +4,32 @@ The forward hands each layer's new keys / values and queries to the cache's ``at
 decides where KV lives and how attention is computed over it. :class:`BlockKVCache` keeps all KV
 in memory and attends exactly; a tiered / retrieval cache implements the same protocol.
 
-Per layer, keys and values live in block pools ``[H_kv, num_blocks, B, D]``; the sequence owns a
-block table (logical block i -> physical block). Capacity is reserved up front for the tokens a
-request may produce, so the pools never reallocate during a request. Blocks are the unit that later
+Blocks live in a :class:`KVBlockPool` shared by every cache of a model: per layer, keys and values
+``[H_kv, N, B, D]``, with a reference count per block. A cache owns a block table (logical block
+i -> physical block). Capacity is reserved up front for the tokens a request may produce (more
+blocks from the pool; nothing is copied). A cache may *share* the full blocks of another cache's
+prefix (a system prompt both start with): the blocks are referenced, not copied, and a write into
+a block that another cache still references copies it first (copy on write). Every position is
+read through the block table in the same order whatever the layout (the native one-row attention
+follows the table; longer passes gather through it), so a sequence's results do not depend on
+where its blocks sit or whom it shares them with.
+
+With a budget the pool has a fixed number of blocks (the planner's KV share, in the store's
+``kv.blocks`` arena): a reservation that does not fit raises :class:`KVBudgetFull` (the batch
+waits for blocks to come back). Without one it grows by doubling. Blocks are the unit that later
 tiers demote to host / storage and index for retrieval attention.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +43,7 @@ KV_BLOCKS_ARENA = "kv.blocks"
 """The store arena of the full-attention caches' block pools (working pages, accounted, bounded by
 the planner's KV share per sequence rather than by the store)."""
 
-_CACHE_IDS = itertools.count()
+_POOL_IDS = itertools.count()
 
 
 class KVBudgetFull(BudgetError):
@@ -76,8 +88,113 @@ class KVCacheConfig:
             raise ConfigError(f"KV block_size must be a positive power of two, got {self.block_size}")
 
 
+class KVBlockPool:
+    """The KV blocks of every full-attention cache of one model (module docstring). One thread
+    uses it at a time (the model's lock)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", store: "TieredStore | None" = None,
+                 fixed_blocks: int | None = None) -> None:
+        """``store``: keep the per-layer tensors as working pages of its ``kv.blocks`` arena (CPU).
+        ``fixed_blocks``: exactly that many blocks, allocated now (a budget's share); None: grow."""
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.dtype, self.device = block_size, dtype, torch.device(device)
+        self.block_bytes = 2 * num_layers * num_kv_heads * block_size * head_dim * dtype.itemsize
+        """Bytes of one block: keys and values of every layer."""
+        self.fixed = fixed_blocks is not None
+        self._store = store if store is not None and self.device.type == "cpu" else None
+        self._id = next(_POOL_IDS)
+        self._gen = 0
+        self._pages: list[tuple] = []
+        self.k: list[torch.Tensor] = []  # per layer [H_kv, N, B, D]
+        self.v: list[torch.Tensor] = []
+        self.np_k: list[np.ndarray] = []  # per layer [H_kv, N, B, D] fp32 numpy views (native one-row paths)
+        self.np_v: list[np.ndarray] = []
+        self.refs = np.zeros(0, dtype=np.int64)  # [N] caches referencing each block
+        self._free: list[int] = []  # a heap: the lowest free block first
+        if self._store is not None:
+            try:
+                self._store.add_heap_arena(KV_BLOCKS_ARENA, zeroed=False)
+            except ValueError:
+                pass  # the weights made it (budgeted), or another pool of this model did
+            weakref.finalize(self, _forget_pages, self._store, self._pages)
+        if fixed_blocks:
+            self._grow(fixed_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.refs.shape[0]
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` fresh blocks (referenced once); all or none. KVBudgetFull when a fixed pool has
+        fewer free."""
+        if n > len(self._free):
+            if self.fixed:
+                raise KVBudgetFull(
+                    f"the KV cache needs {n} more blocks of {self.block_size} positions ({n * self.block_bytes} "
+                    f"bytes); the KV budget ({self.num_blocks} blocks: --kv-sequences contexts of --max-context "
+                    f"positions) has {len(self._free)} free, the rest held by other sequences; wait for one to "
+                    "finish, or raise --kv-sequences (and --dram-budget)")
+            self._grow(max(2 * self.num_blocks, self.num_blocks + n - len(self._free), 4))
+        ids = [heapq.heappop(self._free) for _ in range(n)]
+        self.refs[ids] = 1
+        return ids
+
+    def incref(self, ids: list[int]) -> None:
+        self.refs[ids] += 1
+
+    def decref(self, ids: list[int]) -> None:
+        """Drop one reference of each block; blocks no cache references go back to the pool."""
+        for b in ids:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                heapq.heappush(self._free, b)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Every layer's keys and values of block ``src`` into block ``dst``."""
+        for layer in range(self.num_layers):
+            self.k[layer][:, dst] = self.k[layer][:, src]
+            self.v[layer][:, dst] = self.v[layer][:, src]
+
+    def _grow(self, blocks: int) -> None:
+        old = self.num_blocks
+        shape = (self.num_kv_heads, blocks, self.block_size, self.head_dim)
+        old_pages = list(self._pages)
+        self._pages.clear()
+        self._gen += 1
+        new_k = [self._tensor(shape, ("k", layer)) for layer in range(self.num_layers)]
+        new_v = [self._tensor(shape, ("v", layer)) for layer in range(self.num_layers)]
+        for layer in range(len(self.k)):
+            new_k[layer][:, :old] = self.k[layer]
+            new_v[layer][:, :old] = self.v[layer]
+        self.k, self.v = new_k, new_v
+        if old_pages:
+            assert self._store is not None
+            self._store.forget(old_pages)
+        native = decode_ops.native_attend() and self.dtype == torch.float32 and self.device.type == "cpu"
+        self.np_k = [t.numpy() for t in new_k] if native else []
+        self.np_v = [t.numpy() for t in new_v] if native else []
+        self.refs = np.concatenate([self.refs, np.zeros(blocks - old, dtype=np.int64)])
+        for b in range(old, blocks):
+            heapq.heappush(self._free, b)
+
+    def _tensor(self, shape: tuple[int, ...], what: tuple[str, int]) -> torch.Tensor:
+        """A layer's ``[H_kv, N, B, D]`` keys or values: a working page of the store, or a tensor.
+        Not zeroed: a position is read only once written."""
+        if self._store is None:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        key = (KV_BLOCKS_ARENA, self._id, self._gen, *what)
+        page = self._store.reserve(key, math.prod(shape) * self.dtype.itemsize, KV_BLOCKS_ARENA)
+        self._pages.append(key)
+        return page.view(self.dtype).view(shape)
+
+
 class BlockKVCache:
-    """Keys and values of one sequence, stored in blocks of ``block_size`` tokens."""
+    """Keys and values of one sequence, in blocks of ``block_size`` tokens of a :class:`KVBlockPool`."""
 
     def __init__(
         self,
@@ -88,131 +205,100 @@ class BlockKVCache:
         config: KVCacheConfig = KVCacheConfig(),
         device: torch.device | str = "cpu",
         store: "TieredStore | None" = None,
+        pool: KVBlockPool | None = None,
     ) -> None:
-        """``device``: where the blocks live (the device the model computes on). ``store``: keep
-        the block pools as working pages of that store's ``kv.blocks`` arena (so its memory report
-        and page table cover them; CPU only), else plain tensors."""
+        """``device``: where the blocks live (the device the model computes on). ``pool``: the
+        model's shared block pool; None = a pool of this cache's own (its tensors pages of
+        ``store``'s ``kv.blocks`` arena when given)."""
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype = dtype
         self.device = torch.device(device)
         self.block_size = config.block_size
         self.sliding_window = config.sliding_window
+        if pool is None:
+            pool = KVBlockPool(num_layers, num_kv_heads, head_dim, config.block_size, dtype, device, store)
+        elif (pool.num_layers, pool.num_kv_heads, pool.head_dim, pool.block_size, pool.dtype) != \
+                (num_layers, num_kv_heads, head_dim, config.block_size, dtype):
+            raise ConfigError("a KV cache must have its pool's shape (layers, kv heads, head dim, block size, dtype)")
+        self.pool = pool
         self.length = 0  # tokens written (all layers agree after a full forward)
-        self.block_table: list[int] = []  # logical block -> physical block in the pools
-        self._k: list[torch.Tensor] = []  # per layer [H_kv, N, B, D]
-        self._v: list[torch.Tensor] = []
-        self._np_k: list = []  # numpy views of _k / _v for the native one-row write and attention (see reserve)
-        self._np_v: list = []
-        self._capacity_blocks = 0
-        self._store = store if store is not None and self.device.type == "cpu" else None
-        self._pages: list[tuple] = []  # page ids of the current pools in the store
-        self._id = next(_CACHE_IDS)
-        self._gen = 0
-        if self._store is not None:
-            try:
-                self._store.add_heap_arena(KV_BLOCKS_ARENA)
-            except ValueError:
-                pass  # another cache of this model added it
-            weakref.finalize(self, _forget_pages, self._store, self._pages)
+        self.block_table: list[int] = []  # logical block -> physical block of the pool (one reference each)
+        weakref.finalize(self, pool.decref, self.block_table)  # a dropped cache gives its blocks back
 
     @property
     def capacity(self) -> int:
-        return self._capacity_blocks * self.block_size
+        return len(self.block_table) * self.block_size
+
+    @property
+    def _k(self) -> list[torch.Tensor]:
+        """The pool's per-layer keys (for tests)."""
+        return self.pool.k
 
     def reserve(self, num_tokens: int) -> None:
-        """Make room for ``num_tokens`` tokens in total (keeps what is cached)."""
-        need = -(-num_tokens // self.block_size)
-        if need <= self._capacity_blocks:
-            return
-        shape = (self.num_kv_heads, need, self.block_size, self.head_dim)
-        used = len(self.block_table)
-        old_k = [k[:, self.block_table] for k in self._k]  # [H_kv, used, B, D] copies of what is cached
-        old_v = [v[:, self.block_table] for v in self._v]
-        if self._pages:  # the old pools leave the KV arena before the new ones are taken from it
-            assert self._store is not None
-            self._store.forget(list(self._pages))
-            self._pages.clear()
-        self._k, self._v, self._np_k, self._np_v = [], [], [], []
-        self._capacity_blocks, self.block_table = 0, []
-        self._gen += 1
-        try:
-            new_k = [self._pool(shape, ("k", layer)) for layer in range(self.num_layers)]
-            new_v = [self._pool(shape, ("v", layer)) for layer in range(self.num_layers)]
-        except BaseException:  # no room in the KV arena: the cache is left empty
-            if self._pages:
-                assert self._store is not None
-                self._store.forget(list(self._pages))
-                self._pages.clear()
-            self.length = 0
-            raise
-        for layer in range(len(old_k)):
-            new_k[layer][:, :used] = old_k[layer]
-            new_v[layer][:, :used] = old_v[layer]
-        self._k, self._v = new_k, new_v
-        # flat numpy views of each layer's blocks for the native one-row attention (fp32 CPU only)
-        native = decode_ops.native_attend() and self.dtype == torch.float32 and self.device.type == "cpu"
-        self._np_k = [t.numpy() for t in new_k] if native else []  # [H_kv, N, B, D] each
-        self._np_v = [t.numpy() for t in new_v] if native else []
-        self.block_table = list(range(used))
-        self._capacity_blocks = need
+        """Make room for ``num_tokens`` tokens in total (keeps what is cached): more blocks from the
+        pool (KVBudgetFull from a fixed pool without them; nothing is taken then)."""
+        need = -(-num_tokens // self.block_size) - len(self.block_table)
+        if need > 0:
+            self.block_table.extend(self.pool.alloc(need))
 
-    def _pool(self, shape: tuple[int, ...], what: tuple[str, int]) -> torch.Tensor:
-        """A zeroed block pool ``[H_kv, N, B, D]``: a working page of the store, or a tensor."""
-        if self._store is None:
-            return torch.zeros(shape, dtype=self.dtype, device=self.device)
-        key = (KV_BLOCKS_ARENA, self._id, self._gen, *what)
-        nbytes = math.prod(shape) * self.dtype.itemsize
-        try:
-            page = self._store.reserve(key, nbytes, KV_BLOCKS_ARENA)
-        except BudgetError as e:
-            held = self._store.stats([KV_BLOCKS_ARENA]).tiers["host"]
-            raise KVBudgetFull(
-                f"the KV cache needs {2 * self.num_layers * nbytes} bytes for {shape[1] * self.block_size} positions; "
-                f"the KV budget ({held.capacity_bytes} bytes: --kv-sequences contexts of --max-context positions) "
-                f"has {held.capacity_bytes - held.used_bytes} free, the rest held by other sequences; wait for one "
-                "to finish, or raise --kv-sequences (and --dram-budget)") from e
-        self._pages.append(key)
-        return page.view(self.dtype).view(shape)  # the heap arena's pages start zeroed
+    def share(self, donor: BlockKVCache, num_tokens: int) -> int:
+        """Reference (not copy) ``donor``'s blocks holding positions ``0 .. num_tokens-1`` that are
+        full, into this empty cache; returns the positions shared (whole blocks)."""
+        if self.block_table or self.length:
+            raise ConfigError("only an empty KV cache can share another's prefix")
+        if donor.pool is not self.pool:
+            raise ConfigError("KV caches share blocks only within one pool")
+        n = min(num_tokens, donor.length) // self.block_size
+        blocks = donor.block_table[:n]
+        self.pool.incref(blocks)
+        self.block_table.extend(blocks)
+        self.length = n * self.block_size
+        return self.length
+
+    def _writable(self, blk: int) -> int:
+        """The physical block of logical block ``blk``, made this cache's own first if another
+        cache references it too (copy on write)."""
+        phys = self.block_table[blk]
+        if self.pool.refs[phys] > 1:
+            (fresh,) = self.pool.alloc(1)
+            self.pool.copy_block(phys, fresh)
+            self.pool.decref([phys])
+            self.block_table[blk] = phys = fresh
+        return phys
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store ``k``/``v`` ``[H_kv, T, D]`` for positions ``start .. start+T-1`` of ``layer``."""
         t = k.shape[1]
         end = start + t
-        if t == 1 and end <= self.capacity and self._np_k and k.dtype == torch.float32 and not k.requires_grad:
+        pool = self.pool
+        if t == 1 and end <= self.capacity and pool.np_k and k.dtype == torch.float32 and not k.requires_grad:
             blk, off = divmod(start, self.block_size)
-            if blk < len(self.block_table):
-                phys = self.block_table[blk]
-                self._np_k[layer][:, phys, off] = k.numpy()[:, 0]  # [H_kv, D]
-                self._np_v[layer][:, phys, off] = v.numpy()[:, 0]
-                if layer == self.num_layers - 1:
-                    self.length = max(self.length, end)
-                return
+            phys = self._writable(blk)
+            pool.np_k[layer][:, phys, off] = k.numpy()[:, 0]  # [H_kv, D]
+            pool.np_v[layer][:, phys, off] = v.numpy()[:, 0]
+            if layer == self.num_layers - 1:
+                self.length = max(self.length, end)
+            return
         if end > self.capacity:
             self.reserve(max(end, 2 * self.capacity))
-        while len(self.block_table) * self.block_size < end:
-            self.block_table.append(len(self.block_table))
         pos = start
         while pos < end:
             blk, off = divmod(pos, self.block_size)
             n = min(self.block_size - off, end - pos)
-            phys = self.block_table[blk]
-            self._k[layer][:, phys, off : off + n] = k[:, pos - start : pos - start + n]
-            self._v[layer][:, phys, off : off + n] = v[:, pos - start : pos - start + n]
+            phys = self._writable(blk)
+            pool.k[layer][:, phys, off : off + n] = k[:, pos - start : pos - start + n]
+            pool.v[layer][:, phys, off : off + n] = v[:, pos - start : pos - start + n]
             pos += n
         if layer == self.num_layers - 1:
             self.length = max(self.length, end)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[H_kv, end, D]`` of positions ``0 .. end-1`` (a view when the blocks
-        are physically in order, which is the case for a single sequence)."""
+        """Keys and values ``[H_kv, end, D]`` of positions ``0 .. end-1``, gathered through the
+        block table (a copy, whatever the layout: one code path for every sequence)."""
         nblk = -(-end // self.block_size)
-        table = self.block_table[:nblk]
-        k, v = self._k[layer], self._v[layer]
-        if table == list(range(nblk)):
-            kb, vb = k[:, :nblk], v[:, :nblk]
-        else:
-            idx = torch.tensor(table, device=self.device)
-            kb, vb = k.index_select(1, idx), v.index_select(1, idx)
+        idx = torch.tensor(self.block_table[:nblk], device=self.device)
+        kb = self.pool.k[layer].index_select(1, idx)  # [H_kv, nblk, B, D]
+        vb = self.pool.v[layer].index_select(1, idx)
         shape = (self.num_kv_heads, nblk * self.block_size, self.head_dim)
         return kb.reshape(shape)[:, :end], vb.reshape(shape)[:, :end]
 
@@ -221,13 +307,14 @@ class BlockKVCache:
         t = q.shape[1]
         self.write(layer, k, v, start)
         end = start + t
-        if t == 1 and self._np_k and q.dtype == torch.float32 and q.is_contiguous() and not q.requires_grad:
+        pool = self.pool
+        if t == 1 and pool.np_k and q.dtype == torch.float32 and q.is_contiguous() and not q.requires_grad:
             nblk = -(-end // self.block_size)
-            if self.block_table[:nblk] == list(range(nblk)):  # one row over blocks in physical order
-                lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
-                return decode_ops.attend_row(q, self._np_k[layer].reshape(-1), self._np_v[layer].reshape(-1),
-                                             self.num_kv_heads, self._k[layer].stride(0), lo, end,
-                                             torch.get_num_threads())
+            lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
+            table = np.asarray(self.block_table[:nblk], dtype=np.int64)
+            return decode_ops.attend_row(q, pool.np_k[layer].reshape(-1), pool.np_v[layer].reshape(-1), self.num_kv_heads,
+                                         pool.num_blocks * self.block_size * self.head_dim, lo, end,
+                                         torch.get_num_threads(), table, self.block_size)
         keys, values = self.read(layer, end)  # [Hkv, S, D], S = start + T
         gqa = q.shape[0] != keys.shape[0]
         return F.scaled_dot_product_attention(
@@ -249,16 +336,20 @@ class BlockKVCache:
         return mask
 
     def truncate(self, length: int) -> None:
-        """Forget positions ``length ..`` (e.g. to reuse a shared chat prefix)."""
+        """Forget positions ``length ..`` (e.g. to reuse a shared chat prefix); blocks no longer
+        needed go back to the pool."""
         self.length = min(self.length, length)
-        self.block_table = self.block_table[: -(-self.length // self.block_size)]
+        keep = -(-self.length // self.block_size)
+        self.pool.decref(self.block_table[keep:])
+        del self.block_table[keep:]
 
     def nbytes(self) -> int:
-        return 2 * sum(t.numel() * t.element_size() for t in self._k)
+        """Bytes of the blocks this cache references (blocks shared with others counted here too)."""
+        return len(self.block_table) * self.pool.block_bytes
 
 
 def _forget_pages(store: "TieredStore", pages: list[tuple]) -> None:
-    """A dropped cache's pools leave the store (its finalizer)."""
+    """A dropped pool's tensors leave the store (its finalizer)."""
     try:
         store.forget(list(pages))
     except (KeyError, ValueError):

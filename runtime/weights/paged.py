@@ -139,7 +139,7 @@ class PagedWeights:
         try:
             self._load_resident(resident, progress)
             if kv_limit:
-                self.store.add_heap_arena(KV_BLOCKS_ARENA, kv_limit)
+                self.store.add_heap_arena(KV_BLOCKS_ARENA, kv_limit, zeroed=False)
         except BaseException:
             self.store.close()
             self.backend.close()

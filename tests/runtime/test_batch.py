@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flashtier.errors import ConfigError, InputError
 from flashtier.runtime.engine import EngineConfig, Model
@@ -82,7 +83,10 @@ def test_under_a_budget_sequences_share_the_planned_kv_and_wait_for_room(sequenc
     assert kv["capacity_bytes"] == sequences * 32 * c.num_layers * 2 * c.num_kv_heads * c.head_dim * \
         llm.transformer.dtype.itemsize
     assert max(seen) == sequences and batch[0].stats["batch_decode_steps"] > 11  # the others waited
-    assert kv["used_bytes"] == llm.cache.nbytes()  # the finished sequences' blocks were given back
+    pool = llm.cache.pool  # the model's block pool, fixed at the budget's share
+    assert kv["used_bytes"] == pool.num_blocks * pool.block_bytes == kv["capacity_bytes"]
+    assert pool.free_blocks == pool.num_blocks - len(llm.cache.block_table)  # finished sequences gave theirs back
+    assert (pool.refs >= 0).all()
 
 
 def test_sampling_with_a_seed_and_early_stops_are_per_sequence():
@@ -198,3 +202,62 @@ def test_a_shared_prompt_prefix_is_prefilled_once_per_session(interleave):
                 for seq, evs in session.step():
                     got[seqs[id(seq)]] += [e.token_id for e in evs if e.token_id is not None]
     assert got[1] == alone[1]
+
+
+def test_blocks_are_shared_and_copied_on_write():
+    """Two caches of one pool: the second references the first's full prefix blocks (no copy);
+    a write into a shared block copies it first, so the first cache never sees the other's
+    writes; dropped caches give their blocks back."""
+    import gc
+
+    from flashtier.runtime.kv.cache import BlockKVCache, KVBlockPool, KVCacheConfig
+
+    g = torch.Generator().manual_seed(3)
+    pool = KVBlockPool(2, 2, 8, 16, torch.float32)
+    a = BlockKVCache(2, 2, 8, torch.float32, KVCacheConfig(16), pool=pool)
+    keys, values = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    a.reserve(40)
+    for layer in range(2):
+        a.write(layer, keys[layer], values[layer], 0)
+    b = BlockKVCache(2, 2, 8, torch.float32, KVCacheConfig(16), pool=pool)
+    assert b.share(a, 39) == 32  # whole blocks only
+    assert b.block_table == a.block_table[:2] and (pool.refs[a.block_table[:2]] == 2).all()
+    used = pool.num_blocks - pool.free_blocks
+    b.truncate(20)  # back into the second shared block, then write there: copy on write
+    other = torch.randn(2, 2, 1, 8, generator=g)
+    for layer in range(2):
+        b.write(layer, other[layer], other[layer], 20)
+    assert b.block_table[0] == a.block_table[0] and b.block_table[1] != a.block_table[1]
+    assert pool.num_blocks - pool.free_blocks == used + 1
+    for layer in range(2):
+        k_a, v_a = a.read(layer, 40)
+        assert torch.equal(k_a, keys[layer]) and torch.equal(v_a, values[layer])  # untouched by b
+        k_b, _ = b.read(layer, 21)
+        assert torch.equal(k_b[:, :20], keys[layer][:, :20]) and torch.equal(k_b[:, 20:], other[layer])
+    del a, b
+    gc.collect()
+    assert pool.free_blocks == pool.num_blocks and (pool.refs == 0).all()
+
+
+def test_a_batch_with_a_common_prefix_holds_it_once():
+    """Requests that start with the same prompt prefix (a system prompt) share its blocks in the
+    model's pool instead of holding a copy each; every answer equals its answer alone."""
+    system = "You are a careful assistant who answers with Python code only. " * 3
+    prompts = [system + tail for tail in ("Sort a list.", "Read a file.", "Merge two dicts.")]
+    with Model(ROOT / "models" / "tiny-dense", EngineConfig.from_options(dram_budget="12M", kv_sequences=3,
+                                                                         kv_block_size=16, prefill_chunk=16,
+                                                                         max_context=128)) as llm:
+        alone = [llm.generate(p, max_new_tokens=8, ignore_eos=True).tokens for p in prompts]
+        from flashtier.runtime.engine import BatchSession
+
+        with BatchSession(llm, 3) as session:
+            first = session.admit(llm.encode(prompts[0]), 8, SamplingConfig(), (), True)[0]  # running: a donor
+            admitted = session.admit_many([(llm.encode(p), 8, SamplingConfig(), (), True) for p in prompts[1:]])
+            seqs = [first] + [r[0] for r in admitted]
+            pool = seqs[0].cache.pool
+            shared = set(seqs[0].cache.block_table) & set(seqs[1].cache.block_table) & set(seqs[2].cache.block_table)
+            assert len(shared) >= 2 and all(pool.refs[b] == 3 for b in shared)
+            assert seqs[1].stats.cached_prompt_tokens >= 32
+            while session.step():
+                pass
+        assert [s.text.tokens for s in seqs] == alone

@@ -77,18 +77,23 @@ def test_float32_compute_of_bf16_weights_keeps_the_budget(made, fraction):
 
 
 def test_full_attention_kv_blocks_are_pages_of_the_models_store(made):
-    """The block pools of every full-attention cache (the conversation's, a batch's sequences')
-    are working pages of the store's kv.blocks arena: the memory report counts them, and a
-    finished batch's sequences give theirs back."""
+    """Every full-attention cache of the model (the conversation's, a batch's sequences') takes its
+    blocks from one pool whose tensors are working pages of the store's kv.blocks arena, sized at
+    the planner's KV share: the memory report counts it, and a finished batch's sequences give
+    their blocks back."""
     import gc
 
     total = sum(f.stat().st_size for f in made.glob("*.safetensors"))
-    with Model(made, EngineConfig(dram_budget=int(total * 0.6) + 64 * 128 * 16, max_context=64, kv_block_size=16)) as llm:
+    with Model(made, EngineConfig(dram_budget=int(total * 0.6) + 64 * 128 * 16 * 2, max_context=64, kv_block_size=16,
+                                  kv_sequences=2)) as llm:
         alone = llm.generate(PROMPT, max_new_tokens=8, ignore_eos=True).tokens
+        pool = llm.cache.pool
         kv = llm.memory_report()["store"]["host"]["kv.blocks"]
-        assert kv["used_bytes"] == llm.cache.nbytes() > 0 and kv["pages"] == 2 * llm.config.num_layers
+        assert kv["used_bytes"] == kv["capacity_bytes"] == pool.num_blocks * pool.block_bytes
+        assert pool.num_blocks == 2 * 64 // 16 and kv["pages"] == 2 * llm.config.num_layers
+        assert pool.num_blocks - pool.free_blocks == len(llm.cache.block_table) == -(-(len(PROMPT) + 8) // 16)
         batch = llm.generate_batch([PROMPT, PROMPT[:20]], max_new_tokens=8, ignore_eos=True)
         assert batch[0].tokens == alone
         gc.collect()
-        assert llm.memory_report()["store"]["host"]["kv.blocks"]["used_bytes"] == llm.cache.nbytes()
+        assert pool.num_blocks - pool.free_blocks == len(llm.cache.block_table)
         llm.weights.store.check_invariants()
