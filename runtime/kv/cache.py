@@ -11,8 +11,9 @@ blocks from the pool; nothing is copied). A cache may *share* the full blocks of
 prefix (a system prompt both start with): the blocks are referenced, not copied, and a write into
 a block that another cache still references copies it first (copy on write). Every position is
 read through the block table in the same order whatever the layout (the native one-row attention
-follows the table; longer passes gather through it), so a sequence's results do not depend on
-where its blocks sit or whom it shares them with.
+follows the table; longer passes take a view of blocks in order or gather scattered ones, which
+torch's attention turns into the same bits), so a sequence's results do not depend on where its
+blocks sit or whom it shares them with.
 
 With a budget the pool has a fixed number of blocks (the planner's KV share, in the store's
 ``kv.blocks`` arena): a reservation that does not fit raises :class:`KVBudgetFull` (the batch
@@ -110,6 +111,8 @@ class KVBlockPool:
         self.v: list[torch.Tensor] = []
         self.np_k: list[np.ndarray] = []  # per layer [H_kv, N, B, D] fp32 numpy views (native one-row paths)
         self.np_v: list[np.ndarray] = []
+        self.flat_k: list[np.ndarray] = []
+        self.flat_v: list[np.ndarray] = []
         self.refs = np.zeros(0, dtype=np.int64)  # [N] caches referencing each block
         self._free: list[int] = []  # a heap: the lowest free block first
         if self._store is not None:
@@ -178,6 +181,8 @@ class KVBlockPool:
         native = decode_ops.native_attend() and self.dtype == torch.float32 and self.device.type == "cpu"
         self.np_k = [t.numpy() for t in new_k] if native else []
         self.np_v = [t.numpy() for t in new_v] if native else []
+        self.flat_k = [a.reshape(-1) for a in self.np_k]  # the same, flat (the attention kernel's view)
+        self.flat_v = [a.reshape(-1) for a in self.np_v]
         self.refs = np.concatenate([self.refs, np.zeros(blocks - old, dtype=np.int64)])
         for b in range(old, blocks):
             heapq.heappush(self._free, b)
@@ -223,6 +228,7 @@ class BlockKVCache:
         self.pool = pool
         self.length = 0  # tokens written (all layers agree after a full forward)
         self.block_table: list[int] = []  # logical block -> physical block of the pool (one reference each)
+        self._table_np: np.ndarray | None = None  # block_table as int64, rebuilt after it changes
         weakref.finalize(self, pool.decref, self.block_table)  # a dropped cache gives its blocks back
 
     @property
@@ -240,6 +246,7 @@ class BlockKVCache:
         need = -(-num_tokens // self.block_size) - len(self.block_table)
         if need > 0:
             self.block_table.extend(self.pool.alloc(need))
+            self._table_np = None
 
     def share(self, donor: BlockKVCache, num_tokens: int) -> int:
         """Reference (not copy) ``donor``'s blocks holding positions ``0 .. num_tokens-1`` that are
@@ -252,6 +259,7 @@ class BlockKVCache:
         blocks = donor.block_table[:n]
         self.pool.incref(blocks)
         self.block_table.extend(blocks)
+        self._table_np = None
         self.length = n * self.block_size
         return self.length
 
@@ -264,6 +272,7 @@ class BlockKVCache:
             self.pool.copy_block(phys, fresh)
             self.pool.decref([phys])
             self.block_table[blk] = phys = fresh
+            self._table_np = None
         return phys
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
@@ -293,12 +302,20 @@ class BlockKVCache:
             self.length = max(self.length, end)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[H_kv, end, D]`` of positions ``0 .. end-1``, gathered through the
-        block table (a copy, whatever the layout: one code path for every sequence)."""
+        """Keys and values ``[H_kv, end, D]`` of positions ``0 .. end-1``: a view when the blocks
+        sit in order in the pool, else gathered through the block table. Attention over either
+        gives the same bits (``test_attention_over_a_view_or_a_gather_is_the_same``), so a
+        sequence's results do not depend on where its blocks sit."""
         nblk = -(-end // self.block_size)
-        idx = torch.tensor(self.block_table[:nblk], device=self.device)
-        kb = self.pool.k[layer].index_select(1, idx)  # [H_kv, nblk, B, D]
-        vb = self.pool.v[layer].index_select(1, idx)
+        table = self.block_table[:nblk]
+        first = table[0] if table else 0
+        if table == list(range(first, first + nblk)):
+            kb = self.pool.k[layer][:, first:first + nblk]  # [H_kv, nblk, B, D]
+            vb = self.pool.v[layer][:, first:first + nblk]
+        else:
+            idx = torch.tensor(table, device=self.device)
+            kb = self.pool.k[layer].index_select(1, idx)  # [H_kv, nblk, B, D]
+            vb = self.pool.v[layer].index_select(1, idx)
         shape = (self.num_kv_heads, nblk * self.block_size, self.head_dim)
         return kb.reshape(shape)[:, :end], vb.reshape(shape)[:, :end]
 
@@ -309,10 +326,11 @@ class BlockKVCache:
         end = start + t
         pool = self.pool
         if t == 1 and pool.np_k and q.dtype == torch.float32 and q.is_contiguous() and not q.requires_grad:
-            nblk = -(-end // self.block_size)
             lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
-            table = np.asarray(self.block_table[:nblk], dtype=np.int64)
-            return decode_ops.attend_row(q, pool.np_k[layer].reshape(-1), pool.np_v[layer].reshape(-1), self.num_kv_heads,
+            table = self._table_np
+            if table is None:
+                table = self._table_np = np.asarray(self.block_table, dtype=np.int64)
+            return decode_ops.attend_row(q, pool.flat_k[layer], pool.flat_v[layer], self.num_kv_heads,
                                          pool.num_blocks * self.block_size * self.head_dim, lo, end,
                                          torch.get_num_threads(), table, self.block_size)
         keys, values = self.read(layer, end)  # [Hkv, S, D], S = start + T
@@ -342,6 +360,7 @@ class BlockKVCache:
         keep = -(-self.length // self.block_size)
         self.pool.decref(self.block_table[keep:])
         del self.block_table[keep:]
+        self._table_np = None
 
     def nbytes(self) -> int:
         """Bytes of the blocks this cache references (blocks shared with others counted here too)."""

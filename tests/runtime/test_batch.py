@@ -261,3 +261,26 @@ def test_a_batch_with_a_common_prefix_holds_it_once():
             while session.step():
                 pass
         assert [s.text.tokens for s in seqs] == alone
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [1, 17])
+def test_attention_over_a_view_or_a_gather_is_the_same(dtype, t):
+    """A cache reads blocks that sit in order in the pool as a view and scattered ones as a gathered
+    copy; batch invariance needs torch's attention to give the same bits for both (it does: same
+    values, same order; this catches a torch that would not)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(t)
+    h, group, d, n, nblk, b = 4, 2, 64, 40, 30, 16
+    k = torch.randn(h, n, b, d, generator=g).to(dtype)
+    v = torch.randn(h, n, b, d, generator=g).to(dtype)
+    end = nblk * b - 5
+    view_k, view_v = (x[:, 3:3 + nblk].reshape(h, nblk * b, d)[:, :end] for x in (k, v))
+    idx = torch.arange(3, 3 + nblk)
+    copy_k, copy_v = (x.index_select(1, idx).reshape(h, nblk * b, d)[:, :end] for x in (k, v))
+    q = torch.randn(h * group, t, d, generator=g).to(dtype)
+    mask = None if t == 1 else torch.arange(end)[None, :] <= torch.arange(end - t, end)[:, None]
+    a = F.scaled_dot_product_attention(q[None], view_k[None], view_v[None], attn_mask=mask, scale=d ** -0.5, enable_gqa=True)
+    c = F.scaled_dot_product_attention(q[None], copy_k[None], copy_v[None], attn_mask=mask, scale=d ** -0.5, enable_gqa=True)
+    assert torch.equal(a, c)
