@@ -1,6 +1,16 @@
-import json, sys, time
+"""Expert bytes per token per row, one sequence vs a batch of 8 (session 9 measurement).
+
+    ../shared/tools/memcap.sh 700M -- .venv/bin/python benchmarks/results/moe_batch_bytes_session9.py
+
+Needs ``bench_out/gguf-moe`` (the moe-1.3g bf16 folder ``bench_gguf --scenario moe`` makes).
+"""
+
+import time
+from pathlib import Path
+
 from flashtier.runtime import open_model
-path = "/work/main/bench_out/gguf-moe"
+
+path = str(Path(__file__).resolve().parents[2] / "bench_out" / "gguf-moe")
 prompts = [list(range(1 + 7 * i, 17 + 7 * i)) for i in range(8)]
 with open_model(path, dram_budget="420M", max_context=80, kv_sequences=8, threads=2) as llm:
     llm.generate([3] * 8, max_new_tokens=2, ignore_eos=True)
