@@ -418,8 +418,11 @@ class Model:
         for all of them (under a budget, a step streams the weights once instead of once per
         sequence). Batch-invariant: each result's tokens are the tokens :meth:`generate` gives for
         that prompt alone (greedy, or sampling with a seed), whatever else is in the batch.
-        Full attention only; not with the sparse FFN. The conversation cache of :meth:`generate`
-        is left as it was."""
+        Full attention only; not with the sparse FFN. Under a budget the KV of ``kv_sequences``
+        contexts is planned (default 1): prompts beyond what it holds wait and join as others
+        finish (``batch_waited_for_kv`` in each result's stats counts them; open the model with
+        ``kv_sequences=len(prompts)`` to run them all at once). The conversation cache of
+        :meth:`generate` is left as it was unless the batch needs its blocks."""
         c = self.engine_config
         if not prompts:
             return []
@@ -444,6 +447,7 @@ class Model:
                     raise InputError(f"prompt {b}: {result}") from result
             # prompts the KV budget cannot hold beside the running ones join as those finish
             waiting = [b for b, r in enumerate(admitted) if isinstance(r, KVBudgetFull)]
+            waited = len(waiting)
             seqs: list[BatchSequence | None] = [None if b in waiting else r[0] for b, r in enumerate(admitted)]  # type: ignore[index]
             t1, steps = time.perf_counter(), 0
             tried_with = len(session.active)
@@ -471,6 +475,7 @@ class Model:
             stats = {"prompt_tokens": len(seq.ids), "generated_tokens": len(seq.text.tokens), "batch_size": len(seqs),
                      "batch_prefill_s": round(prefill_s, 6), "batch_decode_s": round(decode_s, 6),
                      "batch_decode_steps": steps,
+                     "batch_waited_for_kv": waited,
                      "batch_decode_tok_s": round(total / decode_s, 3) if decode_s > 0 else 0.0,
                      "finish_reason": seq.stats.finish_reason}
             text = self.tokenizer.decode(seq.text.tokens) if self.tokenizer is not None else ""

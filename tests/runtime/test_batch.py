@@ -83,6 +83,7 @@ def test_under_a_budget_sequences_share_the_planned_kv_and_wait_for_room(sequenc
     assert kv["capacity_bytes"] == sequences * 32 * c.num_layers * 2 * c.num_kv_heads * c.head_dim * \
         llm.transformer.dtype.itemsize
     assert max(seen) == sequences and batch[0].stats["batch_decode_steps"] > 11  # the others waited
+    assert batch[0].stats["batch_waited_for_kv"] == len(PROMPTS) - sequences
     pool = llm.cache.pool  # the model's block pool, fixed at the budget's share
     assert kv["used_bytes"] == pool.num_blocks * pool.block_bytes == kv["capacity_bytes"]
     assert pool.free_blocks == pool.num_blocks - len(llm.cache.block_table)  # finished sequences gave theirs back
