@@ -72,32 +72,99 @@ done:
 
 /* ---------------------------------------------------------------- bf16 matrix-vector product */
 
-/* One row at a time (one sequential stream for the hardware prefetcher), four independent
- * 16-lane accumulators (hides the add latency), lanes summed at the end. */
-MULTIVERSION
-static void matvec_rows(const uint16_t *restrict w, const float *restrict x, float *restrict out,
-                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k) {
-    for (Py_ssize_t r = r0; r < r1; r++) {
-        const uint16_t *row = w + r * k;
-        v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        Py_ssize_t i = 0;
-        for (; i + 64 <= k; i += 64) {
-            a0 += load_bf16x16(row + i) * load_f32x16(x + i);
-            a1 += load_bf16x16(row + i + 16) * load_f32x16(x + i + 16);
-            a2 += load_bf16x16(row + i + 32) * load_f32x16(x + i + 32);
-            a3 += load_bf16x16(row + i + 48) * load_f32x16(x + i + 48);
-        }
-        for (; i + 16 <= k; i += 16) a0 += load_bf16x16(row + i) * load_f32x16(x + i);
-        v16f a = (a0 + a1) + (a2 + a3);
-        float acc = 0.f;
-        for (int l = 0; l < 16; l++) acc += a[l];
-        for (; i < k; i++) acc += bf16_to_f32(row[i]) * x[i];
-        out[r] = acc;
+/* 1 when the CPU has 32 vector registers of 16 floats (AVX-512: the wider bf16 tiles), else 0. */
+static int bf16_wide(void) {
+    static int wide = -1;
+    int w = __atomic_load_n(&wide, __ATOMIC_RELAXED);
+    if (w < 0) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+        __builtin_cpu_init();
+        w = __builtin_cpu_supports("avx512f") != 0;
+#else
+        w = 0;
+#endif
+        __atomic_store_n(&wide, w, __ATOMIC_RELAXED);
     }
+    return w;
 }
 
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math")
+/* RB bf16 weight rows (k weights each, consecutive) against NB activation rows (ldx floats apart);
+ * out[b * ldo + r]. Every (weight row, activation row) pair has one 16-lane accumulator that takes
+ * the 16-weight chunks in order, then the fixed lane sum, then the scalar tail: the same arithmetic
+ * in every instance, so a row's product does not depend on RB, NB or which other rows share the tile
+ * (batch invariance; tests/runtime/test_kernels.py compares every bit). RB x NB independent chains
+ * hide the FMA latency; each widened weight chunk serves NB rows and each activation chunk RB rows
+ * from registers. RB and NB are constants in each instance (accumulators stay in registers). */
+static ALWAYS_INLINE void bf16_tile(const uint16_t *restrict w, Py_ssize_t k, const float *restrict x, Py_ssize_t ldx,
+                                    float *restrict out, Py_ssize_t ldo, const int RB, const int NB) {
+    v16f a[8][4]; /* fixed sizes (not RB x NB: a variable-length array would live in memory) */
+    for (int r = 0; r < RB; r++)
+        for (int b = 0; b < NB; b++) a[r][b] = (v16f){0};
+    Py_ssize_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        v16f xv[4];
+        for (int b = 0; b < NB; b++) xv[b] = load_f32x16(x + b * ldx + i);
+        for (int r = 0; r < RB; r++) {
+            v16f wv = load_bf16x16(w + r * k + i);
+            for (int b = 0; b < NB; b++) a[r][b] += wv * xv[b];
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int b = 0; b < NB; b++) {
+            float acc = hsum16_tree(a[r][b]);
+            for (Py_ssize_t t = i; t < k; t++) acc += bf16_to_f32(w[r * k + t]) * x[b * ldx + t];
+            out[b * ldo + r] = acc;
+        }
+}
+
+/* The tiles of one block of weight rows against activation rows b0.. (at most four of them). */
+#define BF16_TILES(RB) \
+    switch (nb) { \
+        case 1: bf16_tile(wr, k, xb, k, ob, ldo, RB, 1); break; \
+        case 2: bf16_tile(wr, k, xb, k, ob, ldo, RB, 2); break; \
+        case 3: bf16_tile(wr, k, xb, k, ob, ldo, RB, 3); break; \
+        default: bf16_tile(wr, k, xb, k, ob, ldo, RB, 4); break; \
+    }
+
+/* out[b, r] = sum_k bf16(w[r, k]) * x[b, k] for weight rows r0..r1 and `batch` activation rows
+ * (out rows ldo apart). Blocks of `rb` weight rows (4, or 2 on CPUs with 16 vector registers;
+ * 8 when there is one activation row: more chains for the one-row decode) against tiles of up
+ * to `tb` activation rows; the block stays in L1/L2 for the later tiles, so the weight is read
+ * from memory once for the whole batch. Rows left over run one at a time. */
+MULTIVERSION
+static void matvec_rows(const uint16_t *restrict w, const float *restrict x, float *restrict out,
+                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k, Py_ssize_t batch, Py_ssize_t ldo, int wide) {
+    int tb = wide ? 4 : 2;
+    int rb = batch == 1 ? 8 : wide ? 4 : 2;
+    Py_ssize_t r = r0;
+    for (; r < r1; r += rb) {
+        int step = r + rb <= r1 ? rb : 1;
+        if (step == 1) rb = 1;
+        const uint16_t *wr = w + r * k;
+        for (Py_ssize_t b0 = 0; b0 < batch; b0 += tb) {
+            const float *xb = x + b0 * k;
+            float *ob = out + b0 * ldo + r;
+            int nb = batch - b0 < tb ? (int)(batch - b0) : tb;
+            if (rb == 8) {
+                bf16_tile(wr, k, xb, k, ob, ldo, 8, 1);
+            } else if (rb == 4) {
+                BF16_TILES(4)
+            } else if (rb == 2) {
+                BF16_TILES(2)
+            } else {
+                BF16_TILES(1)
+            }
+        }
+    }
+}
+#undef BF16_TILES
+
+#pragma GCC pop_options
+
 static void bf16_rows(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
-    matvec_rows((const uint16_t *)j->w, j->x, j->out, r0, r1, j->cols);
+    matvec_rows((const uint16_t *)j->w, j->x, j->out, r0, r1, j->cols, 1, j->rows, bf16_wide());
 }
 
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;   /* sleeping workers wait on it */
@@ -225,17 +292,13 @@ HIDDEN void pool_run(const matvec_job *job_in, Py_ssize_t min_rows) {
 
 static void matvec(const matvec_job *job_in) { pool_run(job_in, 64); }
 
-/* Several activation rows against one weight (batched decode): for each weight row, every
- * activation row in turn through matvec_rows, so each product is the one-row kernel's exact
- * arithmetic (batch-invariant) while the weight row is read from memory once (it stays in the
- * L1/L2 cache for the other activation rows). ctx: the number of activation rows. */
+/* Several activation rows against one weight (batched decode): matvec_rows over the whole batch,
+ * the weight read from memory once. ctx: the number of activation rows. */
 typedef struct { Py_ssize_t batch; } rows_ctx;
 
 static void bf16_rows_multi(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
     const rows_ctx *c = (const rows_ctx *)j->ctx;
-    for (Py_ssize_t r = r0; r < r1; r++)
-        for (Py_ssize_t b = 0; b < c->batch; b++)  /* the very one-row code: bit-identical by construction */
-            matvec_rows((const uint16_t *)j->w, j->x + b * j->cols, j->out + b * j->rows, r, r + 1, j->cols);
+    matvec_rows((const uint16_t *)j->w, j->x, j->out, r0, r1, j->cols, c->batch, j->rows, bf16_wide());
 }
 
 /* bf16_matvec (batched = 0: x [cols], out [rows]) and bf16_matvec_rows (batched = 1: x [batch, cols],

@@ -120,16 +120,6 @@ static Py_ssize_t take_until(scored *a, Py_ssize_t n, const int64_t *weight, dou
     return lo;
 }
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-/* Sum of the 16 lanes by halves (4 dependent adds instead of 15). */
-static ALWAYS_INLINE float hsum16_tree(v16f v) {
-    v8f h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4f f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    return (f[0] + f[2]) + (f[1] + f[3]);
-}
-
 /* 16 values of a bf16 or fp32 row from element i (the branch is hoisted out of the loops). */
 static ALWAYS_INLINE v16f load16(const void *row, Py_ssize_t i, int bf16) {
     return bf16 ? load_bf16x16((const uint16_t *)row + i) : load_f32x16((const float *)row + i);

@@ -59,6 +59,16 @@ static ALWAYS_INLINE float hsum16(v16f v) {
     return t;
 }
 
+/* Sum of the 16 lanes by halves (4 dependent adds instead of 15), in one fixed order written out
+ * with shuffles, so that every kernel instance sums the same way (batch invariance). */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+static ALWAYS_INLINE float hsum16_tree(v16f v) {
+    v8f h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (f[0] + f[2]) + (f[1] + f[3]);
+}
+
 /* exp(x) for x <= 0 (softmax after subtracting the maximum), branch-free so that loops over it
  * vectorise: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative error ~2e-7,
  * about one fp32 ulp), times 2^n built in the exponent bits. x < -87 gives exp(-87) ~ 1.6e-38 (a
