@@ -7,7 +7,9 @@
  * bf16_matvec(w, x, out, rows, cols, threads): out[r] = sum_k bf16(w[r, k]) * x[k] in fp32, for a
  *   row-major bf16 weight (raw 16-bit bits), fp32 x and fp32 out; single-token decode
  *   (runtime/kernels.py). Each bf16 is widened to fp32 exactly (a 16-bit shift); products are
- *   accumulated in fp32 in a vectorised order. Rows are split over a persistent pool of worker
+ *   accumulated in fp32, 16 lanes over the row's 16-weight chunks in order, then a fixed lane sum.
+ *   bf16_matvec_rows(w, x, out, rows, cols, batch, threads): the same for several x rows in one
+ *   pass over the weight (batched decode), each row bit-identical to bf16_matvec. Rows are split over a persistent pool of worker
  *   threads plus the caller (chunks of rows claimed from a shared counter; workers spin briefly
  *   between products, then sleep); the GIL is released. Compiled for AVX-512, AVX2+FMA and baseline
  *   x86-64, chosen at load time (GCC target_clones).
