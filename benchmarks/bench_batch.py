@@ -28,10 +28,11 @@ CHILD = r"""
 import json, sys
 from flashtier.runtime import open_model
 path, budget, batches = sys.argv[1], sys.argv[2] or None, [int(b) for b in sys.argv[3].split(",")]
-tokens, check = int(sys.argv[4]), sys.argv[5] == "1"
+tokens, check, act = int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
 prompts = [list(range(1 + 7 * i, 17 + 7 * i)) for i in range(max(batches))]
 out = {}
-with open_model(path, dram_budget=budget, max_context=16 + tokens, kv_sequences=max(batches), threads=2) as llm:
+with open_model(path, dram_budget=budget, max_context=16 + tokens, kv_sequences=max(batches), threads=2,
+                activations=act) as llm:
     # warm-up on a prompt no other one starts with: Model.generate reuses the KV of a shared prefix,
     # computed in other chunks than a fresh prefill, which can round differently (see the notes)
     llm.generate([3] * 8, max_new_tokens=2, ignore_eos=True)
@@ -62,6 +63,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=16, help="new tokens per request (default 16)")
     ap.add_argument("--check", action="store_true", help="compare every sequence with its run alone (slow)")
+    ap.add_argument("--activations", default="f32", choices=("f32", "q8"),
+                    help="quantized weights: exact fp32 activations (default) or int8 (llama.cpp's approximation)")
     args = ap.parse_args()
     rel, cap, budget = SCENARIOS[args.scenario]
     path = REPO / rel
@@ -69,14 +72,16 @@ def main() -> int:
         raise SystemExit(f"{path} is missing: run `python -m flashtier.benchmarks.bench_gguf --scenario {args.scenario}` first")
     rows = []
     for _ in range(args.rounds):
-        r = run_json([PY, "-c", CHILD, str(path), budget or "", args.batches, str(args.tokens), "1" if args.check else "0"],
+        r = run_json([PY, "-c", CHILD, str(path), budget or "", args.batches, str(args.tokens), "1" if args.check else "0",
+                      args.activations],
                      cap=cap, timeout=5400)
         if "batches" not in r:
             raise SystemExit(f"run failed: {r}")
         rows.append((r["batches"], r.get("peak_cgroup_mib")))
     batches = args.batches.split(",")
     lines = [f"{args.scenario} ({rel}) under {'a ' + cap + ' cap' if cap else 'no cap'}, --dram-budget {budget or 'none'}, "
-             f"2 threads, {args.tokens} new tokens after 16-token prompts; aggregate decode tokens/s", "",
+             f"2 threads, {args.tokens} new tokens after 16-token prompts, activations {args.activations}; aggregate "
+             "decode tokens/s", "",
              "| round | " + " | ".join(f"B={b}" for b in batches) + " | B=max / B=1 | "
              + ("every sequence = alone" if args.check else "first sequence = alone") + " | peak MiB |",
              "| --- | " + " | ".join("---" for _ in batches) + " | --- | --- | --- |"]
@@ -87,7 +92,8 @@ def main() -> int:
                      f"{'yes' if inv else 'NO'} | {peak} |")
     text = "\n".join(lines) + "\n"
     (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-    (REPO / "benchmarks" / "results" / f"batch_{args.scenario.replace('-', '_')}.md").write_text(text)
+    suffix = "" if args.activations == "f32" else f"_{args.activations}"
+    (REPO / "benchmarks" / "results" / f"batch_{args.scenario.replace('-', '_')}{suffix}.md").write_text(text)
     print(text)
     print(json.dumps([r[0] for r in rows]))
     return 0

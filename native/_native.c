@@ -966,6 +966,10 @@ T4 static ALWAYS_INLINE void q4_0_block_v4(int mode, const uint8_t *b, const flo
             j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))); \
         }                                                                                             \
     }                                                                                                 \
+    V4_DQ(T, BS, TS)
+
+/* Dequantization of rows r0..r1 into out [rows, cols]. */
+#define V4_DQ(T, BS, TS)                                                                               \
     T4 static void T##_dq_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                      \
         const Py_ssize_t nb = j->cols / BS;                                                           \
         for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
@@ -977,9 +981,155 @@ T4 static ALWAYS_INLINE void q4_0_block_v4(int mode, const uint8_t *b, const flo
 
 V4_ROWS(q8_0, 32, 34, 2)
 V4_ROWS(q4_0, 32, 18, 2)
-V4_ROWS(q4_k, 256, 144, 1)
+V4_DQ(q4_k, 256, 144)
 V4_ROWS(q5_k, 256, 176, 1)
-V4_ROWS(q6_k, 256, 210, 1)
+V4_DQ(q6_k, 256, 210)
+
+/* Q4_K and Q6_K products in tiles of up to four x rows (batched decode; the one-row product is the
+ * tile of one): a block's weights are unpacked and converted once and multiplied into every x
+ * row's four accumulators, each x row getting exactly the one-row kernel's operations in its
+ * order (the q4_k / q6_k block functions' mode 0, then the same final sum), so each output is
+ * bit-identical whatever the tile. Compiled without reassociation, so that no instance sums
+ * differently. */
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math")
+
+/* One Q4_K block (weights 256 ib ..) into acc[t][0..3] of x rows t < NB (xs[t]; sxs[t]: its
+ * per-block sums of x, see x_block_sums). */
+T4 static ALWAYS_INLINE void q4_k_tile_block(const uint8_t *b, Py_ssize_t ib, const float *const *xs,
+                                            const float *const *sxs, __m512 acc[4][4], const int NB) {
+    float dm[16] __attribute__((aligned(64)));
+    __m512 dmv = k4_dm_v4(b, dm);
+    const uint8_t *q = b + 16;
+    const __m512i m15 = _mm512_set1_epi32(15);
+    for (int t = 0; t < NB; t++) acc[t][0] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(sxs[t] + 16 * ib), acc[t][0]);
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; jj++) {
+        __m512i b0 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj));
+        __m512i b1 = _mm512_cvtepu8_epi32(ld128(q + 32 * jj + 16));
+        __m512 l0 = _mm512_cvtepi32_ps(_mm512_and_si512(b0, m15)), l1 = _mm512_cvtepi32_ps(_mm512_and_si512(b1, m15));
+        __m512 h0 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), h1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4));
+        __m512 d0 = _mm512_set1_ps(dm[2 * jj]), d1 = _mm512_set1_ps(dm[2 * jj + 1]);
+        int k = 2 * (jj & 1);
+        for (int t = 0; t < NB; t++) {
+            const float *xo = xs[t] + 256 * ib + 64 * jj;
+            __m512 u = _mm512_mul_ps(l0, _mm512_loadu_ps(xo));
+            u = _mm512_fmadd_ps(l1, _mm512_loadu_ps(xo + 16), u);
+            __m512 v = _mm512_mul_ps(h0, _mm512_loadu_ps(xo + 32));
+            v = _mm512_fmadd_ps(h1, _mm512_loadu_ps(xo + 48), v);
+            acc[t][k] = _mm512_fmadd_ps(u, d0, acc[t][k]);
+            acc[t][k + 1] = _mm512_fmadd_ps(v, d1, acc[t][k + 1]);
+        }
+    }
+}
+
+/* One Q6_K block into acc[t][0..3] of x rows t < NB (sxs unused). */
+T4 static ALWAYS_INLINE void q6_k_tile_block(const uint8_t *b, Py_ssize_t ib, const float *const *xs,
+                                            const float *const *sxs, __m512 acc[4][4], const int NB) {
+    (void)sxs;
+    float ds[16] __attribute__((aligned(64)));
+    int8_t q[256] __attribute__((aligned(64)));
+    __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld128(b + 192)));
+    _mm512_store_ps(ds, _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(rd16(b + 208))), sc));
+    __asm__ volatile("" : : "r"(ds) : "memory");
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), k32 = _mm512_set1_epi8(32);
+    const __m512i sh01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    for (int n = 0; n < 2; n++) {
+        __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * n));
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
+        __m512i h01 = _mm512_and_si512(_mm512_sllv_epi16(qh, sh01), m30);
+        __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(qh, sh23), m30);
+        __m512i z0 = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA);
+        __m512i z1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
+        _mm512_store_si512((void *)(q + 128 * n), _mm512_sub_epi8(z0, k32));
+        _mm512_store_si512((void *)(q + 128 * n + 64), _mm512_sub_epi8(z1, k32));
+    }
+    __asm__ volatile("" : : "r"(q) : "memory");
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) {
+        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(q + 16 * i))));
+        __m512 wv = _mm512_mul_ps(v, _mm512_set1_ps(ds[i]));
+        for (int t = 0; t < NB; t++)
+            acc[t][i & 3] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs[t] + 256 * ib + 16 * i), acc[t][i & 3]);
+    }
+}
+
+/* Blocks ib0..ib1 of weight row r (blocks of TS bytes from w) times x rows t < NB: the accumulators
+ * start at zero (first) or from `keep`, and end in outs[t][r] (last: the one-row kernel's final
+ * sum) or back in `keep` (storing and reloading them is exact, so a row's arithmetic is the same
+ * in one piece or in column panels). */
+#define TILE_ROW(T, TS)                                                                                \
+    T4 static ALWAYS_INLINE void T##_tile_row(const uint8_t *w, Py_ssize_t ib0, Py_ssize_t ib1,        \
+                                             const float *const *xs, const float *const *sxs,         \
+                                             __m512 *keep, int first, int last, float *const *outs,   \
+                                             Py_ssize_t r, const int NB) {                            \
+        __m512 acc[4][4];                                                                             \
+        for (int t = 0; t < NB; t++)                                                                  \
+            for (int k = 0; k < 4; k++) acc[t][k] = first ? _mm512_setzero_ps() : keep[4 * t + k];   \
+        const uint8_t *b = w + ib0 * TS;                                                              \
+        for (Py_ssize_t ib = ib0; ib < ib1; ib++, b += TS) {                                          \
+            PF_LINES(TS);                                                                             \
+            T##_tile_block(b, ib, xs, sxs, acc, NB);                                                  \
+        }                                                                                             \
+        for (int t = 0; t < NB; t++) {                                                                \
+            if (last)                                                                                 \
+                outs[t][r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),  \
+                                                                _mm512_add_ps(acc[t][2], acc[t][3]))); \
+            else                                                                                      \
+                for (int k = 0; k < 4; k++) keep[4 * t + k] = acc[t][k];                              \
+        }                                                                                             \
+    }                                                                                                 \
+    /* the one-row product (q_matvec's row function): each row in one piece */                       \
+    T4 static void T##_mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                      \
+        const Py_ssize_t nb = j->cols / 256;                                                          \
+        const float *xs[1] = {j->x}, *sxs[1] = {j->aux};                                              \
+        float *outs[1] = {j->out};                                                                    \
+        for (Py_ssize_t r = r0; r < r1; r++)                                                          \
+            T##_tile_row((const uint8_t *)j->w + r * j->row_bytes, 0, nb, xs, sxs, NULL, 1, 1, outs, r, 1); \
+    }                                                                                                 \
+    /* Rows r0..r1 of the products subs[0 .. batch-1] (one weight, one x row each). Groups of        \
+     * TILE_ROWS weight rows; for each tile of up to four x rows, column panels of TILE_PANEL blocks  \
+     * (the tile's x panel stays in L1 for the group's rows; their accumulators wait in `keep`). */   \
+    T4 static void T##_tile_v4(const matvec_job *const *subs, int batch, Py_ssize_t r0, Py_ssize_t r1) { \
+        const matvec_job *j = subs[0];                                                                \
+        const Py_ssize_t nb = j->cols / 256;                                                          \
+        __m512 keep[TILE_ROWS][16];                                                                   \
+        for (Py_ssize_t g0 = r0; g0 < r1; g0 += TILE_ROWS) {                                          \
+            Py_ssize_t g1 = g0 + TILE_ROWS < r1 ? g0 + TILE_ROWS : r1;                                \
+            for (int b0 = 0; b0 < batch; b0 += 4) {                                                   \
+                const float *xs[4] = {0}, *sxs[4] = {0};                                              \
+                float *outs[4] = {0};                                                                 \
+                int n = batch - b0 < 4 ? batch - b0 : 4;                                              \
+                for (int t = 0; t < n; t++)                                                           \
+                    xs[t] = subs[b0 + t]->x, sxs[t] = subs[b0 + t]->aux, outs[t] = subs[b0 + t]->out; \
+                for (Py_ssize_t p0 = 0; p0 < nb; p0 += TILE_PANEL) {                                  \
+                    Py_ssize_t p1 = p0 + TILE_PANEL < nb ? p0 + TILE_PANEL : nb;                      \
+                    int first = p0 == 0, last = p1 == nb;                                             \
+                    for (Py_ssize_t r = g0; r < g1; r++) {                                            \
+                        const uint8_t *w = (const uint8_t *)j->w + r * j->row_bytes;                  \
+                        __m512 *k = keep[r - g0];                                                     \
+                        switch (n) {                                                                  \
+                            case 1: T##_tile_row(w, p0, p1, xs, sxs, k, first, last, outs, r, 1); break; \
+                            case 2: T##_tile_row(w, p0, p1, xs, sxs, k, first, last, outs, r, 2); break; \
+                            case 3: T##_tile_row(w, p0, p1, xs, sxs, k, first, last, outs, r, 3); break; \
+                            default: T##_tile_row(w, p0, p1, xs, sxs, k, first, last, outs, r, 4); break; \
+                        }                                                                             \
+                    }                                                                                 \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+#define TILE_ROWS 8
+#define TILE_PANEL 2
+TILE_ROW(q4_k, 144)
+TILE_ROW(q6_k, 210)
+#undef TILE_ROW
+#undef TILE_ROWS
+#undef TILE_PANEL
+
+#pragma GCC pop_options
 
 T4 static void f16_mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
     for (Py_ssize_t r = r0; r < r1; r++) {
@@ -1775,89 +1925,159 @@ done:
     return result;
 }
 
-/* ------------------------------------------------------------- several products of one x
- * q_matvec_many(x, cols, threads, act, ((qtype, w, out, rows), ...)): out_i = dequant(w_i) @ x for up
- * to MANY_MAX weights of `cols` columns (a layer's q, k, v; gate and up), as one job on the pool: x is
- * prepared (summed / quantized) once per distinct type, the rows of all products are claimed from one
- * counter, and the caller waits once. Each row is computed by the same row function as q_matvec, so
- * every output equals q_matvec's bit for bit. */
+/* ------------------------------------------------------------- several products of one x (or of a batch)
+ * q_matvec_many(x, cols, threads, act, ((qtype, w, out, rows), ...)[, batch=1]): out_i[b] =
+ * dequant(w_i) @ x[b] for up to MANY_MAX weights of `cols` columns (a layer's q, k, v; gate and up)
+ * and `batch` activation rows (x fp32 [batch, cols], each out_i fp32 [batch, rows_i]: batched decode),
+ * as one job on the pool: each x row is prepared (summed / quantized) once per distinct type, the
+ * rows of all products are claimed from one counter, and the caller waits once. A block of weight
+ * rows (about 16 KiB) is multiplied by every x row in turn while it sits in L1/L2, so the weights
+ * are read from memory once for the whole batch. Each (row, x row) is computed by the same row
+ * function as q_matvec, so every output equals q_matvec's of that x row bit for bit. */
 #define MANY_MAX 8
+#define MANY_BATCH_MAX 256
+
+typedef void (*tile_fn)(const matvec_job *const *subs, int batch, Py_ssize_t r0, Py_ssize_t r1);
 
 typedef struct {
-    int n;
+    int n, batch;
     Py_ssize_t start[MANY_MAX + 1]; /* rows of product i are start[i] .. start[i+1]-1 of the job */
-    const matvec_job *sub[MANY_MAX];
+    const matvec_job *const *sub;   /* [n * batch]: product i, x row b at sub[i * batch + b] */
+    tile_fn tile[MANY_MAX];         /* product i's kernel for several x rows at once, or NULL */
 } many_job;
+
+/* The several-x-row kernel of a row function (the weight unpacked once for a tile of x rows), or NULL. */
+static tile_fn tile_of(rows_fn fn) {
+#if Q_X86
+    if (fn == q4_k_mv_v4) return q4_k_tile_v4;
+    if (fn == q6_k_mv_v4) return q6_k_tile_v4;
+#else
+    (void)fn;
+#endif
+    return NULL;
+}
 
 static void many_rows(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
     const many_job *m = (const many_job *)j->w;
     for (int i = 0; i < m->n; i++) {
         Py_ssize_t a = r0 > m->start[i] ? r0 : m->start[i], b = r1 < m->start[i + 1] ? r1 : m->start[i + 1];
-        if (a < b) m->sub[i]->fn(m->sub[i], a - m->start[i], b - m->start[i]);
+        if (a >= b) continue;
+        const matvec_job *const *sub = m->sub + (Py_ssize_t)i * m->batch;
+        if (m->batch == 1) {
+            sub[0]->fn(sub[0], a - m->start[i], b - m->start[i]);
+            continue;
+        }
+        if (m->tile[i]) {
+            m->tile[i](sub, m->batch, a - m->start[i], b - m->start[i]);
+            continue;
+        }
+        Py_ssize_t blk = sub[0]->row_bytes > 0 ? 16384 / sub[0]->row_bytes : 1;
+        if (blk < 1) blk = 1;
+        for (Py_ssize_t c0 = a; c0 < b; c0 += blk) {
+            Py_ssize_t c1 = c0 + blk < b ? c0 + blk : b;
+            for (int bb = 0; bb < m->batch; bb++) sub[bb]->fn(sub[bb], c0 - m->start[i], c1 - m->start[i]);
+        }
     }
 }
 
 static PyObject *q_matvec_many(PyObject *self, PyObject *args) {
     Py_buffer x;
-    Py_ssize_t cols;
+    Py_ssize_t cols, batch = 1;
     int threads, act;
     PyObject *specs;
-    if (!PyArg_ParseTuple(args, "y*niiO", &x, &cols, &threads, &act, &specs)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*niiO|n", &x, &cols, &threads, &act, &specs, &batch)) return NULL;
     PyObject *result = NULL;
     Py_buffer w[MANY_MAX], out[MANY_MAX];
-    int qtypes[MANY_MAX], owner[MANY_MAX], n = 0, held = 0, prepared = 0;
-    q_prep p[MANY_MAX];
+    int qtypes[MANY_MAX], n = 0, held = 0, prepared = 0;
+    Py_ssize_t nrows[MANY_MAX];
+    q_prep *p = NULL;               /* [n * batch] */
+    int *owner = NULL;              /* [n * batch]: the prep whose x scratch a product shares */
+    const matvec_job **subs = NULL; /* [n * batch] */
     many_job m = {0};
     if (!PyTuple_Check(specs) || PyTuple_GET_SIZE(specs) < 1 || PyTuple_GET_SIZE(specs) > MANY_MAX) {
         PyErr_Format(PyExc_ValueError, "q_matvec_many: specs must be a tuple of 1 to %d (qtype, w, out, rows) tuples",
                      MANY_MAX);
         goto done;
     }
+    if (batch < 1 || batch > MANY_BATCH_MAX) {
+        PyErr_Format(PyExc_ValueError, "q_matvec_many: batch must be 1 to %d, not %zd", MANY_BATCH_MAX, batch);
+        goto done;
+    }
+    if (cols < 0 || x.len != batch * cols * 4) {
+        PyErr_Format(PyExc_ValueError, "q_matvec_many: x must be fp32 [%zd, %zd] (%zd bytes), the buffer has %zd bytes",
+                     batch, cols, batch * cols * 4, x.len);
+        goto done;
+    }
     n = (int)PyTuple_GET_SIZE(specs);
+    p = (q_prep *)PyMem_Calloc((size_t)(n * batch), sizeof *p);
+    owner = (int *)PyMem_Calloc((size_t)(n * batch), sizeof *owner);
+    subs = (const matvec_job **)PyMem_Calloc((size_t)(n * batch), sizeof *subs);
+    if (p == NULL || owner == NULL || subs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     Py_ssize_t total = 0;
     for (int i = 0; i < n; i++) {
-        Py_ssize_t rows;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(specs, i), "iy*w*n", &qtypes[i], &w[i], &out[i], &rows)) goto done;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(specs, i), "iy*w*n", &qtypes[i], &w[i], &out[i], &nrows[i])) goto done;
         held = i + 1;
-        if (q_prepare("q_matvec_many", qtypes[i], &w[i], x.buf, x.len, &out[i], rows, cols, threads, act, &p[i]) < 0)
+        if (nrows[i] < 0 || out[i].len != batch * nrows[i] * 4) {
+            PyErr_Format(PyExc_ValueError, "q_matvec_many: out %d must be fp32 [%zd, %zd] (%zd bytes), the buffer has "
+                         "%zd bytes", i, batch, nrows[i], batch * nrows[i] * 4, out[i].len);
             goto done;
-        prepared = i + 1;
-        owner[i] = i;
-        for (int k = 0; k < i; k++) /* the same type: share the first one's prepared x */
-            if (qtypes[k] == qtypes[i] && owner[k] == k) {
-                owner[i] = k;
-                break;
+        }
+        for (Py_ssize_t b = 0; b < batch; b++) {
+            int k = i * (int)batch + (int)b;
+            Py_buffer ob = out[i]; /* x row b's slice of out_i */
+            ob.buf = (float *)out[i].buf + b * nrows[i];
+            ob.len = nrows[i] * 4;
+            const float *xb = (const float *)x.buf + b * cols;
+            if (q_prepare("q_matvec_many", qtypes[i], &w[i], xb, cols * 4, &ob, nrows[i], cols, threads, act, &p[k]) < 0)
+                goto done;
+            prepared = k + 1;
+            owner[k] = k;
+            for (int e = 0; e < i; e++) /* the same type for the same x row: share its prepared x */
+                if (qtypes[e] == qtypes[i] && owner[e * (int)batch + (int)b] == e * (int)batch + (int)b) {
+                    owner[k] = e * (int)batch + (int)b;
+                    break;
+                }
+            if (owner[k] != k) {
+                q_prep_free(&p[k]);
+                p[k].j.aux = p[owner[k]].j.aux;
+                p[k].j.qx = p[owner[k]].j.qx;
             }
-        if (owner[i] != i) {
-            q_prep_free(&p[i]);
-            p[i].j.aux = p[owner[i]].j.aux;
-            p[i].j.qx = p[owner[i]].j.qx;
+            subs[k] = &p[k].j;
         }
         m.start[i] = total;
-        total += rows;
-        m.sub[i] = &p[i].j;
+        total += nrows[i];
+        m.tile[i] = batch > 1 ? tile_of(p[i * (int)batch].j.fn) : NULL;
     }
     m.start[n] = total;
     m.n = n;
+    m.batch = (int)batch;
+    m.sub = subs;
     if (cols == 0) {
         for (int i = 0; i < n; i++) memset(out[i].buf, 0, (size_t)out[i].len);
     } else if (total > 0) {
         matvec_job all = {many_rows, &m, (const float *)x.buf, NULL, NULL, total, cols, 0,
                           pool_parts(threads), NULL};
         Py_BEGIN_ALLOW_THREADS
-        for (int i = 0; i < n; i++)
-            if (owner[i] == i) q_prep_fill(qtypes[i], &p[i]);
+        for (int k = 0; k < n * (int)batch; k++)
+            if (owner[k] == k) q_prep_fill(qtypes[k / (int)batch], &p[k]);
         matvec(&all);
         Py_END_ALLOW_THREADS
     }
     result = Py_None;
     Py_INCREF(result);
 done:
+    for (int k = 0; k < prepared; k++)
+        if (owner[k] == k) q_prep_free(&p[k]);
     for (int i = 0; i < held; i++) {
-        if (i < prepared && owner[i] == i) q_prep_free(&p[i]);
         PyBuffer_Release(&w[i]);
         PyBuffer_Release(&out[i]);
     }
+    PyMem_Free(p);
+    PyMem_Free(owner);
+    PyMem_Free(subs);
     PyBuffer_Release(&x);
     return result;
 }
@@ -2133,8 +2353,9 @@ static PyMethodDef methods[] = {
      "q_dequantize(qtype, w, out, rows, cols, threads): out [rows, cols] fp32 = the dequantized ggml blocks "
      "(GIL released)."},
     {"q_matvec_many", q_matvec_many, METH_VARARGS,
-     "q_matvec_many(x, cols, threads, act, ((qtype, w, out, rows), ...)): several q_matvec products of one fp32 x "
-     "(up to 8) as one job on the pool, x prepared once per type; each output equals q_matvec's (GIL released)."},
+     "q_matvec_many(x, cols, threads, act, ((qtype, w, out, rows), ...)[, batch=1]): several q_matvec products "
+     "(up to 8) of each of `batch` fp32 x rows (x [batch, cols], out [batch, rows]) as one job on the pool, each x "
+     "row prepared once per type, the weights read once for the batch; each output equals q_matvec's (GIL released)."},
     {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, w, out, n, eps): out = w * (x / sqrt(mean(x^2) + eps)), fp32."},
     {"rope", rope, METH_VARARGS,
      "rope(x, out, heads, d, cos, sin, interleaved): rotary embedding of one position, fp32 [heads, d]."},

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flashtier.runtime.quantized import QuantizedTensor, quantized_linear, quantized_linear_many
+from flashtier.runtime.quantized import QuantizedTensor, quantized_linear, quantized_linear_many, quantized_linear_rows
 
 MatVec = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 """``kernel(w_bits [N, K] uint16, x [K] float32, out [N] float32)``: ``out = bf16(w_bits) @ x``."""
@@ -182,11 +182,31 @@ class Linear:
                 return ys
         return [self(x, w, b) for w, b in zip(ws, bs)]
 
+    def many_rows(self, xs: list[torch.Tensor], ws: "list[torch.Tensor | QuantizedTensor]",
+                  bs: "list[torch.Tensor | None] | None" = None) -> list[list[torch.Tensor]]:
+        """``[self.many(x, ws, bs) for x in xs]``, the same tensors: with quantized weights and
+        one-row inputs, ONE native call reads each weight once for all the rows (batched decode);
+        otherwise each weight over all rows at once (:meth:`rows`)."""
+        bs = bs if bs is not None else [None] * len(ws)
+        if all(isinstance(w, QuantizedTensor) for w in ws):
+            ys = quantized_linear_rows(xs, ws, bs, self._native_threads, self.activations)
+            if ys is not None:
+                self.calls_quantized += len(ws) * len(xs)
+                return ys
+            return [self.many(x, ws, bs) for x in xs]
+        per_weight = [self.rows(xs, w, b) for w, b in zip(ws, bs)]
+        return [list(row) for row in zip(*per_weight)]
+
     def rows(self, xs: list[torch.Tensor], w: "torch.Tensor | QuantizedTensor",
              b: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``[self(x, w, b) for x in xs]`` for one-row inputs ``[1, K]``, the same tensors; with the
         C bf16 kernel, one call computes every row (each exactly as the one-row kernel does) and
         reads the weight from memory once instead of once per row (batched decode)."""
+        if len(xs) >= 2 and isinstance(w, QuantizedTensor):
+            ys = quantized_linear_rows(xs, [w], [b], self._native_threads, self.activations)
+            if ys is not None:
+                self.calls_quantized += len(xs)
+                return [y[0] for y in ys]
         if (len(xs) < 2 or self._native_rows is None or isinstance(w, QuantizedTensor) or w.dtype != torch.bfloat16
                 or w.device.type != "cpu" or not w.is_contiguous()
                 or any(x.shape[0] != 1 or x.dtype != torch.bfloat16 or x.requires_grad for x in xs)):

@@ -16,7 +16,6 @@ from flashtier.errors import ConfigError, NonFiniteError
 from flashtier.runtime import decode_ops
 from flashtier.checkpoint.folder import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
-from flashtier.checkpoint.quantized_tensor import QuantizedTensor
 from flashtier.runtime.kernels import Linear
 from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA, BlockKVCache, KVBlockPool, KVCache, KVCacheConfig
 from flashtier.runtime.weights.base import WeightAccessor
@@ -205,11 +204,8 @@ class Transformer:
         if all(w.resident(name) for name in names):
             weights = [w.get(name) for name in names]
             bs = [w.get(b) if b else None for b in biases]
-            if any(isinstance(t, QuantizedTensor) for t in weights):  # one fused native call per group
-                ys = [self.linear.many(x, weights, bs) for x in xs]
-            else:  # Linear.many is one product per weight for these: each weight over all rows at once
-                per_weight = [self.linear.rows(xs, t, b) for t, b in zip(weights, bs)]
-                ys = [list(row) for row in zip(*per_weight)]
+            # quantized: one fused native call for every group; else each weight over all rows at once
+            ys = self.linear.many_rows(xs, weights, bs)
             w.done(names)
             return ys
         per_name = [self._rows_linear(xs, name, bias) for name, bias in zip(names, biases)]
@@ -247,25 +243,19 @@ class Transformer:
             names = n.expert(e)
             gate, up, down = (w.get(x) for x in names)
             single = [b for b in range(len(xs)) if xs[b].shape[0] == 1 and e in sets[b]]
-            if single and not isinstance(gate, QuantizedTensor):  # each weight over every routed row at once
-                gs, us = lin.rows([xs[b] for b in single], gate), lin.rows([xs[b] for b in single], up)
-                downs = lin.rows([self.act(g) * u for g, u in zip(gs, us)], down)
+            if single:  # each weight over every routed one-token row at once (quantized: one fused call)
+                gus = lin.many_rows([xs[b] for b in single], [gate, up])
+                downs = lin.rows([self.act(g) * u for g, u in gus], down)
                 for b, d in zip(single, downs):
                     ids = picks[b][0][0].tolist()
                     ys[b, e] = d * picks[b][1][0, ids.index(e)]
-                single = []
-            for b, (top_i, top_w) in enumerate(picks):
-                if e not in sets[b] or (xs[b].shape[0] == 1 and b not in single):
+            for b, (top_i, top_w) in enumerate(picks):  # several tokens: the rows routed to e
+                if e not in sets[b] or xs[b].shape[0] == 1:
                     continue
-                if xs[b].shape[0] == 1:  # one token (quantized: one fused call per row)
-                    g, u = lin.many(xs[b], [gate, up])
-                    ids = top_i[0].tolist()
-                    ys[b, e] = lin(self.act(g) * u, down) * top_w[0, ids.index(e)]
-                else:  # several tokens: the rows routed to e
-                    rows, slot = torch.nonzero(top_i == e, as_tuple=True)
-                    g, u = lin.many(xs[b][rows], [gate, up])
-                    y = lin(self.act(g) * u, down) * top_w[rows, slot, None]
-                    outs[b].index_add_(0, rows, y)  # type: ignore[union-attr]
+                rows, slot = torch.nonzero(top_i == e, as_tuple=True)
+                g, u = lin.many(xs[b][rows], [gate, up])
+                y = lin(self.act(g) * u, down) * top_w[rows, slot, None]
+                outs[b].index_add_(0, rows, y)  # type: ignore[union-attr]
             w.done(names)
         out = []
         for b, x in enumerate(xs):

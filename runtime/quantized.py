@@ -74,6 +74,9 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
 MANY_MAX = 8
 """Most products :func:`quantized_linear_many` runs as one native call."""
 
+BATCH_MAX = 256
+"""Most activation rows :func:`quantized_linear_rows` runs as one native call."""
+
 
 def quantized_linear_many(x: torch.Tensor, ws: "list[QuantizedTensor]", bs: "list[torch.Tensor | None]",
                           threads: int, activations: str = "f32") -> "list[torch.Tensor] | None":
@@ -83,22 +86,38 @@ def quantized_linear_many(x: torch.Tensor, ws: "list[QuantizedTensor]", bs: "lis
     :func:`quantized_linear`'s bit for bit (the same row kernel computes every row). Returns None
     where it does not apply (several rows, no native kernels, a weight that is not contiguous
     CPU blocks of width K): then call :func:`quantized_linear` per weight."""
-    many = qk._native_matvec_many
-    if (many is None or x.shape[0] != 1 or not 1 <= len(ws) <= MANY_MAX or x.requires_grad
-            or x.device.type != "cpu"):
+    if x.shape[0] != 1:
         return None
-    cols = x.shape[1]
-    specs = []
-    outs = []
-    for w in ws:
-        if w.shape[1] != cols or w.array is None:
-            return None
-        y = torch.empty(1, w.shape[0], dtype=torch.float32)  # [1, N_i]
-        outs.append(y)
-        specs.append((int(w.qtype), w.array, y.numpy(), w.shape[0]))
-    xr = _row_f32(x)  # [K]
-    many(xr.numpy(), cols, threads, 1 if activations == "q8" else 0, tuple(specs))
-    return [(y if b is None else y + b.float()).to(x.dtype) for y, b in zip(outs, bs)]
+    rows = quantized_linear_rows([x], ws, bs, threads, activations)
+    return None if rows is None else rows[0]
+
+
+def quantized_linear_rows(xs: "list[torch.Tensor]", ws: "list[QuantizedTensor]", bs: "list[torch.Tensor | None]",
+                          threads: int, activations: str = "f32") -> "list[list[torch.Tensor]] | None":
+    """Batched decode: ``[[x @ W.T (+ b) for W, b in zip(ws, bs)] for x in xs]`` for one-row inputs
+    ``[1, K]`` as ONE native call that reads each weight from memory once for all the rows (a block
+    of weight rows is multiplied by every x while it sits in the CPU cache). Every output
+    ``[1, N_i]`` (``x.dtype``) equals :func:`quantized_linear` of that x alone bit for bit (the same
+    row kernel computes it): batch-invariant. None where it does not apply (see
+    :func:`quantized_linear_many`)."""
+    many = qk._native_matvec_many
+    if (many is None or not xs or not 1 <= len(ws) <= MANY_MAX or len(xs) > BATCH_MAX
+            or any(x.shape[0] != 1 or x.requires_grad or x.device.type != "cpu" for x in xs)):
+        return None
+    cols = xs[0].shape[1]
+    if any(x.shape[1] != cols for x in xs) or any(w.shape[1] != cols or w.array is None for w in ws):
+        return None
+    outs = [torch.empty(len(xs), w.shape[0], dtype=torch.float32) for w in ws]  # [B, N_i] each
+    specs = tuple((int(w.qtype), w.array, y.numpy(), w.shape[0]) for w, y in zip(ws, outs))
+    act = 1 if activations == "q8" else 0
+    if len(xs) == 1:
+        many(_row_f32(xs[0]).numpy(), cols, threads, act, specs)
+    else:
+        xf = torch.cat(xs).float().contiguous()  # [B, K] fp32
+        many(xf.numpy(), cols, threads, act, specs, len(xs))
+    dtype = xs[0].dtype
+    return [[(y[r:r + 1] if b is None else y[r:r + 1] + b.float()).to(dtype) for y, b in zip(outs, bs)]
+            for r in range(len(xs))]
 
 
 def page_format(info: "TensorInfo") -> tuple[torch.dtype, tuple[int, ...]]:

@@ -417,27 +417,33 @@ def test_native_q8_arguments() -> None:
 # ------------------------------------------------------------------ several products of one x
 many_cases = st.tuples(st.lists(st.sampled_from(TYPES[3:] + [GGMLType.F32, GGMLType.BF16]), min_size=1, max_size=4),
                        st.lists(st.integers(1, 90), min_size=4, max_size=4), st.integers(1, 3), st.integers(1, 3),
-                       st.booleans(), st.integers(0, 2**31))
+                       st.booleans(), st.integers(0, 2**31), st.integers(1, 9))
 
 
 @needs_native
 @settings(max_examples=50, deadline=None)
 @given(case=many_cases)
-def test_matvec_many_equals_one_call_per_weight(case: tuple) -> None:
-    """q_matvec_many (a layer's q, k, v as one pool job; x prepared once per type) gives every
-    output bit for bit as q_matvec does alone, exact and int8 activations, any thread count."""
-    types, rows, nb, threads, q8, seed = case
+def test_matvec_many_equals_one_call_per_weight_and_row(case: tuple) -> None:
+    """q_matvec_many (a layer's q, k, v as one pool job; x prepared once per type), for one x row
+    or a batch of them (batched decode: the weights read once for all), gives every output bit
+    for bit as q_matvec does for that weight and x row alone, exact and int8 activations, any
+    thread count: batched quantized decode is batch-invariant."""
+    types, rows, nb, threads, q8, seed, batch = case
     cols = 256 * nb
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(cols).astype(np.float32)
+    x = rng.standard_normal((batch, cols)).astype(np.float32)  # [B, cols]
     specs, want = [], []
     for i, t in enumerate(types):
         blocks = random_blocks(t, rows[i], cols, seed + i).reshape(-1)
-        alone = np.empty(rows[i], np.float32)
-        _native.q_matvec(int(t), blocks, x, alone, rows[i], cols, threads, int(q8))
+        alone = np.empty((batch, rows[i]), np.float32)
+        for b in range(batch):
+            _native.q_matvec(int(t), blocks, x[b], alone[b], rows[i], cols, threads, int(q8))
         want.append(alone)
-        specs.append((int(t), blocks, np.full(rows[i], np.nan, np.float32), rows[i]))
-    _native.q_matvec_many(x, cols, threads, int(q8), tuple(specs))
+        specs.append((int(t), blocks, np.full((batch, rows[i]), np.nan, np.float32), rows[i]))
+    if batch == 1:
+        _native.q_matvec_many(x[0], cols, threads, int(q8), tuple(specs))
+    else:
+        _native.q_matvec_many(x, cols, threads, int(q8), tuple(specs), batch)
     for (_, _, got, _), alone in zip(specs, want):
         assert np.array_equal(got.view(np.uint32), alone.view(np.uint32))
 
@@ -450,10 +456,17 @@ def test_matvec_many_rejects_bad_arguments() -> None:
     _native.q_matvec_many(x, cols, 2, 0, ((12, w, out, 4),))  # well-formed
     for specs, msg in [((), "1 to 8"), (tuple((12, w, out, 4) for _ in range(9)), "1 to 8"),
                        ([(12, w, out, 4)], "tuple"), (((12, w[:-1], out, 4),), "bytes"),
-                       (((12, w, out[:-1], 4),), "out must be fp32"), (((3, w, out, 4),), "not supported")]:
+                       (((12, w, out[:-1], 4),), "out 0 must be fp32"), (((3, w, out, 4),), "not supported")]:
         with pytest.raises(ValueError, match=msg):
             _native.q_matvec_many(x, cols, 2, 0, specs)
     with pytest.raises(ValueError, match="x must be fp32"):
         _native.q_matvec_many(x[:-1], cols, 2, 0, ((12, w, out, 4),))
     with pytest.raises(TypeError):
         _native.q_matvec_many(x, cols, 2, 0, ((12, w, out),))
+    x2, out2 = np.zeros((2, cols), np.float32), np.zeros((2, 4), np.float32)
+    _native.q_matvec_many(x2, cols, 2, 0, ((12, w, out2, 4),), 2)  # well-formed batch
+    for args, msg in [((x2, cols, 2, 0, ((12, w, out2, 4),), 0), "batch must be"),
+                      ((x2, cols, 2, 0, ((12, w, out2, 4),), 3), "x must be fp32"),
+                      ((x2, cols, 2, 0, ((12, w, out, 4),), 2), "out 0 must be fp32")]:
+        with pytest.raises(ValueError, match=msg):
+            _native.q_matvec_many(*args)
