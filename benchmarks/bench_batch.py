@@ -22,17 +22,19 @@ SCENARIOS = {"dense-big": ("bench_out/gguf-dense-big-q4_k_m.gguf", "1G", "650M")
              # the batching issue's scenarios: bf16 safetensors folders (make-model presets, made by bench_gguf)
              "dense-1.7g": ("bench_out/gguf-dense-fit", "1G", "700M"),
              "dense-1.7g-mem": ("bench_out/gguf-dense-fit", None, None),
-             "moe-1.3g": ("bench_out/gguf-moe", "700M", "420M")}
+             "moe-1.3g": ("bench_out/gguf-moe", "700M", "420M"),
+             # long-context batching: the shipped model (use --attention retrieval --prompt-tokens 4096)
+             "tiny-moe-16k": ("models/tiny-moe-16k", None, None)}
 
 CHILD = r"""
 import json, sys
 from flashtier.runtime import open_model
 path, budget, batches = sys.argv[1], sys.argv[2] or None, [int(b) for b in sys.argv[3].split(",")]
-tokens, check, act = int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
-prompts = [list(range(1 + 7 * i, 17 + 7 * i)) for i in range(max(batches))]
+tokens, check, act, attention, plen = int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6], sys.argv[7], int(sys.argv[8])
+prompts = [[(7 * i + j) % 1000 + 1 for j in range(plen)] for i in range(max(batches))]
 out = {}
-with open_model(path, dram_budget=budget, max_context=16 + tokens, kv_sequences=max(batches), threads=2,
-                activations=act) as llm:
+with open_model(path, dram_budget=budget, max_context=plen + tokens, kv_sequences=max(batches), threads=2,
+                activations=act, attention=attention) as llm:
     # warm-up on a prompt no other one starts with: Model.generate reuses the KV of a shared prefix,
     # computed in other chunks than a fresh prefill, which can round differently (see the notes)
     llm.generate([3] * 8, max_new_tokens=2, ignore_eos=True)
@@ -63,6 +65,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=16, help="new tokens per request (default 16)")
     ap.add_argument("--check", action="store_true", help="compare every sequence with its run alone (slow)")
+    ap.add_argument("--attention", default="full", choices=("full", "retrieval"))
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt (default 16)")
     ap.add_argument("--activations", default="f32", choices=("f32", "q8"),
                     help="quantized weights: exact fp32 activations (default) or int8 (llama.cpp's approximation)")
     args = ap.parse_args()
@@ -73,15 +77,15 @@ def main() -> int:
     rows = []
     for _ in range(args.rounds):
         r = run_json([PY, "-c", CHILD, str(path), budget or "", args.batches, str(args.tokens), "1" if args.check else "0",
-                      args.activations],
+                      args.activations, args.attention, str(args.prompt_tokens)],
                      cap=cap, timeout=5400)
         if "batches" not in r:
             raise SystemExit(f"run failed: {r}")
         rows.append((r["batches"], r.get("peak_cgroup_mib")))
     batches = args.batches.split(",")
     lines = [f"{args.scenario} ({rel}) under {'a ' + cap + ' cap' if cap else 'no cap'}, --dram-budget {budget or 'none'}, "
-             f"2 threads, {args.tokens} new tokens after 16-token prompts, activations {args.activations}; aggregate "
-             "decode tokens/s", "",
+             f"2 threads, {args.tokens} new tokens after {args.prompt_tokens}-token prompts, activations "
+             f"{args.activations}, {args.attention} attention; aggregate decode tokens/s", "",
              "| round | " + " | ".join(f"B={b}" for b in batches) + " | B=max / B=1 | "
              + ("every sequence = alone" if args.check else "first sequence = alone") + " | peak MiB |",
              "| --- | " + " | ".join("---" for _ in batches) + " | --- | --- | --- |"]
@@ -92,7 +96,8 @@ def main() -> int:
                      f"{'yes' if inv else 'NO'} | {peak} |")
     text = "\n".join(lines) + "\n"
     (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-    suffix = "" if args.activations == "f32" else f"_{args.activations}"
+    suffix = ("" if args.activations == "f32" else f"_{args.activations}") + \
+        ("" if args.attention == "full" else f"_{args.attention}_{args.prompt_tokens}")
     (REPO / "benchmarks" / "results" / f"batch_{args.scenario.replace('-', '_')}{suffix}.md").write_text(text)
     print(text)
     print(json.dumps([r[0] for r in rows]))

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-from flashtier.errors import BusyError, ConfigError, InputError
+from flashtier.errors import BudgetError, BusyError, ConfigError, InputError
 from flashtier.checkpoint.folder import Checkpoint, open_checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
 from flashtier.runtime.kernels import Linear, choose_kernel
@@ -82,9 +82,11 @@ class EngineConfig:
     """Most tokens (prompt + generated) a request may hold; the KV cache is budgeted for it
     (None: the model's context, capped at 4096 when a budget is set)."""
     kv_sequences: int = 1
-    """Sequences whose full-attention KV a budget plans for, each up to --max-context tokens
-    (``serve`` sets it to --max-batch): under --dram-budget every running sequence's KV blocks come
-    from that one share of the budget, and a sequence that does not fit waits until one finishes."""
+    """Sequences whose KV the budgets plan for, each up to --max-context tokens (``serve`` sets it
+    to --max-batch). Full attention: under --dram-budget every running sequence's KV blocks come
+    from that one share of the budget, and a sequence that does not fit waits until one finishes.
+    Retrieval attention: each batched sequence gets 1/N of --kv-dram-budget (and --kv-device-budget),
+    and with a budget at most N run at once."""
     device: str = "cpu"
     """Where the forward pass runs: 'cpu' (default), or 'cuda' / 'cuda:N' with every weight and the
     KV cache resident on that GPU (not with a budget or retrieval attention yet)."""
@@ -160,9 +162,6 @@ class EngineConfig:
             raise ConfigError(f"prompt_cache_budget must be positive, got {self.prompt_cache_budget}")
         if not isinstance(self.kv_sequences, int) or self.kv_sequences < 1:
             raise ConfigError(f"kv_sequences must be a whole number >= 1, got {self.kv_sequences!r}")
-        if self.kv_sequences > 1 and self.attention != "full":
-            raise ConfigError("--kv-sequences plans the full-attention KV of several batched sequences; retrieval "
-                              "attention runs one sequence: drop --kv-sequences or use --attention full")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
         self._check_device()
@@ -418,17 +417,19 @@ class Model:
         for all of them (under a budget, a step streams the weights once instead of once per
         sequence). Batch-invariant: each result's tokens are the tokens :meth:`generate` gives for
         that prompt alone (greedy, or sampling with a seed), whatever else is in the batch.
-        Full attention only; not with the sparse FFN. Under a budget the KV of ``kv_sequences``
-        contexts is planned (default 1): prompts beyond what it holds wait and join as others
-        finish (``batch_waited_for_kv`` in each result's stats counts them; open the model with
-        ``kv_sequences=len(prompts)`` to run them all at once). The conversation cache of
-        :meth:`generate` is left as it was unless the batch needs its blocks."""
+        Not with the sparse FFN. Under a budget the KV of ``kv_sequences`` contexts is planned
+        (default 1): prompts beyond what it holds wait and join as others finish
+        (``batch_waited_for_kv`` in each result's stats counts them; open the model with
+        ``kv_sequences=len(prompts)`` to run them all at once). With full attention the
+        conversation cache of :meth:`generate` is left as it was unless the batch needs its blocks;
+        with retrieval attention each sequence has its own long-context cache (its index, its
+        share of ``--kv-dram-budget``) and the conversation cache is emptied first (its share of
+        the budget goes to the batch)."""
         c = self.engine_config
         if not prompts:
             return []
-        if c.attention != "full" or c.sparse_ffn is not None:
-            raise ConfigError("generate_batch runs full attention without the sparse FFN; generate those requests "
-                              "one at a time")
+        if c.sparse_ffn is not None:
+            raise ConfigError("generate_batch does not run the sparse FFN; generate those requests one at a time")
         encoded = [self.encode(p) for p in prompts]
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1 for generate_batch, got {max_new_tokens}")
@@ -620,6 +621,19 @@ class _ReleasedCache:
 _RELEASED: Any = _ReleasedCache()
 
 
+class _EmptiedCache:
+    """The conversation cache while a batch session with retrieval attention holds its share of
+    the KV budgets: empty (reports 0 bytes, has no statistics); the session puts a new one back."""
+
+    length = 0
+
+    def nbytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 class BatchSession:
     """Continuous batching on one :class:`Model`: sequences join (``admit``: their prompt is
     prefilled and the first token sampled) and leave (finished or ``drop``) at token boundaries,
@@ -629,22 +643,62 @@ class BatchSession:
 
     def __init__(self, model: Model, max_batch: int) -> None:
         c = model.engine_config
-        if c.attention != "full" or c.sparse_ffn is not None:
-            raise ConfigError("batching runs full attention without the sparse FFN; serve one request at a time "
-                              "(--max-batch 1) with those options")
+        if c.sparse_ffn is not None:
+            raise ConfigError("batching does not run the sparse FFN; serve one request at a time (--max-batch 1) "
+                              "with it")
         if max_batch < 1:
             raise ConfigError(f"max batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
         self.active: list[BatchSequence] = []
         self.prefilling: list[BatchSequence] = []
         """Sequences admitted with ``interleave``: one prefill chunk of each per :meth:`step`."""
+        self._retrieval = c.attention == "retrieval"
+        self._held = 0
+        """Retrieval caches alive (each holds 1/kv_sequences of the KV budgets)."""
 
     def __enter__(self) -> BatchSession:
-        self.model._lock.acquire()
+        m = self.model
+        m._lock.acquire()
+        if self._retrieval:  # its share of --kv-dram-budget goes to the batch's sequences
+            close = getattr(m.cache, "close", None)
+            if close is not None:
+                close()
+            m.cache, m._cached_ids = _EmptiedCache(), []
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.model._lock.release()
+        m = self.model
+        try:
+            if self._retrieval:
+                for seq in self.active + self.prefilling:
+                    self._release(seq)
+                m.cache, m._cached_ids = m._new_cache(), []
+        finally:
+            m._lock.release()
+
+    def _new_cache(self) -> KVCache:
+        """A new sequence's KV cache: blocks of the model's pool (full attention), or a long-context
+        cache of its own with 1/kv_sequences of the KV budgets (retrieval attention)."""
+        m = self.model
+        c = m.engine_config
+        if not self._retrieval:
+            return m.transformer.new_cache(c.kv_block_size)
+        if c.retrieval.kv_dram_budget is not None and self._held >= c.kv_sequences:
+            raise KVBudgetFull(f"the {c.kv_sequences} sequence(s) of --kv-sequences hold --kv-dram-budget; "
+                               "this one waits until one finishes")
+        from flashtier.runtime.kv.retrieval import retrieval_cache  # long-context subsystem
+
+        cache = retrieval_cache(m.transformer, c, getattr(m.weights, "store", None), share=c.kv_sequences)
+        self._held += 1
+        return cache
+
+    def _release(self, seq: BatchSequence) -> None:
+        """Give back ``seq``'s KV now (its blocks to the pool; a long-context cache's host arena
+        and spill files), not when the caller lets go of ``seq``."""
+        cache, seq.cache = seq.cache, _RELEASED
+        if cache is not _RELEASED and self._retrieval:
+            cache.close()
+            self._held -= 1
 
     def admit(self, ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig, stop: Sequence[str] = (),
               ignore_eos: bool = False) -> tuple[BatchSequence, list[TokenEvent]]:
@@ -682,9 +736,15 @@ class BatchSession:
                 results.append(deferred)
                 continue
             stats = GenerationStats(prompt_tokens=len(ids))
+            try:
+                cache = self._new_cache()
+            except KVBudgetFull as e:
+                deferred = KVBudgetFull(str(e))  # a fresh error: see below
+                results.append(deferred)
+                continue
             seq = BatchSequence(list(ids), max_new_tokens, Sampler(sampling),
                                 frozenset(() if ignore_eos else m.stop_ids()), TextStream(m.tokenizer, stop),
-                                m.transformer.new_cache(m.engine_config.kv_block_size), stats)
+                                cache, stats)
             try:
                 self._reserve(seq, len(ids) + max_new_tokens)  # shares a running sequence's prefix blocks first
             except KVBudgetFull as e:
@@ -692,7 +752,11 @@ class BatchSession:
                 # would keep this frame's locals, earlier requests' caches, and so their KV alive
                 deferred = KVBudgetFull(str(e))
                 results.append(deferred)
-                seq.cache = _RELEASED  # its cache gives back the blocks it shared, now
+                self._release(seq)  # its cache gives back the blocks it shared, now
+                continue
+            except BudgetError as e:  # a long-context cache whose budget share cannot hold this context
+                self._release(seq)
+                results.append(InputError(str(e)))
                 continue
             results.append((seq, []))
             if max_new_tokens == 0:
@@ -784,8 +848,8 @@ class BatchSession:
         blocks of the pool, copied only if one of the two writes into one: copy on write), so a
         common prefix is held once; returns the donor and the prefix length when the positions after
         the last whole block remain to be copied (by the caller, once it has the blocks)."""
-        if self.model.config.sliding_window is not None:  # its cache keeps only the window: nothing to copy from
-            return None
+        if self.model.config.sliding_window is not None or self._retrieval:
+            return None  # a window-only cache has nothing to copy from; long-context caches share no blocks
         chunk = self.model.engine_config.prefill_chunk
         best, donor = 0, None
         for other in self.active + self.prefilling:
@@ -829,7 +893,7 @@ class BatchSession:
         seq.finished = True
         self.active = [s for s in self.active if s is not seq]
         self.prefilling = [s for s in self.prefilling if s is not seq]
-        seq.cache = _RELEASED  # its blocks go back to the KV budget now, not when the caller lets go of seq
+        self._release(seq)
 
     def _take(self, seq: BatchSequence, token: int) -> list[TokenEvent]:
         event, stopped = seq.text.push(token)

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.context <= 0:
         raise InputError(f"--context must be a positive number of tokens, got {args.context}")
-    if args.kv_sequences < 1 or (args.kv_sequences > 1 and args.attention != "full"):
-        raise InputError(f"--kv-sequences must be >= 1 (and 1 with --attention retrieval), got {args.kv_sequences}")
+    if args.kv_sequences < 1:
+        raise InputError(f"--kv-sequences must be >= 1, got {args.kv_sequences}")
     if args.attention == "retrieval" and args.retrieval_probe != "off" and Path(args.probe_cache).is_dir():
         raise InputError(f"--probe-cache {args.probe_cache} is a directory; give the path of a file "
                          f"(e.g. {Path(args.probe_cache) / 'retrieval_probe.json'})")
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     # a request never holds more than the model's positions (generate caps its KV the same way)
     context = min(args.context, cfg.max_position_embeddings)
     req = PlanRequest(device_budget=parse_bytes(args.device_budget) or 0, dram_budget=parse_bytes(args.dram_budget),
-                      context=context * (args.kv_sequences if args.attention == "full" else 1),
+                      context=context * args.kv_sequences,
                       attention=args.attention, storage_fraction=fraction,
                       kv_host_fraction=kv_fraction, expert_cache=experts,
                       expert_cache_min_bytes=_expert_min(ck, cfg, sizes)
@@ -132,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
     if context < args.context:
         plan.notes.append(f"context {args.context} capped at the model's {cfg.max_position_embeddings} positions")
-    if args.kv_sequences > 1 and args.attention == "full":
-        plan.notes.append(f"KV planned for {args.kv_sequences} sequences of {context} tokens")
+    if args.kv_sequences > 1:
+        plan.notes.append(f"KV planned for {args.kv_sequences} sequences of {context} tokens"
+                          + ("; the retrieval step is per sequence, and each gets 1/N of --kv-dram-budget"
+                             if args.attention == "retrieval" else ""))
     if args.json:
         print(json.dumps({"model": str(target), "source": source, "context": context,
                           "attention": args.attention, **plan.as_json()}))

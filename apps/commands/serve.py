@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
                           max_prompt_chars=args.max_prompt_chars, max_batch=args.max_batch,
                           max_queue=args.max_queue, request_timeout_s=args.request_timeout)
     options = engine_options(args)
-    if options.get("attention", "full") == "full":  # (batching runs full attention only)
-        options.setdefault("kv_sequences", args.max_batch)  # the budget plans the KV of every batched request
+    options.setdefault("kv_sequences", args.max_batch)  # the budgets plan the KV of every batched request
     app = create_app(functools.partial(_load, model_dir, options), config)
     print(f"flashtier serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
           f"loading {model_dir} in the background"

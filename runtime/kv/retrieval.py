@@ -36,6 +36,7 @@ demoted positions ``[sink, ring_start)``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -339,15 +340,20 @@ def _split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig",  # noqa: F821
-                    store: TieredStore | None = None) -> RetrievalKVCache:
+                    store: TieredStore | None = None, share: int = 1) -> RetrievalKVCache:
     """The long-context cache for ``transformer`` with the options of ``engine_config`` (the
     engine's factory for ``attention == "retrieval"``); its host blocks are an arena of ``store``
-    (the weights' store) when given."""
+    (the weights' store) when given. ``share``: the cache gets 1/share of ``--kv-dram-budget`` and
+    ``--kv-device-budget`` (each of ``kv_sequences`` batched sequences its part)."""
     c = transformer.config
     if c.sliding_window is not None:
         raise ConfigError(f"retrieval attention does not support sliding-window attention (this model attends to "
                           f"the last {c.sliding_window} positions only); use --attention full")
     config = RetrievalCacheConfig.from_engine(engine_config.kv_block_size, engine_config.prefill_chunk,
                                               engine_config.retrieval.as_mapping())
+    if share > 1:
+        config = dataclasses.replace(
+            config, host_budget=None if config.host_budget is None else config.host_budget // share,
+            device_budget=None if config.device_budget is None else config.device_budget // share)
     layout = KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, engine_config.kv_block_size, transformer.dtype)
     return RetrievalKVCache(layout, config, store=store)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashtier.errors import ConfigError, InputError
+from flashtier.errors import InputError
 from flashtier.runtime.engine import EngineConfig, Model
 from flashtier.runtime.sampling import SamplingConfig
 
@@ -108,14 +108,55 @@ def test_the_conversation_cache_is_left_alone():
     assert follow.stats["cached_prompt_tokens"] == len(prompt) // 2 * 2 > 0
 
 
+def test_retrieval_attention_sequences_have_their_own_caches_and_share_the_kv_budget(tmp_path):
+    """Long-context batching: each sequence has its own retrieval cache (its index, 1/N of
+    --kv-dram-budget), its tokens are its tokens alone, at most N run at once under the budget
+    (the third waits), each cache is closed as its sequence finishes (its host arena and spill
+    files gone), and the conversation cache comes back empty after the batch."""
+    from flashtier.runtime.engine import _RELEASED, BatchSession
+
+    opts = dict(attention="retrieval", window=128, kv_block_size=32, prefill_chunk=64, kv_dram_budget="8600K",
+                kv_sequences=2, kv_spill_dir=str(tmp_path))
+    prompts = [list(range(1 + 7 * i, 400 + 7 * i)) for i in range(3)]  # > window: blocks demoted and searched
+    made, alive, most = [], [0], [0]
+    new_cache, release = BatchSession._new_cache, BatchSession._release
+
+    def spy_new(self):
+        cache = new_cache(self)
+        made.append(cache)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        return cache
+
+    def spy_release(self, seq):
+        alive[0] -= seq.cache is not _RELEASED
+        release(self, seq)
+
+    with Model(ROOT / "models" / "tiny-moe-16k", EngineConfig.from_options(**opts)) as llm:
+        alone = [llm.generate(p, max_new_tokens=8, ignore_eos=True).tokens for p in prompts]
+        BatchSession._new_cache, BatchSession._release = spy_new, spy_release
+        try:
+            batch = llm.generate_batch(prompts, max_new_tokens=8, ignore_eos=True)
+        finally:
+            BatchSession._new_cache, BatchSession._release = new_cache, release
+        arenas = [a for a in llm.memory_report()["store"]["host"] if a.startswith("kv.")]
+        spilled = [p for p in tmp_path.rglob("*") if p.is_file()]
+        again = llm.generate(prompts[0], max_new_tokens=8, ignore_eos=True)
+    assert [r.tokens for r in batch] == alone and again.tokens == alone[0]
+    assert len(made) == 3 and most[0] == 2 and batch[0].stats["batch_waited_for_kv"] == 1
+    assert all(c.host.budget == (8600 << 10) // 2 and c.counters.searches > 0 for c in made)
+    assert all(c.spill.counters.blocks_written > 0 for c in made)  # their share spilled to storage
+    assert len(arenas) == 1  # the conversation cache's; the sequences' arenas were removed
+    assert again.stats["cached_prompt_tokens"] == 0  # it came back empty
+    assert spilled == []  # every sequence's spill files deleted as it finished
+
+
 @pytest.mark.parametrize("options, prompts, error, message", [
-    ({"attention": "retrieval"}, PROMPTS, ConfigError, "full attention"),
     ({}, [[1, 2], [5, 10**7]], InputError, "prompt 1: .*token id 10000000 is outside the vocabulary"),
     ({"max_context": 32}, ["x" * 200], InputError, "prompt 0"),
 ])
 def test_bad_batches_are_one_error(options, prompts, error, message):
-    with Model(ROOT / "models" / "tiny-moe-16k" if options.get("attention") else ROOT / "models" / "tiny-moe",
-               EngineConfig.from_options(**options)) as llm:
+    with Model(ROOT / "models" / "tiny-moe", EngineConfig.from_options(**options)) as llm:
         with pytest.raises(error, match=message):
             llm.generate_batch(prompts, max_new_tokens=8)
         assert llm.generate_batch([], max_new_tokens=8) == []

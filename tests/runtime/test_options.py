@@ -63,7 +63,6 @@ def test_sparse_ffn_and_expert_cache_switches():
     ({"direct_io": "on"}, "direct_io 'on' is unknown; choose one of auto, require, off"),
     ({"expert_cache": "perhaps"}, "option expert_cache: expected on/off"),
     ({"kv_sequences": 0}, "kv_sequences must be a whole number >= 1, got 0"),
-    ({"kv_sequences": 2, "attention": "retrieval"}, "retrieval attention runs one sequence"),
 ])
 def test_bad_options_are_one_error_naming_the_option(options, message):
     with pytest.raises(ConfigError, match=message):

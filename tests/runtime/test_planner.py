@@ -163,7 +163,7 @@ def test_the_minimum_budget_is_the_least_that_plans(preset):
 
 def test_plan_cli_plans_the_kv_of_several_sequences():
     """``plan --kv-sequences N`` reserves the KV of N contexts (what generate's --kv-sequences and
-    serve's --max-batch make the engine reserve); refused with retrieval attention."""
+    serve's --max-batch make the engine reserve), with either attention; 0 is one clear error."""
     def plan(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "flashtier", "plan", str(FIXTURE), "--dram-budget", "64G",
                                "--context", "1024", "--json", "--bench-cache", "/nonexistent", *extra],
@@ -173,5 +173,10 @@ def test_plan_cli_plans_the_kv_of_several_sequences():
     assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
     kv1, kv4 = json.loads(one.stdout)["kv_bytes"], json.loads(four.stdout)["kv_bytes"]
     assert kv4["host"] == 4 * kv1["host"] > 0
-    bad = plan("--kv-sequences", "2", "--attention", "retrieval", "--retrieval-probe", "off")
+    r1, r2 = (plan("--kv-sequences", n, "--attention", "retrieval", "--retrieval-probe", "off") for n in ("1", "2"))
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    p2 = json.loads(r2.stdout)
+    assert p2["kv_bytes"]["host"] == 2 * json.loads(r1.stdout)["kv_bytes"]["host"] > 0
+    assert any("2 sequences" in n for n in p2["notes"])
+    bad = plan("--kv-sequences", "0")
     assert bad.returncode != 0 and "--kv-sequences" in bad.stderr and "Traceback" not in bad.stderr
