@@ -133,3 +133,35 @@ def test_requests_wait_for_kv_budget_in_arrival_order(chat_model_dir, model_load
         assert kv.used_bytes <= kv.capacity_bytes
     finally:
         w.stop()
+
+
+def test_retrieval_attention_requests_batch_with_their_own_caches(chat_model_dir, model_loader):
+    """--attention retrieval with --max-batch 4 and --kv-sequences 2 under a KV budget: each request
+    has its own long-context cache (1/2 of the budget), at most two decode together, the others
+    wait in order; every answer equals its answer alone."""
+    options = dict(attention="retrieval", window=32, kv_block_size=16, prefill_chunk=16, kv_dram_budget="16M",
+                   kv_sequences=2)
+    w = ModelWorker(model_loader(chat_model_dir, **options), ServerMetrics(), max_batch=4)
+    w.start()
+    try:
+        assert w.wait_ready(timeout=60)
+        model = w.require_model()
+        text = "The quick brown fox jumps over the lazy dog. " * 6  # longer than the window: blocks are searched
+        requests = [GenerationRequest(tuple(model.encode(f"{text} request {k}:")), 6 + k,
+                                      SamplingConfig(temperature=0.0), ignore_eos=True) for k in range(4)]
+
+        async def scenario() -> tuple[list[list[int]], list[list[int]], int]:
+            alone = [await tokens_of(w, r) for r in requests]
+            tasks = []
+            for r in requests:
+                tasks.append(asyncio.create_task(tokens_of(w, r)))
+                await asyncio.sleep(0)
+            together = list(await asyncio.gather(*tasks))
+            return alone, together, w.peak_batch
+
+        alone, together, peak = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+        assert together == alone and all(len(t) == 6 + k for k, t in enumerate(together))
+        assert peak == 2  # the KV budget's two shares, not --max-batch, bounded the batch
+        assert w.queue_depth == 0
+    finally:
+        w.stop()
