@@ -886,10 +886,8 @@ T4 static ALWAYS_INLINE void q5_k_block_v4(int mode, const uint8_t *b, const flo
     }
 }
 
-T4 static ALWAYS_INLINE void q6_k_block_v4(int mode, const uint8_t *b, const float *x, float *y, __m512 *acc,
-                                          const float *sx) {
-    float ds[16] __attribute__((aligned(64)));
-    int8_t q[256] __attribute__((aligned(64)));
+/* A Q6_K block's 16 scales d * sc[i] into ds and its 256 quants (-32 .. 31) into q. */
+T4 static ALWAYS_INLINE void q6_k_unpack_v4(const uint8_t *b, float *ds, int8_t *q) {
     __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld128(b + 192)));
     _mm512_store_ps(ds, _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(rd16(b + 208))), sc));
     __asm__ volatile("" : : "r"(ds) : "memory");
@@ -906,6 +904,13 @@ T4 static ALWAYS_INLINE void q6_k_block_v4(int mode, const uint8_t *b, const flo
         _mm512_store_si512((void *)(q + 128 * n), _mm512_sub_epi8(z0, k32));
         _mm512_store_si512((void *)(q + 128 * n + 64), _mm512_sub_epi8(z1, k32));
     }
+}
+
+T4 static ALWAYS_INLINE void q6_k_block_v4(int mode, const uint8_t *b, const float *x, float *y, __m512 *acc,
+                                          const float *sx) {
+    float ds[16] __attribute__((aligned(64)));
+    int8_t q[256] __attribute__((aligned(64)));
+    q6_k_unpack_v4(b, ds, q);
     __asm__ volatile("" : : "r"(q) : "memory"); /* reload as vpmovsxbd from memory, not lane extracts */
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) {
@@ -1029,22 +1034,7 @@ T4 static ALWAYS_INLINE void q6_k_tile_block(const uint8_t *b, Py_ssize_t ib, co
     (void)sxs;
     float ds[16] __attribute__((aligned(64)));
     int8_t q[256] __attribute__((aligned(64)));
-    __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld128(b + 192)));
-    _mm512_store_ps(ds, _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(rd16(b + 208))), sc));
-    __asm__ volatile("" : : "r"(ds) : "memory");
-    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), k32 = _mm512_set1_epi8(32);
-    const __m512i sh01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
-    const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-    for (int n = 0; n < 2; n++) {
-        __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * n));
-        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
-        __m512i h01 = _mm512_and_si512(_mm512_sllv_epi16(qh, sh01), m30);
-        __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(qh, sh23), m30);
-        __m512i z0 = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA);
-        __m512i z1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
-        _mm512_store_si512((void *)(q + 128 * n), _mm512_sub_epi8(z0, k32));
-        _mm512_store_si512((void *)(q + 128 * n + 64), _mm512_sub_epi8(z1, k32));
-    }
+    q6_k_unpack_v4(b, ds, q);
     __asm__ volatile("" : : "r"(q) : "memory");
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) {

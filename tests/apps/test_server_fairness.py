@@ -100,6 +100,22 @@ def test_admission_is_in_arrival_order_and_none_starves(worker):
     assert worker.peak_batch == MAX_BATCH and worker.queue_depth == 0
 
 
+def alone_then_together(worker: ModelWorker, requests: list[GenerationRequest]
+                        ) -> tuple[list[list[int]], list[list[int]], int]:
+    """Each request's tokens alone (one after another), then all of them arriving at once, and
+    the largest batch the worker ran."""
+    async def scenario() -> tuple[list[list[int]], list[list[int]], int]:
+        alone = [await tokens_of(worker, r) for r in requests]
+        tasks = []
+        for r in requests:
+            tasks.append(asyncio.create_task(tokens_of(worker, r)))
+            await asyncio.sleep(0)
+        together = list(await asyncio.gather(*tasks))
+        return alone, together, worker.peak_batch
+
+    return asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+
+
 def test_requests_wait_for_kv_budget_in_arrival_order(chat_model_dir, model_loader):
     """--kv-sequences below --max-batch under a budget: the KV of one context is planned, so a
     request that does not fit beside the running ones waits (not refused) and joins, in arrival
@@ -115,16 +131,7 @@ def test_requests_wait_for_kv_budget_in_arrival_order(chat_model_dir, model_load
         requests = [GenerationRequest(tuple(model.encode(f"request {k}:")), 6 + k, SamplingConfig(temperature=0.0),
                                       ignore_eos=True) for k in range(5)]
 
-        async def scenario() -> tuple[list[list[int]], list[list[int]], int]:
-            alone = [await tokens_of(w, r) for r in requests]
-            tasks = []
-            for r in requests:
-                tasks.append(asyncio.create_task(tokens_of(w, r)))
-                await asyncio.sleep(0)
-            together = list(await asyncio.gather(*tasks))
-            return alone, together, w.peak_batch
-
-        alone, together, peak = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+        alone, together, peak = alone_then_together(w, requests)
         assert together == alone
         assert peak < 4  # the KV budget, not --max-batch, bounded the batch
         assert w.queue_depth == 0
@@ -150,16 +157,7 @@ def test_retrieval_attention_requests_batch_with_their_own_caches(chat_model_dir
         requests = [GenerationRequest(tuple(model.encode(f"{text} request {k}:")), 6 + k,
                                       SamplingConfig(temperature=0.0), ignore_eos=True) for k in range(4)]
 
-        async def scenario() -> tuple[list[list[int]], list[list[int]], int]:
-            alone = [await tokens_of(w, r) for r in requests]
-            tasks = []
-            for r in requests:
-                tasks.append(asyncio.create_task(tokens_of(w, r)))
-                await asyncio.sleep(0)
-            together = list(await asyncio.gather(*tasks))
-            return alone, together, w.peak_batch
-
-        alone, together, peak = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+        alone, together, peak = alone_then_together(w, requests)
         assert together == alone and all(len(t) == 6 + k for k, t in enumerate(together))
         assert peak == 2  # the KV budget's two shares, not --max-batch, bounded the batch
         assert w.queue_depth == 0
