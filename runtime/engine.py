@@ -756,7 +756,9 @@ class BatchSession:
                 continue
             except BudgetError as e:  # a long-context cache whose budget share cannot hold this context
                 self._release(seq)
-                results.append(InputError(str(e)))
+                n = m.engine_config.kv_sequences
+                results.append(InputError(f"{e} (with --kv-sequences {n} each batched sequence gets 1/{n} of "
+                                          "--kv-dram-budget)" if n > 1 else str(e)))
                 continue
             results.append((seq, []))
             if max_new_tokens == 0:

@@ -151,6 +151,17 @@ def test_retrieval_attention_sequences_have_their_own_caches_and_share_the_kv_bu
     assert spilled == []  # every sequence's spill files deleted as it finished
 
 
+def test_a_kv_budget_share_too_small_for_a_prompt_is_one_error_and_the_model_goes_on():
+    opts = dict(attention="retrieval", window=128, kv_block_size=32, prefill_chunk=64, kv_dram_budget="6M",
+                kv_sequences=2)  # 6M holds one 400-token context's index, 3M does not
+    prompts = [list(range(1 + 7 * i, 400 + 7 * i)) for i in range(2)]
+    with Model(ROOT / "models" / "tiny-moe-16k", EngineConfig.from_options(**opts)) as llm:
+        alone = llm.generate(prompts[0], max_new_tokens=4, ignore_eos=True).tokens
+        with pytest.raises(InputError, match=r"prompt 0: host KV budget 3.0 MiB .*each batched sequence gets 1/2"):
+            llm.generate_batch(prompts, max_new_tokens=4, ignore_eos=True)
+        assert llm.generate(prompts[0], max_new_tokens=4, ignore_eos=True).tokens == alone
+
+
 @pytest.mark.parametrize("options, prompts, error, message", [
     ({}, [[1, 2], [5, 10**7]], InputError, "prompt 1: .*token id 10000000 is outside the vocabulary"),
     ({"max_context": 32}, ["x" * 200], InputError, "prompt 0"),
