@@ -818,28 +818,36 @@ class BatchSession:
 
     def step(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
         """One prefill chunk of every joining sequence (``admit_many(interleave=True)``; those it
-        completes give their first events), then one decode step of every sequence that was
-        running before it: each one's new events."""
+        completes give their first events) and one decode step of every sequence that was running
+        before it, in ONE pass over the weights (under a budget the weights stream once per step,
+        joiners or not): each one's new events. Each group is computed as alone (the prefill
+        chunks at a whole-prompt prefill's boundaries, each decode row by the one-row operations),
+        so tokens do not depend on who joins when."""
         live = [s for s in self.active if not s.finished]
-        out = self._prefill_chunk() if self.prefilling else []
-        if not live:
-            return out
+        part = list(self.prefilling)
+        if not live and not part:
+            return []
         m = self.model
+        chunk = m.engine_config.prefill_chunk
+        groups = [torch.tensor(seq.ids[seq.prefilled:seq.prefilled + chunk], dtype=torch.long) for seq in part]
+        groups += [torch.tensor([s.text.tokens[-1]], dtype=torch.long) for s in live]
+        caches = [seq.cache for seq in part] + [s.cache for s in live]
+        starts = [seq.prefilled for seq in part] + [len(s.ids) + len(s.text.tokens) - 1 for s in live]
         saved = torch.get_num_threads()
-        if m.linear.kernel == "native":
+        if not part and m.linear.kernel == "native":
             torch.set_num_threads(1)  # as Model.stream's decode steps
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                logits = m.transformer.forward_batch([s.text.tokens[-1] for s in live], [s.cache for s in live],
-                                                     [len(s.ids) + len(s.text.tokens) - 1 for s in live])
+                logits = m.transformer.forward_groups(groups, caches, starts)  # each group's last [1, V]
         finally:
             torch.set_num_threads(saved)
         dt = time.perf_counter() - t0
-        for row, seq in enumerate(live):
+        out = self._prefilled(part, logits[: len(part)], dt)
+        for seq, y in zip(live, logits[len(part):]):
             seq.stats.decode_s += dt
             seq.stats.generated_tokens += 1
-            out.append((seq, self._take(seq, seq.sampler(logits[row]))))
+            out.append((seq, self._take(seq, seq.sampler(y[-1]))))
         return out
 
     def _reuse_prefix(self, seq: BatchSequence) -> tuple[BatchSequence, int] | None:
@@ -864,19 +872,11 @@ class BatchSession:
         seq.prefilled = seq.stats.cached_prompt_tokens = best
         return (donor, best) if shared < best else None
 
-    def _prefill_chunk(self) -> list[tuple[BatchSequence, list[TokenEvent]]]:
-        """The next prefill chunk of every joining prompt in one pass (each computed as alone, at
-        the chunk boundaries a whole-prompt prefill uses); completed prompts sample their first
-        token and join the running sequences."""
-        m = self.model
-        chunk = m.engine_config.prefill_chunk
-        part = list(self.prefilling)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = m.transformer.forward_groups(
-                [torch.tensor(seq.ids[seq.prefilled:seq.prefilled + chunk], dtype=torch.long) for seq in part],
-                [seq.cache for seq in part], [seq.prefilled for seq in part])
-        dt = time.perf_counter() - t0
+    def _prefilled(self, part: list[BatchSequence], logits: list[torch.Tensor], dt: float
+                   ) -> list[tuple[BatchSequence, list[TokenEvent]]]:
+        """After a pass that prefilled the next chunk of each of ``part``: completed prompts sample
+        their first token (from their last logits ``[1, V]``) and join the running sequences."""
+        chunk = self.model.engine_config.prefill_chunk
         out = []
         for seq, y in zip(part, logits):
             seq.prefilled = min(len(seq.ids), seq.prefilled + chunk)

@@ -175,7 +175,8 @@ def test_bad_batches_are_one_error(options, prompts, error, message):
 
 def test_a_long_prompt_joins_a_chunk_per_step_without_stalling_the_batch():
     """``admit_many(interleave=True)``: the running sequence gets a token every step while the
-    joiner's 7 prefill chunks go through; both get exactly their tokens alone."""
+    joiner's 7 prefill chunks go through, each step one pass over the weights (the joiner's chunk
+    and the running row together); both get exactly their tokens alone."""
     from flashtier.runtime.engine import BatchSession
 
     greedy = SamplingConfig(temperature=0.0)
@@ -191,9 +192,19 @@ def test_a_long_prompt_joins_a_chunk_per_step_without_stalling_the_batch():
                     got[0] += [e.token_id for e in evs if e.token_id is not None]
             (joiner, events), = session.admit_many([(long, 12, greedy, (), True)], interleave=True)
             assert events == [] and session.prefilling == [joiner]
-            steps_until_first = 0
+            steps_until_first = passes = 0
+            forward_groups = llm.transformer.forward_groups
+
+            def counted(*args, **kwargs):
+                nonlocal passes
+                passes += 1
+                return forward_groups(*args, **kwargs)
+
+            llm.transformer.forward_groups = counted
             while not first.finished or not joiner.finished:
+                before = passes
                 stepped = dict((id(seq), evs) for seq, evs in session.step())
+                assert passes == before + 1
                 if not got[1]:
                     steps_until_first += 1
                     if not first.finished:  # the running sequence is served while the joiner prefills
