@@ -2330,6 +2330,68 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------- KV rows from a host block pool
+ * kv_gather(records, table, rows, heads, block, kv_heads, d, elem, out_k, out_v, slots_out): the key
+ * and value rows at positions rows[r, i] of kv head heads[r] (runtime/kv/host.py HostKVPool.gather,
+ * raw records [2, kv_heads, block, d] of `elem`-byte values, one per slot of `records`; table[b]: the
+ * slot of block b, or -1 when it is not in host memory) into out_k / out_v [R, n, d], and the slot
+ * of each row into slots_out [R * n] (for the pool's recency). Returns 0; 1 when a block is not in
+ * host memory or a position is outside the table (nothing is promised about the outputs then: the
+ * caller takes its general path, which brings blocks back or names the bad positions). */
+static PyObject *kv_gather(PyObject *self, PyObject *args) {
+    Py_buffer rec, table, rows, heads, ok, ov, so;
+    Py_ssize_t block, kvh, d, elem;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*nnnnw*w*w*", &rec, &table, &rows, &heads, &block, &kvh, &d, &elem, &ok, &ov,
+                          &so))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t R = heads.len / 8, n = R > 0 ? rows.len / 8 / R : 0, nblocks = table.len / 8;
+    Py_ssize_t row_bytes = d * elem, rec_bytes = 2 * kvh * block * row_bytes;
+    if (block <= 0 || kvh <= 0 || d <= 0 || (elem != 2 && elem != 4) || rows.len != R * n * 8 || rec_bytes <= 0 ||
+        rec.len % rec_bytes || ok.len != R * n * row_bytes || ov.len != ok.len || so.len != R * n * 8) {
+        PyErr_Format(PyExc_ValueError, "kv_gather: buffers do not match %zd rows of %zd positions, %zd kv heads, "
+                     "blocks of %zd, %zd values of %zd bytes", R, n, kvh, block, d, elem);
+        goto done;
+    }
+    const Py_ssize_t nslots = rec.len / rec_bytes;
+    const int64_t *tb = (const int64_t *)table.buf, *pos = (const int64_t *)rows.buf, *hd = (const int64_t *)heads.buf;
+    const uint8_t *base = (const uint8_t *)rec.buf;
+    uint8_t *kout = (uint8_t *)ok.buf, *vout = (uint8_t *)ov.buf;
+    int64_t *slots = (int64_t *)so.buf;
+    int miss = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < R && !miss; r++) {
+        int64_t h = hd[r];
+        if (h < 0 || h >= kvh) {
+            miss = 1;
+            break;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t p = pos[r * n + i], b = p >= 0 ? p / block : -1;
+            int64_t slot = b >= 0 && b < nblocks ? tb[b] : -1;
+            if (slot < 0 || slot >= nslots) {
+                miss = 1;
+                break;
+            }
+            Py_ssize_t key = ((slot * 2) * kvh + h) * block + (p - b * block);
+            memcpy(kout + (r * n + i) * row_bytes, base + key * row_bytes, (size_t)row_bytes);
+            memcpy(vout + (r * n + i) * row_bytes, base + (key + kvh * block) * row_bytes, (size_t)row_bytes);
+            slots[r * n + i] = slot;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLong(miss);
+done:
+    PyBuffer_Release(&rec);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&heads);
+    PyBuffer_Release(&ok);
+    PyBuffer_Release(&ov);
+    PyBuffer_Release(&so);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"bf16_matvec_rows", bf16_matvec_rows, METH_VARARGS,
      "bf16_matvec_rows(w, x, out, rows, cols, batch, threads): out[b] = bf16(w) @ x[b] in fp32 for each of the "
@@ -2349,6 +2411,10 @@ static PyMethodDef methods[] = {
     {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, w, out, n, eps): out = w * (x / sqrt(mean(x^2) + eps)), fp32."},
     {"rope", rope, METH_VARARGS,
      "rope(x, out, heads, d, cos, sin, interleaved): rotary embedding of one position, fp32 [heads, d]."},
+    {"kv_gather", kv_gather, METH_VARARGS,
+     "kv_gather(records, table, rows, heads, block, kv_heads, d, elem, out_k, out_v, slots_out): key and value rows "
+     "of a host KV block pool at positions rows [R, n] of kv heads heads [R]; returns 0, or 1 when a block is not "
+     "in host memory (GIL released)."},
     {"attend", attend, METH_VARARGS,
      "attend(q, k, v, out, hq, hkv, d, lo, end, head_stride, scale, threads[, table, block]): one query row's "
      "attention over positions lo..end-1, fp32 (GIL released); with an int64 block table, position p is row "

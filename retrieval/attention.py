@@ -215,6 +215,12 @@ class OffloadedLayerKV:
             k[h, : kh.shape[0]], v[h, : vh.shape[0]] = kh, vh
         return k, v, torch.arange(n).unsqueeze(0) < lengths.unsqueeze(1)
 
+    def gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[H_kv, n, D]`` at positions ``rows [H_kv, n]`` (the same count for
+        every kv head: the per-row search's ``G * k`` each); :meth:`gather` without padding."""
+        k, v, _ = self.gather(list(rows.unbind(0)))
+        return k, v
+
     def nbytes(self) -> int:
         """Bytes of indexes and stores, all kv heads."""
         return sum(h.index.nbytes() + h.store.nbytes() for h in self.heads)
@@ -296,7 +302,11 @@ class RetrievalAttention:
             # per row: [G, k'] each query head's own top-k; else [n_h] sorted union over rows
             retrieved = [f.positions if per_row else torch.unique(f.positions) for f in results]
         t1 = time.perf_counter()
-        k, v, valid = offloaded.gather([p.reshape(-1) for p in retrieved])  # [H_kv, n, D] x2, [H_kv, n]
+        if batch is not None:  # every head G * k rows: no padding
+            k, v = offloaded.gather_rows(batch.positions.reshape(h_kv, -1))  # [H_kv, n, D] x2
+            valid = None
+        else:
+            k, v, valid = offloaded.gather([p.reshape(-1) for p in retrieved])  # [H_kv, n, D] x2, [H_kv, n]
         t2 = time.perf_counter()
         attended = sum(p.numel() for p in retrieved)
         g = q.shape[1]
@@ -313,6 +323,7 @@ class RetrievalAttention:
             row = partial_attention(q.unsqueeze(2), rk.to(q.dtype), rv.to(q.dtype), scale)  # out [H_kv, G, 1, D]
             far = PartialAttention(row.out.squeeze(2), row.lse.squeeze(2))
         else:
+            assert valid is not None  # (gathered with padding: the per-head searches)
             far = partial_attention(q, k.to(q.dtype), v.to(q.dtype), scale, mask=valid.unsqueeze(1))  # [H_kv, G, D]
         parts = [resident, far]
         t3 = time.perf_counter()

@@ -46,6 +46,11 @@ from flashtier.tiers.base import Block
 from flashtier.tiers.config import StoreConfig
 from flashtier.tiers.store import TieredStore
 
+try:
+    from flashtier._native import kv_gather as _kv_gather
+except ImportError:  # the extension is not built (or predates it): the torch path
+    _kv_gather = None
+
 NOT_HOST = -1
 """Slot-table entry of a block that is not in a host slot (on storage, or never demoted)."""
 
@@ -184,6 +189,9 @@ class HostKVPool:
     def gather(self, layer: int, heads: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[R, n, D]`` at demoted ``positions [R, n]`` of ``layer``, row ``r`` from
         kv head ``heads[r]`` (``heads [R]``)."""
+        fast = self._gather_native(layer, heads, positions)
+        if fast is not None:
+            return fast
         b = self.layout.block_size
         blocks = torch.div(positions, b, rounding_mode="floor")  # [R, n]
         offsets = positions - blocks * b
@@ -201,6 +209,29 @@ class HostKVPool:
             if bool((slots == NOT_HOST).any()):  # no room for all of them: read the rest through
                 return self._gather_through(layer, heads, blocks, offsets)
         return self.codec.rows(self.store.slot_table(self.arena), slots, heads, offsets)
+
+    def _gather_native(self, layer: int, heads: torch.Tensor, positions: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`gather` in one native call (raw records, every block in host memory: the decode
+        step's common case); None where it does not apply (then the general path runs)."""
+        if _kv_gather is None or type(self.codec) is not RawCodec or positions.dim() != 2:
+            return None
+        lay = self.layout
+        rows = positions if positions.dtype == torch.int64 and positions.is_contiguous() else \
+            positions.to(torch.int64).contiguous()  # [R, n]
+        hs = heads if heads.dtype == torch.int64 and heads.is_contiguous() else heads.to(torch.int64).contiguous()
+        k = torch.empty((*rows.shape, lay.head_dim), dtype=lay.dtype)  # [R, n, D]
+        v = torch.empty_like(k)
+        slots = torch.empty(rows.numel(), dtype=torch.int64)
+        elem = lay.dtype.itemsize
+        raw = torch.int16 if elem == 2 else torch.int32  # the buffers as plain integers (numpy has no bf16)
+        if _kv_gather(self.store.slot_table(self.arena).numpy(), self._tables[layer].view().numpy(), rows.numpy(),
+                      hs.numpy(), lay.block_size, lay.num_kv_heads, lay.head_dim, elem, k.view(raw).numpy(),
+                      v.view(raw).numpy(), slots.numpy()):
+            return None  # a block on storage, or a bad position: the general path brings it back or names it
+        self.store.tick([self.arena])
+        self.store.touch_slots(self.arena, slots.numpy())
+        return k, v
 
     def read_blocks(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Blocks ``start .. stop-1`` of ``layer`` as ``[n, 2, H_kv, B, D]`` (a copy); spilled ones are

@@ -66,6 +66,12 @@ class PagedLayerKV(OffloadedLayerKV):
         super().__init__(lay.num_kv_heads, lay.head_dim, config,
                          stores=[HostHeadStore(pool, layer, h) for h in range(lay.num_kv_heads)])
         self._pool, self._layer = pool, layer
+        self._all_heads = torch.arange(lay.num_kv_heads)  # [H_kv]
+
+    def gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`OffloadedLayerKV.gather_rows`: one read of the pool (one native call when
+        every block is in host memory)."""
+        return self._pool.gather(self._layer, self._all_heads, rows)
 
     def gather(self, positions: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """See :meth:`OffloadedLayerKV.gather`; padding rows repeat a real position and are masked."""

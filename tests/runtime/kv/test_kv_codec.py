@@ -158,3 +158,43 @@ def test_generation_with_quantised_host_kv_runs_and_reports_its_codec(tmp_path):
     assert outs[8].stats["kv_host_codec"] == "kivi8-g16" and outs[None].stats["kv_host_codec"] == "raw"
     agree = sum(a == b for a, b in zip(outs[8].tokens, outs[None].tokens)) / len(outs[None].tokens)
     assert agree >= 0.75  # 8-bit KIVI barely moves a random model's logits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_native_gather_reads_the_rows_of_the_general_path(tmp_path, monkeypatch, dtype):
+    """HostKVPool.gather's one native call (raw records, blocks in host memory) returns the rows the
+    general torch path returns, bit for bit, and touches the same slots; a row on a spilled block
+    (or a position never demoted) takes the general path, which brings it back (or names it)."""
+    import flashtier.runtime.kv.host as host_mod
+    from flashtier.errors import InputError
+
+    if host_mod._kv_gather is None:
+        pytest.skip("the C extension is not built")
+    lay = KVBlockLayout(2, 3, 32, 16, dtype)
+    spill = KVSpillStore(lay, str(tmp_path), record_bytes=RawCodec(lay).record_bytes)
+    pool = HostKVPool(lay, 6 * lay.block_bytes, spill, RawCodec(lay))  # 6 of the 10 blocks stay in memory
+    for layer in range(2):
+        pool.put(layer, 0, _blocks(lay, 10, seed=layer))
+    pool.enforce(0)
+    g = torch.Generator().manual_seed(3)
+    heads = torch.tensor([2, 0, 1, 2])
+    on_host = [b for b in range(10) if int(pool._tables[1].view()[b]) >= 0]
+    hot = torch.tensor(on_host)[torch.randint(len(on_host), (4, 9), generator=g)] * 16 + torch.randint(16, (4, 9), generator=g)
+    calls = []
+    native = host_mod._kv_gather
+    monkeypatch.setattr(host_mod, "_kv_gather", lambda *a: calls.append(1) or native(*a))
+    fast = pool.gather(1, heads, hot)
+    monkeypatch.setattr(host_mod, "_kv_gather", None)
+    slow = pool.gather(1, heads, hot)
+    assert calls and torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    full = RawCodec(lay).decode(RawCodec(lay).encode(_blocks(lay, 10, seed=1)))  # [n, 2, H, B, D]
+    assert torch.equal(fast[0], full[hot // 16, 0, heads[:, None], hot % 16])
+    monkeypatch.setattr(host_mod, "_kv_gather", native)
+    cold = [b for b in range(10) if b not in on_host]
+    assert cold  # some blocks were spilled
+    mixed = torch.tensor([[cold[0] * 16 + 5, on_host[0] * 16]])
+    k, v = pool.gather(1, torch.tensor([1]), mixed)  # read back through storage by the general path
+    assert torch.equal(k[0], full[mixed[0] // 16, 0, 1, mixed[0] % 16])
+    with pytest.raises(InputError, match="never demoted"):
+        pool.gather(1, torch.tensor([0]), torch.tensor([[10 * 16 + 1]]))
+    spill.close()
