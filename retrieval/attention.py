@@ -260,8 +260,12 @@ class RetrievalOutput:
 class RetrievalAttention:
     """Runs :meth:`decode_step`; holds only the config (state lives in :class:`OffloadedLayerKV`)."""
 
-    def __init__(self, config: RetrievalConfig = RetrievalConfig()) -> None:
+    def __init__(self, config: RetrievalConfig = RetrievalConfig(), threads: int | None = None) -> None:
+        """``threads``: of the native search and attention (each kv head on one thread, so the
+        results do not depend on it); None = torch's thread count at each call (which decode
+        steps set to 1 around the one-row kernels: pass the model's count)."""
         self.config = config
+        self.threads = threads
 
     def decode_step(
         self,
@@ -286,7 +290,7 @@ class RetrievalAttention:
         batch = None
         if per_row:  # every kv head's search (and estimate) in one native call where it applies
             batch = search_heads([head.index for head in offloaded.heads], q.float(), self.config.top_k,
-                                 estimate_scale=scale if self.config.estimate_rest else None)
+                                 estimate_scale=scale if self.config.estimate_rest else None, threads=self.threads)
         if batch is not None:
             scanned = sum(batch.keys_scanned)
             retrieved = list(batch.positions.unbind(0))  # [G, k] per kv head
@@ -312,7 +316,7 @@ class RetrievalAttention:
         g = q.shape[1]
         if batch is not None:  # exact parts and the merge in one native call where it applies
             fused = attend_rows(q, resident_k, resident_v, k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d),
-                                batch.rest, scale)  # [H_kv, G, D]
+                                batch.rest, scale, threads=self.threads)  # [H_kv, G, D]
             if fused is not None:
                 t3 = time.perf_counter()
                 stats = StepStats(len(offloaded) * h_kv, scanned, attended, t1 - t0, t2 - t1, t3 - t2)

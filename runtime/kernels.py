@@ -170,6 +170,11 @@ class Linear:
     def fast(self) -> bool:
         return self.kernel != "torch"
 
+    @property
+    def kernel_threads(self) -> int:
+        """Threads of the native kernels (``threads``, or torch's count when the object was made)."""
+        return self._native_threads
+
     def many(self, x: torch.Tensor, ws: "list[torch.Tensor | QuantizedTensor]",
              bs: "list[torch.Tensor | None] | None" = None) -> list[torch.Tensor]:
         """``[self(x, w, b) for w, b in zip(ws, bs)]``, the same tensors; one-row products with

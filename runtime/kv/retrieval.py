@@ -63,9 +63,10 @@ class RetrievalKVCache:
 
     def __init__(self, layout: KVBlockLayout, config: RetrievalCacheConfig = RetrievalCacheConfig(),
                  backend: StorageBackend | None = None, device: torch.device | str = "cpu",
-                 store: TieredStore | None = None) -> None:
+                 store: TieredStore | None = None, threads: int | None = None) -> None:
         """``store``: the tiered store whose arena holds the host blocks (the model's); None = a
-        store of the cache's own."""
+        store of the cache's own. ``threads``: of the native search and attention (the model's
+        kernel threads; None = torch's count at each call)."""
         if config.block_size != layout.block_size:
             raise ConfigError(f"cache config block size {config.block_size} != layout block size {layout.block_size}")
         self.layout, self.config = layout, config
@@ -82,7 +83,7 @@ class RetrievalKVCache:
         codec = kv_codec(layout, config.kv_quant_bits, config.kv_quant_group)
         self.spill = KVSpillStore(layout, config.spill_dir, backend, record_bytes=codec.record_bytes)
         self.host = HostKVPool(layout, config.host_budget, self.spill, codec, store)
-        self._attention = RetrievalAttention(r)
+        self._attention = RetrievalAttention(r, threads)
         self._scale = layout.head_dim ** -0.5
         self._layer_len = [0] * layout.num_layers  # positions written per layer
         self._ring_start = [0] * layout.num_layers  # first position in the ring (multiple of B)
@@ -356,4 +357,4 @@ def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig",  
             config, host_budget=None if config.host_budget is None else config.host_budget // share,
             device_budget=None if config.device_budget is None else config.device_budget // share)
     layout = KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, engine_config.kv_block_size, transformer.dtype)
-    return RetrievalKVCache(layout, config, store=store)
+    return RetrievalKVCache(layout, config, store=store, threads=transformer.linear.kernel_threads)

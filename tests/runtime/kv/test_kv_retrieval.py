@@ -345,3 +345,25 @@ def test_paged_weights_and_host_kv_blocks_share_one_store(tmp_path):
         arena = llm.cache.host.arena
     assert arena not in store.arenas
     assert not any((tmp_path / "spill").iterdir())
+
+
+def test_decode_steps_search_with_the_models_kernel_threads(monkeypatch):
+    """Decode steps run torch with one thread around the one-row kernels; the native search and
+    attention of a retrieval cache use the model's kernel threads (each kv head on one thread, so
+    the results are the same), not torch's count of the moment."""
+    import flashtier.retrieval.attention as attention
+    from pathlib import Path
+
+    seen = []
+    search = attention.search_heads
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_num_threads(), kwargs.get("threads")))
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "search_heads", spy)
+    model = Path(__file__).parents[3] / "models" / "tiny-moe-16k"
+    with open_model(model, attention="retrieval", window=64, kv_block_size=16, prefill_chunk=32, threads=2) as llm:
+        llm.generate(list(range(1, 200)), max_new_tokens=4, ignore_eos=True)
+    assert seen and all(threads == 2 for _, threads in seen)
+    assert any(now == 1 for now, _ in seen)  # (the decode steps' torch count, which the search no longer follows)
