@@ -109,7 +109,8 @@ class Transformer:
                 c.num_layers, c.num_kv_heads, c.head_dim, block_size, self.dtype, self.device, store,
                 fixed_blocks=None if limit is None else max(1, limit // block_bytes))  # a budget's share: fixed
         return BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
-                            KVCacheConfig(block_size, sliding_window=c.sliding_window), device=self.device, pool=pool)
+                            KVCacheConfig(block_size, sliding_window=c.sliding_window), device=self.device, pool=pool,
+                            threads=self.linear.kernel_threads)
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:

@@ -211,10 +211,14 @@ class BlockKVCache:
         device: torch.device | str = "cpu",
         store: "TieredStore | None" = None,
         pool: KVBlockPool | None = None,
+        threads: int | None = None,
     ) -> None:
         """``device``: where the blocks live (the device the model computes on). ``pool``: the
         model's shared block pool; None = a pool of this cache's own (its tensors pages of
-        ``store``'s ``kv.blocks`` arena when given)."""
+        ``store``'s ``kv.blocks`` arena when given). ``threads``: of the native one-row attention
+        (each head on one thread: the same results with any count; the model's kernel threads,
+        since decode steps set torch to one thread; None = torch's count at each call)."""
+        self.threads = threads
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype = dtype
         self.device = torch.device(device)
@@ -332,7 +336,7 @@ class BlockKVCache:
                 table = self._table_np = np.asarray(self.block_table, dtype=np.int64)
             return decode_ops.attend_row(q, pool.flat_k[layer], pool.flat_v[layer], self.num_kv_heads,
                                          pool.num_blocks * self.block_size * self.head_dim, lo, end,
-                                         torch.get_num_threads(), table, self.block_size)
+                                         self.threads or torch.get_num_threads(), table, self.block_size)
         keys, values = self.read(layer, end)  # [Hkv, S, D], S = start + T
         gqa = q.shape[0] != keys.shape[0]
         return F.scaled_dot_product_attention(
