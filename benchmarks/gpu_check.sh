@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks, in one script for a session that is lent a GPU machine (a few minutes): set up,
+# run the CUDA tests, then the measurements the GPU issue asks for that the runtime can make today,
+# each result as one JSON line in $OUT/gpu_check.jsonl (OUT defaults to ./gpu_check_out).
+#
+#   bash benchmarks/gpu_check.sh          # on the GPU machine, from the repository root
+#
+# What it measures now:
+#   * the CUDA tests (tests marked `cuda`: the forward on the GPU equals the CPU's, the store's
+#     device tier moves bytes exactly),
+#   * tiny-moe decode on the GPU against the CPU path on the same machine (target: GPU >= CPU),
+#   * the store's host -> device copies against a plain pinned copy, and their overlap with compute
+#     (bench_device_tier).
+# Not yet: dense / MoE / long-context paging ONTO the GPU (the accessors still hand the forward host
+# tensors under a budget; `--device cuda` needs every weight resident there), so those targets have
+# no command to run yet. Budget: under 8 minutes on an H100 machine (setup ~2-3 min of it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+log() { echo "{\"step\": \"$1\", \"rc\": $2, \"seconds\": $3}" >> "$OUT/gpu_check.jsonl"; }
+run() {  # run NAME CMD...: the command's last JSON line is kept, with its exit status and duration
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
+  local rc=$?
+  log "$name" "$rc" "$((SECONDS - t0))"
+  grep '^{' "$OUT/$name.out" | tail -1 | sed "s/^{/{\"step\": \"$name\", /" >> "$OUT/gpu_check.jsonl"
+  return 0
+}
+: > "$OUT/gpu_check.jsonl"
+run setup bash scripts/setup.sh --test
+PY=.venv/bin/python
+run nvidia_smi nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+run cuda_tests $PY -m pytest -q -m cuda -p no:cacheprovider tests
+for device in cpu cuda; do
+  run "tiny_moe_$device" $PY -m flashtier generate models/tiny-moe --prompt "def fibonacci(n):" \
+    --max-new-tokens 128 --greedy --ignore-eos --json --device "$device"
+done
+run device_tier $PY -m flashtier.benchmarks.bench_device_tier --device cuda
+echo "results: $OUT/gpu_check.jsonl"
+cat "$OUT/gpu_check.jsonl"
