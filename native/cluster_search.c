@@ -219,33 +219,67 @@ static ALWAYS_INLINE void score_rows(const float *q, Py_ssize_t R, Py_ssize_t d,
 /* Kept out of the multiversioned search (baseline code, no FMA contraction): each row's best entry
  * must score exactly 0 (z - max z), the tie the reference breaks by index; a fused multiply-add
  * would leave its rounding error instead. */
-static void group_scores(const float *raw, Py_ssize_t R, Py_ssize_t n, const float *radius, const int64_t *rows,
-                         const float *qn, float w, float scale, scored *out, float *zmax) {
-    for (Py_ssize_t e = 0; e < n; e++) out[e].i = (int32_t)e;
+static int group_scores(const float *raw, Py_ssize_t R, Py_ssize_t n, const float *radius, const int64_t *rows,
+                        const float *qn, float w, float scale, scored *out, float *zmax) {
+    /* the entries' radii gathered once into a contiguous array and the scores kept in one, so that
+     * the loops below are plain streams (vectorised; each element's operations are unchanged) */
+    float *rad = NULL, *best = malloc((size_t)(n > 0 ? n : 1) * sizeof *best);
+    if (!best) return -1;
+    const float *rp = radius;
+    if (rows && w != 0.f) {
+        rad = malloc((size_t)(n > 0 ? n : 1) * sizeof *rad);
+        if (!rad) {
+            free(best);
+            return -1;
+        }
+        for (Py_ssize_t e = 0; e < n; e++) rad[e] = radius[rows[e]];
+        rp = rad;
+    }
     if (R == 1) {
+        const float wq = w * qn[0];
         for (Py_ssize_t e = 0; e < n; e++) {
             float b = raw[e];
-            if (w != 0.f) b = b + (w * qn[0]) * radius[rows ? rows[e] : e];
-            out[e].s = b == b ? b : -INFINITY;
+            if (w != 0.f) b = b + wq * rp[e];
+            best[e] = b == b ? b : -INFINITY;
         }
-        return;
+    } else {
+        for (Py_ssize_t r = 0; r < R; r++) {
+            const float *rw = raw + r * n, wq = w * qn[r];
+            float zr = -INFINITY;
+            if (w != 0.f)
+                for (Py_ssize_t e = 0; e < n; e++) {
+                    float z = scale * (rw[e] + wq * rp[e]);
+                    zr = z > zr ? z : zr;
+                }
+            else
+                for (Py_ssize_t e = 0; e < n; e++) {
+                    float z = scale * rw[e];
+                    zr = z > zr ? z : zr;
+                }
+            zmax[r] = zr;
+        }
+        for (Py_ssize_t e = 0; e < n; e++) best[e] = -INFINITY;
+        for (Py_ssize_t r = 0; r < R; r++) {
+            const float *rw = raw + r * n, wq = w * qn[r], zr = zmax[r];
+            if (w != 0.f)
+                for (Py_ssize_t e = 0; e < n; e++) {
+                    float g = scale * (rw[e] + wq * rp[e]) - zr;
+                    best[e] = g > best[e] ? g : best[e];
+                }
+            else
+                for (Py_ssize_t e = 0; e < n; e++) {
+                    float g = scale * rw[e] - zr;
+                    best[e] = g > best[e] ? g : best[e];
+                }
+        }
     }
-    for (Py_ssize_t r = 0; r < R; r++) zmax[r] = -INFINITY;
-    for (Py_ssize_t r = 0; r < R; r++)
-        for (Py_ssize_t e = 0; e < n; e++) {
-            float b = raw[r * n + e];
-            if (w != 0.f) b = b + (w * qn[r]) * radius[rows ? rows[e] : e];
-            float z = scale * b;
-            if (z > zmax[r]) zmax[r] = z;
-        }
-    for (Py_ssize_t e = 0; e < n; e++) out[e].s = -INFINITY;
-    for (Py_ssize_t r = 0; r < R; r++)
-        for (Py_ssize_t e = 0; e < n; e++) {
-            float b = raw[r * n + e];
-            if (w != 0.f) b = b + (w * qn[r]) * radius[rows ? rows[e] : e];
-            float g = scale * b - zmax[r];
-            if (g > out[e].s) out[e].s = g;
-        }
+    for (Py_ssize_t e = 0; e < n; e++) {
+        out[e].i = (int32_t)e;
+        out[e].s = best[e];
+    }
+    free(rad);
+    free(best);
+    return 0;
 }
 
 #define LOG_TABLE 1024
@@ -312,7 +346,7 @@ static int search_head(const search_args *a, Py_ssize_t h) {
         chosen = calloc((size_t)S, 1);
         if (!raw_s || !gs || !chosen) goto out;
         score_rows(q, R, D, sup, bf, NULL, S, raw_s);
-        group_scores(raw_s, R, S, sup_radius, NULL, qn, a->bound_weight, a->group_scale, gs, zmax);
+        if (group_scores(raw_s, R, S, sup_radius, NULL, qn, a->bound_weight, a->group_scale, gs, zmax)) goto out;
         const Py_ssize_t n_open = take_until(gs, S, sup_keys, ceil(a->oversample * (double)b));
         for (Py_ssize_t i = 0; i < n_open; i++) chosen[gs[i].i] = 1;
         for (Py_ssize_t s = 0; s < S; s++)
@@ -336,7 +370,7 @@ static int search_head(const search_args *a, Py_ssize_t h) {
     if (stage) {
         gc = malloc((size_t)(M > 0 ? M : 1) * sizeof *gc);
         if (!gc) goto out;
-        group_scores(raw_c, R, M, radius, cand, qn, a->bound_weight, a->group_scale, gc, zmax);
+        if (group_scores(raw_c, R, M, radius, cand, qn, a->bound_weight, a->group_scale, gc, zmax)) goto out;
         wt = malloc((size_t)(M > 0 ? M : 1) * sizeof *wt);
         if (!wt) goto out;
         for (Py_ssize_t m = 0; m < M; m++) wt[m] = size[cand ? cand[m] : m];
