@@ -770,16 +770,22 @@ class BatchSession:
                 pending.append((len(results) - 1, seq))
         t0 = time.perf_counter()
         last: dict[int, torch.Tensor] = {}
-        with torch.inference_mode():
-            for s0 in range(0, max((len(seq.ids) for _, seq in pending), default=0), chunk):
-                part = [(k, seq) for k, seq in pending if seq.prefilled <= s0 < len(seq.ids)]
-                if not part:  # every prompt's chunks up to here were copied from another sequence
-                    continue
-                logits = m.transformer.forward_groups(
-                    [torch.tensor(seq.ids[s0:s0 + chunk], dtype=torch.long) for _, seq in part],
-                    [seq.cache for _, seq in part], [s0] * len(part))
-                for (k, _), y in zip(part, logits):
-                    last[k] = y
+        try:
+            with torch.inference_mode():
+                for s0 in range(0, max((len(seq.ids) for _, seq in pending), default=0), chunk):
+                    part = [(k, seq) for k, seq in pending if seq.prefilled <= s0 < len(seq.ids)]
+                    if not part:  # every prompt's chunks up to here were copied from another sequence
+                        continue
+                    logits = m.transformer.forward_groups(
+                        [torch.tensor(seq.ids[s0:s0 + chunk], dtype=torch.long) for _, seq in part],
+                        [seq.cache for _, seq in part], [s0] * len(part))
+                    for (k, _), y in zip(part, logits):
+                        last[k] = y
+        except BaseException:
+            for _, seq in pending:  # they never joined: their KV (a long-context cache's arena) goes back now
+                seq.finished = True
+                self._release(seq)
+            raise
         dt = time.perf_counter() - t0
         for k, seq in pending:
             seq.prefilled = len(seq.ids)

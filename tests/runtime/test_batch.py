@@ -348,3 +348,33 @@ def test_attention_over_a_view_or_a_gather_is_the_same(dtype, t):
     a = F.scaled_dot_product_attention(q[None], view_k[None], view_v[None], attn_mask=mask, scale=d ** -0.5, enable_gqa=True)
     c = F.scaled_dot_product_attention(q[None], copy_k[None], copy_v[None], attn_mask=mask, scale=d ** -0.5, enable_gqa=True)
     assert torch.equal(a, c)
+
+
+def test_a_prefill_that_fails_gives_back_the_long_context_caches(tmp_path, monkeypatch):
+    """A pass that fails while prompts are prefilled (here: an injected error) leaves no cache of
+    theirs behind: their caches are closed and the session can admit others."""
+    from flashtier.runtime.engine import BatchSession
+
+    opts = dict(attention="retrieval", window=64, kv_block_size=16, prefill_chunk=32, kv_dram_budget="32M",
+                kv_sequences=2, kv_spill_dir=str(tmp_path))
+    greedy = SamplingConfig(temperature=0.0)
+    with Model(ROOT / "models" / "tiny-moe-16k", EngineConfig.from_options(**opts)) as llm:
+        prompts = [list(range(1 + i, 150 + i)) for i in range(2)]
+        alone = llm.generate(prompts[0], max_new_tokens=4, ignore_eos=True).tokens
+        forward = llm.transformer.forward_groups
+        with BatchSession(llm, max_batch=2) as session:
+            def broken(*args, **kwargs):
+                raise RuntimeError("injected")
+
+            monkeypatch.setattr(llm.transformer, "forward_groups", broken)
+            with pytest.raises(RuntimeError, match="injected"):
+                session.admit_many([(p, 4, greedy, (), True) for p in prompts])
+            assert session._held == 0  # both caches closed (their spill files too)
+            assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+            monkeypatch.setattr(llm.transformer, "forward_groups", forward)
+            (seq, events), = session.admit_many([(prompts[0], 4, greedy, (), True)])
+            got = [e.token_id for e in events if e.token_id is not None]
+            while not seq.finished:
+                for _, evs in session.step():
+                    got += [e.token_id for e in evs if e.token_id is not None]
+    assert got == alone
