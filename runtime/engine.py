@@ -849,11 +849,16 @@ class BatchSession:
         finally:
             torch.set_num_threads(saved)
         dt = time.perf_counter() - t0
-        out = self._prefilled(part, logits[: len(part)], dt)
-        for seq, y in zip(live, logits[len(part):]):
-            seq.stats.decode_s += dt
-            seq.stats.generated_tokens += 1
-            out.append((seq, self._take(seq, seq.sampler(y[-1]))))
+        out = self._prefilled(part, logits[: len(part)], dt)  # first tokens: sampled as after a prefill
+        if m.linear.kernel == "native":  # decode tokens: sampled at Model.stream's decode thread count,
+            torch.set_num_threads(1)     # so no operation on a token's path runs at another count alone
+        try:
+            for seq, y in zip(live, logits[len(part):]):
+                seq.stats.decode_s += dt
+                seq.stats.generated_tokens += 1
+                out.append((seq, self._take(seq, seq.sampler(y[-1]))))
+        finally:
+            torch.set_num_threads(saved)
         return out
 
     def _reuse_prefix(self, seq: BatchSequence) -> tuple[BatchSequence, int] | None:
