@@ -640,8 +640,9 @@ class BatchSession:
     and every ``step`` decodes all of them (and prefills a chunk of each joining one) in one
     :meth:`Transformer.forward_groups` pass (each weight fetched once per step). Full attention:
     the sequences' blocks come from the model's pool (shared prompt prefixes held once); retrieval
-    attention: each sequence has a long-context cache of its own with 1/kv_sequences of the KV budgets. Each sequence's tokens are the tokens :meth:`Model.stream` gives it
-    alone (batch invariance). Holds the model's lock from ``open`` to ``close``; one thread drives it."""
+    attention: each sequence has a long-context cache of its own with 1/kv_sequences of the KV
+    budgets. Each sequence's tokens are the tokens :meth:`Model.stream` gives it alone (batch
+    invariance). Holds the model's lock from ``open`` to ``close``; one thread drives it."""
 
     def __init__(self, model: Model, max_batch: int) -> None:
         c = model.engine_config
