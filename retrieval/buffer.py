@@ -10,13 +10,21 @@ from __future__ import annotations
 import torch
 
 
+def _state_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor that is never an inference tensor: a buffer grown during a pass run
+    under ``torch.inference_mode`` stays writable outside it (a cache closed or truncated between
+    passes updates its tables)."""
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype)
+
+
 class GrowableRows:
     """Rows of shape ``row_shape`` and dtype ``dtype``, appended in chunks."""
 
     def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, initial_capacity: int = 256) -> None:
         self.row_shape = tuple(row_shape)
         self.dtype = dtype
-        self._data = torch.empty((max(1, initial_capacity), *self.row_shape), dtype=dtype)
+        self._data = _state_tensor((max(1, initial_capacity), *self.row_shape), dtype)
         self._rows = 0
 
     def __len__(self) -> int:
@@ -28,8 +36,9 @@ class GrowableRows:
         need = self._rows + n
         if need > self._data.shape[0]:
             capacity = max(need, 2 * self._data.shape[0])
-            grown = torch.empty((capacity, *self.row_shape), dtype=self.dtype)
-            grown[: self._rows] = self._data[: self._rows]
+            grown = _state_tensor((capacity, *self.row_shape), self.dtype)
+            with torch.inference_mode(False):
+                grown[: self._rows] = self._data[: self._rows]
             self._data = grown
         self._data[self._rows : need] = rows
         self._rows = need

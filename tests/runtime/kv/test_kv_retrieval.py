@@ -367,3 +367,22 @@ def test_decode_steps_search_with_the_models_kernel_threads(monkeypatch):
         llm.generate(list(range(1, 200)), max_new_tokens=4, ignore_eos=True)
     assert seen and all(threads == 2 for _, threads in seen)
     assert any(now == 1 for now, _ in seen)  # (the decode steps' torch count, which the search no longer follows)
+
+
+def test_a_cache_filled_under_inference_mode_is_truncated_and_closed_outside_it(tmp_path):
+    """The forward runs under ``torch.inference_mode``, where the host pool's block tables grow; a
+    truncate (the next turn of a conversation) or a close (a batched sequence leaving, the end of a
+    benchmark) happens outside it and updates those tables: they must not be inference tensors
+    (this raised "Inplace update to inference tensor outside InferenceMode")."""
+    from pathlib import Path
+
+    model = Path(__file__).parents[3] / "models" / "tiny-moe-16k"
+    with open_model(model, attention="retrieval", window=64, kv_block_size=16, prefill_chunk=32,
+                    kv_spill_dir=str(tmp_path)) as llm:
+        ids = [(7 * j) % 1000 + 1 for j in range(4400)]  # > 256 blocks of 16: the tables grow in the forward
+        first = llm.generate(ids, max_new_tokens=4, ignore_eos=True).tokens
+        assert not torch.is_inference_mode_enabled()
+        llm.cache.truncate(200)  # forgets demoted blocks: the pool's tables change here
+        again = llm.generate(ids, max_new_tokens=4, ignore_eos=True)  # reuses the 200 kept positions
+        assert again.tokens == first
+        llm.cache.close()
