@@ -55,7 +55,8 @@ class SlotPool(TierPool):
             self._mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError as e:
             raise BudgetError(f"cannot map {nbytes} bytes for the {self.name} slots: {e}; lower the budget") from e
-        return torch.frombuffer(self._mapping, dtype=torch.uint8)[:nbytes].view(slots, self.record_bytes)
+        with torch.inference_mode(False):  # long-lived state: writable outside a forward's inference mode
+            return torch.frombuffer(self._mapping, dtype=torch.uint8)[:nbytes].view(slots, self.record_bytes)
 
     # -- TierPool ----------------------------------------------------------------------------
 
@@ -240,7 +241,8 @@ class HeapPool(TierPool):
             return None
         self._ids += 1
         alloc = torch.zeros if self.zeroed else torch.empty
-        self._pages[self._ids] = alloc(max(nbytes, 1), dtype=torch.uint8)
+        with torch.inference_mode(False):  # long-lived state: writable outside a forward's inference mode
+            self._pages[self._ids] = alloc(max(nbytes, 1), dtype=torch.uint8)
         self._used += nbytes
         return Block(self._ids, nbytes)
 

@@ -191,7 +191,8 @@ class KVBlockPool:
         """A layer's ``[H_kv, N, B, D]`` keys or values: a working page of the store, or a tensor.
         Not zeroed: a position is read only once written."""
         if self._store is None:
-            return torch.empty(shape, dtype=self.dtype, device=self.device)
+            with torch.inference_mode(False):  # grown inside a forward, written outside (prompt cache loads)
+                return torch.empty(shape, dtype=self.dtype, device=self.device)
         key = (KV_BLOCKS_ARENA, self._id, self._gen, *what)
         page = self._store.reserve(key, math.prod(shape) * self.dtype.itemsize, KV_BLOCKS_ARENA)
         self._pages.append(key)

@@ -378,3 +378,16 @@ def test_a_prefill_that_fails_gives_back_the_long_context_caches(tmp_path, monke
                 for _, evs in session.step():
                     got += [e.token_id for e in evs if e.token_id is not None]
     assert got == alone
+
+
+def test_kv_blocks_grown_during_a_forward_stay_writable_outside_it():
+    """A pool that grows inside a pass (``torch.inference_mode``) keeps normal tensors: writes
+    outside a pass (a prompt-cache load, a prefix copy) must not hit "inference tensor" errors."""
+    with Model(ROOT / "models" / "tiny-moe", EngineConfig(kv_block_size=16)) as llm:
+        cache = llm.transformer.new_cache(16)
+        with torch.inference_mode():
+            llm.transformer.forward(torch.arange(1, 100), cache, 0)  # 99 positions: the pool grows in the pass
+        assert not cache.pool.k[0].is_inference()
+        k = torch.ones(cache.num_kv_heads, 4, cache.head_dim, dtype=cache.dtype)
+        cache.write(0, k, k, 99)
+        assert torch.equal(cache.read(0, 103)[0][:, 99:], k)
