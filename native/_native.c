@@ -142,8 +142,7 @@ static void matvec_rows(const uint16_t *restrict w, const float *restrict x, flo
     int rb = batch == 1 ? 8 : wide ? 4 : 2;
     Py_ssize_t r = r0;
     for (; r < r1; r += rb) {
-        int step = r + rb <= r1 ? rb : 1;
-        if (step == 1) rb = 1;
+        if (r + rb > r1) rb = 1;  /* the rows left over, one at a time */
         const uint16_t *wr = w + r * k;
         for (Py_ssize_t b0 = 0; b0 < batch; b0 += tb) {
             const float *xb = x + b0 * k;

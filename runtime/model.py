@@ -122,14 +122,7 @@ class Transformer:
         """
         return self.forward_groups([tokens], [cache], [start], all_logits)[0]
 
-    # ------------------------------------------------------------------ batched decode
-    def forward_batch(self, tokens: list[int], caches: list[KVCache], starts: list[int]) -> torch.Tensor:
-        """One decode step of ``B`` sequences: token ``tokens[b]`` at position ``starts[b]`` of the
-        sequence whose KV is ``caches[b]``. Returns logits ``[B, V]`` (fp32, CPU). See
-        :meth:`forward_groups`."""
-        groups = [torch.tensor([t], dtype=torch.long) for t in tokens]
-        return torch.cat(self.forward_groups(groups, caches, starts))
-
+    # ------------------------------------------------------------------ batched passes
     def forward_groups(self, groups: list[torch.Tensor], caches: list[KVCache], starts: list[int],
                        all_logits: bool = False) -> list[torch.Tensor]:
         """Several sequences in one pass over the weights: ``groups[b]`` ``[T_b]`` tokens at

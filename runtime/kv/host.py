@@ -217,9 +217,8 @@ class HostKVPool:
         if _kv_gather is None or type(self.codec) is not RawCodec or positions.dim() != 2:
             return None
         lay = self.layout
-        rows = positions if positions.dtype == torch.int64 and positions.is_contiguous() else \
-            positions.to(torch.int64).contiguous()  # [R, n]
-        hs = heads if heads.dtype == torch.int64 and heads.is_contiguous() else heads.to(torch.int64).contiguous()
+        rows = positions.to(torch.int64).contiguous()  # [R, n] (no copy when it already is)
+        hs = heads.to(torch.int64).contiguous()  # [R]
         k = torch.empty((*rows.shape, lay.head_dim), dtype=lay.dtype)  # [R, n, D]
         v = torch.empty_like(k)
         slots = torch.empty(rows.numel(), dtype=torch.int64)
