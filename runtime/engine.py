@@ -51,7 +51,12 @@ class EngineConfig:
     """Host memory for weights, e.g. 1G or 700M; what does not fit streams from storage (None:
     everything resident)."""
     device_budget: int | None = None
-    """Accelerator memory, e.g. 24G (None: no accelerator, or unlimited)."""
+    """Device memory for weights and KV, e.g. 4G: the planner fills it first (attention, norms,
+    output head, then whole layers), keeps what follows in host memory (``dram_budget``, None:
+    unlimited) and streams the rest; pages not on the device are copied into a device window at
+    their use (``PagedWeights``). With ``device='cpu'`` the device tier is its stand-in in host
+    memory: the same placement and transfer schedule, for testing without a GPU (it only adds
+    copies). None: no device tier (on CUDA: every weight resident on the GPU)."""
     compute_dtype: str | None = None
     """dtype to compute in: float32, bfloat16 or float16 (None: the checkpoint's, which keeps
     outputs exact against the reference)."""
@@ -172,10 +177,12 @@ class EngineConfig:
         head, _, index = self.device.partition(":")
         if head != "cuda" or (index and not index.isdigit()):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.dram_budget is not None or self.device_budget is not None or self.sparse_ffn is not None:
-            raise ConfigError(f"--device {self.device} runs with every weight resident on the GPU; paging "
-                              "(--dram-budget / --device-budget) and the sparse FFN run on the CPU for now: "
-                              "drop those flags or use --device cpu")
+        if self.sparse_ffn is not None:
+            raise ConfigError(f"--device {self.device}: the sparse FFN runs on the CPU for now; drop --sparse-ffn "
+                              "or use --device cpu")
+        if self.dram_budget is not None and self.device_budget is None:
+            raise ConfigError(f"--device {self.device} with --dram-budget needs --device-budget too (the GPU memory "
+                              "the weights and the KV may use, e.g. --device-budget 4G)")
         if self.attention != "full":
             raise ConfigError(f"--device {self.device} supports --attention full only (retrieval attention "
                               "keeps its KV tiers on the CPU for now); use --device cpu for retrieval")

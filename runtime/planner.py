@@ -325,7 +325,8 @@ def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ba
     window = base_window
     for _ in range(4):
         placed, used = _place(groups, sizes, req, has_device, kv_bytes, window)
-        need_window = max(base_window, 2 * _largest_pass_group(cfg, sizes, placed, req.streamed_unit))
+        windowed: tuple[Tier, ...] = ("storage", "host") if has_device else ("storage",)
+        need_window = max(base_window, 2 * _largest_pass_group(cfg, sizes, placed, req.streamed_unit, windowed))
         if need_window <= window:
             break
         window = need_window
@@ -338,7 +339,12 @@ def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ba
                 placed.update((n, "storage") for n in names)
     placement.update(placed)
     min_dram = small_bytes + window + (0 if has_device else kv_bytes["host"]) + expert_min
-    if req.dram_budget is not None and not has_device and req.dram_budget < min_dram:
+    if has_device:
+        # The device holds the small tensors; the host stages what streams from storage (one
+        # window) and keeps the host-placed weights and KV, and whatever it holds must fit.
+        min_dram = window + kv_bytes["host"] + sum(
+            (req.resident_sizes or {}).get(n, sizes[n]) for n, t in placed.items() if t == "host" and n in groups[0][1])
+    if req.dram_budget is not None and req.dram_budget < min_dram:
         raise _BelowMinimum(min_dram)
 
     resident = {"device": used["device"], "host": used["host"], "storage": sum(sizes.values())}
@@ -421,13 +427,14 @@ PAGE_SLACK = 8192
 
 
 def _largest_pass_group(cfg: ModelConfig, sizes: dict[str, int], placed: dict[str, Tier],
-                        unit: StreamedUnit = "tensor") -> int:
+                        unit: StreamedUnit = "tensor", windowed: tuple[Tier, ...] = ("storage",)) -> int:
     """Most streamed bytes a forward holds at once: with ``unit == "tensor"`` one dense tensor (the
     forward releases each right after its matmul, ``Transformer._linear``), with ``"layer"`` one
     layer's dense tensors; plus two experts (an expert's three tensors are released together), or
-    the output head."""
+    the output head. ``windowed``: the placements that pass through the window (with a device, the
+    host-placed weights too: they are copied into the device window at each use)."""
     def streamed(names: list[str]) -> int:
-        return sum(sizes[n] + PAGE_SLACK for n in names if n and placed.get(n) == "storage")
+        return sum(sizes[n] + PAGE_SLACK for n in names if n and placed.get(n) in windowed)
 
     head = output_head(cfg, sizes)
     largest = streamed([head]) if head else 0

@@ -119,6 +119,9 @@ class PageEntry:
     """Whether storage holds a copy (False for a created page not written back yet)."""
     working: bool = False
     """A working page (``TieredStore.reserve``): its owner's memory, resident until forgotten."""
+    held: str | None = None
+    """A tier below the compute tier whose copy is kept (``TieredStore.hold``): e.g. weights the
+    planner keeps in pinned host memory and copies to the device at each use."""
 
 
 class PageManager:
@@ -209,8 +212,8 @@ class PageManager:
     def unregister(self, page_id: PageId) -> None:
         """Forget a page and free its copies; ValueError if it is pinned or in flight."""
         entry = self.entry(page_id)
-        if entry.pins or entry.resident or entry.hop is not None:
-            raise ValueError(f"page {page_id!r} is in use (acquired, resident or in flight)")
+        if entry.pins or entry.resident or entry.held or entry.hop is not None:
+            raise ValueError(f"page {page_id!r} is in use (acquired, resident, held or in flight)")
         for tier, block in list(entry.blocks.items()):
             self.pool(entry, tier).release(block)
             self.policies[(entry.arena, tier)].remove(page_id)
@@ -222,24 +225,23 @@ class PageManager:
         host block. ValueError if the id is taken."""
         if arena not in self._tiers:
             raise KeyError(f"the store has no arena {arena!r}; add it with add_arena first")
-        if self.compute_tier(arena) != "host":
-            raise ValueError(f"pages are created in host memory; arena {arena!r} computes on {self.compute_tier(arena)}")
         if desc.page_id in self.pages:
             raise ValueError(f"page {desc.page_id!r} already exists")
         entry = PageEntry(desc, HostPlacement(desc.nbytes, 0), arena, on_storage=False)
         self.pages[desc.page_id] = entry
         return entry
 
-    def place(self, entry: PageEntry, block: Block) -> None:
-        """Record a created page's first copy: ``block`` of its arena's host pool."""
-        entry.blocks["host"] = block
-        entry.tier = "host"
+    def place(self, entry: PageEntry, block: Block, tier: str = "host") -> None:
+        """Record a created page's first copy: ``block`` of its arena's pool in ``tier`` (host; a
+        working page may live in the device pool)."""
+        entry.blocks[tier] = block
+        entry.tier = tier
         entry.view = None
-        policy = self.policies[(entry.arena, "host")]
+        policy = self.policies[(entry.arena, tier)]
         policy.place(entry.desc.page_id, block)
         policy.insert(entry.desc.page_id, entry.desc.nbytes, self.config.reload_cost_s(entry.desc.nbytes))
-        self.stats[entry.arena].tiers["host"].bytes_written += entry.desc.nbytes
-        self._notify(entry, "host", block)
+        self.stats[entry.arena].tiers[tier].bytes_written += entry.desc.nbytes
+        self._notify(entry, tier, block)
 
     def _notify(self, entry: PageEntry, tier: str, block: Block | None) -> None:
         listener = self.listeners.get(entry.arena)
@@ -411,6 +413,8 @@ class PageManager:
     def _evictable(self, entry: PageEntry, tier: str, allow_unused: bool) -> bool:
         hop = entry.hop
         if hop is not None and (hop.src == tier or hop.dst == tier):
+            return False
+        if entry.held == tier:
             return False
         if entry.tier == tier:
             if entry.pins or entry.resident:

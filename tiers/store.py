@@ -251,7 +251,7 @@ class TieredStore:
             manager = self._manager
             entries = [manager.entry(pid) for pid in page_ids]
             busy = [e.desc.page_id for e in entries
-                     if e.pins or e.hop is not None or (e.resident and not e.working)]
+                     if e.pins or e.hop is not None or e.held or (e.resident and not e.working)]
             if busy:
                 raise ValueError(f"pages {busy[:4]!r} are in use (acquired, resident or in flight)")
             written: dict[str, list[PageId]] = {}
@@ -277,6 +277,9 @@ class TieredStore:
         desc = PageDesc(page_id, PageSource(f"<{arena}>", 0, raw.numel()))
         with self._cond:
             manager = self._manager
+            if arena in manager.arenas and manager.compute_tier(arena) != "host":
+                raise ValueError(f"pages are created in host memory; arena {arena!r} computes on "
+                                 f"{manager.compute_tier(arena)}")
             entry = manager.create(desc, arena)
             try:
                 pool = manager.pool(entry, "host")
@@ -293,26 +296,74 @@ class TieredStore:
                     del manager.pages[page_id]
                 raise
 
-    def reserve(self, page_id: PageId, nbytes: int, arena: str) -> torch.Tensor:
-        """A working page: ``nbytes`` of ``arena``'s host pool that its owner reads and writes
-        (e.g. a sparse FFN's neuron window), resident and never evicted until ``forget``; its bytes
-        are the owner's (uninitialised, never written back). BudgetError if the arena has no room.
+    def reserve(self, page_id: PageId, nbytes: int, arena: str, tier: str = "host") -> torch.Tensor:
+        """A working page: ``nbytes`` of ``arena``'s pool in ``tier`` ('host', or 'device' for an
+        arena with a device pool: e.g. weights the planner keeps on the GPU) that its owner reads
+        and writes, resident and never evicted until ``forget``; its bytes are the owner's
+        (uninitialised, never written back). BudgetError if the arena has no room there.
         Returns the page as ``uint8 [nbytes]``, aligned as the pool aligns blocks."""
         desc = PageDesc(page_id, PageSource(f"<{arena}>", 0, nbytes))
         with self._cond:
             manager = self._manager
+            if arena in manager.arenas and tier not in manager.tiers(arena)[:-1]:
+                raise ValueError(f"arena {arena!r} has no {tier} pool to reserve a working page in")
             entry = manager.create(desc, arena)
-            pool = manager.pool(entry, "host")
+            pool = manager.pool(entry, tier)
             block = pool.try_allocate(nbytes)
             if block is None:
                 del manager.pages[page_id]
                 raise BudgetError(
-                    f"arena {arena!r} cannot reserve {nbytes} bytes for {page_id!r}: {pool.free_bytes} of its "
-                    f"{pool.capacity} bytes are free (largest hole {pool.largest_hole()})"
+                    f"arena {arena!r} cannot reserve {nbytes} bytes of its {tier} pool for {page_id!r}: "
+                    f"{pool.free_bytes} of its {pool.capacity} bytes are free (largest hole {pool.largest_hole()})"
                 )
             entry.resident = entry.working = True
-            manager.place(entry, block)
+            manager.place(entry, block, tier)
             return manager.view(entry)
+
+    def hold(self, page_ids: Iterable[PageId], tier: str = "host") -> None:
+        """Load pages into ``tier`` (below their arena's compute tier) and keep that copy until
+        ``release_hold``, whatever the compute tier does with them: weights the planner keeps in
+        (pinned) host memory and copies to the device window at each use, so that only the pages
+        the plan streams are read from storage again. Blocks until loaded.
+
+        BudgetError (nothing held) if the held pages would take more than the arena's pool in
+        ``tier``; ValueError if ``tier`` is not a memory tier of their arena.
+        """
+        ids = list(dict.fromkeys(page_ids))
+        manager = self._manager
+        with self._cond:
+            entries = [manager.entry(pid) for pid in ids]
+            fresh = [e for e in entries if e.held != tier]
+            for arena in dict.fromkeys(e.arena for e in fresh):
+                if tier not in manager.tiers(arena)[:-1]:
+                    raise ValueError(f"arena {arena!r} has no {tier} pool to hold pages in")
+                pool = manager.pools[(arena, tier)]
+                size = lambda e: pool.block_size(self._block_need(e, tier))  # noqa: E731
+                need = sum(size(e) for e in fresh if e.arena == arena)
+                held = sum(size(e) for e in manager.pages.values() if e.arena == arena and e.held == tier)
+                if need + held > pool.capacity:
+                    flag = "--dram-budget" if tier == "host" else "--device-budget"
+                    raise BudgetError(
+                        f"{len(fresh)} pages to hold need {need} bytes in arena {arena!r} of the {tier} tier, "
+                        f"{held} are already held, its budget is {pool.capacity} bytes; hold fewer or raise {flag}"
+                    )
+            for e in fresh:
+                e.held = tier
+        try:
+            for entry in entries:
+                if tier not in entry.blocks:
+                    self._bring_up(entry, tier)
+        except BaseException:
+            with self._cond:
+                for e in fresh:
+                    e.held = None
+            raise
+
+    def release_hold(self, page_ids: Iterable[PageId]) -> None:
+        """Let held pages' copies be evicted again."""
+        with self._cond:
+            for pid in page_ids:
+                self._manager.entry(pid).held = None
 
     def touch_slots(self, arena: str, slots: np.ndarray) -> None:
         """Tell a slot arena's policy that the pages in host ``slots`` were used (one call for a
@@ -648,14 +699,15 @@ class TieredStore:
     def _block_need(self, entry: PageEntry, tier: str) -> int:
         return entry.placement.block_bytes if tier == "host" else entry.desc.nbytes
 
-    def _bring_up(self, entry: PageEntry) -> None:
-        """Block until ``entry`` is in the compute tier, driving its hops as a demand.
+    def _bring_up(self, entry: PageEntry, target: str | None = None) -> None:
+        """Block until ``entry`` is in ``target`` (default: its compute tier), driving its hops as
+        a demand.
 
-        The caller holds a pin (acquire) or the resident mark, so the page cannot be evicted
-        between the hop that brings it and the caller's use.
+        The caller holds a pin (acquire), the resident mark or the hold, so the page cannot be
+        evicted between the hop that brings it and the caller's use.
         """
         manager = self._manager
-        target = manager.compute_tier(entry.arena)
+        target = target or manager.compute_tier(entry.arena)
         waited = 0.0
         try:
             while True:

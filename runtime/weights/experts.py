@@ -148,8 +148,11 @@ class ExpertWeights(PagedWeights):
                  kv_tokens: int = 4096, bandwidths: Bandwidths | None = None, device_budget: int = 0,
                  direct_io: str = "auto", experts: ExpertCacheConfig | None = None, compressed: str = "auto",
                  progress: Callable[[int, int], None] | None = None, verified_record: str | None = None,
-                 kv_block_size: int | None = None, kv_sequences: int = 1) -> None:
+                 kv_block_size: int | None = None, kv_sequences: int = 1, device: str = "cpu") -> None:
         cfg = checkpoint.config
+        if device_budget:
+            raise ConfigError("MoE expert caches page onto the host tier only for now: run this MoE model without "
+                              "--device-budget (or with --expert-cache off: experts then stream like other weights and each one used is copied to the device)")
         bandwidths = bandwidths or Bandwidths()
         experts = experts or ExpertCacheConfig()
         if not cfg.is_moe:

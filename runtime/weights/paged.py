@@ -45,6 +45,7 @@ from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFile
 from flashtier.storage_backends.safetensors_format import TensorInfo
 from flashtier.storage_backends.verified import VerifiedRecord
 from flashtier.tiers.config import ArenaConfig, StoreConfig
+from flashtier.tiers.device import DEVICE_ALIGNMENT
 from flashtier.tiers.page import PageDesc, PageSource
 from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA
 from flashtier.tiers.manager import DEFAULT_ARENA
@@ -55,12 +56,16 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 
 
 class PagedWeights:
-    """A :class:`~flashtier.runtime.weights.base.WeightAccessor` over a tiered store (see module doc)."""
+    """A :class:`~flashtier.runtime.weights.base.WeightAccessor` over a tiered store (see module doc).
 
-    compute_device = "cpu"
-    """Where the model computes, so where pages handed to it must live: the runtime's forward pass
-    runs on the CPU, so a device tier of the weight stores is placed there too (on a GPU machine a
-    CUDA tier would hand CUDA tensors to CPU matmuls: found on an H100, session 4)."""
+    With a device budget (``device_budget > 0``) the model computes on ``device`` ('cuda[:n]', or
+    'cpu': the device tier's stand-in in host memory, which runs the same placement and transfer
+    schedule on machines without a GPU): the planner fills the device first (norms, attention,
+    output head, then whole layers: working pages of the ``resident`` arena's device pool), then
+    the host (pages *held* in the default arena's pinned host pool: never read from storage
+    again), and streams the rest from storage; every page that is not on the device is copied
+    into the default arena's device window at its use, layer-ahead, on the copy thread (a CUDA
+    stream with events on a GPU). Pages handed to the forward are device tensors."""
 
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, bandwidths: Bandwidths = Bandwidths(), device_budget: int = 0,
@@ -69,7 +74,7 @@ class PagedWeights:
                  external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None,
                  streamed_unit: StreamedUnit = "tensor", compressed: str = "auto",
                  verified_record: str | None = None, kv_block_size: int | None = None,
-                 kv_sequences: int = 1) -> None:
+                 kv_sequences: int = 1, device: str | torch.device = "cpu") -> None:
         """``external``: streamed tensors another component serves (e.g. FFN neurons read from
         row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
         store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
@@ -82,14 +87,20 @@ class PagedWeights:
         store's ``kv.blocks`` arena, budgeted at the plan's KV share (``kv_sequences`` sequences
         of ``kv_tokens`` positions, each rounded up to whole blocks of that size) and shared by
         every cache (a batch's sequences draw from it); None = no such arena (retrieval attention
-        keeps its own)."""
+        keeps its own). ``device``: where the model computes when ``device_budget`` > 0 (see the
+        class doc); ``dram_budget`` None then means unlimited host memory."""
         self.checkpoint = checkpoint
         cfg = self.config = checkpoint.config
+        has_device = device_budget > 0
+        self.device = torch.device(device) if has_device else torch.device("cpu")
+        """Where the model computes: the device tier's device, else the CPU."""
+        if dram_budget is None and not has_device:
+            raise BudgetError("paged weights need --dram-budget (or a --device-budget)")
         self.compute_dtype = compute_dtype or checkpoint.weights_dtype
         self.compressed_index = _compressed_index(checkpoint, compressed)
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
         sequences = kv_sequences if kv_block_size is not None else 1
-        req = PlanRequest(dram_budget=dram_budget, context=kv_tokens * sequences,
+        req = PlanRequest(dram_budget=dram_budget, device_budget=device_budget, context=kv_tokens * sequences,
                           resident_sizes=resident_sizes(checkpoint, self.compute_dtype),
                           kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                           expert_cache=expert_cache_min_bytes is not None,
@@ -97,14 +108,21 @@ class PagedWeights:
                           streamed_unit=streamed_unit,
                           storage_fraction=self.compressed_index.stored_fraction() if self.compressed_index else 1.0)
         self.plan: Plan = make_plan(cfg, sizes, req, bandwidths)
-        if device_budget:
-            # The device tier (CUDA) is driven by the same store; on this CPU path it is not used.
-            self.plan.notes.append("device budget given: the device tier holds the compute copies")
+        if has_device and (not self.plan.fits or self.plan.kv_bytes["host"] > 0):  # KV over the link: not built
+            kv = kv_tokens * sequences * kv_bytes_per_token(cfg, self.compute_dtype.itemsize)
+            raise BudgetError(f"--device-budget {device_budget} cannot hold the KV cache of {kv_tokens * sequences} "
+                              f"positions ({kv} bytes) and the weights' window ({self.plan.stream_window_bytes} bytes); "
+                              "raise --device-budget or lower --max-context")
         self._resident: dict[str, torch.Tensor] = {}
         head = checkpoint.lm_head  # with tied embeddings the table is also the output head
+        # With a device, the plan's host weights are pages held in host memory and copied to the
+        # device at each use (they pass through the device window as streamed pages do).
+        paged_tiers = ("storage", "host") if has_device else ("storage",)
         streamed = [n for n, t in self.plan.placement.items()
-                    if t == "storage" and (n != EMBED or n == head) and n not in external]
-        resident = [n for n, t in self.plan.placement.items() if t != "storage" and n in checkpoint.tensors]
+                    if t in paged_tiers and (n != EMBED or n == head) and n not in external and n in checkpoint.tensors]
+        held = [n for n in streamed if self.plan.placement[n] == "host"]
+        resident = [n for n, t in self.plan.placement.items()
+                    if t not in paged_tiers and n in checkpoint.tensors and n not in external]
 
         window = self.plan.stream_window_bytes
         if external:
@@ -122,33 +140,41 @@ class PagedWeights:
         checks = {(str(i.path), i.offset, i.nbytes): (i.crc32, f"tensor {n}") for n, i in checkpoint.tensors.items()
                   if i.crc32 is not None and n in streamed}
         kv_limit = kv_rounding = 0
-        if kv_block_size is not None and not device_budget:
+        if kv_block_size is not None and not has_device:
             kv_limit = sequences * -(-kv_tokens // kv_block_size) * kv_block_size * \
                 kv_bytes_per_token(cfg, self.compute_dtype.itemsize)
             kv_rounding = max(0, kv_limit - self.plan.kv_bytes["host"])
+        # Held pages take their O_DIRECT spans, rounded to the host pool's blocks.
+        held_bytes = sum(_round_up(self.backend.plan(checkpoint.tensors[n].offset, checkpoint.tensors[n].nbytes).span,
+                                   HOST_BLOCK) for n in held)
+        host_window = window if streamed else max(window, 4096)  # an idle store: one block
+        tier_budget = None if dram_budget is None else max(dram_budget, window) + _alignment_slack(len(resident)) + \
+            kv_rounding + held_bytes - sum(checkpoint.tensors[n].nbytes for n in held)
         self.store = TieredStore(
-            StoreConfig(host_budget=window if streamed else max(window, 4096),  # an idle store: one block
-                        device_budget=0, host_policy=host_policy, device=self.compute_device,  # type: ignore[arg-type]
+            StoreConfig(host_budget=host_window + held_bytes,
+                        device_budget=window if has_device else 0, host_policy=host_policy,
+                        device=self.device.type,  # type: ignore[arg-type]
                         storage_gb_per_s=bandwidths.disk / 1e9,
                         # one host budget for every arena of this store (streamed and resident weights,
                         # expert caches, neuron windows; the KV arena adds --kv-dram-budget): the
                         # planner's shares, plus the block alignment they round to
-                        host_tier_budget=max(dram_budget, window) + _alignment_slack(len(resident))
-                        + kv_rounding),
+                        host_tier_budget=tier_budget),
             ChecksummedBackend(self.backend, checks) if checks else self.backend)
-        try:
-            self._load_resident(resident, progress)
-            if kv_limit:
-                self.store.add_heap_arena(KV_BLOCKS_ARENA, kv_limit, zeroed=False)
-        except BaseException:
-            self.store.close()
-            self.backend.close()
-            raise
         self._descs: dict[str, PageDesc] = {}
         for name in streamed:
             info = checkpoint.tensors[name]
             self._descs[name] = PageDesc(name, PageSource(str(info.path), info.offset, info.nbytes), *page_format(info))
-        self.store.register_many(self._descs.values())
+        try:
+            self._load_resident(resident, progress, "device" if has_device else "host")
+            if kv_limit:
+                self.store.add_heap_arena(KV_BLOCKS_ARENA, kv_limit, zeroed=False)
+            self.store.register_many(self._descs.values())
+            if held:
+                self.store.hold(held, "host")  # read once now; copied to the device at each use
+        except BaseException:
+            self.store.close()
+            self.backend.close()
+            raise
         # The order in which a forward pass uses the streamed (non-expert) pages: the cycle.
         self._cycle = [n for n in self._forward_order() if n in self._descs and ".experts." not in n]
         self._cursor = 0  # next index of the cycle to prefetch
@@ -177,6 +203,10 @@ class PagedWeights:
             raise CheckpointError(f"tensor {name!r} is neither resident nor a page; the plan is inconsistent")
         if self._ahead and self._ahead[0] == name:
             self._ahead.popleft()
+        elif not self._ahead and self._cycle and self._cycle[self._cursor] == name:
+            # used before its prefetch was issued (no room then): the cycle moves past it, else it
+            # would be prefetched now and wait at the head of the queue for a whole cycle, out of step
+            self._cursor = (self._cursor + 1) % len(self._cycle)
         tensor = self.store.acquire(name)
         self._in_use.append(name)
         return as_weight(tensor, self.checkpoint.tensors[name], self.compute_dtype)
@@ -197,8 +227,9 @@ class PagedWeights:
             os.posix_fadvise(self._embed_fd, off, row, os.POSIX_FADV_DONTNEED)
         self._counters["embedding_bytes_read"] += row * tokens.shape[0]
         if info.quantized:
-            return QuantizedTensor.from_bytes(out, GGMLType(info.ggml_type), (tokens.shape[0], info.shape[1])).dequantize(self.compute_dtype)
-        return out.view(TORCH_DTYPES[info.dtype]).to(self.compute_dtype)
+            rows = QuantizedTensor.from_bytes(out, GGMLType(info.ggml_type), (tokens.shape[0], info.shape[1]))
+            return rows.dequantize(self.compute_dtype).to(self.device)
+        return out.view(TORCH_DTYPES[info.dtype]).to(self.device, self.compute_dtype)
 
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         self._top_up()
@@ -241,6 +272,13 @@ class PagedWeights:
     def _top_up(self) -> None:
         """Prefetch the next pages of the cycle while the window has room (adaptive depth)."""
         n = len(self._cycle)
+        if self.store.compute_tier == "device":
+            # A prefetch stops at the host when the device window is full; carry the pages it
+            # left there on to the device, in order, before announcing later ones (else a later
+            # page would take the room, and the earlier one's demand would evict it: copied twice).
+            for name in self._ahead:
+                if self.store.prefetch(name) is None:
+                    return
         while n and len(self._ahead) < n - len(self._in_use):
             name = self._cycle[self._cursor]
             if self.store.prefetch(name) is None:
@@ -261,18 +299,23 @@ class PagedWeights:
         order.append(self.checkpoint.lm_head)
         return order
 
-    def _load_resident(self, names: list[str], progress: Callable[[int, int], None] | None) -> None:
+    def _load_resident(self, names: list[str], progress: Callable[[int, int], None] | None,
+                       tier: str = "host") -> None:
         """Read the weights the plan keeps in memory into working pages of the store's resident
-        arena (sized to them exactly, 64-byte aligned), so the store accounts every weight byte."""
+        arena in ``tier`` (sized to them exactly, 64-byte aligned in the host pool, 256 in the
+        device pool), so the store accounts every weight byte."""
         sizes = {n: _compute_nbytes(self.checkpoint.tensors[n], self.compute_dtype) for n in names}
         if not sizes:
             return
-        align = lambda n: -(-n // RESIDENT_ALIGNMENT) * RESIDENT_ALIGNMENT
-        self.store.add_arena(ArenaConfig(RESIDENT_ARENA, sum(align(n) for n in sizes.values()),
-                                         alignment=RESIDENT_ALIGNMENT))
+        if tier == "device":
+            arena = ArenaConfig(RESIDENT_ARENA, HOST_BLOCK, sum(_round_up(n, DEVICE_ALIGNMENT) for n in sizes.values()))
+        else:
+            arena = ArenaConfig(RESIDENT_ARENA, sum(_round_up(n, RESIDENT_ALIGNMENT) for n in sizes.values()),
+                                alignment=RESIDENT_ALIGNMENT)
+        self.store.add_arena(arena)
         for i, name in enumerate(names):
             t = to_compute(read_tensor(self.checkpoint.tensors[name]), self.compute_dtype)
-            page = self.store.reserve(("resident", name), sizes[name], RESIDENT_ARENA)
+            page = self.store.reserve(("resident", name), sizes[name], RESIDENT_ARENA, tier)
             if isinstance(t, QuantizedTensor):
                 page.copy_(t.data.reshape(-1))
                 self._resident[name] = QuantizedTensor(page.view(t.data.shape), t.qtype, t.shape)
@@ -292,10 +335,14 @@ class PagedWeights:
                        for t in self._resident.values())
         # With compressed side files the store counts tensor bytes, the backend what the disk read.
         read = self.backend.stats().bytes_read if self.compressed_index is not None else storage.bytes_read
+        on_device = self.device.type != "cpu" or "device" in s.tiers
+        held = sum(self.checkpoint.tensors[n].nbytes for n, t in self.plan.placement.items()
+                   if t == "host" and n in self._descs)
         out = {
             "bytes_read_storage": read + self._counters["embedding_bytes_read"],
             "io_wait_s": round(s.wait_s, 6),
-            "resident_bytes": {"device": 0, "host": resident, "stream_window": self.plan.stream_window_bytes,
+            "resident_bytes": {"device": resident if on_device else 0, "host": held if on_device else resident,
+                               "stream_window": self.plan.stream_window_bytes,
                                "storage": self.checkpoint.total_bytes()},
             "host_hits": host.hits,
             "host_misses": host.misses,
@@ -306,6 +353,9 @@ class PagedWeights:
             "direct_io": self.backend.stats().buffered_files == 0,
             "weights_at_rest": "compressed" if self.compressed_index is not None else "raw",
         }
+        if "device" in s.tiers:
+            out["bytes_host_to_device"] = s.tiers["device"].bytes_written
+            out["device_hits"] = s.tiers["device"].hits
         if self.compressed_index is not None:
             assert isinstance(self.backend, CompressedBackend)
             out["compressed_stored_fraction"] = round(self.compressed_index.stored_fraction(), 4)
@@ -353,9 +403,18 @@ def resident_sizes(checkpoint: Checkpoint, compute_dtype: torch.dtype) -> dict[s
 
 
 def _alignment_slack(resident_tensors: int) -> int:
-    """Bytes the arenas may take beyond the planner's shares: the idle default arena's one block
-    and the resident arena's rounding (at most 63 bytes per tensor)."""
-    return 4096 + RESIDENT_ALIGNMENT * resident_tensors
+    """Bytes the arenas may take beyond the planner's shares: the idle default arena's one block,
+    the device-resident arena's one host block, and the resident arena's rounding (at most 63
+    bytes per tensor)."""
+    return 2 * HOST_BLOCK + RESIDENT_ALIGNMENT * resident_tensors
+
+
+HOST_BLOCK = 4096
+"""Alignment of the default arena's host blocks (O_DIRECT reads land in place)."""
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def _compute_nbytes(info: TensorInfo, compute_dtype: torch.dtype) -> int:
@@ -395,7 +454,7 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
     ``what`` names the accessor in the error raised when no budget is set."""
     from flashtier.runtime.units import DTYPES
 
-    if config.dram_budget is None:
+    if config.dram_budget is None and not config.device_budget:
         raise BudgetError(f"{what} need --dram-budget")
     return {"dram_budget": config.dram_budget,
             "compute_dtype": DTYPES[config.compute_dtype] if config.compute_dtype else None,
@@ -405,7 +464,8 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
             "compressed": config.paging.compressed,
             "verified_record": config.verified_record,
             "kv_block_size": config.kv_block_size if config.attention == "full" else None,
-            "kv_sequences": config.kv_sequences}
+            "kv_sequences": config.kv_sequences,
+            "device": config.device}
 
 
 def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:

@@ -20,7 +20,7 @@ def test_bad_device_settings_are_refused():
         EngineConfig(device="gpu")
     with pytest.raises(ConfigError, match="'cpu', 'cuda' or 'cuda:N'"):
         EngineConfig(device="cuda:x")
-    with pytest.raises(ConfigError, match="resident on the GPU"):
+    with pytest.raises(ConfigError, match="needs --device-budget"):
         EngineConfig(device="cuda", dram_budget=1 << 30)
     with pytest.raises(ConfigError, match="--attention full only"):
         EngineConfig(device="cuda", attention="retrieval")
