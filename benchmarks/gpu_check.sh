@@ -7,13 +7,15 @@
 #
 # What it measures now:
 #   * the CUDA tests (tests marked `cuda`: the forward on the GPU equals the CPU's, the store's
-#     device tier moves bytes exactly),
+#     device tier moves bytes exactly, dense weights paged onto the GPU give the CPU's tokens),
 #   * tiny-moe decode on the GPU against the CPU path on the same machine (target: GPU >= CPU),
 #   * the store's host -> device copies against a plain pinned copy, and their overlap with compute
-#     (bench_device_tier).
-# Not yet: dense / MoE / long-context paging ONTO the GPU (the accessors still hand the forward host
-# tensors under a budget; `--device cuda` needs every weight resident there), so those targets have
-# no command to run yet. Budget: under 8 minutes on an H100 machine (setup ~2-3 min of it).
+#     (bench_device_tier),
+#   * dense-1.7g with --device-budget 800M (weights 2x the budget) against the link-bound limit and
+#     against accelerate with the same GPU memory (bench_device_dense; targets 85% and 3x).
+# Not yet: MoE experts and long-context KV paged onto the GPU (the expert caches and retrieval
+# attention still compute on the host; `--device-budget` refuses them). Budget: under 8 minutes on
+# an H100 machine (setup ~2-3 min of it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -38,5 +40,6 @@ for device in cpu cuda; do
     --max-new-tokens 128 --greedy --ignore-eos --json --device "$device"
 done
 run device_tier $PY -m flashtier.benchmarks.bench_device_tier --device cuda
+run dense_device $PY -m flashtier.benchmarks.bench_device_dense --device cuda --device-budget 800M --tokens 32
 echo "results: $OUT/gpu_check.jsonl"
 cat "$OUT/gpu_check.jsonl"

@@ -400,7 +400,7 @@ def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ba
     # Streaming overlaps compute; device compute and host-side retrieval overlap too.
     step = max(times.values())
     fits = (req.dram_budget is None or used["host"] + kv_bytes["host"] + window + expert_min <= req.dram_budget + 1) and (
-        not has_device or used["device"] + kv_bytes["device"] <= req.device_budget)
+        not has_device or used["device"] + kv_bytes["device"] + window <= req.device_budget)
     return Plan(
         fits=fits,
         placement=placement,

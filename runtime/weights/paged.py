@@ -111,8 +111,8 @@ class PagedWeights:
         if has_device and (not self.plan.fits or self.plan.kv_bytes["host"] > 0):  # KV over the link: not built
             kv = kv_tokens * sequences * kv_bytes_per_token(cfg, self.compute_dtype.itemsize)
             raise BudgetError(f"--device-budget {device_budget} cannot hold the KV cache of {kv_tokens * sequences} "
-                              f"positions ({kv} bytes) and the weights' window ({self.plan.stream_window_bytes} bytes); "
-                              "raise --device-budget or lower --max-context")
+                              f"positions ({kv} bytes) and the window the weights are copied through "
+                              f"({self.plan.stream_window_bytes} bytes); raise --device-budget or lower --max-context")
         self._resident: dict[str, torch.Tensor] = {}
         head = checkpoint.lm_head  # with tied embeddings the table is also the output head
         # With a device, the plan's host weights are pages held in host memory and copied to the
