@@ -101,10 +101,12 @@ def test_each_step_reads_only_the_streamed_pages_and_copies_every_non_device_pag
         row = ck.tensors[EMBED].nbytes // ck.config.vocab_size
         read = after["bytes_read_storage"] - before["bytes_read_storage"]
         copied = after["bytes_host_to_device"] - before["bytes_host_to_device"]
-        # the window holds a few pages, so every non-device page is copied once per use (give or
-        # take the page a step boundary finds still there, or one evicted for a demand)
+        # the window holds a few pages, so every non-device page is copied once per use: fewer
+        # when a step boundary finds some still in the window, at most a page or two more when a
+        # demand evicts one prefetched for later (timing-dependent)
         largest = max(ck.tensors[n].nbytes for n in w._descs)
-        assert abs(copied - passes * (host + streamed)) <= 2 * largest
+        assert copied <= passes * (host + streamed) + 2 * largest
+        assert copied >= passes * (host + streamed) - passes * w.plan.stream_window_bytes
         # storage: the streamed pages (the host stage keeps at most a window of them) + embedding rows
         assert read <= passes * (streamed + row) + 64 * row
         assert read >= (passes - 1) * streamed
