@@ -71,6 +71,10 @@ class PageLocation:
     in_flight_to: str | None
     pins: int
     resident: bool
+    copies: tuple[str, ...] = ()
+    """The memory tiers holding a copy, fastest first."""
+    held: str | None = None
+    """The tier whose copy ``hold`` keeps."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,7 +620,8 @@ class TieredStore:
             entry = self._manager.entry(page_id)
             hop = entry.hop
             return PageLocation(
-                entry.tier, hop.dst if hop is not None else None, entry.pins, entry.resident
+                entry.tier, hop.dst if hop is not None else None, entry.pins, entry.resident,
+                tuple(t for t in ("device", "host") if t in entry.blocks), entry.held,
             )
 
     def stats(self, arenas: Iterable[str] | None = None) -> StoreStats:

@@ -187,7 +187,7 @@ def test_resident_pages_stay_while_others_stream_through(make_store):
     # stream 1..8 through the 2 remaining slots -> 0 is never evicted
     for i in range(1, 9):
         touch(store, i)
-    assert store.location(0) == store.location(0).__class__("host", None, 0, True)
+    assert store.location(0) == store.location(0).__class__("host", None, 0, True, ("host",))
     assert store.stats().tiers["host"].evictions == 6
     # resident pages past the budget -> BudgetError, and none of them is marked resident
     with pytest.raises(BudgetError, match="keep resident"):
