@@ -55,7 +55,7 @@ GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("prompt_cache", metavar="DIR"),
         Flag("prompt_cache_budget", metavar="BYTES"),
     )),
-    ("MoE experts (with --dram-budget)", (
+    ("MoE experts (with --dram-budget or --device-budget)", (
         Flag("expert_cache", style="onoff"),
         Flag("expert_policy", metavar="POLICY"),
         Flag("expert_predictor", choices=("auto", "router", "affinity", "off")),
@@ -64,6 +64,8 @@ GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("expert_gate", style="onoff"),
         Flag("expert_pin", style="onoff"),
         Flag("expert_verify", choices=("first-read", "always", "off")),
+        Flag("expert_device_slots", metavar="N"),
+        Flag("expert_placement", choices=("auto", "gpu", "cpu")),
     )),
 )
 

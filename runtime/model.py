@@ -17,6 +17,7 @@ from flashtier.runtime import decode_ops
 from flashtier.checkpoint.folder import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
 from flashtier.runtime.kernels import Linear
+from flashtier.runtime.quantized import weight_device
 from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA, BlockKVCache, KVBlockPool, KVCache, KVCacheConfig
 from flashtier.runtime.weights.base import WeightAccessor
 
@@ -233,22 +234,26 @@ class Transformer:
         ys: dict[tuple[int, int], torch.Tensor] = {}
         outs = [torch.zeros_like(x) if x.shape[0] > 1 else None for x in xs]
         lin = self.linear
+        here = xs[0].device
         for e in union:
             names = n.expert(e)
             gate, up, down = (w.get(x) for x in names)
+            # An expert is computed where its weights are: the accessor may hand a GPU model an
+            # expert's host copy (computing it on the CPU costs less than copying it over the link).
+            there = weight_device(gate)
             single = [b for b in range(len(xs)) if xs[b].shape[0] == 1 and e in sets[b]]
             if single:  # each weight over every routed one-token row at once (quantized: one fused call)
-                gus = lin.many_rows([xs[b] for b in single], [gate, up])
+                gus = lin.many_rows([xs[b].to(there) for b in single], [gate, up])
                 downs = lin.rows([self.act(g) * u for g, u in gus], down)
                 for b, d in zip(single, downs):
                     ids = picks[b][0][0].tolist()
-                    ys[b, e] = d * picks[b][1][0, ids.index(e)]
+                    ys[b, e] = d.to(here) * picks[b][1][0, ids.index(e)]
             for b, (top_i, top_w) in enumerate(picks):  # several tokens: the rows routed to e
                 if e not in sets[b] or xs[b].shape[0] == 1:
                     continue
                 rows, slot = torch.nonzero(top_i == e, as_tuple=True)
-                g, u = lin.many(xs[b][rows], [gate, up])
-                y = lin(self.act(g) * u, down) * top_w[rows, slot, None]
+                g, u = lin.many(xs[b][rows].to(there), [gate, up])
+                y = lin(self.act(g) * u, down).to(here) * top_w[rows, slot, None]
                 outs[b].index_add_(0, rows, y)  # type: ignore[union-attr]
             w.done(names)
         out = []

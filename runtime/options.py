@@ -110,7 +110,14 @@ class ExpertCacheConfig:
     slots: int | None = None
     """Experts cached per MoE layer (None: as many as the budget leaves, at least one)."""
     device_slots: int = 0
-    """Experts per MoE layer in the device tier (with an accelerator; 0: host tier only)."""
+    """Experts per MoE layer cached on the device. With --device-budget, 0 means as many as the
+    device budget leaves after the plan (attention, routers, shared experts, KV, the window); without
+    one, 0 keeps experts in the host tier."""
+    placement: str = "auto"
+    """With --device-budget, where an expert that is not on the device runs: 'auto' (per miss,
+    copied to the device or computed on the CPU where its host copy is, whichever the measured link
+    and CPU speeds say is faster for the pass's rows), 'gpu' (always copied), 'cpu' (always on the
+    CPU: no expert is cached on the device)."""
     state: str = "post-attention"
     """Hidden state the router predictor reads: 'post-attention' or 'layer-input' (see prefetch/experts.py)."""
     verify: str = "first-read"
@@ -135,6 +142,10 @@ class ExpertCacheConfig:
             raise ConfigError(f"expert cache slots must be >= 1 per layer, got {self.slots}")
         if self.device_slots < 0:
             raise ConfigError(f"expert device slots must be >= 0, got {self.device_slots}")
+        from flashtier.prefetch.placement import PLACEMENTS
+
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"expert placement {self.placement!r} is unknown; choose one of {', '.join(PLACEMENTS)}")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"expert verify mode {self.verify!r} is unknown; choose one of {', '.join(VERIFY_MODES)}")
 

@@ -154,3 +154,8 @@ def embedding_rows(table: "torch.Tensor | QuantizedTensor", tokens: torch.Tensor
     if isinstance(table, QuantizedTensor):
         return table.take_rows(tokens, dtype)
     return F.embedding(tokens, table).to(dtype)
+
+
+def weight_device(weight: "torch.Tensor | QuantizedTensor") -> torch.device:
+    """Where a weight's bytes are (and so where products with it run)."""
+    return weight.data.device if isinstance(weight, QuantizedTensor) else weight.device

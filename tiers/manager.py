@@ -122,6 +122,9 @@ class PageEntry:
     held: str | None = None
     """A tier below the compute tier whose copy is kept (``TieredStore.hold``): e.g. weights the
     planner keeps in pinned host memory and copies to the device at each use."""
+    host_pins: int = 0
+    """Acquisitions of the host copy of a page whose arena computes on the device
+    (``TieredStore.acquire_at``: e.g. an MoE expert computed on the CPU): that copy is kept."""
 
 
 class PageManager:
@@ -212,7 +215,7 @@ class PageManager:
     def unregister(self, page_id: PageId) -> None:
         """Forget a page and free its copies; ValueError if it is pinned or in flight."""
         entry = self.entry(page_id)
-        if entry.pins or entry.resident or entry.held or entry.hop is not None:
+        if entry.pins or entry.host_pins or entry.resident or entry.held or entry.hop is not None:
             raise ValueError(f"page {page_id!r} is in use (acquired, resident, held or in flight)")
         for tier, block in list(entry.blocks.items()):
             self.pool(entry, tier).release(block)
@@ -299,8 +302,12 @@ class PageManager:
         entry: PageEntry,
         dtype: torch.dtype | None = None,
         shape: tuple[int, ...] | None = None,
+        tier: str | None = None,
     ) -> torch.Tensor:
-        """A tensor over the page's location copy (no copy); default dtype/shape from the desc."""
+        """A tensor over the page's copy in ``tier`` (default: its location; no copy); default
+        dtype/shape from the desc."""
+        if tier is not None and tier != entry.tier:
+            return self._view_at(entry, dtype, shape, tier)
         default = dtype is None and shape is None
         if default and entry.view is not None:
             return entry.view
@@ -314,6 +321,14 @@ class PageManager:
         if default and pool.stable_views:
             entry.view = tensor
         return tensor
+
+    def _view_at(self, entry: PageEntry, dtype: torch.dtype | None, shape: tuple[int, ...] | None,
+                 tier: str) -> torch.Tensor:
+        offset = entry.placement.view_offset if tier == "host" else 0
+        raw = self.pool(entry, tier).view(entry.blocks[tier], offset, entry.desc.nbytes)
+        if shape is None:
+            shape = entry.desc.shape if dtype is None else (-1,)
+        return raw.view(dtype or entry.desc.dtype).view(shape)
 
     # -- hops --------------------------------------------------------------------------------
 
@@ -414,7 +429,7 @@ class PageManager:
         hop = entry.hop
         if hop is not None and (hop.src == tier or hop.dst == tier):
             return False
-        if entry.held == tier:
+        if entry.held == tier or (tier == "host" and entry.host_pins):
             return False
         if entry.tier == tier:
             if entry.pins or entry.resident:
@@ -514,7 +529,7 @@ class PageManager:
             tiers = self._tiers[e.arena]
             fastest = next((t for t in tiers if t in e.blocks), "storage")
             assert e.tier == fastest, f"{page_id!r}: location {e.tier}, fastest copy {fastest}"
-            assert e.pins >= 0
+            assert e.pins >= 0 and e.host_pins >= 0
             assert e.on_storage or e.blocks, f"created page {page_id!r} has no copy anywhere"
             for tier, block in e.blocks.items():
                 assert tier in tiers, f"{page_id!r} has a {tier} copy outside its arena's tiers"

@@ -434,7 +434,7 @@ class TieredStore:
 
     # -- transfers -----------------------------------------------------------------------------
 
-    def prefetch(self, page_id: PageId, priority: int = 0) -> TransferJob | None:
+    def prefetch(self, page_id: PageId, priority: int = 0, tier: str | None = None) -> TransferJob | None:
         """Start bringing ``page_id`` to the compute tier; never blocks on IO.
 
         Returns the job moving the page (an existing one if it is already moving; an ended one if
@@ -442,7 +442,8 @@ class TieredStore:
         declined (counted in ``stats().prefetches_declined``) and the page stays where it is.
         Lower ``priority`` (>= 0) is served first; demand reads always go before prefetches.
         Until acquired, the page is protected from eviction by other prefetches
-        (``cancel_prefetch`` lifts that).
+        (``cancel_prefetch`` lifts that). ``tier``: bring it only that far (e.g. 'host' when
+        where it will be used is decided at its use); default the compute tier.
         """
         if priority < 0:
             raise ValueError(f"prefetch priority must be >= 0, got {priority}")
@@ -453,8 +454,11 @@ class TieredStore:
             manager.mark_prefetched(entry)
             if entry.route is not None:
                 return entry.route
-            target = manager.compute_tier(entry.arena)
-            dst = manager.next_tier(entry, target)
+            target = tier or manager.compute_tier(entry.arena)
+            if manager.at_or_above(entry, target) or target in entry.blocks:
+                dst = None
+            else:
+                dst = manager.next_tier(entry, target)
             job = TransferJob(next(self._ids), page_id, target, demand=False)
             if dst is None:
                 job.reached = entry.tier
@@ -526,6 +530,40 @@ class TieredStore:
             with self._cond:
                 manager.unpin(entry)
             raise
+
+    def acquire_at(self, page_id: PageId, tier: str, dtype: torch.dtype | None = None,
+                   shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Pin ``page_id``'s copy in ``tier`` (a memory tier below its arena's compute tier) and
+        return it as a tensor, bringing it there from storage if needed: for work done where that
+        copy lives (an MoE expert computed on the CPU while the model computes on the GPU). A copy
+        in a faster tier is not used. Pair with ``release_at``. Errors as ``acquire``."""
+        manager = self._manager
+        with self._cond:
+            entry = manager.entry(page_id)
+            if tier not in manager.tiers(entry.arena)[1:-1]:
+                raise ValueError(f"arena {entry.arena!r} has no {tier} tier below its compute tier")
+            if tier not in entry.blocks and manager.rank[entry.tier] < manager.rank[tier]:
+                raise ValueError(f"page {page_id!r} has a copy only in the {entry.tier} tier, none in {tier}")
+            manager.count_access(entry)
+            entry.host_pins += 1
+            if tier in entry.blocks:
+                return manager.view(entry, dtype, shape, tier)
+        try:
+            self._bring_up(entry, tier)
+            with self._cond:
+                return manager.view(entry, dtype, shape, tier)
+        except BaseException:
+            with self._cond:
+                entry.host_pins -= 1
+            raise
+
+    def release_at(self, page_id: PageId, tier: str) -> None:
+        """Unpin a copy pinned by ``acquire_at``."""
+        with self._cond:
+            entry = self._manager.entry(page_id)
+            if tier != "host" or entry.host_pins <= 0:
+                raise ValueError(f"page {page_id!r}'s {tier} copy is released more often than acquired")
+            entry.host_pins -= 1
 
     def release(self, page_id: PageId) -> None:
         """Unpin a page acquired before; it stays cached until evicted."""

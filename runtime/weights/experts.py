@@ -50,6 +50,7 @@ from flashtier.prefetch.experts import (
     PrefetchGate,
 )
 from flashtier.checkpoint.folder import Checkpoint, layer_names
+from flashtier.prefetch.placement import PlacementCosts, measure_cpu, measure_link
 from flashtier.runtime.options import ExpertCacheConfig
 from flashtier.runtime.weights.paged import PagedWeights, budget_options
 from flashtier.runtime.quantized import as_weight, page_format
@@ -139,6 +140,8 @@ class _Counters:
     wasted_bytes: int = 0
     demand_reads: int = 0
     per_layer_hits: dict[int, list[int]] = field(default_factory=dict)
+    placed: dict[str, int] = field(default_factory=lambda: {"device_hit": 0, "copied": 0, "cpu": 0})
+    """With a device budget: experts used, by where they ran (every pass)."""
 
 
 class ExpertWeights(PagedWeights):
@@ -148,11 +151,13 @@ class ExpertWeights(PagedWeights):
                  kv_tokens: int = 4096, bandwidths: Bandwidths | None = None, device_budget: int = 0,
                  direct_io: str = "auto", experts: ExpertCacheConfig | None = None, compressed: str = "auto",
                  progress: Callable[[int, int], None] | None = None, verified_record: str | None = None,
-                 kv_block_size: int | None = None, kv_sequences: int = 1, device: str = "cpu") -> None:
+                 kv_block_size: int | None = None, kv_sequences: int = 1, device: str = "cpu",
+                 placement_costs: PlacementCosts | None = None) -> None:
+        """``device_budget`` > 0: the model computes on ``device`` (see ``PagedWeights``); each
+        layer's experts are cached in host memory and, ``experts.device_slots`` of them, on the
+        device; a miss on the device runs per ``experts.placement``, with ``placement_costs``
+        (None: measured now) deciding 'auto'."""
         cfg = checkpoint.config
-        if device_budget:
-            raise ConfigError("MoE expert caches page onto the host tier only for now: run this MoE model without "
-                              "--device-budget (or with --expert-cache off: experts then stream like other weights and each one used is copied to the device)")
         bandwidths = bandwidths or Bandwidths()
         experts = experts or ExpertCacheConfig()
         if not cfg.is_moe:
@@ -168,8 +173,13 @@ class ExpertWeights(PagedWeights):
         super().__init__(checkpoint, dram_budget, compute_dtype, kv_tokens, bandwidths, device_budget, direct_io,
                          progress=progress, compressed=compressed, external=names, verified_record=verified_record,
                          kv_block_size=kv_block_size, kv_sequences=kv_sequences,
-                         expert_cache_min_bytes=len(moe_layers) * min_slots * self.slot_bytes)
+                         expert_cache_min_bytes=len(moe_layers) * min_slots * self.slot_bytes, device=device)
         layer_slot = {layer: sum(_extent_blocks(self.layout, layer)) for layer in moe_layers}
+        self._on_device = device_budget > 0
+        self._device_slots = self._plan_device_slots(device_budget, layer_slot, moe_layers)
+        self.placement_costs: PlacementCosts | None = None
+        if self._device_slots and experts.placement == "auto":
+            self.placement_costs = placement_costs or self._measure_costs()
         slots = _slots_per_layer(self.plan.expert_cache_bytes, layer_slot, moe_layers, cfg.num_experts, experts.slots)
         self.expert_cache_bytes = sum(slots[layer] * layer_slot[layer] for layer in moe_layers)
         if self.expert_cache_bytes > max(self.plan.expert_cache_bytes, len(moe_layers) * self.slot_bytes):
@@ -181,7 +191,7 @@ class ExpertWeights(PagedWeights):
         self._caches: dict[int, _LayerCache] = {}
         self._parts: dict[str, _Part] = {}
         for layer in moe_layers:
-            self._caches[layer] = self._layer_cache(layer, slots[layer], bandwidths)
+            self._caches[layer] = self._layer_cache(layer, slots[layer], min(self._device_slots, slots[layer]))
         self.predictor = ExpertPredictor(
             {i: MoeLayerSpec(layer_names(cfg, i).router, layer_names(cfg, i).post_attn_norm) for i in moe_layers},
             cfg.num_experts, cfg.num_experts_per_tok, cfg.rms_norm_eps, self.get,
@@ -190,6 +200,7 @@ class ExpertWeights(PagedWeights):
         # per-pass state
         self._tokens = 0
         self._held: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._at_host: set[tuple[int, int]] = set()  # held experts computed on the CPU (host copies)
         self._steps: dict[int, _LayerStep] = {}
         self._last_used: dict[int, list[int]] = {}
         self._blocked_s = 0.0
@@ -198,15 +209,46 @@ class ExpertWeights(PagedWeights):
         self.disk_bytes_per_s = bandwidths.disk
         self.gate = PrefetchGate(moe_layers, self.predictor.width, self.slot_bytes / bandwidths.disk)
         self._c = _Counters()
-        if experts.pin and all(c.slots >= len(c.pages) for c in self._caches.values()):
+        on_device = device_budget > 0 and self._device_slots > 0
+        if experts.pin and all((self._device_slots if on_device else c.slots) >= len(c.pages)
+                               for c in self._caches.values()):
             try:
                 self._pin_all()
             except BaseException:  # e.g. a checksum mismatch: nothing is left running
                 self.close()
                 raise
 
-    def _layer_cache(self, layer: int, slots: int, bandwidths: Bandwidths) -> _LayerCache:
-        device_slots = min(self.expert_config.device_slots, slots)
+    def _plan_device_slots(self, device_budget: int, layer_slot: dict[int, int], layers: list[int]) -> int:
+        """Experts per MoE layer cached on the device: none without a device budget (unless
+        ``device_slots`` asks for the stand-in) or with placement 'cpu'; else ``device_slots`` or
+        as many as the device budget leaves after the plan."""
+        config = self.expert_config
+        if not device_budget:
+            return config.device_slots
+        if config.placement == "cpu":
+            return 0
+        plan = self.plan
+        left = device_budget - plan.resident_bytes["device"] - plan.kv_bytes["device"] - plan.stream_window_bytes
+        fit = max(0, left) // max(1, sum(layer_slot[layer] for layer in layers))
+        slots = min(config.device_slots or fit, self.config.num_experts)
+        if slots > fit:
+            raise BudgetError(f"{slots} experts per layer on the device need {slots * sum(layer_slot.values())} bytes; "
+                              f"--device-budget leaves {max(0, left)} after the rest of the plan: ask for fewer "
+                              "--expert-device-slots or raise --device-budget")
+        if slots == 0 and config.placement == "gpu":
+            raise BudgetError(f"--expert-placement gpu needs room for one expert per MoE layer on the device "
+                              f"({sum(layer_slot.values())} bytes); --device-budget leaves {max(0, left)} after the rest "
+                              "of the plan: raise it or use --expert-placement auto|cpu")
+        return slots
+
+    def _measure_costs(self) -> PlacementCosts:
+        """The link's and the CPU product's speeds on this machine, measured now (~0.1 s)."""
+        from flashtier.runtime.kernels import Linear
+
+        linear = Linear(fast=True)
+        return PlacementCosts(measure_link(self.device), measure_cpu(linear, self.compute_dtype))
+
+    def _layer_cache(self, layer: int, slots: int, device_slots: int) -> _LayerCache:
         mine = {e: extents for (lay, e), extents in self.layout.experts.items() if lay == layer}
         block = _extent_blocks(self.layout, layer)
         arenas = [f"experts.{layer}.{k}" for k in range(len(block))]
@@ -277,6 +319,8 @@ class ExpertWeights(PagedWeights):
         if cache is None:
             return
         if self._pinned:  # every expert is held: each use is a hit
+            if self._on_device:
+                self._c.placed["device_hit" if self._device_slots else "cpu"] += len(experts)
             if self._tokens == 1:
                 c = self._c
                 c.uses += len(experts)
@@ -401,7 +445,27 @@ class ExpertWeights(PagedWeights):
             self.store.cancel_prefetch(pid)
 
     def _is_ready(self, cache: _LayerCache, e: int) -> bool:
-        return all(_ready(self.store, pid) for pid in cache.pages[e])
+        """Whether expert ``e`` needs no read from storage: on the device, or (where misses may run
+        on the CPU) in host memory."""
+        return all(_ready(self.store, pid, self._staging()) for pid in cache.pages[e])
+
+    def _staging(self) -> str | None:
+        """The tier expert reads stop at when where a miss runs is decided at its use ('host',
+        with placement 'auto' and a device cache), else None (the arena's compute tier)."""
+        return "host" if self.placement_costs is not None else None
+
+    def _where(self, cache: _LayerCache, e: int) -> str:
+        """Where expert ``e`` runs this pass: 'device' (on the device now, or copied there) or
+        'host' (computed on the CPU from its host copy); see ``prefetch/placement.py``."""
+        costs = self.placement_costs
+        if costs is None:
+            return "device" if self._device_slots else "host"
+        locations = [self.store.location(pid) for pid in cache.pages[e]]
+        if all("device" in loc.copies for loc in locations):
+            return "device"
+        if any("host" not in loc.copies and loc.tier == "device" for loc in locations):
+            return "device"  # part of it is only on the device: finish the copy
+        return costs.choose(self.expert_config.placement, cache.page_bytes[e], max(1, self._tokens))
 
     def _acquire_expert(self, layer: int, e: int) -> list[torch.Tensor]:
         cache = self._caches[layer]
@@ -419,15 +483,22 @@ class ExpertWeights(PagedWeights):
             st.pending.remove(e)  # its read (if any) is now a demand
         held: list[torch.Tensor] = []
         start = time.perf_counter()
+        at_host = self.placement_costs is not None and self._where(cache, e) == "host"
+        if self._on_device:
+            on_device = all("device" in self.store.location(pid).copies for pid in cache.pages[e])
+            cpu = at_host or not self._device_slots
+            self._c.placed["device_hit" if on_device else ("cpu" if cpu else "copied")] += 1
         try:
             for pid in cache.pages[e]:
-                held.append(self.store.acquire(pid))
+                held.append(self.store.acquire_at(pid, "host") if at_host else self.store.acquire(pid))
         except BaseException:
             for pid in cache.pages[e][: len(held)]:
-                self.store.release(pid)
+                self.store.release_at(pid, "host") if at_host else self.store.release(pid)
             raise
         self._blocked_s += time.perf_counter() - start
         self._held[(layer, e)] = held
+        if at_host:
+            self._at_host.add((layer, e))
         st.used.append(e)
         return held
 
@@ -435,8 +506,10 @@ class ExpertWeights(PagedWeights):
         if self._held.pop((layer, e), None) is None:
             return
         cache = self._caches[layer]
+        at_host = (layer, e) in self._at_host
+        self._at_host.discard((layer, e))
         for pid in cache.pages[e]:
-            self.store.release(pid)
+            self.store.release_at(pid, "host") if at_host else self.store.release(pid)
 
     def _read_pending(self, layer: int) -> None:
         """Start the reads of the experts ``layer`` routed to and does not hold yet, in the order
@@ -453,7 +526,8 @@ class ExpertWeights(PagedWeights):
     def _start(self, cache: _LayerCache, e: int, priority: int) -> bool:
         """Prefetch expert ``e``'s pages (IO ``priority``: lower first); False when the layer's
         cache has no room for them now."""
-        return all(self.store.prefetch(pid, priority=priority) is not None for pid in cache.pages[e])
+        tier = self._staging()
+        return all(self.store.prefetch(pid, priority=priority, tier=tier) is not None for pid in cache.pages[e])
 
     def _predict(self, layer: int, source: str, guess: list[int]) -> None:
         """Record ``source``'s guess for ``layer`` and, if it is the predictor in charge of that
@@ -522,6 +596,7 @@ class ExpertWeights(PagedWeights):
                 "gate": self.gate.report() if self.expert_config.gate else "off",
                 "pinned": bool(self._pinned),
                 "slots_per_layer": {str(i): c2.slots for i, c2 in self._caches.items()},
+                "device_slots_per_layer": self._device_slots,
                 "slot_bytes": self.slot_bytes,
                 "layout": self.layout.kind,
                 "reads_per_expert": round(self.layout.reads_per_expert(), 3),
@@ -529,6 +604,12 @@ class ExpertWeights(PagedWeights):
         })
         if isinstance(self._io, ChecksummedBackend):
             s["expert_cache"]["verified_bytes"] = self._io.verified_bytes
+        if self._on_device:
+            costs = self.placement_costs
+            s["expert_placement"] = {
+                "mode": self.expert_config.placement, **c.placed,
+                "link_gb_s": round(costs.link_bytes_per_s / 1e9, 2) if costs else None,
+                "cpu_gb_s": round(costs.cpu_bytes_per_s / 1e9, 2) if costs else None}
         return s
 
     def close(self) -> None:
@@ -545,10 +626,11 @@ class ExpertWeights(PagedWeights):
         return [name for cache in self._caches.values() for name in cache.arenas]
 
 
-def _ready(store: TieredStore, pid: object) -> bool:
-    """Whether the page is in its arena's compute tier now, not in flight."""
+def _ready(store: TieredStore, pid: object, tier: str | None = None) -> bool:
+    """Whether the page is in its arena's compute tier (or has a copy in ``tier``) now, not in
+    flight."""
     loc = store.location(pid)
-    return loc.tier == store.compute_tier_of(pid) and loc.in_flight_to is None
+    return (loc.tier == store.compute_tier_of(pid) or tier in loc.copies) and loc.in_flight_to is None
 
 
 def _block_bytes(offset: int, length: int) -> int:

@@ -36,7 +36,7 @@ def test_generate_json(made):
     (["generate", "{made}", "--prompt", "hello"], "no tokenizer.json"),
     (["generate", "{made}", "--prompt-ids", "1", "--dram-budget", "lots"], "cannot read 'lots' as a size"),
     (["generate", "{made}", "--prompt-ids", "1", "--device", "gpu"], "device must be 'cpu', 'cuda' or 'cuda:N'"),
-    (["generate", "{made}", "--prompt-ids", "1", "--device", "cuda", "--dram-budget", "1G"], "resident on the GPU"),
+    (["generate", "{made}", "--prompt-ids", "1", "--device", "cuda", "--dram-budget", "1G"], "needs --device-budget too"),
     (["generate", "{made}", "--prompt-ids", "1", "--expert-slot", "3"], "unrecognized arguments: --expert-slot"),
 ])
 def test_errors_are_one_line(made, args, message):

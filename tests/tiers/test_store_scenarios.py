@@ -501,3 +501,65 @@ def test_arenas_share_one_page_table_but_never_evict_each_other(backend, pages):
         store.check_invariants()
     finally:
         store.close()
+
+
+# -- copies kept below the compute tier (session 11: weights and experts paged onto a device) ------
+
+
+def test_held_pages_keep_their_host_copy_while_the_device_window_cycles(make_store, pages):
+    store = make_store(host_pages=4, device_pages=1)
+    store.hold([0, 1], "host")
+    assert [store.location(i).copies for i in (0, 1)] == [("host",), ("host",)]
+    for _ in range(3):  # each use copies into the one-page device window, evicting the last
+        for i in (0, 1, 2, 3):
+            with store.use(i) as w:
+                assert w.device.type == "cpu" and tensor_bytes(w) == pages.expected(pages.desc(i))
+    for i in (0, 1):
+        loc = store.location(i)
+        assert loc.held == "host" and "host" in loc.copies
+    reads = store.stats().tiers["storage"].bytes_read
+    for i in (0, 1):  # the held pages hit the host: no storage read
+        with store.use(i):
+            pass
+    assert store.stats().tiers["storage"].bytes_read == reads
+    with pytest.raises(ValueError, match="in use"):
+        store.unregister(0)
+    store.release_hold([0])
+    store.unregister(0)
+    with pytest.raises(BudgetError, match="pages to hold"):
+        store.hold([2, 3, 4, 5, 6], "host")
+    assert store.location(2).held is None  # nothing held after a refusal
+
+
+def test_acquire_at_pins_the_host_copy_of_a_device_arena_page(make_store, pages):
+    store = make_store(host_pages=2, device_pages=1)
+    w = store.acquire_at(0, "host")
+    assert tensor_bytes(w) == pages.expected(pages.desc(0)) and store.location(0).copies == ("host",)
+    # other pages cycle through both tiers; the pinned host copy stays
+    for i in (1, 2, 3, 1, 2):
+        with store.use(i):
+            pass
+    assert "host" in store.location(0).copies
+    assert tensor_bytes(w) == pages.expected(pages.desc(0))
+    store.release_at(0, "host")
+    with pytest.raises(ValueError, match="more often than acquired"):
+        store.release_at(0, "host")
+    with store.use(3):  # on the device now; its host copy may go
+        pass
+    for i in (1, 2):
+        with store.use(i):
+            pass
+    if store.location(3).copies == ("device",):
+        with pytest.raises(ValueError, match="only in the device tier"):
+            store.acquire_at(3, "host")
+    with pytest.raises(ValueError, match="no device tier below"):
+        store.acquire_at(0, "device")
+
+
+def test_prefetch_to_a_lower_tier_stops_there(make_store):
+    store = make_store(host_pages=2, device_pages=1)
+    job = store.prefetch(0, tier="host")
+    store.wait(job)
+    assert store.location(0).copies == ("host",)
+    store.wait(store.prefetch(0))  # the compute tier: copied on
+    assert store.location(0).tier == "device"
