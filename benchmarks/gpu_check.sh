@@ -12,9 +12,12 @@
 #   * the store's host -> device copies against a plain pinned copy, and their overlap with compute
 #     (bench_device_tier),
 #   * dense-1.7g with --device-budget 800M (weights 2x the budget) against the link-bound limit and
-#     against accelerate with the same GPU memory (bench_device_dense; targets 85% and 3x).
-# Not yet: MoE experts and long-context KV paged onto the GPU (the expert caches and retrieval
-# attention still compute on the host; `--device-budget` refuses them). Budget: under 8 minutes on
+#     against accelerate with the same GPU memory (bench_device_dense; targets 85% and 3x),
+#   * moe-1.3g with --device-budget 400M (experts ~3x the budget): --expert-placement auto against
+#     gpu (copy every miss) and cpu (every expert on the CPU) (bench_device_moe; target auto >= 2x
+#     the better of the two).
+# Not yet: long-context KV paged onto the GPU (retrieval attention computes on the host and is
+# refused with --device cuda). Budget: under 8 minutes on
 # an H100 machine (setup ~2-3 min of it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,5 +44,6 @@ for device in cpu cuda; do
 done
 run device_tier $PY -m flashtier.benchmarks.bench_device_tier --device cuda
 run dense_device $PY -m flashtier.benchmarks.bench_device_dense --device cuda --device-budget 800M --tokens 32
+run moe_device $PY -m flashtier.benchmarks.bench_device_moe --device cuda --device-budget 400M --tokens 32
 echo "results: $OUT/gpu_check.jsonl"
 cat "$OUT/gpu_check.jsonl"

@@ -61,8 +61,9 @@ class PlacementCosts:
 
 def measure_link(device: torch.device, nbytes: int = 32 << 20, repeat: int = 3) -> float:
     """Bytes per second of a pinned host -> ``device`` copy (a host memcpy for the CPU stand-in)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dst = torch.zeros(nbytes, dtype=torch.uint8, device=device)  # touched: no first-use page faults timed
+    dst.copy_(src)
     return nbytes / _median_time(lambda: dst.copy_(src, non_blocking=True), device, repeat)
 
 

@@ -210,8 +210,20 @@ class ExpertWeights(PagedWeights):
         self.gate = PrefetchGate(moe_layers, self.predictor.width, self.slot_bytes / bandwidths.disk)
         self._c = _Counters()
         on_device = device_budget > 0 and self._device_slots > 0
-        if experts.pin and all((self._device_slots if on_device else c.slots) >= len(c.pages)
-                               for c in self._caches.values()):
+        self._host_complete = False
+        """With a device: every expert held in host memory (no storage reads, so no prediction);
+        each use is a device hit, a copy or a CPU product (``_where``)."""
+        if on_device and experts.pin and self._device_slots < cfg.num_experts and \
+                all(c.slots >= len(c.pages) for c in self._caches.values()):
+            try:
+                self.store.hold([pid for c in self._caches.values() for e in sorted(c.pages) for pid in c.pages[e]],
+                                "host")
+            except BaseException:
+                self.close()
+                raise
+            self._host_complete = True
+        elif experts.pin and all((self._device_slots if on_device else c.slots) >= len(c.pages)
+                                 for c in self._caches.values()):
             try:
                 self._pin_all()
             except BaseException:  # e.g. a checksum mismatch: nothing is left running
@@ -318,6 +330,10 @@ class ExpertWeights(PagedWeights):
         cache = self._caches.get(layer)
         if cache is None:
             return
+        if self._host_complete:  # every expert is in host memory: nothing to read or predict
+            if self._tokens == 1:
+                self._c.uses += len(experts)
+            return
         if self._pinned:  # every expert is held: each use is a hit
             if self._on_device:
                 self._c.placed["device_hit" if self._device_slots else "cpu"] += len(experts)
@@ -362,7 +378,7 @@ class ExpertWeights(PagedWeights):
             self._tokens = hidden.shape[0]
             self._step_start = time.perf_counter()
         p = self.predictor
-        if not p.enabled or self._pinned:
+        if not p.enabled or self._pinned or self._host_complete:
             return
         if layer == self._first_moe:
             # No earlier state exists in this pass: predict this layer from its own input.
@@ -376,7 +392,7 @@ class ExpertWeights(PagedWeights):
             self._release_expert(*key)
         super().layer_end(layer)
         cache = self._caches.get(layer)
-        if cache is None or self._pinned:
+        if cache is None or self._pinned or self._host_complete:
             return
         st = self._steps.pop(layer, _LayerStep())
         used = st.used
@@ -406,7 +422,9 @@ class ExpertWeights(PagedWeights):
         for key in list(self._held):
             self._release_expert(*key)
         super().step_end()
-        if self._pinned:
+        if self._pinned or self._host_complete:
+            if self._host_complete:
+                self.store.tick(self._expert_arenas())  # the device caches' policies age by steps
             self._end_pass()
             return
         self.store.tick(self._expert_arenas())
@@ -602,6 +620,7 @@ class ExpertWeights(PagedWeights):
                 "reads_per_expert": round(self.layout.reads_per_expert(), 3),
             },
         })
+        s["expert_cache"]["host_complete"] = self._host_complete
         if isinstance(self._io, ChecksummedBackend):
             s["expert_cache"]["verified_bytes"] = self._io.verified_bytes
         if self._on_device:
