@@ -169,6 +169,9 @@ class EngineConfig:
             raise ConfigError(f"kv_sequences must be a whole number >= 1, got {self.kv_sequences!r}")
         if self.max_context is not None and self.max_context <= 0:
             raise ConfigError(f"max_context must be positive, got {self.max_context}")
+        if self.device_budget is not None and self.device_budget <= 0:
+            raise ConfigError(f"--device-budget must be a positive size (e.g. 4G), got {self.device_budget}; leave it "
+                              "out to run without a device tier")
         self._check_device()
 
     def _check_device(self) -> None:

@@ -108,7 +108,14 @@ class PagedWeights:
                           streamed_unit=streamed_unit,
                           storage_fraction=self.compressed_index.stored_fraction() if self.compressed_index else 1.0)
         self.plan: Plan = make_plan(cfg, sizes, req, bandwidths)
-        if has_device and (not self.plan.fits or self.plan.kv_bytes["host"] > 0):  # KV over the link: not built
+        plan = self.plan
+        device_need = plan.resident_bytes["device"] + plan.kv_bytes["device"] + plan.stream_window_bytes
+        if has_device and not plan.fits and device_need <= device_budget:
+            raise BudgetError(f"--dram-budget {dram_budget} is below what this plan keeps in host memory "
+                              f"({plan.resident_bytes['host'] + plan.stream_window_bytes + plan.expert_reserve_bytes} "
+                              "bytes: weights held there, the staging window, the expert caches' minimum); "
+                              "raise --dram-budget or --device-budget")
+        if has_device and (not plan.fits or plan.kv_bytes["host"] > 0):  # KV over the link: not built
             kv = kv_tokens * sequences * kv_bytes_per_token(cfg, self.compute_dtype.itemsize)
             raise BudgetError(f"--device-budget {device_budget} cannot hold the KV cache of {kv_tokens * sequences} "
                               f"positions ({kv} bytes) and the window the weights are copied through "

@@ -176,6 +176,13 @@ def test_bad_device_combinations_are_refused():
         EngineConfig(device="cuda", dram_budget=1 << 30)
     with pytest.raises(ConfigError, match="sparse FFN runs on the CPU"):
         EngineConfig.from_options(device="cuda", device_budget=1 << 30, sparse_ffn=True)
+    with pytest.raises(ConfigError, match="positive size"):
+        EngineConfig(device_budget=0)
+
+
+def test_a_host_budget_below_the_plans_host_share_is_refused(made_moe):
+    with pytest.raises(BudgetError, match="below what this plan keeps in host memory"):
+        Model(made_moe, EngineConfig(device_budget=1 << 30, dram_budget=1024, max_context=64))
 
 
 @pytest.mark.cuda
