@@ -284,7 +284,12 @@ class RetrievalAttention:
             raise InputError(
                 f"resident K/V must be [H_kv={h_kv}, S, D={d}], got {tuple(resident_k.shape)} and {tuple(resident_v.shape)}"
             )
-        q = query.reshape(h_kv, -1, d)  # [H_kv, G, D]
+        q_dev = query.reshape(h_kv, -1, d)  # [H_kv, G, D] where the resident K/V are (a GPU's, or the CPU)
+        # The search, the gather and the attention over retrieved keys run on the host, where the
+        # index and the offloaded blocks are; the resident part where its K/V are; merged there.
+        device = resident_k.device
+        on_host = device.type == "cpu"
+        q = q_dev if on_host else q_dev.cpu()
         t0 = time.perf_counter()
         per_row = self.config.group_search is GroupSearch.ROWS
         batch = None
@@ -314,14 +319,14 @@ class RetrievalAttention:
         t2 = time.perf_counter()
         attended = sum(p.numel() for p in retrieved)
         g = q.shape[1]
-        if batch is not None:  # exact parts and the merge in one native call where it applies
+        if batch is not None and on_host:  # exact parts and the merge in one native call where it applies
             fused = attend_rows(q, resident_k, resident_v, k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d),
                                 batch.rest, scale, threads=self.threads)  # [H_kv, G, D]
             if fused is not None:
                 t3 = time.perf_counter()
                 stats = StepStats(len(offloaded) * h_kv, scanned, attended, t1 - t0, t2 - t1, t3 - t2)
                 return RetrievalOutput(fused.to(query.dtype).reshape(query.shape), tuple(retrieved), stats)
-        resident = partial_attention(q, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
+        resident = partial_attention(q_dev, resident_k, resident_v, scale)  # out [H_kv, G, D], lse [H_kv, G]
         if per_row:  # n = G * k' for every head: attend row by row
             rk, rv = k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d)  # [H_kv, G, k', D]
             row = partial_attention(q.unsqueeze(2), rk.to(q.dtype), rv.to(q.dtype), scale)  # out [H_kv, G, 1, D]
@@ -338,6 +343,8 @@ class RetrievalAttention:
                     for head, q_group, found in zip(offloaded.heads, q, retrieved)]
             parts.append(PartialAttention(torch.stack([r.out for r in rest]).to(q.dtype), torch.stack([r.lse for r in rest])))
         t4 = time.perf_counter()
+        if not on_host:  # the host parts go up to be merged with the resident part (a few KB)
+            parts = [parts[0]] + [PartialAttention(p.out.to(device), p.lse.to(device)) for p in parts[1:]]
         merged = merge_partials(parts)  # out [H_kv, G, D]
         t5 = time.perf_counter()
         stats = StepStats(len(offloaded) * h_kv, scanned, attended, (t1 - t0) + (t4 - t3), t2 - t1, (t3 - t2) + (t5 - t4))

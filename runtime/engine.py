@@ -186,9 +186,6 @@ class EngineConfig:
         if self.dram_budget is not None and self.device_budget is None:
             raise ConfigError(f"--device {self.device} with --dram-budget needs --device-budget too (the GPU memory "
                               "the weights and the KV may use, e.g. --device-budget 4G)")
-        if self.attention != "full":
-            raise ConfigError(f"--device {self.device} supports --attention full only (retrieval attention "
-                              "keeps its KV tiers on the CPU for now); use --device cpu for retrieval")
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {self.device}: no CUDA GPU is visible to torch (a CPU build of torch, "
                               "or no driver); use --device cpu")

@@ -32,6 +32,11 @@ class DeviceKVWindow:
         self._sink_k = torch.zeros((*shape, sink_tokens, layout.head_dim), dtype=layout.dtype, device=device)  # [L, H, S, D]
         self._sink_v = torch.zeros_like(self._sink_k)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the sinks and the ring live (the model's device)."""
+        return self._k.device
+
     def nbytes(self) -> int:
         """Bytes of the device tier (constant)."""
         return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._sink_k, self._sink_v))

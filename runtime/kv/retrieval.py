@@ -232,12 +232,13 @@ class RetrievalKVCache:
         b, sink = self.layout.block_size, self.config.retrieval.sink_tokens
         n_blocks = self._ring_start[layer] // b
         per = self.config.prefill_key_block // b
+        device = self.device_tier.device
         for b0 in range(0, n_blocks, per):
             keys, values = _split_blocks(self.host.read_blocks(layer, b0, min(n_blocks, b0 + per)))  # [H, n, D]
             cut = max(0, sink - b0 * b)  # sink positions are attended from the device tier
-            yield keys[:, cut:], values[:, cut:], None
+            yield keys[:, cut:].to(device), values[:, cut:].to(device), None  # (host batches copied up: prefill)
         k_dev, v_dev, pos = self._resident(layer, end)
-        yield k_dev, v_dev, pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [G*T, n], the same for every kv head
+        yield k_dev, v_dev, (pos.unsqueeze(0) <= q_pos.unsqueeze(1)).to(device)  # [G*T, n], the same for every kv head
 
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Retrieval attention of one token: exact on sinks + window, top-k from the index."""
@@ -284,6 +285,7 @@ class RetrievalKVCache:
             return
         t0 = time.perf_counter()
         k, v = self.device_tier.read(layer, rs, target)  # [H_kv, n, D]
+        k, v = k.cpu(), v.cpu()  # demoted blocks and their index live in host memory
         h, n, d = k.shape
         blocks = torch.stack([k, v]).reshape(2, h, n // b, b, d).permute(2, 0, 1, 3, 4)  # [n/B, 2, H, B, D]
         self.host.put(layer, rs // b, blocks)
@@ -313,7 +315,8 @@ class RetrievalKVCache:
         self._ring_start[layer] = self._layer_len[layer] = new_rs
         if length > new_rs:
             keys, values = _split_blocks(recent)
-            self.device_tier.write(layer, keys[:, : length - new_rs], values[:, : length - new_rs], new_rs)
+            dev = self.device_tier.device
+            self.device_tier.write(layer, keys[:, : length - new_rs].to(dev), values[:, : length - new_rs].to(dev), new_rs)
         self._layer_len[layer] = length
 
     def _compare_with_exact(self, layer: int, q1: torch.Tensor, res_pos: torch.Tensor,
@@ -322,7 +325,8 @@ class RetrievalKVCache:
         end, rs = self._layer_len[layer], self._ring_start[layer]
         host_k, _ = _split_blocks(self.host.read_blocks(layer, 0, rs // self.layout.block_size))  # [H, rs, D]
         ring_k, _ = self.device_tier.read(layer, rs, end)
-        keys = torch.cat([host_k, ring_k], dim=1)  # [H_kv, end, D], row = position
+        keys = torch.cat([host_k, ring_k.cpu()], dim=1)  # [H_kv, end, D], row = position
+        q1 = q1.cpu()
         g = q1.shape[0] // self.layout.num_kv_heads
         offloaded = range(self.config.retrieval.sink_tokens, rs)
         for h, found in enumerate(retrieved):  # found [n] shared by the group, or [G, k] per query head
@@ -357,4 +361,5 @@ def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig",  
             config, host_budget=None if config.host_budget is None else config.host_budget // share,
             device_budget=None if config.device_budget is None else config.device_budget // share)
     layout = KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, engine_config.kv_block_size, transformer.dtype)
-    return RetrievalKVCache(layout, config, store=store, threads=transformer.linear.kernel_threads)
+    return RetrievalKVCache(layout, config, store=store, threads=transformer.linear.kernel_threads,
+                            device=transformer.device)

@@ -74,7 +74,8 @@ class PagedWeights:
                  external: frozenset[str] = frozenset(), expert_cache_min_bytes: int | None = None,
                  streamed_unit: StreamedUnit = "tensor", compressed: str = "auto",
                  verified_record: str | None = None, kv_block_size: int | None = None,
-                 kv_sequences: int = 1, device: str | torch.device = "cpu") -> None:
+                 kv_sequences: int = 1, device: str | torch.device = "cpu", attention: str = "full",
+                 resident_kv_tokens: int = 4 + 512) -> None:
         """``external``: streamed tensors another component serves (e.g. FFN neurons read from
         row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
         store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
@@ -100,7 +101,11 @@ class PagedWeights:
         self.compressed_index = _compressed_index(checkpoint, compressed)
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
         sequences = kv_sequences if kv_block_size is not None else 1
+        # With a device, retrieval attention keeps only sinks + the window there (the plan says so);
+        # on the CPU its KV has its own budget (--kv-dram-budget) and the plan keeps the old share.
         req = PlanRequest(dram_budget=dram_budget, device_budget=device_budget, context=kv_tokens * sequences,
+                          attention="retrieval" if has_device and attention == "retrieval" else "full",
+                          resident_kv_tokens=resident_kv_tokens,
                           resident_sizes=resident_sizes(checkpoint, self.compute_dtype),
                           kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                           expert_cache=expert_cache_min_bytes is not None,
@@ -115,7 +120,8 @@ class PagedWeights:
                               f"({plan.resident_bytes['host'] + plan.stream_window_bytes + plan.expert_reserve_bytes} "
                               "bytes: weights held there, the staging window, the expert caches' minimum); "
                               "raise --dram-budget or --device-budget")
-        if has_device and (not plan.fits or plan.kv_bytes["host"] > 0):  # KV over the link: not built
+        full_kv_on_host = kv_block_size is not None and plan.kv_bytes["host"] > 0  # read over the link: not built
+        if has_device and (not plan.fits or full_kv_on_host):
             kv = kv_tokens * sequences * kv_bytes_per_token(cfg, self.compute_dtype.itemsize)
             raise BudgetError(f"--device-budget {device_budget} cannot hold the KV cache of {kv_tokens * sequences} "
                               f"positions ({kv} bytes) and the window the weights are copied through "
@@ -472,7 +478,19 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
             "verified_record": config.verified_record,
             "kv_block_size": config.kv_block_size if config.attention == "full" else None,
             "kv_sequences": config.kv_sequences,
-            "device": config.device}
+            "device": config.device,
+            "attention": config.attention,
+            "resident_kv_tokens": _resident_kv_tokens(config)}
+
+
+def _resident_kv_tokens(config: Any) -> int:
+    """Positions retrieval attention keeps in its device tier (sinks + the ring), for the plan."""
+    if config.attention != "retrieval":
+        return 4 + 512
+    from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
+
+    cache = RetrievalCacheConfig.from_engine(config.kv_block_size, config.prefill_chunk, config.retrieval.as_mapping())
+    return cache.retrieval.sink_tokens + cache.ring_tokens
 
 
 def paged_weights(checkpoint: Checkpoint, config: Any) -> PagedWeights:

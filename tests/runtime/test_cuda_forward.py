@@ -22,8 +22,6 @@ def test_bad_device_settings_are_refused():
         EngineConfig(device="cuda:x")
     with pytest.raises(ConfigError, match="needs --device-budget"):
         EngineConfig(device="cuda", dram_budget=1 << 30)
-    with pytest.raises(ConfigError, match="--attention full only"):
-        EngineConfig(device="cuda", attention="retrieval")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

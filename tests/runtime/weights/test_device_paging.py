@@ -267,3 +267,46 @@ def test_placement_cost_model_prefers_the_faster_byte_stream():
     assert costs.choose("gpu", big, rows=1) == "device" and costs.choose("cpu", big, rows=512) == "host"
     with pytest.raises(ConfigError, match="placement"):
         EngineConfig.from_options(expert_placement="gpus")
+
+
+# ---------------------------------------------------------------- long context with a device
+
+RETRIEVAL = dict(attention="retrieval", window=32, sink_tokens=4, max_context=256, kv_block_size=16,
+                 prefill_chunk=64, compute_dtype="float32")
+LONG_PROMPT = [3 + i % 200 for i in range(200)]
+
+
+def test_retrieval_attention_with_a_device_gives_the_host_tokens(made):
+    """Sinks + the window on the device, older blocks and their index on the host (searched and
+    attended there, merged on the device): the same tokens as the host-only cache."""
+    with Model(made, EngineConfig.from_options(**RETRIEVAL)) as llm:
+        want = llm.generate(LONG_PROMPT, max_new_tokens=8, ignore_eos=True)
+    assert want.stats["kv_bytes_per_tier"]["host"] > 0  # blocks were demoted: the search ran
+    with Model(made, EngineConfig.from_options(device_budget=weight_bytes(made) // 3 + KV, **RETRIEVAL)) as llm:
+        got = llm.generate(LONG_PROMPT, max_new_tokens=8, ignore_eos=True)
+        assert llm.weights.plan.kv_bytes["device"] < llm.weights.plan.kv_bytes["host"]  # planned as retrieval
+    assert got.tokens == want.tokens
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_retrieval_attention_gives_the_cpu_tokens(made):
+    with Model(made, EngineConfig.from_options(**RETRIEVAL)) as llm:
+        want = llm.generate(LONG_PROMPT, max_new_tokens=8, ignore_eos=True).tokens
+    for options in ({}, {"device_budget": weight_bytes(made) // 3 + KV}):
+        with Model(made, EngineConfig.from_options(device="cuda", **options, **RETRIEVAL)) as llm:
+            assert llm.cache.device_tier.device.type == "cuda"
+            assert llm.generate(LONG_PROMPT, max_new_tokens=8, ignore_eos=True).tokens == want
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("placement", ["auto", "gpu", "cpu"])
+def test_cuda_moe_placements_give_the_cpu_tokens(made_moe, moe_reference, placement):
+    with open_moe(made_moe, placement) as llm:
+        assert llm.weights.device.type == "cpu"  # (the stand-in; the GPU run below)
+    config = EngineConfig.from_options(device="cuda", device_budget=weight_bytes(made_moe), max_context=64,
+                                       kv_block_size=16, compute_dtype="float32", expert_placement=placement,
+                                       expert_slots=2, expert_device_slots=1)
+    with Model(made_moe, config) as llm:
+        assert llm.generate(PROMPT, max_new_tokens=12, ignore_eos=True).tokens == moe_reference
