@@ -74,9 +74,42 @@ def rope_tables(freqs: torch.Tensor, interleaved: bool) -> torch.Tensor:
 def _check_finite(x: torch.Tensor, where: str) -> None:
     """NonFiniteError naming ``where`` when ``x`` holds a NaN or an infinity (one reduction)."""
     if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"{where} produced non-finite values (NaN or inf): the weights may be corrupt (a flipped "
-                             "bit in the checkpoint), or the model overflows in its compute dtype; check the files "
-                             "against the original, or try --compute-dtype float32")
+        raise _non_finite(where)
+
+
+def _non_finite(where: str) -> NonFiniteError:
+    return NonFiniteError(f"{where} produced non-finite values (NaN or inf): the weights may be corrupt (a flipped "
+                          "bit in the checkpoint), or the model overflows in its compute dtype; check the files "
+                          "against the original, or try --compute-dtype float32")
+
+
+class FiniteChecks:
+    """The non-finite checks of one pass. On the CPU each check is made at once (a failing pass
+    stops where it failed); on an accelerator the flags stay on the device and are read together
+    once at the end of the pass (``finish``), so the pass does not wait for the device after every
+    layer (a host sync per layer: the launch-bound cost of small models on a GPU)."""
+
+    def __init__(self, device: torch.device, deferred: bool | None = None) -> None:
+        self.deferred = device.type != "cpu" if deferred is None else deferred
+        self._flags: list[torch.Tensor] = []
+        self._where: list[str] = []
+
+    def check(self, x: torch.Tensor, where: str) -> None:
+        if not self.deferred:
+            _check_finite(x, where)
+            return
+        self._flags.append(torch.isfinite(x).all())
+        self._where.append(where)
+
+    def finish(self) -> None:
+        """NonFiniteError naming the first failing check (one read of every flag)."""
+        if not self._flags:
+            return
+        ok = torch.stack(self._flags).cpu()
+        self._flags.clear()
+        bad = (~ok).nonzero()
+        if bad.numel():
+            raise _non_finite(self._where[int(bad[0])])
 
 
 class Transformer:
@@ -90,6 +123,8 @@ class Transformer:
         self.weights = weights
         self.linear = linear if linear is not None else Linear(fast=False)
         self.dtype = weights.compute_dtype
+        self.defer_finite_checks: bool | None = None
+        """Read the per-layer non-finite checks once per pass (None: on accelerators only)."""
         self.device = torch.device(getattr(weights, "device", "cpu"))  # where the weights (and the KV) live
         self.names: list[LayerNames] = [layer_names(config, i) for i in range(config.num_layers)]
         self.lm_head = lm_head_name(config, available)
@@ -145,10 +180,11 @@ class Transformer:
             emb = rope_tables(pos[:, None].float() * self.inv_freq[None, :], c.rope.interleaved)
             tables.append((emb.cos().to(self.dtype), emb.sin().to(self.dtype)))
         self.trace = RoutingTrace()
+        finite = FiniteChecks(self.device, self.defer_finite_checks)
         eps = c.rms_norm_eps
         try:
             for x in xs:
-                _check_finite(x, "the token embedding")
+                finite.check(x, "the token embedding")
             for i, n in enumerate(self.names):
                 w.layer_begin(i, xs[0] if len(xs) == 1 else torch.cat(xs))
                 norm = w.get(n.input_norm)
@@ -170,12 +206,13 @@ class Transformer:
                 xs = [h + f for h, f in zip(hs, self._rows_ffn(i, n, hn))]
                 w.layer_end(i)
                 for x in xs:
-                    _check_finite(x, f"layer {i}")
+                    finite.check(x, f"layer {i}")
             final = w.get(FINAL_NORM)
             last = [x if all_logits else x[-1:] for x in xs]
             logits = [y.float() for y in self._rows_linear([rms_norm(x, final, eps) for x in last], self.lm_head)]
             for y in logits:
-                _check_finite(y, "the output head")
+                finite.check(y, "the output head")
+            finite.finish()
         except BaseException:
             w.abort()
             raise
