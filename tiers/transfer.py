@@ -11,9 +11,11 @@ thread, or on the caller's thread if the hop fails before it starts. Routes:
   * host -> storage (``write_back``): a created page's bytes written once through its arena's
     medium, on the caller's thread, before the store frees its last memory copy.
   * host -> device: a copy thread; with CUDA the copy is issued on its own stream (after waiting on
-    the events that guard reused device memory) and synchronised before reporting, so the compute
-    stream may use the page as soon as the store says it is there. Without CUDA the same thread
-    copies on the CPU stand-in.
+    the events that guard reused device memory) and a completion thread waits for it before
+    reporting, so the compute stream may use the page as soon as the store says it is there, while
+    the copy thread has already queued the next copies (the link never idles between pages for
+    Python's sake; both blocks stay reserved until the report). Without CUDA the copy thread
+    copies on the CPU stand-in and reports.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class TransferHandler:
         self._pools = pools
         self._copier: IoWorkerPool | None = None
         self._stream: torch.cuda.Stream | None = None
+        self._completer: IoWorkerPool | None = None
 
     def enable_copies(self, device: torch.device) -> None:
         """Start the host -> device copy thread (once; with a CUDA stream on a GPU)."""
@@ -48,6 +51,7 @@ class TransferHandler:
             self._copier = IoWorkerPool(1, "flashtier-h2d")
             if device.type == "cuda":
                 self._stream = torch.cuda.Stream(device)
+                self._completer = IoWorkerPool(1, "flashtier-h2d-done")
 
     def start(self, spec: HopSpec, on_done: HopDone) -> None:
         """Begin moving ``spec``'s bytes; never blocks on the transfer itself."""
@@ -97,14 +101,27 @@ class TransferHandler:
             nbytes = spec.desc.nbytes
             src = self._pools[(spec.arena, "host")].view(spec.src_block, spec.src_offset, nbytes)
             dst = self._pools[(spec.arena, "device")].view(spec.dst_block, 0, nbytes)
-            if self._stream is not None:
+            if self._stream is not None and self._completer is not None:
                 for event in spec.wait_events:
                     self._stream.wait_event(event)  # type: ignore[arg-type]
                 with torch.cuda.stream(self._stream):
                     dst.copy_(src, non_blocking=True)
-                self._stream.synchronize()
-            else:
-                dst.copy_(src)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+                # reported in issue order (one completion thread, one priority): no reordering
+                self._completer.submit(lambda: self._complete(done, spec, on_done), 0)
+                return
+            dst.copy_(src)
+        except Exception as e:
+            error = e
+        on_done(spec, error)
+
+    @staticmethod
+    def _complete(done: "torch.cuda.Event", spec: HopSpec, on_done: HopDone) -> None:
+        """Completion thread: wait for a queued copy, then report it."""
+        error: BaseException | None = None
+        try:
+            done.synchronize()
         except Exception as e:
             error = e
         on_done(spec, error)
@@ -113,3 +130,5 @@ class TransferHandler:
         """Finish queued copies and stop the copy thread (reads belong to the backend)."""
         if self._copier is not None:
             self._copier.close()
+        if self._completer is not None:
+            self._completer.close()  # after the copier: every queued copy has its completion queued
