@@ -265,7 +265,8 @@ class Transformer:
                 top_w = top_w / top_w.sum(dim=-1, keepdim=True)
             picks.append((top_i, top_w.to(x.dtype)))
         self.trace.chosen[i] = picks[0][0] if len(picks) == 1 else torch.cat([p[0] for p in picks])
-        sets = [sorted(set(top_i.reshape(-1).tolist())) for top_i, _ in picks]
+        chosen = [top_i.tolist() for top_i, _ in picks]  # per group [T][k] on the host: one read per group
+        sets = [sorted({e for row in rows for e in row}) for rows in chosen]
         union = sorted({e for s in sets for e in s})
         w.route(i, union, xs[0] if len(xs) == 1 else torch.cat(xs))
         ys: dict[tuple[int, int], torch.Tensor] = {}
@@ -283,7 +284,7 @@ class Transformer:
                 gus = lin.many_rows([xs[b].to(there) for b in single], [gate, up])
                 downs = lin.rows([self.act(g) * u for g, u in gus], down)
                 for b, d in zip(single, downs):
-                    ids = picks[b][0][0].tolist()
+                    ids = chosen[b][0]
                     ys[b, e] = d.to(here) * picks[b][1][0, ids.index(e)]
             for b, (top_i, top_w) in enumerate(picks):  # several tokens: the rows routed to e
                 if e not in sets[b] or xs[b].shape[0] == 1:
