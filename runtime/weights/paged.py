@@ -45,6 +45,7 @@ from flashtier.storage_backends.direct_file import DirectFileBackend, DirectFile
 from flashtier.storage_backends.safetensors_format import TensorInfo
 from flashtier.storage_backends.verified import VerifiedRecord
 from flashtier.tiers.config import ArenaConfig, StoreConfig
+from flashtier.tiers.jobs import TransferJob
 from flashtier.tiers.device import DEVICE_ALIGNMENT
 from flashtier.tiers.page import PageDesc, PageSource
 from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA
@@ -192,6 +193,7 @@ class PagedWeights:
         self._cycle = [n for n in self._forward_order() if n in self._descs and ".experts." not in n]
         self._cursor = 0  # next index of the cycle to prefetch
         self._ahead: deque[str] = deque()  # prefetched, not yet used, in cycle order
+        self._jobs: dict[str, TransferJob] = {}  # with a device: the last prefetch job of each page ahead
         self._in_use: list[str] = []
         self._embed_info = checkpoint.tensors[EMBED]
         self._embed_fd = os.open(self._embed_info.path, os.O_RDONLY)
@@ -214,6 +216,7 @@ class PagedWeights:
             return t
         if name not in self._descs:
             raise CheckpointError(f"tensor {name!r} is neither resident nor a page; the plan is inconsistent")
+        self._jobs.pop(name, None)
         if self._ahead and self._ahead[0] == name:
             self._ahead.popleft()
         elif not self._ahead and self._cycle and self._cycle[self._cursor] == name:
@@ -273,6 +276,7 @@ class PagedWeights:
         for name in self._ahead:
             self.store.cancel_prefetch(name)
         self._ahead.clear()
+        self._jobs.clear()
         self._cursor = 0
         self._top_up()
 
@@ -285,17 +289,27 @@ class PagedWeights:
     def _top_up(self) -> None:
         """Prefetch the next pages of the cycle while the window has room (adaptive depth)."""
         n = len(self._cycle)
-        if self.store.compute_tier == "device":
+        device = self.store.compute_tier == "device"
+        if device:
             # A prefetch stops at the host when the device window is full; carry the pages it
             # left there on to the device, in order, before announcing later ones (else a later
             # page would take the room, and the earlier one's demand would evict it: copied twice).
+            # Pages whose job is still moving or reached the device are skipped without the lock.
             for name in self._ahead:
-                if self.store.prefetch(name) is None:
+                job = self._jobs.get(name)
+                if job is not None and (not job.done() or job.reached == "device"):
+                    continue
+                job = self.store.prefetch(name)
+                if job is None:
                     return
+                self._jobs[name] = job
         while n and len(self._ahead) < n - len(self._in_use):
             name = self._cycle[self._cursor]
-            if self.store.prefetch(name) is None:
+            job = self.store.prefetch(name)
+            if job is None:
                 return  # no room yet: retry when pages are released
+            if device:
+                self._jobs[name] = job
             self._ahead.append(name)
             self._cursor = (self._cursor + 1) % n
 
