@@ -257,10 +257,14 @@ class PagedWeights:
         return None  # experts are streamed on demand here; runtime/weights/experts.py reads ahead
 
     def done(self, names: tuple[str, ...]) -> None:
+        released = False
         for name in names:
             if name in self._in_use:
                 self._in_use.remove(name)
                 self.store.release(name)
+                released = True
+        if released:
+            self._top_up()  # the room just freed takes the next page of the cycle at once
 
     def layer_end(self, layer: int) -> None:
         self._release_in_use()
