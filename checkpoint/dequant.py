@@ -71,7 +71,16 @@ def dequantize(qtype: int | GGMLType, blocks: torch.Tensor | np.ndarray, rows: i
     """The fp32 weights ``[rows, cols]`` of ``rows`` ggml rows of type ``qtype``, bit-identical to
     ``gguf.quants.dequantize``. ``blocks``: uint8, ``rows * row_bytes`` bytes (any shape,
     contiguous). ``threads`` / ``use_native`` as in :func:`qmatvec`. ``ValueError`` on mismatched
-    sizes or unsupported types."""
+    sizes or unsupported types. Blocks on an accelerator are dequantized there (torch operations,
+    :mod:`flashtier.checkpoint.dequant_torch`), the result on the same device."""
+    if isinstance(blocks, torch.Tensor) and blocks.device.type != "cpu":
+        from flashtier.checkpoint.dequant_torch import dequantize_torch
+
+        info, n_rows, row_bytes = _geometry(qtype, cols, blocks.numel(), "dequantize")
+        if n_rows != rows or blocks.dtype != torch.uint8:
+            raise ValueError(f"dequantize: {blocks.numel()} {blocks.dtype} values are not {rows} "
+                             f"{info.ggml_type.name} rows of {cols} weights")
+        return dequantize_torch(qtype, blocks.reshape(rows, row_bytes), cols)
     w = _as_uint8(blocks, "dequantize")
     info, n_rows, row_bytes = _geometry(qtype, cols, w.size, "dequantize")
     if n_rows != rows:

@@ -944,8 +944,6 @@ def _check_gguf_options(checkpoint: Any, config: EngineConfig) -> None:
     if config.sparse_ffn is not None:
         raise ConfigError("--sparse-ffn reads FFN neurons from row-column bundles of a Hugging Face checkpoint; "
                           "it does not run on GGUF files (run the safetensors folder instead)")
-    if config.device != "cpu" and any(t.quantized for t in checkpoint.tensors.values()):
-        raise ConfigError(f"--device {config.device}: quantized GGUF weights compute on the CPU for now; use --device cpu")
 
 
 def _default_weights_factory(config: EngineConfig) -> WeightsFactory:

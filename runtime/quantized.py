@@ -28,6 +28,9 @@ from flashtier.runtime import quant_kernels as qk
 if TYPE_CHECKING:
     from flashtier.storage_backends.safetensors_format import TensorInfo
 
+DEVICE_TILE_BYTES = 256 << 20
+"""fp32 bytes of dequantized weight per GEMM on an accelerator: whole weights in practice (each
+dequantization is a few dozen small kernels: launches, not bytes, are what it costs there)."""
 TILE_BYTES = 8 << 20
 """Most fp32 bytes of a dequantized weight tile in a prefill product."""
 
@@ -48,7 +51,7 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
     rows, cols = w.shape
     if x.shape[-1] != cols:
         raise ValueError(f"activation of width {x.shape[-1]} times a weight of shape {list(w.shape)}")
-    if x.shape[0] == 1:
+    if x.shape[0] == 1 and w.device.type == "cpu":
         xr = _row_f32(x)  # [K]
         native = qk._native_matvec
         if native is not None and w.array is not None and not xr.requires_grad:
@@ -59,10 +62,10 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
             native(*args, 1) if activations == "q8" else native(*args)
         else:
             y = qk.qmatvec(int(w.qtype), w.data, xr, threads, activations=activations).unsqueeze(0)  # [1, N] fp32
-    else:
+    else:  # several rows, or blocks on an accelerator: dequantized there tile by tile, fp32 GEMMs
         xf = x.float()
-        step = max(1, TILE_BYTES // (4 * cols))
-        y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+        step = max(1, (TILE_BYTES if x.device.type == "cpu" else DEVICE_TILE_BYTES) // (4 * cols))
+        y = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             y[:, r0:r1] = F.linear(xf, w.dequantize(torch.float32, slice(r0, r1)))  # [T, r1-r0]
@@ -142,10 +145,8 @@ def to_compute(t: "torch.Tensor | QuantizedTensor", compute_dtype: torch.dtype,
                device: torch.device | str = "cpu") -> "torch.Tensor | QuantizedTensor":
     """A weight read whole (``read_tensor``) made ready to compute with: quantized blocks stay
     blocks; plain tensors are cast to ``compute_dtype`` on ``device``."""
-    if isinstance(t, QuantizedTensor):
-        if torch.device(device).type != "cpu":
-            raise ValueError("quantized (GGUF) weights compute on the CPU for now; use --device cpu")
-        return t
+    if isinstance(t, QuantizedTensor):  # blocks stay blocks wherever they go
+        return t if torch.device(device) == t.device else QuantizedTensor(t.data.to(device), t.qtype, t.shape)
     return t.to(device, compute_dtype)
 
 

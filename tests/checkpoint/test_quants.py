@@ -282,3 +282,38 @@ def test_bad_input_errors():
         dequantize(np.zeros(143, np.uint8), T.Q4_K, (1, 256))
     with pytest.raises(ValueError, match="multiples of 256"):
         dequantize(np.zeros(144, np.uint8), T.Q4_K, (2, 128))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch dequantizers (the accelerator path): bit-identical to the numpy reference on the CPU
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.sampled_from(ALL), rows=st.integers(1, 4), blocks=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_torch_dequantizers_equal_the_reference_bit_for_bit(t, rows, blocks, seed):
+    import torch
+
+    from flashtier.checkpoint.dequant import dequantize_numpy
+    from flashtier.checkpoint.dequant_torch import dequantize_torch
+
+    cols = blocks * (SUPPORTED[t].block_size if SUPPORTED[t].quantized else 32)
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, SUPPORTED[t].row_bytes(cols)), dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = dequantize_numpy(t, raw, cols)
+    got = dequantize_torch(t, torch.from_numpy(raw), cols).numpy()
+    assert got.shape == want.shape == (rows, cols) and got.dtype == np.float32
+    nan = np.isnan(want)  # random bytes make some fp16 scales NaN: the same places, any payload
+    assert np.array_equal(nan, np.isnan(got))
+    assert np.array_equal(_bits(np.where(nan, 0, want)), _bits(np.where(nan, 0, got)))
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_torch_dequantizers_match_gguf_on_quantized_weights(t):
+    import torch
+
+    from flashtier.checkpoint.dequant_torch import dequantize_torch
+
+    w = np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32)
+    b = quantize(w, t)
+    want = gguf.quants.dequantize(b, _gguf(t)).reshape(8, 512)
+    assert np.array_equal(_bits(dequantize_torch(t, torch.from_numpy(b), 512).numpy()), _bits(want))
