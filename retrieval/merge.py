@@ -53,8 +53,8 @@ def partial_attention(
     cdt = _compute_dtype(q.dtype)
     lead, g, n = q.shape[:-2], q.shape[-2], k.shape[-2]
     if n == 0:
-        out = torch.zeros((*lead, g, v.shape[-1]), dtype=q.dtype)
-        return PartialAttention(out, torch.full((*lead, g), float("-inf"), dtype=cdt))
+        out = torch.zeros((*lead, g, v.shape[-1]), dtype=q.dtype, device=q.device)
+        return PartialAttention(out, torch.full((*lead, g), float("-inf"), dtype=cdt, device=q.device))
     if _FLASH_CPU is not None and q.dtype == torch.float32 and q.device.type == "cpu" and g * n >= FLASH_MIN_SCORES \
             and v.shape[-1] == q.shape[-1] and (mask is None or mask.dim() == 2):
         return _flash_partial(q, k, v, scale, mask)
