@@ -332,8 +332,9 @@ def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ba
         window = need_window
     expert_min = req.expert_cache_min_bytes if expert_mode else 0
     if expert_mode:
-        if not any(t == "storage" for t in placed.values()):
-            window = 0  # only experts stream: the expert cache is their window
+        if not any(t in windowed for t in placed.values()):
+            window = 0  # only experts stream: the expert cache is their window (with a device, no
+            # other weight is copied through a window either)
         for kind, names in tensor_groups(cfg, sizes):
             if kind == "expert":
                 placed.update((n, "storage") for n in names)

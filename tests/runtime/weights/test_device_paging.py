@@ -257,6 +257,24 @@ def test_moe_device_cache_fits_the_device_budget_or_is_refused(made_moe):
         open_moe(made_moe, "gpu", device_slots=8, host_slots=8).close()
 
 
+def test_moe_with_non_expert_weights_on_the_host_copies_them_through_a_device_window(made_moe, moe_reference):
+    """A device budget too small for every non-expert weight places some on the host; they pass
+    through a device window at each use (the window is not the expert cache's)."""
+    from flashtier.checkpoint.folder import open_checkpoint
+
+    ck = open_checkpoint(made_moe)
+    non_expert = sum(t.nbytes for n, t in ck.tensors.items() if n != EMBED and ".experts." not in n)
+    config = EngineConfig.from_options(device_budget=non_expert // 3 + KV, max_context=64, kv_block_size=16,
+                                       compute_dtype="float32", expert_placement="cpu")
+    with Model(made_moe, config) as llm:
+        plan = llm.weights.plan
+        assert "host" in plan.placement.values() and plan.stream_window_bytes > 0
+        result = llm.generate(PROMPT, max_new_tokens=12, ignore_eos=True)
+        assert llm.weights.stats()["bytes_host_to_device"] > 0
+        llm.weights.store.check_invariants()
+    assert result.tokens == moe_reference
+
+
 def test_placement_cost_model_prefers_the_faster_byte_stream():
     costs = PlacementCosts(link_bytes_per_s=25e9, cpu_bytes_per_s=50e9, overhead_s=50e-6)
     big = 64 << 20  # a 64 MiB expert: 2.7 ms over the link, 1.3 ms + 50 us on the CPU
