@@ -11,6 +11,6 @@ from setuptools import Extension, setup
 
 FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-pthread"]
 
-setup(ext_modules=[Extension("flashtier._native", ["native/_native.c", "native/cluster_search.c"], extra_compile_args=FLAGS,
+setup(ext_modules=[Extension("flashtier._native", ["native/_native.c", "native/cluster_search.c", "native/sparse_ffn.c"], extra_compile_args=FLAGS,
                              extra_link_args=["-pthread"], optional=True,
                              depends=["native/common.h"])])

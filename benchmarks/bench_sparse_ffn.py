@@ -340,7 +340,7 @@ def main(argv=None) -> int:
                 "ffn_neurons_loaded_fraction": s.get("ffn_neurons_loaded_fraction"),
                 "ffn_neurons_predicted_fraction": s.get("ffn_neurons_predicted_fraction"),
                 "ffn_neurons_computed_fraction": s.get("ffn_neurons_computed_fraction"),
-                "predictor_recall": s.get("predictor_recall"), "ffn_effective_recall": s.get("ffn_effective_recall"),
+                "predictor_recall": s.get("predictor_recall"),
                 "ffn_bundle_read_gb_per_s": s.get("ffn_bundle_read_gb_per_s"),
                 "ffn_bundle_reads_per_token": round(s.get("ffn_bundle_reads", 0) / max(1, s.get("decode_tokens_counted", 1)), 1)
                 if "ffn_bundle_reads" in s else None,
@@ -365,14 +365,14 @@ def main(argv=None) -> int:
 
 def markdown(res: dict) -> str:
     head = ("| configuration | bytes/token (storage) | vs dense streaming | decode tok/s (median window) | top-1 agreement | "
-            "held-out loss (vs dense) | neurons loaded / predicted / computed | predictor recall (effective) | "
+            "held-out loss (vs dense) | neurons loaded / predicted / computed | predictor recall | "
             "reads/token | bundle read GB/s |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
     def line(r: dict) -> str:
         frac = "-" if r["ffn_neurons_loaded_fraction"] is None else (
             f"{r['ffn_neurons_loaded_fraction']:.3f} / {r['ffn_neurons_predicted_fraction']:.3f} / "
             f"{r['ffn_neurons_computed_fraction']:.3f}")
-        rec = "-" if r["predictor_recall"] is None else f"{r['predictor_recall']:.4f} ({r['ffn_effective_recall']:.4f})"
+        rec = "-" if r["predictor_recall"] is None else f"{r['predictor_recall']:.4f}"
         bw = "-" if r["ffn_bundle_read_gb_per_s"] is None else f"{r['ffn_bundle_read_gb_per_s']:.3f}"
         reads = "-" if r["ffn_bundle_reads_per_token"] is None else f"{r['ffn_bundle_reads_per_token']:.0f}"
         return (f"| {r['name']} | {r['bytes_per_token_storage']:,} | {r['bytes_vs_dense_streaming']:.1%} | "

@@ -25,6 +25,9 @@
  * cluster_search(...): the cluster-index search of every kv head of a layer in one call
  *   (native/cluster_search.c; retrieval/cluster_batch.py).
  *
+ * sparse_ffn_rows(...): the sparse FFN of one-token rows over neuron rows of the window and a
+ *   buffer, batch- and history-invariant (native/sparse_ffn.c; runtime/weights/sparse_ffn.py).
+ *
  * The module is optional: when it is not built, callers fall back to torch / numba.
  */
 #include "common.h"
@@ -2426,6 +2429,10 @@ static PyMethodDef methods[] = {
      "retrieval_attend(q, rk, rv, tk, tv, est_out, est_lse, out, H, G, S, n, D, res_bf16, ret_bf16, scale, threads): "
      "each query row's exact attention over its kv head's resident keys and its own retrieved keys, merged with "
      "the estimate of the rest; see native/cluster_search.c (GIL released)."},
+    {"sparse_ffn_rows", sparse_ffn_rows, METH_VARARGS,
+     "sparse_ffn_rows(win, buf, row_bytes, hidden, bf16, idx, ptr, x, acc, batch, threads): acc[b] += the FFN of "
+     "x[b] over its neuron rows idx[ptr[b]:ptr[b+1]] (>= 0 rows of win, < 0 rows -i-1 of buf), each column summed "
+     "over the neurons in order; see native/sparse_ffn.c (GIL released)."},
     {"q_isa", q_isa, METH_NOARGS, "q_isa(): the kernel level in use: 4 AVX-512, 3 AVX2/FMA, 0 baseline."},
     {"q_vnni", q_vnni, METH_NOARGS,
      "q_vnni(): whether int8-activation products (act=1) use the AVX-512 VNNI kernels (else AVX2 / baseline)."},

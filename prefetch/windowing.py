@@ -17,9 +17,9 @@ A speculative prefetch may come first: ``plan(guess, tentative=True)`` loads a g
 the token's real selection is known, and ``extend(selected)`` then adds what the guess missed
 (within the same token; unconfirmed guesses are the first rows given up for room).
 
-Compute then uses the first ``n`` rows only. After compute, :meth:`NeuronWindow.mark_active` also
-stamps the held neurons that turned out active (a neuron the predictor missed but the window still
-held was computed exactly, and stays). Invariants: ``row_of[neuron_of_row[r]] == r`` for every
+A token's needed neurons count as used at that token; a held neuron it does not need ages out after
+``k`` tokens. (The sparse FFN computes each row over its own selection only, so what the window
+holds besides changes what is read, never what is computed.) Invariants: ``row_of[neuron_of_row[r]] == r`` for every
 ``r < n``; a neuron is held iff it has a row; ``n <= capacity``.
 """
 
@@ -145,10 +145,6 @@ class NeuronWindow:
             used = needed[self.row_of[needed] >= 0]
             self.last_used[used] = step
         return WindowPlan(fillers, holes, loads, new_n, self.n, evicted, dropped)
-
-    def mark_active(self, rows: np.ndarray) -> None:
-        """Rows (``< n``) whose neurons were active this token: they count as used now."""
-        self.last_used[self.neuron_of_row[rows]] = self.step
 
     def reset(self) -> None:
         """Forget everything (the matrix contents become meaningless)."""

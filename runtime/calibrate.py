@@ -29,9 +29,9 @@ class _RecordingWeights(InMemoryWeights):
         super().__init__(checkpoint)
         self.records: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
 
-    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         if layer in self.records:
-            self.records[layer].append(x.detach().float().clone())
+            self.records[layer].extend(x.detach().float().clone() for x in xs)
         return None
 
 

@@ -424,7 +424,7 @@ class Model:
         for all of them (under a budget, a step streams the weights once instead of once per
         sequence). Batch-invariant: each result's tokens are the tokens :meth:`generate` gives for
         that prompt alone (greedy, or sampling with a seed), whatever else is in the batch.
-        Not with the sparse FFN. Under a budget the KV of ``kv_sequences`` contexts is planned
+        Under a budget the KV of ``kv_sequences`` contexts is planned
         (default 1): prompts beyond what it holds wait and join as others finish
         (``batch_waited_for_kv`` in each result's stats counts them; open the model with
         ``kv_sequences=len(prompts)`` to run them all at once). With full attention the
@@ -435,8 +435,6 @@ class Model:
         c = self.engine_config
         if not prompts:
             return []
-        if c.sparse_ffn is not None:
-            raise ConfigError("generate_batch does not run the sparse FFN; generate those requests one at a time")
         encoded = [self.encode(p) for p in prompts]
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1 for generate_batch, got {max_new_tokens}")
@@ -653,9 +651,6 @@ class BatchSession:
 
     def __init__(self, model: Model, max_batch: int) -> None:
         c = model.engine_config
-        if c.sparse_ffn is not None:
-            raise ConfigError("batching does not run the sparse FFN; serve one request at a time (--max-batch 1) "
-                              "with it")
         if max_batch < 1:
             raise ConfigError(f"max batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from flashtier.errors import ConfigError, NonFiniteError
+from flashtier.errors import NonFiniteError
 from flashtier.runtime import decode_ops
 from flashtier.checkpoint.folder import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
@@ -244,16 +244,14 @@ class Transformer:
         return [list(row) for row in zip(*per_name)]
 
     def _rows_ffn(self, i: int, n: LayerNames, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The FFN of each group ``[T_b, H]``: dense weights (or the sparse FFN, one group only)
+        """The FFN of each group ``[T_b, H]``: dense weights (or the sparse FFN's predicted neurons)
         fetched once; MoE experts fetched once for every group routed to them, a one-token group's
         experts summed in expert order, a longer group's rows gathered per expert."""
         c, w = self.config, self.weights
         if not n.router:
-            custom = w.ffn(i, xs[0] if len(xs) == 1 else torch.cat(xs))  # the sparse FFN, where it runs
+            custom = w.ffn(i, xs)  # the sparse FFN, where it runs
             if custom is not None:
-                if len(xs) > 1:
-                    raise ConfigError("batched decode does not run the sparse FFN; decode its requests one at a time")
-                return [custom]
+                return custom
             gu = self._rows_linears(xs, (n.gate, n.up), ("", ""))
             return self._rows_linear([self.act(g) * u for g, u in gu], n.down)
         router = w.get(n.router)

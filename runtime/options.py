@@ -162,7 +162,8 @@ class SparseFFNConfig:
     queue_depth: int = 8
     """Bundle reads in flight at once (IO threads), measured on the work disk."""
     prefill_chunk_neurons: int = 64
-    """Neurons per read when a prompt computes a sparse layer exactly."""
+    """Neurons per read when a prompt computes a sparse layer exactly; also the rows of the buffer
+    a decode step reads the neurons its windows have no room for into (a chunk at a time)."""
     max_capacity_fraction: float = 1.0
     """Cap on window rows per layer, as a share of its neurons (the budget may cap it lower)."""
     speculate: bool = False
@@ -176,6 +177,10 @@ class SparseFFNConfig:
     once, outside the budget) to report predictor_recall. For measurement only."""
     verify: bool = True
     """crc32 every bundle file when opening (one sequential read of the bundles)."""
+    native: bool = True
+    """Decode rows with the native kernel where the extension is built (bf16 / fp32 bundles): each
+    neuron's contribution straight from the window's rows. False: gather each row's neurons and
+    multiply with torch (the path without the extension; tests and ablations)."""
 
     def __post_init__(self) -> None:
         if self.window_k < 0:

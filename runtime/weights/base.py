@@ -39,9 +39,12 @@ class WeightAccessor(Protocol):
         """Embedding rows ``[T, H]`` of ``tokens`` ``[T]`` (an accessor may read only these rows)."""
         ...
 
-    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Optionally compute layer ``layer``'s dense FFN on ``x`` ``[T, H]`` itself (e.g. over a
-        predicted subset of neurons); None means "use the dense forward with ``get``"."""
+    def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Optionally compute layer ``layer``'s dense FFN itself (e.g. over a predicted subset of
+        neurons) on each group ``xs[b]`` ``[T_b, H]`` of the pass (one per sequence: a decode token
+        or a prefill chunk); returns one ``[T_b, H]`` output per group. Each group's output must
+        depend on that group alone (batch invariance). None means "use the dense forward with
+        ``get``"."""
         ...
 
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
@@ -111,7 +114,7 @@ class InMemoryWeights:
     def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
         return None
 
-    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         return None
 
     def layer_end(self, layer: int) -> None:

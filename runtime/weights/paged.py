@@ -250,7 +250,7 @@ class PagedWeights:
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         self._top_up()
 
-    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         return None
 
     def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:

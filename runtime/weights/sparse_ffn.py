@@ -5,15 +5,20 @@ same plan as dense streaming under the same ``--dram-budget``: everything reside
 resident, and every dense FFN layer the plan streams becomes a *sparse layer*, served by
 ``ffn(layer, x)`` from the row-column bundles (``checkpoint/bundles.py``) instead:
 
-* decode (one token): the layer's low-rank predictor (``prefetch/sparsity.py``) names the
-  neurons likely to be positive; the layer's :class:`~flashtier.prefetch.windowing.NeuronWindow`
-  keeps the neurons used in the last k tokens and says which are missing; those are read
-  (coalesced runs, straight into the rows of the layer's preallocated matrix) and the FFN is
-  computed over all held rows: ``down_rows^T (relu(gate_rows x) * (up_rows x))``. Selected
-  neurons the window has no room for (capacity) are read through the chunk buffers and added
-  exactly, without being kept ("overflow");
-* prefill (several tokens): the layer is computed exactly from its bundles, read in chunks of
-  ``prefill_chunk_neurons`` (two buffers, the next chunk reads while this one computes).
+* decode (one-token groups: one sequence, or several decoded in one pass): the layer's low-rank
+  predictor (``prefetch/sparsity.py``) names each row's neurons likely to be positive; the
+  layer's :class:`~flashtier.prefetch.windowing.NeuronWindow` keeps the neurons used in the last
+  k tokens and is told the union of the rows' selections (each bundle read once for the pass);
+  the missing ones are read (coalesced runs, straight into the rows of the layer's preallocated
+  matrix). Each row is then computed over **its own selection only, in neuron order**:
+  ``down_S^T (relu(gate_S x) * (up_S x))`` with the rows of S gathered from the window into a
+  chunk buffer, ``prefill_chunk_neurons`` at a time (partial sums added in fp32 when S spans
+  several chunks). A row's output is thus a function of its input and its selection alone: the
+  same alone, in any batch, and whatever earlier tokens left in the window (batch and history
+  invariance). Selected neurons the window has no room for (capacity) are read into the chunk
+  buffer at their place, without being kept ("overflow");
+* prefill (groups of several tokens): the layer is computed exactly from its bundles, read in
+  chunks of ``prefill_chunk_neurons`` (two buffers, the next chunk reads while this one computes).
 
 Budget: the part of the plan's streaming window that PagedWeights no longer needs pays for the
 predictors, the two prefill buffers and the window matrices (the rest sets the window capacity).
@@ -51,6 +56,11 @@ from flashtier.checkpoint.bundles import (
 from flashtier.storage_backends.verified import VerifiedRecord
 
 
+try:  # the C extension is optional: without it each row's neurons are gathered and multiplied by torch
+    from flashtier._native import sparse_ffn_rows as _native_rows
+except ImportError:  # pragma: no cover - depends on the build
+    _native_rows = None
+
 WINDOW_ARENA = "ffn_windows"
 """The weights' store arena of the neuron windows and prefill chunk buffers."""
 
@@ -74,7 +84,6 @@ class _Counters:
     reads: int = 0
     recall_hit: int = 0
     recall_total: int = 0
-    effective_hit: int = 0
 
 
 class _SparseLayer:
@@ -99,11 +108,13 @@ class SparseFFNWeights:
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, config: SparseFFNConfig = SparseFFNConfig(),
                  selectors: Mapping[int, NeuronSelector] | None = None, verified_record: str | None = None,
-                 direct_io: str = "auto") -> None:
+                 direct_io: str = "auto", kv_block_size: int | None = None, kv_sequences: int = 1) -> None:
         """``selectors`` overrides the predictors loaded from the model folder (tests, ablations);
         ``verified_record``: see ``EngineConfig.verified_record`` (bundle files checked once);
         ``direct_io``: O_DIRECT mode of the weights PagedWeights streams (bundles use O_DIRECT where
-        the filesystem takes 512-byte reads, else buffered reads dropped from the page cache)."""
+        the filesystem takes 512-byte reads, else buffered reads dropped from the page cache);
+        ``kv_block_size``, ``kv_sequences``: the full-attention KV of ``kv_sequences`` contexts in the
+        store, as :class:`PagedWeights` plans it (a batch's sequences draw from it)."""
         cfg = checkpoint.config
         if cfg.hidden_act != "relu":
             raise ConfigError(f"--sparse-ffn needs a ReLU FFN (most neurons exactly zero); {checkpoint.model_dir} "
@@ -114,7 +125,8 @@ class SparseFFNWeights:
         self.manifest = open_bundles(checkpoint, verify=config.verify, record=VerifiedRecord(verified_record))
         # The same request PagedWeights makes: which dense FFN layers does dense streaming stream?
         sizes = {n: t.nbytes for n, t in checkpoint.tensors.items()}
-        plan = make_plan(cfg, sizes, PlanRequest(dram_budget=dram_budget, context=kv_tokens,
+        sequences = kv_sequences if kv_block_size is not None else 1
+        plan = make_plan(cfg, sizes, PlanRequest(dram_budget=dram_budget, context=kv_tokens * sequences,
                                                  resident_sizes=resident_sizes(checkpoint, self.compute_dtype),
                                                  kv_dtype_bytes=self.compute_dtype.itemsize, weight_dtype_bytes=2,
                                                  streamed_unit="layer"))
@@ -123,7 +135,8 @@ class SparseFFNWeights:
         external = frozenset(x for i in sparse for x in (names[i].gate, names[i].up, names[i].down))
         self.paged = PagedWeights(checkpoint, dram_budget, self.compute_dtype, kv_tokens=kv_tokens,
                                   direct_io=direct_io, external=external, streamed_unit="layer",
-                                  verified_record=verified_record)
+                                  verified_record=verified_record, kv_block_size=kv_block_size,
+                                  kv_sequences=kv_sequences)
         try:
             if any(self.paged.plan.placement.get(x) != "storage" for x in external):
                 raise CheckpointError("internal: the sparse FFN's plan differs from PagedWeights'; keep their requests equal")
@@ -166,10 +179,15 @@ class SparseFFNWeights:
                 self.layers[i].gate_audit = read_tensor(checkpoint.tensors[names[i].gate]).float()
         self._chunks = [matrix(("ffn_chunk", j), chunk) for j in range(2)] if sparse else []
         self._bundle_dtype = torch_dtype(self.manifest)
+        self._native = _native_rows is not None and self._bundle_dtype in (torch.float32, torch.bfloat16) and \
+            config.native
+        """Decode rows through the native kernel (else gathered per row and multiplied by torch)."""
         # what the window arena holds (each matrix rounded up to the host block alignment)
         self.memory_bytes = predictor_bytes + (store.stats([WINDOW_ARENA]).tiers["host"].capacity_bytes if sizes else 0)
         self._c = _Counters()
         self._pass_tokens = 0
+        self._pass_groups: list[int] = []
+        """Tokens of each group of the current pass (known once a sparse layer ran)."""
         self._pass_start_bytes = self._storage_bytes()
 
     def _selectors(self, sparse: list[int], given: Mapping[int, NeuronSelector] | None) -> Mapping[int, NeuronSelector]:
@@ -219,18 +237,21 @@ class SparseFFNWeights:
     def step_end(self) -> None:
         self.paged.step_end()
         now = self._storage_bytes()
-        if self._pass_tokens == 1:
-            self._c.decode_tokens += 1
+        groups = self._pass_groups or [self._pass_tokens]
+        if max(groups) == 1:  # a decode pass (one or several one-token rows)
+            self._c.decode_tokens += len(groups)
             self._c.decode_storage_bytes += now - self._pass_start_bytes
         else:
-            self._c.prefill_tokens += self._pass_tokens
+            self._c.prefill_tokens += sum(groups)
         self._pass_start_bytes = now
+        self._pass_groups = []
 
     def abort(self) -> None:
         self.paged.abort()
         for sl in self.layers.values():
             self._settle(sl)
         self._pass_start_bytes = self._storage_bytes()
+        self._pass_groups = []
 
     def _settle(self, sl: _SparseLayer) -> None:
         """Wait out a speculative read (no IO may write into the rows afterwards) and forget the
@@ -243,12 +264,21 @@ class SparseFFNWeights:
         sl.speculative = None
         sl.window.reset()
 
-    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         sl = self.layers.get(layer)
         if sl is None:
             return None  # resident layer: the dense forward with get()
+        self._pass_groups = [x.shape[0] for x in xs]
         try:
-            return self._decode(sl, x) if x.shape[0] == 1 else self._prefill(sl, x)
+            outs: list[torch.Tensor | None] = [None] * len(xs)
+            rows = [b for b, x in enumerate(xs) if x.shape[0] == 1]
+            if rows:
+                for b, y in zip(rows, self._decode(sl, [xs[b] for b in rows])):
+                    outs[b] = y
+            for b, x in enumerate(xs):
+                if x.shape[0] > 1:
+                    outs[b] = self._prefill(sl, x)
+            return outs  # type: ignore[return-value]
         except BaseException:
             self._settle(sl)  # rows may be half-read: forget them
             raise
@@ -267,10 +297,13 @@ class SparseFFNWeights:
             pending = self.reader.submit(sl.layer, plan.loads, sl.matrix.rows(plan.rows_start, plan.n), background=True)
         sl.speculative = (pending, plan.loads)
 
-    def _decode(self, sl: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, sl: _SparseLayer, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One-token rows ``[1, H]`` each: the window takes the union of their selections (read
+        once), then each row is computed over its own selection (module doc)."""
         c = self._c
-        selected = sl.selector.select(x, self.config.threshold_offset)  # [m] ids, best first
-        if sl.speculative is not None:
+        chosen = [sl.selector.select(x, self.config.threshold_offset) for x in rows]  # [m_b] ids, best first
+        needed = chosen[0] if len(chosen) == 1 else union_by_rank(chosen)
+        if sl.speculative is not None:  # set up by layer_begin for a one-row pass only
             pending, guessed = sl.speculative
             sl.speculative = None
             if pending is not None:
@@ -278,37 +311,118 @@ class SparseFFNWeights:
                 self._account_read(pending, pending.wait())  # before any row moves
                 c.spec_wait_s += time.perf_counter() - t0
             c.spec_loaded += int(guessed.size)
-            c.spec_used += int(np.isin(guessed, selected, assume_unique=True).sum())
+            c.spec_used += int(np.isin(guessed, needed, assume_unique=True).sum())
             c.decode_ffn_bytes += int(guessed.size) * self.reader.row_bytes
             c.loaded += int(guessed.size)
-            plan = sl.window.extend(selected)
+            plan = sl.window.extend(needed)
         else:
-            plan = sl.window.plan(selected)
+            plan = sl.window.plan(needed)
         sl.matrix.apply(plan)
         if plan.loads.size:
             pending = self.reader.submit(sl.layer, plan.loads, sl.matrix.rows(plan.rows_start, plan.n))
             self._account_read(pending, pending.wait())
-        n = plan.n
-        gate, up, down_t = self._views(sl.matrix.tensor[:n])  # [n, H] each
-        z = F.linear(x, gate)  # [1, n]
-        h = F.relu(z) * F.linear(x, up)
-        out = h @ down_t  # [1, H]
-        if plan.dropped.size:  # selected but no room in the window: computed exactly, not kept
-            out = out + self._stream(sl.layer, np.sort(plan.dropped), x).to(out.dtype)
-        sl.window.mark_active(torch.nonzero(z[0] > 0).flatten().numpy())
-        c.layer_steps += 1
-        c.loaded += int(plan.loads.size + plan.dropped.size)
-        c.selected += int(selected.size)
-        c.computed += n + int(plan.dropped.size)
-        c.overflow += int(plan.dropped.size)
-        c.decode_ffn_bytes += int(plan.loads.size + plan.dropped.size) * self.reader.row_bytes
-        if sl.gate_audit is not None:
-            active = torch.nonzero((x.float() @ sl.gate_audit.t())[0] > 0).flatten().numpy()
-            hit, total = recall_of(selected, active)
-            c.recall_hit += hit
-            c.recall_total += total
-            c.effective_hit += recall_of(np.concatenate([sl.window.held(), plan.dropped]), active)[0]
-        return out
+        c.loaded += int(plan.loads.size)
+        c.decode_ffn_bytes += int(plan.loads.size) * self.reader.row_bytes
+        ids = [np.sort(selected) for selected in chosen]
+        if self._native:
+            outs = self._native_decode(sl, rows, ids, np.sort(plan.dropped))
+        else:
+            outs = [self._own(sl, x, own) for x, own in zip(rows, ids)]
+        for x, selected in zip(rows, chosen):
+            c.layer_steps += 1
+            c.selected += int(selected.size)
+            c.computed += int(selected.size)
+            if sl.gate_audit is not None:
+                active = torch.nonzero((x.float() @ sl.gate_audit.t())[0] > 0).flatten().numpy()
+                hit, total = recall_of(selected, active)
+                c.recall_hit += hit
+                c.recall_total += total
+        return outs
+
+    def _native_decode(self, sl: _SparseLayer, rows: list[torch.Tensor], ids: list[np.ndarray],
+                       dropped: np.ndarray) -> list[torch.Tensor]:
+        """Each row's FFN over its neurons ``ids[b]`` (ascending) by the native kernel, straight
+        from the window's rows; the union's neurons the window had no room for (``dropped``,
+        ascending) are read once for all rows into a chunk buffer, a chunk at a time, and each row
+        takes its neurons up to the chunk's last one from the window and the buffer (in neuron
+        order: the kernel's sums then do not depend on where the rows came from)."""
+        c = self._c
+        x = torch.cat(rows).float().contiguous()  # [B, H]
+        acc = torch.zeros_like(x)  # [B, H] fp32
+        buf = self._chunks[0]
+        step = buf.capacity
+        window = sl.matrix.array
+        row_of = sl.window.row_of
+        done = [0] * len(ids)  # per row: how many of its neurons are accumulated
+        bounds = [(dropped[k : k + step], int(dropped[min(k + step, dropped.size) - 1]))
+                  for k in range(0, dropped.size, step)]
+        bounds.append((np.zeros(0, dtype=np.int64), self.checkpoint.config.intermediate_size))
+        for part, last in bounds:
+            if part.size:
+                pending = self.reader.submit(sl.layer, part, buf.rows(0, part.size))
+                self._account_read(pending, pending.wait())
+                c.overflow += int(part.size)
+                c.loaded += int(part.size)
+                c.decode_ffn_bytes += int(part.size) * self.reader.row_bytes
+            segs = []
+            for b, own in enumerate(ids):
+                stop = int(np.searchsorted(own, last, side="right"))
+                seg = own[done[b] : stop]
+                done[b] = stop
+                where = row_of[seg]
+                out_of_window = where < 0
+                if out_of_window.any():  # in this chunk of the buffer
+                    where = where.copy()
+                    where[out_of_window] = -1 - np.searchsorted(part, seg[out_of_window])
+                segs.append(where)
+            ptr = np.zeros(len(segs) + 1, dtype=np.int64)
+            ptr[1:] = np.cumsum([s.size for s in segs])
+            if ptr[-1]:
+                _native_rows(window, buf.array, self.reader.row_bytes, self.manifest.hidden_size,
+                             self._bundle_dtype == torch.bfloat16, np.concatenate(segs).astype(np.int64, copy=False),
+                             ptr, x.numpy(), acc.numpy(), len(ids), torch.get_num_threads())
+        return [acc[b : b + 1].to(r.dtype) for b, r in enumerate(rows)]
+
+    def _own(self, sl: _SparseLayer, x: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """``[1, H]``: the FFN of row ``x`` over neurons ``ids`` (ascending), their rows gathered
+        from the window (or read, where the window had no room) into a chunk buffer, a chunk of
+        neurons at a time; a function of ``x`` and ``ids`` alone (module doc)."""
+        buf = self._chunks[0]
+        step = buf.capacity
+        out: torch.Tensor | None = None
+        for k in range(0, ids.size, step):
+            part = ids[k : k + step]  # [m]
+            m = part.size
+            where = sl.window.row_of[part]  # window row of each, -1: not held
+            held = where >= 0
+            if held.all():
+                torch.index_select(sl.matrix.tensor, 0, torch.from_numpy(where), out=buf.tensor[:m])
+            else:
+                pos = np.flatnonzero(held)
+                buf.array[pos] = sl.matrix.array[where[pos]]
+                self._read_missing(sl.layer, part, np.flatnonzero(~held), buf)
+            gate, up, down_t = self._views(buf.tensor[:m])  # [m, H] each
+            h = F.relu(F.linear(x, gate)) * F.linear(x, up)  # [1, m]
+            y = h @ down_t  # [1, H]
+            if ids.size <= step:
+                return y
+            out = y.float() if out is None else out + y.float()
+        if out is None:  # nothing selected: this layer's FFN adds nothing
+            return torch.zeros_like(x)
+        return out.to(x.dtype)
+
+    def _read_missing(self, layer: int, part: np.ndarray, missing: np.ndarray, buf: RowMatrix) -> None:
+        """Read neurons ``part[missing]`` (positions ascending) into their rows of ``buf``: one
+        submission per run of adjacent positions, all in flight together."""
+        c = self._c
+        breaks = np.flatnonzero(np.diff(missing) != 1) + 1
+        pending = [self.reader.submit(layer, part[run], buf.rows(int(run[0]), int(run[-1]) + 1))
+                   for run in np.split(missing, breaks)]
+        for p in pending:
+            self._account_read(p, p.wait())
+        c.overflow += int(missing.size)
+        c.loaded += int(missing.size)
+        c.decode_ffn_bytes += int(missing.size) * self.reader.row_bytes
 
     def _prefill(self, sl: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
         """Several tokens: the exact FFN over all neurons."""
@@ -380,7 +494,6 @@ class SparseFFNWeights:
         })
         if c.recall_total:
             out["predictor_recall"] = round(c.recall_hit / c.recall_total, 5)
-            out["ffn_effective_recall"] = round(c.effective_hit / c.recall_total, 5)
             out["predictor_recall_source"] = "audit"
         else:
             out["predictor_recall"] = None if np.isnan(self.calibration_recall) else round(self.calibration_recall, 5)
@@ -396,6 +509,18 @@ class SparseFFNWeights:
     def close(self) -> None:
         self.paged.close()
         self.reader.close()
+
+
+def union_by_rank(chosen: list[np.ndarray]) -> np.ndarray:
+    """The union of several rows' selections (each best first), ordered by rank: every row's best
+    neuron, then every row's second best, ...; each neuron at its best rank (the window gives up
+    the lowest-ranked ones first when it has no room)."""
+    ids = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    rank = np.concatenate([np.arange(a.size) for a in chosen]) if chosen else ids
+    order = np.lexsort((np.concatenate([np.full(a.size, b) for b, a in enumerate(chosen)]), rank))
+    ids = ids[order]
+    _, first = np.unique(ids, return_index=True)
+    return ids[np.sort(first)].astype(np.int64, copy=False)
 
 
 def split_rows(total: int, demand: Mapping[int, float], cap: int) -> dict[int, int]:
@@ -431,4 +556,6 @@ def sparse_ffn_weights(checkpoint: Checkpoint, config: Any) -> SparseFFNWeights:
     kv_tokens = config.max_context or min(checkpoint.config.max_position_embeddings, 4096)
     return SparseFFNWeights(checkpoint, config.dram_budget, dtype, kv_tokens=kv_tokens,
                             config=config.sparse_ffn or SparseFFNConfig(), verified_record=config.verified_record,
-                            direct_io=config.paging.direct_io)
+                            direct_io=config.paging.direct_io,
+                            kv_block_size=config.kv_block_size if config.attention == "full" else None,
+                            kv_sequences=config.kv_sequences)

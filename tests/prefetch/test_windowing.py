@@ -75,14 +75,14 @@ def test_capacity_evicts_least_recently_used_then_drops_lowest_priority():
     check_invariants(w)
 
 
-def test_active_neurons_the_predictor_missed_stay_in_the_window():
+def test_held_neurons_not_needed_age_out_after_k_tokens():
     w = NeuronWindow(10, WindowConfig(k=2, capacity=10))
     w.plan(np.array([1]))  # token 1 loads 1
-    w.plan(np.array([2]))  # token 2 loads 2; 1 still in the window (k=2), computed again
-    w.mark_active(np.array([w.row_of[1]]))  # ... and it was active at token 2: used now
-    w.plan(np.array([3]))  # token 3: without the mark 1 would leave (last used token 1)
-    assert sorted(ids(w.held())) == [1, 2, 3]
-    w.plan(np.array([3]))  # token 4: 1 (token 2) leaves, 2 (token 2) leaves
+    w.plan(np.array([2]))  # token 2 loads 2; 1 stays (used within the last 2 tokens)
+    assert sorted(ids(w.held())) == [1, 2]
+    w.plan(np.array([3]))  # token 3: 1 (last used token 1) leaves, 2 stays
+    assert sorted(ids(w.held())) == [2, 3]
+    w.plan(np.array([3]))  # token 4: 2 (token 2) leaves
     assert ids(w.held()) == [3]
 
 
