@@ -79,7 +79,7 @@ class ProjectionPrefill:
         with torch.inference_mode():
             for start in range(0, length, FILL_CHUNK):
                 tok = tokens[start : start + FILL_CHUNK]
-                pos = torch.arange(start, start + tok.shape[0])
+                pos = torch.arange(start, start + tok.shape[0], device=m.inv_freq.device)
                 freqs = pos[:, None].float() * m.inv_freq[None, :]
                 emb = torch.cat((freqs, freqs), dim=-1)
                 cos, sin = emb.cos().to(m.dtype), emb.sin().to(m.dtype)
@@ -134,7 +134,8 @@ def ratio(a: list[float], b: list[float]) -> float:
 def retrieval_cache(model: Transformer, fill: ProjectionPrefill, length: int, reserve: int,
                     config: RetrievalCacheConfig) -> tuple[RetrievalKVCache, float]:
     c = model.config
-    cache = RetrievalKVCache(KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, model.dtype), config)
+    cache = RetrievalKVCache(KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, model.dtype), config,
+                             device=model.device)
     cache.reserve(reserve)
     t0 = time.perf_counter()
     fill.fill(cache, length)
@@ -148,7 +149,7 @@ def run_context(model: Transformer, fill: ProjectionPrefill, length: int, args: 
     c = model.config
     row: dict[str, Any] = {"context": length}
     if full:
-        cache = BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype)
+        cache = BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype, device=model.device)
         cache.reserve(length + args.full_steps + args.warmup + 1)
         fill.fill(cache, length)
         t_full, t_ref = paired(Decoder(model, cache, length, args.seed), reference, args.full_steps, args.warmup)
@@ -206,12 +207,17 @@ def main(argv: list[str] | None = None) -> int:
                         '\'{"window": 256, "top_k_keys": 100, "scan_budget": 0.02, "estimate_rest": false}\'); '
                         "default: the cache's defaults")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="where the model computes: cpu, or cuda (retrieval: sinks + window on the GPU, the search "
+                        "and the far keys on the host; full attention: the whole KV on the GPU)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     extra: dict[str, Any] = json.loads(args.options) if args.options else {}
     options = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
+    if args.device != "cpu":
+        options["device"] = args.device
     llm = open_model(ensure_model(args.model), **options)
     config = RetrievalCacheConfig.from_engine(llm.engine_config.kv_block_size, llm.engine_config.prefill_chunk, extra)
     fill = ProjectionPrefill(llm.transformer, args.seed)
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     result = {
         "model": str(args.model), "threads": torch.get_num_threads(), "dtype": str(llm.transformer.dtype),
+        "device": str(llm.transformer.device),
         "reference_context": args.reference, "steps": args.steps, "full_steps": args.full_steps,
         "retrieval": {"sink_tokens": config.retrieval.sink_tokens, "window": config.retrieval.window,
                       "top_k": config.retrieval.top_k, "index": config.retrieval.index,

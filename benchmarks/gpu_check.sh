@@ -16,9 +16,11 @@
 #   * moe-1.3g with --device-budget 400M (experts ~3x the budget): --expert-placement auto against
 #     gpu (copy every miss) and cpu (every expert on the CPU) (bench_device_moe; target auto >= 2x
 #     the better of the two).
-# Not yet: long-context KV paged onto the GPU (retrieval attention computes on the host and is
-# refused with --device cuda). Budget: under 8 minutes on
-# an H100 machine (setup ~2-3 min of it).
+#   * retrieval attention at 128K with the kv-long shapes on the GPU (sinks + window on the GPU,
+#     search and far keys on the host, merged on the GPU) next to full attention on the GPU, then
+#     (last, so a short lease loses only it) the same retrieval step on this machine's CPU
+#     (bench_long_context --device; 128K of projection-only prefill and its index build each time).
+# Budget: under 8 minutes on an H100 machine (setup ~2-3 min of it); each step has its own timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -45,5 +47,9 @@ done
 run device_tier $PY -m flashtier.benchmarks.bench_device_tier --device cuda
 run dense_device $PY -m flashtier.benchmarks.bench_device_dense --device cuda --device-budget 800M --tokens 32
 run moe_device $PY -m flashtier.benchmarks.bench_device_moe --device cuda --device-budget 400M --tokens 32
+run long_context_cuda timeout 180 $PY -m flashtier.benchmarks.bench_long_context --device cuda \
+  --contexts 4096,131072 --full-at 131072 --steps 16 --full-steps 4 --warmup 2
+run long_context_cpu timeout 150 $PY -m flashtier.benchmarks.bench_long_context --device cpu \
+  --contexts 131072 --full-at "" --steps 8 --warmup 2
 echo "results: $OUT/gpu_check.jsonl"
 cat "$OUT/gpu_check.jsonl"
