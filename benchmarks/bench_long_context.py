@@ -62,7 +62,7 @@ class ProjectionPrefill:
     def __init__(self, model: Transformer, seed: int = 0) -> None:
         self.model = model
         c, w = model.config, model.weights
-        vocab = torch.arange(c.vocab_size)
+        vocab = torch.arange(c.vocab_size, device=model.device)
         emb = w.embed(vocab)  # [V, H]
         self.tables = []  # per layer (k [V, Hkv*D], v [V, Hkv*D])
         with torch.inference_mode():
@@ -78,7 +78,7 @@ class ProjectionPrefill:
         tokens = torch.randint(0, c.vocab_size, (length,), generator=self.generator)
         with torch.inference_mode():
             for start in range(0, length, FILL_CHUNK):
-                tok = tokens[start : start + FILL_CHUNK]
+                tok = tokens[start : start + FILL_CHUNK].to(m.device)
                 pos = torch.arange(start, start + tok.shape[0], device=m.inv_freq.device)
                 freqs = pos[:, None].float() * m.inv_freq[None, :]
                 emb = torch.cat((freqs, freqs), dim=-1)
