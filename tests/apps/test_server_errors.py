@@ -354,6 +354,26 @@ def test_serve_flags_reach_the_server_config(monkeypatch, chat_model_dir):
         build_parser().parse_args(["serve", "--max-body-bytes", "0"])
 
 
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_serve_and_chat_take_the_attention_and_sparse_ffn_flags(command, chat_model_dir):
+    """Long contexts and the sparse FFN are served too (``generate`` had the flags, the server and
+    the chat did not): the flags reach the engine options, and a sparse flag without --sparse-ffn
+    is refused as in ``generate``."""
+    from flashtier.apps.cli import build_parser
+    from flashtier.apps.common import engine_options
+    from flashtier.errors import ConfigError
+
+    args = build_parser().parse_args([command, str(chat_model_dir), "--attention", "retrieval", "--window", "64",
+                                      "--sparse-ffn", "--window-k", "2"])
+    opts = engine_options(args)
+    assert opts["attention"] == "retrieval" and opts["window"] == 64
+    assert opts["sparse_ffn"] is True and opts["sparse_ffn_window_k"] == 2
+    with pytest.raises(ConfigError, match="only apply with --sparse-ffn"):
+        engine_options(build_parser().parse_args([command, str(chat_model_dir), "--window-k", "2"]))
+    with pytest.raises(ConfigError, match="only apply with --attention retrieval"):
+        engine_options(build_parser().parse_args([command, str(chat_model_dir), "--window", "64"]))
+
+
 def test_api_key_is_required_on_v1_but_not_on_health_or_the_page(server_factory):
     from flashtier.apps.server import ServerConfig, create_app
 
