@@ -275,9 +275,10 @@ class SparseFFNWeights:
             if rows:
                 for b, y in zip(rows, self._decode(sl, [xs[b] for b in rows])):
                     outs[b] = y
-            for b, x in enumerate(xs):
-                if x.shape[0] > 1:
-                    outs[b] = self._prefill(sl, x)
+            chunks = [b for b, x in enumerate(xs) if x.shape[0] > 1]
+            if chunks:  # prompt chunks: each bundle read once for all of them
+                for b, y in zip(chunks, self._prefill(sl, [xs[b] for b in chunks])):
+                    outs[b] = y
             return outs  # type: ignore[return-value]
         except BaseException:
             self._settle(sl)  # rows may be half-read: forget them
@@ -424,17 +425,19 @@ class SparseFFNWeights:
         c.loaded += int(missing.size)
         c.decode_ffn_bytes += int(missing.size) * self.reader.row_bytes
 
-    def _prefill(self, sl: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
-        """Several tokens: the exact FFN over all neurons."""
+    def _prefill(self, sl: _SparseLayer, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Groups of several tokens ``[T_b, H]``: the exact FFN over all neurons."""
         neurons = self.checkpoint.config.intermediate_size
-        return self._stream(sl.layer, np.arange(neurons, dtype=np.int64), x).to(x.dtype)
+        outs = self._stream(sl.layer, np.arange(neurons, dtype=np.int64), xs)
+        return [y.to(x.dtype) for x, y in zip(xs, outs)]
 
-    def _stream(self, layer: int, neurons: np.ndarray, x: torch.Tensor) -> torch.Tensor:
-        """Exact FFN contribution ``[T, H]`` (fp32) of ``neurons`` (sorted), read chunk by chunk
-        into the two chunk buffers (the next chunk reads while this one computes)."""
+    def _stream(self, layer: int, neurons: np.ndarray, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Exact FFN contribution ``[T_b, H]`` (fp32) of ``neurons`` (sorted) for each group
+        ``xs[b]``, read chunk by chunk into the two chunk buffers (the next chunk reads while this
+        one computes) once for all groups; each group computes exactly what it would alone."""
         chunk = self._chunks[0].capacity
         parts = [neurons[k : k + chunk] for k in range(0, neurons.size, chunk)]
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)  # [T, H]
+        outs = [torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32) for x in xs]  # [T_b, H] each
 
         def submit(k: int) -> PendingRead:
             return self.reader.submit(layer, parts[k], self._chunks[k % 2].rows(0, parts[k].size))
@@ -444,11 +447,12 @@ class SparseFFNWeights:
             nxt = submit(k + 1) if k + 1 < len(parts) else None
             self._account_read(pending, pending.wait())
             gate, up, down_t = self._views(self._chunks[k % 2].tensor[: ids.size])
-            h = F.relu(F.linear(x, gate)) * F.linear(x, up)  # [T, m]
-            out += (h @ down_t).float()
+            for x, out in zip(xs, outs):
+                h = F.relu(F.linear(x, gate)) * F.linear(x, up)  # [T_b, m]
+                out += (h @ down_t).float()
             if nxt is not None:
                 pending = nxt
-        return out
+        return outs
 
     def _views(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         views = layer_views(rows, self.manifest, self._bundle_dtype)

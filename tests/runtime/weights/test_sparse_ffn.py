@@ -322,3 +322,28 @@ def test_generate_batch_runs_the_sparse_ffn_each_prompt_as_alone(bundled):
         alone = [llm.generate(p, max_new_tokens=8, ignore_eos=True).tokens for p in reversed(prompts)][::-1]
     assert [r.tokens for r in batch] == alone
     assert stats["decode_tokens_counted"] >= len(prompts) * 6
+
+
+def test_prompts_prefilled_in_one_pass_read_the_layer_once_and_equal_their_prefill_alone(bundled):
+    ckpt = Checkpoint(bundled)
+    acc = SparseFFNWeights(ckpt, budget_for(bundled, 1), kv_tokens=CONTEXT, config=SparseFFNConfig(window_k=2))
+    try:
+        tf = Transformer(ckpt.config, acc, set(ckpt.tensors))
+        prompts = [list(range(3, 20)), list(range(40, 49))]
+
+        def bundle_bytes() -> int:
+            return acc.stats()["bytes_read_storage"] - acc.paged.stats()["bytes_read_storage"]
+
+        alone, read_alone = [], []
+        for p in prompts:
+            before = bundle_bytes()
+            alone.append(tf.forward(torch.tensor(p), tf.new_cache(16), 0))
+            read_alone.append(bundle_bytes() - before)
+        before = bundle_bytes()
+        together = tf.forward_groups([torch.tensor(p) for p in prompts], [tf.new_cache(16) for _ in prompts], [0, 0])
+        assert bundle_bytes() - before == read_alone[0] == read_alone[1] > 0  # every bundle once for both
+        for a, b in zip(alone, together):
+            assert torch.equal(a, b)
+        assert acc.stats()["decode_tokens_counted"] == 0  # prompt passes are not decode tokens
+    finally:
+        acc.close()
