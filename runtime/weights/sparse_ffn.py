@@ -11,12 +11,14 @@ resident, and every dense FFN layer the plan streams becomes a *sparse layer*, s
   k tokens and is told the union of the rows' selections (each bundle read once for the pass);
   the missing ones are read (coalesced runs, straight into the rows of the layer's preallocated
   matrix). Each row is then computed over **its own selection only, in neuron order**:
-  ``down_S^T (relu(gate_S x) * (up_S x))`` with the rows of S gathered from the window into a
-  chunk buffer, ``prefill_chunk_neurons`` at a time (partial sums added in fp32 when S spans
-  several chunks). A row's output is thus a function of its input and its selection alone: the
-  same alone, in any batch, and whatever earlier tokens left in the window (batch and history
-  invariance). Selected neurons the window has no room for (capacity) are read into the chunk
-  buffer at their place, without being kept ("overflow");
+  ``down_S^T (relu(gate_S x) * (up_S x))``. The native kernel (``native/sparse_ffn.c``) reads
+  the rows where they are and sums each output column over the neurons one after the other in
+  fp32; without it the rows of S are gathered into a chunk buffer and multiplied by torch,
+  ``prefill_chunk_neurons`` at a time (partial sums added in fp32). A row's output is thus a
+  function of its input and its selection alone: the same alone, in any batch, and whatever
+  earlier tokens left in the window (batch and history invariance). Neurons of the union the
+  window has no room for (capacity) are read into a chunk buffer without being kept
+  ("overflow"): once per step for every row by the native path, per row by the torch path;
 * prefill (groups of several tokens): the layer is computed exactly from its bundles, read in
   chunks of ``prefill_chunk_neurons`` (two buffers, the next chunk reads while this one computes).
 
