@@ -39,6 +39,7 @@ from flashtier.apps.engine_flags import (  # noqa: E402,F401  (the engine's flag
     VERIFIED_RECORD,
     add_attention_args,
     add_budget_args,
+    add_engine_args,
     add_sparse_ffn_args,
     attention_options,
     engine_options,

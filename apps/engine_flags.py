@@ -170,6 +170,14 @@ def add_sparse_ffn_args(p: argparse.ArgumentParser) -> None:
     add_flags(p, title, flags)
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Every engine flag group (budgets and compute, long context, sparse FFN): what each command
+    that opens a model for generation (generate, chat, serve) takes, so none of them lacks a group."""
+    add_budget_args(p)
+    add_attention_args(p)
+    add_sparse_ffn_args(p)
+
+
 def _given(args: argparse.Namespace, flags: tuple[Flag, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for flag in flags:

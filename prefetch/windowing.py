@@ -19,8 +19,9 @@ the token's real selection is known, and ``extend(selected)`` then adds what the
 
 A token's needed neurons count as used at that token; a held neuron it does not need ages out after
 ``k`` tokens. (The sparse FFN computes each row over its own selection only, so what the window
-holds besides changes what is read, never what is computed.) Invariants: ``row_of[neuron_of_row[r]] == r`` for every
-``r < n``; a neuron is held iff it has a row; ``n <= capacity``.
+holds besides changes what is read, never what is computed.) Invariants:
+``row_of[neuron_of_row[r]] == r`` for every ``r < n``; a neuron is held iff it has a row;
+``n <= capacity``.
 """
 
 from __future__ import annotations

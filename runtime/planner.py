@@ -323,18 +323,19 @@ def _make_plan(cfg: ModelConfig, sizes: dict[str, int], req: PlanRequest, bw: Ba
     small_bytes = sum((req.resident_sizes or {}).get(n, sizes[n]) for n in groups[0][1])
     base_window = min(req.stream_window_bytes, sum(sizes.values()) // 8)
     window = base_window
+    windowed: tuple[Tier, ...] = ("storage", "host") if has_device else ("storage",)  # copied through the window
     for _ in range(4):
         placed, used = _place(groups, sizes, req, has_device, kv_bytes, window)
-        windowed: tuple[Tier, ...] = ("storage", "host") if has_device else ("storage",)
         need_window = max(base_window, 2 * _largest_pass_group(cfg, sizes, placed, req.streamed_unit, windowed))
         if need_window <= window:
             break
         window = need_window
     expert_min = req.expert_cache_min_bytes if expert_mode else 0
     if expert_mode:
+        # only experts stream (no other weight is read from storage or, with a device, copied from
+        # the host): the expert cache is their window
         if not any(t in windowed for t in placed.values()):
-            window = 0  # only experts stream: the expert cache is their window (with a device, no
-            # other weight is copied through a window either)
+            window = 0
         for kind, names in tensor_groups(cfg, sizes):
             if kind == "expert":
                 placed.update((n, "storage") for n in names)

@@ -11,14 +11,7 @@ import argparse
 import contextlib
 import sys
 
-from flashtier.apps.common import (
-    add_attention_args,
-    add_budget_args,
-    add_model_arg,
-    add_sparse_ffn_args,
-    engine_options,
-    resolve_model_dir,
-)
+from flashtier.apps.common import add_engine_args, add_model_arg, engine_options, resolve_model_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,9 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--verbose", action="store_true",
                    help="print timings after each answer (prompt and decode tokens/s) on stderr")
-    add_budget_args(p)
-    add_attention_args(p)
-    add_sparse_ffn_args(p)
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 

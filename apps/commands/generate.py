@@ -7,7 +7,7 @@ import json
 import sys
 
 from flashtier.apps.common import add_model_arg, resolve_model_dir
-from flashtier.apps.engine_flags import add_attention_args, add_budget_args, add_sparse_ffn_args, engine_options
+from flashtier.apps.engine_flags import add_engine_args, engine_options
 from flashtier.errors import InputError
 
 
@@ -27,9 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object: tokens, text, stats")
     p.add_argument("--verbose", action="store_true", help="print load / prompt / decode timings on stderr")
-    add_budget_args(p)
-    add_attention_args(p)
-    add_sparse_ffn_args(p)
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 

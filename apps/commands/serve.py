@@ -15,14 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flashtier.apps.common import (
-    add_attention_args,
-    add_budget_args,
-    add_model_arg,
-    add_sparse_ffn_args,
-    engine_options,
-    resolve_model_dir,
-)
+from flashtier.apps.common import add_engine_args, add_model_arg, engine_options, resolve_model_dir
 from flashtier.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -71,9 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the request gets 504 (a stream: an error event) and its generation stops at the next token, "
                         "freeing its place in the batch (default: no limit)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    add_budget_args(p)
-    add_attention_args(p)
-    add_sparse_ffn_args(p)
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 
