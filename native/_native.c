@@ -2340,6 +2340,8 @@ done:
  * of each row into slots_out [R * n] (for the pool's recency). Returns 0; 1 when a block is not in
  * host memory or a position is outside the table (nothing is promised about the outputs then: the
  * caller takes its general path, which brings blocks back or names the bad positions). */
+#define GATHER_AHEAD 8 /* rows prefetched ahead of the one copied (~DRAM latency / time per row) */
+
 static PyObject *kv_gather(PyObject *self, PyObject *args) {
     Py_buffer rec, table, rows, heads, ok, ov, so;
     Py_ssize_t block, kvh, d, elem;
@@ -2369,6 +2371,17 @@ static PyObject *kv_gather(PyObject *self, PyObject *args) {
             break;
         }
         for (Py_ssize_t i = 0; i < n; i++) {
+            if (i + GATHER_AHEAD < n) {  /* rows are scattered over the pool: ask for a later one now */
+                int64_t p2 = pos[r * n + i + GATHER_AHEAD], b2 = p2 >= 0 ? p2 / block : -1;
+                int64_t s2 = b2 >= 0 && b2 < nblocks ? tb[b2] : -1;
+                if (s2 >= 0 && s2 < nslots) {
+                    Py_ssize_t key2 = ((s2 * 2) * kvh + h) * block + (p2 - b2 * block);
+                    for (Py_ssize_t o = 0; o < row_bytes; o += 64) {
+                        __builtin_prefetch(base + key2 * row_bytes + o, 0, 0);
+                        __builtin_prefetch(base + (key2 + kvh * block) * row_bytes + o, 0, 0);
+                    }
+                }
+            }
             int64_t p = pos[r * n + i], b = p >= 0 ? p / block : -1;
             int64_t slot = b >= 0 && b < nblocks ? tb[b] : -1;
             if (slot < 0 || slot >= nslots) {
@@ -2429,6 +2442,10 @@ static PyMethodDef methods[] = {
      "retrieval_attend(q, rk, rv, tk, tv, est_out, est_lse, out, H, G, S, n, D, res_bf16, ret_bf16, scale, threads): "
      "each query row's exact attention over its kv head's resident keys and its own retrieved keys, merged with "
      "the estimate of the rest; see native/cluster_search.c (GIL released)."},
+    {"retrieval_attend_pool", retrieval_attend_pool, METH_VARARGS,
+     "retrieval_attend_pool(q, rk, rv, records, table, positions, slots_out, est_out, est_lse, out, H, G, S, n, D, "
+     "block, kv_heads, res_bf16, ret_bf16, scale, threads) -> 1 if a block is not in memory (nothing computed), "
+     "else 0: retrieval_attend with the retrieved rows read in place from a host KV pool (GIL released)."},
     {"sparse_ffn_rows", sparse_ffn_rows, METH_VARARGS,
      "sparse_ffn_rows(win, buf, row_bytes, hidden, bf16, idx, ptr, x, acc, batch, threads): acc[b] += the FFN of "
      "x[b] over its neuron rows idx[ptr[b]:ptr[b+1]] (>= 0 rows of win, < 0 rows -i-1 of buf), each column summed "

@@ -156,7 +156,7 @@ static ALWAYS_INLINE float dot_row(const float *q, const void *table, int64_t ro
 /* Asks for the `bytes` at p to be brought into the caches (the rows scanned are scattered clusters:
  * the hardware prefetcher cannot guess the next one). */
 static ALWAYS_INLINE void prefetch_bytes(const void *p, size_t bytes) {
-    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
 }
 
 /* Widens row `row` of `table` ([*, d], bf16 or fp32) into v[d / 16] (d a multiple of 16, <= 256). */
@@ -177,18 +177,69 @@ static ALWAYS_INLINE void axpy_any(float *o, float w, const void *base, int64_t 
     for (; i < d; i++) o[i] += w * load1(v, i, bf16);
 }
 
-/* q_r . v for the R query rows (q [R, d]), v a widened row; out[r * stride]. */
+/* The lane sums of four vectors, each in hsum16_tree's order (so each equals hsum16_tree of its
+ * vector to the bit), with the shuffles shared: [sum v0, sum v1, sum v2, sum v3]. */
+static ALWAYS_INLINE v4f hsum16_tree4(v16f v0, v16f v1, v16f v2, v16f v3) {
+#define HALVES(v) (__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + \
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15))
+    const v8f h0 = HALVES(v0), h1 = HALVES(v1), h2 = HALVES(v2), h3 = HALVES(v3);
+#undef HALVES
+    const v8f p01 = __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);  /* [f0 | f1] */
+    const v8f p23 = __builtin_shufflevector(h2, h3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(h2, h3, 4, 5, 6, 7, 12, 13, 14, 15);  /* [f2 | f3] */
+    const v8f g = __builtin_shufflevector(p01, p23, 0, 1, 4, 5, 8, 9, 12, 13) +
+                  __builtin_shufflevector(p01, p23, 2, 3, 6, 7, 10, 11, 14, 15);  /* f[0]+f[2], f[1]+f[3] */
+    return __builtin_shufflevector(g, g, 0, 2, 4, 6) + __builtin_shufflevector(g, g, 1, 3, 5, 7);
+}
+
+/* q_r . v over d / 16 widened chunks, accumulated as dots_widened does (even chunks, odd chunks). */
+#define DOT_ACC(qr, d, v, a0, a1)                                          \
+    do {                                                                    \
+        Py_ssize_t c_ = 0;                                                  \
+        for (; c_ + 2 <= (d) / 16; c_ += 2) {                               \
+            a0 += load_f32x16((qr) + 16 * c_) * (v)[c_];                    \
+            a1 += load_f32x16((qr) + 16 * c_ + 16) * (v)[c_ + 1];           \
+        }                                                                   \
+        if (c_ < (d) / 16) a0 += load_f32x16((qr) + 16 * c_) * (v)[c_];     \
+    } while (0)
+
+/* q_r . v for the R query rows (q [R, d]), v a widened row; out[r * stride]. Rows four at a time
+ * share the horizontal sums (each row's result is the same as alone). */
 static ALWAYS_INLINE void dots_widened(const float *q, Py_ssize_t R, Py_ssize_t d, const v16f *v, float *out,
                                       Py_ssize_t stride) {
-    for (Py_ssize_t r = 0; r < R; r++) {
-        const float *qr = q + r * d;
-        v16f a0 = {0}, a1 = {0};
+    Py_ssize_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+        const float *q0 = q + r * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
+        v16f a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
         Py_ssize_t c = 0;
         for (; c + 2 <= d / 16; c += 2) {
-            a0 += load_f32x16(qr + 16 * c) * v[c];
-            a1 += load_f32x16(qr + 16 * c + 16) * v[c + 1];
+            const v16f ve = v[c], vo = v[c + 1];
+            a00 += load_f32x16(q0 + 16 * c) * ve;
+            a01 += load_f32x16(q0 + 16 * c + 16) * vo;
+            a10 += load_f32x16(q1 + 16 * c) * ve;
+            a11 += load_f32x16(q1 + 16 * c + 16) * vo;
+            a20 += load_f32x16(q2 + 16 * c) * ve;
+            a21 += load_f32x16(q2 + 16 * c + 16) * vo;
+            a30 += load_f32x16(q3 + 16 * c) * ve;
+            a31 += load_f32x16(q3 + 16 * c + 16) * vo;
         }
-        if (c < d / 16) a0 += load_f32x16(qr + 16 * c) * v[c];
+        if (c < d / 16) {
+            const v16f ve = v[c];
+            a00 += load_f32x16(q0 + 16 * c) * ve;
+            a10 += load_f32x16(q1 + 16 * c) * ve;
+            a20 += load_f32x16(q2 + 16 * c) * ve;
+            a30 += load_f32x16(q3 + 16 * c) * ve;
+        }
+        const v4f t = hsum16_tree4(a00 + a01, a10 + a11, a20 + a21, a30 + a31);
+        out[r * stride] = t[0];
+        out[(r + 1) * stride] = t[1];
+        out[(r + 2) * stride] = t[2];
+        out[(r + 3) * stride] = t[3];
+    }
+    for (; r < R; r++) {
+        v16f a0 = {0}, a1 = {0};
+        DOT_ACC(q + r * d, d, v, a0, a1);
         out[r * stride] = hsum16_tree(a0 + a1);
     }
 }
@@ -211,6 +262,49 @@ static ALWAYS_INLINE void score_rows(const float *q, Py_ssize_t R, Py_ssize_t d,
     for (Py_ssize_t e = 0; e < n; e++) {
         int64_t row = rows ? rows[e] : e;
         for (Py_ssize_t r = 0; r < R; r++) out[r * n + e] = dot_row(q + r * d, table, row, d, bf16);
+    }
+}
+
+#define UNIT_BLOCK 64 /* units whose value rows are accumulated together (their rows stay in L1) */
+
+/* A[r][c] += w[r][x] * row_x[c] for NR rows and NC 16-value chunks from chunk c0, over n units,
+ * the accumulators in registers (NR, NC compile-time after inlining). Each (row, value) sums the
+ * units in order, one multiply-add each: the same operations as one unit at a time. */
+static ALWAYS_INLINE void accumulate_block(const int NR, const int NC, float *acc, const float *us, Py_ssize_t U,
+                                           Py_ssize_t D, const void *const *rows, Py_ssize_t x0, Py_ssize_t n,
+                                           Py_ssize_t r0, Py_ssize_t c0, int bf16) {
+    v16f A[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < NC; c++) A[r][c] = load_f32x16(acc + (r0 + r) * D + 16 * (c0 + c));
+    for (Py_ssize_t x = 0; x < n; x++) {
+        v16f v[4];
+        for (int c = 0; c < NC; c++) v[c] = load16(rows[x], 16 * (c0 + c), bf16);
+        for (int r = 0; r < NR; r++) {
+            const float w = us[(r0 + r) * U + x0 + x];
+            for (int c = 0; c < NC; c++) A[r][c] = A[r][c] + w * v[c];
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < NC; c++) memcpy(acc + (r0 + r) * D + 16 * (c0 + c), &A[r][c], sizeof(v16f));
+}
+
+/* acc[r] += sum over units x0 .. x0+n of us[r * U + x] * rows[x - x0] for the R query rows (D a
+ * multiple of 16): blocks of up to 4 rows x 64 values held in registers. */
+static ALWAYS_INLINE void accumulate_units(float *acc, const float *us, Py_ssize_t U, Py_ssize_t R, Py_ssize_t D,
+                                           const void *const *rows, Py_ssize_t x0, Py_ssize_t n, int bf16) {
+    const Py_ssize_t chunks = D / 16;
+    for (Py_ssize_t c0 = 0; c0 < chunks; c0 += 4) {
+        const Py_ssize_t nc = chunks - c0 < 4 ? chunks - c0 : 4;
+        for (Py_ssize_t r0 = 0; r0 < R; r0 += 4) {
+            const Py_ssize_t nr = R - r0 < 4 ? R - r0 : 4;
+#define ACC_CASE(a_, b_) \
+    if (nr == a_ && nc == b_) { accumulate_block(a_, b_, acc, us, U, D, rows, x0, n, r0, c0, bf16); continue; }
+            ACC_CASE(4, 4) ACC_CASE(4, 2) ACC_CASE(4, 1) ACC_CASE(4, 3)
+            ACC_CASE(1, 4) ACC_CASE(1, 2) ACC_CASE(1, 1) ACC_CASE(1, 3)
+            ACC_CASE(2, 4) ACC_CASE(2, 2) ACC_CASE(2, 1) ACC_CASE(2, 3)
+            ACC_CASE(3, 4) ACC_CASE(3, 2) ACC_CASE(3, 1) ACC_CASE(3, 3)
+#undef ACC_CASE
+        }
     }
 }
 
@@ -282,6 +376,8 @@ static int group_scores(const float *raw, Py_ssize_t R, Py_ssize_t n, const floa
     return 0;
 }
 
+#define SCAN_AHEAD 4 /* clusters prefetched ahead of the one scanned */
+
 #define LOG_TABLE 1024
 static float log_table[LOG_TABLE]; /* log_table[n] = logf(n) */
 
@@ -321,7 +417,8 @@ static int search_head(const search_args *a, Py_ssize_t h) {
     scored *gs = NULL, *gc = NULL, *tk = NULL;
     unsigned char *chosen = NULL, *tail_taken = NULL;
     int64_t *cand = NULL, *pos_of = NULL, *wt = NULL;
-    int32_t *unit_of = NULL, *taken = NULL;
+    int32_t *unit_of = NULL, *taken = NULL, *topk_of = NULL;
+    const void **vptr = NULL;
     Py_ssize_t M = 0, nsel = 0, rows = 0;
 
     qn = malloc((size_t)R * sizeof *qn);
@@ -403,12 +500,14 @@ static int search_head(const search_args *a, Py_ssize_t h) {
     }
     Py_ssize_t e = P;
     const size_t key_bytes = (size_t)D * (bf ? 2 : 4);
+    /* the chosen clusters' rows, a few clusters ahead prefetched */
     for (Py_ssize_t i = 0; i < nsel; i++) {
         const int32_t m = gc[i].i;
         const int64_t c = cand ? cand[m] : m;
-        if (i + 2 < nsel) {  /* the cluster after next: its rows are elsewhere in the table */
-            const int64_t c2 = cand ? cand[gc[i + 2].i] : gc[i + 2].i;
+        if (i + SCAN_AHEAD < nsel) {  /* a later cluster: its rows and positions are elsewhere in the tables */
+            const int64_t c2 = cand ? cand[gc[i + SCAN_AHEAD].i] : gc[i + SCAN_AHEAD].i;
             prefetch_bytes((const char *)keys + start[c2] * key_bytes, (size_t)size[c2] * key_bytes);
+            __builtin_prefetch(key_pos + start[c2], 0, 0);
         }
         for (int64_t row = start[c]; row < start[c] + size[c]; row++, e++) {
             if (D % 16 == 0 && D <= 16 * ROW_VECS) {
@@ -427,7 +526,8 @@ static int search_head(const search_args *a, Py_ssize_t h) {
     if (a->estimate) {
         taken = calloc((size_t)(R * (M > 0 ? M : 1)), sizeof *taken);
         tail_taken = calloc((size_t)(R * (P > 0 ? P : 1)), 1);
-        if (!taken || !tail_taken) goto out;
+        topk_of = malloc((size_t)(R * (kk > 0 ? kk : 1)) * sizeof *topk_of);
+        if (!taken || !tail_taken || !topk_of) goto out;
     }
     for (Py_ssize_t r = 0; r < R; r++) {
         for (Py_ssize_t x = 0; x < n; x++) {
@@ -441,6 +541,7 @@ static int search_head(const search_args *a, Py_ssize_t h) {
         if (a->estimate)
             for (Py_ssize_t i = 0; i < kk; i++) {
                 int32_t x = tk[i].i;
+                topk_of[r * (kk > 0 ? kk : 1) + i] = x;
                 if (x < P) tail_taken[r * P + x] = 1;
                 else taken[r * M + unit_of[x]]++;
             }
@@ -454,70 +555,75 @@ static int search_head(const search_args *a, Py_ssize_t h) {
         acc = calloc((size_t)(R * D), sizeof *acc);
         if (!us || !acc) goto out;
         const float sc = a->est_scale;
+        /* log(members) of each candidate cluster, shared by the rows (a table lookup per cluster) */
+        float *logsz = malloc((size_t)(M > 0 ? M : 1) * sizeof *logsz);
+        if (!logsz) goto out;
+        for (Py_ssize_t m = 0; m < M; m++) logsz[m] = log_count(size[cand ? cand[m] : m]);
         for (Py_ssize_t r = 0; r < R; r++) {
             float *u = us + r * U, mx = -INFINITY;
-            for (Py_ssize_t m = 0; m < M; m++) {
-                const int32_t t = taken[r * M + m];
-                const int64_t left = t ? size[cand ? cand[m] : m] - t : 1;
-                u[m] = left > 0 ? (raw_c[r * M + m] + qm[r]) * sc + log_count(t ? left : size[cand ? cand[m] : m]) : -INFINITY;
+            const float *rc = raw_c + r * M, qmr = qm[r];
+            /* every candidate stands for all its members (a plain stream: vectorised) ... */
+            for (Py_ssize_t m = 0; m < M; m++) u[m] = (rc[m] + qmr) * sc + logsz[m];
+            /* ... except those this row attended some of: the members left, or nothing when none are */
+            const int32_t *tr = taken + r * M;
+            for (Py_ssize_t i = 0; i < kk; i++) {
+                const int32_t x = topk_of[r * (kk > 0 ? kk : 1) + i];
+                if (x < P) continue;
+                const int32_t m = unit_of[x], t = tr[m];
+                const int64_t left = size[cand ? cand[m] : m] - t;
+                u[m] = left > 0 ? (rc[m] + qmr) * sc + log_count(left) : -INFINITY;
             }
-            for (Py_ssize_t s = 0; s < n_sup; s++)
-                u[M + s] = chosen[s] ? -INFINITY : (raw_s[r * S + s] + qm[r]) * sc + log_count(sup_keys[s]);
+            for (Py_ssize_t s2 = 0; s2 < n_sup; s2++)
+                u[M + s2] = chosen[s2] ? -INFINITY : (raw_s[r * S + s2] + qmr) * sc + log_count(sup_keys[s2]);
             for (Py_ssize_t p = 0; p < P; p++) u[M + n_sup + p] = tail_taken[r * P + p] ? -INFINITY : tail_raw[r * P + p] * sc;
             for (Py_ssize_t x = 0; x < U; x++) mx = u[x] > mx ? u[x] : mx;
             float sum = 0.f;
             if (mx == -INFINITY) {
                 for (Py_ssize_t x = 0; x < U; x++) u[x] = 0.f;
             } else {
-                for (Py_ssize_t x = 0; x < U; x++) {
-                    u[x] = u[x] == -INFINITY ? 0.f : exp_le0(u[x] - mx);
-                    sum += u[x];
-                }
+                for (Py_ssize_t x = 0; x < U; x++) u[x] = u[x] == -INFINITY ? 0.f : exp_le0(u[x] - mx);
+                for (Py_ssize_t x = 0; x < U; x++) sum += u[x];
             }
             a->est_lse[h * R + r] = mx == -INFINITY ? -INFINITY : mx + logf(sum);
             zmax[r] = sum > 0.f ? 1.f / sum : 0.f;  /* reused: 1 / sum */
         }
-        /* one pass over the unit rows (each read once for all query rows) */
+        free(logsz);
+        /* acc[r] = sum over units of weight[r][unit] * the unit's value row: the clusters' and
+         * super-clusters' mean values (store dtype) in register blocks, then the tail values (fp32) */
         const size_t vrow_bytes = (size_t)D * (bf ? 2 : 4);
-        for (Py_ssize_t x = 0; x < U; x++) {
-            const void *vrow;  /* the unit's value row: a cluster's or super-cluster's mean (store dtype), a tail value (fp32) */
-            int vbf = bf;
-            if (x + PREFETCH_ROWS < M) {
-                const int64_t c2 = cand ? cand[x + PREFETCH_ROWS] : x + PREFETCH_ROWS;
-                prefetch_bytes((const char *)vmean + c2 * vrow_bytes, vrow_bytes);
+        const Py_ssize_t Uc = M + n_sup;
+        if (D % 16 == 0 && D <= 16 * ROW_VECS) {
+            vptr = malloc((size_t)(Uc > 0 ? Uc : 1) * sizeof *vptr);
+            if (!vptr) goto out;
+            for (Py_ssize_t x = 0; x < Uc; x++)
+                vptr[x] = x < M ? (const char *)vmean + (cand ? cand[x] : x) * vrow_bytes
+                                : (const char *)sup_vmean + (x - M) * vrow_bytes;
+            for (Py_ssize_t x = 0; x < UNIT_BLOCK && x < Uc; x++) prefetch_bytes(vptr[x], vrow_bytes);
+            for (Py_ssize_t x0 = 0; x0 < Uc; x0 += UNIT_BLOCK) {
+                const Py_ssize_t n_ = x0 + UNIT_BLOCK < Uc ? UNIT_BLOCK : Uc - x0;
+                /* the next block's rows, spread over this block's units */
+                for (Py_ssize_t x = x0 + UNIT_BLOCK; x < x0 + 2 * UNIT_BLOCK && x < Uc; x++)
+                    prefetch_bytes(vptr[x], vrow_bytes);
+                accumulate_units(acc, us, U, R, D, vptr + x0, x0, n_, bf);
             }
-            if (x < M) {
-                vrow = (const char *)vmean + (cand ? cand[x] : x) * vrow_bytes;
-            } else if (x < M + n_sup) {
-                vrow = (const char *)sup_vmean + (x - M) * vrow_bytes;
-            } else {
-                vrow = tail_val + (x - M - n_sup) * D;
-                vbf = 0;
-            }
-            if (D % 16 == 0 && D <= 16 * ROW_VECS) {  /* widen the row once for every query row */
-                v16f v[ROW_VECS];
-                load_row(vrow, 0, D, vbf, v);
-                for (Py_ssize_t r = 0; r < R; r++) {
-                    const float w = us[r * U + x];
-                    if (w == 0.f) continue;
-                    float *o = acc + r * D;
-                    for (Py_ssize_t c = 0; c < D / 16; c++) {
-                        v16f y = load_f32x16(o + 16 * c) + w * v[c];
-                        memcpy(o + 16 * c, &y, sizeof y);
-                    }
-                }
-            } else {
+        } else {
+            for (Py_ssize_t x = 0; x < Uc; x++) {
+                const void *vrow = x < M ? (const char *)vmean + (cand ? cand[x] : x) * vrow_bytes
+                                         : (const char *)sup_vmean + (x - M) * vrow_bytes;
                 for (Py_ssize_t r = 0; r < R; r++)
-                    if (us[r * U + x] != 0.f) axpy_any(acc + r * D, us[r * U + x], vrow, 0, D, vbf);
+                    if (us[r * U + x] != 0.f) axpy_any(acc + r * D, us[r * U + x], vrow, 0, D, bf);
             }
         }
+        for (Py_ssize_t x = Uc; x < U; x++)
+            for (Py_ssize_t r = 0; r < R; r++)
+                if (us[r * U + x] != 0.f) axpy_any(acc + r * D, us[r * U + x], tail_val + (x - Uc) * D, 0, D, 0);
         for (Py_ssize_t r = 0; r < R; r++)
             for (Py_ssize_t i = 0; i < D; i++) a->est_out[(h * R + r) * D + i] = acc[r * D + i] * zmax[r];
     }
     rc = 0;
 out:
     free(qn); free(qm); free(zmax); free(raw_s); free(gs); free(chosen); free(cand); free(raw_c); free(wt);
-    free(gc); free(scores); free(pos_of); free(unit_of); free(tk); free(tail_raw); free(taken); free(tail_taken);
+    free(gc); free(scores); free(pos_of); free(unit_of); free(tk); free(tail_raw); free(taken); free(tail_taken); free(topk_of); free(vptr);
     free(us); free(acc);
     return rc;
 }
@@ -592,7 +698,8 @@ done:
 typedef struct {
     const float *q;            /* [H, G, D] */
     const void *rk, *rv;       /* [H, S, D] */
-    const void *tk, *tv;       /* [H, G, n, D] */
+    const void *const *tkp;    /* [H, G, n] addresses of the retrieved key rows */
+    const void *const *tvp;    /* [H, G, n] ... and of their value rows */
     const float *eo, *el;      /* [H, G, D], [H, G] or NULL */
     float *out;                /* [H, G, D] */
     Py_ssize_t H, G, S, n, D;
@@ -601,9 +708,12 @@ typedef struct {
     int failed;
 } attend_rows_args;
 
+#define ATTEND_AHEAD 8 /* retrieved rows prefetched ahead (they are scattered over the host pool) */
+
 MULTIVERSION
 static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
     const Py_ssize_t G = a->G, S = a->S, n = a->n, D = a->D;
+    const size_t ret_bytes = (size_t)D * (a->ret_bf16 ? 2 : 4);
     float *sc = malloc((size_t)(S + n + 1) * sizeof *sc);
     float *acc = malloc((size_t)D * sizeof *acc);
     if (!sc || !acc) {
@@ -611,16 +721,19 @@ static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
         free(acc);
         return -1;
     }
+    for (Py_ssize_t i = 0; i < ATTEND_AHEAD && i < n; i++) prefetch_bytes(a->tkp[h * G * n + i], ret_bytes);
     for (Py_ssize_t g = 0; g < G; g++) {
         const float *q = a->q + (h * G + g) * D;
-        const int64_t ret0 = (h * G + g) * n;  /* first retrieved row of this query row */
+        const void *const *kp = a->tkp + (h * G + g) * n, *const *vp = a->tvp + (h * G + g) * n;
         float mx = -INFINITY;
         for (Py_ssize_t i = 0; i < S; i++) {
             sc[i] = a->scale * dot_row(q, a->rk, h * S + i, D, a->res_bf16);
             mx = sc[i] > mx ? sc[i] : mx;
         }
         for (Py_ssize_t i = 0; i < n; i++) {
-            sc[S + i] = a->scale * dot_row(q, a->tk, ret0 + i, D, a->ret_bf16);
+            if (i + ATTEND_AHEAD < n) prefetch_bytes(kp[i + ATTEND_AHEAD], ret_bytes);
+            else if (i + ATTEND_AHEAD - n < n) prefetch_bytes(vp[i + ATTEND_AHEAD - n], ret_bytes);  /* values next */
+            sc[S + i] = a->scale * dot_any_row(q, kp[i], D, a->ret_bf16);
             mx = sc[S + i] > mx ? sc[S + i] : mx;
         }
         const float le = a->el ? a->el[h * G + g] : -INFINITY;
@@ -635,8 +748,14 @@ static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
         for (Py_ssize_t i = 0; i < S + n; i++) {
             const float w = exp_le0(sc[i] - mx);
             sum += w;
-            if (i < S) axpy_any(acc, w, a->rv, h * S + i, D, a->res_bf16);
-            else axpy_any(acc, w, a->tv, ret0 + (i - S), D, a->ret_bf16);
+            if (i < S) {
+                axpy_any(acc, w, a->rv, h * S + i, D, a->res_bf16);
+            } else {
+                const Py_ssize_t j = i - S;
+                if (j + ATTEND_AHEAD < n) prefetch_bytes(vp[j + ATTEND_AHEAD], ret_bytes);
+                else if (g + 1 < G && j + ATTEND_AHEAD - n < n) prefetch_bytes(kp[n + j + ATTEND_AHEAD - n], ret_bytes);
+                axpy_any(acc, w, vp[j], 0, D, a->ret_bf16);
+            }
         }
         if (le != -INFINITY) {
             const float w = exp_le0(le - mx);
@@ -657,6 +776,31 @@ static void attend_rows_job(const matvec_job *j, Py_ssize_t h0, Py_ssize_t h1) {
         if (attend_head(a, h) != 0) __atomic_store_n(&a->failed, 1, __ATOMIC_SEQ_CST);
 }
 
+/* Runs the job over the heads (on the pool when there is enough work); 0, or -1 out of memory. */
+static int run_attend(attend_rows_args *a, int threads) {
+    matvec_job j = {attend_rows_job, NULL, NULL, NULL, NULL, a->H, 0, 0,
+                    pool_parts(threads), NULL, a, 1};
+    const int pooled = a->G * (a->S + a->n) * a->D * a->H >= (1 << 18);
+    Py_BEGIN_ALLOW_THREADS
+    if (pooled) pool_run(&j, 2);
+    else attend_rows_job(&j, 0, a->H);
+    Py_END_ALLOW_THREADS
+    return a->failed ? -1 : 0;
+}
+
+/* Checks the query, resident K/V, estimate and output buffers against H, G, S, D (rows: H * G). */
+static int attend_buffers_ok(const attend_rows_args *a, const Py_buffer *q, const Py_buffer *rk, const Py_buffer *rv,
+                             const Py_buffer *eo, const Py_buffer *el, const Py_buffer *out) {
+    const Py_ssize_t rs = a->res_bf16 ? 2 : 4, rows = a->H * a->G;
+    const int est = eo->len > 0;
+    return a->H > 0 && a->G > 0 && a->S >= 0 && a->n >= 0 && a->D > 0 && q->len == rows * a->D * 4 &&
+           out->len == q->len && rk->len == a->H * a->S * a->D * rs && rv->len == rk->len &&
+           (!est || (eo->len == q->len && el->len == rows * 4)) && (est || el->len == 0) &&
+           !((uintptr_t)q->buf & 3) && !((uintptr_t)out->buf & 3) && !((uintptr_t)rk->buf & 1) &&
+           !((uintptr_t)rv->buf & 1) && (a->res_bf16 || !(((uintptr_t)rk->buf & 3) || ((uintptr_t)rv->buf & 3))) &&
+           !((uintptr_t)eo->buf & 3) && !((uintptr_t)el->buf & 3);
+}
+
 HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer q, rk, rv, tk, tv, eo, el, out;
@@ -667,40 +811,116 @@ HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args) {
                           &a.S, &a.n, &a.D, &a.res_bf16, &a.ret_bf16, &a.scale, &threads))
         return NULL;
     PyObject *result = NULL;
-    const Py_ssize_t rs = a.res_bf16 ? 2 : 4, ts = a.ret_bf16 ? 2 : 4, rows = a.H * a.G;
-    const int est = eo.len > 0;
-    if (a.H <= 0 || a.G <= 0 || a.S < 0 || a.n < 0 || a.D <= 0 || q.len != rows * a.D * 4 || out.len != q.len ||
-        rk.len != a.H * a.S * a.D * rs || rv.len != rk.len || tk.len != rows * a.n * a.D * ts || tv.len != tk.len ||
-        (est && (eo.len != q.len || el.len != rows * 4)) || (!est && el.len != 0) || ((uintptr_t)q.buf & 3) ||
-        ((uintptr_t)out.buf & 3) || ((uintptr_t)rk.buf & 1) || ((uintptr_t)rv.buf & 1) || ((uintptr_t)tk.buf & 1) ||
-        ((uintptr_t)tv.buf & 1) || (!a.res_bf16 && (((uintptr_t)rk.buf & 3) || ((uintptr_t)rv.buf & 3))) ||
-        (!a.ret_bf16 && (((uintptr_t)tk.buf & 3) || ((uintptr_t)tv.buf & 3))) || ((uintptr_t)eo.buf & 3) ||
-        ((uintptr_t)el.buf & 3)) {
+    const void **ptrs = NULL;
+    const Py_ssize_t ts = a.ret_bf16 ? 2 : 4, rows = a.H * a.G;
+    if (!attend_buffers_ok(&a, &q, &rk, &rv, &eo, &el, &out) || tk.len != rows * a.n * a.D * ts ||
+        tv.len != tk.len || ((uintptr_t)tk.buf & 1) || ((uintptr_t)tv.buf & 1) ||
+        (!a.ret_bf16 && (((uintptr_t)tk.buf & 3) || ((uintptr_t)tv.buf & 3)))) {
         PyErr_Format(PyExc_ValueError, "retrieval_attend: buffers do not match H=%zd, G=%zd, S=%zd, n=%zd, D=%zd",
                      a.H, a.G, a.S, a.n, a.D);
         goto done;
     }
-    a.q = (const float *)q.buf, a.rk = rk.buf, a.rv = rv.buf, a.tk = tk.buf, a.tv = tv.buf;
-    a.eo = est ? (const float *)eo.buf : NULL, a.el = est ? (const float *)el.buf : NULL, a.out = (float *)out.buf;
-    matvec_job j = {attend_rows_job, NULL, NULL, NULL, NULL, a.H, 0, 0,
-                    pool_parts(threads), NULL, &a, 1};
-    const int pooled = a.G * (a.S + a.n) * a.D * a.H >= (1 << 18);
-    Py_BEGIN_ALLOW_THREADS
-    if (pooled) pool_run(&j, 2);
-    else attend_rows_job(&j, 0, a.H);
-    Py_END_ALLOW_THREADS
-    if (a.failed) {
+    const Py_ssize_t nrows = rows * a.n;
+    ptrs = malloc((size_t)(2 * (nrows > 0 ? nrows : 1)) * sizeof *ptrs);
+    if (!ptrs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < nrows; i++) {
+        ptrs[i] = (const char *)tk.buf + i * a.D * ts;
+        ptrs[nrows + i] = (const char *)tv.buf + i * a.D * ts;
+    }
+    a.q = (const float *)q.buf, a.rk = rk.buf, a.rv = rv.buf, a.tkp = ptrs, a.tvp = ptrs + nrows;
+    a.eo = eo.len ? (const float *)eo.buf : NULL, a.el = eo.len ? (const float *)el.buf : NULL;
+    a.out = (float *)out.buf;
+    if (run_attend(&a, threads)) {
         PyErr_NoMemory();
         goto done;
     }
     result = Py_None;
     Py_INCREF(result);
 done:
+    free(ptrs);
     PyBuffer_Release(&q);
     PyBuffer_Release(&rk);
     PyBuffer_Release(&rv);
     PyBuffer_Release(&tk);
     PyBuffer_Release(&tv);
+    PyBuffer_Release(&eo);
+    PyBuffer_Release(&el);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* retrieval_attend with the retrieved rows read in place from a host KV pool (no gathered copy):
+ * records [slots, 2, kvh, block, D] (raw K/V), table [blocks] block -> slot (-1: not in memory),
+ * positions [H, G, n] int64 of kv head h = the row's head. Writes each row's slot into slots_out
+ * [H, G, n] (the caller marks them used). Returns 1 without computing anything when a position's
+ * block is not in memory (or out of range): the caller then gathers through the general path. */
+HIDDEN PyObject *retrieval_attend_pool(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer q, rk, rv, rec, table, pos, slots, eo, el, out;
+    attend_rows_args a;
+    Py_ssize_t block, kvh;
+    int threads;
+    memset(&a, 0, sizeof a);
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*w*y*y*w*nnnnnnniifi", &q, &rk, &rv, &rec, &table, &pos, &slots, &eo,
+                          &el, &out, &a.H, &a.G, &a.S, &a.n, &a.D, &block, &kvh, &a.res_bf16, &a.ret_bf16, &a.scale,
+                          &threads))
+        return NULL;
+    PyObject *result = NULL;
+    const void **ptrs = NULL;
+    const Py_ssize_t ts = a.ret_bf16 ? 2 : 4, rows = a.H * a.G, nrows = rows * a.n;
+    const Py_ssize_t row_bytes = a.D * ts, rec_bytes = 2 * kvh * block * row_bytes;
+    if (!attend_buffers_ok(&a, &q, &rk, &rv, &eo, &el, &out) || block <= 0 || kvh < a.H || rec_bytes <= 0 ||
+        rec.len % rec_bytes || pos.len != nrows * 8 || slots.len != nrows * 8 || table.len % 8 ||
+        ((uintptr_t)rec.buf & (a.ret_bf16 ? 1 : 3)) || ((uintptr_t)pos.buf & 7) || ((uintptr_t)slots.buf & 7) ||
+        ((uintptr_t)table.buf & 7)) {
+        PyErr_Format(PyExc_ValueError, "retrieval_attend_pool: buffers do not match H=%zd, G=%zd, S=%zd, n=%zd, "
+                     "D=%zd, blocks of %zd, %zd kv heads", a.H, a.G, a.S, a.n, a.D, block, kvh);
+        goto done;
+    }
+    ptrs = malloc((size_t)(2 * (nrows > 0 ? nrows : 1)) * sizeof *ptrs);
+    if (!ptrs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const int64_t *tb = (const int64_t *)table.buf, *ps = (const int64_t *)pos.buf;
+    const Py_ssize_t nblocks = table.len / 8, nslots = rec.len / rec_bytes;
+    int64_t *so = (int64_t *)slots.buf;
+    const char *base = (const char *)rec.buf;
+    int miss = 0;
+    for (Py_ssize_t i = 0; i < nrows && !miss; i++) {
+        const int64_t h = i / (a.G * a.n), p = ps[i], b = p >= 0 ? p / block : -1;
+        const int64_t slot = b >= 0 && b < nblocks ? tb[b] : -1;
+        if (slot < 0 || slot >= nslots) {
+            miss = 1;
+            break;
+        }
+        const Py_ssize_t key = ((slot * 2) * kvh + h) * block + (p - b * block);
+        ptrs[i] = base + key * row_bytes;
+        ptrs[nrows + i] = base + (key + kvh * block) * row_bytes;
+        so[i] = slot;
+    }
+    if (!miss) {
+        a.q = (const float *)q.buf, a.rk = rk.buf, a.rv = rv.buf, a.tkp = ptrs, a.tvp = ptrs + nrows;
+        a.eo = eo.len ? (const float *)eo.buf : NULL, a.el = eo.len ? (const float *)el.buf : NULL;
+        a.out = (float *)out.buf;
+        if (run_attend(&a, threads)) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    result = PyLong_FromLong(miss);
+done:
+    free(ptrs);
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&rk);
+    PyBuffer_Release(&rv);
+    PyBuffer_Release(&rec);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&pos);
+    PyBuffer_Release(&slots);
     PyBuffer_Release(&eo);
     PyBuffer_Release(&el);
     PyBuffer_Release(&out);

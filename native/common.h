@@ -121,6 +121,7 @@ HIDDEN void pool_run(const matvec_job *job, Py_ssize_t min_rows);
 /* cluster_search.c */
 HIDDEN PyObject *cluster_search(PyObject *self, PyObject *args);
 HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args);
+HIDDEN PyObject *retrieval_attend_pool(PyObject *self, PyObject *args);
 
 /* sparse_ffn.c */
 HIDDEN PyObject *sparse_ffn_rows(PyObject *self, PyObject *args);

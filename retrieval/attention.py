@@ -221,6 +221,16 @@ class OffloadedLayerKV:
         k, v, _ = self.gather(list(rows.unbind(0)))
         return k, v
 
+    def attend_rows(self, q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Tensor, rows: torch.Tensor,
+                    rest: PartialAttention | None, scale: float, threads: int | None = None) -> torch.Tensor | None:
+        """The per-row decode attention reading the retrieved rows where they are stored: query row
+        ``q[h, g]`` (``q [H_kv, G, D]`` fp32) over the resident ``K/V [H_kv, S, D]`` of its kv head
+        and the offloaded positions ``rows [H_kv, G, k]``, with ``rest`` in the same softmax, as
+        :func:`~flashtier.retrieval.cluster_batch.attend_rows` over the gathered rows computes it
+        (the same result to the bit). None where the stores cannot be read in place (then the
+        caller gathers): this base class never can."""
+        return None
+
     def nbytes(self) -> int:
         """Bytes of indexes and stores, all kv heads."""
         return sum(h.index.nbytes() + h.store.nbytes() for h in self.heads)
@@ -311,6 +321,15 @@ class RetrievalAttention:
             # per row: [G, k'] each query head's own top-k; else [n_h] sorted union over rows
             retrieved = [f.positions if per_row else torch.unique(f.positions) for f in results]
         t1 = time.perf_counter()
+        g = q.shape[1]
+        if batch is not None and on_host:  # the retrieved rows read where they are, the merge in the same call
+            fused = offloaded.attend_rows(q, resident_k, resident_v, batch.positions, batch.rest, scale,
+                                          threads=self.threads)  # [H_kv, G, D]
+            if fused is not None:
+                t3 = time.perf_counter()
+                stats = StepStats(len(offloaded) * h_kv, scanned, sum(p.numel() for p in retrieved), t1 - t0, 0.0,
+                                  t3 - t1)
+                return RetrievalOutput(fused.to(query.dtype).reshape(query.shape), tuple(retrieved), stats)
         if batch is not None:  # every head G * k rows: no padding
             k, v = offloaded.gather_rows(batch.positions.reshape(h_kv, -1))  # [H_kv, n, D] x2
             valid = None
@@ -318,7 +337,6 @@ class RetrievalAttention:
             k, v, valid = offloaded.gather([p.reshape(-1) for p in retrieved])  # [H_kv, n, D] x2, [H_kv, n]
         t2 = time.perf_counter()
         attended = sum(p.numel() for p in retrieved)
-        g = q.shape[1]
         if batch is not None and on_host:  # exact parts and the merge in one native call where it applies
             fused = attend_rows(q, resident_k, resident_v, k.view(h_kv, g, -1, d), v.view(h_kv, g, -1, d),
                                 batch.rest, scale, threads=self.threads)  # [H_kv, G, D]

@@ -35,6 +35,10 @@ try:
     from flashtier._native import retrieval_attend as _retrieval_attend
 except ImportError:
     _retrieval_attend = None
+try:
+    from flashtier._native import retrieval_attend_pool as _retrieval_attend_pool
+except ImportError:
+    _retrieval_attend_pool = None
 
 _KV_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -133,3 +137,44 @@ def attend_rows(q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Ten
                       int(retrieved_k.dtype == torch.bfloat16), float(scale),
                       threads if threads is not None else torch.get_num_threads())
     return out
+
+
+def attend_rows_in_place(q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Tensor, records: torch.Tensor,
+                         table: torch.Tensor, rows: torch.Tensor, block: int, dtype: torch.dtype,
+                         rest: PartialAttention | None, scale: float,
+                         threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`attend_rows` with the retrieved K/V read in place from a host KV pool: ``records
+    [slots, bytes]`` (uint8; a slot holds one block of every kv head, raw ``[2, H_all, block, D]`` of
+    ``dtype``), ``table [blocks]`` (int64 slot of each block of the layer, -1 when not in host
+    memory), ``rows [H, G, n]`` the offloaded positions query row ``(h, g)`` attends (kv head ``h``).
+    Returns the output ``[H, G, D]`` fp32 (equal to :func:`attend_rows` over the gathered rows, to the
+    bit) and the slot of every row read ``[H * G * n]``; None where it does not apply (no native
+    extension, other dtypes, a block not in host memory)."""
+    if _retrieval_attend_pool is None or q.dtype != torch.float32 or q.device.type != "cpu" or q.dim() != 3:
+        return None
+    if resident_k.dtype not in _KV_DTYPES or dtype not in _KV_DTYPES or resident_v.dtype != resident_k.dtype:
+        return None
+    h, g, d = q.shape
+    if resident_k.shape[0] != h or rows.dim() != 3 or rows.shape[:2] != (h, g) or records.dim() != 2:
+        return None
+    row_bytes = d * dtype.itemsize
+    if records.shape[1] % (2 * block * row_bytes):
+        return None
+    kv_heads = records.shape[1] // (2 * block * row_bytes)
+    parts = [t.detach().contiguous() for t in (q, resident_k, resident_v)]
+    if rest is not None:
+        est_out = rest.out.detach().to(torch.float32).contiguous()  # [H, G, D]
+        est_lse = rest.lse.detach().to(torch.float32).contiguous()  # [H, G]
+    else:
+        est_out = est_lse = torch.empty(0, dtype=torch.float32)
+    positions = rows.to(torch.int64).contiguous()  # [H, G, n]
+    slots = torch.empty(positions.numel(), dtype=torch.int64)
+    out = torch.empty((h, g, d), dtype=torch.float32)  # [H, G, D]
+    views = [t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy() for t in parts]
+    if _retrieval_attend_pool(*views, records.numpy(), table.numpy(), positions.numpy(), slots.numpy(),
+                              est_out.numpy(), est_lse.numpy(), out.numpy(), h, g, resident_k.shape[1],
+                              positions.shape[2], d, block, kv_heads, int(resident_k.dtype == torch.bfloat16),
+                              int(dtype == torch.bfloat16), float(scale),
+                              threads if threads is not None else torch.get_num_threads()):
+        return None
+    return out, slots

@@ -232,6 +232,21 @@ class HostKVPool:
         self.store.touch_slots(self.arena, slots.numpy())
         return k, v
 
+    def raw_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a native reader of K/V rows in place: the pool's records ``[slots, record bytes]``
+        (uint8; raw blocks ``[2, H_kv, B, D]``) and ``layer``'s block table ``[blocks]`` (int64 slot,
+        ``NOT_HOST`` for a block not in host memory); None when the rows are not raw (a KIVI codec).
+        Valid until the next demotion or eviction; a reader marks the slots it read with
+        :meth:`mark_read`."""
+        if type(self.codec) is not RawCodec:
+            return None
+        return self.store.slot_table(self.arena), self._tables[layer].view()
+
+    def mark_read(self, slots: torch.Tensor) -> None:
+        """Mark the host slots a native reader read (``slots`` int64) as just used (the eviction order)."""
+        self.store.tick([self.arena])
+        self.store.touch_slots(self.arena, slots.numpy())
+
     def read_blocks(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Blocks ``start .. stop-1`` of ``layer`` as ``[n, 2, H_kv, B, D]`` (a copy); spilled ones are
         read through storage (verified) without being cached."""

@@ -14,6 +14,8 @@ import torch
 
 from flashtier.errors import InputError
 from flashtier.retrieval.attention import OffloadedLayerKV, RetrievalConfig
+from flashtier.retrieval.cluster_batch import attend_rows_in_place
+from flashtier.retrieval.merge import PartialAttention
 from flashtier.retrieval.store import KVStore
 from flashtier.runtime.kv.host import HostKVPool
 
@@ -72,6 +74,22 @@ class PagedLayerKV(OffloadedLayerKV):
         """See :meth:`OffloadedLayerKV.gather_rows`: one read of the pool (one native call when
         every block is in host memory)."""
         return self._pool.gather(self._layer, self._all_heads, rows)
+
+    def attend_rows(self, q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Tensor, rows: torch.Tensor,
+                    rest: PartialAttention | None, scale: float, threads: int | None = None) -> torch.Tensor | None:
+        """See :meth:`OffloadedLayerKV.attend_rows`: the retrieved rows are read in place from the
+        pool's blocks (one native call, no gathered copy) when every one is in host memory."""
+        raw = self._pool.raw_rows(self._layer)
+        if raw is None:
+            return None
+        records, table = raw
+        found = attend_rows_in_place(q, resident_k, resident_v, records, table, rows, self._pool.layout.block_size,
+                                     self._pool.layout.dtype, rest, scale, threads)
+        if found is None:
+            return None
+        out, slots = found
+        self._pool.mark_read(slots)
+        return out
 
     def gather(self, positions: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """See :meth:`OffloadedLayerKV.gather`; padding rows repeat a real position and are masked."""

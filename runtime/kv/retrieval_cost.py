@@ -118,12 +118,14 @@ def probe_layers(num_layers: int, num_kv_heads: int) -> int:
     return max(1, min(num_layers, PROBE_MAX_LAYERS, PROBE_MAX_PAIRS // max(1, num_kv_heads)))
 
 
-def _filled_cache(config: RetrievalCacheConfig, shape: HeadShape, context: int, steps: int, gen: torch.Generator,
-                  dtype: torch.dtype, layers: int, offset: torch.Tensor) -> RetrievalKVCache:
+def synthetic_cache(config: RetrievalCacheConfig, shape: HeadShape, context: int, steps: int, gen: torch.Generator,
+                    dtype: torch.dtype, layers: int, offset: torch.Tensor,
+                    threads: int | None = None) -> RetrievalKVCache:
     """A retrieval cache of ``layers`` layers holding ``context`` positions of synthetic K/V (keys:
-    a common ``offset [H, 1, D]`` plus noise, as trained models' keys have)."""
+    a common ``offset [H, 1, D]`` plus noise, as trained models' keys have), room for ``steps``
+    more; ``threads``: of its native search and attention (None: torch's count at each call)."""
     h, d = shape.num_kv_heads, shape.head_dim
-    cache = RetrievalKVCache(KVBlockLayout(layers, h, d, config.block_size, dtype), config)
+    cache = RetrievalKVCache(KVBlockLayout(layers, h, d, config.block_size, dtype), config, threads=threads)
     cache.reserve(context + 2 * steps + 8)
     for start in range(0, context, 4096):
         n = min(4096, context - start)
@@ -144,7 +146,7 @@ def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple
     gen = torch.Generator().manual_seed(seed)
     h, d, g = shape.num_kv_heads, shape.head_dim, shape.queries_per_kv
     offset = torch.randn(h, 1, d, generator=gen) * 2
-    caches = [_filled_cache(config, shape, c, steps, gen, dtype, layers, offset) for c in contexts]
+    caches = [synthetic_cache(config, shape, c, steps, gen, dtype, layers, offset) for c in contexts]
     try:
         times: list[list[float]] = [[] for _ in contexts]
         done = [0 for _ in contexts]

@@ -198,3 +198,43 @@ def test_the_native_gather_reads_the_rows_of_the_general_path(tmp_path, monkeypa
     with pytest.raises(InputError, match="never demoted"):
         pool.gather(1, torch.tensor([0]), torch.tensor([[10 * 16 + 1]]))
     spill.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_rest", [True, False])
+def test_attention_over_rows_read_in_place_equals_it_over_the_gathered_rows(tmp_path, dtype, with_rest):
+    """The decode step's fused attention reading the retrieved rows where the host pool keeps them
+    (retrieval_attend_pool) gives the output of the same attention over the gathered rows, bit for
+    bit, and marks the slots it read as used; with a row on a spilled block it computes nothing
+    (None: the caller gathers through the general path)."""
+    from flashtier.retrieval.cluster_batch import attend_rows, attend_rows_in_place
+    from flashtier.retrieval.merge import PartialAttention
+    from flashtier.runtime.kv.host_views import PagedLayerKV
+
+    if attend_rows_in_place.__globals__["_retrieval_attend_pool"] is None:
+        pytest.skip("the C extension is not built")
+    lay = KVBlockLayout(2, 3, 32, 16, dtype)
+    spill = KVSpillStore(lay, str(tmp_path), record_bytes=RawCodec(lay).record_bytes)
+    pool = HostKVPool(lay, 6 * lay.block_bytes, spill, RawCodec(lay))  # 6 of the 10 blocks stay in memory
+    for layer in range(2):
+        pool.put(layer, 0, _blocks(lay, 10, seed=layer))
+    pool.enforce(0)
+    view = PagedLayerKV(pool, 1, RetrievalConfig())
+    g = torch.Generator().manual_seed(5)
+    on_host = [b for b in range(10) if int(pool._tables[1].view()[b]) >= 0]
+    rows = torch.tensor(on_host)[torch.randint(len(on_host), (3, 2, 7), generator=g)] * 16 + \
+        torch.randint(16, (3, 2, 7), generator=g)  # [H, G, n]
+    q = torch.randn(3, 2, 32, generator=g)  # [H, G, D]
+    res_k, res_v = (torch.randn(3, 5, 32, generator=g).to(dtype) for _ in range(2))  # [H, S, D]
+    rest = PartialAttention(torch.randn(3, 2, 32, generator=g), torch.randn(3, 2, generator=g)) if with_rest else None
+    lru = pool.store._manager.policies[(pool.arena, "host")]  # SlotLRU: last use of each slot
+    fused = view.attend_rows(q, res_k, res_v, rows, rest, 0.2)
+    read = {int(pool._tables[1].view()[b]) for b in (rows // 16).unique().tolist()}
+    assert {int(s) for s in (lru._last == lru._clock).nonzero()[0]} == read
+    k, v = view.gather_rows(rows.reshape(3, -1))  # [H, G * n, D]
+    gathered = attend_rows(q, res_k, res_v, k.view(3, 2, 7, 32), v.view(3, 2, 7, 32), rest, 0.2)
+    assert fused is not None and torch.equal(fused, gathered)
+    cold = [b for b in range(10) if b not in on_host]
+    rows[1, 0, 3] = cold[0] * 16 + 2  # one row on a spilled block
+    assert view.attend_rows(q, res_k, res_v, rows, rest, 0.2) is None
+    spill.close()
