@@ -3,10 +3,14 @@
 Build: keys are clustered per *segment* (``segment_size`` consecutive positions) by a few k-means
 steps into clusters of about ``cluster_size`` keys. Each cluster keeps its centroid ``c`` and
 radius ``r = max ||key - c||`` over its members; keys are stored sorted by cluster so a cluster is
-one contiguous row range. New keys wait in a small tail (scanned exactly by every search) until
-``flush_keys`` have arrived; then the last, still open segment is re-clustered together with them,
-full segments are closed for good and the remainder stays open. So one bulk add after prefill
-clusters full segments once, and block-by-block adds during decode still end in full segments.
+one contiguous row range. New keys wait in a small tail (scanned exactly by every search) until a
+*chunk* of ``flush_keys`` has arrived. Whole chunks join the last, still open segment, each
+clustered on its own; when the open segment fills it is re-clustered as a whole and closed for
+good. So a flush during decode costs what its own keys cost (not the whole open segment), one
+bulk add after prefill clusters full segments once, and block-by-block adds during decode still
+end in full segments clustered as a whole. Chunk and segment boundaries fall at fixed counts of
+keys and each k-means is seeded by its first position, so the index depends on the keys alone,
+not on how they were added (a conversation resumed from a truncated cache finds the same index).
 
 Search (queries and keys come from different distributions, so "nearest" keys are not the
 highest-scoring ones): each cluster is ranked by the bound
@@ -190,7 +194,6 @@ class ClusterIndex(KeyIndex):
         super().__init__(dim)
         self.config = config
         self._scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(dim)
-        self._generator = torch.Generator().manual_seed(config.seed)
         self._dtype = STORE_DTYPES[config.store_dtype]
         self._center = torch.zeros(dim)  # [D] m: stored keys and centroids are k - m (0 in fp32)
         self._centered = self._dtype == torch.float32  # m is fixed once chosen
@@ -257,35 +260,51 @@ class ClusterIndex(KeyIndex):
         if track:
             self._cluster_of.append(torch.full((n_new,), -1, dtype=torch.int64))
             self._tail_val.append(values)
-        if len(self._tail) < self.config.flush_keys:
+        chunk, seg = self.config.flush_keys, self.config.segment_size
+        if len(self._tail) < chunk:
             return
-        # Re-cluster the open segment together with the tail: close full segments, keep the rest open.
-        self._last = None  # cluster ids of the open segment change
-        keys = torch.cat([self._open.view(), self._tail.view()])  # [n, D] in position order
-        positions = torch.cat([self._open_pos.view(), self._tail_pos.view()])
-        vals = torch.cat([self._open_val.view(), self._tail_val.view()]) if track else None
-        first_row = self.ntotal + n_new - keys.shape[0]  # open + tail are the last keys added
-        if not self._centered:
-            self._center, self._centered = keys.mean(dim=0), True
-        self._drop_open_segment()
-        seg = self.config.segment_size
-        n_closed = keys.shape[0] // seg * seg
-        def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-            return keys[lo:hi], positions[lo:hi], None if vals is None else vals[lo:hi], first_row + lo
-
-        for start in range(0, n_closed, seg):
-            self._cluster_segment(*part(start, start + seg))
-        self._open_first_cluster, self._open_first_row = self.n_clusters, len(self._keys)
-        self._open_first_super = len(self._super_first)
-        if n_closed < keys.shape[0]:
-            self._cluster_segment(*part(n_closed, keys.shape[0]))
-            self._open.append(keys[n_closed:])
-            self._open_pos.append(positions[n_closed:])
+        self._last = None  # cluster ids change
+        first_row = self.ntotal + n_new - len(self._tail)  # the tail holds the last keys added
+        if not self._centered:  # fixed by the first keys clustered
+            self._center, self._centered = self._tail.view()[:chunk].mean(dim=0), True
+        tail, tail_pos = self._tail.view(), self._tail_pos.view()
+        tail_val = self._tail_val.view() if track else None
+        done = 0  # tail keys clustered
+        if len(self._open) + len(tail) >= seg:
+            # The open segment fills: re-clustered as a whole with the tail's keys that complete it
+            # (and any further full segments); it is closed for good.
+            n_open = len(self._open)
+            done = (n_open + len(tail)) // seg * seg - n_open
+            keys = torch.cat([self._open.view(), tail[:done]])  # [n, D] in position order
+            positions = torch.cat([self._open_pos.view(), tail_pos[:done]])
+            vals = torch.cat([self._open_val.view(), tail_val[:done]]) if tail_val is not None else None
+            seg_row = first_row - n_open
+            self._drop_open_segment()
+            for start in range(0, keys.shape[0], seg):
+                self._cluster_segment(keys[start : start + seg], positions[start : start + seg],
+                                      None if vals is None else vals[start : start + seg], seg_row + start)
+            self._open_first_cluster, self._open_first_row = self.n_clusters, len(self._keys)
+            self._open_first_super = len(self._super_first)
+        # Whole chunks of the rest join the open segment, each clustered on its own (the segment is
+        # re-clustered once, when it fills): a flush during decode costs what its own keys cost.
+        # Chunk and segment boundaries fall at fixed counts of keys, so the clusters depend on the
+        # keys only, not on how they were added.
+        end = done + (len(tail) - done) // chunk * chunk
+        for start in range(done, end, chunk):
+            vals = None if tail_val is None else tail_val[start : start + chunk]
+            self._cluster_segment(tail[start : start + chunk], tail_pos[start : start + chunk], vals, first_row + start)
+            self._open.append(tail[start : start + chunk])
+            self._open_pos.append(tail_pos[start : start + chunk])
             if vals is not None:
-                self._open_val.append(vals[n_closed:])
+                self._open_val.append(vals)
+        rest = [t[end:].clone() for t in (tail, tail_pos)] + ([tail_val[end:].clone()] if tail_val is not None else [])
         self._tail.truncate(0)
         self._tail_pos.truncate(0)
         self._tail_val.truncate(0)
+        self._tail.append(rest[0])
+        self._tail_pos.append(rest[1])
+        if tail_val is not None:
+            self._tail_val.append(rest[2])
 
     def _drop_open_segment(self) -> None:
         """Forget the open segment's clusters (its keys are re-clustered by the caller)."""
@@ -305,11 +324,12 @@ class ClusterIndex(KeyIndex):
         """Cluster one segment ``keys [n, D]`` (added as rows ``first_row ..`` in add order) and
         append its clusters (with their mean ``values [n, D]`` when tracked)."""
         n_clusters = max(1, round(keys.shape[0] / self.config.cluster_size))
-        cl = kmeans(keys, n_clusters, self.config.kmeans_iters, self._generator)
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + int(positions[0]))  # the keys' own
+        cl = kmeans(keys, n_clusters, self.config.kmeans_iters, gen)
         centroids, assign, sizes = cl.centroids, cl.assign, cl.sizes
         if self.config.super_size:  # order the clusters by super-cluster, so each super is a cluster range
             n_super = max(1, round(keys.shape[0] / self.config.super_size))
-            sup = kmeans(centroids, n_super, self.config.kmeans_iters, self._generator)
+            sup = kmeans(centroids, n_super, self.config.kmeans_iters, gen)
             corder = torch.argsort(sup.assign, stable=True)  # new cluster order
             remap = torch.empty_like(corder)
             remap[corder] = torch.arange(corder.shape[0])
