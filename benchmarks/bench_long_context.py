@@ -97,12 +97,19 @@ class Decoder:
         self.generator = torch.Generator().manual_seed(seed)
 
     def step(self) -> float:
-        """Wall seconds of one one-token forward pass."""
+        """Wall seconds of one one-token forward pass, run as ``generate``'s decode steps run it:
+        torch at one thread around the one-row kernels (which, and the cache's native search and
+        attention, use the model's kernel threads)."""
         tok = torch.randint(0, self.model.config.vocab_size, (1,), generator=self.generator)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            self.model.forward(tok, self.cache, self.pos)
-            elapsed = time.perf_counter() - t0
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                self.model.forward(tok, self.cache, self.pos)
+                elapsed = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(saved)
         self.pos += 1
         return elapsed
 
@@ -135,7 +142,7 @@ def retrieval_cache(model: Transformer, fill: ProjectionPrefill, length: int, re
                     config: RetrievalCacheConfig) -> tuple[RetrievalKVCache, float]:
     c = model.config
     cache = RetrievalKVCache(KVBlockLayout(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, model.dtype), config,
-                             device=model.device)
+                             device=model.device, threads=model.linear.kernel_threads)
     cache.reserve(reserve)
     t0 = time.perf_counter()
     fill.fill(cache, length)

@@ -33,13 +33,18 @@ def measured_attention_s(model: Any, cache: Any, start: int, steps: int, warmup:
     """Per decode step, the seconds the cache spent in attention (all layers)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    with torch.inference_mode():
-        for i in range(warmup + steps):
-            before = cache.counters.decode_attention_s
-            tok = torch.randint(0, model.config.vocab_size, (1,), generator=gen)
-            model.forward(tok, cache, start + i)
-            if i >= warmup:
-                out.append(cache.counters.decode_attention_s - before)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # as generate's decode steps (the cache's native calls use the kernel threads)
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + steps):
+                before = cache.counters.decode_attention_s
+                tok = torch.randint(0, model.config.vocab_size, (1,), generator=gen)
+                model.forward(tok, cache, start + i)
+                if i >= warmup:
+                    out.append(cache.counters.decode_attention_s - before)
+    finally:
+        torch.set_num_threads(saved)
     return out
 
 

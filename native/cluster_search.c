@@ -712,61 +712,91 @@ typedef struct {
 
 MULTIVERSION
 static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
-    const Py_ssize_t G = a->G, S = a->S, n = a->n, D = a->D;
-    const size_t ret_bytes = (size_t)D * (a->ret_bf16 ? 2 : 4);
-    float *sc = malloc((size_t)(S + n + 1) * sizeof *sc);
-    float *acc = malloc((size_t)D * sizeof *acc);
-    if (!sc || !acc) {
+    const Py_ssize_t G = a->G, S = a->S, n = a->n, D = a->D, T = S + n;
+    const size_t ret_bytes = (size_t)D * (a->ret_bf16 ? 2 : 4), res_bytes = (size_t)D * (a->res_bf16 ? 2 : 4);
+    const int wide = D % 16 == 0 && D <= 16 * ROW_VECS;  /* resident rows widened once for the G query rows */
+    float *sc = malloc((size_t)(G * (T > 0 ? T : 1)) * sizeof *sc);  /* [G, S + n] scores, then weights */
+    float *acc = calloc((size_t)(G * D), sizeof *acc);                /* [G, D] */
+    const void **rrows = malloc((size_t)(S > 0 ? S : 1) * sizeof *rrows);
+    if (!sc || !acc || !rrows) {
         free(sc);
         free(acc);
+        free(rrows);
         return -1;
     }
+    const float *qh = a->q + h * G * D;
     for (Py_ssize_t i = 0; i < ATTEND_AHEAD && i < n; i++) prefetch_bytes(a->tkp[h * G * n + i], ret_bytes);
+    /* the resident keys' scores for every query row of the group, each key read once */
+    for (Py_ssize_t i = 0; i < S; i++) {
+        rrows[i] = (const char *)a->rv + (size_t)(h * S + i) * res_bytes;
+        if (wide) {
+            v16f v[ROW_VECS];
+            load_row(a->rk, h * S + i, D, a->res_bf16, v);
+            dots_widened(qh, G, D, v, sc + i, T);
+        } else {
+            for (Py_ssize_t g = 0; g < G; g++) sc[g * T + i] = dot_row(qh + g * D, a->rk, h * S + i, D, a->res_bf16);
+        }
+    }
+    float *inv = malloc((size_t)G * sizeof *inv), *lew = malloc((size_t)G * sizeof *lew);
+    if (!inv || !lew) {
+        free(sc); free(acc); free(rrows); free(inv); free(lew);
+        return -1;
+    }
     for (Py_ssize_t g = 0; g < G; g++) {
-        const float *q = a->q + (h * G + g) * D;
+        const float *q = qh + g * D;
         const void *const *kp = a->tkp + (h * G + g) * n, *const *vp = a->tvp + (h * G + g) * n;
-        float mx = -INFINITY;
+        float *sg = sc + g * T, mx = -INFINITY;
         for (Py_ssize_t i = 0; i < S; i++) {
-            sc[i] = a->scale * dot_row(q, a->rk, h * S + i, D, a->res_bf16);
-            mx = sc[i] > mx ? sc[i] : mx;
+            sg[i] *= a->scale;
+            mx = sg[i] > mx ? sg[i] : mx;
         }
         for (Py_ssize_t i = 0; i < n; i++) {
             if (i + ATTEND_AHEAD < n) prefetch_bytes(kp[i + ATTEND_AHEAD], ret_bytes);
             else if (i + ATTEND_AHEAD - n < n) prefetch_bytes(vp[i + ATTEND_AHEAD - n], ret_bytes);  /* values next */
-            sc[S + i] = a->scale * dot_any_row(q, kp[i], D, a->ret_bf16);
-            mx = sc[S + i] > mx ? sc[S + i] : mx;
+            sg[S + i] = a->scale * dot_any_row(q, kp[i], D, a->ret_bf16);
+            mx = sg[S + i] > mx ? sg[S + i] : mx;
         }
         const float le = a->el ? a->el[h * G + g] : -INFINITY;
         mx = le > mx ? le : mx;
-        float *o = a->out + (h * G + g) * D;
-        if (mx == -INFINITY) {  /* nothing to attend */
-            for (Py_ssize_t i = 0; i < D; i++) o[i] = 0.f;
+        float sum = 0.f;
+        if (mx == -INFINITY) {  /* nothing to attend: a zero row */
+            for (Py_ssize_t i = 0; i < T; i++) sg[i] = 0.f;
+            inv[g] = 0.f, lew[g] = 0.f;
             continue;
         }
-        for (Py_ssize_t i = 0; i < D; i++) acc[i] = 0.f;
-        float sum = 0.f;
-        for (Py_ssize_t i = 0; i < S + n; i++) {
-            const float w = exp_le0(sc[i] - mx);
-            sum += w;
-            if (i < S) {
-                axpy_any(acc, w, a->rv, h * S + i, D, a->res_bf16);
-            } else {
-                const Py_ssize_t j = i - S;
-                if (j + ATTEND_AHEAD < n) prefetch_bytes(vp[j + ATTEND_AHEAD], ret_bytes);
-                else if (g + 1 < G && j + ATTEND_AHEAD - n < n) prefetch_bytes(kp[n + j + ATTEND_AHEAD - n], ret_bytes);
-                axpy_any(acc, w, vp[j], 0, D, a->ret_bf16);
-            }
+        for (Py_ssize_t i = 0; i < T; i++) {
+            sg[i] = exp_le0(sg[i] - mx);
+            sum += sg[i];
         }
-        if (le != -INFINITY) {
-            const float w = exp_le0(le - mx);
-            sum += w;
-            axpy_any(acc, w, a->eo, h * G + g, D, 0);
+        lew[g] = le != -INFINITY ? exp_le0(le - mx) : 0.f;
+        sum += lew[g];
+        inv[g] = 1.f / sum;
+    }
+    /* values: the resident rows for all query rows in register blocks, then each row's own */
+    if (wide) {
+        for (Py_ssize_t x0 = 0; x0 < S; x0 += UNIT_BLOCK)
+            accumulate_units(acc, sc, T, G, D, rrows + x0, x0, S - x0 < UNIT_BLOCK ? S - x0 : UNIT_BLOCK, a->res_bf16);
+    } else {
+        for (Py_ssize_t i = 0; i < S; i++)
+            for (Py_ssize_t g = 0; g < G; g++) axpy_any(acc + g * D, sc[g * T + i], rrows[i], 0, D, a->res_bf16);
+    }
+    for (Py_ssize_t g = 0; g < G; g++) {
+        const void *const *kp = a->tkp + (h * G + g) * n, *const *vp = a->tvp + (h * G + g) * n;
+        const float *sg = sc + g * T;
+        float *ag = acc + g * D, *o = a->out + (h * G + g) * D;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            if (j + ATTEND_AHEAD < n) prefetch_bytes(vp[j + ATTEND_AHEAD], ret_bytes);
+            else if (g + 1 < G && j + ATTEND_AHEAD - n < n) prefetch_bytes(kp[n + j + ATTEND_AHEAD - n], ret_bytes);
+            axpy_any(ag, sg[S + j], vp[j], 0, D, a->ret_bf16);
         }
-        const float inv = 1.f / sum;
-        for (Py_ssize_t i = 0; i < D; i++) o[i] = acc[i] * inv;
+        if (lew[g] != 0.f) axpy_any(ag, lew[g], a->eo, h * G + g, D, 0);
+        for (Py_ssize_t i = 0; i < D; i++) o[i] = ag[i] * inv[g];
     }
     free(sc);
     free(acc);
+    free(rrows);
+    free(inv);
+    free(lew);
     return 0;
 }
 

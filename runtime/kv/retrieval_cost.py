@@ -140,13 +140,15 @@ def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple
                  dtype: torch.dtype, layers: int) -> list[float]:
     """Per context, the median seconds per layer of the decode-step attention through the
     runtime's own cache (:class:`RetrievalKVCache`: device ring, host pool, indexes) over ``layers``
-    layers. Each timed step attends every layer in turn, as a forward pass does; the contexts take
+    layers, threaded as a decode step (torch at one thread, the native search at torch's count). Each timed step attends every layer in turn, as a forward pass does; the contexts take
     turns in short runs of steps, so load swings on a shared machine hit them alike (the first step
     of a run, which finds the other context's data in the CPU caches, is not timed)."""
     gen = torch.Generator().manual_seed(seed)
     h, d, g = shape.num_kv_heads, shape.head_dim, shape.queries_per_kv
     offset = torch.randn(h, 1, d, generator=gen) * 2
-    caches = [synthetic_cache(config, shape, c, steps, gen, dtype, layers, offset) for c in contexts]
+    threads = torch.get_num_threads()
+    caches = [synthetic_cache(config, shape, c, steps, gen, dtype, layers, offset, threads) for c in contexts]
+    torch.set_num_threads(1)  # as generate's decode steps: torch at one thread, the native search at `threads`
     try:
         times: list[list[float]] = [[] for _ in contexts]
         done = [0 for _ in contexts]
@@ -164,6 +166,7 @@ def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple
                         times[j].append((time.perf_counter() - t0) / layers)
         return [statistics.median(t) for t in times]
     finally:
+        torch.set_num_threads(threads)
         for cache in caches:
             cache.close()
 
