@@ -2443,9 +2443,10 @@ static PyMethodDef methods[] = {
      "each query row's exact attention over its kv head's resident keys and its own retrieved keys, merged with "
      "the estimate of the rest; see native/cluster_search.c (GIL released)."},
     {"retrieval_attend_pool", retrieval_attend_pool, METH_VARARGS,
-     "retrieval_attend_pool(q, rk, rv, records, table, positions, slots_out, est_out, est_lse, out, H, G, S, n, D, "
-     "block, kv_heads, res_bf16, ret_bf16, scale, threads) -> 1 if a block is not in memory (nothing computed), "
-     "else 0: retrieval_attend with the retrieved rows read in place from a host KV pool (GIL released)."},
+     "retrieval_attend_pool(q, resident_segments, records, table, positions, slots_out, est_out, est_lse, out, H, G, "
+     "S, n, D, block, kv_heads, res_bf16, ret_bf16, scale, threads) -> 1 if a block is not in memory (nothing "
+     "computed), else 0: retrieval_attend with the resident rows as segments and the retrieved rows read in place "
+     "from a host KV pool (GIL released)."},
     {"sparse_ffn_rows", sparse_ffn_rows, METH_VARARGS,
      "sparse_ffn_rows(win, buf, row_bytes, hidden, bf16, idx, ptr, x, acc, batch, threads): acc[b] += the FFN of "
      "x[b] over its neuron rows idx[ptr[b]:ptr[b+1]] (>= 0 rows of win, < 0 rows -i-1 of buf), each column summed "

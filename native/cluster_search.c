@@ -697,7 +697,8 @@ done:
  * values bf16 (widened exactly) or fp32. */
 typedef struct {
     const float *q;            /* [H, G, D] */
-    const void *rk, *rv;       /* [H, S, D] */
+    const void *const *rkp;    /* [H, S] addresses of the resident key rows (sinks + window) */
+    const void *const *rvp;    /* [H, S] ... and of their value rows */
     const void *const *tkp;    /* [H, G, n] addresses of the retrieved key rows */
     const void *const *tvp;    /* [H, G, n] ... and of their value rows */
     const float *eo, *el;      /* [H, G, D], [H, G] or NULL */
@@ -713,33 +714,32 @@ typedef struct {
 MULTIVERSION
 static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
     const Py_ssize_t G = a->G, S = a->S, n = a->n, D = a->D, T = S + n;
-    const size_t ret_bytes = (size_t)D * (a->ret_bf16 ? 2 : 4), res_bytes = (size_t)D * (a->res_bf16 ? 2 : 4);
+    const size_t ret_bytes = (size_t)D * (a->ret_bf16 ? 2 : 4);
     const int wide = D % 16 == 0 && D <= 16 * ROW_VECS;  /* resident rows widened once for the G query rows */
     float *sc = malloc((size_t)(G * (T > 0 ? T : 1)) * sizeof *sc);  /* [G, S + n] scores, then weights */
     float *acc = calloc((size_t)(G * D), sizeof *acc);                /* [G, D] */
-    const void **rrows = malloc((size_t)(S > 0 ? S : 1) * sizeof *rrows);
-    if (!sc || !acc || !rrows) {
+    const void *const *rrows = a->rvp + h * S;
+    if (!sc || !acc) {
         free(sc);
         free(acc);
-        free(rrows);
         return -1;
     }
     const float *qh = a->q + h * G * D;
     for (Py_ssize_t i = 0; i < ATTEND_AHEAD && i < n; i++) prefetch_bytes(a->tkp[h * G * n + i], ret_bytes);
     /* the resident keys' scores for every query row of the group, each key read once */
     for (Py_ssize_t i = 0; i < S; i++) {
-        rrows[i] = (const char *)a->rv + (size_t)(h * S + i) * res_bytes;
+        const void *kr = a->rkp[h * S + i];
         if (wide) {
             v16f v[ROW_VECS];
-            load_row(a->rk, h * S + i, D, a->res_bf16, v);
+            load_row(kr, 0, D, a->res_bf16, v);
             dots_widened(qh, G, D, v, sc + i, T);
         } else {
-            for (Py_ssize_t g = 0; g < G; g++) sc[g * T + i] = dot_row(qh + g * D, a->rk, h * S + i, D, a->res_bf16);
+            for (Py_ssize_t g = 0; g < G; g++) sc[g * T + i] = dot_any_row(qh + g * D, kr, D, a->res_bf16);
         }
     }
     float *inv = malloc((size_t)G * sizeof *inv), *lew = malloc((size_t)G * sizeof *lew);
     if (!inv || !lew) {
-        free(sc); free(acc); free(rrows); free(inv); free(lew);
+        free(sc); free(acc); free(inv); free(lew);
         return -1;
     }
     for (Py_ssize_t g = 0; g < G; g++) {
@@ -794,7 +794,6 @@ static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
     }
     free(sc);
     free(acc);
-    free(rrows);
     free(inv);
     free(lew);
     return 0;
@@ -819,16 +818,48 @@ static int run_attend(attend_rows_args *a, int threads) {
 }
 
 /* Checks the query, resident K/V, estimate and output buffers against H, G, S, D (rows: H * G). */
-static int attend_buffers_ok(const attend_rows_args *a, const Py_buffer *q, const Py_buffer *rk, const Py_buffer *rv,
-                             const Py_buffer *eo, const Py_buffer *el, const Py_buffer *out) {
-    const Py_ssize_t rs = a->res_bf16 ? 2 : 4, rows = a->H * a->G;
+static int attend_buffers_ok(const attend_rows_args *a, const Py_buffer *q, const Py_buffer *eo, const Py_buffer *el,
+                             const Py_buffer *out) {
+    const Py_ssize_t rows = a->H * a->G;
     const int est = eo->len > 0;
     return a->H > 0 && a->G > 0 && a->S >= 0 && a->n >= 0 && a->D > 0 && q->len == rows * a->D * 4 &&
-           out->len == q->len && rk->len == a->H * a->S * a->D * rs && rv->len == rk->len &&
-           (!est || (eo->len == q->len && el->len == rows * 4)) && (est || el->len == 0) &&
-           !((uintptr_t)q->buf & 3) && !((uintptr_t)out->buf & 3) && !((uintptr_t)rk->buf & 1) &&
-           !((uintptr_t)rv->buf & 1) && (a->res_bf16 || !(((uintptr_t)rk->buf & 3) || ((uintptr_t)rv->buf & 3))) &&
-           !((uintptr_t)eo->buf & 3) && !((uintptr_t)el->buf & 3);
+           out->len == q->len && (!est || (eo->len == q->len && el->len == rows * 4)) && (est || el->len == 0) &&
+           !((uintptr_t)q->buf & 3) && !((uintptr_t)out->buf & 3) && !((uintptr_t)eo->buf & 3) &&
+           !((uintptr_t)el->buf & 3);
+}
+
+/* The resident rows' addresses [H * S] (keys, then values) from the segments table [nseg, 4]
+ * int64: (key address, value address, rows, head stride in elements), rows of D contiguous values,
+ * the segments in order (sinks, then the window); NULL (and an exception) when the table is bad. */
+static const void **resident_rows(const Py_buffer *seg, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, int bf16) {
+    const Py_ssize_t nseg = seg->len / 32, es = bf16 ? 2 : 4;
+    const int64_t *t = (const int64_t *)seg->buf;
+    Py_ssize_t total = 0;
+    int bad = seg->len % 32 != 0 || ((uintptr_t)seg->buf & 7);
+    for (Py_ssize_t j = 0; !bad && j < nseg; j++) {
+        bad |= t[4 * j + 2] < 0 || (t[4 * j + 2] > 0 && (t[4 * j] == 0 || t[4 * j + 1] == 0 || t[4 * j + 3] < t[4 * j + 2] * D ||
+               (t[4 * j] & (es - 1)) || (t[4 * j + 1] & (es - 1))));
+        total += t[4 * j + 2];
+    }
+    if (bad || total != S) {
+        PyErr_Format(PyExc_ValueError, "retrieval attention: the resident segments do not make %zd rows of %zd values", S, D);
+        return NULL;
+    }
+    const void **p = malloc((size_t)(2 * (H * S > 0 ? H * S : 1)) * sizeof *p);
+    if (!p) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t h = 0; h < H; h++) {
+        Py_ssize_t i = 0;
+        for (Py_ssize_t j = 0; j < nseg; j++)
+            for (int64_t r = 0; r < t[4 * j + 2]; r++, i++) {
+                const size_t off = (size_t)(h * t[4 * j + 3] + r * D) * (size_t)es;
+                p[h * S + i] = (const char *)(uintptr_t)t[4 * j] + off;
+                p[H * S + h * S + i] = (const char *)(uintptr_t)t[4 * j + 1] + off;
+            }
+    }
+    return p;
 }
 
 HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args) {
@@ -841,26 +872,32 @@ HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args) {
                           &a.S, &a.n, &a.D, &a.res_bf16, &a.ret_bf16, &a.scale, &threads))
         return NULL;
     PyObject *result = NULL;
-    const void **ptrs = NULL;
-    const Py_ssize_t ts = a.ret_bf16 ? 2 : 4, rows = a.H * a.G;
-    if (!attend_buffers_ok(&a, &q, &rk, &rv, &eo, &el, &out) || tk.len != rows * a.n * a.D * ts ||
+    const void **ptrs = NULL, **rptrs = NULL;
+    const Py_ssize_t ts = a.ret_bf16 ? 2 : 4, rs = a.res_bf16 ? 2 : 4, rows = a.H * a.G;
+    if (!attend_buffers_ok(&a, &q, &eo, &el, &out) || rk.len != a.H * a.S * a.D * rs || rv.len != rk.len ||
+        ((uintptr_t)rk.buf & (rs - 1)) || ((uintptr_t)rv.buf & (rs - 1)) || tk.len != rows * a.n * a.D * ts ||
         tv.len != tk.len || ((uintptr_t)tk.buf & 1) || ((uintptr_t)tv.buf & 1) ||
         (!a.ret_bf16 && (((uintptr_t)tk.buf & 3) || ((uintptr_t)tv.buf & 3)))) {
         PyErr_Format(PyExc_ValueError, "retrieval_attend: buffers do not match H=%zd, G=%zd, S=%zd, n=%zd, D=%zd",
                      a.H, a.G, a.S, a.n, a.D);
         goto done;
     }
-    const Py_ssize_t nrows = rows * a.n;
+    const Py_ssize_t nrows = rows * a.n, nres = a.H * a.S;
     ptrs = malloc((size_t)(2 * (nrows > 0 ? nrows : 1)) * sizeof *ptrs);
-    if (!ptrs) {
+    rptrs = malloc((size_t)(2 * (nres > 0 ? nres : 1)) * sizeof *rptrs);
+    if (!ptrs || !rptrs) {
         PyErr_NoMemory();
         goto done;
+    }
+    for (Py_ssize_t i = 0; i < nres; i++) {
+        rptrs[i] = (const char *)rk.buf + i * a.D * rs;
+        rptrs[nres + i] = (const char *)rv.buf + i * a.D * rs;
     }
     for (Py_ssize_t i = 0; i < nrows; i++) {
         ptrs[i] = (const char *)tk.buf + i * a.D * ts;
         ptrs[nrows + i] = (const char *)tv.buf + i * a.D * ts;
     }
-    a.q = (const float *)q.buf, a.rk = rk.buf, a.rv = rv.buf, a.tkp = ptrs, a.tvp = ptrs + nrows;
+    a.q = (const float *)q.buf, a.rkp = rptrs, a.rvp = rptrs + nres, a.tkp = ptrs, a.tvp = ptrs + nrows;
     a.eo = eo.len ? (const float *)eo.buf : NULL, a.el = eo.len ? (const float *)el.buf : NULL;
     a.out = (float *)out.buf;
     if (run_attend(&a, threads)) {
@@ -871,6 +908,7 @@ HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args) {
     Py_INCREF(result);
 done:
     free(ptrs);
+    free(rptrs);
     PyBuffer_Release(&q);
     PyBuffer_Release(&rk);
     PyBuffer_Release(&rv);
@@ -882,27 +920,28 @@ done:
     return result;
 }
 
-/* retrieval_attend with the retrieved rows read in place from a host KV pool (no gathered copy):
+/* retrieval_attend with the resident rows given as segments (sinks, window spans: no concatenated
+ * copy; see resident_rows) and the retrieved rows read in place from a host KV pool (no gathered copy):
  * records [slots, 2, kvh, block, D] (raw K/V), table [blocks] block -> slot (-1: not in memory),
  * positions [H, G, n] int64 of kv head h = the row's head. Writes each row's slot into slots_out
  * [H, G, n] (the caller marks them used). Returns 1 without computing anything when a position's
  * block is not in memory (or out of range): the caller then gathers through the general path. */
 HIDDEN PyObject *retrieval_attend_pool(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer q, rk, rv, rec, table, pos, slots, eo, el, out;
+    Py_buffer q, seg, rec, table, pos, slots, eo, el, out;
     attend_rows_args a;
     Py_ssize_t block, kvh;
     int threads;
     memset(&a, 0, sizeof a);
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*w*y*y*w*nnnnnnniifi", &q, &rk, &rv, &rec, &table, &pos, &slots, &eo,
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*y*y*w*nnnnnnniifi", &q, &seg, &rec, &table, &pos, &slots, &eo,
                           &el, &out, &a.H, &a.G, &a.S, &a.n, &a.D, &block, &kvh, &a.res_bf16, &a.ret_bf16, &a.scale,
                           &threads))
         return NULL;
     PyObject *result = NULL;
-    const void **ptrs = NULL;
+    const void **ptrs = NULL, **rptrs = NULL;
     const Py_ssize_t ts = a.ret_bf16 ? 2 : 4, rows = a.H * a.G, nrows = rows * a.n;
     const Py_ssize_t row_bytes = a.D * ts, rec_bytes = 2 * kvh * block * row_bytes;
-    if (!attend_buffers_ok(&a, &q, &rk, &rv, &eo, &el, &out) || block <= 0 || kvh < a.H || rec_bytes <= 0 ||
+    if (!attend_buffers_ok(&a, &q, &eo, &el, &out) || block <= 0 || kvh < a.H || rec_bytes <= 0 ||
         rec.len % rec_bytes || pos.len != nrows * 8 || slots.len != nrows * 8 || table.len % 8 ||
         ((uintptr_t)rec.buf & (a.ret_bf16 ? 1 : 3)) || ((uintptr_t)pos.buf & 7) || ((uintptr_t)slots.buf & 7) ||
         ((uintptr_t)table.buf & 7)) {
@@ -910,6 +949,8 @@ HIDDEN PyObject *retrieval_attend_pool(PyObject *self, PyObject *args) {
                      "D=%zd, blocks of %zd, %zd kv heads", a.H, a.G, a.S, a.n, a.D, block, kvh);
         goto done;
     }
+    rptrs = resident_rows(&seg, a.H, a.S, a.D, a.res_bf16);
+    if (!rptrs) goto done;
     ptrs = malloc((size_t)(2 * (nrows > 0 ? nrows : 1)) * sizeof *ptrs);
     if (!ptrs) {
         PyErr_NoMemory();
@@ -933,7 +974,7 @@ HIDDEN PyObject *retrieval_attend_pool(PyObject *self, PyObject *args) {
         so[i] = slot;
     }
     if (!miss) {
-        a.q = (const float *)q.buf, a.rk = rk.buf, a.rv = rv.buf, a.tkp = ptrs, a.tvp = ptrs + nrows;
+        a.q = (const float *)q.buf, a.rkp = rptrs, a.rvp = rptrs + a.H * a.S, a.tkp = ptrs, a.tvp = ptrs + nrows;
         a.eo = eo.len ? (const float *)eo.buf : NULL, a.el = eo.len ? (const float *)el.buf : NULL;
         a.out = (float *)out.buf;
         if (run_attend(&a, threads)) {
@@ -944,9 +985,9 @@ HIDDEN PyObject *retrieval_attend_pool(PyObject *self, PyObject *args) {
     result = PyLong_FromLong(miss);
 done:
     free(ptrs);
+    free(rptrs);
     PyBuffer_Release(&q);
-    PyBuffer_Release(&rk);
-    PyBuffer_Release(&rv);
+    PyBuffer_Release(&seg);
     PyBuffer_Release(&rec);
     PyBuffer_Release(&table);
     PyBuffer_Release(&pos);

@@ -221,14 +221,16 @@ class OffloadedLayerKV:
         k, v, _ = self.gather(list(rows.unbind(0)))
         return k, v
 
-    def attend_rows(self, q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Tensor, rows: torch.Tensor,
-                    rest: PartialAttention | None, scale: float, threads: int | None = None) -> torch.Tensor | None:
+    def attend_rows(self, q: torch.Tensor, resident_k: Sequence[torch.Tensor], resident_v: Sequence[torch.Tensor],
+                    rows: torch.Tensor, rest: PartialAttention | None, scale: float,
+                    threads: int | None = None) -> torch.Tensor | None:
         """The per-row decode attention reading the retrieved rows where they are stored: query row
-        ``q[h, g]`` (``q [H_kv, G, D]`` fp32) over the resident ``K/V [H_kv, S, D]`` of its kv head
-        and the offloaded positions ``rows [H_kv, G, k]``, with ``rest`` in the same softmax, as
-        :func:`~flashtier.retrieval.cluster_batch.attend_rows` over the gathered rows computes it
-        (the same result to the bit). None where the stores cannot be read in place (then the
-        caller gathers): this base class never can."""
+        ``q[h, g]`` (``q [H_kv, G, D]`` fp32) over the resident K/V of its kv head (parts
+        ``[H_kv, S_i, D]`` in position order) and the offloaded positions ``rows [H_kv, G, k]``,
+        with ``rest`` in the same softmax, as :func:`~flashtier.retrieval.cluster_batch.attend_rows`
+        over the concatenated resident and the gathered rows computes it (the same result to the
+        bit). None where the stores cannot be read in place (then the caller gathers): this base
+        class never can."""
         return None
 
     def nbytes(self) -> int:
@@ -280,24 +282,32 @@ class RetrievalAttention:
     def decode_step(
         self,
         query: torch.Tensor,
-        resident_k: torch.Tensor,
-        resident_v: torch.Tensor,
+        resident_k: torch.Tensor | Sequence[torch.Tensor],
+        resident_v: torch.Tensor | Sequence[torch.Tensor],
         offloaded: OffloadedLayerKV,
         scale: float,
     ) -> RetrievalOutput:
         """Attention of ``query [H_q, D]`` over the resident ``K/V [H_kv, S, D]`` plus the top-k of
-        ``offloaded``, merged exactly (``scale`` multiplies ``q . k`` before the softmax)."""
+        ``offloaded``, merged exactly (``scale`` multiplies ``q . k`` before the softmax). The
+        resident K/V may come in parts ``[H_kv, S_i, D]`` in position order (the sinks and the
+        window's spans: concatenated only where a path needs one tensor)."""
+        parts_k = [resident_k] if isinstance(resident_k, torch.Tensor) else list(resident_k)
+        parts_v = [resident_v] if isinstance(resident_v, torch.Tensor) else list(resident_v)
+        if not parts_k or len(parts_k) != len(parts_v):
+            raise InputError(f"resident K/V must come in as many key parts as value parts (at least one), got "
+                             f"{len(parts_k)} and {len(parts_v)}")
         h_kv, d = offloaded.num_kv_heads, offloaded.head_dim
         if query.dim() != 2 or query.shape[1] != d or query.shape[0] % h_kv:
             raise InputError(f"query must be [H_q, {d}] with H_q a multiple of H_kv={h_kv}, got {tuple(query.shape)}")
-        if resident_k.dim() != 3 or resident_k.shape[0] != h_kv or resident_k.shape[2] != d or resident_v.shape != resident_k.shape:
-            raise InputError(
-                f"resident K/V must be [H_kv={h_kv}, S, D={d}], got {tuple(resident_k.shape)} and {tuple(resident_v.shape)}"
-            )
+        for pk, pv in zip(parts_k, parts_v):
+            if pk.dim() != 3 or pk.shape[0] != h_kv or pk.shape[2] != d or pv.shape != pk.shape:
+                raise InputError(
+                    f"resident K/V must be [H_kv={h_kv}, S, D={d}], got {tuple(pk.shape)} and {tuple(pv.shape)}"
+                )
         q_dev = query.reshape(h_kv, -1, d)  # [H_kv, G, D] where the resident K/V are (a GPU's, or the CPU)
         # The search, the gather and the attention over retrieved keys run on the host, where the
         # index and the offloaded blocks are; the resident part where its K/V are; merged there.
-        device = resident_k.device
+        device = parts_k[0].device
         on_host = device.type == "cpu"
         q = q_dev if on_host else q_dev.cpu()
         t0 = time.perf_counter()
@@ -323,13 +333,15 @@ class RetrievalAttention:
         t1 = time.perf_counter()
         g = q.shape[1]
         if batch is not None and on_host:  # the retrieved rows read where they are, the merge in the same call
-            fused = offloaded.attend_rows(q, resident_k, resident_v, batch.positions, batch.rest, scale,
+            fused = offloaded.attend_rows(q, parts_k, parts_v, batch.positions, batch.rest, scale,
                                           threads=self.threads)  # [H_kv, G, D]
             if fused is not None:
                 t3 = time.perf_counter()
                 stats = StepStats(len(offloaded) * h_kv, scanned, sum(p.numel() for p in retrieved), t1 - t0, 0.0,
                                   t3 - t1)
                 return RetrievalOutput(fused.to(query.dtype).reshape(query.shape), tuple(retrieved), stats)
+        resident_k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=1)  # [H_kv, S, D]
+        resident_v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, dim=1)
         if batch is not None:  # every head G * k rows: no padding
             k, v = offloaded.gather_rows(batch.positions.reshape(h_kv, -1))  # [H_kv, n, D] x2
             valid = None

@@ -139,29 +139,54 @@ def attend_rows(q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Ten
     return out
 
 
-def attend_rows_in_place(q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Tensor, records: torch.Tensor,
-                         table: torch.Tensor, rows: torch.Tensor, block: int, dtype: torch.dtype,
-                         rest: PartialAttention | None, scale: float,
+def resident_segments(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> np.ndarray | None:
+    """The native attention's table of resident rows given in parts (sinks, window spans; no
+    concatenated copy): per part ``(key address, value address, rows, head stride)`` int64 for
+    ``keys[j], values[j] [H, n_j, D]`` whose rows are contiguous; None when a part is not (then
+    the caller concatenates). The tensors must stay alive while the table is used."""
+    rows = []
+    for k, v in zip(keys, values):
+        if k.shape != v.shape or k.dtype != v.dtype or k.dim() != 3 or k.stride() != v.stride():
+            return None
+        if k.shape[1] and (k.stride(2) != 1 or k.stride(1) != k.shape[2]):
+            return None
+        rows.append((k.data_ptr(), v.data_ptr(), k.shape[1], k.stride(0)))
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def attend_rows_in_place(q: torch.Tensor, resident_k: Sequence[torch.Tensor], resident_v: Sequence[torch.Tensor],
+                         records: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, block: int,
+                         dtype: torch.dtype, rest: PartialAttention | None, scale: float,
                          threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`attend_rows` with the retrieved K/V read in place from a host KV pool: ``records
-    [slots, bytes]`` (uint8; a slot holds one block of every kv head, raw ``[2, H_all, block, D]`` of
-    ``dtype``), ``table [blocks]`` (int64 slot of each block of the layer, -1 when not in host
-    memory), ``rows [H, G, n]`` the offloaded positions query row ``(h, g)`` attends (kv head ``h``).
-    Returns the output ``[H, G, D]`` fp32 (equal to :func:`attend_rows` over the gathered rows, to the
-    bit) and the slot of every row read ``[H * G * n]``; None where it does not apply (no native
-    extension, other dtypes, a block not in host memory)."""
+    """:func:`attend_rows` with the resident K/V in parts (``resident_k[j], resident_v[j] [H, n_j,
+    D]``, in position order: sinks, then the window; no concatenated copy) and the retrieved K/V read
+    in place from a host KV pool: ``records [slots, bytes]`` (uint8; a slot holds one block of every
+    kv head, raw ``[2, H_all, block, D]`` of ``dtype``), ``table [blocks]`` (int64 slot of each block
+    of the layer, -1 when not in host memory), ``rows [H, G, n]`` the offloaded positions query row
+    ``(h, g)`` attends (kv head ``h``). Returns the output ``[H, G, D]`` fp32 (equal to
+    :func:`attend_rows` over the concatenated resident and the gathered rows, to the bit) and the
+    slot of every row read ``[H * G * n]``; None where it does not apply (no native extension, other
+    dtypes, parts that are not row-contiguous, a block not in host memory)."""
     if _retrieval_attend_pool is None or q.dtype != torch.float32 or q.device.type != "cpu" or q.dim() != 3:
         return None
-    if resident_k.dtype not in _KV_DTYPES or dtype not in _KV_DTYPES or resident_v.dtype != resident_k.dtype:
+    if not resident_k or len(resident_k) != len(resident_v):
+        return None
+    res_dtype = resident_k[0].dtype
+    if res_dtype not in _KV_DTYPES or dtype not in _KV_DTYPES or any(t.dtype != res_dtype for t in resident_k):
         return None
     h, g, d = q.shape
-    if resident_k.shape[0] != h or rows.dim() != 3 or rows.shape[:2] != (h, g) or records.dim() != 2:
+    if rows.dim() != 3 or rows.shape[:2] != (h, g) or records.dim() != 2:
+        return None
+    if any(t.dim() != 3 or t.shape[0] != h or t.shape[2] != d or t.device.type != "cpu" for t in resident_k):
+        return None
+    segments = resident_segments(resident_k, resident_v)
+    if segments is None:
         return None
     row_bytes = d * dtype.itemsize
     if records.shape[1] % (2 * block * row_bytes):
         return None
     kv_heads = records.shape[1] // (2 * block * row_bytes)
-    parts = [t.detach().contiguous() for t in (q, resident_k, resident_v)]
+    qc = q.detach().contiguous()
     if rest is not None:
         est_out = rest.out.detach().to(torch.float32).contiguous()  # [H, G, D]
         est_lse = rest.lse.detach().to(torch.float32).contiguous()  # [H, G]
@@ -170,10 +195,9 @@ def attend_rows_in_place(q: torch.Tensor, resident_k: torch.Tensor, resident_v: 
     positions = rows.to(torch.int64).contiguous()  # [H, G, n]
     slots = torch.empty(positions.numel(), dtype=torch.int64)
     out = torch.empty((h, g, d), dtype=torch.float32)  # [H, G, D]
-    views = [t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy() for t in parts]
-    if _retrieval_attend_pool(*views, records.numpy(), table.numpy(), positions.numpy(), slots.numpy(),
-                              est_out.numpy(), est_lse.numpy(), out.numpy(), h, g, resident_k.shape[1],
-                              positions.shape[2], d, block, kv_heads, int(resident_k.dtype == torch.bfloat16),
+    if _retrieval_attend_pool(qc.numpy(), segments, records.numpy(), table.numpy(), positions.numpy(), slots.numpy(),
+                              est_out.numpy(), est_lse.numpy(), out.numpy(), h, g, int(segments[:, 2].sum()),
+                              positions.shape[2], d, block, kv_heads, int(res_dtype == torch.bfloat16),
                               int(dtype == torch.bfloat16), float(scale),
                               threads if threads is not None else torch.get_num_threads()):
         return None

@@ -66,6 +66,14 @@ class DeviceKVWindow:
         return (torch.cat([self._k[layer, :, lo:hi] for lo, hi, _ in spans], dim=1),
                 torch.cat([self._v[layer, :, lo:hi] for lo, hi, _ in spans], dim=1))
 
+    def read_parts(self, layer: int, start: int, stop: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`read` without the copy: views ``[H_kv, n_i, D]`` of the ring in position order
+        (two when the range wraps around)."""
+        if stop - start > self.ring_tokens or stop < start:
+            raise InputError(f"device KV ring holds {self.ring_tokens} positions, asked {start}..{stop}")
+        spans = self._spans(start, stop)
+        return [self._k[layer, :, lo:hi] for lo, hi, _ in spans], [self._v[layer, :, lo:hi] for lo, hi, _ in spans]
+
     def sinks(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[H_kv, count, D]`` of positions ``0 .. count-1`` (``count <= sink``)."""
         return self._sink_k[layer, :, :count], self._sink_v[layer, :, :count]

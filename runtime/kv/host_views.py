@@ -75,8 +75,9 @@ class PagedLayerKV(OffloadedLayerKV):
         every block is in host memory)."""
         return self._pool.gather(self._layer, self._all_heads, rows)
 
-    def attend_rows(self, q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Tensor, rows: torch.Tensor,
-                    rest: PartialAttention | None, scale: float, threads: int | None = None) -> torch.Tensor | None:
+    def attend_rows(self, q: torch.Tensor, resident_k: Sequence[torch.Tensor], resident_v: Sequence[torch.Tensor],
+                    rows: torch.Tensor, rest: PartialAttention | None, scale: float,
+                    threads: int | None = None) -> torch.Tensor | None:
         """See :meth:`OffloadedLayerKV.attend_rows`: the retrieved rows are read in place from the
         pool's blocks (one native call, no gathered copy) when every one is in host memory."""
         raw = self._pool.raw_rows(self._layer)

@@ -246,22 +246,34 @@ class RetrievalKVCache:
         h_kv = self.layout.num_kv_heads
         self.device_tier.write(layer, k, v, start)
         self._layer_len[layer] = start + 1
-        res_k, res_v, res_pos = self._resident(layer, start + 1)  # [H_kv, S, D]
         q1 = q[:, 0].float()  # [H_q, D]
         offloaded = self._offloaded[layer]
         if len(offloaded) == 0:
+            res_k, res_v, _ = self._resident(layer, start + 1)  # [H_kv, S, D]
             out = partial_attention(q1.view(h_kv, h_q // h_kv, d), res_k, res_v, self._scale).out.reshape(h_q, d)
         else:
-            result = self._attention.decode_step(q1, res_k, res_v, offloaded, self._scale)
+            parts_k, parts_v = self._resident_parts(layer, start + 1)  # [H_kv, S_i, D] each, in position order
+            result = self._attention.decode_step(q1, parts_k, parts_v, offloaded, self._scale)
             self.counters.add_step(result.stats, h_kv)
             out = result.output
             every = self.config.check_attention
             if every and self.counters.decode_steps % every == 0:
                 t0 = time.perf_counter()
-                self._compare_with_exact(layer, q1, res_pos, result.retrieved)
+                self._compare_with_exact(layer, q1, self._resident(layer, start + 1)[2], result.retrieved)
                 self.counters.check_s += time.perf_counter() - t0
         self._demote(layer)
         return out.to(q.dtype).unsqueeze(1)
+
+    def _resident_parts(self, layer: int, end: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`_resident`'s keys and values as views in position order (the sinks, then the ring's
+        one or two spans), without concatenating them."""
+        sink = min(self.config.retrieval.sink_tokens, end)
+        lo = max(self.config.retrieval.sink_tokens, self._ring_start[layer])
+        ks, vs = self.device_tier.sinks(layer, sink)
+        if lo >= end:
+            return [ks], [vs]
+        kr, vr = self.device_tier.read_parts(layer, lo, end)
+        return [ks, *kr], [vs, *vr]
 
     def _resident(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Device-tier keys, values ``[H_kv, S, D]`` and their positions ``[S]``: the sinks, then

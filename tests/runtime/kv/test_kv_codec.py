@@ -203,10 +203,11 @@ def test_the_native_gather_reads_the_rows_of_the_general_path(tmp_path, monkeypa
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_rest", [True, False])
 def test_attention_over_rows_read_in_place_equals_it_over_the_gathered_rows(tmp_path, dtype, with_rest):
-    """The decode step's fused attention reading the retrieved rows where the host pool keeps them
-    (retrieval_attend_pool) gives the output of the same attention over the gathered rows, bit for
-    bit, and marks the slots it read as used; with a row on a spilled block it computes nothing
-    (None: the caller gathers through the general path)."""
+    """The decode step's fused attention reading the resident rows as views (sinks and a ring's two
+    spans) and the retrieved rows where the host pool keeps them (retrieval_attend_pool) gives the
+    output of the same attention over concatenated and gathered rows, bit for bit, and marks the
+    slots it read as used; with a row on a spilled block it computes nothing (None: the caller
+    gathers through the general path)."""
     from flashtier.retrieval.cluster_batch import attend_rows, attend_rows_in_place
     from flashtier.retrieval.merge import PartialAttention
     from flashtier.runtime.kv.host_views import PagedLayerKV
@@ -228,13 +229,16 @@ def test_attention_over_rows_read_in_place_equals_it_over_the_gathered_rows(tmp_
     res_k, res_v = (torch.randn(3, 5, 32, generator=g).to(dtype) for _ in range(2))  # [H, S, D]
     rest = PartialAttention(torch.randn(3, 2, 32, generator=g), torch.randn(3, 2, generator=g)) if with_rest else None
     lru = pool.store._manager.policies[(pool.arena, "host")]  # SlotLRU: last use of each slot
-    fused = view.attend_rows(q, res_k, res_v, rows, rest, 0.2)
+    ring_k, ring_v = (torch.randn(3, 9, 32, generator=g).to(dtype) for _ in range(2))  # a ring buffer's views
+    parts_k, parts_v = [res_k, ring_k[:, 6:], ring_k[:, :2]], [res_v, ring_v[:, 6:], ring_v[:, :2]]  # sinks + spans
+    fused = view.attend_rows(q, parts_k, parts_v, rows, rest, 0.2)
     read = {int(pool._tables[1].view()[b]) for b in (rows // 16).unique().tolist()}
     assert {int(s) for s in (lru._last == lru._clock).nonzero()[0]} == read
     k, v = view.gather_rows(rows.reshape(3, -1))  # [H, G * n, D]
-    gathered = attend_rows(q, res_k, res_v, k.view(3, 2, 7, 32), v.view(3, 2, 7, 32), rest, 0.2)
+    gathered = attend_rows(q, torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1), k.view(3, 2, 7, 32),
+                           v.view(3, 2, 7, 32), rest, 0.2)
     assert fused is not None and torch.equal(fused, gathered)
     cold = [b for b in range(10) if b not in on_host]
     rows[1, 0, 3] = cold[0] * 16 + 2  # one row on a spilled block
-    assert view.attend_rows(q, res_k, res_v, rows, rest, 0.2) is None
+    assert view.attend_rows(q, parts_k, parts_v, rows, rest, 0.2) is None
     spill.close()
