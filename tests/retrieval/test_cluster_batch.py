@@ -124,6 +124,35 @@ def test_bad_arguments_are_an_error_not_a_crash() -> None:
                        np.zeros(0, np.float32), 1, 16, 4, 8, 12.0, 1, 1, 0, 0.3, 0.25, 0.25, 1)
 
 
+def test_bad_attention_arguments_are_an_error_not_a_crash() -> None:
+    """The in-place attention refuses a resident-segments table that does not make S rows of D
+    values (null addresses, rows that overlap the next head, a wrong total) and buffers of the wrong
+    size, with a ValueError naming it."""
+    from flashtier._native import retrieval_attend_pool
+
+    h, g, s_, n, d, block = 2, 2, 3, 2, 16, 4
+    k = np.zeros((h, s_, d), dtype=np.float32)
+    v = np.zeros_like(k)
+    records = np.zeros((2, 2 * h * block * d * 4), dtype=np.uint8)
+    table = np.zeros(2, dtype=np.int64)
+    pos = np.zeros((h, g, n), dtype=np.int64)
+    good = np.array([[k.ctypes.data, v.ctypes.data, s_, s_ * d]], dtype=np.int64)
+    bad = {"null address": np.array([[0, v.ctypes.data, s_, s_ * d]], dtype=np.int64),
+           "overlapping heads": np.array([[k.ctypes.data, v.ctypes.data, s_, d]], dtype=np.int64),
+           "wrong total": np.array([[k.ctypes.data, v.ctypes.data, s_ - 1, s_ * d]], dtype=np.int64),
+           "not a table": np.zeros(5, dtype=np.int64)}
+    def call(seg, out_rows=h * g):
+        return retrieval_attend_pool(np.zeros((h, g, d), np.float32), seg, records, table, pos,
+                                     np.zeros(h * g * n, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32),
+                                     np.zeros((out_rows, d), np.float32), h, g, s_, n, d, block, h, 0, 0, 0.25, 1)
+    assert call(good) == 0  # (all positions in block 0, slot 0: computed)
+    for what, seg in bad.items():
+        with pytest.raises(ValueError, match="resident segments"):
+            call(seg)
+    with pytest.raises(ValueError, match="retrieval_attend_pool"):
+        call(good, out_rows=1)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_decode_step_same_through_either_path(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
     config = retrieval_config({"retrieval_preset": preset})
