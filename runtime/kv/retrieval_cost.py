@@ -98,6 +98,9 @@ class RetrievalCost:
         return num_layers * self.layer_seconds(config, shape, context)
 
 
+PROBE_METHOD = 2
+"""Bumped when the probe measures differently (2: decode threading, the step of session 13), so a
+cached probe of an older method is measured again rather than reused."""
 PROBE_CONTEXTS = (4096, 12288)
 """Context lengths of the two probe runs (the bytes a step reads differ ~2.5x between them for the
 default preset)."""
@@ -206,7 +209,7 @@ def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: 
                 "estimate": config.estimate_rest, "options": dict(config.index_options),
                 "threads": torch.get_num_threads(), "cpu": cpu,
                 "block": cache_config.block_size, "kv_quant_bits": cache_config.kv_quant_bits,
-                "layers": probe_layers(num_layers, shape.num_kv_heads)}
+                "layers": probe_layers(num_layers, shape.num_kv_heads), "method": PROBE_METHOD}
     return json.dumps(settings, sort_keys=True)
 
 
