@@ -156,7 +156,8 @@ def run_context(model: Transformer, fill: ProjectionPrefill, length: int, args: 
     c = model.config
     row: dict[str, Any] = {"context": length}
     if full:
-        cache = BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype, device=model.device)
+        cache = BlockKVCache(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype, device=model.device,
+                             threads=model.linear.kernel_threads)  # as the model's own cache
         cache.reserve(length + args.full_steps + args.warmup + 1)
         fill.fill(cache, length)
         t_full, t_ref = paired(Decoder(model, cache, length, args.seed), reference, args.full_steps, args.warmup)
