@@ -98,9 +98,14 @@ class RetrievalCost:
         return num_layers * self.layer_seconds(config, shape, context)
 
 
-PROBE_METHOD = 2
-"""Bumped when the probe measures differently (2: decode threading, the step of session 13), so a
-cached probe of an older method is measured again rather than reused."""
+PROBE_METHOD = 3
+"""Bumped when the probe measures differently (2: decode threading; 3: caches flushed between
+layers), so a cached probe of an older method is measured again rather than reused."""
+PROBE_FLUSH_BYTES = 32 << 20
+"""Bytes written between two layers' steps (untimed): in a forward the weights of the layer's
+matrices stream through the CPU caches between attention calls, so a step finds its window, its
+queries and the index metadata in DRAM; back-to-back probe steps found them cached and predicted
+too small a fixed cost (kv-long at 4K: 0.59x the measured step)."""
 PROBE_CONTEXTS = (4096, 12288)
 """Context lengths of the two probe runs (the bytes a step reads differ ~2.5x between them for the
 default preset)."""
@@ -152,6 +157,7 @@ def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple
     threads = torch.get_num_threads()
     caches = [synthetic_cache(config, shape, c, steps, gen, dtype, layers, offset, threads) for c in contexts]
     torch.set_num_threads(1)  # as generate's decode steps: torch at one thread, the native search at `threads`
+    flush = torch.zeros(PROBE_FLUSH_BYTES // 4, dtype=torch.int32)  # written between layers, not timed
     try:
         times: list[list[float]] = [[] for _ in contexts]
         done = [0 for _ in contexts]
@@ -161,12 +167,15 @@ def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple
                     args = [(torch.randn(h * g, 1, d, generator=gen).to(dtype),  # q [H_q, 1, D]
                              (offset + torch.randn(h, 1, d, generator=gen)).to(dtype),  # k, v [H, 1, D]
                              torch.randn(h, 1, d, generator=gen).to(dtype)) for _ in range(layers)]
-                    t0 = time.perf_counter()
+                    spent = 0.0
                     for layer, (q, k, v) in enumerate(args):
+                        flush.add_(1)  # between layers a forward streams weights through the CPU caches
+                        t0 = time.perf_counter()
                         cache.attend(layer, q, k, v, context + done[j])
+                        spent += time.perf_counter() - t0
                     done[j] += 1
                     if i:
-                        times[j].append((time.perf_counter() - t0) / layers)
+                        times[j].append(spent / layers)
         return [statistics.median(t) for t in times]
     finally:
         torch.set_num_threads(threads)
