@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from flashtier.benchmarks.bench_matvec import gb_per_s
 from flashtier.benchmarks.common import finish, machine
 from flashtier.runtime.kernels import Linear
 from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
@@ -39,16 +40,7 @@ LLAMA_8B = HeadShape(num_kv_heads=8, queries_per_kv=4, head_dim=128)
 def stream_gb_per_s(seconds: float = 1.0) -> float:
     """Weight bytes a bf16 matvec streams per second here now (16 matrices of 23 MB, past the caches)."""
     ws = [torch.randn(5632, 2048).to(torch.bfloat16) for _ in range(16)]
-    x = torch.randn(1, 2048).to(torch.bfloat16)  # [1, 2048]
-    lin = Linear(fast=True)
-    for w in ws[:2]:
-        lin(x, w)
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        for w in ws:
-            lin(x, w)
-            n += 1
-    return n * ws[0].nbytes / (time.perf_counter() - t0) / 1e9
+    return gb_per_s(Linear(fast=True), ws, torch.randn(1, 2048).to(torch.bfloat16), seconds)
 
 
 @torch.inference_mode()

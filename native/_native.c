@@ -2371,24 +2371,21 @@ static PyObject *kv_gather(PyObject *self, PyObject *args) {
             break;
         }
         for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t slot;
             if (i + GATHER_AHEAD < n) {  /* rows are scattered over the pool: ask for a later one now */
-                int64_t p2 = pos[r * n + i + GATHER_AHEAD], b2 = p2 >= 0 ? p2 / block : -1;
-                int64_t s2 = b2 >= 0 && b2 < nblocks ? tb[b2] : -1;
-                if (s2 >= 0 && s2 < nslots) {
-                    Py_ssize_t key2 = ((s2 * 2) * kvh + h) * block + (p2 - b2 * block);
+                const int64_t key2 = kv_pool_key_row(tb, nblocks, nslots, block, kvh, h, pos[r * n + i + GATHER_AHEAD],
+                                                     &slot);
+                if (key2 >= 0)
                     for (Py_ssize_t o = 0; o < row_bytes; o += 64) {
                         __builtin_prefetch(base + key2 * row_bytes + o, 0, 0);
                         __builtin_prefetch(base + (key2 + kvh * block) * row_bytes + o, 0, 0);
                     }
-                }
             }
-            int64_t p = pos[r * n + i], b = p >= 0 ? p / block : -1;
-            int64_t slot = b >= 0 && b < nblocks ? tb[b] : -1;
-            if (slot < 0 || slot >= nslots) {
+            const int64_t key = kv_pool_key_row(tb, nblocks, nslots, block, kvh, h, pos[r * n + i], &slot);
+            if (key < 0) {
                 miss = 1;
                 break;
             }
-            Py_ssize_t key = ((slot * 2) * kvh + h) * block + (p - b * block);
             memcpy(kout + (r * n + i) * row_bytes, base + key * row_bytes, (size_t)row_bytes);
             memcpy(vout + (r * n + i) * row_bytes, base + (key + kvh * block) * row_bytes, (size_t)row_bytes);
             slots[r * n + i] = slot;

@@ -962,13 +962,12 @@ HIDDEN PyObject *retrieval_attend_pool(PyObject *self, PyObject *args) {
     const char *base = (const char *)rec.buf;
     int miss = 0;
     for (Py_ssize_t i = 0; i < nrows && !miss; i++) {
-        const int64_t h = i / (a.G * a.n), p = ps[i], b = p >= 0 ? p / block : -1;
-        const int64_t slot = b >= 0 && b < nblocks ? tb[b] : -1;
-        if (slot < 0 || slot >= nslots) {
+        int64_t slot;
+        const int64_t key = kv_pool_key_row(tb, nblocks, nslots, block, kvh, i / (a.G * a.n), ps[i], &slot);
+        if (key < 0) {
             miss = 1;
             break;
         }
-        const Py_ssize_t key = ((slot * 2) * kvh + h) * block + (p - b * block);
         ptrs[i] = base + key * row_bytes;
         ptrs[nrows + i] = base + (key + kvh * block) * row_bytes;
         so[i] = slot;

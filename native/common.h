@@ -118,6 +118,19 @@ static inline int pool_parts(int threads) { return threads < 1 ? 1 : (threads > 
  * call with the GIL released. One job runs at a time. */
 HIDDEN void pool_run(const matvec_job *job, Py_ssize_t min_rows);
 
+/* A host KV pool's records are slots of [2, kv_heads, block, D] rows (keys, then values); `table`
+ * maps a layer's block to its slot (< 0: not in memory). The row index of kv head h's key at
+ * position p (its value row is kv_heads * block further), with its slot in *slot_out; -1 when the
+ * position's block is out of the table or not in memory. */
+static inline int64_t kv_pool_key_row(const int64_t *table, int64_t nblocks, int64_t nslots, int64_t block,
+                                      int64_t kv_heads, int64_t h, int64_t p, int64_t *slot_out) {
+    const int64_t b = p >= 0 ? p / block : -1;
+    const int64_t slot = b >= 0 && b < nblocks ? table[b] : -1;
+    if (slot < 0 || slot >= nslots) return -1;
+    *slot_out = slot;
+    return ((slot * 2) * kv_heads + h) * block + (p - b * block);
+}
+
 /* cluster_search.c */
 HIDDEN PyObject *cluster_search(PyObject *self, PyObject *args);
 HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args);

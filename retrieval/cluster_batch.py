@@ -105,6 +105,15 @@ def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, 
     return HeadsSearch(positions, tuple(int(s) for s in scanned), rest)
 
 
+def _rest_buffers(rest: PartialAttention | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The estimate of the rest as the native attention takes it: out ``[H, G, D]`` and lse
+    ``[H, G]`` contiguous fp32, or two empty buffers without one."""
+    if rest is None:
+        empty = torch.empty(0, dtype=torch.float32)
+        return empty, empty
+    return rest.out.detach().to(torch.float32).contiguous(), rest.lse.detach().to(torch.float32).contiguous()
+
+
 def attend_rows(q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Tensor, retrieved_k: torch.Tensor,
                 retrieved_v: torch.Tensor, rest: PartialAttention | None, scale: float,
                 threads: int | None = None) -> torch.Tensor | None:
@@ -125,11 +134,7 @@ def attend_rows(q: torch.Tensor, resident_k: torch.Tensor, resident_v: torch.Ten
     if resident_k.shape[0] != h or retrieved_k.dim() != 4 or retrieved_k.shape[:2] != (h, g):
         return None
     parts = [t.detach().contiguous() for t in (q, resident_k, resident_v, retrieved_k, retrieved_v)]
-    if rest is not None:
-        est_out = rest.out.detach().to(torch.float32).contiguous()  # [H, G, D]
-        est_lse = rest.lse.detach().to(torch.float32).contiguous()  # [H, G]
-    else:
-        est_out = est_lse = torch.empty(0, dtype=torch.float32)
+    est_out, est_lse = _rest_buffers(rest)  # [H, G, D], [H, G] (empty without an estimate)
     out = torch.empty((h, g, d), dtype=torch.float32)  # [H, G, D]
     views = [t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy() for t in parts]
     _retrieval_attend(*views, est_out.numpy(), est_lse.numpy(), out.numpy(), h, g, resident_k.shape[1],
@@ -187,11 +192,7 @@ def attend_rows_in_place(q: torch.Tensor, resident_k: Sequence[torch.Tensor], re
         return None
     kv_heads = records.shape[1] // (2 * block * row_bytes)
     qc = q.detach().contiguous()
-    if rest is not None:
-        est_out = rest.out.detach().to(torch.float32).contiguous()  # [H, G, D]
-        est_lse = rest.lse.detach().to(torch.float32).contiguous()  # [H, G]
-    else:
-        est_out = est_lse = torch.empty(0, dtype=torch.float32)
+    est_out, est_lse = _rest_buffers(rest)  # [H, G, D], [H, G] (empty without an estimate)
     positions = rows.to(torch.int64).contiguous()  # [H, G, n]
     slots = torch.empty(positions.numel(), dtype=torch.int64)
     out = torch.empty((h, g, d), dtype=torch.float32)  # [H, G, D]

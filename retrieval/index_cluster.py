@@ -297,14 +297,10 @@ class ClusterIndex(KeyIndex):
             self._open_pos.append(tail_pos[start : start + chunk])
             if vals is not None:
                 self._open_val.append(vals)
-        rest = [t[end:].clone() for t in (tail, tail_pos)] + ([tail_val[end:].clone()] if tail_val is not None else [])
-        self._tail.truncate(0)
-        self._tail_pos.truncate(0)
-        self._tail_val.truncate(0)
-        self._tail.append(rest[0])
-        self._tail_pos.append(rest[1])
-        if tail_val is not None:
-            self._tail_val.append(rest[2])
+        for buf in (self._tail, self._tail_pos, self._tail_val):  # the partial chunk stays in the tail
+            rest = buf.view()[end:].clone()
+            buf.truncate(0)
+            buf.append(rest)
 
     def _drop_open_segment(self) -> None:
         """Forget the open segment's clusters (its keys are re-clustered by the caller)."""

@@ -57,14 +57,10 @@ class DeviceKVWindow:
     def read(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[H_kv, stop-start, D]`` of positions ``start .. stop-1`` (a view when
         they do not wrap around the ring)."""
-        if stop - start > self.ring_tokens or stop < start:
-            raise InputError(f"device KV ring holds {self.ring_tokens} positions, asked {start}..{stop}")
-        spans = self._spans(start, stop)
-        if len(spans) == 1:
-            lo, hi, _ = spans[0]
-            return self._k[layer, :, lo:hi], self._v[layer, :, lo:hi]
-        return (torch.cat([self._k[layer, :, lo:hi] for lo, hi, _ in spans], dim=1),
-                torch.cat([self._v[layer, :, lo:hi] for lo, hi, _ in spans], dim=1))
+        ks, vs = self.read_parts(layer, start, stop)
+        if len(ks) == 1:
+            return ks[0], vs[0]
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
     def read_parts(self, layer: int, start: int, stop: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """:meth:`read` without the copy: views ``[H_kv, n_i, D]`` of the ring in position order

@@ -214,8 +214,10 @@ class HostKVPool:
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`gather` in one native call (raw records, every block in host memory: the decode
         step's common case); None where it does not apply (then the general path runs)."""
-        if _kv_gather is None or type(self.codec) is not RawCodec or positions.dim() != 2:
+        raw_rows = self.raw_rows(layer) if _kv_gather is not None and positions.dim() == 2 else None
+        if raw_rows is None:
             return None
+        records, table = raw_rows
         lay = self.layout
         rows = positions.to(torch.int64).contiguous()  # [R, n] (no copy when it already is)
         hs = heads.to(torch.int64).contiguous()  # [R]
@@ -224,12 +226,10 @@ class HostKVPool:
         slots = torch.empty(rows.numel(), dtype=torch.int64)
         elem = lay.dtype.itemsize
         raw = torch.int16 if elem == 2 else torch.int32  # the buffers as plain integers (numpy has no bf16)
-        if _kv_gather(self.store.slot_table(self.arena).numpy(), self._tables[layer].view().numpy(), rows.numpy(),
-                      hs.numpy(), lay.block_size, lay.num_kv_heads, lay.head_dim, elem, k.view(raw).numpy(),
-                      v.view(raw).numpy(), slots.numpy()):
+        if _kv_gather(records.numpy(), table.numpy(), rows.numpy(), hs.numpy(), lay.block_size, lay.num_kv_heads,
+                      lay.head_dim, elem, k.view(raw).numpy(), v.view(raw).numpy(), slots.numpy()):
             return None  # a block on storage, or a bad position: the general path brings it back or names it
-        self.store.tick([self.arena])
-        self.store.touch_slots(self.arena, slots.numpy())
+        self.mark_read(slots)
         return k, v
 
     def raw_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:

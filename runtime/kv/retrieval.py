@@ -280,12 +280,11 @@ class RetrievalKVCache:
         the ring from ``max(sink, ring_start)`` to ``end``."""
         sink = min(self.config.retrieval.sink_tokens, end)
         lo = max(self.config.retrieval.sink_tokens, self._ring_start[layer])
-        ks, vs = self.device_tier.sinks(layer, sink)
         pos = torch.cat([torch.arange(sink), torch.arange(lo, max(lo, end))])
-        if lo >= end:
-            return ks, vs, pos
-        kr, vr = self.device_tier.read(layer, lo, end)
-        return torch.cat([ks, kr], dim=1), torch.cat([vs, vr], dim=1), pos
+        ks, vs = self._resident_parts(layer, end)
+        if len(ks) == 1:
+            return ks[0], vs[0], pos
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1), pos
 
     # ------------------------------------------------------------------ tier moves
     def _demote(self, layer: int) -> None:

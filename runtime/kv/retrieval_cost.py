@@ -148,9 +148,10 @@ def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple
                  dtype: torch.dtype, layers: int) -> list[float]:
     """Per context, the median seconds per layer of the decode-step attention through the
     runtime's own cache (:class:`RetrievalKVCache`: device ring, host pool, indexes) over ``layers``
-    layers, threaded as a decode step (torch at one thread, the native search at torch's count). Each timed step attends every layer in turn, as a forward pass does; the contexts take
-    turns in short runs of steps, so load swings on a shared machine hit them alike (the first step
-    of a run, which finds the other context's data in the CPU caches, is not timed)."""
+    layers, threaded as a decode step (torch at one thread, the native search at torch's count).
+    Each timed step attends every layer in turn, as a forward pass does; the contexts take turns in
+    short runs of steps, so load swings on a shared machine hit them alike (the first step of a
+    run, which finds the other context's data in the CPU caches, is not timed)."""
     gen = torch.Generator().manual_seed(seed)
     h, d, g = shape.num_kv_heads, shape.head_dim, shape.queries_per_kv
     offset = torch.randn(h, 1, d, generator=gen) * 2

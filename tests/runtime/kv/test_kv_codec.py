@@ -160,6 +160,18 @@ def test_generation_with_quantised_host_kv_runs_and_reports_its_codec(tmp_path):
     assert agree >= 0.75  # 8-bit KIVI barely moves a random model's logits
 
 
+def _half_spilled_pool(tmp_path, dtype: torch.dtype) -> tuple[KVBlockLayout, KVSpillStore, HostKVPool]:
+    """A raw host pool of 2 layers x 10 blocks (3 kv heads x 32, blocks of 16) of which 6 stay in
+    memory and the rest are spilled to ``tmp_path``; layer ``l`` holds ``_blocks(lay, 10, seed=l)``."""
+    lay = KVBlockLayout(2, 3, 32, 16, dtype)
+    spill = KVSpillStore(lay, str(tmp_path), record_bytes=RawCodec(lay).record_bytes)
+    pool = HostKVPool(lay, 6 * lay.block_bytes, spill, RawCodec(lay))
+    for layer in range(2):
+        pool.put(layer, 0, _blocks(lay, 10, seed=layer))
+    pool.enforce(0)
+    return lay, spill, pool
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_native_gather_reads_the_rows_of_the_general_path(tmp_path, monkeypatch, dtype):
     """HostKVPool.gather's one native call (raw records, blocks in host memory) returns the rows the
@@ -170,12 +182,7 @@ def test_the_native_gather_reads_the_rows_of_the_general_path(tmp_path, monkeypa
 
     if host_mod._kv_gather is None:
         pytest.skip("the C extension is not built")
-    lay = KVBlockLayout(2, 3, 32, 16, dtype)
-    spill = KVSpillStore(lay, str(tmp_path), record_bytes=RawCodec(lay).record_bytes)
-    pool = HostKVPool(lay, 6 * lay.block_bytes, spill, RawCodec(lay))  # 6 of the 10 blocks stay in memory
-    for layer in range(2):
-        pool.put(layer, 0, _blocks(lay, 10, seed=layer))
-    pool.enforce(0)
+    lay, spill, pool = _half_spilled_pool(tmp_path, dtype)
     g = torch.Generator().manual_seed(3)
     heads = torch.tensor([2, 0, 1, 2])
     on_host = [b for b in range(10) if int(pool._tables[1].view()[b]) >= 0]
@@ -214,12 +221,7 @@ def test_attention_over_rows_read_in_place_equals_it_over_the_gathered_rows(tmp_
 
     if attend_rows_in_place.__globals__["_retrieval_attend_pool"] is None:
         pytest.skip("the C extension is not built")
-    lay = KVBlockLayout(2, 3, 32, 16, dtype)
-    spill = KVSpillStore(lay, str(tmp_path), record_bytes=RawCodec(lay).record_bytes)
-    pool = HostKVPool(lay, 6 * lay.block_bytes, spill, RawCodec(lay))  # 6 of the 10 blocks stay in memory
-    for layer in range(2):
-        pool.put(layer, 0, _blocks(lay, 10, seed=layer))
-    pool.enforce(0)
+    lay, spill, pool = _half_spilled_pool(tmp_path, dtype)
     view = PagedLayerKV(pool, 1, RetrievalConfig())
     g = torch.Generator().manual_seed(5)
     on_host = [b for b in range(10) if int(pool._tables[1].view()[b]) >= 0]
