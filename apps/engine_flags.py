@@ -50,6 +50,7 @@ GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("fast_matvec", style="tristate"),
         Flag("activations", choices=("f32", "q8")),
         Flag("compressed", choices=("auto", "on", "off")),
+        Flag("huge_pages", style="onoff"),
     )),
     ("prompt cache", (
         Flag("prompt_cache", metavar="DIR"),

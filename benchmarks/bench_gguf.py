@@ -60,10 +60,11 @@ def ensure_files(work: Path, scenario: str, ftype: str) -> tuple[Path, Path]:
     return hf, out
 
 
-def flashtier_cmd(gguf: Path, tokens: int, budget: str | None, threads: int, activations: str = "f32") -> list[str]:
+def flashtier_cmd(gguf: Path, tokens: int, budget: str | None, threads: int, activations: str = "f32",
+                  huge_pages: str = "on") -> list[str]:
     cmd = [PY, "-m", "flashtier", "generate", str(gguf), "--prompt-ids", ",".join(str(i) for i in range(300, 316)),
            "--max-new-tokens", str(tokens), "--greedy", "--ignore-eos", "--json", "--max-context", "256",
-           "--threads", str(threads), "--activations", activations]
+           "--threads", str(threads), "--activations", activations, "--huge-pages", huge_pages]
     return cmd + (["--dram-budget", budget] if budget else [])
 
 
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also run both without a cap (flashtier's in-memory speed)")
     ap.add_argument("--q8", action="store_true",
                     help="also run flashtier with --activations q8 (int8 activations, llama.cpp's approximation)")
+    ap.add_argument("--huge-pages-off", action="store_true",
+                    help="also run flashtier (and with --q8 its q8 run) with --huge-pages off: 4 KiB pages only")
     a = ap.parse_args()
     s = SCENARIOS[a.scenario]
     cap = a.cap or s["cap"]
@@ -109,6 +112,11 @@ def main() -> None:
                "llamacpp": run_json(llamacpp_cmd(gguf, tokens, a.threads), cap=cap)}
         if a.q8:
             rnd["flashtier_q8"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, "q8"), cap=cap)
+        if a.huge_pages_off:
+            rnd["flashtier_4k_pages"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, huge_pages="off"), cap=cap)
+            if a.q8:
+                rnd["flashtier_q8_4k_pages"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, "q8", "off"),
+                                                        cap=cap)
         if a.memory:
             rnd["flashtier_memory"] = run_json(flashtier_cmd(gguf, tokens, None, a.threads))
             rnd["llamacpp_memory"] = run_json(llamacpp_cmd(gguf, tokens, a.threads))
@@ -128,7 +136,10 @@ def main() -> None:
                      "flashtier_error": f.get("error"), "llamacpp_error": l.get("error"),
                      "flashtier_memory_tok_s": tok_s(rnd["flashtier_memory"]) if "flashtier_memory" in rnd else None,
                      "llamacpp_memory_tok_s": tok_s(rnd["llamacpp_memory"]) if "llamacpp_memory" in rnd else None,
-                     "flashtier_q8_tok_s": tok_s(rnd["flashtier_q8"]) if "flashtier_q8" in rnd else None})
+                     "flashtier_q8_tok_s": tok_s(rnd["flashtier_q8"]) if "flashtier_q8" in rnd else None,
+                     "flashtier_4k_pages_tok_s": tok_s(rnd["flashtier_4k_pages"]) if "flashtier_4k_pages" in rnd else None,
+                     "flashtier_q8_4k_pages_tok_s":
+                         tok_s(rnd["flashtier_q8_4k_pages"]) if "flashtier_q8_4k_pages" in rnd else None})
     res["summary"] = rows
     mid = sorted(rows, key=lambda r: r["flashtier_tok_s"])[len(rows) // 2]
     res["median_round"] = mid

@@ -2,7 +2,10 @@
 
 Compares torch's ``F.linear`` with bf16, fp16 and fp32 weights against flashtier's bf16 kernels
 (the C extension's and numba's) (``runtime/kernels.py``), on 1 and 2 threads, over a set of matrices larger than the
-CPU caches (so it measures memory streaming, not cache hits). Median of ``--repeat`` rounds.
+CPU caches (so it measures memory streaming, not cache hits). Median of ``--repeat`` rounds, the
+cases taking turns within each round (this machine's speed drifts). The C kernel runs twice: on
+weights in 4 KiB pages (torch's allocator) and on weights in transparent huge pages, as the
+runtime keeps them (``tiers/hugepages.py``; ``--huge-pages off`` turns that off).
 
     python -m flashtier.benchmarks.bench_matvec [--rows 5632 --cols 2048 --matrices 16]
 """
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from flashtier.benchmarks.common import machine, report_by_threads, thread_label
 from flashtier.runtime.kernels import Linear
+from flashtier.tiers import hugepages
 
 
 def gb_per_s(fn, ws: list[torch.Tensor], x: torch.Tensor, seconds: float) -> float:
@@ -44,20 +48,26 @@ def main() -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         cases = {
-            "torch fp32": (F.linear, torch.float32),
-            "torch fp16": (F.linear, torch.float16),
-            "torch bf16": (F.linear, torch.bfloat16),
+            "torch fp32": (F.linear, torch.float32, False),
+            "torch fp16": (F.linear, torch.float16, False),
+            "torch bf16": (F.linear, torch.bfloat16, False),
         }
         for kernel in ("native", "numba"):
             fast = Linear(fast=True, threads=threads, kernel=kernel)
             if fast.kernel == kernel:
                 label = "C extension" if kernel == "native" else "numba"
-                cases[f"flashtier bf16 ({label})"] = (fast, torch.bfloat16)
-        for name, (fn, dt) in cases.items():
-            ws = [w.to(dt) for w in base]
-            runs = [gb_per_s(fn, ws, x32.to(dt), a.seconds) for _ in range(a.repeat)]
-            res["gb_per_s"][thread_label(name, threads)] = round(statistics.median(runs), 1)
-            del ws
+                cases[f"flashtier bf16 ({label})"] = (fast, torch.bfloat16, False)
+                if kernel == "native":
+                    cases["flashtier bf16 (C extension), huge pages"] = (fast, torch.bfloat16, True)
+        weights = {name: [hugepages.empty(tuple(w.shape), dt, huge=huge).copy_(w) for w in base]
+                   for name, (_, dt, huge) in cases.items()}
+        runs: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(a.repeat):
+            for name, (fn, dt, _) in cases.items():
+                runs[name].append(gb_per_s(fn, weights[name], x32.to(dt), a.seconds))
+        for name in cases:
+            res["gb_per_s"][thread_label(name, threads)] = round(statistics.median(runs[name]), 1)
+        del weights
     report_by_threads("matvec", res, f"Machine: {res['machine']}; weight [{a.rows}, {a.cols}] x {a.matrices} "
                       "matrices, one activation row.", "kernel", "weights streamed GB/s")
 

@@ -78,10 +78,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                   help="the host KV pool and the index tables on transparent huge pages (the runtime's default: on)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    config = RetrievalCacheConfig()
+    config = RetrievalCacheConfig().with_huge_pages(a.huge_pages == "on")
     shape = LLAMA_8B
     gen = torch.Generator().manual_seed(a.seed)
     offset = torch.randn(shape.num_kv_heads, 1, shape.head_dim, generator=gen) * 2
@@ -111,7 +113,7 @@ def main() -> int:
     finally:
         cache.close()
     result = {"shape": "Llama-3.1-8B KV (8 kv heads x 128, 4 query heads each, bf16)", "context": a.context,
-              "layers": a.layers, "threads": threads, "machine": machine(),
+              "layers": a.layers, "threads": threads, "machine": machine(), "huge_pages": a.huge_pages,
               "build_s": round(build_s, 1), "step_bytes_per_layer": bytes_per_layer,
               "keys_scanned_fraction": stats.get("attention_keys_scanned_fraction"),
               "target_layer_ms": 2.0, "rounds": rounds,

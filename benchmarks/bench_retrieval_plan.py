@@ -26,7 +26,7 @@ from flashtier.benchmarks.common import finish
 from flashtier.benchmarks.bench_long_context import ProjectionPrefill, ensure_model, retrieval_cache
 from flashtier.runtime.engine import open_model
 from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
-from flashtier.runtime.kv.retrieval_cost import HeadShape, probe
+from flashtier.runtime.kv.retrieval_cost import HeadShape, flush_bytes, layer_weight_bytes, probe
 
 
 def measured_attention_s(model: Any, cache: Any, start: int, steps: int, warmup: int, seed: int) -> list[float]:
@@ -54,7 +54,10 @@ def run_model(path: Path, contexts: list[int], steps: int, warmup: int) -> list[
     c = model.config
     config = RetrievalCacheConfig.from_engine(llm.engine_config.kv_block_size, llm.engine_config.prefill_chunk, {})
     shape = HeadShape(c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim, model.dtype.itemsize)
-    cost = probe(config, shape, c.num_layers, dtype=model.dtype)
+    active = c.num_experts_per_tok / c.num_experts if c.num_experts else 1.0
+    sizes = {n: t.nbytes for n, t in llm.checkpoint.tensors.items()}
+    flush = flush_bytes(layer_weight_bytes(sizes, c.num_layers, active))
+    cost = probe(config, shape, c.num_layers, dtype=model.dtype, flush=flush)
     fill = ProjectionPrefill(model, 0)
     rows = []
     for length in contexts:
@@ -68,7 +71,8 @@ def run_model(path: Path, contexts: list[int], steps: int, warmup: int) -> list[
         row = {"model": path.name, "context": length, "predicted_ms": round(1e3 * predicted, 2),
                "measured_ms": round(1e3 * measured, 2), "measured_p25_ms": round(1e3 * statistics.quantiles(times, n=4)[0], 2),
                "ratio": round(predicted / measured, 3), "within_30pct": abs(predicted / measured - 1) <= 0.30,
-               "probe": {"fixed_ms": round(1e3 * cost.fixed_s, 3), "gb_per_s": round(cost.bytes_per_s / 1e9, 3)}}
+               "probe": {"fixed_ms": round(1e3 * cost.fixed_s, 3), "gb_per_s": round(cost.bytes_per_s / 1e9, 3),
+                         "flush_bytes": flush}}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from flashtier.errors import CheckpointError, IntegrityError
+from flashtier.tiers import hugepages
 from flashtier.checkpoint.config import ModelConfig
 from flashtier.storage_backends.safetensors_format import PAD_TENSOR_PREFIX, TensorInfo, read_header
 
@@ -171,12 +172,13 @@ class Checkpoint:
         """The dtype of most of the bytes (that of the embedding)."""
         return getattr(torch, self.tensors[EMBED].torch_dtype_name)
 
-    def read_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor from its file (no mmap, no page cache left behind)."""
+    def read_tensor(self, name: str, huge_pages: bool = False) -> torch.Tensor:
+        """Read one tensor from its file (no mmap, no page cache left behind); ``huge_pages``: into
+        memory advised for transparent huge pages (a weight kept for the model's life)."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.model_dir}: tensor {name!r} is not in the checkpoint")
-        return read_tensor(info)
+        return read_tensor(info, huge_pages)
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
@@ -196,11 +198,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> "Checkpoint | Any":
     return Checkpoint(p)
 
 
-def read_tensor(info: TensorInfo) -> Any:
+def read_tensor(info: TensorInfo, huge_pages: bool = False) -> Any:
     """Read the bytes of ``info`` into a new CPU tensor of its dtype and shape (a
     :class:`~flashtier.checkpoint.quantized_tensor.QuantizedTensor` for a quantized GGUF tensor). A
-    recorded crc32 is checked."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    recorded crc32 is checked. ``huge_pages``: the bytes in memory advised for transparent huge pages."""
+    buf = hugepages.empty((info.nbytes,), torch.uint8, huge=huge_pages)
     view = memoryview(buf.numpy())
     try:
         with open(info.path, "rb", buffering=0) as f:

@@ -287,14 +287,15 @@ class GGUFCheckpoint:
         """Compute dtype by default: fp32, as llama.cpp computes (weights are dequantized in registers)."""
         return torch.float32
 
-    def read_tensor(self, name: str) -> Any:
-        """The tensor ``name``: a torch tensor for plain types, a ``QuantizedTensor`` for blocks."""
+    def read_tensor(self, name: str, huge_pages: bool = False) -> Any:
+        """The tensor ``name``: a torch tensor for plain types, a ``QuantizedTensor`` for blocks
+        (``huge_pages``: see :func:`~flashtier.checkpoint.folder.read_tensor`)."""
         from flashtier.checkpoint.folder import read_tensor
 
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-        return read_tensor(info)
+        return read_tensor(info, huge_pages)
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

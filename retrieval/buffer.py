@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import torch
 
+from flashtier.tiers import hugepages
 
-def _state_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+
+def _state_tensor(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool) -> torch.Tensor:
     """An uninitialised tensor that is never an inference tensor: a buffer grown during a pass run
     under ``torch.inference_mode`` stays writable outside it (a cache closed or truncated between
-    passes updates its tables)."""
+    passes updates its tables). Large ones on transparent huge pages when ``huge_pages``."""
     with torch.inference_mode(False):
-        return torch.empty(shape, dtype=dtype)
+        return hugepages.empty(shape, dtype, huge=huge_pages, min_bytes=hugepages.GROWABLE_MIN_BYTES)
 
 
 class GrowableRows:
     """Rows of shape ``row_shape`` and dtype ``dtype``, appended in chunks."""
 
-    def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, initial_capacity: int = 256) -> None:
+    def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, initial_capacity: int = 256,
+                 huge_pages: bool = True) -> None:
+        """``huge_pages``: buffers of at least :data:`~flashtier.tiers.hugepages.GROWABLE_MIN_BYTES` on
+        transparent huge pages (an index's key and centroid tables, read at scattered rows)."""
         self.row_shape = tuple(row_shape)
         self.dtype = dtype
-        self._data = _state_tensor((max(1, initial_capacity), *self.row_shape), dtype)
+        self.huge_pages = huge_pages
+        self._data = _state_tensor((max(1, initial_capacity), *self.row_shape), dtype, huge_pages)
         self._rows = 0
 
     def __len__(self) -> int:
@@ -36,7 +42,7 @@ class GrowableRows:
         need = self._rows + n
         if need > self._data.shape[0]:
             capacity = max(need, 2 * self._data.shape[0])
-            grown = _state_tensor((capacity, *self.row_shape), self.dtype)
+            grown = _state_tensor((capacity, *self.row_shape), self.dtype, self.huge_pages)
             with torch.inference_mode(False):
                 grown[: self._rows] = self._data[: self._rows]
             self._data = grown

@@ -56,6 +56,7 @@ reads the tables through :meth:`ClusterIndex.native_tables`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -197,29 +198,30 @@ class ClusterIndex(KeyIndex):
         self._dtype = STORE_DTYPES[config.store_dtype]
         self._center = torch.zeros(dim)  # [D] m: stored keys and centroids are k - m (0 in fp32)
         self._centered = self._dtype == torch.float32  # m is fixed once chosen
-        self._keys = GrowableRows((dim,), self._dtype)  # [N_c, D] clustered keys - m, grouped by cluster
-        self._key_pos = GrowableRows((), torch.int64)  # [N_c] their positions
-        self._centroids = GrowableRows((dim,), self._dtype)  # [C, D] centroid - m (D columns: the fast bf16 kernels)
-        self._radius = GrowableRows((), torch.float32)  # [C] max distance of a member from its centroid
-        self._start = GrowableRows((), torch.int64)  # [C] first row of each cluster in _keys
-        self._size = GrowableRows((), torch.int64)  # [C] rows of each cluster
-        self._tail = GrowableRows((dim,), torch.float32)  # [P, D] keys not yet clustered
-        self._tail_pos = GrowableRows((), torch.int64)  # [P]
-        self._open = GrowableRows((dim,), torch.float32)  # [O, D] keys of the open (last) segment
-        self._open_pos = GrowableRows((), torch.int64)  # [O]
+        rows = functools.partial(GrowableRows, huge_pages=config.huge_pages)
+        self._keys = rows((dim,), self._dtype)  # [N_c, D] clustered keys - m, grouped by cluster
+        self._key_pos = rows((), torch.int64)  # [N_c] their positions
+        self._centroids = rows((dim,), self._dtype)  # [C, D] centroid - m (D columns: the fast bf16 kernels)
+        self._radius = rows((), torch.float32)  # [C] max distance of a member from its centroid
+        self._start = rows((), torch.int64)  # [C] first row of each cluster in _keys
+        self._size = rows((), torch.int64)  # [C] rows of each cluster
+        self._tail = rows((dim,), torch.float32)  # [P, D] keys not yet clustered
+        self._tail_pos = rows((), torch.int64)  # [P]
+        self._open = rows((dim,), torch.float32)  # [O, D] keys of the open (last) segment
+        self._open_pos = rows((), torch.int64)  # [O]
         self._open_first_cluster = 0  # its clusters are _size[_open_first_cluster:]
         self._open_first_row = 0  # its keys are _keys[_open_first_row:]
-        self._cluster_of = GrowableRows((), torch.int64)  # [N] cluster of each key in add order, -1 = tail
-        self._vmean = GrowableRows((dim,), self._dtype)  # [C, D] mean value per cluster (track_values)
-        self._kvar = GrowableRows((dim,), self._dtype)  # [C, D] key variance per cluster (variance_correction)
-        self._tail_val = GrowableRows((dim,), torch.float32)  # [P, D]
-        self._open_val = GrowableRows((dim,), torch.float32)  # [O, D]
-        self._super = GrowableRows((dim,), self._dtype)  # [S, D] super centroid - m
-        self._super_radius = GrowableRows((), torch.float32)  # [S] bound on a member key's distance
-        self._super_first = GrowableRows((), torch.int64)  # [S] first cluster of each super-cluster
-        self._super_clusters = GrowableRows((), torch.int64)  # [S] its clusters (contiguous)
-        self._super_keys = GrowableRows((), torch.int64)  # [S] its keys
-        self._super_vmean = GrowableRows((dim,), self._dtype)  # [S, D] mean value of its keys (track_values)
+        self._cluster_of = rows((), torch.int64)  # [N] cluster of each key in add order, -1 = tail
+        self._vmean = rows((dim,), self._dtype)  # [C, D] mean value per cluster (track_values)
+        self._kvar = rows((dim,), self._dtype)  # [C, D] key variance per cluster (variance_correction)
+        self._tail_val = rows((dim,), torch.float32)  # [P, D]
+        self._open_val = rows((dim,), torch.float32)  # [O, D]
+        self._super = rows((dim,), self._dtype)  # [S, D] super centroid - m
+        self._super_radius = rows((), torch.float32)  # [S] bound on a member key's distance
+        self._super_first = rows((), torch.int64)  # [S] first cluster of each super-cluster
+        self._super_clusters = rows((), torch.int64)  # [S] its clusters (contiguous)
+        self._super_keys = rows((), torch.int64)  # [S] its keys
+        self._super_vmean = rows((dim,), self._dtype)  # [S, D] mean value of its keys (track_values)
         self._open_first_super = 0
         self._last: _LastSearch | None = None  # what the last search scored, for estimate_rest
         self._tables: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # (ntotal, addresses, counts)

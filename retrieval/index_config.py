@@ -15,6 +15,9 @@ class IndexConfig:
     """Share of the indexed keys an approximate index may score exactly per search (0, 1]."""
     seed: int = 0
     """Seed for the index's clustering, so builds are reproducible."""
+    huge_pages: bool = True
+    """Keep the large tables (keys, centroids, mean values) on transparent huge pages: a search
+    reads them at scattered rows (:mod:`flashtier.tiers.hugepages`)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.scan_budget_fraction <= 1.0:

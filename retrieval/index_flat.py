@@ -25,7 +25,7 @@ class FlatIndex(KeyIndex):
     def __init__(self, dim: int, config: FlatIndexConfig = FlatIndexConfig()) -> None:
         super().__init__(dim)
         self.config = config
-        self._keys = GrowableRows((dim,), torch.float32)  # [N, D]
+        self._keys = GrowableRows((dim,), torch.float32, huge_pages=config.huge_pages)  # [N, D]
 
     def _add(self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None) -> None:
         self._keys.append(keys)

@@ -232,7 +232,7 @@ def in_memory_weights(checkpoint: Checkpoint, config: EngineConfig) -> WeightAcc
                 verify_checksums(folder)
                 record.mark("expert-extents", files)
     dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
-    return InMemoryWeights(checkpoint, dtype, device=config.device)
+    return InMemoryWeights(checkpoint, dtype, device=config.device, huge_pages=config.paging.huge_pages)
 
 
 class Model:

@@ -13,6 +13,7 @@ import mmap
 import torch
 
 from flashtier.errors import BudgetError, ConfigError
+from flashtier.tiers import hugepages
 from flashtier.tiers.base import SlabPool, aligned_slab
 
 HOST_ALIGNMENT = 4096
@@ -22,8 +23,10 @@ HOST_ALIGNMENT = 4096
 class HostPool(SlabPool):
     """The host tier's slab (see the module docstring)."""
 
-    def __init__(self, capacity: int, *, pinned: bool, alignment: int = HOST_ALIGNMENT) -> None:
-        """``pinned`` asks for page-locked memory (needs CUDA)."""
+    def __init__(self, capacity: int, *, pinned: bool, alignment: int = HOST_ALIGNMENT,
+                 huge_pages: bool = True) -> None:
+        """``pinned`` asks for page-locked memory (needs CUDA); ``huge_pages`` advises an mmap slab
+        for transparent huge pages (:mod:`flashtier.tiers.hugepages`)."""
         if capacity < 0:
             raise ConfigError(f"host budget must be >= 0 bytes, got {capacity}")
         if pinned and not torch.cuda.is_available():
@@ -38,7 +41,7 @@ class HostPool(SlabPool):
                 raw = torch.empty(capacity + alignment, dtype=torch.uint8, pin_memory=True)
                 slab = aligned_slab(raw, capacity, alignment)
             else:
-                self._mapping = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                self._mapping = hugepages.anonymous(capacity, huge=huge_pages)
                 slab = torch.frombuffer(self._mapping, dtype=torch.uint8)
         except (RuntimeError, OSError) as e:
             raise BudgetError(

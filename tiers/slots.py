@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from flashtier.errors import BudgetError
+from flashtier.tiers import hugepages
 from flashtier.tiers.base import Block, TierPool
 from flashtier.tiers.policies import EvictionPolicy, Key
 
@@ -35,7 +36,9 @@ class SlotPool(TierPool):
 
     stable_views = False  # the table is reallocated to grow
 
-    def __init__(self, name: str, record_bytes: int, limit: int | None, initial: int = 16) -> None:
+    def __init__(self, name: str, record_bytes: int, limit: int | None, initial: int = 16,
+                 huge_pages: bool = True) -> None:
+        """``huge_pages``: advise the slot table for transparent huge pages."""
         if record_bytes <= 0:
             raise ValueError(f"a slot must hold at least one byte, got {record_bytes}")
         if limit is not None and limit < 1:
@@ -43,6 +46,7 @@ class SlotPool(TierPool):
         self.name = name
         self.record_bytes = record_bytes
         self._limit = limit
+        self._huge_pages = huge_pages
         self._mapping: mmap.mmap | None = None
         self._table = self._new_table(limit if limit is not None else initial)  # uint8 [slots, R]
         self._free: list[int] = list(range(self._table.shape[0] - 1, -1, -1))  # pop() = lowest first
@@ -52,7 +56,7 @@ class SlotPool(TierPool):
     def _new_table(self, slots: int) -> torch.Tensor:
         nbytes = slots * self.record_bytes
         try:
-            self._mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._mapping = hugepages.anonymous(max(nbytes, 1), huge=self._huge_pages)
         except OSError as e:
             raise BudgetError(f"cannot map {nbytes} bytes for the {self.name} slots: {e}; lower the budget") from e
         with torch.inference_mode(False):  # long-lived state: writable outside a forward's inference mode

@@ -134,7 +134,8 @@ class TieredStore:
         if arena.device_budget > 0:
             pools["device"] = DevicePool(arena.device_budget, device=self._device)
         pinned = self._device.type == "cuda" and "device" in pools
-        pools["host"] = HostPool(arena.host_budget, pinned=pinned, alignment=arena.alignment)
+        pools["host"] = HostPool(arena.host_budget, pinned=pinned, alignment=arena.alignment,
+                                 huge_pages=self.config.huge_pages)
         policies = {t: make_policy(arena.host_policy if t == "host" else arena.device_policy) for t in pools}
         with self._cond:
             self._manager.add_arena(arena.name, pools, policies)
@@ -157,7 +158,7 @@ class TieredStore:
                 self._extensions[name] = None if limit is None else limit * record_bytes
         else:
             self._check_tier_share(name, UNLIMITED if limit is None else limit * record_bytes)
-        pool = SlotPool(name, record_bytes, limit)
+        pool = SlotPool(name, record_bytes, limit, huge_pages=self.config.huge_pages)
         with self._cond:
             self._manager.add_arena(name, {"host": pool}, {"host": SlotLRU(pool)})
             self._storage.set_write_back(name, write_back)

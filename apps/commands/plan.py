@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                       kv_host_fraction=kv_fraction, expert_cache=experts,
                       expert_cache_min_bytes=_expert_min(ck, cfg, sizes)
                       if experts else 0,
-                      retrieval_step_s=_retrieval_step(cfg, args, context) if args.attention == "retrieval" else None)
+                      retrieval_step_s=_retrieval_step(cfg, args, context, sizes) if args.attention == "retrieval" else None)
     plan = make_plan(cfg, sizes, req, load_bandwidths(args))
     if context < args.context:
         plan.notes.append(f"context {args.context} capped at the model's {cfg.max_position_embeddings} positions")
@@ -157,24 +157,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _retrieval_step(cfg: object, args: argparse.Namespace, context: int) -> float | None:
+def _retrieval_step(cfg: object, args: argparse.Namespace, context: int, sizes: dict[str, int]) -> float | None:
     """Seconds of a decode step's retrieval attention at ``--context`` on this machine (the default
-    preset), from the cached probe (run now when missing); None with ``--retrieval-probe off``."""
+    preset), from the cached probe (run now when missing; between layers it streams what one of
+    this model's layers reads, ``sizes`` by tensor name); None with ``--retrieval-probe off``."""
     if args.retrieval_probe == "off":
         return None
     import sys
 
     from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
-    from flashtier.runtime.kv.retrieval_cost import HeadShape, cached_probe, is_cached
+    from flashtier.runtime.kv.retrieval_cost import HeadShape, cached_probe, flush_bytes, is_cached, layer_weight_bytes
 
     config = RetrievalCacheConfig(kv_quant_bits=args.kv_quant_bits,
                                   kv_quant_group=32 if args.kv_quant_bits is not None else None)
     shape = HeadShape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
     cache = Path(args.probe_cache)
-    if not is_cached(config, shape, cfg.num_layers, cache):
+    active = cfg.num_experts_per_tok / cfg.num_experts if cfg.num_experts else 1.0
+    flush = flush_bytes(layer_weight_bytes(sizes, cfg.num_layers, active))
+    if not is_cached(config, shape, cfg.num_layers, cache, flush):
         print(f"probing this machine's retrieval step for {shape.num_kv_heads} kv heads x {shape.head_dim} "
               f"(seconds to a minute, once; cached in {cache})", file=sys.stderr, flush=True)
-    cost = cached_probe(config, shape, cfg.num_layers, cache)
+    cost = cached_probe(config, shape, cfg.num_layers, cache, flush)
     return cost.step_seconds(config.retrieval, shape, context, cfg.num_layers)
 
 

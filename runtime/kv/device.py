@@ -16,19 +16,27 @@ import torch
 
 from flashtier.errors import InputError
 from flashtier.runtime.kv.layout import KVBlockLayout
+from flashtier.tiers import hugepages
 
 
 class DeviceKVWindow:
     """Sinks and recent-position ring of every layer (see the module docstring)."""
 
     def __init__(self, layout: KVBlockLayout, sink_tokens: int, ring_tokens: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", huge_pages: bool = True) -> None:
+        """``huge_pages``: on the CPU, the ring (read whole at every decode step) on transparent
+        huge pages (:mod:`flashtier.tiers.hugepages`)."""
         if ring_tokens <= 0 or ring_tokens % layout.block_size:
             raise InputError(f"device KV ring must be a positive multiple of the block size {layout.block_size}, got {ring_tokens}")
         self.layout, self.sink_tokens, self.ring_tokens = layout, sink_tokens, ring_tokens
         shape = (layout.num_layers, layout.num_kv_heads)
-        self._k = torch.zeros((*shape, ring_tokens, layout.head_dim), dtype=layout.dtype, device=device)  # [L, H, R, D]
-        self._v = torch.zeros_like(self._k)
+        ring = (*shape, ring_tokens, layout.head_dim)
+        if torch.device(device).type == "cpu":
+            self._k = hugepages.empty(ring, layout.dtype, huge=huge_pages, zeroed=True)  # [L, H, R, D]
+            self._v = hugepages.empty(ring, layout.dtype, huge=huge_pages, zeroed=True)
+        else:
+            self._k = torch.zeros(ring, dtype=layout.dtype, device=device)  # [L, H, R, D]
+            self._v = torch.zeros_like(self._k)
         self._sink_k = torch.zeros((*shape, sink_tokens, layout.head_dim), dtype=layout.dtype, device=device)  # [L, H, S, D]
         self._sink_v = torch.zeros_like(self._sink_k)
 

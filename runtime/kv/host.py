@@ -82,9 +82,9 @@ class HostKVPool:
     ``uint8 [R]`` (see module docstring)."""
 
     def __init__(self, layout: KVBlockLayout, budget: int | None, spill: KVSpillStore,
-                 codec: KVCodec | None = None, store: TieredStore | None = None) -> None:
+                 codec: KVCodec | None = None, store: TieredStore | None = None, huge_pages: bool = True) -> None:
         """``store``: the tiered store to keep the blocks in (the model's); None = a store of
-        this pool's own."""
+        this pool's own, on transparent huge pages when ``huge_pages``."""
         self.codec = codec or RawCodec(layout)
         self._rec = self.codec.record_bytes  # R: bytes of one block in a slot
         if spill.record_bytes != self._rec:
@@ -95,7 +95,7 @@ class HostKVPool:
                               "raise --kv-dram-budget")
         self.layout, self.budget, self.spill = layout, budget, spill
         self._own_store = store is None
-        self.store = store if store is not None else TieredStore(StoreConfig(host_budget=4096), None)
+        self.store = store if store is not None else TieredStore(StoreConfig(host_budget=4096, huge_pages=huge_pages), None)
         self.arena = f"kv.{next(_ARENA_IDS)}"
         self._max_slots: int | None = None  # from plan(); None = the budget's
         self._tables = [GrowableRows((), torch.int64) for _ in range(layout.num_layers)]  # per layer: block -> slot

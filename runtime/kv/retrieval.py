@@ -73,7 +73,7 @@ class RetrievalKVCache:
         self.length = 0
         """Positions cached (all layers agree after a full forward pass)."""
         r = config.retrieval
-        self.device_tier = DeviceKVWindow(layout, r.sink_tokens, config.ring_tokens, device)
+        self.device_tier = DeviceKVWindow(layout, r.sink_tokens, config.ring_tokens, device, config.huge_pages)
         if config.device_budget is not None and self.device_tier.nbytes() > config.device_budget:
             raise BudgetError(
                 f"the device KV tier needs {self.device_tier.nbytes()} B (sinks {r.sink_tokens} + ring "
@@ -82,7 +82,7 @@ class RetrievalKVCache:
             )
         codec = kv_codec(layout, config.kv_quant_bits, config.kv_quant_group)
         self.spill = KVSpillStore(layout, config.spill_dir, backend, record_bytes=codec.record_bytes)
-        self.host = HostKVPool(layout, config.host_budget, self.spill, codec, store)
+        self.host = HostKVPool(layout, config.host_budget, self.spill, codec, store, huge_pages=config.huge_pages)
         self._attention = RetrievalAttention(r, threads)
         self._scale = layout.head_dim ** -0.5
         self._layer_len = [0] * layout.num_layers  # positions written per layer
@@ -367,6 +367,8 @@ def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig",  
                           f"the last {c.sliding_window} positions only); use --attention full")
     config = RetrievalCacheConfig.from_engine(engine_config.kv_block_size, engine_config.prefill_chunk,
                                               engine_config.retrieval.as_mapping())
+    if not engine_config.paging.huge_pages:
+        config = config.with_huge_pages(False)
     if share > 1:
         config = dataclasses.replace(
             config, host_budget=None if config.host_budget is None else config.host_budget // share,

@@ -32,6 +32,7 @@ groups run over a block's tokens and value groups over a token's channels, so it
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -132,6 +133,9 @@ class RetrievalCacheConfig:
     kv_quant_bits: int | None = None
     """Store demoted KV (host tier and spill files) KIVI-quantised with 2, 4 or 8 bits (None =
     exact). Everything read back from the host tier is then dequantised, prefill included."""
+    huge_pages: bool = True
+    """The host KV pool of a cache that owns its store on transparent huge pages (a cache given the
+    model's store follows that store's setting; the indexes follow ``retrieval.index_options``)."""
     kv_quant_group: int | None = None
     """KIVI group size: tokens per key group (divides ``block_size``), channels per value group
     (divides the head dim). None = 32, or the block size / head dim when smaller
@@ -165,6 +169,11 @@ class RetrievalCacheConfig:
         """Device ring size: window + the block being filled + one prefill chunk, in whole blocks."""
         need = self.retrieval.window + self.block_size + self.prefill_chunk
         return -(-need // self.block_size) * self.block_size
+
+    def with_huge_pages(self, on: bool) -> RetrievalCacheConfig:
+        """This config with its own host pool and its indexes' tables on (or off) transparent huge pages."""
+        retrieval = dataclasses.replace(self.retrieval, index_options={**self.retrieval.index_options, "huge_pages": on})
+        return dataclasses.replace(self, huge_pages=on, retrieval=retrieval)
 
     @classmethod
     def from_engine(cls, block_size: int, prefill_chunk: int, extra: Mapping[str, Any]) -> RetrievalCacheConfig:

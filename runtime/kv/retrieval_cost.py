@@ -21,6 +21,7 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,14 +99,37 @@ class RetrievalCost:
         return num_layers * self.layer_seconds(config, shape, context)
 
 
-PROBE_METHOD = 3
+PROBE_METHOD = 4
 """Bumped when the probe measures differently (2: decode threading; 3: caches flushed between
-layers), so a cached probe of an older method is measured again rather than reused."""
+layers; 4: the flush sized by the model's layer), so a cached probe of an older method is measured
+again rather than reused."""
 PROBE_FLUSH_BYTES = 32 << 20
-"""Bytes written between two layers' steps (untimed): in a forward the weights of the layer's
+"""Most bytes written between two layers' steps (untimed): in a forward the weights of the layer's
 matrices stream through the CPU caches between attention calls, so a step finds its window, its
 queries and the index metadata in DRAM; back-to-back probe steps found them cached and predicted
-too small a fixed cost (kv-long at 4K: 0.59x the measured step)."""
+too small a fixed cost (kv-long at 4K: 0.59x the measured step). A model whose layers are smaller
+streams less between its attention calls: the probe writes one layer's weight bytes
+(:func:`flush_bytes`), at most this many (past the last-level cache more changes nothing)."""
+
+
+def flush_bytes(layer_weight_bytes: int | None) -> int:
+    """Bytes the probe writes between layers for a model of ``layer_weight_bytes`` per layer (None:
+    unknown, :data:`PROBE_FLUSH_BYTES`). Rounded up to 1 MiB so nearby sizes share a cached probe."""
+    if layer_weight_bytes is None:
+        return PROBE_FLUSH_BYTES
+    return min(PROBE_FLUSH_BYTES, max(1 << 20, -(-int(layer_weight_bytes) // (1 << 20)) * (1 << 20)))
+
+
+def layer_weight_bytes(sizes: Mapping[str, int], num_layers: int, active_experts: float = 1.0) -> int | None:
+    """Mean bytes of one decoder layer's weights a decode step reads, from tensor sizes by
+    (Hugging Face) name: every ``...layers.N...`` tensor, the routed experts' (``.experts.``) scaled
+    by ``active_experts`` (top-k / experts); None when no name matches."""
+    total, found = 0.0, False
+    for name, n in sizes.items():
+        if ".layers." in f".{name}":
+            found = True
+            total += n * (active_experts if ".experts." in name else 1.0)
+    return int(total) // max(1, num_layers) if found else None
 PROBE_CONTEXTS = (4096, 12288)
 """Context lengths of the two probe runs (the bytes a step reads differ ~2.5x between them for the
 default preset)."""
@@ -145,20 +169,21 @@ def synthetic_cache(config: RetrievalCacheConfig, shape: HeadShape, context: int
 
 @torch.inference_mode()
 def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple[int, ...], steps: int, seed: int,
-                 dtype: torch.dtype, layers: int) -> list[float]:
+                 dtype: torch.dtype, layers: int, flush_bytes: int = PROBE_FLUSH_BYTES) -> list[float]:
     """Per context, the median seconds per layer of the decode-step attention through the
     runtime's own cache (:class:`RetrievalKVCache`: device ring, host pool, indexes) over ``layers``
     layers, threaded as a decode step (torch at one thread, the native search at torch's count).
     Each timed step attends every layer in turn, as a forward pass does; the contexts take turns in
     short runs of steps, so load swings on a shared machine hit them alike (the first step of a
-    run, which finds the other context's data in the CPU caches, is not timed)."""
+    run, which finds the other context's data in the CPU caches, is not timed). ``flush_bytes`` are
+    written between layers, untimed, as a forward streams a layer's weights."""
     gen = torch.Generator().manual_seed(seed)
     h, d, g = shape.num_kv_heads, shape.head_dim, shape.queries_per_kv
     offset = torch.randn(h, 1, d, generator=gen) * 2
     threads = torch.get_num_threads()
     caches = [synthetic_cache(config, shape, c, steps, gen, dtype, layers, offset, threads) for c in contexts]
     torch.set_num_threads(1)  # as generate's decode steps: torch at one thread, the native search at `threads`
-    flush = torch.zeros(PROBE_FLUSH_BYTES // 4, dtype=torch.int32)  # written between layers, not timed
+    flush = torch.zeros(max(1, flush_bytes // 4), dtype=torch.int32)  # written between layers, not timed
     try:
         times: list[list[float]] = [[] for _ in contexts]
         done = [0 for _ in contexts]
@@ -186,14 +211,14 @@ def _time_layers(config: RetrievalCacheConfig, shape: HeadShape, contexts: tuple
 
 def probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int = PROBE_MAX_LAYERS,
           contexts: tuple[int, int] = PROBE_CONTEXTS, steps: int = 24, seed: int = 0,
-          dtype: torch.dtype = torch.bfloat16) -> RetrievalCost:
+          dtype: torch.dtype = torch.bfloat16, flush: int = PROBE_FLUSH_BYTES) -> RetrievalCost:
     """Fit :class:`RetrievalCost` from the runtime's decode-step attention at two context lengths
     over :func:`probe_layers` layers (seconds to tens of seconds: the indexes of those layers are
-    built at both lengths)."""
+    built at both lengths); ``flush``: bytes written between layers (:func:`flush_bytes`)."""
     small, large = contexts
     r = config.retrieval
     layers = probe_layers(num_layers, shape.num_kv_heads)
-    t = _time_layers(config, shape, (small, large), steps, seed, dtype, layers)
+    t = _time_layers(config, shape, (small, large), steps, seed, dtype, layers, flush)
     b = [step_bytes(r, shape, c) for c in (small, large)]
     if b[1] <= b[0]:
         raise ConfigError(f"probe contexts {contexts} read the same bytes; give two that differ")
@@ -205,8 +230,10 @@ def probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int = PROB
     return RetrievalCost(fixed, rate, torch.get_num_threads())
 
 
-def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: int) -> str:
-    """What a cached probe is valid for: the head shape, the retrieval settings, the thread count and the CPU."""
+def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: int,
+              flush: int = PROBE_FLUSH_BYTES) -> str:
+    """What a cached probe is valid for: the head shape, the retrieval settings, the bytes flushed
+    between layers, the thread count and the CPU."""
     config = cache_config.retrieval
     cpu = platform.processor() or platform.machine()
     try:
@@ -219,7 +246,7 @@ def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: 
                 "estimate": config.estimate_rest, "options": dict(config.index_options),
                 "threads": torch.get_num_threads(), "cpu": cpu,
                 "block": cache_config.block_size, "kv_quant_bits": cache_config.kv_quant_bits,
-                "layers": probe_layers(num_layers, shape.num_kv_heads), "method": PROBE_METHOD}
+                "layers": probe_layers(num_layers, shape.num_kv_heads), "method": PROBE_METHOD, "flush": flush}
     return json.dumps(settings, sort_keys=True)
 
 
@@ -234,16 +261,18 @@ def _read_cache(cache: Path) -> dict[str, dict]:
     return {}
 
 
-def is_cached(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int, cache: Path | None) -> bool:
+def is_cached(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int, cache: Path | None,
+              flush: int = PROBE_FLUSH_BYTES) -> bool:
     """Whether ``cache`` holds a valid probe for these settings on this machine."""
-    return cache is not None and probe_key(config, shape, num_layers) in _read_cache(cache)
+    return cache is not None and probe_key(config, shape, num_layers, flush) in _read_cache(cache)
 
 
-def cached_probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int, cache: Path | None) -> RetrievalCost:
+def cached_probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int, cache: Path | None,
+                 flush: int = PROBE_FLUSH_BYTES) -> RetrievalCost:
     """:func:`probe`, read from / written to the JSON file ``cache`` (None: no cache). The file
     carries a crc32 of its entries; a file that does not match (cut, edited, another format) is
-    ignored and rewritten."""
-    key = probe_key(config, shape, num_layers)
+    ignored and rewritten. ``flush``: see :func:`flush_bytes`."""
+    key = probe_key(config, shape, num_layers, flush)
     entries = _read_cache(cache) if cache is not None else {}
     hit = entries.get(key)
     if hit is not None:
@@ -252,7 +281,7 @@ def cached_probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int
                                  f"probe cached in {cache}")
         except (KeyError, TypeError, ValueError):
             pass  # a malformed entry under a good crc (written by another version): probe again
-    cost = probe(config, shape, num_layers)
+    cost = probe(config, shape, num_layers, flush=flush)
     if cache is not None:
         entries[key] = asdict(cost)
         try:

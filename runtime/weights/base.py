@@ -84,14 +84,16 @@ class InMemoryWeights:
         compute_dtype: torch.dtype | None = None,
         progress: Callable[[int, int], None] | None = None,
         device: torch.device | str = "cpu",
+        huge_pages: bool = True,
     ) -> None:
-        """``device``: where the weights are kept and the model computes ('cpu' or 'cuda[:n]')."""
+        """``device``: where the weights are kept and the model computes ('cpu' or 'cuda[:n]');
+        ``huge_pages``: CPU weights read onto transparent huge pages (:mod:`flashtier.tiers.hugepages`)."""
         self.compute_dtype = compute_dtype or checkpoint.weights_dtype
         self.device = torch.device(device)
         self._tensors: dict[str, torch.Tensor] = {}
         names = sorted(checkpoint.tensors)
         for i, name in enumerate(names):
-            t = checkpoint.read_tensor(name)
+            t = checkpoint.read_tensor(name, huge_pages=huge_pages and self.device.type == "cpu")
             self._tensors[name] = to_compute(t, self.compute_dtype, self.device)
             if progress is not None:
                 progress(i + 1, len(names))

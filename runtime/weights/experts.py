@@ -153,7 +153,7 @@ class ExpertWeights(PagedWeights):
                  progress: Callable[[int, int], None] | None = None, verified_record: str | None = None,
                  kv_block_size: int | None = None, kv_sequences: int = 1, device: str = "cpu",
                  placement_costs: PlacementCosts | None = None, attention: str = "full",
-                 resident_kv_tokens: int = 4 + 512) -> None:
+                 resident_kv_tokens: int = 4 + 512, huge_pages: bool = True) -> None:
         """``device_budget`` > 0: the model computes on ``device`` (see ``PagedWeights``); each
         layer's experts are cached in host memory and, ``experts.device_slots`` of them, on the
         device; a miss on the device runs per ``experts.placement``, with ``placement_costs``
@@ -175,7 +175,7 @@ class ExpertWeights(PagedWeights):
                          progress=progress, compressed=compressed, external=names, verified_record=verified_record,
                          kv_block_size=kv_block_size, kv_sequences=kv_sequences,
                          expert_cache_min_bytes=len(moe_layers) * min_slots * self.slot_bytes, device=device,
-                         attention=attention, resident_kv_tokens=resident_kv_tokens)
+                         attention=attention, resident_kv_tokens=resident_kv_tokens, huge_pages=huge_pages)
         layer_slot = {layer: sum(_extent_blocks(self.layout, layer)) for layer in moe_layers}
         self._on_device = device_budget > 0
         self._device_slots = self._plan_device_slots(device_budget, layer_slot, moe_layers)

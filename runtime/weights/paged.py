@@ -76,7 +76,7 @@ class PagedWeights:
                  streamed_unit: StreamedUnit = "tensor", compressed: str = "auto",
                  verified_record: str | None = None, kv_block_size: int | None = None,
                  kv_sequences: int = 1, device: str | torch.device = "cpu", attention: str = "full",
-                 resident_kv_tokens: int = 4 + 512) -> None:
+                 resident_kv_tokens: int = 4 + 512, huge_pages: bool = True) -> None:
         """``external``: streamed tensors another component serves (e.g. FFN neurons read from
         row-column bundles by the sparse FFN): they are neither read nor prefetched here, and the
         store's window shrinks to what the remaining streamed tensors need; ``external_window_bytes``
@@ -172,7 +172,7 @@ class PagedWeights:
                         # one host budget for every arena of this store (streamed and resident weights,
                         # expert caches, neuron windows; the KV arena adds --kv-dram-budget): the
                         # planner's shares, plus the block alignment they round to
-                        host_tier_budget=tier_budget),
+                        host_tier_budget=tier_budget, huge_pages=huge_pages),
             ChecksummedBackend(self.backend, checks) if checks else self.backend)
         self._descs: dict[str, PageDesc] = {}
         for name in streamed:
@@ -493,6 +493,7 @@ def budget_options(checkpoint: Checkpoint, config: Any, what: str) -> dict[str, 
             "device_budget": config.device_budget or 0,
             "direct_io": config.paging.direct_io,
             "compressed": config.paging.compressed,
+            "huge_pages": config.paging.huge_pages,
             "verified_record": config.verified_record,
             "kv_block_size": config.kv_block_size if config.attention == "full" else None,
             "kv_sequences": config.kv_sequences,

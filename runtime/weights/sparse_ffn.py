@@ -110,8 +110,9 @@ class SparseFFNWeights:
     def __init__(self, checkpoint: Checkpoint, dram_budget: int, compute_dtype: torch.dtype | None = None,
                  kv_tokens: int = 4096, config: SparseFFNConfig = SparseFFNConfig(),
                  selectors: Mapping[int, NeuronSelector] | None = None, verified_record: str | None = None,
-                 direct_io: str = "auto", kv_block_size: int | None = None, kv_sequences: int = 1) -> None:
-        """``selectors`` overrides the predictors loaded from the model folder (tests, ablations);
+                 direct_io: str = "auto", kv_block_size: int | None = None, kv_sequences: int = 1,
+                 huge_pages: bool = True) -> None:
+        """``huge_pages``: the weights' store on transparent huge pages; ``selectors`` overrides the predictors loaded from the model folder (tests, ablations);
         ``verified_record``: see ``EngineConfig.verified_record`` (bundle files checked once);
         ``direct_io``: O_DIRECT mode of the weights PagedWeights streams (bundles use O_DIRECT where
         the filesystem takes 512-byte reads, else buffered reads dropped from the page cache);
@@ -138,7 +139,7 @@ class SparseFFNWeights:
         self.paged = PagedWeights(checkpoint, dram_budget, self.compute_dtype, kv_tokens=kv_tokens,
                                   direct_io=direct_io, external=external, streamed_unit="layer",
                                   verified_record=verified_record, kv_block_size=kv_block_size,
-                                  kv_sequences=kv_sequences)
+                                  kv_sequences=kv_sequences, huge_pages=huge_pages)
         try:
             if any(self.paged.plan.placement.get(x) != "storage" for x in external):
                 raise CheckpointError("internal: the sparse FFN's plan differs from PagedWeights'; keep their requests equal")
@@ -564,4 +565,4 @@ def sparse_ffn_weights(checkpoint: Checkpoint, config: Any) -> SparseFFNWeights:
                             config=config.sparse_ffn or SparseFFNConfig(), verified_record=config.verified_record,
                             direct_io=config.paging.direct_io,
                             kv_block_size=config.kv_block_size if config.attention == "full" else None,
-                            kv_sequences=config.kv_sequences)
+                            kv_sequences=config.kv_sequences, huge_pages=config.paging.huge_pages)

@@ -43,7 +43,8 @@ def test_probe_fits_fixed_cost_and_rate(monkeypatch: pytest.MonkeyPatch) -> None
     shape = HeadShape(2, 4, 32)
     fixed, rate = 0.0005, 3e9
 
-    def fake(cfg, shp, contexts, steps, seed, dtype, layers):
+    def fake(cfg, shp, contexts, steps, seed, dtype, layers, flush):
+        assert flush == rc.PROBE_FLUSH_BYTES
         return [fixed + step_bytes(cfg.retrieval, shp, c) / rate for c in contexts]
 
     monkeypatch.setattr(rc, "_time_layers", fake)
@@ -82,6 +83,23 @@ def test_probe_cache_is_checked_and_rewritten(tmp_path: Path, monkeypatch: pytes
     assert not is_cached(config, shape, 6, cache)
     cached_probe(config, shape, 6, cache)
     assert len(calls) == 4 and is_cached(config, shape, 6, cache)
+    assert not is_cached(config, shape, 6, cache, flush=2 << 20)  # a probe flushing less is another probe
+    cached_probe(config, shape, 6, cache, flush=2 << 20)
+    assert len(calls) == 5 and is_cached(config, shape, 6, cache, flush=2 << 20) and is_cached(config, shape, 6, cache)
+
+
+def test_probe_flush_follows_the_layer_a_step_reads() -> None:
+    mib = 1 << 20
+    sizes = {"model.embed_tokens.weight": 100 * mib, "lm_head.weight": 100 * mib,
+             "model.layers.0.self_attn.q_proj.weight": 2 * mib, "model.layers.1.self_attn.q_proj.weight": 2 * mib,
+             "model.layers.0.block_sparse_moe.experts.0.w1.weight": 8 * mib,
+             "model.layers.1.block_sparse_moe.experts.0.w1.weight": 8 * mib}
+    assert rc.layer_weight_bytes(sizes, 2) == 10 * mib  # embeddings and head are not a layer's
+    assert rc.layer_weight_bytes(sizes, 2, active_experts=0.25) == 4 * mib  # top-2 of 8 experts read
+    assert rc.layer_weight_bytes({"lm_head.weight": 1}, 2) is None
+    assert rc.flush_bytes(None) == rc.PROBE_FLUSH_BYTES
+    assert rc.flush_bytes(4 * mib + 1) == 5 * mib  # whole MiB, so nearby models share a cached probe
+    assert rc.flush_bytes(10) == mib and rc.flush_bytes(10 << 30) == rc.PROBE_FLUSH_BYTES
 
 
 def test_plan_uses_the_measured_step() -> None:
