@@ -54,7 +54,8 @@ typedef struct {
     int64_t *out_scanned;  /* [H] keys scored exactly */
     float *est_out;        /* [H, R, D] (estimate) */
     float *est_lse;        /* [H, R] (estimate) */
-    Py_ssize_t R, D, k, budget;
+    const int64_t *budget; /* [H] keys each head may score exactly (its index's scan budget) */
+    Py_ssize_t R, D, k;
     double oversample;
     int bf16, two_level, estimate;
     float bound_weight, group_scale, est_scale;
@@ -407,7 +408,7 @@ static int search_head(const search_args *a, Py_ssize_t h) {
     const float *tail_val = TAB(const float *, P_TAIL_VAL), *center = TAB(const float *, P_CENTER);
     const float *sup_radius = TAB(const float *, P_SUP_RADIUS);
 
-    const Py_ssize_t b = a->budget - P;
+    const Py_ssize_t b = (Py_ssize_t)a->budget[h] - P;
     const int stage = C > 0 && b > 0;                /* clusters are searched */
     const int two = stage && a->two_level && S > 0; /* through the super-clusters */
     const int need_c = stage || (a->estimate && C > 0);
@@ -636,17 +637,18 @@ static void search_rows(const matvec_job *j, Py_ssize_t h0, Py_ssize_t h1) {
 
 HIDDEN PyObject *cluster_search(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer q, ptrs, counts, out_pos, out_scanned, est_out, est_lse;
+    Py_buffer q, ptrs, counts, out_pos, out_scanned, est_out, est_lse, budget;
     search_args a;
     int threads;
     memset(&a, 0, sizeof a);
-    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*nnnndiiifffi", &q, &ptrs, &counts, &out_pos, &out_scanned, &est_out,
-                          &est_lse, &a.R, &a.D, &a.k, &a.budget, &a.oversample, &a.bf16, &a.two_level, &a.estimate,
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*nnny*diiifffi", &q, &ptrs, &counts, &out_pos, &out_scanned, &est_out,
+                          &est_lse, &a.R, &a.D, &a.k, &budget, &a.oversample, &a.bf16, &a.two_level, &a.estimate,
                           &a.bound_weight, &a.group_scale, &a.est_scale, &threads))
         return NULL;
     PyObject *result = NULL;
     const Py_ssize_t H = counts.len / (Py_ssize_t)(N_COUNT * sizeof(int64_t));
-    int bad = H <= 0 || a.R <= 0 || a.D <= 0 || a.k <= 0 || a.budget < a.k || !(a.oversample >= 1.0) ||
+    int bad = H <= 0 || a.R <= 0 || a.D <= 0 || a.k <= 0 || !(a.oversample >= 1.0) ||
+              budget.len != H * 8 || ((uintptr_t)budget.buf & 7) ||
               counts.len != H * N_COUNT * 8 || ptrs.len != H * P_COUNT * 8 || q.len != H * a.R * a.D * 4 ||
               out_pos.len != H * a.R * a.k * 8 || out_scanned.len != H * 8 ||
               (a.estimate && (est_out.len != H * a.R * a.D * 4 || est_lse.len != H * a.R * 4)) ||
@@ -657,12 +659,14 @@ HIDDEN PyObject *cluster_search(PyObject *self, PyObject *args) {
         const int64_t *c = (const int64_t *)counts.buf + h * N_COUNT, *p = (const int64_t *)ptrs.buf + h * P_COUNT;
         for (int i = 0; i < N_COUNT; i++) bad |= c[i] < 0 || c[i] > INT32_MAX;
         for (int i = 0; i < P_COUNT; i++) bad |= p[i] == 0;
+        bad |= ((const int64_t *)budget.buf)[h] < a.k || ((const int64_t *)budget.buf)[h] > INT32_MAX;
     }
     if (bad) {
         PyErr_Format(PyExc_ValueError, "cluster_search: inconsistent arguments (%zd heads, R=%zd, D=%zd, k=%zd, "
-                     "budget=%zd)", H, a.R, a.D, a.k, a.budget);
+                     "%zd budget bytes)", H, a.R, a.D, a.k, budget.len);
         goto done;
     }
+    a.budget = (const int64_t *)budget.buf;
     a.q = (const float *)q.buf, a.ptrs = (const int64_t *)ptrs.buf, a.counts = (const int64_t *)counts.buf;
     a.out_pos = (int64_t *)out_pos.buf, a.out_scanned = (int64_t *)out_scanned.buf;
     a.est_out = (float *)est_out.buf, a.est_lse = (float *)est_lse.buf;
@@ -685,6 +689,7 @@ done:
     PyBuffer_Release(&out_scanned);
     PyBuffer_Release(&est_out);
     PyBuffer_Release(&est_lse);
+    PyBuffer_Release(&budget);
     return result;
 }
 

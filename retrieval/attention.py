@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 import torch
 
 from flashtier.errors import ConfigError, InputError
-from flashtier.retrieval.cluster_batch import attend_rows, search_heads
+from flashtier.retrieval.cluster_batch import HeadsSearch, attend_rows, search_heads
 from flashtier.retrieval.index import KeyIndex
 from flashtier.retrieval.index_config import IndexConfig
 from flashtier.retrieval.index_registry import INDEXES, index_config, make_index
@@ -279,6 +279,39 @@ class RetrievalAttention:
         self.config = config
         self.threads = threads
 
+    def search_many(self, queries: Sequence[torch.Tensor], offloaded: Sequence[OffloadedLayerKV],
+                    scale: float) -> list[tuple[HeadsSearch, float]] | None:
+        """The searches of several sequences' layers (a batched decode step: ``queries[b] [H_q, D]``
+        over ``offloaded[b]``) in one native call, every sequence's kv heads spread over the thread
+        pool together. Each head is searched by the same operations as alone, so each sequence's
+        :meth:`decode_step` given its part (``presearched``) returns what it returns alone. Per
+        sequence (its search, its share of the call's seconds); None where the joint call does not
+        apply (group search other than ``rows``, tensors off the host, an index the native search
+        does not take): the sequences then search one by one."""
+        if self.config.group_search is not GroupSearch.ROWS or len(queries) != len(offloaded) or not queries:
+            return None
+        qs = []
+        for query, off in zip(queries, offloaded):
+            if query.dim() != 2 or query.device.type != "cpu" or query.shape[1] != off.head_dim \
+                    or query.shape[0] % off.num_kv_heads:
+                return None
+            qs.append(query.reshape(off.num_kv_heads, -1, off.head_dim).float())  # [H_kv, G, D]
+        if len({q.shape[1:] for q in qs}) != 1:
+            return None
+        t0 = time.perf_counter()
+        joint = search_heads([head.index for off in offloaded for head in off.heads], torch.cat(qs), self.config.top_k,
+                             estimate_scale=scale if self.config.estimate_rest else None, threads=self.threads)
+        if joint is None:
+            return None
+        share = (time.perf_counter() - t0) / len(qs)
+        parts, h0 = [], 0
+        for q in qs:
+            part = slice(h0, h0 + q.shape[0])
+            rest = None if joint.rest is None else PartialAttention(joint.rest.out[part], joint.rest.lse[part])
+            parts.append((HeadsSearch(joint.positions[part], joint.keys_scanned[part], rest), share))
+            h0 += q.shape[0]
+        return parts
+
     def decode_step(
         self,
         query: torch.Tensor,
@@ -286,11 +319,13 @@ class RetrievalAttention:
         resident_v: torch.Tensor | Sequence[torch.Tensor],
         offloaded: OffloadedLayerKV,
         scale: float,
+        presearched: tuple[HeadsSearch, float] | None = None,
     ) -> RetrievalOutput:
         """Attention of ``query [H_q, D]`` over the resident ``K/V [H_kv, S, D]`` plus the top-k of
         ``offloaded``, merged exactly (``scale`` multiplies ``q . k`` before the softmax). The
         resident K/V may come in parts ``[H_kv, S_i, D]`` in position order (the sinks and the
-        window's spans: concatenated only where a path needs one tensor)."""
+        window's spans: concatenated only where a path needs one tensor). ``presearched``: this
+        step's part of :meth:`search_many` and its seconds (the search is not run again)."""
         parts_k = [resident_k] if isinstance(resident_k, torch.Tensor) else list(resident_k)
         parts_v = [resident_v] if isinstance(resident_v, torch.Tensor) else list(resident_v)
         if not parts_k or len(parts_k) != len(parts_v):
@@ -313,7 +348,10 @@ class RetrievalAttention:
         t0 = time.perf_counter()
         per_row = self.config.group_search is GroupSearch.ROWS
         batch = None
-        if per_row:  # every kv head's search (and estimate) in one native call where it applies
+        if presearched is not None:  # searched with other sequences' heads (search_many)
+            batch, searched_s = presearched
+            t0 -= searched_s
+        elif per_row:  # every kv head's search (and estimate) in one native call where it applies
             batch = search_heads([head.index for head in offloaded.heads], q.float(), self.config.top_k,
                                  estimate_scale=scale if self.config.estimate_rest else None, threads=self.threads)
         if batch is not None:

@@ -6,7 +6,10 @@ centroids, the opened clusters' centroids, at most ``scan_max_keys`` keys) take 
 microseconds to stream. :func:`search_heads` runs the same steps as :meth:`ClusterIndex.search`
 followed by :meth:`ClusterIndex.estimate_rest` (one query row per query head of the group, each row
 attending its own top-k: ``GroupSearch.ROWS``) for all heads at once in C
-(``native/cluster_search.c``), heads spread over the thread pool.
+(``native/cluster_search.c``), heads spread over the thread pool. The heads may belong to different
+sequences of a batch (indexes of different lengths: each head scans its own index's budget), so a
+batched decode step searches every sequence's heads of a layer in one call; each head is searched
+by the same operations alone or beside others, so a sequence's result does not depend on its batch.
 
 Contract: the positions found and the estimate equal the reference's up to fp32 rounding of the
 sums (the reference and the kernel both score in fp32; a key whose score ties another's to the
@@ -67,7 +70,7 @@ def _supported(indexes: Sequence[KeyIndex]) -> bool:
     cfg = first.config
     if cfg.attend_scanned or cfg.variance_correction:
         return False
-    return all(isinstance(i, ClusterIndex) and i.config == cfg and i.ntotal == first.ntotal for i in indexes)
+    return all(isinstance(i, ClusterIndex) and i.config == cfg for i in indexes)
 
 
 def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, estimate_scale: float | None,
@@ -81,13 +84,14 @@ def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, 
     if not _supported(indexes):
         return None
     first: ClusterIndex = indexes[0]  # type: ignore[assignment]
-    cfg, ntotal = first.config, first.ntotal
+    cfg = first.config
     h, r, d = queries.shape
-    if d != first.dim or ntotal == 0 or k <= 0 or k >= ntotal:
+    totals = [i.ntotal for i in indexes]
+    if d != first.dim or k <= 0 or any(n == 0 or k >= n for n in totals):
         return None
     if estimate_scale is not None and not cfg.track_values:
         return None
-    budget = cfg.scan_budget(ntotal, k)
+    budget = np.array([cfg.scan_budget(n, k) for n in totals], dtype=np.int64)  # [H] per head's index
     tables = [i.native_tables() for i in indexes]  # type: ignore[attr-defined]
     ptrs = np.array([t[0] for t in tables], dtype=np.int64)  # [H, 17]
     counts = np.array([t[1] for t in tables], dtype=np.int64)  # [H, 4]

@@ -19,6 +19,7 @@ from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
 from flashtier.runtime.kernels import Linear
 from flashtier.runtime.quantized import weight_device
 from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA, BlockKVCache, KVBlockPool, KVCache, KVCacheConfig
+from flashtier.runtime.kv.retrieval import attend_batch
 from flashtier.runtime.weights.base import WeightAccessor
 
 ACTIVATIONS = {
@@ -190,16 +191,19 @@ class Transformer:
                 norm = w.get(n.input_norm)
                 xn = [rms_norm(x, norm, eps) for x in xs]
                 qkv = self._rows_linears(xn, (n.q, n.k, n.v), (n.q_bias, n.k_bias, n.v_bias))
-                outs = []
+                qs, ks, vs = [], [], []
                 for b, (q, k, v) in enumerate(qkv):
                     t = q.shape[0]
                     q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
                     k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
                     v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
                     cb, sb = tables[b]
-                    q, k = apply_rope(q, cb, sb, c.rope.interleaved), apply_rope(k, cb, sb, c.rope.interleaved)
-                    out = caches[b].attend(i, q, k, v, starts[b])  # [Hq, T, D]
-                    outs.append(out.transpose(0, 1).reshape(t, c.num_heads * c.head_dim))
+                    qs.append(apply_rope(q, cb, sb, c.rope.interleaved))
+                    ks.append(apply_rope(k, cb, sb, c.rope.interleaved))
+                    vs.append(v)
+                # each cache's attention; retrieval caches decoding a token search in one native call
+                outs = [out.transpose(0, 1).reshape(out.shape[1], c.num_heads * c.head_dim)  # [T, Hq * D]
+                        for out in attend_batch(caches, i, qs, ks, vs, starts)]  # [Hq, T, D] each
                 hs = [x + o for x, o in zip(xs, self._rows_linear(outs, n.o))]
                 post = w.get(n.post_attn_norm)
                 hn = [rms_norm(h, post, eps) for h in hs]

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from flashtier.errors import BudgetError, ConfigError, InputError
 from flashtier.retrieval.attention import RetrievalAttention
+from flashtier.retrieval.cluster_batch import HeadsSearch
 from flashtier.retrieval.blockwise import KeyBlock, blockwise_attention
 from flashtier.retrieval.merge import partial_attention
 from flashtier.runtime.kv.device import DeviceKVWindow
@@ -93,9 +94,11 @@ class RetrievalKVCache:
         self.check = AttentionCheck()
 
     # ------------------------------------------------------------------ KVCache protocol
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+               presearched: tuple[HeadsSearch, float] | None = None) -> torch.Tensor:
         """Store ``k, v [H_kv, T, D]`` at ``start ..`` and return attention of ``q [H_q, T, D]``
-        over positions ``0 .. start+T-1``: ``[H_q, T, D]`` (exact for T > 1, retrieval for T = 1)."""
+        over positions ``0 .. start+T-1``: ``[H_q, T, D]`` (exact for T > 1, retrieval for T = 1).
+        ``presearched``: this token's search, already run with other sequences' (:func:`attend_batch`)."""
         self._check_pass(layer, q, k, v, start)
         t0 = time.perf_counter()
         t = q.shape[1]
@@ -103,8 +106,9 @@ class RetrievalKVCache:
             if layer == 0:
                 self.counters.decode_steps += 1
             check_before = self.counters.check_s
-            out = self._decode(layer, q, k, v, start)
-            self.counters.decode_attention_s += time.perf_counter() - t0 - (self.counters.check_s - check_before)
+            out = self._decode(layer, q, k, v, start, presearched)
+            self.counters.decode_attention_s += time.perf_counter() - t0 - (self.counters.check_s - check_before) + \
+                (presearched[1] if presearched is not None else 0.0)
         else:
             chunk = self.config.prefill_chunk
             out = torch.cat([self._exact(layer, q[:, s : s + chunk], k[:, s : s + chunk], v[:, s : s + chunk], start + s)
@@ -240,7 +244,8 @@ class RetrievalKVCache:
         k_dev, v_dev, pos = self._resident(layer, end)
         yield k_dev, v_dev, (pos.unsqueeze(0) <= q_pos.unsqueeze(1)).to(device)  # [G*T, n], the same for every kv head
 
-    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                presearched: tuple[HeadsSearch, float] | None = None) -> torch.Tensor:
         """Retrieval attention of one token: exact on sinks + window, top-k from the index."""
         h_q, _, d = q.shape
         h_kv = self.layout.num_kv_heads
@@ -253,7 +258,7 @@ class RetrievalKVCache:
             out = partial_attention(q1.view(h_kv, h_q // h_kv, d), res_k, res_v, self._scale).out.reshape(h_q, d)
         else:
             parts_k, parts_v = self._resident_parts(layer, start + 1)  # [H_kv, S_i, D] each, in position order
-            result = self._attention.decode_step(q1, parts_k, parts_v, offloaded, self._scale)
+            result = self._attention.decode_step(q1, parts_k, parts_v, offloaded, self._scale, presearched)
             self.counters.add_step(result.stats, h_kv)
             out = result.output
             every = self.config.check_attention
@@ -353,6 +358,31 @@ def _split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, _, h, b, d = blocks.shape
     kv = blocks.permute(1, 2, 0, 3, 4).reshape(2, h, n * b, d)
     return kv[0], kv[1]
+
+
+
+def attend_batch(caches: Sequence[object], layer: int, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
+                 vs: Sequence[torch.Tensor], starts: Sequence[int]) -> list[torch.Tensor]:
+    """``caches[b].attend(layer, qs[b], ks[b], vs[b], starts[b])`` for every sequence of a batched
+    pass (any KV caches), except that retrieval caches decoding one token each search their indexes
+    in one native call (:meth:`RetrievalAttention.search_many`: every sequence's kv heads of the
+    layer over the thread pool together, one call instead of one per sequence). Each head is
+    searched by the same operations as alone, so every output equals its cache's own ``attend``."""
+    joint: dict[int, tuple[HeadsSearch, float]] = {}
+    ready = [b for b, (c, q) in enumerate(zip(caches, qs))
+             if isinstance(c, RetrievalKVCache) and q.dim() == 3 and q.shape[1] == 1 and 0 <= layer < c.layout.num_layers
+             and len(c._offloaded[layer]) > 0]
+    if len(ready) > 1:
+        first: RetrievalKVCache = caches[ready[0]]  # type: ignore[assignment]
+        same = all(caches[b].config.retrieval == first.config.retrieval and caches[b]._scale == first._scale  # type: ignore[attr-defined]
+                   for b in ready)
+        found = first._attention.search_many([qs[b][:, 0].float() for b in ready],
+                                             [caches[b]._offloaded[layer] for b in ready],  # type: ignore[attr-defined]
+                                             first._scale) if same else None
+        if found is not None:
+            joint = dict(zip(ready, found))
+    return [c.attend(layer, q, k, v, s, joint[b]) if b in joint else c.attend(layer, q, k, v, s)  # type: ignore[attr-defined]
+            for b, (c, q, k, v, s) in enumerate(zip(caches, qs, ks, vs, starts))]
 
 
 def retrieval_cache(transformer: "Transformer", engine_config: "EngineConfig",  # noqa: F821

@@ -116,12 +116,18 @@ def test_bad_arguments_are_an_error_not_a_crash() -> None:
     ptrs = np.zeros((2, 17), dtype=np.int64)  # null tables
     counts = np.zeros((2, 4), dtype=np.int64)
     pos = np.zeros((2, 1, 4), dtype=np.int64)
+    budget = np.full(2, 8, dtype=np.int64)
     with pytest.raises(ValueError, match="cluster_search"):
         cluster_search(q, ptrs, counts, pos, np.zeros(2, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32),
-                       1, 16, 4, 8, 12.0, 1, 1, 0, 0.3, 0.25, 0.25, 1)
+                       1, 16, 4, budget, 12.0, 1, 1, 0, 0.3, 0.25, 0.25, 1)
     with pytest.raises(ValueError, match="cluster_search"):  # output of the wrong size
         cluster_search(q, ptrs, counts, pos[:1], np.zeros(2, np.int64), np.zeros(0, np.float32),
-                       np.zeros(0, np.float32), 1, 16, 4, 8, 12.0, 1, 1, 0, 0.3, 0.25, 0.25, 1)
+                       np.zeros(0, np.float32), 1, 16, 4, budget, 12.0, 1, 1, 0, 0.3, 0.25, 0.25, 1)
+    real = np.ones((2, 17), dtype=np.int64)  # non-null tables: only the budgets are wrong below
+    for wrong in (np.full(2, 3, dtype=np.int64), np.full(1, 8, dtype=np.int64), np.full(2, 8, dtype=np.int32)):
+        with pytest.raises(ValueError, match="cluster_search"):  # below k, one per head, int64
+            cluster_search(q, real, counts, pos, np.zeros(2, np.int64), np.zeros(0, np.float32),
+                           np.zeros(0, np.float32), 1, 16, 4, wrong, 12.0, 1, 1, 0, 0.3, 0.25, 0.25, 1)
 
 
 def test_bad_attention_arguments_are_an_error_not_a_crash() -> None:
@@ -195,3 +201,23 @@ def test_fused_attention_equals_the_merged_parts(dtype: torch.dtype, with_rest: 
         retrieval_attend(q.numpy(), rk.float().numpy(), rv.float().numpy(), tk.float().numpy(), tv.float().numpy(),
                          torch.empty(0).numpy(), torch.empty(0).numpy(), torch.empty(h, g, d).numpy(),
                          h, g, s + 1, n, d, 0, 0, scale, 1)
+
+
+def test_heads_of_sequences_of_different_lengths_in_one_call_equal_each_alone() -> None:
+    """A batched decode step searches every sequence's heads of a layer in one call: each head
+    scans its own index's budget, and its result is bit-identical to searching its sequence alone."""
+    config = retrieval_config({})
+    layers = [_layer(config, 2, 32, blocks, seed) for seed, blocks in enumerate(([1024] * 3, [1024] * 7 + [100], [700]))]
+    gen = torch.Generator().manual_seed(11)
+    qs = [torch.randn(2, 4, 32, generator=gen) for _ in layers]  # [H, R, D] per sequence
+    alone = [search_heads([h.index for h in layer.heads], q, 50, estimate_scale=0.2) for layer, q in zip(layers, qs)]
+    joint = search_heads([h.index for layer in layers for h in layer.heads], torch.cat(qs), 50, estimate_scale=0.2)
+    assert joint is not None and all(a is not None for a in alone)
+    assert len({len(layer) for layer in layers}) == 3  # three index lengths, three budgets
+    for b, a in enumerate(alone):
+        part = slice(2 * b, 2 * b + 2)
+        assert torch.equal(joint.positions[part], a.positions) and joint.keys_scanned[part] == a.keys_scanned
+        assert torch.equal(joint.rest.out[part], a.rest.out) and torch.equal(joint.rest.lse[part], a.rest.lse)
+    short = _layer(config, 2, 32, [40], seed=9)  # k covers one sequence's keys: the call does not apply
+    assert search_heads([h.index for layer in (layers[0], short) for h in layer.heads],
+                        torch.randn(4, 4, 32), 50, estimate_scale=0.2) is None

@@ -112,7 +112,9 @@ def test_retrieval_attention_sequences_have_their_own_caches_and_share_the_kv_bu
     """Long-context batching: each sequence has its own retrieval cache (its index, 1/N of
     --kv-dram-budget), its tokens are its tokens alone, at most N run at once under the budget
     (the third waits), each cache is closed as its sequence finishes (its host arena and spill
-    files gone), and the conversation cache comes back empty after the batch."""
+    files gone), and the conversation cache comes back empty after the batch. The sequences decoding
+    together search their indexes in one native call per layer (the same tokens as alone)."""
+    from flashtier.retrieval.attention import RetrievalAttention
     from flashtier.runtime.engine import _RELEASED, BatchSession
 
     opts = dict(attention="retrieval", window=128, kv_block_size=32, prefill_chunk=64, kv_dram_budget="8600K",
@@ -120,6 +122,12 @@ def test_retrieval_attention_sequences_have_their_own_caches_and_share_the_kv_bu
     prompts = [list(range(1 + 7 * i, 400 + 7 * i)) for i in range(3)]  # > window: blocks demoted and searched
     made, alive, most = [], [0], [0]
     new_cache, release = BatchSession._new_cache, BatchSession._release
+    search_many, joint = RetrievalAttention.search_many, []
+
+    def spy_search(self, queries, offloaded, scale):
+        found = search_many(self, queries, offloaded, scale)
+        joint.append(None if found is None else len(found))
+        return found
 
     def spy_new(self):
         cache = new_cache(self)
@@ -135,14 +143,17 @@ def test_retrieval_attention_sequences_have_their_own_caches_and_share_the_kv_bu
     with Model(ROOT / "models" / "tiny-moe-16k", EngineConfig.from_options(**opts)) as llm:
         alone = [llm.generate(p, max_new_tokens=8, ignore_eos=True).tokens for p in prompts]
         BatchSession._new_cache, BatchSession._release = spy_new, spy_release
+        RetrievalAttention.search_many = spy_search
         try:
             batch = llm.generate_batch(prompts, max_new_tokens=8, ignore_eos=True)
         finally:
             BatchSession._new_cache, BatchSession._release = new_cache, release
+            RetrievalAttention.search_many = search_many
         arenas = [a for a in llm.memory_report()["store"]["host"] if a.startswith("kv.")]
         spilled = [p for p in tmp_path.rglob("*") if p.is_file()]
         again = llm.generate(prompts[0], max_new_tokens=8, ignore_eos=True)
     assert [r.tokens for r in batch] == alone and again.tokens == alone[0]
+    assert joint and all(n == 2 for n in joint)  # two sequences' searches per call, every call native
     assert len(made) == 3 and most[0] == 2 and batch[0].stats["batch_waited_for_kv"] == 1
     assert all(c.host.budget == (8600 << 10) // 2 and c.counters.searches > 0 for c in made)
     assert all(c.spill.counters.blocks_written > 0 for c in made)  # their share spilled to storage
