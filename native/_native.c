@@ -134,15 +134,18 @@ static ALWAYS_INLINE void bf16_tile(const uint16_t *restrict w, Py_ssize_t k, co
     }
 
 /* out[b, r] = sum_k bf16(w[r, k]) * x[b, k] for weight rows r0..r1 and `batch` activation rows
- * (out rows ldo apart). Blocks of `rb` weight rows (4, or 2 on CPUs with 16 vector registers;
- * 8 when there is one activation row: more chains for the one-row decode) against tiles of up
- * to `tb` activation rows; the block stays in L1/L2 for the later tiles, so the weight is read
- * from memory once for the whole batch. Rows left over run one at a time. */
+ * (out rows ldo apart). Blocks of `rb` weight rows (4, or 2 on CPUs with 16 vector registers)
+ * against tiles of up to `tb` activation rows; the block stays in L1/L2 for the later tiles, so the
+ * weight is read from memory once for the whole batch. Rows left over run one at a time. With one
+ * activation row (decode) every weight row runs alone, as one sequential stream: blocks of 8 rows
+ * (8 interleaved streams k weights apart, one 4 KiB page each at k = 2048) streamed 13.9-15.3 GB/s
+ * on one thread of this VM where one row at a time streams 25.5 (session 14, bench_matvec); the
+ * arithmetic of a row is the same whatever the block, so outputs do not change. */
 MULTIVERSION
 static void matvec_rows(const uint16_t *restrict w, const float *restrict x, float *restrict out,
                         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k, Py_ssize_t batch, Py_ssize_t ldo, int wide) {
     int tb = wide ? 4 : 2;
-    int rb = batch == 1 ? 8 : wide ? 4 : 2;
+    int rb = batch == 1 ? 1 : wide ? 4 : 2;
     Py_ssize_t r = r0;
     for (; r < r1; r += rb) {
         if (r + rb > r1) rb = 1;  /* the rows left over, one at a time */
