@@ -6,8 +6,9 @@ hardware prefetchers stop at every page boundary; each scattered row costs a pag
 those buffers with 2 MiB pages (Linux transparent huge pages, asked for per mapping with
 ``madvise(MADV_HUGEPAGE)``, which works where the system setting is ``madvise`` or ``always``)
 measured on this 2-core VM: the one-row bf16 kernel 15.3 -> 17.2 GB/s on one thread and 24.5 ->
-29.7 on two, dense-1.7g's bf16 decode +10% (6 of 8 alternating pairs faster); no change measured
-for the retrieval step nor for the quantized kernels, which are bound by instructions (README).
+29.7 on two, dense-1.7g's bf16 decode +10% (6 of 8 alternating pairs faster), with the kernel's
+8-row tile of then (its one-row tile since streams 24-30 GB/s either way); no change measured for
+the retrieval step nor for the quantized kernels, which are bound by instructions (README).
 
 The advice is a hint: where the kernel has no huge pages to give (setting ``never``, memory too
 fragmented) the buffer is backed by 4 KiB pages as before and nothing else changes. Memory: a huge
