@@ -26,7 +26,7 @@ from flashtier.benchmarks.common import finish
 from flashtier.benchmarks.bench_long_context import ProjectionPrefill, ensure_model, retrieval_cache
 from flashtier.runtime.engine import open_model
 from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
-from flashtier.runtime.kv.retrieval_cost import HeadShape, flush_bytes, layer_weight_bytes, probe
+from flashtier.runtime.kv.retrieval_cost import HeadShape, model_flush_bytes, probe
 
 
 def measured_attention_s(model: Any, cache: Any, start: int, steps: int, warmup: int, seed: int) -> list[float]:
@@ -54,9 +54,7 @@ def run_model(path: Path, contexts: list[int], steps: int, warmup: int) -> list[
     c = model.config
     config = RetrievalCacheConfig.from_engine(llm.engine_config.kv_block_size, llm.engine_config.prefill_chunk, {})
     shape = HeadShape(c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim, model.dtype.itemsize)
-    active = c.num_experts_per_tok / c.num_experts if c.num_experts else 1.0
-    sizes = {n: t.nbytes for n, t in llm.checkpoint.tensors.items()}
-    flush = flush_bytes(layer_weight_bytes(sizes, c.num_layers, active))
+    flush = model_flush_bytes(c, {n: t.nbytes for n, t in llm.checkpoint.tensors.items()})
     cost = probe(config, shape, c.num_layers, dtype=model.dtype, flush=flush)
     fill = ProjectionPrefill(model, 0)
     rows = []

@@ -104,7 +104,7 @@ static int bf16_wide(void) {
  * from registers. RB and NB are constants in each instance (accumulators stay in registers). */
 static ALWAYS_INLINE void bf16_tile(const uint16_t *restrict w, Py_ssize_t k, const float *restrict x, Py_ssize_t ldx,
                                     float *restrict out, Py_ssize_t ldo, const int RB, const int NB) {
-    v16f a[8][4]; /* fixed sizes (not RB x NB: a variable-length array would live in memory) */
+    v16f a[4][4]; /* fixed sizes (not RB x NB: a variable-length array would live in memory) */
     for (int r = 0; r < RB; r++)
         for (int b = 0; b < NB; b++) a[r][b] = (v16f){0};
     Py_ssize_t i = 0;
@@ -139,7 +139,7 @@ static ALWAYS_INLINE void bf16_tile(const uint16_t *restrict w, Py_ssize_t k, co
  * weight is read from memory once for the whole batch. Rows left over run one at a time. With one
  * activation row (decode) every weight row runs alone, as one sequential stream: blocks of 8 rows
  * (8 interleaved streams k weights apart, one 4 KiB page each at k = 2048) streamed 13.9-15.3 GB/s
- * on one thread of this VM where one row at a time streams 25.5 (session 14, bench_matvec); the
+ * on one thread of this VM where one row at a time streams 24.4-25.5 (session 14, bench_matvec); the
  * arithmetic of a row is the same whatever the block, so outputs do not change. */
 MULTIVERSION
 static void matvec_rows(const uint16_t *restrict w, const float *restrict x, float *restrict out,
@@ -154,9 +154,7 @@ static void matvec_rows(const uint16_t *restrict w, const float *restrict x, flo
             const float *xb = x + b0 * k;
             float *ob = out + b0 * ldo + r;
             int nb = batch - b0 < tb ? (int)(batch - b0) : tb;
-            if (rb == 8) {
-                bf16_tile(wr, k, xb, k, ob, ldo, 8, 1);
-            } else if (rb == 4) {
+            if (rb == 4) {
                 BF16_TILES(4)
             } else if (rb == 2) {
                 BF16_TILES(2)

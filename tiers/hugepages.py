@@ -65,7 +65,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, *, huge: bool = True,
     ``min_bytes`` long and ``huge``, its own anonymous mapping advised for huge pages (zero-filled
     by the kernel), freed with the tensor. Smaller ones come from torch's allocator."""
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if not huge or nbytes < max(min_bytes, MIN_BYTES):
         return torch.zeros(shape, dtype=dtype) if zeroed else torch.empty(shape, dtype=dtype)
     return torch.frombuffer(anonymous(nbytes, huge=True), dtype=dtype, count=numel).view(shape)

@@ -166,14 +166,13 @@ def _retrieval_step(cfg: object, args: argparse.Namespace, context: int, sizes: 
     import sys
 
     from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
-    from flashtier.runtime.kv.retrieval_cost import HeadShape, cached_probe, flush_bytes, is_cached, layer_weight_bytes
+    from flashtier.runtime.kv.retrieval_cost import HeadShape, cached_probe, is_cached, model_flush_bytes
 
     config = RetrievalCacheConfig(kv_quant_bits=args.kv_quant_bits,
                                   kv_quant_group=32 if args.kv_quant_bits is not None else None)
     shape = HeadShape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
     cache = Path(args.probe_cache)
-    active = cfg.num_experts_per_tok / cfg.num_experts if cfg.num_experts else 1.0
-    flush = flush_bytes(layer_weight_bytes(sizes, cfg.num_layers, active))
+    flush = model_flush_bytes(cfg, sizes)
     if not is_cached(config, shape, cfg.num_layers, cache, flush):
         print(f"probing this machine's retrieval step for {shape.num_kv_heads} kv heads x {shape.head_dim} "
               f"(seconds to a minute, once; cached in {cache})", file=sys.stderr, flush=True)

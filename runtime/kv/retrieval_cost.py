@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from flashtier.checkpoint.config import ModelConfig
 from flashtier.errors import ConfigError, StorageError
 from flashtier.retrieval.attention import GroupSearch, RetrievalConfig
 from flashtier.retrieval.index_cluster import STORE_DTYPES, ClusterIndexConfig
@@ -130,6 +131,13 @@ def layer_weight_bytes(sizes: Mapping[str, int], num_layers: int, active_experts
             found = True
             total += n * (active_experts if ".experts." in name else 1.0)
     return int(total) // max(1, num_layers) if found else None
+
+
+def model_flush_bytes(config: ModelConfig, sizes: Mapping[str, int]) -> int:
+    """:func:`flush_bytes` for the model of ``config`` whose tensors have ``sizes`` by name: one
+    layer's weights as a decode step reads them (routed experts at top-k / experts)."""
+    active = config.num_experts_per_tok / config.num_experts if config.num_experts else 1.0
+    return flush_bytes(layer_weight_bytes(sizes, config.num_layers, active))
 PROBE_CONTEXTS = (4096, 12288)
 """Context lengths of the two probe runs (the bytes a step reads differ ~2.5x between them for the
 default preset)."""

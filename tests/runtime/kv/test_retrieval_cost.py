@@ -100,6 +100,10 @@ def test_probe_flush_follows_the_layer_a_step_reads() -> None:
     assert rc.flush_bytes(None) == rc.PROBE_FLUSH_BYTES
     assert rc.flush_bytes(4 * mib + 1) == 5 * mib  # whole MiB, so nearby models share a cached probe
     assert rc.flush_bytes(10) == mib and rc.flush_bytes(10 << 30) == rc.PROBE_FLUSH_BYTES
+    moe = ModelConfig.from_hf(json.loads((ROOT / "models/tiny-moe-16k/config.json").read_text()))
+    assert (moe.num_layers, moe.num_experts, moe.num_experts_per_tok) == (6, 8, 2)
+    # its 6 layers read 4 MiB of attention and 2 of the 8 experts' 16 MiB: 8/6 MiB, rounded to 2 MiB
+    assert rc.model_flush_bytes(moe, sizes) == 2 * mib
 
 
 def test_plan_uses_the_measured_step() -> None:
