@@ -16,11 +16,13 @@ threads, CPU) and caches it (``~/.cache/flashtier/retrieval_probe.json``).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
 import statistics
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -238,10 +240,22 @@ def probe(config: RetrievalCacheConfig, shape: HeadShape, num_layers: int = PROB
     return RetrievalCost(fixed, rate, torch.get_num_threads())
 
 
+@functools.lru_cache(maxsize=1)
+def native_fingerprint() -> str:
+    """A crc32 of the native extension's file ("none" without one): a probe measured with other
+    kernels (an upgrade or a rebuild: session 15's search is 0.7-0.8x of session 14's) is stale."""
+    try:
+        from flashtier import _native
+        with open(_native.__file__, "rb") as f:
+            return format(zlib.crc32(f.read()), "08x")
+    except (ImportError, OSError, AttributeError):
+        return "none"
+
+
 def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: int,
               flush: int = PROBE_FLUSH_BYTES) -> str:
     """What a cached probe is valid for: the head shape, the retrieval settings, the bytes flushed
-    between layers, the thread count and the CPU."""
+    between layers, the thread count, the CPU and the build of the native kernels."""
     config = cache_config.retrieval
     cpu = platform.processor() or platform.machine()
     try:
@@ -254,7 +268,8 @@ def probe_key(cache_config: RetrievalCacheConfig, shape: HeadShape, num_layers: 
                 "estimate": config.estimate_rest, "options": dict(config.index_options),
                 "threads": torch.get_num_threads(), "cpu": cpu,
                 "block": cache_config.block_size, "kv_quant_bits": cache_config.kv_quant_bits,
-                "layers": probe_layers(num_layers, shape.num_kv_heads), "method": PROBE_METHOD, "flush": flush}
+                "layers": probe_layers(num_layers, shape.num_kv_heads), "method": PROBE_METHOD, "flush": flush,
+                "native": native_fingerprint()}
     return json.dumps(settings, sort_keys=True)
 
 

@@ -86,6 +86,21 @@ def test_probe_cache_is_checked_and_rewritten(tmp_path: Path, monkeypatch: pytes
     assert not is_cached(config, shape, 6, cache, flush=2 << 20)  # a probe flushing less is another probe
     cached_probe(config, shape, 6, cache, flush=2 << 20)
     assert len(calls) == 5 and is_cached(config, shape, 6, cache, flush=2 << 20) and is_cached(config, shape, 6, cache)
+    monkeypatch.setattr(rc, "native_fingerprint", lambda: "rebuilt")  # other kernels: measured again
+    assert not is_cached(config, shape, 6, cache)
+    cached_probe(config, shape, 6, cache)
+    assert len(calls) == 6 and is_cached(config, shape, 6, cache)
+
+
+def test_native_fingerprint_names_the_extension_build() -> None:
+    fp = rc.native_fingerprint()
+    try:
+        from flashtier import _native
+    except ImportError:
+        assert fp == "none"
+        return
+    import zlib
+    assert fp == format(zlib.crc32(Path(_native.__file__).read_bytes()), "08x")
 
 
 def test_probe_flush_follows_the_layer_a_step_reads() -> None:
