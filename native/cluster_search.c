@@ -619,8 +619,10 @@ static ALWAYS_INLINE int search_body(const search_args *a, Py_ssize_t h, const P
         topk_of = malloc((size_t)(R * (kk > 0 ? kk : 1)) * sizeof *topk_of);
         if (!taken || !tail_taken || !topk_of) goto out;
     }
-    top = malloc((size_t)(kk > 0 ? kk : 1) * sizeof *top);
-    if (!top) goto out;
+    if (!a->estimate) { /* with the estimate, each row's picks go to topk_of */
+        top = malloc((size_t)(kk > 0 ? kk : 1) * sizeof *top);
+        if (!top) goto out;
+    }
     for (Py_ssize_t r = 0; r < R; r++) {
         for (Py_ssize_t x = 0; x < n; x++) {
             const float s = scores[r * n + x];

@@ -22,7 +22,6 @@ import math
 import platform
 import statistics
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from flashtier.checkpoint.config import ModelConfig
 from flashtier.errors import ConfigError, StorageError
 from flashtier.retrieval.attention import GroupSearch, RetrievalConfig
 from flashtier.retrieval.index_cluster import STORE_DTYPES, ClusterIndexConfig
-from flashtier.storage_backends.atomic import json_crc32, write_atomic
+from flashtier.storage_backends.atomic import crc32, json_crc32, write_atomic
 from flashtier.runtime.kv.layout import KVBlockLayout
 from flashtier.runtime.kv.retrieval import RetrievalKVCache
 from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
@@ -247,7 +246,7 @@ def native_fingerprint() -> str:
     try:
         from flashtier import _native
         with open(_native.__file__, "rb") as f:
-            return format(zlib.crc32(f.read()), "08x")
+            return format(crc32(f.read()), "08x")
     except (ImportError, OSError, AttributeError):
         return "none"
 
