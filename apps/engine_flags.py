@@ -48,7 +48,7 @@ GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("threads", metavar="N"),
         Flag("compute_dtype", choices=("float32", "bfloat16", "float16")),
         Flag("fast_matvec", style="tristate"),
-        Flag("activations", choices=("f32", "q8")),
+        Flag("activations", choices=("f32", "f32-fma", "q8")),
         Flag("compressed", choices=("auto", "on", "off")),
         Flag("huge_pages", style="onoff"),
     )),

@@ -1,6 +1,6 @@
 """Quantized GGUF files: flashtier vs llama.cpp on the very same file, under a real memory cap.
 
-    python -m flashtier.benchmarks.bench_gguf --scenario dense-fit [--type q4_k_m] [--repeat 3]
+    python -m flashtier.benchmarks.bench_gguf --scenario dense-fit [--type q4_k_m] [--repeat 3] [--q8] [--fma]
 
 Scenarios (the GGUF issue's targets):
   * ``dense-fit``: dense-1.7g shapes (hidden 2048, 16 layers, intermediate 5632, vocab 32000),
@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also run both without a cap (flashtier's in-memory speed)")
     ap.add_argument("--q8", action="store_true",
                     help="also run flashtier with --activations q8 (int8 activations, llama.cpp's approximation)")
+    ap.add_argument("--fma", action="store_true",
+                    help="also run flashtier with --activations f32-fma (exact, the fp32-FMA kernels: the default "
+                         "before the split-activation kernels)")
     ap.add_argument("--huge-pages-off", action="store_true",
                     help="also run flashtier (and with --q8 its q8 run) with --huge-pages off: 4 KiB pages only")
     a = ap.parse_args()
@@ -112,6 +115,8 @@ def main() -> None:
                "llamacpp": run_json(llamacpp_cmd(gguf, tokens, a.threads), cap=cap)}
         if a.q8:
             rnd["flashtier_q8"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, "q8"), cap=cap)
+        if a.fma:
+            rnd["flashtier_fma"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, "f32-fma"), cap=cap)
         if a.huge_pages_off:
             rnd["flashtier_4k_pages"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, huge_pages="off"), cap=cap)
             if a.q8:
@@ -137,6 +142,7 @@ def main() -> None:
                      "flashtier_memory_tok_s": tok_s(rnd["flashtier_memory"]) if "flashtier_memory" in rnd else None,
                      "llamacpp_memory_tok_s": tok_s(rnd["llamacpp_memory"]) if "llamacpp_memory" in rnd else None,
                      "flashtier_q8_tok_s": tok_s(rnd["flashtier_q8"]) if "flashtier_q8" in rnd else None,
+                     "flashtier_fma_tok_s": tok_s(rnd["flashtier_fma"]) if "flashtier_fma" in rnd else None,
                      "flashtier_4k_pages_tok_s": tok_s(rnd["flashtier_4k_pages"]) if "flashtier_4k_pages" in rnd else None,
                      "flashtier_q8_4k_pages_tok_s":
                          tok_s(rnd["flashtier_q8_4k_pages"]) if "flashtier_q8_4k_pages" in rnd else None})
@@ -160,6 +166,11 @@ def main() -> None:
         lines.append("flashtier --activations q8 (int8 activations, as llama.cpp): " + "; ".join(
             f"{r['flashtier_q8_tok_s']:.2f} tok/s = {r['flashtier_q8_tok_s'] / r['llamacpp_tok_s']:.2f}x llama.cpp"
             if r["llamacpp_tok_s"] else f"{r['flashtier_q8_tok_s']:.2f} tok/s" for r in rows))
+    if a.fma:
+        lines.append("")
+        lines.append("flashtier --activations f32-fma (exact, fp32-FMA kernels): " + "; ".join(
+            f"{r['flashtier_fma_tok_s']:.2f} tok/s = {r['flashtier_fma_tok_s'] / r['llamacpp_tok_s']:.2f}x llama.cpp"
+            if r["llamacpp_tok_s"] else f"{r['flashtier_fma_tok_s']:.2f} tok/s" for r in rows))
     if a.memory:
         lines.append("")
         lines.append("In memory (no cap): " + "; ".join(

@@ -8,12 +8,14 @@ streaming plus dequantization, not cache hits); median and best of ``--repeat`` 
 ``--seconds`` (on a shared machine the best round is the one least disturbed by other processes).
 GB/s counts the bytes of the weight as stored (e.g. 144 B per 256 weights for Q4_K), so types
 compare by how close they get to the memory bandwidth, and Gw/s (weights per second) compares
-their arithmetic. The quantized types also run with int8 activations (``q8`` columns:
-``q_matvec(..., act=1)``, i.e. ``qmatvec(..., activations="q8")``, the opt-in approximation with
-x quantized per 32 values and integer dot products; F32 / F16 / BF16 have no such path). Results
-JSON and table: ``benchmarks/results/quant_matvec.{json,md}`` (q8 keys end in `` q8``).
+their arithmetic. The quantized types also run with the fp32-FMA kernels (``fma`` columns:
+``activations="f32-fma"``; the default exact columns use split activations where the CPU has
+AVX-512 VNNI) and with int8 activations (``q8`` columns: ``activations="q8"``, the opt-in
+approximation with x quantized per 32 values and integer dot products; F32 / F16 / BF16 have
+neither). Results JSON and table: ``benchmarks/results/quant_matvec.{json,md}`` (keys end in
+`` fma`` / `` q8``).
 
-    python -m flashtier.benchmarks.bench_quant_matvec [--types Q4_K,Q6_K] [--shapes 5632x2048] [--activations f32]
+    python -m flashtier.benchmarks.bench_quant_matvec [--types Q4_K,Q6_K] [--shapes 5632x2048] [--activations f32,f32-fma,q8]
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from collections.abc import Callable
 import numpy as np
 from flashtier.benchmarks.common import REPO, machine
 from flashtier.checkpoint.ggml_types import GGMLType, type_info
+from flashtier.runtime.quant_kernels import ACT_CODES
 
 SHAPES = "2048x2048,5632x2048,2048x5632,32000x2048"
 TYPES = "BF16,F16,F32,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0"
+SUFFIX = {"f32": "", "f32-fma": " fma", "q8": " q8"}
+"""Result key / column suffix of each --activations value."""
 CACHE_DEFEAT_BYTES = 96 << 20
 """Distinct matrices per case: at least this many bytes in all (the L3 here is 32 MiB)."""
 
@@ -94,8 +99,10 @@ def main() -> None:
     ap.add_argument("--types", default=TYPES, help="comma-separated ggml type names (BF16 = the bf16_matvec kernel)")
     ap.add_argument("--shapes", default=SHAPES, help="comma-separated ROWSxCOLS")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--activations", default="f32,q8",
-                    help="f32 (exact products), q8 (int8 activations, quantized types only), or both")
+    ap.add_argument("--activations", default="f32,f32-fma,q8",
+                    help="comma-separated: f32 (exact products, the default kernels: split activations on AVX-512 "
+                         "VNNI), f32-fma (exact, the fp32-FMA kernels), q8 (int8 activations); the last two for "
+                         "quantized types only")
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
@@ -108,8 +115,8 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     threads_list = [int(t) for t in a.threads.split(",")]
     acts = [v.strip() for v in a.activations.split(",")]
-    if not acts or any(v not in ("f32", "q8") for v in acts):
-        ap.error(f"--activations takes f32 and/or q8, not {a.activations!r}")
+    if not acts or any(v not in SUFFIX for v in acts):
+        ap.error(f"--activations takes f32, f32-fma and/or q8, not {a.activations!r}")
     columns = [(th, act) for act in acts for th in threads_list]  # table columns: f32 ones first
     res: dict = {"machine": machine(), "isa_level": _native.q_isa(), "q8_vnni": _native.q_vnni(),
                  "seconds": a.seconds, "repeat": a.repeat,
@@ -124,23 +131,20 @@ def main() -> None:
             nbytes = rows * info.row_bytes(cols)
             ws = [random_weight(t, rows, cols, rng) for _ in range(max(1, -(-CACHE_DEFEAT_BYTES // nbytes)))]
             for threads, act in columns:
-                if act == "q8" and not info.quantized:
+                if act != "f32" and not info.quantized:
                     continue
                 if t == GGMLType.BF16:
                     def fn(w: np.ndarray) -> None:
                         _native.bf16_matvec(w, x, out, rows, cols, threads)
-                elif act == "q8":
-                    def fn(w: np.ndarray) -> None:
-                        _native.q_matvec(int(t), w, x, out, rows, cols, threads, 1)
                 else:
                     def fn(w: np.ndarray) -> None:
-                        _native.q_matvec(int(t), w, x, out, rows, cols, threads)
+                        _native.q_matvec(int(t), w, x, out, rows, cols, threads, ACT_CODES[act])
                 runs = []
                 for _ in range(a.repeat):
                     wait_idle(a.wait_idle)
                     runs.append(gb_per_s(fn, ws, a.seconds))
                 gbs = statistics.median(runs)
-                key = f"{t.name} {rows}x{cols} t{threads}" + (" q8" if act == "q8" else "")
+                key = f"{t.name} {rows}x{cols} t{threads}" + SUFFIX[act]
                 res["gb_per_s"][key] = round(gbs, 1)
                 res["gb_per_s_best"][key] = round(max(runs), 1)
                 res["gweights_per_s"][key] = round(gbs * 1e9 / (nbytes / (rows * cols)) / 1e9, 1)
@@ -148,9 +152,11 @@ def main() -> None:
             del ws
     lines = [f"Machine: {res['machine']}; one fp32 activation row; GB/s of weight bytes as stored, median / "
              f"best of {a.repeat} rounds (Gweights/s of the median in brackets); BF16 = bf16_matvec, the others "
-             "q_matvec; q8 = int8 activations (activations=\"q8\", quantized types only).", "",
+             "q_matvec; the default exact kernels (split activations for Q4_0 / Q4_K / Q5_K / Q6_K on AVX-512 "
+             "VNNI); fma = the fp32-FMA kernels (activations=\"f32-fma\"); q8 = int8 activations "
+             "(activations=\"q8\", an approximation).", "",
              "| type | B/weight | shape | "
-             + " | ".join(f"{t} thread{'s' if t > 1 else ''}{' q8' if act == 'q8' else ''}" for t, act in columns)
+             + " | ".join(f"{t} thread{'s' if t > 1 else ''}{SUFFIX[act]}" for t, act in columns)
              + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |"]
     for t in types:
@@ -158,7 +164,7 @@ def main() -> None:
         for rows, cols in shapes:
             cells = []
             for threads, act in columns:
-                key = f"{t.name} {rows}x{cols} t{threads}" + (" q8" if act == "q8" else "")
+                key = f"{t.name} {rows}x{cols} t{threads}" + SUFFIX[act]
                 if key not in res["gb_per_s"]:
                     cells.append("-")
                     continue

@@ -562,6 +562,9 @@ typedef struct q8x {
     int32_t *corr; /* per 4-byte lane of xq: -offset * sum of its xq (the weights' zero point), or NULL */
     float *sxl;    /* per int32 lane of the kernel's reduced sums: the scale s_g of that lane */
     float *aux;    /* K-min types: per 256 [0 x 8, xsn of the 8 sub-blocks] (x_block_sums' layout) */
+    /* split activations (act = 2): three int8 pieces of x (xqn: `cols` apart; xq: interleaved,
+     * x3_layout_v4), sxn / sxl the scale S of the combined integer, corr and xsn of it */
+    int pieces;    /* 1 (int8 activations) or 3 (split) */
 } q8x;
 
 /* Groups with max |x| below 2^-96 quantize to 0 (scale 0): keeps 1 / s_g finite and s_g normal. */
@@ -1472,6 +1475,21 @@ T4V static ALWAYS_INLINE void q4_0_q8_v4(const uint8_t *b, int n, const int8_t *
             j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));                          \
         }                                                                                             \
     }
+/* Split-activation row loops (x: three pieces per 256-weight block, 768 bytes). */
+#define V4Q8_K_ROWS_X3(T, TS, CALL)                                                                    \
+    T4V static void T##_x3mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                   \
+        const Py_ssize_t nb = j->cols / 256;                                                          \
+        const q8x *qx = j->qx;                                                                        \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};                               \
+            for (Py_ssize_t ib = 0; ib < nb; ib++, b += TS) {                                         \
+                PF_LINES(TS);                                                                         \
+                CALL;                                                                                 \
+            }                                                                                         \
+            j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));                          \
+        }                                                                                             \
+    }
 V4Q8_K_ROWS(q4_k, 144, q4_k_q8_v4(b, qx->xq + 256 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
 V4Q8_K_ROWS(q5_k, 176, q5_k_q8_v4(b, qx->xq + 256 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
 V4Q8_K_ROWS(q6_k, 210, q6_k_q8_v4(b, qx->xq + 256 * ib, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc))
@@ -1583,6 +1601,213 @@ T4V static void q8_layout_v4(int type, q8x *qx, Py_ssize_t cols) {
         }
     }
 }
+
+/* ------------------------------------------------------------- split activations (act = 2)
+ * The fp32-accurate product through the int8 kernels: x is split per 32 values g into three int8
+ * pieces with one fp32 scale, x ~= S_g * c, c = 65536 * x1 + 256 * x2 + x3 (an integer of 24
+ * significant bits; |x - S_g * c| <= S_g / 2, or S_g where x3 was clamped, and S_g =
+ * max|x_g| / (127 * 65536) ~= max|x_g| * 2^-23: about an ulp of the group's largest value), and each
+ * row is computed from the integer sums
+ * sum_k q_k * c_k, formed exactly in int32 by Horner's rule over the pieces (vpdpbusd on x1, shift
+ * by 8, vpdpbusd on x2, shift, vpdpbusd on x3: wrapping arithmetic, exact because the final sum
+ * fits), converted to fp32 once per lane or sub-block and scaled by (d * sc) * S in fp32. The
+ * K-types' min term multiplies the sub-block sums of the same S * c (so the product is
+ * W @ (S * c) to fp32 rounding, with no cancellation between the two terms). Int32 range: |c| <=
+ * 127 * 65536 + 128 * 257 = 8,355,968; a Q4_K 16-weight sum <= 16 * 15 * |c| < 2^31 (reduced in
+ * int32), Q5_K / Q6_K 4-weight lanes <= 4 * 32 * |c| < 2^31 (converted to fp32 before the
+ * reduction), Q4_0 8-weight lanes <= 8 * 8 * |c|. Q8_0 (4 * 127 * |c| >= 2^31) keeps the fp32
+ * kernel. */
+
+/* x -> pieces (xq, xq + cols, xq + 2 * cols) and S per 32 values, as documented in
+ * runtime/quant_kernels.split_activations (the same IEEE operations, so the same bits). */
+T4V static void x3_split_v4(const float *x, Py_ssize_t cols, int8_t *xq, float *sx) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512 lo1 = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-128.f);
+    for (Py_ssize_t g = 0; g < cols / 32; g++) {
+        const float *v = x + 32 * g;
+        __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+        uint32_t m = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v0), abs_mask),
+                                                              _mm512_and_si512(_mm512_castps_si512(v1), abs_mask)));
+        float amax;
+        memcpy(&amax, &m, 4);
+        float s1 = m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f;
+        if (!(s1 > 0.f)) {
+            sx[g] = s1;
+            for (int p = 0; p < 3; p++) memset(xq + p * cols + 32 * g, 0, 32);
+            continue;
+        }
+        sx[g] = s1 * 0x1p-16f;
+        const float id = 1.f / s1;
+        const __m512 S1 = _mm512_set1_ps(s1), S2 = _mm512_set1_ps(s1 * 0x1p-8f);
+        const __m512 ID = _mm512_set1_ps(id), K2 = _mm512_set1_ps(id * 0x1p8f), K3 = _mm512_set1_ps(id * 0x1p16f);
+        for (int h = 0; h < 2; h++) {
+            __m512 vv = h ? v1 : v0;
+            __m512 x1 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(vv, ID), 8), lo1), hi);
+            __m512 r1 = _mm512_fnmadd_ps(x1, S1, vv);
+            __m512 x2 = _mm512_roundscale_ps(_mm512_mul_ps(r1, K2), 8);
+            /* x2 = 128 (r1 at +S1 / 2): one more in x1, x2 from the new remainder (about -128) */
+            __mmask16 up = _mm512_cmp_ps_mask(x2, hi, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x1, hi, _CMP_LT_OQ);
+            x1 = _mm512_mask_add_ps(x1, up, x1, _mm512_set1_ps(1.f));
+            r1 = _mm512_fnmadd_ps(x1, S1, vv);
+            x2 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r1, K2), 8), lo), hi);
+            __m512 r2 = _mm512_fnmadd_ps(x2, S2, r1);
+            __m512 x3 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r2, K3), 8), lo), hi);
+            int8_t *o = xq + 32 * g + 16 * h;
+            _mm_storeu_si128((__m128i *)o, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(x1)));
+            _mm_storeu_si128((__m128i *)(o + cols), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(x2)));
+            _mm_storeu_si128((__m128i *)(o + 2 * cols), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(x3)));
+        }
+    }
+}
+
+/* w . c over the three pieces of x (xp bytes apart), Horner's rule in int32. */
+T4V static ALWAYS_INLINE __m512i dp3(__m512i a, __m512i w, const int8_t *xq, Py_ssize_t xp) {
+    a = _mm512_dpbusd_epi32(a, w, _mm512_load_si512((const void *)xq));
+    a = _mm512_dpbusd_epi32(_mm512_slli_epi32(a, 8), w, _mm512_load_si512((const void *)(xq + xp)));
+    return _mm512_dpbusd_epi32(_mm512_slli_epi32(a, 8), w, _mm512_load_si512((const void *)(xq + 2 * xp)));
+}
+
+/* red4 in fp32 (lane 4c+e = the sum of 128-bit chunk c of a_e). */
+T4V static ALWAYS_INLINE __m512 red4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
+}
+
+T4V static ALWAYS_INLINE void q4_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sxl,
+                                         const float *aux, __m512 *acc) {
+    __m512 dmv = k4_dmv_q8(b);
+    const __m512i m0f = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
+    __m512i w0 = _mm512_loadu_si512((const void *)(b + 16)), w1 = _mm512_loadu_si512((const void *)(b + 80));
+    __m512i a0 = dp3(z, _mm512_and_si512(w0, m0f), xq, xp);
+    __m512i a1 = dp3(z, _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f), xq + 64, xp);
+    __m512i a2 = dp3(z, _mm512_and_si512(w1, m0f), xq + 128, xp);
+    __m512i a3 = dp3(z, _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f), xq + 192, xp);
+    k4_q8_finish(dmv, a0, a1, a2, a3, sxl, aux, acc);
+}
+
+T4V static ALWAYS_INLINE void q5_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sxl,
+                                         const float *aux, __m512 *acc) {
+    __m512 dmv = k4_dmv_q8(b);
+    const __m512i m0f = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16), z = _mm512_setzero_si512();
+    __m512i hq = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
+    __m512i w0 = _mm512_loadu_si512((const void *)(b + 48)), w1 = _mm512_loadu_si512((const void *)(b + 112));
+    __m512i q0 = _mm512_and_si512(w0, m0f), q1 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
+    __m512i q2 = _mm512_and_si512(w1, m0f), q3 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
+    q0 = _mm512_mask_add_epi8(q0, _mm512_test_epi8_mask(hq, HALVES8(0x01, 0x04)), q0, k16);
+    q1 = _mm512_mask_add_epi8(q1, _mm512_test_epi8_mask(hq, HALVES8(0x02, 0x08)), q1, k16);
+    q2 = _mm512_mask_add_epi8(q2, _mm512_test_epi8_mask(hq, HALVES8(0x10, 0x40)), q2, k16);
+    q3 = _mm512_mask_add_epi8(q3, _mm512_test_epi8_mask(hq, HALVES8(0x20, 0x80)), q3, k16);
+    __m512 s = red4_ps(_mm512_cvtepi32_ps(dp3(z, q0, xq, xp)), _mm512_cvtepi32_ps(dp3(z, q1, xq + 64, xp)),
+                       _mm512_cvtepi32_ps(dp3(z, q2, xq + 128, xp)), _mm512_cvtepi32_ps(dp3(z, q3, xq + 192, xp)));
+    __m512 f = _mm512_mul_ps(_mm512_permutexvar_ps(K4_LANE_SB, dmv), _mm512_load_ps(sxl));
+    acc[0] = _mm512_fmadd_ps(s, f, acc[0]);
+    acc[1] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(aux), acc[1]);
+}
+
+T4V static ALWAYS_INLINE void q6_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const int32_t *corr,
+                                         const float *sxl, __m512 *acc) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), z = _mm512_setzero_si512();
+    const __m512i sh01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    __m512 a[4];
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; n++) {
+        __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * n));
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
+        __m512i h01 = _mm512_and_si512(_mm512_sllv_epi16(qh, sh01), m30);
+        __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(qh, sh23), m30);
+        __m512i z0 = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA); /* (a&b)|c */
+        __m512i z1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
+        a[2 * n] = _mm512_cvtepi32_ps(_mm512_add_epi32(dp3(z, z0, xq + 128 * n, xp),
+                                                       _mm512_load_si512((const void *)(corr + 32 * n))));
+        a[2 * n + 1] = _mm512_cvtepi32_ps(_mm512_add_epi32(dp3(z, z1, xq + 128 * n + 64, xp),
+                                                           _mm512_load_si512((const void *)(corr + 32 * n + 16))));
+    }
+    __m128i sc8 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(b + 192)),
+                                   _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)),
+                                           _mm512_set1_ps(_cvtsh_ss(rd16(b + 208)))),
+                             _mm512_load_ps(sxl));
+    acc[0] = _mm512_fmadd_ps(red4_ps(a[0], a[1], a[2], a[3]), f, acc[0]);
+}
+
+/* Q4_0, four blocks as q4_0_q8_v4. */
+T4V static ALWAYS_INLINE void q4_0_x3_v4(const uint8_t *b, int n, const int8_t *xq, Py_ssize_t xp,
+                                         const int32_t *corr, const float *sxl, __m512 *acc) {
+    __m512i raw, tail;
+    if (n == 4) {
+        raw = _mm512_loadu_si512((const void *)b);
+        tail = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(b + 64)));
+    } else {
+        raw = _mm512_maskz_loadu_epi8((1ULL << (18 * n)) - 1, b);
+        tail = _mm512_setzero_si512();
+    }
+    const __m512i iw = _mm512_setr_epi32(0x00020001, 0x00040003, 0x00060005, 0x00080007, 0x000B000A, 0x000D000C,
+                                         0x000F000E, 0x00110010, 0x00140013, 0x00160015, 0x00180017, 0x001A0019,
+                                         0x001D001C, 0x001F001E, 0x00210020, 0x00230022);
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    __m512i q = _mm512_permutex2var_epi16(raw, iw, tail);
+    __m512i lo = _mm512_and_si512(q, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
+    __m512i s = _mm512_setzero_si512();
+    for (int p = 0; p < 3; p++) {
+        if (p) s = _mm512_slli_epi32(s, 8);
+        s = _mm512_dpbusd_epi32(s, lo, _mm512_load_si512((const void *)(xq + p * xp)));
+        s = _mm512_dpbusd_epi32(s, hi, _mm512_load_si512((const void *)(xq + p * xp + 64)));
+    }
+    s = _mm512_add_epi32(s, _mm512_load_si512((const void *)corr));
+    const __m512i id = _mm512_setr_epi32(0, 0, 0x00090009, 0x00090009, 0x00120012, 0x00120012, 0x001B001B,
+                                         0x001B001B, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(id, raw)));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_load_ps(sxl)), *acc);
+}
+
+V4Q8_K_ROWS_X3(q4_k, 144, q4_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
+V4Q8_K_ROWS_X3(q5_k, 176, q5_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
+V4Q8_K_ROWS_X3(q6_k, 210, q6_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc))
+
+T4V static void q4_0_x3mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    const Py_ssize_t nb = j->cols / 32;
+    const q8x *qx = j->qx;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;
+        const int8_t *xq = qx->xq;
+        const int32_t *corr = qx->corr;
+        const float *sxl = qx->sxl;
+        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        Py_ssize_t ib = 0;
+        for (; ib + 8 <= nb; ib += 8, b += 8 * 18, xq += 768, corr += 32, sxl += 32) {
+            PF_LINES(8 * 18);
+            q4_0_x3_v4(b, 4, xq, 128, corr, sxl, acc);
+            q4_0_x3_v4(b + 4 * 18, 4, xq + 384, 128, corr + 16, sxl + 16, acc + 1);
+        }
+        for (; ib < nb; ib += 4, b += 4 * 18, xq += 384, corr += 16, sxl += 16)
+            q4_0_x3_v4(b, nb - ib < 4 ? (int)(nb - ib) : 4, xq, 128, corr, sxl, acc);
+        j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    }
+}
+
+/* The split x in the layouts of the kernels above: each piece as q8_layout_v4 lays out int8 x, the
+ * three interleaved in chunks of 256 bytes (128 for Q4_0: one kernel step), so that a block's x is
+ * 768 contiguous bytes; corr (Q4_0, Q6_K) that of the combined c: (corr_1 << 16) + (corr_2 << 8) +
+ * corr_3 (wrapping, like the kernels' sums). xq has room for 4 pieces and corr for two arrays: the
+ * last of each is scratch. */
+T4V static void x3_layout_v4(int type, q8x *qx, Py_ssize_t cols) {
+    const Py_ssize_t padded = (cols + 255) / 256 * 256, ncorr = type == GT_Q4_0 ? padded / 8 : padded / 4;
+    const Py_ssize_t chunk = type == GT_Q4_0 ? 128 : 256;
+    q8x v = *qx;
+    uint32_t *corr = (uint32_t *)qx->corr, *tmp = (uint32_t *)qx->corr + padded / 4;
+    v.xq = qx->xq + 3 * padded;
+    for (int p = 0; p < 3; p++) {
+        v.xqn = qx->xqn + p * cols;
+        v.corr = p ? (int32_t *)tmp : qx->corr;
+        q8_layout_v4(type, &v, cols);
+        for (Py_ssize_t c = 0; c < padded / chunk; c++) memcpy(qx->xq + (3 * c + p) * chunk, v.xq + c * chunk, (size_t)chunk);
+        if (p && (type == GT_Q4_0 || type == GT_Q6_K))
+            for (Py_ssize_t i = 0; i < ncorr; i++) corr[i] = (corr[i] << 8) + tmp[i];
+    }
+}
 #endif /* Q_X86 */
 
 /* ------------------------------------------------------------- dispatch */
@@ -1670,6 +1895,24 @@ static rows_fn q_pick(int type, int dequant) {
     return NULL;
 }
 
+/* The split-activation kernel of a type (AVX-512 VNNI only; NULL elsewhere and for F32 / F16 / BF16 /
+ * Q8_0: they use the fp32 kernel). */
+static rows_fn q_pick_x3(int type) {
+#if Q_X86
+    if (q_isa_level >= 4 && q_has_vnni) {
+        switch (type) {
+        case GT_Q4_0: return q4_0_x3mv_v4;
+        case GT_Q4_K: return q4_k_x3mv_v4;
+        case GT_Q5_K: return q5_k_x3mv_v4;
+        case GT_Q6_K: return q6_k_x3mv_v4;
+        }
+    }
+#else
+    (void)type;
+#endif
+    return NULL;
+}
+
 /* The int8-activation kernel of a quantized type (NULL for F32 / F16 / BF16: they use the exact one).
  * Level 4 without VNNI uses the v3 build. */
 static rows_fn q_pick_q8(int type) {
@@ -1721,6 +1964,24 @@ static void x_block_sums(const float *x, Py_ssize_t cols, float *sums) {
 /* The quantized x of one int8-activation product (q8x), in the layouts its kernel reads. */
 static void q8_prepare(int type, q8x *qx, const float *x, Py_ssize_t cols, int v4) {
 #if Q_X86
+    if (qx->pieces == 3) { /* split activations: v4 kernels only */
+        x3_split_v4(x, cols, qx->xqn, qx->sxn);
+        if (qx->xsn)
+            for (Py_ssize_t g = 0; g < cols / 32; g++) {
+                int32_t t = 0;
+                for (int l = 0; l < 32; l++)
+                    t += 65536 * qx->xqn[32 * g + l] + 256 * qx->xqn[cols + 32 * g + l] + qx->xqn[2 * cols + 32 * g + l];
+                qx->xsn[g] = qx->sxn[g] * (float)t;
+            }
+        x3_layout_v4(type, qx, cols);
+        if (qx->aux)
+            for (Py_ssize_t b = 0; b < cols / 256; b++)
+                for (int i = 0; i < 8; i++) {
+                    qx->aux[16 * b + i] = 0.f;
+                    qx->aux[16 * b + 8 + i] = qx->xsn[8 * b + i];
+                }
+        return;
+    }
     if (v4)
         q8_quantize_v4(x, cols, qx->xqn, qx->sxn);
     else
@@ -1773,9 +2034,9 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
     const int dequant = x_len < 0;
     memset(p, 0, sizeof *p);
     q_detect();
-    if (act != 0 && act != 1) {
-        PyErr_Format(PyExc_ValueError, "%s: act must be 0 (fp32 activations) or 1 (int8 activations), not %d",
-                     fname, act);
+    if (act < 0 || act > 2) {
+        PyErr_Format(PyExc_ValueError, "%s: act must be 0 (fp32 activations), 1 (int8 activations) or 2 (split "
+                     "activations), not %d", fname, act);
         return -1;
     }
     const qtype_info *ti = qtype_lookup(qtype);
@@ -1831,12 +2092,13 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
     matvec_job j = {q_pick(qtype, dequant), w->buf, dequant ? NULL : (const float *)x, (float *)out->buf, NULL,
                     rows, cols, row_bytes, pool_parts(threads),
                     NULL};
-    rows_fn q8fn = act == 1 && !dequant ? q_pick_q8(qtype) : NULL;
+    rows_fn q8fn = dequant ? NULL : act == 1 ? q_pick_q8(qtype) : act == 2 ? q_pick_x3(qtype) : NULL;
+    const int pieces = q8fn && act == 2 ? 3 : 1;
     if (q8fn) j.fn = q8fn;
 #if Q_X86
     int needs_sums = j.fn == q4_k_mv_v4 || j.fn == q5_k_mv_v4;
     p->q8_v4 = j.fn == q8_0_q8mv_v4 || j.fn == q4_0_q8mv_v4 || j.fn == q4_k_q8mv_v4 || j.fn == q5_k_q8mv_v4 ||
-               j.fn == q6_k_q8mv_v4;
+               j.fn == q6_k_q8mv_v4 || pieces == 3;
 #else
     int needs_sums = 0;
 #endif
@@ -1854,8 +2116,9 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
          * xq, corr, sxl [padded bytes each], aux [cols/16] */
         int v4 = p->q8_v4;
         size_t padded = (size_t)(cols + 255) / 256 * 256, ng = (size_t)cols / 32;
-        size_t sz[7] = {(size_t)cols, 4 * ng, kmin ? 4 * ng : 0, v4 ? padded : 0, v4 ? padded : 0,
-                        v4 ? padded : 0, v4 && kmin ? 8 * ng : 0};
+        size_t pc = (size_t)pieces;
+        size_t sz[7] = {pc * (size_t)cols, 4 * ng, kmin ? 4 * ng : 0, v4 ? (pieces == 3 ? 4 : 1) * padded : 0,
+                        v4 ? (pieces == 3 ? 2 : 1) * padded : 0, v4 ? padded : 0, v4 && kmin ? 8 * ng : 0};
         size_t total = 64;
         for (int i = 0; i < 7; i++) total += (sz[i] + 63) / 64 * 64;
         p->q8mem = PyMem_Malloc(total);
@@ -1872,6 +2135,7 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
         }
         p->qx.xqn = arr[0], p->qx.sxn = arr[1], p->qx.xsn = arr[2], p->qx.xq = arr[3], p->qx.corr = arr[4];
         p->qx.sxl = arr[5], p->qx.aux = arr[6];
+        p->qx.pieces = pieces;
         j.qx = &p->qx;
     }
     p->j = j;

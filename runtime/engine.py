@@ -79,7 +79,9 @@ class EngineConfig:
     better on weights). True / False force a fast kernel / torch's."""
     activations: str = "f32"
     """Decode products with quantized (GGUF) weights: 'f32' multiplies the exact fp32 activations
-    (default: outputs equal the dequantized network's); 'q8' quantizes each activation row to int8
+    (default: outputs equal the dequantized network's to fp32 rounding; on AVX-512 VNNI CPUs the
+    activations are carried as a 24-bit fixed point per 32 values through integer dot products,
+    see ``runtime/quant_kernels.py``); 'f32-fma' the same with the fp32-FMA kernels only; 'q8' quantizes each activation row to int8
     with a scale per 32 values and uses integer dot products, as llama.cpp does: an approximation,
     faster where the CPU has AVX-512 VNNI (measured cost in the README). Ignored for bf16 / fp16 /
     fp32 weights."""
@@ -158,8 +160,9 @@ class EngineConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.fast_matvec is not None and not isinstance(self.fast_matvec, bool):
             raise ConfigError(f"fast_matvec must be True, False or None (auto), got {self.fast_matvec!r}")
-        if self.activations not in ("f32", "q8"):
-            raise ConfigError(f"activations must be 'f32' (exact) or 'q8' (int8, approximate), got {self.activations!r}")
+        if self.activations not in ("f32", "f32-fma", "q8"):
+            raise ConfigError("activations must be 'f32' (exact), 'f32-fma' (exact, the fp32-FMA kernels only) or "
+                              f"'q8' (int8, approximate), got {self.activations!r}")
         if self.prompt_cache is not None and self.attention != "full":
             raise ConfigError("--prompt-cache stores the blocks of the full-attention KV cache; it does not work with "
                               "--attention retrieval yet (drop one of them)")

@@ -164,7 +164,7 @@ class Linear:
         self.calls_torch = 0
         self.calls_quantized = 0
         self.activations = activations
-        """'f32' (exact) or 'q8' (int8 activations) for one-row products with quantized weights."""
+        """'f32' (exact), 'f32-fma' (exact, fp32-FMA kernels only) or 'q8' (int8 activations) for one-row products with quantized weights."""
 
     @property
     def fast(self) -> bool:

@@ -11,6 +11,16 @@ A GGUF weight ``[rows, cols]`` of type ``t`` is ``rows`` rows of ``cols // block
   The Q4_K / Q5_K kernels refactor a sub-block's sum algebraically,
   ``sum_k (d*sc*q_k - dmin*m) * x_k = sum_k (d*sc*q_k) * x_k - dmin*m * sum_k x_k``, with the
   sub-block sums of ``x`` computed once per call.
+  On CPUs with AVX-512 VNNI the Q4_0 / Q4_K / Q5_K / Q6_K products compute the same thing
+  faster through integer dot products (``activations="f32"``, the default): ``x`` is split per
+  32 values into three int8 pieces, ``x ~= S * (65536 * x1 + 256 * x2 + x3)``, a 24-bit fixed
+  point with one fp32 scale ``S = max|x_g| / (127 * 65536)`` (:func:`split_activations`), and each
+  row is ``W @ (S * c)`` with the integer sums exact (Horner's rule over the pieces in int32) and
+  fp32 rounding only where the sums are scaled and added. The activations are not rounded
+  beyond fp32 precision: ``|x - S * c| <= S``, about one ulp of the group's largest value, so the
+  error against the exact product is at the level of fp32 summation (measured at most ~1.5e-7 of
+  ``sum_k |W[r, k] x[k]|``, 1-5x the fp32-FMA kernels' own rounding; README). ``"f32-fma"``
+  forces the fp32-FMA kernels (dequantized weights times fp32 ``x``), used elsewhere and for Q8_0.
 * ``qmatvec(..., activations="q8")``: an opt-in approximation for speed (llama.cpp's way of
   computing decode products): ``x`` is quantized once per call to int8 with one fp32 scale per 32
   consecutive values (:func:`quantize_activations_q8`) and every row is computed with integer dot
@@ -55,8 +65,16 @@ try:
 except ImportError:  # not built, or an extension built before it existed
     _native_matvec_many = None
 
-ACTIVATIONS = ("f32", "q8")
-"""Values of ``qmatvec(..., activations=)``: exact fp32 activations, or int8 with a scale per 32."""
+ACTIVATIONS = ("f32", "f32-fma", "q8")
+"""Values of ``qmatvec(..., activations=)``: fp32-accurate activations (split into int8 pieces
+where the CPU has AVX-512 VNNI), the fp32-FMA kernels, or int8 with a scale per 32 (approximate)."""
+
+ACT_CODES = {"f32": 2, "f32-fma": 0, "q8": 1}
+"""The native kernels' ``act`` argument of each :data:`ACTIVATIONS` value (2 falls back to 0 where
+no split kernel exists: no VNNI, Q8_0, unquantized types)."""
+
+SPLIT_SHIFT = 8
+"""Bits between the int8 pieces of :func:`split_activations`."""
 
 Q8_GROUP = 32
 """Activations per int8 scale on the ``activations="q8"`` path."""
@@ -82,7 +100,9 @@ def qmatvec(qtype: int | GGMLType, blocks: torch.Tensor | np.ndarray, x: torch.T
     for unsupported types, mismatched sizes, a ``cols`` that is not a multiple of the type's
     block size, or an ``activations`` not in :data:`ACTIVATIONS`.
 
-    ``activations``: ``"f32"`` (default) is the exact product described in the module docstring.
+    ``activations``: ``"f32"`` (default) is the exact product described in the module docstring
+    (split activations on AVX-512 VNNI, :func:`split_activations`); ``"f32-fma"`` the fp32-FMA
+    kernels only.
     ``"q8"`` is an **approximation** (opt-in, faster: integer dot products, memory-bound on
     AVX-512 VNNI CPUs): ``x`` is quantized once per call with :func:`quantize_activations_q8`
     (per 32 consecutive values ``g``: scale ``s_g = max|x_g| / 127``, ``xq = rint(x / s_g)`` in
@@ -128,10 +148,7 @@ def qmatvec(qtype: int | GGMLType, blocks: torch.Tensor | np.ndarray, x: torch.T
     y = out.numpy()  # [rows], shares memory with out
     q8 = activations == "q8" and info.quantized
     if _native_matvec is not None and use_native is not False:
-        if q8:
-            _native_matvec(int(qtype), w, xf, y, rows, cols, _threads(threads), 1)
-        else:
-            _native_matvec(int(qtype), w, xf, y, rows, cols, _threads(threads))
+        _native_matvec(int(qtype), w, xf, y, rows, cols, _threads(threads), ACT_CODES[activations])
     elif use_native:
         raise RuntimeError("qmatvec: the C extension flashtier._native is not built")
     else:
@@ -165,3 +182,42 @@ def quantize_activations_q8(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, n
         q = np.rint(xf * inv[:, None])
     q = np.where((scales > 0)[:, None], np.clip(q, -127, 127), 0)
     return q.astype(np.int8).reshape(-1), scales
+
+
+def split_activations(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The split activations of ``qmatvec(..., activations="f32")`` on AVX-512 VNNI CPUs, exactly
+    as the C kernels compute them: ``x`` fp32 ``[cols]`` (a multiple of 32) -> ``(pieces, scales)``,
+    ``pieces`` int8 ``[3, cols]`` and ``scales`` fp32 ``[cols // 32]`` with
+    ``x ~= scales * (65536 * pieces[0] + 256 * pieces[1] + pieces[2])`` per 32 values. Per group:
+    ``s1 = max|x| / 127``; ``x1 = rint(x * (1 / s1))`` in ``[-127, 127]``; ``r1 = x - s1 * x1``
+    (one rounding: an FMA); ``x2 = rint(r1 * (256 / s1))``, and where that is 128 (``r1`` at
+    ``+s1 / 2``) ``x1 + 1`` and ``x2`` from the new remainder; ``x2`` in ``[-128, 127]``;
+    ``r2 = r1 - (s1 / 256) * x2``; ``x3 = rint(r2 * (65536 / s1))`` clipped to ``[-128, 127]``;
+    ``scale = s1 / 65536``. So ``|x - scale * c| <= scale`` (half of it unless ``x3`` was clipped).
+    Groups below :data:`Q8_TINY` or holding an inf / NaN: pieces 0, scale 0 / NaN (as
+    :func:`quantize_activations_q8`)."""
+    xf = (x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor)
+          else np.asarray(x, dtype=np.float32)).reshape(-1, Q8_GROUP)  # [G, 32]
+    finite = np.isfinite(xf).all(axis=1)
+    amax = np.abs(np.where(finite[:, None], xf, 0)).max(axis=1)
+    s1 = np.where(amax < np.float32(Q8_TINY), np.float32(0), amax / np.float32(127)).astype(np.float32)  # [G]
+    ok = (s1 > 0) & finite
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(ok, np.float32(1) / s1, np.float32(0)).astype(np.float32)[:, None]  # [G, 1]
+        s = s1[:, None].astype(np.float64)
+
+        def rem(v: np.ndarray, q: np.ndarray, step: np.ndarray) -> np.ndarray:  # v - step * q, rounded once
+            return (v.astype(np.float64) - step * q.astype(np.float64)).astype(np.float32)
+
+        x1 = np.clip(np.rint(xf * inv), -127, 127)
+        r1 = rem(xf, x1, s)
+        k2, k3 = inv * np.float32(256), inv * np.float32(65536)
+        up = (np.rint(r1 * k2) > 127) & (x1 < 127)
+        x1 = x1 + up
+        r1 = rem(xf, x1, s)
+        x2 = np.clip(np.rint(r1 * k2), -128, 127)
+        r2 = rem(r1, x2, (s1 / np.float32(256))[:, None].astype(np.float64))
+        x3 = np.clip(np.rint(r2 * k3), -128, 127)
+    pieces = np.stack([np.where(ok[:, None], p, 0) for p in (x1, x2, x3)]).astype(np.int8)  # [3, G, 32]
+    scales = np.where(finite, s1 / np.float32(65536), np.float32(np.nan)).astype(np.float32)  # [G]
+    return pieces.reshape(3, -1), scales

@@ -10,8 +10,9 @@ its logical shape. Weight accessors hand it to the forward like a torch tensor; 
 * several rows (prefill): tiles of the weight are dequantized to fp32 and multiplied with torch's
   GEMM, a few MiB at a time.
 
-Both are exact with respect to the dequantized weights up to fp32 roundoff: nothing quantizes the
-activations.
+Both are exact with respect to the dequantized weights up to fp32 roundoff: nothing rounds the
+activations beyond fp32 precision (the decode kernels may carry them as a 24-bit fixed point per 32
+values, :func:`~flashtier.runtime.quant_kernels.split_activations`).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
                      threads: int | None = None, activations: str = "f32") -> torch.Tensor:
     """``x @ W.T (+ b)`` for ``x`` ``[T, K]`` and a quantized ``W`` ``[N, K]`` -> ``[T, N]`` in ``x.dtype``.
 
-    ``activations``: for one row (decode), 'f32' is exact, 'q8' quantizes the row to int8 per 32
-    values (an approximation, see :func:`~flashtier.runtime.quant_kernels.qmatvec`). Several rows
+    ``activations``: for one row (decode), 'f32' is exact (fp32-accurate split activations on
+    AVX-512 VNNI, 'f32-fma' the fp32-FMA kernels), 'q8' quantizes the row to int8 per 32 values
+    (an approximation, see :func:`~flashtier.runtime.quant_kernels.qmatvec`). Several rows
     (prefill) are always exact."""
     rows, cols = w.shape
     if x.shape[-1] != cols:
@@ -59,7 +61,7 @@ def quantized_linear(x: torch.Tensor, w: QuantizedTensor, b: torch.Tensor | None
             # ~80 of these per token; qmatvec's argument checks cost ~20 us each)
             y = torch.empty(1, rows, dtype=torch.float32)  # [1, N]
             args = (int(w.qtype), w.array, xr.numpy(), y.numpy(), rows, cols, threads or torch.get_num_threads())
-            native(*args, 1) if activations == "q8" else native(*args)
+            native(*args, qk.ACT_CODES[activations])
         else:
             y = qk.qmatvec(int(w.qtype), w.data, xr, threads, activations=activations).unsqueeze(0)  # [1, N] fp32
     else:  # several rows, or blocks on an accelerator: dequantized there tile by tile, fp32 GEMMs
@@ -112,7 +114,7 @@ def quantized_linear_rows(xs: "list[torch.Tensor]", ws: "list[QuantizedTensor]",
         return None
     outs = [torch.empty(len(xs), w.shape[0], dtype=torch.float32) for w in ws]  # [B, N_i] each
     specs = tuple((int(w.qtype), w.array, y.numpy(), w.shape[0]) for w, y in zip(ws, outs))
-    act = 1 if activations == "q8" else 0
+    act = qk.ACT_CODES[activations]
     if len(xs) == 1:
         many(_row_f32(xs[0]).numpy(), cols, threads, act, specs)
     else:

@@ -390,7 +390,7 @@ def test_q8_float_types_are_exact(native: bool) -> None:
 def test_q8_bad_activations(native: bool) -> None:
     blocks = torch.from_numpy(random_blocks(GGMLType.Q4_K, 4, 256, 0))
     for bad in ("int8", "F32", "", None):
-        with pytest.raises(ValueError, match=r"activations must be one of \('f32', 'q8'\)"):
+        with pytest.raises(ValueError, match=r"activations must be one of \('f32', 'f32-fma', 'q8'\)"):
             qk.qmatvec(GGMLType.Q4_K, blocks, torch.randn(256), use_native=native, activations=bad)
 
 
@@ -399,8 +399,9 @@ def test_native_q8_arguments() -> None:
     rows, cols = 4, 256
     w = random_blocks(GGMLType.Q4_K, rows, cols, 0).reshape(-1)
     x, out = np.random.default_rng(0).standard_normal(cols).astype(np.float32), np.zeros(rows, np.float32)
-    with pytest.raises(ValueError, match="act must be 0"):
-        _native.q_matvec(12, w, x, out, rows, cols, 1, 2)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="act must be 0"):
+            _native.q_matvec(12, w, x, out, rows, cols, 1, bad)
     _native.q_matvec(12, w, x, out, rows, cols, 1, 1)
     assert_q8_close(GGMLType.Q4_K, w.reshape(rows, -1), out, x, rows, cols)
     out0 = np.full(3, 7, np.float32)
@@ -417,7 +418,7 @@ def test_native_q8_arguments() -> None:
 # ------------------------------------------------------------------ several products of one x
 many_cases = st.tuples(st.lists(st.sampled_from(TYPES[3:] + [GGMLType.F32, GGMLType.BF16]), min_size=1, max_size=4),
                        st.lists(st.integers(1, 90), min_size=4, max_size=4), st.integers(1, 3), st.integers(1, 3),
-                       st.booleans(), st.integers(0, 2**31), st.integers(1, 9))
+                       st.integers(0, 2), st.integers(0, 2**31), st.integers(1, 9))
 
 
 @needs_native
@@ -426,9 +427,9 @@ many_cases = st.tuples(st.lists(st.sampled_from(TYPES[3:] + [GGMLType.F32, GGMLT
 def test_matvec_many_equals_one_call_per_weight_and_row(case: tuple) -> None:
     """q_matvec_many (a layer's q, k, v as one pool job; x prepared once per type), for one x row
     or a batch of them (batched decode: the weights read once for all), gives every output bit
-    for bit as q_matvec does for that weight and x row alone, exact and int8 activations, any
-    thread count: batched quantized decode is batch-invariant."""
-    types, rows, nb, threads, q8, seed, batch = case
+    for bit as q_matvec does for that weight and x row alone, fp32 (FMA or split) and int8
+    activations, any thread count: batched quantized decode is batch-invariant."""
+    types, rows, nb, threads, act, seed, batch = case
     cols = 256 * nb
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, cols)).astype(np.float32)  # [B, cols]
@@ -437,13 +438,13 @@ def test_matvec_many_equals_one_call_per_weight_and_row(case: tuple) -> None:
         blocks = random_blocks(t, rows[i], cols, seed + i).reshape(-1)
         alone = np.empty((batch, rows[i]), np.float32)
         for b in range(batch):
-            _native.q_matvec(int(t), blocks, x[b], alone[b], rows[i], cols, threads, int(q8))
+            _native.q_matvec(int(t), blocks, x[b], alone[b], rows[i], cols, threads, act)
         want.append(alone)
         specs.append((int(t), blocks, np.full((batch, rows[i]), np.nan, np.float32), rows[i]))
     if batch == 1:
-        _native.q_matvec_many(x[0], cols, threads, int(q8), tuple(specs))
+        _native.q_matvec_many(x[0], cols, threads, act, tuple(specs))
     else:
-        _native.q_matvec_many(x, cols, threads, int(q8), tuple(specs), batch)
+        _native.q_matvec_many(x, cols, threads, act, tuple(specs), batch)
     for (_, _, got, _), alone in zip(specs, want):
         assert np.array_equal(got.view(np.uint32), alone.view(np.uint32))
 
@@ -470,3 +471,181 @@ def test_matvec_many_rejects_bad_arguments() -> None:
                       ((x2, cols, 2, 0, ((12, w, out, 4),), 2), "out 0 must be fp32")]:
         with pytest.raises(ValueError, match=msg):
             _native.q_matvec_many(*args)
+
+
+# ------------------------------------------------------------------ split activations (activations="f32")
+SPLIT_TYPES = [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
+HAS_SPLIT = _native is not None and SUPPORTED_LEVEL >= 4 and bool(_native.q_vnni())
+needs_split = pytest.mark.skipif(not HAS_SPLIT, reason="the split-activation kernels need AVX-512 VNNI")
+
+
+def split_value(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x_split, step): the fp64 value S * c the split kernels multiply, and S per activation."""
+    pieces, scales = qk.split_activations(x)
+    c = 65536 * pieces[0].astype(np.int64) + 256 * pieces[1].astype(np.int64) + pieces[2].astype(np.int64)
+    s = np.repeat(scales.astype(np.float64), qk.Q8_GROUP)
+    return c * s, s
+
+
+def hard_x(rng: np.random.Generator, cols: int) -> np.ndarray:
+    """Activations that stress the split: wide dynamic range, outlier channels, exact ties of the
+    first piece (x = (k + 1/2) * s1, where x2 would be 128), extremes +-max, zero and tiny groups."""
+    x = rng.standard_normal(cols) * 10.0 ** rng.integers(-2, 3, cols)
+    x[rng.random(cols) < 0.02] *= 300
+    g = x.reshape(-1, 32)
+    for i in range(0, g.shape[0], 3):  # ties: max 127 -> s1 = 1, values k + 0.5
+        g[i] = rng.integers(-126, 126, 32) + 0.5
+        g[i, 0] = 127.0
+        g[i, 1] = -127.0
+    if g.shape[0] > 1:
+        g[1] = 0.0
+    if g.shape[0] > 2:
+        g[2] = rng.standard_normal(32) * 2.0 ** -100  # below Q8_TINY: dropped
+    return g.reshape(-1).astype(np.float32)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), groups=st.integers(1, 12), scale_exp=st.integers(-60, 60))
+def test_split_activations_bound(seed: int, groups: int, scale_exp: int) -> None:
+    """The three pieces are in range, and S * c is within one step S of x (half a step unless the
+    last piece was clipped); ties of the first piece carry into it instead of overflowing x2."""
+    rng = np.random.default_rng(seed)
+    x = (hard_x(rng, 32 * groups) * np.float32(2.0 ** scale_exp)).astype(np.float32)
+    pieces, scales = qk.split_activations(x)
+    assert pieces.dtype == np.int8 and pieces.shape == (3, x.size) and scales.shape == (groups,)
+    assert np.abs(pieces[0].astype(int)).max() <= 127
+    xs, s = split_value(x)
+    x64 = x.astype(np.float64)
+    amax = np.abs(x64).reshape(-1, 32).max(1)
+    live = amax >= qk.Q8_TINY
+    # within one step of x (groups below Q8_TINY are dropped: off by less than Q8_TINY)
+    assert (np.abs(xs - x64) <= np.where(np.repeat(live, 32), s, qk.Q8_TINY)).all()
+    # S = max|x_g| / (127 * 65536): about one ulp of the group's largest value
+    assert np.allclose(scales[live], (amax[live] / 127).astype(np.float32) / np.float32(65536), rtol=0, atol=0)
+    assert (scales[~live] == 0).all() and not pieces[:, np.repeat(~live, 32)].any()
+
+
+def test_split_activations_special_groups() -> None:
+    x = np.zeros(96, np.float32)
+    x[:32] = np.arange(32) - 15.5
+    x[40] = np.nan
+    x[70] = -np.inf
+    pieces, scales = qk.split_activations(x)
+    assert scales[0] > 0 and np.isnan(scales[1]) and np.isnan(scales[2]) and not pieces[:, 32:].any()
+
+
+def assert_split_close(t: GGMLType, blocks: np.ndarray, y: np.ndarray, x: np.ndarray, rows: int, cols: int) -> None:
+    """y = W @ (S * c) to fp32 rounding, and within sum_k |W[r, k]| * S_k (+ that rounding) of W @ x."""
+    xs, s = split_value(x)
+    w = reference(t, blocks, rows, cols).astype(np.float64)
+    tol = (cols / 16 + 32) * 2.0 ** -24 * (magnitude(t, blocks, w.astype(np.float32), rows, cols) @ np.abs(xs))
+    err = np.abs(y.astype(np.float64) - w @ xs)
+    assert (err <= tol + 1e-30).all(), f"max error {err.max():.3e}, tolerance {tol[err.argmax()]:.3e}"
+    dev = np.abs(y.astype(np.float64) - w @ x.astype(np.float64))
+    assert (dev <= np.abs(w) @ s + 2 * tol + 1e-30).all()
+
+
+@needs_split
+@settings(max_examples=60, deadline=None)
+@given(case=st.tuples(st.sampled_from(SPLIT_TYPES), st.integers(1, 80), st.integers(1, 9), st.integers(1, 3),
+                      st.integers(0, 2**31), st.booleans()))
+def test_split_product_is_w_times_split_x(case: tuple) -> None:
+    """The default decode product on VNNI CPUs multiplies exactly the split x (integer sums exact,
+    no int32 overflow), so its error against W @ x is the split's, at most one step S per value."""
+    t, rows, nb, threads, seed, hard = case
+    cols = nb * type_info(t).block_size
+    blocks = random_blocks(t, rows, cols, seed)
+    rng = np.random.default_rng(seed + 1)
+    x = hard_x(rng, cols) if hard else rng.standard_normal(cols).astype(np.float32)
+    y = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), threads, use_native=True)
+    assert_split_close(t, blocks, y.numpy(), x, rows, cols)
+
+
+@needs_split
+@pytest.mark.parametrize("t", SPLIT_TYPES, ids=lambda t: t.name)
+def test_split_extreme_quants_do_not_overflow(t: GGMLType) -> None:
+    """Every quant at its largest (and smallest) value against activations at +-max and at ties: the
+    int32 Horner sums are at their bound (Q4_K: 16 * 15 * 8,355,968 ~ 2^30.9) and still exact."""
+    info = type_info(t)
+    cols = 4 * max(info.block_size, 128)
+    rng = np.random.default_rng(3)
+    for fill in (0xFF, 0x00):
+        blocks = random_blocks(t, 6, cols, 11).reshape(-1, info.type_size)
+        quants = {GGMLType.Q4_0: slice(2, 18), GGMLType.Q4_K: slice(16, 144), GGMLType.Q5_K: slice(16, 176),
+                  GGMLType.Q6_K: slice(0, 192)}[t]
+        blocks[:, quants] = fill
+        if t in K_MIN_TYPES:
+            blocks[:, 4:16] = 0xFF  # 6-bit scales and mins at 63
+        blocks = blocks.reshape(6, -1)
+        for sign in (1, -1):
+            x = np.full(cols, 127.0 * sign, np.float32)
+            x[1::2] = sign * 126.5  # ties: x1 = 126 or 127 ... every remainder at its edge
+            y = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2, use_native=True)
+            assert_split_close(t, blocks, y.numpy(), x, 6, cols)
+        x = hard_x(rng, cols)
+        assert_split_close(t, blocks, qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2).numpy(), x, 6,
+                           cols)
+
+
+@needs_split
+def test_split_non_finite_and_zero_activations() -> None:
+    t, rows, cols = GGMLType.Q4_K, 5, 512
+    blocks = torch.from_numpy(random_blocks(t, rows, cols, 4))
+    assert (qk.qmatvec(t, blocks, torch.zeros(cols)) == 0).all()
+    x = torch.randn(cols)
+    x[300] = float("inf")
+    assert torch.isnan(qk.qmatvec(t, blocks, x)).all()
+
+
+@needs_native
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_f32_fma_and_split_fallbacks(t: GGMLType) -> None:
+    """activations="f32-fma" is the fp32-FMA kernel (act=0); "f32" equals it bit for bit wherever no
+    split kernel applies (Q8_0 and the unquantized types, and on every CPU without AVX-512 VNNI,
+    emulated with the AVX2 level)."""
+    rows, cols = 37, 2 * max(type_info(t).block_size, 256)
+    blocks = random_blocks(t, rows, cols, 9)
+    x = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
+    fma = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2, activations="f32-fma").numpy()
+    out = np.empty(rows, np.float32)
+    _native.q_matvec(int(t), blocks.reshape(-1), x, out, rows, cols, 2, 0)
+    assert np.array_equal(fma.view(np.uint32), out.view(np.uint32))
+    assert_product_close(t, blocks, fma, x, rows, cols)
+    default = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2).numpy()
+    if t not in SPLIT_TYPES or not HAS_SPLIT:
+        assert np.array_equal(default.view(np.uint32), fma.view(np.uint32))
+    else:
+        assert_split_close(t, blocks, default, x, rows, cols)
+    if 3 in LEVELS:
+        try:
+            _native.q_set_isa(3)
+            a = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2).numpy()
+            b = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2, activations="f32-fma").numpy()
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+        finally:
+            _native.q_set_isa(SUPPORTED_LEVEL)
+
+
+def identity_q4_0(n: int) -> np.ndarray:
+    """[n, n] Q4_0 blocks of the identity (d = 1, quant 9 on the diagonal, 8 = zero elsewhere)."""
+    b = np.zeros((n, n // 32, 18), np.uint8)
+    b[:, :, 0:2] = np.full((n, n // 32), 1.0, np.float16).view(np.uint8).reshape(n, n // 32, 2)
+    b[:, :, 2:] = 0x88
+    for r in range(n):
+        i = r % 32
+        b[r, r // 32, 2 + i % 16] = (0x89 if i < 16 else 0x98)
+    return b.reshape(n, -1)
+
+
+@needs_split
+def test_split_pieces_are_split_activations() -> None:
+    """The kernels' pieces are split_activations' bit for bit: through an identity Q4_0 weight each
+    output is fl32(S * c) of its own activation (c < 2^24, one rounding)."""
+    rng = np.random.default_rng(8)
+    n = 32 * 24
+    x = hard_x(rng, n)
+    y = qk.qmatvec(GGMLType.Q4_0, identity_q4_0(n), torch.from_numpy(x), 2).numpy()
+    pieces, scales = qk.split_activations(x)
+    c = 65536 * pieces[0].astype(np.int64) + 256 * pieces[1].astype(np.int64) + pieces[2].astype(np.int64)
+    want = (c.astype(np.float32) * np.repeat(scales, 32)).astype(np.float32)
+    assert np.array_equal(y.view(np.uint32), want.view(np.uint32))
