@@ -2192,6 +2192,9 @@ done:
  * are read from memory once for the whole batch. Each (row, x row) is computed by the same row
  * function as q_matvec, so every output equals q_matvec's of that x row bit for bit. */
 #define MANY_MAX 8
+#ifndef MANY_BLOCK_BYTES
+#define MANY_BLOCK_BYTES 16384 /* weight bytes per pass over the x rows (64 and 256 KiB measured no faster) */
+#endif
 #define MANY_BATCH_MAX 256
 
 typedef void (*tile_fn)(const matvec_job *const *subs, int batch, Py_ssize_t r0, Py_ssize_t r1);
@@ -2228,7 +2231,7 @@ static void many_rows(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
             m->tile[i](sub, m->batch, a - m->start[i], b - m->start[i]);
             continue;
         }
-        Py_ssize_t blk = sub[0]->row_bytes > 0 ? 16384 / sub[0]->row_bytes : 1;
+        Py_ssize_t blk = sub[0]->row_bytes > 0 ? MANY_BLOCK_BYTES / sub[0]->row_bytes : 1;
         if (blk < 1) blk = 1;
         for (Py_ssize_t c0 = a; c0 < b; c0 += blk) {
             Py_ssize_t c1 = c0 + blk < b ? c0 + blk : b;

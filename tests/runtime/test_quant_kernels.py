@@ -649,3 +649,31 @@ def test_split_pieces_are_split_activations() -> None:
     c = 65536 * pieces[0].astype(np.int64) + 256 * pieces[1].astype(np.int64) + pieces[2].astype(np.int64)
     want = (c.astype(np.float32) * np.repeat(scales, 32)).astype(np.float32)
     assert np.array_equal(y.view(np.uint32), want.view(np.uint32))
+
+
+# ------------------------------------------------------------------ a few rows through the decode kernels
+@needs_native
+@pytest.mark.parametrize("activations", ["f32", "f32-fma", "q8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows_use_the_decode_kernels(activations: str, dtype: torch.dtype) -> None:
+    """quantized_linear of 2 .. ROWS_KERNEL_MAX rows (short prompts, the tokens routed to one
+    expert) equals each row's exact one-row product bit for bit (with 'q8' too: prefill stays
+    exact), bias added once in fp32; more rows take the dequantized GEMM, within fp32 rounding."""
+    from flashtier.checkpoint.quantized_tensor import QuantizedTensor
+    from flashtier.runtime import quantized as qz
+
+    t, rows, cols = GGMLType.Q4_K, 40, 512
+    w = QuantizedTensor(torch.from_numpy(random_blocks(t, rows, cols, 6)), t, (rows, cols))
+    bias = torch.randn(rows)
+    exact_act = "f32" if activations == "q8" else activations
+    for n in (2, 7, qz.ROWS_KERNEL_MAX, qz.ROWS_KERNEL_MAX + 1):
+        x = torch.randn(n, cols).to(dtype)
+        y = qz.quantized_linear(x, w, bias, 2, activations)
+        assert y.dtype == dtype and y.shape == (n, rows)
+        one = torch.stack([qk.qmatvec(t, w.data, x[i].float(), 2, activations=exact_act) for i in range(n)])
+        if n <= qz.ROWS_KERNEL_MAX:
+            assert torch.equal(y, (one + bias).to(dtype))
+        else:
+            ref = reference(t, w.data.numpy(), rows, cols).astype(np.float64) @ x.double().numpy().T
+            assert np.allclose(y.double().numpy(), (ref.T + bias.double().numpy()), rtol=1e-2 if dtype == torch.bfloat16
+                               else 1e-4, atol=1e-3)
