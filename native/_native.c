@@ -82,7 +82,8 @@ static int bf16_wide(void) {
     static int wide = -1;
     int w = __atomic_load_n(&wide, __ATOMIC_RELAXED);
     if (w < 0) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    (!defined(FLASHTIER_SINGLE_TARGET) || defined(__AVX512F__))
         __builtin_cpu_init();
         w = __builtin_cpu_supports("avx512f") != 0;
 #else

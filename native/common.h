@@ -17,7 +17,10 @@
 #include <math.h>
 #include <float.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* FLASHTIER_SINGLE_TARGET (a test build, tests/runtime/test_native_targets.py): one target, the one
+ * -march names, and no runtime AVX-512 branch, so that the AVX2 and baseline code paths can run
+ * (and be checked) on a machine whose CPU would pick the AVX-512 clones. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FLASHTIER_SINGLE_TARGET)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
@@ -49,7 +52,8 @@ static ALWAYS_INLINE v16f load_bf16x16(const uint16_t *p) {
     v16h h;
     memcpy(&h, p, sizeof h);
     v16f f;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    (!defined(FLASHTIER_SINGLE_TARGET) || defined(__AVX512BW__))
     if (__builtin_cpu_supports("avx512bw")) {
         const v16h z = {0};
         const v32h u = __builtin_shufflevector(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9,
