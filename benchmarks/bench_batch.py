@@ -109,8 +109,9 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt (default 16)")
     ap.add_argument("--work", default="/tmp/flashtier_sparse/r128",
                     help="tiny-dense-sparse: where the bundled, calibrated copy is made (kept across runs)")
-    ap.add_argument("--activations", default="f32", choices=("f32", "q8"),
-                    help="quantized weights: exact fp32 activations (default) or int8 (llama.cpp's approximation)")
+    ap.add_argument("--activations", default="f32", choices=("f32", "f32-fma", "q8"),
+                    help="quantized weights: exact fp32 activations (default; split activations on AVX-512 VNNI), "
+                         "exact with the fp32-FMA kernels, or int8 (llama.cpp's approximation)")
     args = ap.parse_args()
     rel, cap, budget = SCENARIOS[args.scenario]
     path = REPO / rel

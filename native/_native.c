@@ -1676,16 +1676,32 @@ T4V static ALWAYS_INLINE __m512 red4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 
                          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
 }
 
+/* Q4_K: a block's unpacked weights (shared by every x row of a tile), then one x row's part. */
+T4V static ALWAYS_INLINE void q4_k_x3_unpack(const uint8_t *b, __m512 *dmv, __m512i u[4]) {
+    *dmv = k4_dmv_q8(b);
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    __m512i w0 = _mm512_loadu_si512((const void *)(b + 16)), w1 = _mm512_loadu_si512((const void *)(b + 80));
+    u[0] = _mm512_and_si512(w0, m0f);
+    u[1] = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
+    u[2] = _mm512_and_si512(w1, m0f);
+    u[3] = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
+}
+
+T4V static ALWAYS_INLINE void q4_k_x3_row(__m512 dmv, const __m512i u[4], const int8_t *xq, const float *sxl,
+                                          const float *aux, __m512 *acc) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512i a0 = dp3(z, u[0], xq, 256), a1 = dp3(z, u[1], xq + 64, 256);
+    __m512i a2 = dp3(z, u[2], xq + 128, 256), a3 = dp3(z, u[3], xq + 192, 256);
+    k4_q8_finish(dmv, a0, a1, a2, a3, sxl, aux, acc);
+}
+
 T4V static ALWAYS_INLINE void q4_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sxl,
                                          const float *aux, __m512 *acc) {
-    __m512 dmv = k4_dmv_q8(b);
-    const __m512i m0f = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
-    __m512i w0 = _mm512_loadu_si512((const void *)(b + 16)), w1 = _mm512_loadu_si512((const void *)(b + 80));
-    __m512i a0 = dp3(z, _mm512_and_si512(w0, m0f), xq, xp);
-    __m512i a1 = dp3(z, _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f), xq + 64, xp);
-    __m512i a2 = dp3(z, _mm512_and_si512(w1, m0f), xq + 128, xp);
-    __m512i a3 = dp3(z, _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f), xq + 192, xp);
-    k4_q8_finish(dmv, a0, a1, a2, a3, sxl, aux, acc);
+    (void)xp; /* 256: a block's pieces are interleaved (x3_layout_v4) */
+    __m512 dmv;
+    __m512i u[4];
+    q4_k_x3_unpack(b, &dmv, u);
+    q4_k_x3_row(dmv, u, xq, sxl, aux, acc);
 }
 
 T4V static ALWAYS_INLINE void q5_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sxl,
@@ -1707,31 +1723,44 @@ T4V static ALWAYS_INLINE void q5_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_
     acc[1] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(aux), acc[1]);
 }
 
-T4V static ALWAYS_INLINE void q6_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const int32_t *corr,
-                                         const float *sxl, __m512 *acc) {
-    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), z = _mm512_setzero_si512();
+/* Q6_K: a block's unsigned 6-bit quants (z[0..3]) and d * sc per lane (shared by every x row of a
+ * tile), then one x row's part (the -32 zero point in its corr). */
+T4V static ALWAYS_INLINE void q6_k_x3_unpack(const uint8_t *b, __m512i z[4], __m512 *dsc) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
     const __m512i sh01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
     const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-    __m512 a[4];
 #pragma GCC unroll 2
     for (int n = 0; n < 2; n++) {
         __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * n));
         __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
         __m512i h01 = _mm512_and_si512(_mm512_sllv_epi16(qh, sh01), m30);
         __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(qh, sh23), m30);
-        __m512i z0 = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA); /* (a&b)|c */
-        __m512i z1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
-        a[2 * n] = _mm512_cvtepi32_ps(_mm512_add_epi32(dp3(z, z0, xq + 128 * n, xp),
-                                                       _mm512_load_si512((const void *)(corr + 32 * n))));
-        a[2 * n + 1] = _mm512_cvtepi32_ps(_mm512_add_epi32(dp3(z, z1, xq + 128 * n + 64, xp),
-                                                           _mm512_load_si512((const void *)(corr + 32 * n + 16))));
+        z[2 * n] = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA); /* (a&b)|c */
+        z[2 * n + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
     }
     __m128i sc8 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(b + 192)),
                                    _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-    __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)),
-                                           _mm512_set1_ps(_cvtsh_ss(rd16(b + 208)))),
-                             _mm512_load_ps(sxl));
-    acc[0] = _mm512_fmadd_ps(red4_ps(a[0], a[1], a[2], a[3]), f, acc[0]);
+    *dsc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)), _mm512_set1_ps(_cvtsh_ss(rd16(b + 208))));
+}
+
+T4V static ALWAYS_INLINE void q6_k_x3_row(const __m512i z[4], __m512 dsc, const int8_t *xq, const int32_t *corr,
+                                          const float *sxl, __m512 *acc) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 a[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm512_cvtepi32_ps(_mm512_add_epi32(dp3(zero, z[i], xq + 64 * i, 256),
+                                                   _mm512_load_si512((const void *)(corr + 16 * i))));
+    acc[0] = _mm512_fmadd_ps(red4_ps(a[0], a[1], a[2], a[3]), _mm512_mul_ps(dsc, _mm512_load_ps(sxl)), acc[0]);
+}
+
+T4V static ALWAYS_INLINE void q6_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const int32_t *corr,
+                                         const float *sxl, __m512 *acc) {
+    (void)xp; /* 256: a block's pieces are interleaved (x3_layout_v4) */
+    __m512i z[4];
+    __m512 dsc;
+    q6_k_x3_unpack(b, z, &dsc);
+    q6_k_x3_row(z, dsc, xq, corr, sxl, acc);
 }
 
 /* Q4_0, four blocks as q4_0_q8_v4. */
@@ -1767,6 +1796,59 @@ T4V static ALWAYS_INLINE void q4_0_x3_v4(const uint8_t *b, int n, const int8_t *
 V4Q8_K_ROWS_X3(q4_k, 144, q4_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
 V4Q8_K_ROWS_X3(q5_k, 176, q5_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
 V4Q8_K_ROWS_X3(q6_k, 210, q6_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc))
+
+/* Split-activation products of up to four x rows per pass over a weight row (batched decode): each
+ * block unpacked once (the scales, the quants) for the tile, each x row then doing exactly the
+ * one-row kernel's operations in its order, so every output is bit-identical to q_matvec's. */
+#ifndef X3_TILE_BYTES
+#define X3_TILE_BYTES 16384 /* weight bytes per pass over the x tiles */
+#endif
+#define X3_TILE(T, TS, DECL, UNPACK, ROW)                                                              \
+    T4V static ALWAYS_INLINE void T##_x3tile_row(const uint8_t *w, Py_ssize_t nb, const q8x *const *qxs,   \
+                                                 float *const *outs, Py_ssize_t r, const int NB) {         \
+        __m512 acc[4][2];                                                                                  \
+        for (int t = 0; t < NB; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();                         \
+        const uint8_t *b = w;                                                                              \
+        for (Py_ssize_t ib = 0; ib < nb; ib++, b += TS) {                                                  \
+            PF_LINES(TS);                                                                                  \
+            DECL;                                                                                          \
+            UNPACK;                                                                                        \
+            for (int t = 0; t < NB; t++) {                                                                 \
+                const q8x *qx = qxs[t];                                                                    \
+                ROW;                                                                                       \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int t = 0; t < NB; t++) outs[t][r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])); \
+    }                                                                                                      \
+    T4V static void T##_x3tile_v4(const matvec_job *const *subs, int batch, Py_ssize_t r0, Py_ssize_t r1) { \
+        const matvec_job *j = subs[0];                                                                     \
+        const Py_ssize_t nb = j->cols / 256;                                                               \
+        Py_ssize_t blk = j->row_bytes > 0 ? X3_TILE_BYTES / j->row_bytes : 1;                              \
+        if (blk < 1) blk = 1;                                                                              \
+        for (Py_ssize_t g0 = r0; g0 < r1; g0 += blk) { /* weight rows that stay in L1 / L2 */             \
+            Py_ssize_t g1 = g0 + blk < r1 ? g0 + blk : r1;                                                 \
+            for (int t0 = 0; t0 < batch; t0 += 4) {                                                        \
+                const q8x *qxs[4] = {0};                                                                   \
+                float *outs[4] = {0};                                                                      \
+                int n = batch - t0 < 4 ? batch - t0 : 4;                                                   \
+                for (int t = 0; t < n; t++) qxs[t] = subs[t0 + t]->qx, outs[t] = subs[t0 + t]->out;       \
+                for (Py_ssize_t r = g0; r < g1; r++) {                                                     \
+                    const uint8_t *w = (const uint8_t *)j->w + r * j->row_bytes;                           \
+                    switch (n) {                                                                           \
+                        case 1: T##_x3tile_row(w, nb, qxs, outs, r, 1); break;                             \
+                        case 2: T##_x3tile_row(w, nb, qxs, outs, r, 2); break;                             \
+                        case 3: T##_x3tile_row(w, nb, qxs, outs, r, 3); break;                             \
+                        default: T##_x3tile_row(w, nb, qxs, outs, r, 4); break;                            \
+                    }                                                                                      \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+X3_TILE(q4_k, 144, __m512 dmv; __m512i u[4], q4_k_x3_unpack(b, &dmv, u),
+        q4_k_x3_row(dmv, u, qx->xq + 768 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc[t]))
+X3_TILE(q6_k, 210, __m512i z[4]; __m512 dsc, q6_k_x3_unpack(b, z, &dsc),
+        q6_k_x3_row(z, dsc, qx->xq + 768 * ib, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc[t]))
+#undef X3_TILE
 
 T4V static void q4_0_x3mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
     const Py_ssize_t nb = j->cols / 32;
@@ -2212,6 +2294,8 @@ static tile_fn tile_of(rows_fn fn) {
 #if Q_X86
     if (fn == q4_k_mv_v4) return q4_k_tile_v4;
     if (fn == q6_k_mv_v4) return q6_k_tile_v4;
+    if (fn == q4_k_x3mv_v4) return q4_k_x3tile_v4;
+    if (fn == q6_k_x3mv_v4) return q6_k_x3tile_v4;
 #else
     (void)fn;
 #endif
