@@ -1301,6 +1301,106 @@ V3Q8_ROWS(q4_k, 256, 144)
 V3Q8_ROWS(q5_k, 256, 176)
 V3Q8_ROWS(q6_k, 256, 210)
 
+/* Split activations on AVX2 (act = 2 where there is no AVX-512 VNNI): the pieces in natural order
+ * (xqn + p * cols), per 32 weights vpmaddubsw (unsigned weights x a signed piece; pairs at most
+ * 2 * 63 * 128: no saturation) and vpmaddwd by ones per piece, combined by Horner's rule in int32
+ * lanes of 4 weights (<= 4 * 63 * |c| < 2^31), converted to fp32 and scaled per sub-block. Q6_K's
+ * quants go in unsigned with the -32 zero point in corr (-32 * the sum of each lane's c): the
+ * q8 kernels' sign trick cannot negate a piece of -128. */
+T3 static ALWAYS_INLINE __m256i dot32x3_v3(__m256i u, const int8_t *xq, Py_ssize_t xp) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)), ones);
+    a = _mm256_add_epi32(_mm256_slli_epi32(a, 8),
+                         _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + xp))), ones));
+    return _mm256_add_epi32(_mm256_slli_epi32(a, 8),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + 2 * xp))),
+                                              ones));
+}
+
+T3 static ALWAYS_INLINE void q4_k_x3_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sx,
+                                        const float *xs, __m256 *acc) {
+    float f[8] __attribute__((aligned(32)));
+    k4_factors_v3(b, sx, xs, f, acc);
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; jj++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * jj));
+        __m256 lo = _mm256_cvtepi32_ps(dot32x3_v3(_mm256_and_si256(q, m0f), xq + 64 * jj, xp));
+        __m256 hi = _mm256_cvtepi32_ps(dot32x3_v3(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f), xq + 64 * jj + 32, xp));
+        acc[0] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(f + 2 * jj), acc[0]);
+        acc[1] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(f + 2 * jj + 1), acc[1]);
+    }
+}
+
+T3 static ALWAYS_INLINE void q5_k_x3_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sx,
+                                        const float *xs, __m256 *acc) {
+    float f[8] __attribute__((aligned(32)));
+    k4_factors_v3(b, sx, xs, f, acc);
+    const __m256i m0f = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; jj++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * jj));
+        __m256i l = _mm256_or_si256(_mm256_and_si256(q, m0f), _mm256_and_si256(QH_BIT4_V3(qh, 2 * jj), m10));
+        __m256i h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f),
+                                    _mm256_and_si256(QH_BIT4_V3(qh, 2 * jj + 1), m10));
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x3_v3(l, xq + 64 * jj, xp)), _mm256_broadcast_ss(f + 2 * jj),
+                                 acc[0]);
+        acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x3_v3(h, xq + 64 * jj + 32, xp)),
+                                 _mm256_broadcast_ss(f + 2 * jj + 1), acc[1]);
+    }
+}
+
+T3 static ALWAYS_INLINE void q6_k_x3_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const int32_t *corr,
+                                        const float *sx, __m256 *acc) {
+    const __m256i m0f = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
+    __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(b + 208)));
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    __m256 s0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sx)), dup);
+    __m256 s1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sx + 4)), dup);
+    __m256 F[2] = {_mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))), s0),
+                   _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))),
+                                 s1)};
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; n++) {
+        __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
+        __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
+        __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(ql0, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+            _mm256_or_si256(_mm256_and_si256(ql1, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m0f), _mm256_and_si256(qh, m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m0f),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
+        };
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) { /* weights 128n + 32k: sub-blocks 8n + 2k, 8n + 2k + 1 */
+            __m256 fk = _mm256_permutevar8x32_ps(F[n], _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1,
+                                                                         2 * k + 1, 2 * k + 1, 2 * k + 1));
+            __m256i a = _mm256_add_epi32(dot32x3_v3(q[k], xq + 128 * n + 32 * k, xp),
+                                         _mm256_loadu_si256((const __m256i *)(corr + 32 * n + 8 * k)));
+            acc[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), fk, acc[k & 1]);
+        }
+    }
+}
+
+#define V3X3_ROWS(T, TS, CALL)                                                                         \
+    T3 static void T##_x3mv_v3(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                    \
+        const Py_ssize_t nb = j->cols / 256;                                                          \
+        const q8x *qx = j->qx;                                                                        \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
+            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                               \
+            for (Py_ssize_t ib = 0; ib < nb; ib++, b += TS) CALL;                                     \
+            j->out[r] = hsum8_v3(_mm256_add_ps(acc[0], acc[1]));                                      \
+        }                                                                                             \
+    }
+V3X3_ROWS(q4_k, 144, q4_k_x3_v3(b, qx->xqn + 256 * ib, j->cols, qx->sxn + 8 * ib, qx->xsn + 8 * ib, acc))
+V3X3_ROWS(q5_k, 176, q5_k_x3_v3(b, qx->xqn + 256 * ib, j->cols, qx->sxn + 8 * ib, qx->xsn + 8 * ib, acc))
+V3X3_ROWS(q6_k, 210, q6_k_x3_v3(b, qx->xqn + 256 * ib, j->cols, qx->corr + 64 * ib, qx->sxn + 8 * ib, acc))
+#undef V3X3_ROWS
+
 /* ------------------------------------------------------------- AVX-512 VNNI int8-activation kernels
  * vpdpbusd multiplies unsigned weight bytes by the signed int8 x: weights with a zero point (Q4_0,
  * Q6_K) are taken as unsigned and the accumulator starts at -offset * sum(xq) of its lane
@@ -1990,6 +2090,13 @@ static rows_fn q_pick_x3(int type) {
         case GT_Q6_K: return q6_k_x3mv_v4;
         }
     }
+    if (q_isa_level >= 3) { /* AVX2 (and AVX-512 without VNNI) */
+        switch (type) {
+        case GT_Q4_K: return q4_k_x3mv_v3;
+        case GT_Q5_K: return q5_k_x3mv_v3;
+        case GT_Q6_K: return q6_k_x3mv_v3;
+        }
+    }
 #else
     (void)type;
 #endif
@@ -2044,10 +2151,68 @@ static void x_block_sums(const float *x, Py_ssize_t cols, float *sums) {
     }
 }
 
+/* x -> three int8 pieces (xq, xq + cols, xq + 2 * cols) and S per 32 values: x3_split_v4's operations
+ * one value at a time (the same IEEE operations, so the same bits), for the AVX2 split kernels. */
+MULTIVERSION
+static void x3_split(const float *restrict x, Py_ssize_t cols, int8_t *restrict xq, float *restrict sx) {
+    for (Py_ssize_t g = 0; g < cols / 32; g++) {
+        const float *v = x + 32 * g;
+        uint32_t u[32], m = 0;
+        memcpy(u, v, sizeof u);
+        for (int l = 0; l < 32; l++) m = (u[l] & 0x7fffffffu) > m ? (u[l] & 0x7fffffffu) : m;
+        float amax;
+        memcpy(&amax, &m, 4);
+        float s1 = m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f;
+        if (!(s1 > 0.f)) {
+            sx[g] = s1;
+            for (int p = 0; p < 3; p++) memset(xq + p * cols + 32 * g, 0, 32);
+            continue;
+        }
+        sx[g] = s1 * 0x1p-16f;
+        const float id = 1.f / s1, s2 = s1 * 0x1p-8f, k2 = id * 0x1p8f, k3 = id * 0x1p16f;
+        for (int l = 0; l < 32; l++) {
+            float x1 = rintf(v[l] * id);
+            x1 = x1 > 127.f ? 127.f : x1 < -127.f ? -127.f : x1;
+            float r1 = fmaf(-x1, s1, v[l]);
+            if (rintf(r1 * k2) > 127.f && x1 < 127.f) {
+                x1 += 1.f;
+                r1 = fmaf(-x1, s1, v[l]);
+            }
+            float x2 = rintf(r1 * k2);
+            x2 = x2 > 127.f ? 127.f : x2 < -128.f ? -128.f : x2;
+            float r2 = fmaf(-x2, s2, r1);
+            float x3 = rintf(r2 * k3);
+            x3 = x3 > 127.f ? 127.f : x3 < -128.f ? -128.f : x3;
+            xq[32 * g + l] = (int8_t)x1;
+            xq[cols + 32 * g + l] = (int8_t)x2;
+            xq[2 * cols + 32 * g + l] = (int8_t)x3;
+        }
+    }
+}
+
 /* The quantized x of one int8-activation product (q8x), in the layouts its kernel reads. */
 static void q8_prepare(int type, q8x *qx, const float *x, Py_ssize_t cols, int v4) {
 #if Q_X86
-    if (qx->pieces == 3) { /* split activations: v4 kernels only */
+    if (qx->pieces == 3 && !v4) { /* split activations, AVX2 kernels: natural order */
+        x3_split(x, cols, qx->xqn, qx->sxn);
+        for (Py_ssize_t g = 0; g < cols / 32; g++) {
+            int32_t t = 0;
+            for (int l = 0; l < 32; l++)
+                t += 65536 * qx->xqn[32 * g + l] + 256 * qx->xqn[cols + 32 * g + l] + qx->xqn[2 * cols + 32 * g + l];
+            if (qx->xsn) qx->xsn[g] = qx->sxn[g] * (float)t;
+        }
+        if (type == GT_Q6_K) /* -32 * each 4-value lane's sum of c (wrapping, like the kernel's sums) */
+            for (Py_ssize_t i = 0; i < cols / 4; i++) {
+                uint32_t t = 0;
+                for (int l = 0; l < 4; l++) {
+                    Py_ssize_t e = 4 * i + l;
+                    t += (uint32_t)(65536 * qx->xqn[e] + 256 * qx->xqn[cols + e] + qx->xqn[2 * cols + e]);
+                }
+                qx->corr[i] = (int32_t)(0u - (t << 5));
+            }
+        return;
+    }
+    if (qx->pieces == 3) { /* split activations, AVX-512 VNNI kernels */
         x3_split_v4(x, cols, qx->xqn, qx->sxn);
         if (qx->xsn)
             for (Py_ssize_t g = 0; g < cols / 32; g++) {
@@ -2181,7 +2346,8 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
 #if Q_X86
     int needs_sums = j.fn == q4_k_mv_v4 || j.fn == q5_k_mv_v4;
     p->q8_v4 = j.fn == q8_0_q8mv_v4 || j.fn == q4_0_q8mv_v4 || j.fn == q4_k_q8mv_v4 || j.fn == q5_k_q8mv_v4 ||
-               j.fn == q6_k_q8mv_v4 || pieces == 3;
+               j.fn == q6_k_q8mv_v4 || j.fn == q4_0_x3mv_v4 || j.fn == q4_k_x3mv_v4 || j.fn == q5_k_x3mv_v4 ||
+               j.fn == q6_k_x3mv_v4;
 #else
     int needs_sums = 0;
 #endif
@@ -2201,7 +2367,8 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
         size_t padded = (size_t)(cols + 255) / 256 * 256, ng = (size_t)cols / 32;
         size_t pc = (size_t)pieces;
         size_t sz[7] = {pc * (size_t)cols, 4 * ng, kmin ? 4 * ng : 0, v4 ? (pieces == 3 ? 4 : 1) * padded : 0,
-                        v4 ? (pieces == 3 ? 2 : 1) * padded : 0, v4 ? padded : 0, v4 && kmin ? 8 * ng : 0};
+                        v4 ? (pieces == 3 ? 2 : 1) * padded : pieces == 3 && qtype == GT_Q6_K ? (size_t)cols : 0,
+                        v4 ? padded : 0, v4 && kmin ? 8 * ng : 0};
         size_t total = 64;
         for (int i = 0; i < 7; i++) total += (sz[i] + 63) / 64 * 64;
         p->q8mem = PyMem_Malloc(total);

@@ -477,6 +477,24 @@ def test_matvec_many_rejects_bad_arguments() -> None:
 SPLIT_TYPES = [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 HAS_SPLIT = _native is not None and SUPPORTED_LEVEL >= 4 and bool(_native.q_vnni())
 needs_split = pytest.mark.skipif(not HAS_SPLIT, reason="the split-activation kernels need AVX-512 VNNI")
+SPLIT_LEVELS = ([4] if HAS_SPLIT else []) + ([3] if 3 in LEVELS else [])
+"""Kernel levels with split-activation kernels: AVX-512 VNNI (Q4_0, Q4_K, Q5_K, Q6_K) and AVX2
+(Q4_K, Q5_K, Q6_K; also what AVX-512 CPUs without VNNI run)."""
+
+
+def split_types(level: int) -> list[GGMLType]:
+    return SPLIT_TYPES if level == 4 else SPLIT_TYPES[1:]
+
+
+@pytest.fixture(params=SPLIT_LEVELS or [None], ids=lambda lv: f"isa{lv}")
+def split_level(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Each kernel level with split kernels that the CPU supports; restored afterwards."""
+    lv = request.param
+    if lv is None:
+        pytest.skip("no split-activation kernels on this CPU (they need AVX2 or AVX-512 VNNI)")
+    assert _native.q_set_isa(lv) == lv
+    yield lv
+    _native.q_set_isa(SUPPORTED_LEVEL)
 
 
 def split_value(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -545,14 +563,16 @@ def assert_split_close(t: GGMLType, blocks: np.ndarray, y: np.ndarray, x: np.nda
     assert (dev <= np.abs(w) @ s + 2 * tol + 1e-30).all()
 
 
-@needs_split
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.tuples(st.sampled_from(SPLIT_TYPES), st.integers(1, 80), st.integers(1, 9), st.integers(1, 3),
                       st.integers(0, 2**31), st.booleans()))
-def test_split_product_is_w_times_split_x(case: tuple) -> None:
-    """The default decode product on VNNI CPUs multiplies exactly the split x (integer sums exact,
-    no int32 overflow), so its error against W @ x is the split's, at most one step S per value."""
+def test_split_product_is_w_times_split_x(split_level: int, case: tuple) -> None:
+    """The default decode product (AVX-512 VNNI and AVX2 kernels) multiplies exactly the split x
+    (integer sums exact, no int32 overflow), so its error against W @ x is the split's, at most one
+    step S per value."""
     t, rows, nb, threads, seed, hard = case
+    if t not in split_types(split_level):
+        t = GGMLType.Q6_K
     cols = nb * type_info(t).block_size
     blocks = random_blocks(t, rows, cols, seed)
     rng = np.random.default_rng(seed + 1)
@@ -561,11 +581,12 @@ def test_split_product_is_w_times_split_x(case: tuple) -> None:
     assert_split_close(t, blocks, y.numpy(), x, rows, cols)
 
 
-@needs_split
 @pytest.mark.parametrize("t", SPLIT_TYPES, ids=lambda t: t.name)
-def test_split_extreme_quants_do_not_overflow(t: GGMLType) -> None:
+def test_split_extreme_quants_do_not_overflow(split_level: int, t: GGMLType) -> None:
     """Every quant at its largest (and smallest) value against activations at +-max and at ties: the
     int32 Horner sums are at their bound (Q4_K: 16 * 15 * 8,355,968 ~ 2^30.9) and still exact."""
+    if t not in split_types(split_level):
+        pytest.skip(f"{t.name} has no split kernel at level {split_level}")
     info = type_info(t)
     cols = 4 * max(info.block_size, 128)
     rng = np.random.default_rng(3)
@@ -587,8 +608,7 @@ def test_split_extreme_quants_do_not_overflow(t: GGMLType) -> None:
                            cols)
 
 
-@needs_split
-def test_split_non_finite_and_zero_activations() -> None:
+def test_split_non_finite_and_zero_activations(split_level: int) -> None:
     t, rows, cols = GGMLType.Q4_K, 5, 512
     blocks = torch.from_numpy(random_blocks(t, rows, cols, 4))
     assert (qk.qmatvec(t, blocks, torch.zeros(cols)) == 0).all()
@@ -601,8 +621,8 @@ def test_split_non_finite_and_zero_activations() -> None:
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_f32_fma_and_split_fallbacks(t: GGMLType) -> None:
     """activations="f32-fma" is the fp32-FMA kernel (act=0); "f32" equals it bit for bit wherever no
-    split kernel applies (Q8_0 and the unquantized types, and on every CPU without AVX-512 VNNI,
-    emulated with the AVX2 level)."""
+    split kernel applies (Q8_0 and the unquantized types at every level, Q4_0 below AVX-512 VNNI,
+    everything at the baseline level), and is the split product elsewhere."""
     rows, cols = 37, 2 * max(type_info(t).block_size, 256)
     blocks = random_blocks(t, rows, cols, 9)
     x = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
@@ -611,19 +631,17 @@ def test_f32_fma_and_split_fallbacks(t: GGMLType) -> None:
     _native.q_matvec(int(t), blocks.reshape(-1), x, out, rows, cols, 2, 0)
     assert np.array_equal(fma.view(np.uint32), out.view(np.uint32))
     assert_product_close(t, blocks, fma, x, rows, cols)
-    default = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2).numpy()
-    if t not in SPLIT_TYPES or not HAS_SPLIT:
-        assert np.array_equal(default.view(np.uint32), fma.view(np.uint32))
-    else:
-        assert_split_close(t, blocks, default, x, rows, cols)
-    if 3 in LEVELS:
-        try:
-            _native.q_set_isa(3)
-            a = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2).numpy()
-            b = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2, activations="f32-fma").numpy()
-            assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
-        finally:
-            _native.q_set_isa(SUPPORTED_LEVEL)
+    try:
+        for lv in LEVELS:
+            _native.q_set_isa(lv)
+            default = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2).numpy()
+            fma = qk.qmatvec(t, torch.from_numpy(blocks), torch.from_numpy(x), 2, activations="f32-fma").numpy()
+            if lv in SPLIT_LEVELS and t in split_types(lv):
+                assert_split_close(t, blocks, default, x, rows, cols)
+            else:  # no split kernel (the type, or the baseline level): the FMA kernel
+                assert np.array_equal(default.view(np.uint32), fma.view(np.uint32))
+    finally:
+        _native.q_set_isa(SUPPORTED_LEVEL)
 
 
 def identity_q4_0(n: int) -> np.ndarray:
@@ -677,3 +695,33 @@ def test_few_rows_use_the_decode_kernels(activations: str, dtype: torch.dtype) -
             ref = reference(t, w.data.numpy(), rows, cols).astype(np.float64) @ x.double().numpy().T
             assert np.allclose(y.double().numpy(), (ref.T + bias.double().numpy()), rtol=1e-2 if dtype == torch.bfloat16
                                else 1e-4, atol=1e-3)
+
+
+def identity_q4_k(n: int) -> np.ndarray:
+    """[n, n] Q4_K blocks of the identity: d = 1, dmin = 0, every sub-block's scale 1 and min 0,
+    quant 1 on the diagonal."""
+    b = np.zeros((n, n // 256, 144), np.uint8)
+    b[:, :, 0:2] = np.full((n, n // 256), 1.0, np.float16).view(np.uint8).reshape(n, n // 256, 2)
+    b[:, :, 4:8] = 1     # scales of sub-blocks 0-3 (6 bits), mins 0
+    b[:, :, 12:16] = 1   # sub-blocks 4-7: scale in the low nibble, min in the high one
+    for r in range(n):
+        i = r % 256
+        jj, l = divmod(i, 64)
+        b[r, r // 256, 16 + 32 * jj + l % 32] = 1 if l < 32 else 0x10
+    return b.reshape(n, -1)
+
+
+def test_split_pieces_at_every_level(split_level: int) -> None:
+    """Each split kernel's pieces (the AVX-512 layout and the AVX2 natural order, the latter from the
+    portable splitter) are split_activations' bit for bit: through an identity Q4_K weight each
+    output is fl32(S * c) of its own activation."""
+    rng = np.random.default_rng(12)
+    n = 256 * 3
+    x = hard_x(rng, n)
+    w = identity_q4_k(n)
+    assert np.array_equal(reference(GGMLType.Q4_K, w, n, n), np.eye(n, dtype=np.float32))
+    y = qk.qmatvec(GGMLType.Q4_K, w, torch.from_numpy(x), 2).numpy()
+    pieces, scales = qk.split_activations(x)
+    c = 65536 * pieces[0].astype(np.int64) + 256 * pieces[1].astype(np.int64) + pieces[2].astype(np.int64)
+    want = (c.astype(np.float32) * np.repeat(scales, 32)).astype(np.float32)
+    assert np.array_equal(y.view(np.uint32), want.view(np.uint32))
