@@ -79,9 +79,9 @@ class EngineConfig:
     better on weights). True / False force a fast kernel / torch's."""
     activations: str = "f32"
     """Decode products with quantized (GGUF) weights: 'f32' multiplies the exact fp32 activations
-    (default: outputs equal the dequantized network's to fp32 rounding; on AVX-512 VNNI CPUs the
-    activations are carried as a 24-bit fixed point per 32 values through integer dot products,
-    see ``runtime/quant_kernels.py``); 'f32-fma' the same with the fp32-FMA kernels only; 'q8' quantizes each activation row to int8
+    (default: outputs equal the dequantized network's to fp32 rounding; on AVX2 and AVX-512 CPUs
+    the K-quant products carry the activations as a 24-bit fixed point per 32 values through
+    integer dot products, see ``runtime/quant_kernels.py``); 'f32-fma' the same with the fp32-FMA kernels only; 'q8' quantizes each activation row to int8
     with a scale per 32 values and uses integer dot products, as llama.cpp does: an approximation,
     faster where the CPU has AVX-512 VNNI (measured cost in the README). Ignored for bf16 / fp16 /
     fp32 weights."""

@@ -11,8 +11,9 @@ A GGUF weight ``[rows, cols]`` of type ``t`` is ``rows`` rows of ``cols // block
   The Q4_K / Q5_K kernels refactor a sub-block's sum algebraically,
   ``sum_k (d*sc*q_k - dmin*m) * x_k = sum_k (d*sc*q_k) * x_k - dmin*m * sum_k x_k``, with the
   sub-block sums of ``x`` computed once per call.
-  On CPUs with AVX-512 VNNI the Q4_0 / Q4_K / Q5_K / Q6_K products compute the same thing
-  faster through integer dot products (``activations="f32"``, the default): ``x`` is split per
+  On CPUs with AVX-512 VNNI (Q4_0 / Q4_K / Q5_K / Q6_K) and with AVX2 (Q4_K / Q5_K / Q6_K) the
+  products compute the same thing faster through integer dot products (``activations="f32"``,
+  the default): ``x`` is split per
   32 values into three int8 pieces, ``x ~= S * (65536 * x1 + 256 * x2 + x3)``, a 24-bit fixed
   point with one fp32 scale ``S = max|x_g| / (127 * 65536)`` (:func:`split_activations`), and each
   row is ``W @ (S * c)`` with the integer sums exact (Horner's rule over the pieces in int32) and
@@ -67,11 +68,12 @@ except ImportError:  # not built, or an extension built before it existed
 
 ACTIVATIONS = ("f32", "f32-fma", "q8")
 """Values of ``qmatvec(..., activations=)``: fp32-accurate activations (split into int8 pieces
-where the CPU has AVX-512 VNNI), the fp32-FMA kernels, or int8 with a scale per 32 (approximate)."""
+where the CPU has AVX2 or AVX-512 VNNI), the fp32-FMA kernels, or int8 with a scale per 32
+(approximate)."""
 
 ACT_CODES = {"f32": 2, "f32-fma": 0, "q8": 1}
 """The native kernels' ``act`` argument of each :data:`ACTIVATIONS` value (2 falls back to 0 where
-no split kernel exists: no VNNI, Q8_0, unquantized types)."""
+no split kernel exists: the baseline build, Q4_0 without VNNI, Q8_0, unquantized types)."""
 
 SPLIT_SHIFT = 8
 """Bits between the int8 pieces of :func:`split_activations`."""
@@ -101,8 +103,8 @@ def qmatvec(qtype: int | GGMLType, blocks: torch.Tensor | np.ndarray, x: torch.T
     block size, or an ``activations`` not in :data:`ACTIVATIONS`.
 
     ``activations``: ``"f32"`` (default) is the exact product described in the module docstring
-    (split activations on AVX-512 VNNI, :func:`split_activations`); ``"f32-fma"`` the fp32-FMA
-    kernels only.
+    (split activations on AVX-512 VNNI and AVX2, :func:`split_activations`); ``"f32-fma"`` the
+    fp32-FMA kernels only.
     ``"q8"`` is an **approximation** (opt-in, faster: integer dot products, memory-bound on
     AVX-512 VNNI CPUs): ``x`` is quantized once per call with :func:`quantize_activations_q8`
     (per 32 consecutive values ``g``: scale ``s_g = max|x_g| / 127``, ``xq = rint(x / s_g)`` in
@@ -185,7 +187,7 @@ def quantize_activations_q8(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, n
 
 
 def split_activations(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The split activations of ``qmatvec(..., activations="f32")`` on AVX-512 VNNI CPUs, exactly
+    """The split activations of ``qmatvec(..., activations="f32")`` on AVX2 / AVX-512 CPUs, exactly
     as the C kernels compute them: ``x`` fp32 ``[cols]`` (a multiple of 32) -> ``(pieces, scales)``,
     ``pieces`` int8 ``[3, cols]`` and ``scales`` fp32 ``[cols // 32]`` with
     ``x ~= scales * (65536 * pieces[0] + 256 * pieces[1] + pieces[2])`` per 32 values. Per group:
