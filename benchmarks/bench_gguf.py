@@ -109,22 +109,27 @@ def main() -> None:
     res: dict = {"machine": machine(), "scenario": a.scenario, "type": a.type, "gguf": str(gguf),
                  "gguf_bytes": gguf.stat().st_size, "cap": cap, "dram_budget": budget, "tokens": tokens,
                  "threads": a.threads, "rounds": []}
-    for _ in range(a.repeat):
-        rnd = {"disk": bench_io(work),
-               "flashtier": run_json(flashtier_cmd(gguf, tokens, budget, a.threads), cap=cap),
-               "llamacpp": run_json(llamacpp_cmd(gguf, tokens, a.threads), cap=cap)}
+    runs: list[tuple[str, list[str], str | None]] = [  # (key, command, cap)
+        ("flashtier", flashtier_cmd(gguf, tokens, budget, a.threads), cap),
+        ("llamacpp", llamacpp_cmd(gguf, tokens, a.threads), cap)]
+    if a.q8:
+        runs.append(("flashtier_q8", flashtier_cmd(gguf, tokens, budget, a.threads, "q8"), cap))
+    if a.fma:
+        runs.append(("flashtier_fma", flashtier_cmd(gguf, tokens, budget, a.threads, "f32-fma"), cap))
+    if a.huge_pages_off:
+        runs.append(("flashtier_4k_pages", flashtier_cmd(gguf, tokens, budget, a.threads, huge_pages="off"), cap))
         if a.q8:
-            rnd["flashtier_q8"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, "q8"), cap=cap)
-        if a.fma:
-            rnd["flashtier_fma"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, "f32-fma"), cap=cap)
-        if a.huge_pages_off:
-            rnd["flashtier_4k_pages"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, huge_pages="off"), cap=cap)
-            if a.q8:
-                rnd["flashtier_q8_4k_pages"] = run_json(flashtier_cmd(gguf, tokens, budget, a.threads, "q8", "off"),
-                                                        cap=cap)
-        if a.memory:
-            rnd["flashtier_memory"] = run_json(flashtier_cmd(gguf, tokens, None, a.threads))
-            rnd["llamacpp_memory"] = run_json(llamacpp_cmd(gguf, tokens, a.threads))
+            runs.append(("flashtier_q8_4k_pages", flashtier_cmd(gguf, tokens, budget, a.threads, "q8", "off"), cap))
+    if a.memory:
+        runs.append(("flashtier_memory", flashtier_cmd(gguf, tokens, None, a.threads), None))
+        runs.append(("llamacpp_memory", llamacpp_cmd(gguf, tokens, a.threads), None))
+    for i in range(a.repeat):
+        rnd = {"disk": bench_io(work)}
+        # the runs of a round in a rotated order, so that no variant always runs first after the disk
+        # probe (on this shared machine a position effect would read as a kernel difference)
+        k = i % len(runs)
+        for key, cmd, run_cap in runs[k:] + runs[:k]:
+            rnd[key] = run_json(cmd, cap=run_cap)
         res["rounds"].append(rnd)
         print(json.dumps({k: tok_s(v) for k, v in rnd.items() if k != "disk"}), flush=True)
     rows = []
