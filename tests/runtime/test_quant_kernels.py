@@ -462,6 +462,9 @@ def test_matvec_many_rejects_bad_arguments() -> None:
             _native.q_matvec_many(x, cols, 2, 0, specs)
     with pytest.raises(ValueError, match="x must be fp32"):
         _native.q_matvec_many(x[:-1], cols, 2, 0, ((12, w, out, 4),))
+    for bad_act in (3, -1):
+        with pytest.raises(ValueError, match="act must be 0"):
+            _native.q_matvec_many(x, cols, 2, bad_act, ((12, w, out, 4),))
     with pytest.raises(TypeError):
         _native.q_matvec_many(x, cols, 2, 0, ((12, w, out),))
     x2, out2 = np.zeros((2, cols), np.float32), np.zeros((2, 4), np.float32)
