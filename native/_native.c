@@ -1305,8 +1305,8 @@ V3Q8_ROWS(q6_k, 256, 210)
  * (xqn + p * cols), per 32 weights vpmaddubsw (unsigned weights x a signed piece; pairs at most
  * 2 * 63 * 128: no saturation) and vpmaddwd by ones per piece, combined by Horner's rule in int32
  * lanes of 4 weights (<= 4 * 63 * |c| < 2^31), converted to fp32 and scaled per sub-block. Q6_K's
- * quants go in unsigned with the -32 zero point in corr (-32 * the sum of each lane's c): the
- * q8 kernels' sign trick cannot negate a piece of -128. */
+ * and Q4_0's quants go in unsigned with the zero point (-32, -8) in corr (-zero * the sum of each
+ * lane's c): the q8 kernels' sign trick cannot negate a piece of -128. */
 T3 static ALWAYS_INLINE __m256i dot32x3_v3(__m256i u, const int8_t *xq, Py_ssize_t xp) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)), ones);
@@ -1382,6 +1382,32 @@ T3 static ALWAYS_INLINE void q6_k_x3_v3(const uint8_t *b, const int8_t *xq, Py_s
                                          _mm256_loadu_si256((const __m256i *)(corr + 32 * n + 8 * k)));
             acc[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), fk, acc[k & 1]);
         }
+    }
+}
+
+/* Q4_0 (32 weights): unsigned nibbles, the -8 zero point in corr; one scale d * S per block. */
+T3 static ALWAYS_INLINE void q4_0_x3_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const int32_t *corr,
+                                        const float *sx, __m256 *acc) {
+    __m128i q = _mm_loadu_si128((const __m128i *)(b + 2)), m = _mm_set1_epi8(0x0F);
+    __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+    __m256i a = _mm256_add_epi32(dot32x3_v3(w, xq, xp), _mm256_loadu_si256((const __m256i *)corr));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(_cvtsh_ss(rd16(b)) * sx[0]), *acc);
+}
+
+T3 static void q4_0_x3mv_v3(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {
+    const Py_ssize_t nb = j->cols / 32;
+    const q8x *qx = j->qx;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        Py_ssize_t ib = 0;
+        for (; ib + 2 <= nb; ib += 2) {
+            q4_0_x3_v3(b + ib * 18, qx->xqn + 32 * ib, j->cols, qx->corr + 8 * ib, qx->sxn + ib, acc);
+            q4_0_x3_v3(b + (ib + 1) * 18, qx->xqn + 32 * (ib + 1), j->cols, qx->corr + 8 * (ib + 1), qx->sxn + ib + 1,
+                       acc + 1);
+        }
+        for (; ib < nb; ib++) q4_0_x3_v3(b + ib * 18, qx->xqn + 32 * ib, j->cols, qx->corr + 8 * ib, qx->sxn + ib, acc);
+        j->out[r] = hsum8_v3(_mm256_add_ps(acc[0], acc[1]));
     }
 }
 
@@ -2092,6 +2118,7 @@ static rows_fn q_pick_x3(int type) {
     }
     if (q_isa_level >= 3) { /* AVX2 (and AVX-512 without VNNI) */
         switch (type) {
+        case GT_Q4_0: return q4_0_x3mv_v3;
         case GT_Q4_K: return q4_k_x3mv_v3;
         case GT_Q5_K: return q5_k_x3mv_v3;
         case GT_Q6_K: return q6_k_x3mv_v3;
@@ -2201,14 +2228,14 @@ static void q8_prepare(int type, q8x *qx, const float *x, Py_ssize_t cols, int v
                 t += 65536 * qx->xqn[32 * g + l] + 256 * qx->xqn[cols + 32 * g + l] + qx->xqn[2 * cols + 32 * g + l];
             if (qx->xsn) qx->xsn[g] = qx->sxn[g] * (float)t;
         }
-        if (type == GT_Q6_K) /* -32 * each 4-value lane's sum of c (wrapping, like the kernel's sums) */
+        if (type == GT_Q6_K || type == GT_Q4_0) /* -32 (-8) * each 4-value lane's sum of c (wrapping) */
             for (Py_ssize_t i = 0; i < cols / 4; i++) {
                 uint32_t t = 0;
                 for (int l = 0; l < 4; l++) {
                     Py_ssize_t e = 4 * i + l;
                     t += (uint32_t)(65536 * qx->xqn[e] + 256 * qx->xqn[cols + e] + qx->xqn[2 * cols + e]);
                 }
-                qx->corr[i] = (int32_t)(0u - (t << 5));
+                qx->corr[i] = (int32_t)(0u - (t << (type == GT_Q6_K ? 5 : 3)));
             }
         return;
     }
@@ -2367,7 +2394,8 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
         size_t padded = (size_t)(cols + 255) / 256 * 256, ng = (size_t)cols / 32;
         size_t pc = (size_t)pieces;
         size_t sz[7] = {pc * (size_t)cols, 4 * ng, kmin ? 4 * ng : 0, v4 ? (pieces == 3 ? 4 : 1) * padded : 0,
-                        v4 ? (pieces == 3 ? 2 : 1) * padded : pieces == 3 && qtype == GT_Q6_K ? (size_t)cols : 0,
+                        v4 ? (pieces == 3 ? 2 : 1) * padded
+                        : pieces == 3 && (qtype == GT_Q6_K || qtype == GT_Q4_0) ? (size_t)cols : 0,
                         v4 ? padded : 0, v4 && kmin ? 8 * ng : 0};
         size_t total = 64;
         for (int i = 0; i < 7; i++) total += (sz[i] + 63) / 64 * 64;

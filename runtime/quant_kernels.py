@@ -11,8 +11,7 @@ A GGUF weight ``[rows, cols]`` of type ``t`` is ``rows`` rows of ``cols // block
   The Q4_K / Q5_K kernels refactor a sub-block's sum algebraically,
   ``sum_k (d*sc*q_k - dmin*m) * x_k = sum_k (d*sc*q_k) * x_k - dmin*m * sum_k x_k``, with the
   sub-block sums of ``x`` computed once per call.
-  On CPUs with AVX-512 VNNI (Q4_0 / Q4_K / Q5_K / Q6_K) and with AVX2 (Q4_K / Q5_K / Q6_K) the
-  products compute the same thing faster through integer dot products (``activations="f32"``,
+  On CPUs with AVX-512 VNNI or AVX2 the Q4_0 / Q4_K / Q5_K / Q6_K products compute the same thing faster through integer dot products (``activations="f32"``,
   the default): ``x`` is split per
   32 values into three int8 pieces, ``x ~= S * (65536 * x1 + 256 * x2 + x3)``, a 24-bit fixed
   point with one fp32 scale ``S = max|x_g| / (127 * 65536)`` (:func:`split_activations`), and each
@@ -73,7 +72,7 @@ where the CPU has AVX2 or AVX-512 VNNI), the fp32-FMA kernels, or int8 with a sc
 
 ACT_CODES = {"f32": 2, "f32-fma": 0, "q8": 1}
 """The native kernels' ``act`` argument of each :data:`ACTIVATIONS` value (2 falls back to 0 where
-no split kernel exists: the baseline build, Q4_0 without VNNI, Q8_0, unquantized types)."""
+no split kernel exists: the baseline build, Q8_0, unquantized types)."""
 
 SPLIT_SHIFT = 8
 """Bits between the int8 pieces of :func:`split_activations`."""

@@ -481,12 +481,12 @@ SPLIT_TYPES = [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 HAS_SPLIT = _native is not None and SUPPORTED_LEVEL >= 4 and bool(_native.q_vnni())
 needs_split = pytest.mark.skipif(not HAS_SPLIT, reason="the split-activation kernels need AVX-512 VNNI")
 SPLIT_LEVELS = ([4] if HAS_SPLIT else []) + ([3] if 3 in LEVELS else [])
-"""Kernel levels with split-activation kernels: AVX-512 VNNI (Q4_0, Q4_K, Q5_K, Q6_K) and AVX2
-(Q4_K, Q5_K, Q6_K; also what AVX-512 CPUs without VNNI run)."""
+"""Kernel levels with split-activation kernels for Q4_0, Q4_K, Q5_K, Q6_K: AVX-512 VNNI and AVX2
+(the latter also what AVX-512 CPUs without VNNI run)."""
 
 
 def split_types(level: int) -> list[GGMLType]:
-    return SPLIT_TYPES if level == 4 else SPLIT_TYPES[1:]
+    return SPLIT_TYPES if level in (3, 4) else []
 
 
 @pytest.fixture(params=SPLIT_LEVELS or [None], ids=lambda lv: f"isa{lv}")
@@ -624,8 +624,8 @@ def test_split_non_finite_and_zero_activations(split_level: int) -> None:
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_f32_fma_and_split_fallbacks(t: GGMLType) -> None:
     """activations="f32-fma" is the fp32-FMA kernel (act=0); "f32" equals it bit for bit wherever no
-    split kernel applies (Q8_0 and the unquantized types at every level, Q4_0 below AVX-512 VNNI,
-    everything at the baseline level), and is the split product elsewhere."""
+    split kernel applies (Q8_0 and the unquantized types at every level, everything at the baseline
+    level), and is the split product elsewhere."""
     rows, cols = 37, 2 * max(type_info(t).block_size, 256)
     blocks = random_blocks(t, rows, cols, 9)
     x = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
