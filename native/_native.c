@@ -571,17 +571,28 @@ typedef struct q8x {
 /* Groups with max |x| below 2^-96 quantize to 0 (scale 0): keeps 1 / s_g finite and s_g normal. */
 #define Q8_TINY 0x0F800000u /* the bits of 2^-96 */
 
+/* max |x| of a group as its bits -> its scale. */
+static ALWAYS_INLINE float q8_scale_of_max(uint32_t m) {
+    float amax;
+    memcpy(&amax, &m, 4);
+    return m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f;
+}
+
+/* The int8 scale of 32 activations: max|x| / 127; 0 below Q8_TINY, NaN where one is inf / NaN (the
+ * maximum taken on the bits: non-negative floats order as their bits; inf / NaN >= 0x7f800000). */
+static ALWAYS_INLINE float q8_group_scale(const float *v) {
+    uint32_t u[32], m = 0;
+    memcpy(u, v, sizeof u);
+    for (int l = 0; l < 32; l++) m = (u[l] & 0x7fffffffu) > m ? (u[l] & 0x7fffffffu) : m;
+    return q8_scale_of_max(m);
+}
+
 /* x -> (xq, s) as documented above; identical in every build (IEEE operations, rint). */
 MULTIVERSION
 static void q8_quantize(const float *restrict x, Py_ssize_t cols, int8_t *restrict xq, float *restrict sx) {
     for (Py_ssize_t g = 0; g < cols / 32; g++) {
         const float *v = x + 32 * g;
-        uint32_t u[32], m = 0; /* max |x| as bits: non-negative floats order as their bits; inf / NaN >= 0x7f800000 */
-        memcpy(u, v, sizeof u);
-        for (int l = 0; l < 32; l++) m = (u[l] & 0x7fffffffu) > m ? (u[l] & 0x7fffffffu) : m;
-        float amax;
-        memcpy(&amax, &m, 4);
-        float d = m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        float d = q8_group_scale(v), id = d > 0.f ? 1.f / d : 0.f;
         sx[g] = d;
         for (int l = 0; l < 32; l++) {
             float q = d > 0.f ? rintf(v[l] * id) : 0.f;
@@ -1172,6 +1183,28 @@ T3 static ALWAYS_INLINE __m256 dot32_s_v3(__m256i s, const int8_t *xq) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
+/* Split activations on AVX2 (act = 2 where there is no AVX-512 VNNI): the pieces in natural order
+ * (xqn + p * cols), per 32 weights vpmaddubsw (unsigned weights x a signed piece; pairs at most
+ * 2 * 63 * 128: no saturation) and vpmaddwd by ones per piece, combined by Horner's rule in int32
+ * lanes of 4 weights (<= 4 * 63 * |c| < 2^31), converted to fp32 and scaled per sub-block. Q6_K's
+ * and Q4_0's quants go in unsigned with the zero point (-32, -8) in corr (-zero * the sum of each
+ * lane's c): the q8 kernels' sign trick cannot negate a piece of -128. */
+T3 static ALWAYS_INLINE __m256i dot32x3_v3(__m256i u, const int8_t *xq, Py_ssize_t xp) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)), ones);
+    a = _mm256_add_epi32(_mm256_slli_epi32(a, 8),
+                         _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + xp))), ones));
+    return _mm256_add_epi32(_mm256_slli_epi32(a, 8),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + 2 * xp))),
+                                              ones));
+}
+
+/* One 32-weight sub-block's x . u as 8 fp32 lanes (4 weights each): int8 x (P = 1) or the three
+ * split pieces of x, xp bytes apart (P = 3). */
+T3 static ALWAYS_INLINE __m256 dot32_p_v3(__m256i u, const int8_t *xq, Py_ssize_t xp, const int P) {
+    return P == 1 ? dot32_u_v3(u, xq) : _mm256_cvtepi32_ps(dot32x3_v3(u, xq, xp));
+}
+
 T3 static ALWAYS_INLINE float hsum8_v3(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -1190,26 +1223,33 @@ T3 static ALWAYS_INLINE void k4_factors_v3(const uint8_t *b, const float *sx, co
     acc[1] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, mn), _mm256_loadu_ps(xs), acc[1]);
 }
 
-T3 static ALWAYS_INLINE void q4_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
-                                        __m256 *acc) {
+/* Q4_K with int8 x (P = 1) or split x (P = 3, pieces xp bytes apart). */
+T3 static ALWAYS_INLINE void q4_k_p_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sx,
+                                       const float *xs, __m256 *acc, const int P) {
     float f[8] __attribute__((aligned(32)));
     k4_factors_v3(b, sx, xs, f, acc);
     const __m256i m0f = _mm256_set1_epi8(0x0F);
 #pragma GCC unroll 4
     for (int jj = 0; jj < 4; jj++) {
         __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * jj));
-        __m256 lo = dot32_u_v3(_mm256_and_si256(q, m0f), xq + 64 * jj);
-        __m256 hi = dot32_u_v3(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f), xq + 64 * jj + 32);
+        __m256 lo = dot32_p_v3(_mm256_and_si256(q, m0f), xq + 64 * jj, xp, P);
+        __m256 hi = dot32_p_v3(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f), xq + 64 * jj + 32, xp, P);
         acc[0] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(f + 2 * jj), acc[0]);
         acc[1] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(f + 2 * jj + 1), acc[1]);
     }
 }
 
+T3 static ALWAYS_INLINE void q4_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
+                                        __m256 *acc) {
+    q4_k_p_v3(b, xq, 0, sx, xs, acc, 1);
+}
+
 /* bit j of h (bytes) moved to bit 4 (j a constant after unrolling) */
 #define QH_BIT4_V3(h, j) ((j) < 4 ? _mm256_slli_epi16(h, 4 - (j)) : (j) == 4 ? (h) : _mm256_srli_epi16(h, (j) - 4))
 
-T3 static ALWAYS_INLINE void q5_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
-                                        __m256 *acc) {
+/* Q5_K with int8 x (P = 1) or split x (P = 3). */
+T3 static ALWAYS_INLINE void q5_k_p_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sx,
+                                       const float *xs, __m256 *acc, const int P) {
     float f[8] __attribute__((aligned(32)));
     k4_factors_v3(b, sx, xs, f, acc);
     const __m256i m0f = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
@@ -1220,42 +1260,60 @@ T3 static ALWAYS_INLINE void q5_k_q8_v3(const uint8_t *b, const int8_t *xq, cons
         __m256i l = _mm256_or_si256(_mm256_and_si256(q, m0f), _mm256_and_si256(QH_BIT4_V3(qh, 2 * jj), m10));
         __m256i h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f),
                                     _mm256_and_si256(QH_BIT4_V3(qh, 2 * jj + 1), m10));
-        acc[0] = _mm256_fmadd_ps(dot32_u_v3(l, xq + 64 * jj), _mm256_broadcast_ss(f + 2 * jj), acc[0]);
-        acc[1] = _mm256_fmadd_ps(dot32_u_v3(h, xq + 64 * jj + 32), _mm256_broadcast_ss(f + 2 * jj + 1), acc[1]);
+        acc[0] = _mm256_fmadd_ps(dot32_p_v3(l, xq + 64 * jj, xp, P), _mm256_broadcast_ss(f + 2 * jj), acc[0]);
+        acc[1] = _mm256_fmadd_ps(dot32_p_v3(h, xq + 64 * jj + 32, xp, P), _mm256_broadcast_ss(f + 2 * jj + 1),
+                                 acc[1]);
     }
 }
 
-T3 static ALWAYS_INLINE void q6_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
+T3 static ALWAYS_INLINE void q5_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
                                         __m256 *acc) {
-    (void)xs;
-    const __m256i m0f = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30), k32 = _mm256_set1_epi8(32);
-    /* factors of the 16 sub-blocks: d * sc[s] * s_(s/2) */
+    q5_k_p_v3(b, xq, 0, sx, xs, acc, 1);
+}
+
+/* A Q6_K block's factors d * sc[s] * s_(s/2) of its 16 sub-blocks (F[n]: sub-blocks 8n .. 8n+7) and
+ * the unsigned quants of weights 128n + 32k in q[k]. */
+T3 static ALWAYS_INLINE void q6_k_factors_v3(const uint8_t *b, const float *sx, __m256 F[2]) {
     __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
     __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(b + 208)));
     const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
     __m256 s0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sx)), dup);
     __m256 s1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sx + 4)), dup);
-    __m256 F[2] = {_mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))), s0),
-                   _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))),
-                                 s1)};
+    F[0] = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))), s0);
+    F[1] = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))), s1);
+}
+
+T3 static ALWAYS_INLINE void q6_k_quants_v3(const uint8_t *b, int n, __m256i q[4]) {
+    const __m256i m0f = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
+    __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
+    __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
+    q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+    q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m0f), _mm256_and_si256(qh, m30));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m0f),
+                           _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+}
+
+/* The factor of sub-blocks 8n + 2k (lanes 0-3) and 8n + 2k + 1 (lanes 4-7). */
+#define Q6K_FK_V3(F, n, k)                                                                              \
+    _mm256_permutevar8x32_ps(F[n], _mm256_setr_epi32(2 * (k), 2 * (k), 2 * (k), 2 * (k), 2 * (k) + 1, 2 * (k) + 1, \
+                                                     2 * (k) + 1, 2 * (k) + 1))
+
+T3 static ALWAYS_INLINE void q6_k_q8_v3(const uint8_t *b, const int8_t *xq, const float *sx, const float *xs,
+                                        __m256 *acc) {
+    (void)xs;
+    const __m256i k32 = _mm256_set1_epi8(32);
+    __m256 F[2];
+    q6_k_factors_v3(b, sx, F);
 #pragma GCC unroll 2
     for (int n = 0; n < 2; n++) {
-        __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
-        __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
-        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
-        __m256i q[4] = {
-            _mm256_or_si256(_mm256_and_si256(ql0, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-            _mm256_or_si256(_mm256_and_si256(ql1, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m0f), _mm256_and_si256(qh, m30)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m0f),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
-        };
+        __m256i q[4];
+        q6_k_quants_v3(b, n, q);
 #pragma GCC unroll 4
-        for (int k = 0; k < 4; k++) { /* weights 128n + 32k: sub-blocks 8n + 2k, 8n + 2k + 1 */
-            __m256 fk = _mm256_permutevar8x32_ps(F[n], _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1,
-                                                                         2 * k + 1, 2 * k + 1, 2 * k + 1));
-            acc[k & 1] = _mm256_fmadd_ps(dot32_s_v3(_mm256_sub_epi8(q[k], k32), xq + 128 * n + 32 * k), fk, acc[k & 1]);
-        }
+        for (int k = 0; k < 4; k++) /* weights 128n + 32k: sub-blocks 8n + 2k, 8n + 2k + 1 */
+            acc[k & 1] = _mm256_fmadd_ps(dot32_s_v3(_mm256_sub_epi8(q[k], k32), xq + 128 * n + 32 * k),
+                                         Q6K_FK_V3(F, n, k), acc[k & 1]);
     }
 }
 
@@ -1301,86 +1359,29 @@ V3Q8_ROWS(q4_k, 256, 144)
 V3Q8_ROWS(q5_k, 256, 176)
 V3Q8_ROWS(q6_k, 256, 210)
 
-/* Split activations on AVX2 (act = 2 where there is no AVX-512 VNNI): the pieces in natural order
- * (xqn + p * cols), per 32 weights vpmaddubsw (unsigned weights x a signed piece; pairs at most
- * 2 * 63 * 128: no saturation) and vpmaddwd by ones per piece, combined by Horner's rule in int32
- * lanes of 4 weights (<= 4 * 63 * |c| < 2^31), converted to fp32 and scaled per sub-block. Q6_K's
- * and Q4_0's quants go in unsigned with the zero point (-32, -8) in corr (-zero * the sum of each
- * lane's c): the q8 kernels' sign trick cannot negate a piece of -128. */
-T3 static ALWAYS_INLINE __m256i dot32x3_v3(__m256i u, const int8_t *xq, Py_ssize_t xp) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)), ones);
-    a = _mm256_add_epi32(_mm256_slli_epi32(a, 8),
-                         _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + xp))), ones));
-    return _mm256_add_epi32(_mm256_slli_epi32(a, 8),
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + 2 * xp))),
-                                              ones));
-}
-
 T3 static ALWAYS_INLINE void q4_k_x3_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sx,
                                         const float *xs, __m256 *acc) {
-    float f[8] __attribute__((aligned(32)));
-    k4_factors_v3(b, sx, xs, f, acc);
-    const __m256i m0f = _mm256_set1_epi8(0x0F);
-#pragma GCC unroll 4
-    for (int jj = 0; jj < 4; jj++) {
-        __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * jj));
-        __m256 lo = _mm256_cvtepi32_ps(dot32x3_v3(_mm256_and_si256(q, m0f), xq + 64 * jj, xp));
-        __m256 hi = _mm256_cvtepi32_ps(dot32x3_v3(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f), xq + 64 * jj + 32, xp));
-        acc[0] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(f + 2 * jj), acc[0]);
-        acc[1] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(f + 2 * jj + 1), acc[1]);
-    }
+    q4_k_p_v3(b, xq, xp, sx, xs, acc, 3);
 }
 
 T3 static ALWAYS_INLINE void q5_k_x3_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sx,
                                         const float *xs, __m256 *acc) {
-    float f[8] __attribute__((aligned(32)));
-    k4_factors_v3(b, sx, xs, f, acc);
-    const __m256i m0f = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
-    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
-#pragma GCC unroll 4
-    for (int jj = 0; jj < 4; jj++) {
-        __m256i q = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * jj));
-        __m256i l = _mm256_or_si256(_mm256_and_si256(q, m0f), _mm256_and_si256(QH_BIT4_V3(qh, 2 * jj), m10));
-        __m256i h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m0f),
-                                    _mm256_and_si256(QH_BIT4_V3(qh, 2 * jj + 1), m10));
-        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x3_v3(l, xq + 64 * jj, xp)), _mm256_broadcast_ss(f + 2 * jj),
-                                 acc[0]);
-        acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32x3_v3(h, xq + 64 * jj + 32, xp)),
-                                 _mm256_broadcast_ss(f + 2 * jj + 1), acc[1]);
-    }
+    q5_k_p_v3(b, xq, xp, sx, xs, acc, 3);
 }
 
 T3 static ALWAYS_INLINE void q6_k_x3_v3(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const int32_t *corr,
                                         const float *sx, __m256 *acc) {
-    const __m256i m0f = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
-    __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
-    __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(b + 208)));
-    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    __m256 s0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sx)), dup);
-    __m256 s1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sx + 4)), dup);
-    __m256 F[2] = {_mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))), s0),
-                   _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))),
-                                 s1)};
+    __m256 F[2];
+    q6_k_factors_v3(b, sx, F);
 #pragma GCC unroll 2
     for (int n = 0; n < 2; n++) {
-        __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
-        __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
-        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
-        __m256i q[4] = {
-            _mm256_or_si256(_mm256_and_si256(ql0, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-            _mm256_or_si256(_mm256_and_si256(ql1, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m0f), _mm256_and_si256(qh, m30)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m0f),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
-        };
+        __m256i q[4];
+        q6_k_quants_v3(b, n, q);
 #pragma GCC unroll 4
-        for (int k = 0; k < 4; k++) { /* weights 128n + 32k: sub-blocks 8n + 2k, 8n + 2k + 1 */
-            __m256 fk = _mm256_permutevar8x32_ps(F[n], _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1,
-                                                                         2 * k + 1, 2 * k + 1, 2 * k + 1));
+        for (int k = 0; k < 4; k++) {
             __m256i a = _mm256_add_epi32(dot32x3_v3(q[k], xq + 128 * n + 32 * k, xp),
                                          _mm256_loadu_si256((const __m256i *)(corr + 32 * n + 8 * k)));
-            acc[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), fk, acc[k & 1]);
+            acc[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), Q6K_FK_V3(F, n, k), acc[k & 1]);
         }
     }
 }
@@ -1468,70 +1469,88 @@ T4V static ALWAYS_INLINE void k4_q8_finish(__m512 dmv, __m512i a0, __m512i a1, _
     acc[1] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(aux), acc[1]); /* - dmin*m * s * sum(xq) */
 }
 
+/* A Q4_K block's [d*sc, dmin*m] and its nibbles as the four weight vectors u[0..3] (sub-blocks [0|2],
+ * [1|3], [4|6], [5|7]): shared by the int8 and split kernels (and by every x row of a split tile). */
+T4V static ALWAYS_INLINE void q4_k_quants_vnni(const uint8_t *b, __m512 *dmv, __m512i u[4]) {
+    *dmv = k4_dmv_q8(b);
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    __m512i w0 = _mm512_loadu_si512((const void *)(b + 16)), w1 = _mm512_loadu_si512((const void *)(b + 80));
+    u[0] = _mm512_and_si512(w0, m0f);
+    u[1] = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
+    u[2] = _mm512_and_si512(w1, m0f);
+    u[3] = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
+}
+
 T4V static ALWAYS_INLINE void q4_k_q8_v4(const uint8_t *b, const int8_t *xq, const float *sxl, const float *aux,
                                          __m512 *acc) {
-    __m512 dmv = k4_dmv_q8(b);
-    const __m512i m0f = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
-    __m512i w0 = _mm512_loadu_si512((const void *)(b + 16)), w1 = _mm512_loadu_si512((const void *)(b + 80));
-    __m512i a0 = _mm512_dpbusd_epi32(z, _mm512_and_si512(w0, m0f), _mm512_load_si512((const void *)xq));
-    __m512i a1 = _mm512_dpbusd_epi32(z, _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f),
-                                     _mm512_load_si512((const void *)(xq + 64)));
-    __m512i a2 = _mm512_dpbusd_epi32(z, _mm512_and_si512(w1, m0f), _mm512_load_si512((const void *)(xq + 128)));
-    __m512i a3 = _mm512_dpbusd_epi32(z, _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f),
-                                     _mm512_load_si512((const void *)(xq + 192)));
-    k4_q8_finish(dmv, a0, a1, a2, a3, sxl, aux, acc);
+    __m512 dmv;
+    __m512i u[4], a[4];
+    q4_k_quants_vnni(b, &dmv, u);
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[i], _mm512_load_si512((const void *)(xq + 64 * i)));
+    k4_q8_finish(dmv, a[0], a[1], a[2], a[3], sxl, aux, acc);
 }
 
 /* bytes 0-31 = a, 32-63 = b */
 #define HALVES8(a, b) _mm512_inserti64x4(_mm512_set1_epi8((char)(a)), _mm256_set1_epi8((char)(b)), 1)
 
-T4V static ALWAYS_INLINE void q5_k_q8_v4(const uint8_t *b, const int8_t *xq, const float *sxl, const float *aux,
-                                         __m512 *acc) {
-    __m512 dmv = k4_dmv_q8(b);
-    const __m512i m0f = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16), z = _mm512_setzero_si512();
+/* A Q5_K block's [d*sc, dmin*m] and its 5-bit quants as four weight vectors (as Q4_K's). */
+T4V static ALWAYS_INLINE void q5_k_quants_vnni(const uint8_t *b, __m512 *dmv, __m512i q[4]) {
+    *dmv = k4_dmv_q8(b);
+    const __m512i m0f = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16);
     __m512i hq = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
     __m512i w0 = _mm512_loadu_si512((const void *)(b + 48)), w1 = _mm512_loadu_si512((const void *)(b + 112));
     /* sub-block j's fifth bit is bit j of qh */
-    __m512i q0 = _mm512_and_si512(w0, m0f), q1 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
-    __m512i q2 = _mm512_and_si512(w1, m0f), q3 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
-    q0 = _mm512_mask_add_epi8(q0, _mm512_test_epi8_mask(hq, HALVES8(0x01, 0x04)), q0, k16);
-    q1 = _mm512_mask_add_epi8(q1, _mm512_test_epi8_mask(hq, HALVES8(0x02, 0x08)), q1, k16);
-    q2 = _mm512_mask_add_epi8(q2, _mm512_test_epi8_mask(hq, HALVES8(0x10, 0x40)), q2, k16);
-    q3 = _mm512_mask_add_epi8(q3, _mm512_test_epi8_mask(hq, HALVES8(0x20, 0x80)), q3, k16);
-    __m512i a0 = _mm512_dpbusd_epi32(z, q0, _mm512_load_si512((const void *)xq));
-    __m512i a1 = _mm512_dpbusd_epi32(z, q1, _mm512_load_si512((const void *)(xq + 64)));
-    __m512i a2 = _mm512_dpbusd_epi32(z, q2, _mm512_load_si512((const void *)(xq + 128)));
-    __m512i a3 = _mm512_dpbusd_epi32(z, q3, _mm512_load_si512((const void *)(xq + 192)));
-    k4_q8_finish(dmv, a0, a1, a2, a3, sxl, aux, acc);
+    q[0] = _mm512_and_si512(w0, m0f), q[1] = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
+    q[2] = _mm512_and_si512(w1, m0f), q[3] = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
+    q[0] = _mm512_mask_add_epi8(q[0], _mm512_test_epi8_mask(hq, HALVES8(0x01, 0x04)), q[0], k16);
+    q[1] = _mm512_mask_add_epi8(q[1], _mm512_test_epi8_mask(hq, HALVES8(0x02, 0x08)), q[1], k16);
+    q[2] = _mm512_mask_add_epi8(q[2], _mm512_test_epi8_mask(hq, HALVES8(0x10, 0x40)), q[2], k16);
+    q[3] = _mm512_mask_add_epi8(q[3], _mm512_test_epi8_mask(hq, HALVES8(0x20, 0x80)), q[3], k16);
+}
+
+T4V static ALWAYS_INLINE void q5_k_q8_v4(const uint8_t *b, const int8_t *xq, const float *sxl, const float *aux,
+                                         __m512 *acc) {
+    __m512 dmv;
+    __m512i q[4], a[4];
+    q5_k_quants_vnni(b, &dmv, q);
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[i], _mm512_load_si512((const void *)(xq + 64 * i)));
+    k4_q8_finish(dmv, a[0], a[1], a[2], a[3], sxl, aux, acc);
 }
 
 /* Q6_K: unsigned 6-bit quants (weight order, as q6_k_block_v4 builds them) against x, the -32 zero
  * point in corr; red4's lane 4c+e is 16-weight sub-block 4e+c. */
-T4V static ALWAYS_INLINE void q6_k_q8_v4(const uint8_t *b, const int8_t *xq, const int32_t *corr, const float *sxl,
-                                         __m512 *acc) {
+/* A Q6_K block's unsigned 6-bit quants as four weight vectors z[0..3] and d * sc per lane of red4's
+ * result: shared by the int8 and split kernels (and by every x row of a split tile). */
+T4V static ALWAYS_INLINE void q6_k_quants_vnni(const uint8_t *b, __m512i z[4], __m512 *dsc) {
     const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
     const __m512i sh01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
     const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-    __m512i a[4];
 #pragma GCC unroll 2
     for (int n = 0; n < 2; n++) {
         __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * n));
         __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
         __m512i h01 = _mm512_and_si512(_mm512_sllv_epi16(qh, sh01), m30);
         __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(qh, sh23), m30);
-        __m512i z0 = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA); /* (a&b)|c */
-        __m512i z1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
-        a[2 * n] = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)(corr + 32 * n)), z0,
-                                       _mm512_load_si512((const void *)(xq + 128 * n)));
-        a[2 * n + 1] = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)(corr + 32 * n + 16)), z1,
-                                           _mm512_load_si512((const void *)(xq + 128 * n + 64)));
+        z[2 * n] = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA); /* (a&b)|c */
+        z[2 * n + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
     }
     __m128i sc8 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(b + 192)),
                                    _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-    __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)),
-                                           _mm512_set1_ps(_cvtsh_ss(rd16(b + 208)))),
-                             _mm512_load_ps(sxl));
-    acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(red4(a[0], a[1], a[2], a[3])), f, acc[0]);
+    *dsc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)), _mm512_set1_ps(_cvtsh_ss(rd16(b + 208))));
+}
+
+T4V static ALWAYS_INLINE void q6_k_q8_v4(const uint8_t *b, const int8_t *xq, const int32_t *corr, const float *sxl,
+                                         __m512 *acc) {
+    __m512i z[4], a[4];
+    __m512 dsc;
+    q6_k_quants_vnni(b, z, &dsc);
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)(corr + 16 * i)), z[i],
+                                   _mm512_load_si512((const void *)(xq + 64 * i)));
+    acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(red4(a[0], a[1], a[2], a[3])), _mm512_mul_ps(dsc, _mm512_load_ps(sxl)),
+                             acc[0]);
 }
 
 /* Q8_0, two blocks (68 bytes, `n` of them present): signed quants as |q| (unsigned) against
@@ -1559,8 +1578,7 @@ T4V static ALWAYS_INLINE void q8_0_q8_v4(const uint8_t *b, int n, const int8_t *
 /* Q4_0, four blocks (72 bytes, `n` of them present): the 4 x 16 quant bytes gathered into one vector;
  * low nibbles against x laid out [blocks' x0-15], high ones against [x16-31]; corr holds -8 * sum(xq);
  * lanes 4k..4k+3 are block k. */
-T4V static ALWAYS_INLINE void q4_0_q8_v4(const uint8_t *b, int n, const int8_t *xq, const int32_t *corr,
-                                         const float *sxl, __m512 *acc) {
+T4V static ALWAYS_INLINE void q4_0_quants_vnni(const uint8_t *b, int n, __m512i *lo, __m512i *hi, __m512 *d) {
     __m512i raw, tail;
     if (n == 4) {
         raw = _mm512_loadu_si512((const void *)b);
@@ -1575,21 +1593,28 @@ T4V static ALWAYS_INLINE void q4_0_q8_v4(const uint8_t *b, int n, const int8_t *
                                          0x001D001C, 0x001F001E, 0x00210020, 0x00230022);
     const __m512i m0f = _mm512_set1_epi8(0x0F);
     __m512i q = _mm512_permutex2var_epi16(raw, iw, tail);
-    __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)corr), _mm512_and_si512(q, m0f),
-                                    _mm512_load_si512((const void *)xq));
-    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f),
-                            _mm512_load_si512((const void *)(xq + 64)));
+    *lo = _mm512_and_si512(q, m0f);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
     /* words 4k..4k+3 = d of block k (word 9k) */
     const __m512i id = _mm512_setr_epi32(0, 0, 0x00090009, 0x00090009, 0x00120012, 0x00120012, 0x001B001B,
                                          0x001B001B, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(id, raw)));
+    *d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(id, raw)));
+}
+
+T4V static ALWAYS_INLINE void q4_0_q8_v4(const uint8_t *b, int n, const int8_t *xq, const int32_t *corr,
+                                         const float *sxl, __m512 *acc) {
+    __m512i lo, hi;
+    __m512 d;
+    q4_0_quants_vnni(b, n, &lo, &hi, &d);
+    __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512((const void *)corr), lo, _mm512_load_si512((const void *)xq));
+    s = _mm512_dpbusd_epi32(s, hi, _mm512_load_si512((const void *)(xq + 64)));
     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_load_ps(sxl)), *acc);
 }
 
-/* Row loops. K-types: per 256-weight block 256 bytes of xq and 16 scales (+ 64 ints of corr for Q6_K,
- * 16 floats of aux for Q4_K / Q5_K). */
-#define V4Q8_K_ROWS(T, TS, CALL)                                                                       \
-    T4V static void T##_q8mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                   \
+/* Row loops. K-types: per 256-weight block 256 bytes of xq (768 with split activations) and 16 scales
+ * (+ 64 ints of corr for Q6_K, 16 floats of aux for Q4_K / Q5_K). */
+#define V4Q8_K_ROWS(FN, TS, CALL)                                                                      \
+    T4V static void FN(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                           \
         const Py_ssize_t nb = j->cols / 256;                                                          \
         const q8x *qx = j->qx;                                                                        \
         for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
@@ -1602,24 +1627,9 @@ T4V static ALWAYS_INLINE void q4_0_q8_v4(const uint8_t *b, int n, const int8_t *
             j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));                          \
         }                                                                                             \
     }
-/* Split-activation row loops (x: three pieces per 256-weight block, 768 bytes). */
-#define V4Q8_K_ROWS_X3(T, TS, CALL)                                                                    \
-    T4V static void T##_x3mv_v4(const matvec_job *j, Py_ssize_t r0, Py_ssize_t r1) {                   \
-        const Py_ssize_t nb = j->cols / 256;                                                          \
-        const q8x *qx = j->qx;                                                                        \
-        for (Py_ssize_t r = r0; r < r1; r++) {                                                        \
-            const uint8_t *b = (const uint8_t *)j->w + r * j->row_bytes;                              \
-            __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};                               \
-            for (Py_ssize_t ib = 0; ib < nb; ib++, b += TS) {                                         \
-                PF_LINES(TS);                                                                         \
-                CALL;                                                                                 \
-            }                                                                                         \
-            j->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));                          \
-        }                                                                                             \
-    }
-V4Q8_K_ROWS(q4_k, 144, q4_k_q8_v4(b, qx->xq + 256 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
-V4Q8_K_ROWS(q5_k, 176, q5_k_q8_v4(b, qx->xq + 256 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
-V4Q8_K_ROWS(q6_k, 210, q6_k_q8_v4(b, qx->xq + 256 * ib, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc))
+V4Q8_K_ROWS(q4_k_q8mv_v4, 144, q4_k_q8_v4(b, qx->xq + 256 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
+V4Q8_K_ROWS(q5_k_q8mv_v4, 176, q5_k_q8_v4(b, qx->xq + 256 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
+V4Q8_K_ROWS(q6_k_q8mv_v4, 210, q6_k_q8_v4(b, qx->xq + 256 * ib, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc))
 
 /* Q8_0 / Q4_0: G blocks per step (the last step may be partial), two accumulators. */
 #define V4Q8_SMALL_ROWS(T, TS, G)                                                                      \
@@ -1647,16 +1657,19 @@ V4Q8_SMALL_ROWS(q8_0, 34, 2)
 V4Q8_SMALL_ROWS(q4_0, 18, 4)
 
 /* q8_quantize, vectorised (the same operations, so the same result). */
-T4V static void q8_quantize_v4(const float *x, Py_ssize_t cols, int8_t *xq, float *sx) {
+/* q8_group_scale of the 32 values v0, v1. */
+T4V static ALWAYS_INLINE float q8_group_scale_v4(__m512 v0, __m512 v1) {
     const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    __m512i a = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v0), abs_mask),
+                                 _mm512_and_si512(_mm512_castps_si512(v1), abs_mask));
+    return q8_scale_of_max(_mm512_reduce_max_epu32(a));
+}
+
+T4V static void q8_quantize_v4(const float *x, Py_ssize_t cols, int8_t *xq, float *sx) {
     const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
     for (Py_ssize_t g = 0; g < cols / 32; g++, x += 32, xq += 32) {
         __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
-        uint32_t m = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v0), abs_mask),
-                                                              _mm512_and_si512(_mm512_castps_si512(v1), abs_mask)));
-        float amax;
-        memcpy(&amax, &m, 4);
-        float d = m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f;
+        float d = q8_group_scale_v4(v0, v1);
         sx[g] = d;
         if (!(d > 0.f)) {
             memset(xq, 0, 32);
@@ -1748,16 +1761,11 @@ T4V static void q8_layout_v4(int type, q8x *qx, Py_ssize_t cols) {
 /* x -> pieces (xq, xq + cols, xq + 2 * cols) and S per 32 values, as documented in
  * runtime/quant_kernels.split_activations (the same IEEE operations, so the same bits). */
 T4V static void x3_split_v4(const float *x, Py_ssize_t cols, int8_t *xq, float *sx) {
-    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
     const __m512 lo1 = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-128.f);
     for (Py_ssize_t g = 0; g < cols / 32; g++) {
         const float *v = x + 32 * g;
         __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-        uint32_t m = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v0), abs_mask),
-                                                              _mm512_and_si512(_mm512_castps_si512(v1), abs_mask)));
-        float amax;
-        memcpy(&amax, &m, 4);
-        float s1 = m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f;
+        float s1 = q8_group_scale_v4(v0, v1);
         if (!(s1 > 0.f)) {
             sx[g] = s1;
             for (int p = 0; p < 3; p++) memset(xq + p * cols + 32 * g, 0, 32);
@@ -1802,17 +1810,6 @@ T4V static ALWAYS_INLINE __m512 red4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 
                          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
 }
 
-/* Q4_K: a block's unpacked weights (shared by every x row of a tile), then one x row's part. */
-T4V static ALWAYS_INLINE void q4_k_x3_unpack(const uint8_t *b, __m512 *dmv, __m512i u[4]) {
-    *dmv = k4_dmv_q8(b);
-    const __m512i m0f = _mm512_set1_epi8(0x0F);
-    __m512i w0 = _mm512_loadu_si512((const void *)(b + 16)), w1 = _mm512_loadu_si512((const void *)(b + 80));
-    u[0] = _mm512_and_si512(w0, m0f);
-    u[1] = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
-    u[2] = _mm512_and_si512(w1, m0f);
-    u[3] = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
-}
-
 T4V static ALWAYS_INLINE void q4_k_x3_row(__m512 dmv, const __m512i u[4], const int8_t *xq, const float *sxl,
                                           const float *aux, __m512 *acc) {
     const __m512i z = _mm512_setzero_si512();
@@ -1821,52 +1818,25 @@ T4V static ALWAYS_INLINE void q4_k_x3_row(__m512 dmv, const __m512i u[4], const 
     k4_q8_finish(dmv, a0, a1, a2, a3, sxl, aux, acc);
 }
 
-T4V static ALWAYS_INLINE void q4_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sxl,
-                                         const float *aux, __m512 *acc) {
-    (void)xp; /* 256: a block's pieces are interleaved (x3_layout_v4) */
+T4V static ALWAYS_INLINE void q4_k_x3_v4(const uint8_t *b, const int8_t *xq, const float *sxl, const float *aux,
+                                         __m512 *acc) {
     __m512 dmv;
     __m512i u[4];
-    q4_k_x3_unpack(b, &dmv, u);
+    q4_k_quants_vnni(b, &dmv, u);
     q4_k_x3_row(dmv, u, xq, sxl, aux, acc);
 }
 
-T4V static ALWAYS_INLINE void q5_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const float *sxl,
-                                         const float *aux, __m512 *acc) {
-    __m512 dmv = k4_dmv_q8(b);
-    const __m512i m0f = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16), z = _mm512_setzero_si512();
-    __m512i hq = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
-    __m512i w0 = _mm512_loadu_si512((const void *)(b + 48)), w1 = _mm512_loadu_si512((const void *)(b + 112));
-    __m512i q0 = _mm512_and_si512(w0, m0f), q1 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
-    __m512i q2 = _mm512_and_si512(w1, m0f), q3 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
-    q0 = _mm512_mask_add_epi8(q0, _mm512_test_epi8_mask(hq, HALVES8(0x01, 0x04)), q0, k16);
-    q1 = _mm512_mask_add_epi8(q1, _mm512_test_epi8_mask(hq, HALVES8(0x02, 0x08)), q1, k16);
-    q2 = _mm512_mask_add_epi8(q2, _mm512_test_epi8_mask(hq, HALVES8(0x10, 0x40)), q2, k16);
-    q3 = _mm512_mask_add_epi8(q3, _mm512_test_epi8_mask(hq, HALVES8(0x20, 0x80)), q3, k16);
-    __m512 s = red4_ps(_mm512_cvtepi32_ps(dp3(z, q0, xq, xp)), _mm512_cvtepi32_ps(dp3(z, q1, xq + 64, xp)),
-                       _mm512_cvtepi32_ps(dp3(z, q2, xq + 128, xp)), _mm512_cvtepi32_ps(dp3(z, q3, xq + 192, xp)));
+T4V static ALWAYS_INLINE void q5_k_x3_v4(const uint8_t *b, const int8_t *xq, const float *sxl, const float *aux,
+                                         __m512 *acc) {
+    __m512 dmv;
+    __m512i q[4];
+    q5_k_quants_vnni(b, &dmv, q);
+    const __m512i z = _mm512_setzero_si512();
+    __m512 s = red4_ps(_mm512_cvtepi32_ps(dp3(z, q[0], xq, 256)), _mm512_cvtepi32_ps(dp3(z, q[1], xq + 64, 256)),
+                       _mm512_cvtepi32_ps(dp3(z, q[2], xq + 128, 256)), _mm512_cvtepi32_ps(dp3(z, q[3], xq + 192, 256)));
     __m512 f = _mm512_mul_ps(_mm512_permutexvar_ps(K4_LANE_SB, dmv), _mm512_load_ps(sxl));
     acc[0] = _mm512_fmadd_ps(s, f, acc[0]);
     acc[1] = _mm512_fnmadd_ps(dmv, _mm512_load_ps(aux), acc[1]);
-}
-
-/* Q6_K: a block's unsigned 6-bit quants (z[0..3]) and d * sc per lane (shared by every x row of a
- * tile), then one x row's part (the -32 zero point in its corr). */
-T4V static ALWAYS_INLINE void q6_k_x3_unpack(const uint8_t *b, __m512i z[4], __m512 *dsc) {
-    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
-    const __m512i sh01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
-    const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-#pragma GCC unroll 2
-    for (int n = 0; n < 2; n++) {
-        __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * n));
-        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n)));
-        __m512i h01 = _mm512_and_si512(_mm512_sllv_epi16(qh, sh01), m30);
-        __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(qh, sh23), m30);
-        z[2 * n] = _mm512_ternarylogic_epi32(ql, m0f, h01, 0xEA); /* (a&b)|c */
-        z[2 * n + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f, h23, 0xEA);
-    }
-    __m128i sc8 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(b + 192)),
-                                   _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-    *dsc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)), _mm512_set1_ps(_cvtsh_ss(rd16(b + 208))));
 }
 
 T4V static ALWAYS_INLINE void q6_k_x3_row(const __m512i z[4], __m512 dsc, const int8_t *xq, const int32_t *corr,
@@ -1880,32 +1850,20 @@ T4V static ALWAYS_INLINE void q6_k_x3_row(const __m512i z[4], __m512 dsc, const 
     acc[0] = _mm512_fmadd_ps(red4_ps(a[0], a[1], a[2], a[3]), _mm512_mul_ps(dsc, _mm512_load_ps(sxl)), acc[0]);
 }
 
-T4V static ALWAYS_INLINE void q6_k_x3_v4(const uint8_t *b, const int8_t *xq, Py_ssize_t xp, const int32_t *corr,
-                                         const float *sxl, __m512 *acc) {
-    (void)xp; /* 256: a block's pieces are interleaved (x3_layout_v4) */
+T4V static ALWAYS_INLINE void q6_k_x3_v4(const uint8_t *b, const int8_t *xq, const int32_t *corr, const float *sxl,
+                                         __m512 *acc) {
     __m512i z[4];
     __m512 dsc;
-    q6_k_x3_unpack(b, z, &dsc);
+    q6_k_quants_vnni(b, z, &dsc);
     q6_k_x3_row(z, dsc, xq, corr, sxl, acc);
 }
 
 /* Q4_0, four blocks as q4_0_q8_v4. */
 T4V static ALWAYS_INLINE void q4_0_x3_v4(const uint8_t *b, int n, const int8_t *xq, Py_ssize_t xp,
                                          const int32_t *corr, const float *sxl, __m512 *acc) {
-    __m512i raw, tail;
-    if (n == 4) {
-        raw = _mm512_loadu_si512((const void *)b);
-        tail = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(b + 64)));
-    } else {
-        raw = _mm512_maskz_loadu_epi8((1ULL << (18 * n)) - 1, b);
-        tail = _mm512_setzero_si512();
-    }
-    const __m512i iw = _mm512_setr_epi32(0x00020001, 0x00040003, 0x00060005, 0x00080007, 0x000B000A, 0x000D000C,
-                                         0x000F000E, 0x00110010, 0x00140013, 0x00160015, 0x00180017, 0x001A0019,
-                                         0x001D001C, 0x001F001E, 0x00210020, 0x00230022);
-    const __m512i m0f = _mm512_set1_epi8(0x0F);
-    __m512i q = _mm512_permutex2var_epi16(raw, iw, tail);
-    __m512i lo = _mm512_and_si512(q, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
+    __m512i lo, hi;
+    __m512 d;
+    q4_0_quants_vnni(b, n, &lo, &hi, &d);
     __m512i s = _mm512_setzero_si512();
     for (int p = 0; p < 3; p++) {
         if (p) s = _mm512_slli_epi32(s, 8);
@@ -1913,15 +1871,12 @@ T4V static ALWAYS_INLINE void q4_0_x3_v4(const uint8_t *b, int n, const int8_t *
         s = _mm512_dpbusd_epi32(s, hi, _mm512_load_si512((const void *)(xq + p * xp + 64)));
     }
     s = _mm512_add_epi32(s, _mm512_load_si512((const void *)corr));
-    const __m512i id = _mm512_setr_epi32(0, 0, 0x00090009, 0x00090009, 0x00120012, 0x00120012, 0x001B001B,
-                                         0x001B001B, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(id, raw)));
     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_load_ps(sxl)), *acc);
 }
 
-V4Q8_K_ROWS_X3(q4_k, 144, q4_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
-V4Q8_K_ROWS_X3(q5_k, 176, q5_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
-V4Q8_K_ROWS_X3(q6_k, 210, q6_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc))
+V4Q8_K_ROWS(q4_k_x3mv_v4, 144, q4_k_x3_v4(b, qx->xq + 768 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
+V4Q8_K_ROWS(q5_k_x3mv_v4, 176, q5_k_x3_v4(b, qx->xq + 768 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc))
+V4Q8_K_ROWS(q6_k_x3mv_v4, 210, q6_k_x3_v4(b, qx->xq + 768 * ib, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc))
 
 /* Split-activation products of up to four x rows per pass over a weight row (batched decode): each
  * block unpacked once (the scales, the quants) for the tile, each x row then doing exactly the
@@ -1970,9 +1925,9 @@ V4Q8_K_ROWS_X3(q6_k, 210, q6_k_x3_v4(b, qx->xq + 768 * ib, 256, qx->corr + 64 * 
             }                                                                                              \
         }                                                                                                  \
     }
-X3_TILE(q4_k, 144, __m512 dmv; __m512i u[4], q4_k_x3_unpack(b, &dmv, u),
+X3_TILE(q4_k, 144, __m512 dmv; __m512i u[4], q4_k_quants_vnni(b, &dmv, u),
         q4_k_x3_row(dmv, u, qx->xq + 768 * ib, qx->sxl + 16 * ib, qx->aux + 16 * ib, acc[t]))
-X3_TILE(q6_k, 210, __m512i z[4]; __m512 dsc, q6_k_x3_unpack(b, z, &dsc),
+X3_TILE(q6_k, 210, __m512i z[4]; __m512 dsc, q6_k_quants_vnni(b, z, &dsc),
         q6_k_x3_row(z, dsc, qx->xq + 768 * ib, qx->corr + 64 * ib, qx->sxl + 16 * ib, acc[t]))
 #undef X3_TILE
 
@@ -2184,12 +2139,7 @@ MULTIVERSION
 static void x3_split(const float *restrict x, Py_ssize_t cols, int8_t *restrict xq, float *restrict sx) {
     for (Py_ssize_t g = 0; g < cols / 32; g++) {
         const float *v = x + 32 * g;
-        uint32_t u[32], m = 0;
-        memcpy(u, v, sizeof u);
-        for (int l = 0; l < 32; l++) m = (u[l] & 0x7fffffffu) > m ? (u[l] & 0x7fffffffu) : m;
-        float amax;
-        memcpy(&amax, &m, 4);
-        float s1 = m >= 0x7f800000u ? NAN : m < Q8_TINY ? 0.f : amax / 127.f;
+        float s1 = q8_group_scale(v);
         if (!(s1 > 0.f)) {
             sx[g] = s1;
             for (int p = 0; p < 3; p++) memset(xq + p * cols + 32 * g, 0, 32);
@@ -2217,60 +2167,43 @@ static void x3_split(const float *restrict x, Py_ssize_t cols, int8_t *restrict 
     }
 }
 
-/* The quantized x of one int8-activation product (q8x), in the layouts its kernel reads. */
+/* Activation e of a prepared x as the integer its scale multiplies: the int8 value, or the split
+ * pieces' c = 65536 x1 + 256 x2 + x3 (natural order, pieces cols apart). */
+static inline int32_t q8x_value(const q8x *qx, Py_ssize_t cols, Py_ssize_t e) {
+    return qx->pieces == 3 ? 65536 * qx->xqn[e] + 256 * qx->xqn[cols + e] + qx->xqn[2 * cols + e] : qx->xqn[e];
+}
+
+/* The quantized (or split) x of one integer-kernel product (q8x), in the layouts its kernel reads. */
 static void q8_prepare(int type, q8x *qx, const float *x, Py_ssize_t cols, int v4) {
 #if Q_X86
-    if (qx->pieces == 3 && !v4) { /* split activations, AVX2 kernels: natural order */
-        x3_split(x, cols, qx->xqn, qx->sxn);
-        for (Py_ssize_t g = 0; g < cols / 32; g++) {
-            int32_t t = 0;
-            for (int l = 0; l < 32; l++)
-                t += 65536 * qx->xqn[32 * g + l] + 256 * qx->xqn[cols + 32 * g + l] + qx->xqn[2 * cols + 32 * g + l];
-            if (qx->xsn) qx->xsn[g] = qx->sxn[g] * (float)t;
-        }
-        if (type == GT_Q6_K || type == GT_Q4_0) /* -32 (-8) * each 4-value lane's sum of c (wrapping) */
-            for (Py_ssize_t i = 0; i < cols / 4; i++) {
-                uint32_t t = 0;
-                for (int l = 0; l < 4; l++) {
-                    Py_ssize_t e = 4 * i + l;
-                    t += (uint32_t)(65536 * qx->xqn[e] + 256 * qx->xqn[cols + e] + qx->xqn[2 * cols + e]);
-                }
-                qx->corr[i] = (int32_t)(0u - (t << (type == GT_Q6_K ? 5 : 3)));
-            }
-        return;
-    }
-    if (qx->pieces == 3) { /* split activations, AVX-512 VNNI kernels */
+    if (qx->pieces == 3 && v4)
         x3_split_v4(x, cols, qx->xqn, qx->sxn);
-        if (qx->xsn)
-            for (Py_ssize_t g = 0; g < cols / 32; g++) {
-                int32_t t = 0;
-                for (int l = 0; l < 32; l++)
-                    t += 65536 * qx->xqn[32 * g + l] + 256 * qx->xqn[cols + 32 * g + l] + qx->xqn[2 * cols + 32 * g + l];
-                qx->xsn[g] = qx->sxn[g] * (float)t;
-            }
-        x3_layout_v4(type, qx, cols);
-        if (qx->aux)
-            for (Py_ssize_t b = 0; b < cols / 256; b++)
-                for (int i = 0; i < 8; i++) {
-                    qx->aux[16 * b + i] = 0.f;
-                    qx->aux[16 * b + 8 + i] = qx->xsn[8 * b + i];
-                }
-        return;
-    }
-    if (v4)
+    else if (qx->pieces == 3)
+        x3_split(x, cols, qx->xqn, qx->sxn);
+    else if (v4)
         q8_quantize_v4(x, cols, qx->xqn, qx->sxn);
     else
 #endif
         q8_quantize(x, cols, qx->xqn, qx->sxn);
-    if (qx->xsn)
+    if (qx->xsn) /* the K-min types' sums of the x the kernels multiply */
         for (Py_ssize_t g = 0; g < cols / 32; g++) {
-            int t = 0;
-            for (int l = 0; l < 32; l++) t += qx->xqn[32 * g + l];
+            int32_t t = 0;
+            for (int l = 0; l < 32; l++) t += q8x_value(qx, cols, 32 * g + l);
             qx->xsn[g] = qx->sxn[g] * (float)t;
         }
 #if Q_X86
+    if (qx->pieces == 3 && !v4 && (type == GT_Q6_K || type == GT_Q4_0))
+        /* the AVX2 split kernels' zero point: -32 (-8) * each 4-value lane's sum of c (wrapping) */
+        for (Py_ssize_t i = 0; i < cols / 4; i++) {
+            uint32_t t = 0;
+            for (int l = 0; l < 4; l++) t += (uint32_t)q8x_value(qx, cols, 4 * i + l);
+            qx->corr[i] = (int32_t)(0u - (t << (type == GT_Q6_K ? 5 : 3)));
+        }
     if (v4) {
-        q8_layout_v4(type, qx, cols);
+        if (qx->pieces == 3)
+            x3_layout_v4(type, qx, cols);
+        else
+            q8_layout_v4(type, qx, cols);
         if (qx->aux)
             for (Py_ssize_t b = 0; b < cols / 256; b++)
                 for (int i = 0; i < 8; i++) {
