@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from flashtier.benchmarks.common import PY, REPO, run_json
+from flashtier.runtime.quant_kernels import ACTIVATIONS
 
 SCENARIOS = {"dense-big": ("bench_out/gguf-dense-big-q4_k_m.gguf", "1G", "650M"),
              "dense-fit": ("bench_out/gguf-dense-fit-q4_k_m.gguf", "1G", None),
@@ -109,7 +110,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt (default 16)")
     ap.add_argument("--work", default="/tmp/flashtier_sparse/r128",
                     help="tiny-dense-sparse: where the bundled, calibrated copy is made (kept across runs)")
-    ap.add_argument("--activations", default="f32", choices=("f32", "f32-fma", "q8"),
+    ap.add_argument("--activations", default="f32", choices=ACTIVATIONS,
                     help="quantized weights: exact fp32 activations (default; split activations on AVX-512 VNNI), "
                          "exact with the fp32-FMA kernels, or int8 (llama.cpp's approximation)")
     args = ap.parse_args()

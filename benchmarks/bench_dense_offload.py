@@ -29,8 +29,8 @@ from flashtier.benchmarks.common import (
     ensure_gguf,
     ensure_model,
     machine,
+    publish,
     run_json,
-    write_results,
 )
 
 
@@ -155,9 +155,7 @@ def main() -> None:
          f"llama.cpp {res['llamacpp_memory']['all_decode_tok_s']})." if tok("llamacpp_memory") else ""),
     ]
     table = "\n".join(lines)
-    path = write_results("dense_offload", res, table)
-    print(table)
-    print(f"\n(results: {path})")
+    publish("dense_offload", res, table)
     print(json.dumps({"flashtier_capped_tok_s": ft, "disk_bound_limit_tok_s": limit}))
 
 

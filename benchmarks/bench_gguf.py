@@ -24,7 +24,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from flashtier.benchmarks.common import PY, REPO, bench_io, machine, run_json, write_results
+from flashtier.benchmarks.common import PY, REPO, bench_io, machine, publish, run_json
 
 SCENARIOS: dict[str, dict] = {
     "dense-fit": {"preset": "dense-1.7g", "cap": "1G", "budget": None, "tokens": 32},
@@ -185,9 +185,7 @@ def main() -> None:
         lines.append("")
         lines.append("Errors: " + "; ".join(f"flashtier: {r['flashtier_error']} llama.cpp: {r['llamacpp_error']}" for r in errors))
     table = "\n".join(lines)
-    path = write_results(f"gguf_{a.scenario.replace('-', '_')}_{a.type}", res, table)
-    print(table)
-    print(f"\n(results: {path})")
+    publish(f"gguf_{a.scenario.replace('-', '_')}_{a.type}", res, table)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from flashtier.benchmarks.common import (
     ensure_gguf,
     ensure_model,
     machine,
+    publish,
     run_json,
-    write_results,
 )
 
 PROMPT_IDS = ",".join(str(i) for i in range(3, 19))
@@ -240,9 +240,7 @@ def main() -> None:
     if a.part in ("all", "tiny"):
         lines += tiny(a, res)
     table = "\n".join(lines)
-    path = write_results("moe_offload" if a.part == "all" else f"moe_offload_{a.part}", res, table)
-    print(table)
-    print(f"\n(results: {path})")
+    publish("moe_offload" if a.part == "all" else f"moe_offload_{a.part}", res, table)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from flashtier.runtime.quant_kernels import ACT_CODES
 SHAPES = "2048x2048,5632x2048,2048x5632,32000x2048"
 TYPES = "BF16,F16,F32,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0"
 SUFFIX = {"f32": "", "f32-fma": " fma", "q8": " q8"}
-"""Result key / column suffix of each --activations value."""
+"""Result key / column suffix of each --activations value (quant_kernels.ACTIVATIONS)."""
 CACHE_DEFEAT_BYTES = 96 << 20
 """Distinct matrices per case: at least this many bytes in all (the L3 here is 32 MiB)."""
 

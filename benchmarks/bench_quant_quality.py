@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flashtier.benchmarks.common import REPO, machine, write_results
+from flashtier.benchmarks.common import REPO, machine, publish
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,9 +83,7 @@ def main() -> None:
              *[f"| {name} | {loss:.4f} | {loss - base_loss:+.4f} | {agree * 100:.1f}% | {nbytes / 1e6:.1f} MB |"
                for name, loss, agree, nbytes in rows]]
     table = "\n".join(lines)
-    path = write_results("quant_quality", res, table)
-    print(table)
-    print(f"\n(results: {path})")
+    publish("quant_quality", res, table)
 
 
 if __name__ == "__main__":

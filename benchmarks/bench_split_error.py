@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from flashtier.benchmarks.bench_quant_matvec import random_weight
-from flashtier.benchmarks.common import machine, write_results
+from flashtier.benchmarks.common import machine, publish
 from flashtier.checkpoint.ggml_types import GGMLType
 from flashtier.runtime import quant_kernels as qk
 
@@ -81,9 +81,7 @@ def main() -> None:
                 lines.append(f"| {t.name} | {cols} | {kind} | " + " | ".join(
                     f"{c['median']:.1e} / {c['max']:.1e}" for c in cells) + " |")
     table = "\n".join(lines)
-    path = write_results("split_error", res, table)
-    print(table)
-    print(f"\n(results: {path})")
+    publish("split_error", res, table)
 
 
 if __name__ == "__main__":

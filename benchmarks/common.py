@@ -81,6 +81,14 @@ def write_results(name: str, results: dict[str, Any], table: str) -> Path:
     return out_dir / f"{name}.md"
 
 
+def publish(name: str, results: dict[str, Any], table: str) -> Path:
+    """:func:`write_results`, then print the table and where it went."""
+    path = write_results(name, results, table)
+    print(table)
+    print(f"\n(results: {path})")
+    return path
+
+
 def finish(result: dict[str, Any], json_path: Path | None, summary_skips: tuple[str, ...] = ("rows",)) -> int:
     """Write ``result`` to ``json_path`` (if given, parents created) and print it as one JSON line
     without the bulky ``summary_skips`` keys; the exit status of a benchmark's ``main``."""
@@ -105,7 +113,5 @@ def report_by_threads(name: str, results: dict[str, Any], caption: str, first_co
         label, threads = key.rsplit(", ", 1)
         lines.append(f"| {label} | {threads.split()[0]} | {value} |")
     table = "\n".join(lines)
-    path = write_results(name, results, table)
-    print(table)
-    print(f"\n(results: {path})")
+    publish(name, results, table)
     print(json.dumps(results["gb_per_s"]))

@@ -29,6 +29,7 @@ from flashtier.checkpoint.folder import Checkpoint, open_checkpoint
 from flashtier.runtime.generate import GenerationStats, generate_ids
 from flashtier.runtime.kernels import Linear, choose_kernel
 from flashtier.runtime.kv.cache import KVBudgetFull, KVCache
+from flashtier.runtime.quant_kernels import ACTIVATIONS
 from flashtier.runtime.model import Transformer
 from flashtier.runtime.sampling import Sampler, SamplingConfig
 from flashtier.runtime.tokenizer import Tokenizer, load_tokenizer
@@ -81,8 +82,9 @@ class EngineConfig:
     """Decode products with quantized (GGUF) weights: 'f32' multiplies the exact fp32 activations
     (default: outputs equal the dequantized network's to fp32 rounding; on AVX2 and AVX-512 CPUs
     the K-quant products carry the activations as a 24-bit fixed point per 32 values through
-    integer dot products, see ``runtime/quant_kernels.py``); 'f32-fma' the same with the fp32-FMA kernels only; 'q8' quantizes each activation row to int8
-    with a scale per 32 values and uses integer dot products, as llama.cpp does: an approximation,
+    integer dot products, see ``runtime/quant_kernels.py``); 'f32-fma' the same with the fp32-FMA
+    kernels only; 'q8' quantizes each activation row to int8 with a scale per 32 values and uses
+    integer dot products, as llama.cpp does: an approximation,
     faster where the CPU has AVX-512 VNNI (measured cost in the README). Ignored for bf16 / fp16 /
     fp32 weights."""
     max_context: int | None = None
@@ -160,7 +162,7 @@ class EngineConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.fast_matvec is not None and not isinstance(self.fast_matvec, bool):
             raise ConfigError(f"fast_matvec must be True, False or None (auto), got {self.fast_matvec!r}")
-        if self.activations not in ("f32", "f32-fma", "q8"):
+        if self.activations not in ACTIVATIONS:
             raise ConfigError("activations must be 'f32' (exact), 'f32-fma' (exact, the fp32-FMA kernels only) or "
                               f"'q8' (int8, approximate), got {self.activations!r}")
         if self.prompt_cache is not None and self.attention != "full":

@@ -34,15 +34,20 @@ else:  # only the numpy fallback can be tested
 needs_native = pytest.mark.skipif(_native is None, reason="C extension flashtier._native not built")
 
 
-@pytest.fixture(params=LEVELS or [None], ids=lambda lv: f"isa{lv}")
-def level(request: pytest.FixtureRequest) -> Iterator[int | None]:
-    """Each kernel level the CPU supports (4 AVX-512, 3 AVX2, 0 baseline); restored afterwards."""
-    lv = request.param
+def at_level(lv: int | None, why_none: str) -> Iterator[int]:
+    """The body of the level fixtures: kernel level ``lv`` set for the test, restored afterwards;
+    skipped (``why_none``) when there is none to test."""
     if lv is None:
-        pytest.skip("C extension flashtier._native not built")
+        pytest.skip(why_none)
     assert _native.q_set_isa(lv) == lv
     yield lv
     _native.q_set_isa(SUPPORTED_LEVEL)
+
+
+@pytest.fixture(params=LEVELS or [None], ids=lambda lv: f"isa{lv}")
+def level(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Each kernel level the CPU supports (4 AVX-512, 3 AVX2, 0 baseline); restored afterwards."""
+    yield from at_level(request.param, "C extension flashtier._native not built")
 
 
 def random_blocks(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -478,9 +483,8 @@ def test_matvec_many_rejects_bad_arguments() -> None:
 
 # ------------------------------------------------------------------ split activations (activations="f32")
 SPLIT_TYPES = [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
-HAS_SPLIT = _native is not None and SUPPORTED_LEVEL >= 4 and bool(_native.q_vnni())
-needs_split = pytest.mark.skipif(not HAS_SPLIT, reason="the split-activation kernels need AVX-512 VNNI")
-SPLIT_LEVELS = ([4] if HAS_SPLIT else []) + ([3] if 3 in LEVELS else [])
+HAS_VNNI = _native is not None and SUPPORTED_LEVEL >= 4 and bool(_native.q_vnni())
+SPLIT_LEVELS = ([4] if HAS_VNNI else []) + ([3] if 3 in LEVELS else [])
 """Kernel levels with split-activation kernels for Q4_0, Q4_K, Q5_K, Q6_K: AVX-512 VNNI and AVX2
 (the latter also what AVX-512 CPUs without VNNI run)."""
 
@@ -492,19 +496,21 @@ def split_types(level: int) -> list[GGMLType]:
 @pytest.fixture(params=SPLIT_LEVELS or [None], ids=lambda lv: f"isa{lv}")
 def split_level(request: pytest.FixtureRequest) -> Iterator[int]:
     """Each kernel level with split kernels that the CPU supports; restored afterwards."""
-    lv = request.param
-    if lv is None:
-        pytest.skip("no split-activation kernels on this CPU (they need AVX2 or AVX-512 VNNI)")
-    assert _native.q_set_isa(lv) == lv
-    yield lv
-    _native.q_set_isa(SUPPORTED_LEVEL)
+    yield from at_level(request.param, "no split-activation kernels on this CPU (they need AVX2 or AVX-512 VNNI)")
+
+
+def split_integers(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(c, S): split_activations' integer c = 65536 x1 + 256 x2 + x3 (int64) and its fp32 scale, per
+    activation."""
+    pieces, scales = qk.split_activations(x)
+    c = 65536 * pieces[0].astype(np.int64) + 256 * pieces[1].astype(np.int64) + pieces[2].astype(np.int64)
+    return c, np.repeat(scales, qk.Q8_GROUP)
 
 
 def split_value(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(x_split, step): the fp64 value S * c the split kernels multiply, and S per activation."""
-    pieces, scales = qk.split_activations(x)
-    c = 65536 * pieces[0].astype(np.int64) + 256 * pieces[1].astype(np.int64) + pieces[2].astype(np.int64)
-    s = np.repeat(scales.astype(np.float64), qk.Q8_GROUP)
+    c, scales = split_integers(x)
+    s = scales.astype(np.float64)
     return c * s, s
 
 
@@ -658,20 +664,6 @@ def identity_q4_0(n: int) -> np.ndarray:
     return b.reshape(n, -1)
 
 
-@needs_split
-def test_split_pieces_are_split_activations() -> None:
-    """The kernels' pieces are split_activations' bit for bit: through an identity Q4_0 weight each
-    output is fl32(S * c) of its own activation (c < 2^24, one rounding)."""
-    rng = np.random.default_rng(8)
-    n = 32 * 24
-    x = hard_x(rng, n)
-    y = qk.qmatvec(GGMLType.Q4_0, identity_q4_0(n), torch.from_numpy(x), 2).numpy()
-    pieces, scales = qk.split_activations(x)
-    c = 65536 * pieces[0].astype(np.int64) + 256 * pieces[1].astype(np.int64) + pieces[2].astype(np.int64)
-    want = (c.astype(np.float32) * np.repeat(scales, 32)).astype(np.float32)
-    assert np.array_equal(y.view(np.uint32), want.view(np.uint32))
-
-
 # ------------------------------------------------------------------ a few rows through the decode kernels
 @needs_native
 @pytest.mark.parametrize("activations", ["f32", "f32-fma", "q8"])
@@ -714,17 +706,17 @@ def identity_q4_k(n: int) -> np.ndarray:
     return b.reshape(n, -1)
 
 
-def test_split_pieces_at_every_level(split_level: int) -> None:
-    """Each split kernel's pieces (the AVX-512 layout and the AVX2 natural order, the latter from the
-    portable splitter) are split_activations' bit for bit: through an identity Q4_K weight each
-    output is fl32(S * c) of its own activation."""
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_K], ids=lambda t: t.name)
+def test_split_pieces_at_every_level(split_level: int, t: GGMLType) -> None:
+    """Each split kernel's pieces (the AVX-512 layouts and the AVX2 natural order, the latter from the
+    portable splitter) are split_activations' bit for bit: through an identity weight each output is
+    fl32(S * c) of its own activation (c < 2^24, one rounding)."""
     rng = np.random.default_rng(12)
     n = 256 * 3
     x = hard_x(rng, n)
-    w = identity_q4_k(n)
-    assert np.array_equal(reference(GGMLType.Q4_K, w, n, n), np.eye(n, dtype=np.float32))
-    y = qk.qmatvec(GGMLType.Q4_K, w, torch.from_numpy(x), 2).numpy()
-    pieces, scales = qk.split_activations(x)
-    c = 65536 * pieces[0].astype(np.int64) + 256 * pieces[1].astype(np.int64) + pieces[2].astype(np.int64)
-    want = (c.astype(np.float32) * np.repeat(scales, 32)).astype(np.float32)
+    w = identity_q4_0(n) if t == GGMLType.Q4_0 else identity_q4_k(n)
+    assert np.array_equal(reference(t, w, n, n), np.eye(n, dtype=np.float32))
+    y = qk.qmatvec(t, w, torch.from_numpy(x), 2).numpy()
+    c, scales = split_integers(x)
+    want = (c.astype(np.float32) * scales).astype(np.float32)
     assert np.array_equal(y.view(np.uint32), want.view(np.uint32))
