@@ -12,6 +12,7 @@ test_quant_kernels.py), so they are not repeated here.
 
 from __future__ import annotations
 
+import ast
 import platform
 import shutil
 import subprocess
@@ -22,8 +23,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ["native/_native.c", "native/cluster_search.c", "native/sparse_ffn.c"]
-FLAGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-pthread", "-fPIC", "-shared"]
+SOURCES = sorted((ROOT / "native").glob("*.c"))
+"""The extension's translation units (setup.py compiles every one of them into flashtier._native)."""
+
+
+def _setup_flags() -> list[str]:
+    """setup.py's compile flags (read from its FLAGS assignment: importing setup.py would run setup())."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "FLAGS" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("setup.py has no FLAGS assignment")
+
+
+FLAGS = [*_setup_flags(), "-fPIC", "-shared"]
 TARGETS = {"x86-64-v3": ["-march=x86-64-v3"], "baseline": ["-march=x86-64"]}
 KERNEL_TESTS = ["tests/runtime/test_decode_ops.py", "tests/runtime/test_kernels.py",
                 "tests/retrieval/test_cluster_batch.py", "tests/runtime/weights/test_sparse_ffn_kernel.py"]
@@ -74,7 +87,7 @@ needs_gcc_x86 = pytest.mark.skipif(
 def test_kernels_of_each_target(target: str, tmp_path: Path) -> None:
     so = tmp_path / "_native.so"
     build = subprocess.run(["gcc", *FLAGS, *TARGETS[target], "-DFLASHTIER_SINGLE_TARGET",
-                            f"-I{sysconfig.get_paths()['include']}", *(str(ROOT / s) for s in SOURCES),
+                            f"-I{sysconfig.get_paths()['include']}", *map(str, SOURCES),
                             "-o", str(so)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([sys.executable, "-c", RUNNER, str(so), *KERNEL_TESTS], cwd=ROOT, capture_output=True,
