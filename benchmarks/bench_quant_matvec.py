@@ -21,13 +21,12 @@ neither). Results JSON and table: ``benchmarks/results/quant_matvec.{json,md}`` 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
-from flashtier.benchmarks.common import REPO, machine
+from flashtier.benchmarks.common import machine, publish
 from flashtier.checkpoint.ggml_types import GGMLType, type_info
 from flashtier.runtime.quant_kernels import ACT_CODES
 
@@ -103,12 +102,18 @@ def main() -> None:
                     help="comma-separated: f32 (exact products, the default kernels: split activations on AVX-512 "
                          "VNNI), f32-fma (exact, the fp32-FMA kernels), q8 (int8 activations); the last two for "
                          "quantized types only")
+    ap.add_argument("--isa", type=int, default=None, choices=(4, 3, 0),
+                    help="force the GGUF kernels' level (q_set_isa: 4 AVX-512, 3 AVX2, 0 baseline) to measure what "
+                         "other CPUs run; results go to quant_matvec_isaN.{json,md}")
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each round wait up to S seconds for idle CPUs (shared machines)")
     a = ap.parse_args()
     from flashtier import _native  # the benchmark measures the C kernels; fails loudly without them
+
+    if a.isa is not None and _native.q_set_isa(a.isa) != a.isa:
+        ap.error(f"--isa {a.isa}: this CPU supports kernel levels up to {_native.q_isa()}")
 
     rng = np.random.default_rng(0)
     types = [GGMLType[n.strip()] for n in a.types.split(",")]
@@ -150,10 +155,11 @@ def main() -> None:
                 res["gweights_per_s"][key] = round(gbs * 1e9 / (nbytes / (rows * cols)) / 1e9, 1)
                 print(f"  {key}: {gbs:.1f} GB/s (best {max(runs):.1f})", flush=True)
             del ws
-    lines = [f"Machine: {res['machine']}; one fp32 activation row; GB/s of weight bytes as stored, median / "
+    lines = [f"Machine: {res['machine']}; GGUF kernel level {res['isa_level']} (4 AVX-512, 3 AVX2, 0 baseline)"
+             f"{' forced with --isa' if a.isa is not None else ''}; one fp32 activation row; GB/s of weight bytes as stored, median / "
              f"best of {a.repeat} rounds (Gweights/s of the median in brackets); BF16 = bf16_matvec, the others "
              "q_matvec; the default exact kernels (split activations for Q4_0 / Q4_K / Q5_K / Q6_K on AVX-512 "
-             "VNNI); fma = the fp32-FMA kernels (activations=\"f32-fma\"); q8 = int8 activations "
+             "VNNI and AVX2); fma = the fp32-FMA kernels (activations=\"f32-fma\"); q8 = int8 activations "
              "(activations=\"q8\", an approximation).", "",
              "| type | B/weight | shape | "
              + " | ".join(f"{t} thread{'s' if t > 1 else ''}{SUFFIX[act]}" for t, act in columns)
@@ -171,12 +177,7 @@ def main() -> None:
                 cells.append(f"{res['gb_per_s'][key]} / {res['gb_per_s_best'][key]} ({res['gweights_per_s'][key]})")
             lines.append(f"| {t.name} | {info.type_size / info.block_size:.4g} | {rows}x{cols} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    out_dir = REPO / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quant_matvec.json").write_text(json.dumps(res, indent=2))
-    (out_dir / "quant_matvec.md").write_text(table + "\n")
-    print(table)
-    print(f"\n(results: {out_dir / 'quant_matvec.json'}, .md)")
+    publish("quant_matvec" if a.isa is None else f"quant_matvec_isa{a.isa}", res, table)
 
 
 if __name__ == "__main__":

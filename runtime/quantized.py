@@ -92,7 +92,7 @@ MANY_MAX = 8
 
 ROWS_KERNEL_MAX = 16
 """Most rows :func:`quantized_linear` multiplies with the decode kernels (one native call, each
-row as a one-row product) rather than by dequantized tiles and a GEMM. Measured on this 2-core
+row as a one-row product) rather than by dequantized tiles and a GEMM. Measured ad hoc on this 2-core
 CPU (Q4_K 5632x2048 / Q6_K 2048x5632, 2 threads): 16 rows 3.9 / 5.0 ms against 8.7 / 22 ms,
 32 rows 7.6 / 9.9 against 11.5 / 9.0 ms per weight; a whole prompt of dense-fit (Q4_K_M, 16
 layers) breaks even at ~24 tokens (4 tokens: 0.12 s to the first token instead of 0.32 s; 16:
