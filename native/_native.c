@@ -2122,7 +2122,7 @@ static rows_fn q_pick_q8(int type) {
 
 /* Per 256-weight block of x: 8 zeros, then the sums of its eight 32-weight sub-blocks (rounded from
  * fp64), so that a block's min term is one FMA with [d*sc[0..7], dmin*m[0..7]]. */
-static void x_block_sums(const float *x, Py_ssize_t cols, float *sums) {
+SHARED_NOINLINE static void x_block_sums(const float *x, Py_ssize_t cols, float *sums) {
     for (Py_ssize_t b = 0; b < cols / 256; b++) {
         for (int i = 0; i < 8; i++) {
             double s = 0;
@@ -2354,7 +2354,7 @@ static int q_prepare(const char *fname, int qtype, const Py_buffer *w, const voi
 }
 
 /* Fills p's scratch from x (no GIL needed). */
-static void q_prep_fill(int qtype, q_prep *p) {
+SHARED_NOINLINE static void q_prep_fill(int qtype, q_prep *p) {
     if (p->sums) x_block_sums(p->j.x, p->j.cols, p->sums);
     if (p->q8mem) q8_prepare(qtype, &p->qx, p->j.x, p->j.cols, p->q8_v4);
 }
@@ -2594,7 +2594,7 @@ static PyObject *q_set_isa(PyObject *self, PyObject *args) {
  *   table[p / block] * block + p % block of its head (a KV block pool shared by sequences): the
  *   positions are visited in the same order, so the result is bit-identical to the rows in order. */
 MULTIVERSION
-static void rms_norm_impl(const float *restrict x, const float *restrict w, float *restrict out, Py_ssize_t n,
+SHARED_NOINLINE static void rms_norm_impl(const float *restrict x, const float *restrict w, float *restrict out, Py_ssize_t n,
                           float eps) {
     float ss = 0.f;
     for (Py_ssize_t i = 0; i < n; i++) ss += x[i] * x[i];
@@ -2603,7 +2603,7 @@ static void rms_norm_impl(const float *restrict x, const float *restrict w, floa
 }
 
 MULTIVERSION
-static void rope_impl(const float *restrict x, float *restrict out, Py_ssize_t heads, Py_ssize_t d,
+SHARED_NOINLINE static void rope_impl(const float *restrict x, float *restrict out, Py_ssize_t heads, Py_ssize_t d,
                       const float *restrict c, const float *restrict sn, int interleaved) {
     const Py_ssize_t half = d / 2;
     for (Py_ssize_t h = 0; h < heads; h++) {
@@ -2754,6 +2754,52 @@ static PyObject *rope(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* Checks attend's geometry (q and out hold a->hq * a->d floats; k / v buffers of k_len / v_len
+ * bytes) and sets its block table from `tab` (NULL: positions in order). Returns 0, or -1 with a
+ * ValueError naming `fname` (attend, attn_step). */
+static int attend_setup(const char *fname, attend_args *a, Py_ssize_t q_len, Py_ssize_t out_len, Py_ssize_t k_len,
+                        Py_ssize_t v_len, const Py_buffer *tab, Py_ssize_t block) {
+    a->table = NULL, a->block_log2 = 0;
+    Py_ssize_t need = (a->hkv - 1) * a->head_stride + a->end * a->d; /* floats of k / v read */
+    if (tab != NULL && tab->buf != NULL) { /* positions through a block table: every block it names must lie in a head's rows */
+        if (block <= 0 || (block & (block - 1)) || tab->len % 8 || ((uintptr_t)tab->buf & 7) ||
+            (Py_ssize_t)(tab->len / 8) * block < a->end || a->head_stride <= 0 || a->d <= 0) {
+            PyErr_Format(PyExc_ValueError, "%s: the block table (%zd bytes of int64) must cover positions ..%zd "
+                         "in blocks of a power of two (got %zd)", fname, tab->len, a->end, block);
+            return -1;
+        }
+        while (((Py_ssize_t)1 << a->block_log2) < block) a->block_log2++;
+        const int64_t *t = (const int64_t *)tab->buf;
+        for (Py_ssize_t i = a->lo / block; i * block < a->end; i++) {
+            if (t[i] < 0 || (t[i] + 1) * block * a->d > a->head_stride) {
+                PyErr_Format(PyExc_ValueError, "%s: block table entry %zd is %lld, outside the %zd blocks of a "
+                             "head", fname, i, (long long)t[i], a->head_stride / (block * a->d));
+                return -1;
+            }
+        }
+        a->table = t;
+        need = a->hkv * a->head_stride; /* every head's rows may be read */
+    }
+    if (a->hq <= 0 || a->hkv <= 0 || a->hq % a->hkv || a->d <= 0 || a->lo < 0 || a->end <= a->lo ||
+        a->head_stride < a->end * a->d || q_len != a->hq * a->d * 4 || out_len != q_len || k_len < need * 4 ||
+        v_len < need * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: q/out fp32 [%zd x %zd], %zd kv heads, positions %zd..%zd, head "
+                     "stride %zd do not fit buffers of %zd / %zd bytes", fname, a->hq, a->d, a->hkv, a->lo, a->end,
+                     a->head_stride, k_len, v_len);
+        return -1;
+    }
+    return 0;
+}
+
+/* Runs a checked attention (GIL released): on the pool when the work is large enough. */
+SHARED_NOINLINE static void attend_run(const attend_args *a, int threads) {
+    matvec_job j = {attend_rows, NULL, NULL, NULL, NULL, a->hkv, 0, 0,
+                    pool_parts(threads), NULL, a, 1};
+    /* below ~512K multiply-adds (~30 us) one thread is faster than waking another */
+    if ((a->end - a->lo) * a->hq * a->d >= (1 << 19)) pool_run(&j, 2);
+    else attend_rows(&j, 0, a->hkv);
+}
+
 static PyObject *attend(PyObject *self, PyObject *args) {
     Py_buffer q, k, v, out, tab = {0};
     attend_args a;
@@ -2763,44 +2809,14 @@ static PyObject *attend(PyObject *self, PyObject *args) {
                           &a.head_stride, &a.scale, &threads, &tab, &block))
         return NULL;
     PyObject *result = NULL;
-    a.table = NULL, a.block_log2 = 0;
-    Py_ssize_t need = (a.hkv - 1) * a.head_stride + a.end * a.d; /* floats of k / v read */
-    if (tab.buf != NULL) { /* positions through a block table: every block it names must lie in a head's rows */
-        if (block <= 0 || (block & (block - 1)) || tab.len % 8 || ((uintptr_t)tab.buf & 7) ||
-            (Py_ssize_t)(tab.len / 8) * block < a.end) {
-            PyErr_Format(PyExc_ValueError, "attend: the block table (%zd bytes of int64) must cover positions ..%zd "
-                         "in blocks of a power of two (got %zd)", tab.len, a.end, block);
-            goto done;
-        }
-        while (((Py_ssize_t)1 << a.block_log2) < block) a.block_log2++;
-        const int64_t *t = (const int64_t *)tab.buf;
-        for (Py_ssize_t i = a.lo / block; i * block < a.end; i++) {
-            if (t[i] < 0 || (t[i] + 1) * block * a.d > a.head_stride) {
-                PyErr_Format(PyExc_ValueError, "attend: block table entry %zd is %lld, outside the %zd blocks of a "
-                             "head", i, (long long)t[i], a.head_stride / (block * a.d));
-                goto done;
-            }
-        }
-        a.table = t;
-        need = a.hkv * a.head_stride; /* every head's rows may be read */
-    }
-    if (a.hq <= 0 || a.hkv <= 0 || a.hq % a.hkv || a.d <= 0 || a.lo < 0 || a.end <= a.lo ||
-        a.head_stride < a.end * a.d || q.len != a.hq * a.d * 4 || out.len != q.len || k.len < need * 4 ||
-        v.len < need * 4 || ((uintptr_t)q.buf & 3) || ((uintptr_t)k.buf & 3) || ((uintptr_t)v.buf & 3) ||
-        ((uintptr_t)out.buf & 3)) {
-        PyErr_Format(PyExc_ValueError, "attend: q/out fp32 [%zd x %zd], %zd kv heads, positions %zd..%zd, head "
-                     "stride %zd do not fit buffers of %zd / %zd bytes", a.hq, a.d, a.hkv, a.lo, a.end,
-                     a.head_stride, k.len, v.len);
+    if (attend_setup("attend", &a, q.len, out.len, k.len, v.len, &tab, block) < 0) goto done;
+    if (((uintptr_t)q.buf & 3) || ((uintptr_t)k.buf & 3) || ((uintptr_t)v.buf & 3) || ((uintptr_t)out.buf & 3)) {
+        PyErr_SetString(PyExc_ValueError, "attend: q, k, v and out must be 4-byte aligned fp32 buffers");
         goto done;
     }
     a.q = (const float *)q.buf, a.k = (const float *)k.buf, a.v = (const float *)v.buf, a.out = (float *)out.buf;
-    matvec_job j = {attend_rows, NULL, NULL, NULL, NULL, a.hkv, 0, 0,
-                    pool_parts(threads), NULL, &a, 1};
-    /* below ~512K multiply-adds (~30 us) one thread is faster than waking another */
-    int pooled = (a.end - a.lo) * a.hq * a.d >= (1 << 19);
     Py_BEGIN_ALLOW_THREADS
-    if (pooled) pool_run(&j, 2);
-    else attend_rows(&j, 0, a.hkv);
+    attend_run(&a, threads);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -2810,6 +2826,330 @@ done:
     PyBuffer_Release(&v);
     PyBuffer_Release(&out);
     if (tab.buf != NULL) PyBuffer_Release(&tab);
+    return result;
+}
+
+/* ------------------------------------------------------------- fused one-token layer steps (fp32)
+ * A decode step of a small quantized model spent ~3 ms per token in Python between a layer's ~10
+ * native calls (argument conversion, tensor allocation, checks). These run each half of a layer as
+ * one call, with the same C functions in the same order as those separate calls, so their results
+ * are bit-identical (runtime/model.py takes this path where it applies and the separate one
+ * elsewhere: a streamed weight, several rows, another cache; both compute the same numbers):
+ * attn_step(x, out, norm, eps, (q, k, v), o, cos, sin, interleaved, k_cache, v_cache, head_stride, table,
+ *   block, lo, end, hq, hkv, d, scale, threads, attn_threads, act): xn = rms_norm(x); q, k, v of xn
+ *   (as q_matvec_many); rope on q and k; this token's key and value written at position end-1 of the
+ *   caches (attend's layout: kv head h's rows head_stride floats apart, through the block table);
+ *   out = x + o(attend(q over positions lo..end-1));
+ * ffn_step(x, out, norm, eps, (gate, up), down, kind, threads, act) -> bool: xn = rms_norm(x);
+ *   out = x + down(act_mul(gate(xn), up(xn))); returns whether out is all finite.
+ * A weight spec is (qtype, w, rows, bias or None): bias fp32 [rows] added to the product, as the
+ * separate path adds it. act_mul(g, u, out, n, kind): out = act(g) * u, kind 0 silu, 1 gelu (tanh
+ * approximation), 2 gelu (erf): the FFN activation of both paths. */
+MULTIVERSION
+SHARED_NOINLINE static void act_mul_impl(const float *restrict g, const float *restrict u, float *restrict out, Py_ssize_t n,
+                         int kind) {
+    if (kind == 0)
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    else if (kind == 1) /* 0.5 g (1 + tanh(y)) = g / (1 + exp(-2y)): no cancellation where tanh(y) ~ -1 */
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = g[i] / (1.f + expf(-1.5957691216057308f * (g[i] + 0.044715f * g[i] * g[i] * g[i]))) * u[i];
+    else /* 0.5 g (1 + erf(g / sqrt 2)) = 0.5 g erfc(-g / sqrt 2), likewise */
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = 0.5f * g[i] * erfcf(g[i] * -0.7071067811865476f) * u[i];
+}
+
+static PyObject *act_mul(PyObject *self, PyObject *args) {
+    Py_buffer g, u, out;
+    Py_ssize_t n;
+    int kind;
+    if (!PyArg_ParseTuple(args, "y*y*w*ni", &g, &u, &out, &n, &kind)) return NULL;
+    PyObject *result = NULL;
+    if (n <= 0 || g.len != n * 4 || u.len != n * 4 || out.len != n * 4 || kind < 0 || kind > 2) {
+        PyErr_Format(PyExc_ValueError, "act_mul: g, u and out must be fp32 [%zd] (got %zd, %zd, %zd bytes), kind 0 "
+                     "(silu), 1 (gelu tanh) or 2 (gelu erf), not %d", n, g.len, u.len, out.len, kind);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        act_mul_impl((const float *)g.buf, (const float *)u.buf, (float *)out.buf, n, kind);
+        Py_END_ALLOW_THREADS
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&g);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+#define STEP_MAX 3 /* products of one x in a step (q, k, v) */
+
+/* The products of one x in a step: the weights held, their prepared jobs, one many_job. */
+typedef struct {
+    int n, held, prepared;
+    int qtype[STEP_MAX], owner[STEP_MAX];
+    Py_buffer w[STEP_MAX], bias[STEP_MAX];
+    Py_ssize_t rows[STEP_MAX], total, cols;
+    q_prep p[STEP_MAX];
+    const matvec_job *subs[STEP_MAX];
+    many_job m;
+    float *out;
+    int threads;
+} step_products;
+
+/* Parses one weight spec, or with `group` a tuple of 1..STEP_MAX of them. 0, or -1 (exception set). */
+static int step_parse(const char *fname, PyObject *specs, int group, step_products *sp) {
+    if (group && (!PyTuple_Check(specs) || PyTuple_GET_SIZE(specs) < 1 || PyTuple_GET_SIZE(specs) > STEP_MAX)) {
+        PyErr_Format(PyExc_ValueError, "%s: a group of products must be a tuple of 1 to %d (qtype, w, rows, bias) "
+                     "tuples", fname, STEP_MAX);
+        return -1;
+    }
+    const int n = group ? (int)PyTuple_GET_SIZE(specs) : 1;
+    for (int i = 0; i < n; i++) {
+        PyObject *it = group ? PyTuple_GET_ITEM(specs, i) : specs, *b;
+        if (!PyTuple_Check(it)) {
+            PyErr_Format(PyExc_ValueError, "%s: a weight spec must be a (qtype, w, rows, bias) tuple", fname);
+            return -1;
+        }
+        if (!PyArg_ParseTuple(it, "iy*nO", &sp->qtype[i], &sp->w[i], &sp->rows[i], &b)) return -1;
+        sp->held = i + 1;
+        if (b != Py_None) {
+            if (PyObject_GetBuffer(b, &sp->bias[i], PyBUF_SIMPLE) < 0) return -1;
+            if (sp->bias[i].len != sp->rows[i] * 4 || ((uintptr_t)sp->bias[i].buf & 3)) {
+                PyErr_Format(PyExc_ValueError, "%s: a bias must be fp32 [%zd] (%zd bytes), got %zd bytes", fname,
+                             sp->rows[i], sp->rows[i] * 4, sp->bias[i].len);
+                return -1;
+            }
+        }
+    }
+    sp->n = n;
+    return 0;
+}
+
+/* Sets up sp's products of x [cols] into out [total rows] (x not read yet: step_run does). 0 or -1. */
+static int step_prepare(const char *fname, step_products *sp, const float *x, Py_ssize_t cols, float *out,
+                        int threads, int act) {
+    Py_ssize_t total = 0;
+    for (int i = 0; i < sp->n; i++) {
+        Py_buffer ob = {0};
+        ob.buf = out + total;
+        ob.len = sp->rows[i] * 4;
+        if (q_prepare(fname, sp->qtype[i], &sp->w[i], x, cols * 4, &ob, sp->rows[i], cols, threads, act, &sp->p[i]) < 0)
+            return -1;
+        sp->prepared = i + 1;
+        sp->owner[i] = i;
+        for (int e = 0; e < i; e++) /* the same type: share its prepared x */
+            if (sp->qtype[e] == sp->qtype[i] && sp->owner[e] == e) {
+                sp->owner[i] = e;
+                break;
+            }
+        if (sp->owner[i] != i) {
+            q_prep_free(&sp->p[i]);
+            sp->p[i].j.aux = sp->p[sp->owner[i]].j.aux;
+            sp->p[i].j.qx = sp->p[sp->owner[i]].j.qx;
+        }
+        sp->subs[i] = &sp->p[i].j;
+        sp->m.start[i] = total;
+        sp->m.tile[i] = NULL;
+        total += sp->rows[i];
+    }
+    sp->m.start[sp->n] = total;
+    sp->m.n = sp->n;
+    sp->m.batch = 1;
+    sp->m.sub = sp->subs;
+    sp->total = total;
+    sp->cols = cols;
+    sp->out = out;
+    sp->threads = threads;
+    return 0;
+}
+
+/* Runs sp's products (GIL released): each x prepared once per type, one job on the pool, biases added. */
+static void step_run(step_products *sp) {
+    for (int k = 0; k < sp->n; k++)
+        if (sp->owner[k] == k) q_prep_fill(sp->qtype[k], &sp->p[k]);
+    matvec_job all = {many_rows, &sp->m, sp->p[0].j.x, NULL, NULL, sp->total, sp->cols, 0, pool_parts(sp->threads),
+                      NULL};
+    matvec(&all);
+    for (int i = 0; i < sp->n; i++)
+        if (sp->bias[i].buf != NULL) {
+            float *o = sp->out + sp->m.start[i];
+            const float *b = (const float *)sp->bias[i].buf;
+            for (Py_ssize_t r = 0; r < sp->rows[i]; r++) o[r] = o[r] + b[r];
+        }
+}
+
+static void step_free(step_products *sp) {
+    for (int k = 0; k < sp->prepared; k++)
+        if (sp->owner[k] == k) q_prep_free(&sp->p[k]);
+    for (int i = 0; i < sp->held; i++) {
+        PyBuffer_Release(&sp->w[i]);
+        if (sp->bias[i].buf != NULL) PyBuffer_Release(&sp->bias[i]);
+    }
+    sp->prepared = sp->held = 0;
+}
+
+/* 64-byte aligned scratch arrays of n[i] floats each, one allocation (free *mem). 0 or -1. */
+static int step_scratch(void **mem, int count, const Py_ssize_t *n, float **arr) {
+    size_t total = 64;
+    for (int i = 0; i < count; i++) total += ((size_t)n[i] * 4 + 63) / 64 * 64;
+    *mem = PyMem_Malloc(total);
+    if (*mem == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint8_t *m = (uint8_t *)(((uintptr_t)*mem + 63) & ~(uintptr_t)63);
+    for (int i = 0; i < count; i++) {
+        arr[i] = (float *)m;
+        m += ((size_t)n[i] * 4 + 63) / 64 * 64;
+    }
+    return 0;
+}
+
+static int step_vector_ok(const char *fname, const Py_buffer *x, const Py_buffer *out, const Py_buffer *norm) {
+    if (x->len <= 0 || x->len % 4 || norm->len != x->len || out->len != x->len || ((uintptr_t)x->buf & 3) ||
+        ((uintptr_t)out->buf & 3) || ((uintptr_t)norm->buf & 3) || x->buf == out->buf) {
+        PyErr_Format(PyExc_ValueError, "%s: x, out and norm must be fp32 [H] of the same size, out not x (got %zd, "
+                     "%zd and %zd bytes)", fname, x->len, out->len, norm->len);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *attn_step(PyObject *self, PyObject *args) {
+    Py_buffer x, out, norm, cs, sn, k, v, tab;
+    PyObject *qkv_specs, *o_spec, *result = NULL;
+    float eps, scale;
+    int interleaved, threads, attn_threads, act;
+    Py_ssize_t block;
+    attend_args a;
+    if (!PyArg_ParseTuple(args, "y*w*y*fOOy*y*pw*w*ny*nnnnnnfiii", &x, &out, &norm, &eps, &qkv_specs, &o_spec, &cs, &sn,
+                          &interleaved, &k, &v, &a.head_stride, &tab, &block, &a.lo, &a.end, &a.hq, &a.hkv, &a.d,
+                          &scale, &threads, &attn_threads, &act))
+        return NULL;
+    a.scale = scale;
+    step_products qkv, o;
+    memset(&qkv, 0, sizeof qkv);
+    memset(&o, 0, sizeof o);
+    void *mem = NULL;
+    const Py_ssize_t H = x.len / 4, d = a.d, nq = a.hq * d, nk = a.hkv * d;
+    if (!step_vector_ok("attn_step", &x, &out, &norm)) goto done;
+    if (d <= 0 || d % 2 || cs.len != d * 4 || sn.len != d * 4 || ((uintptr_t)cs.buf & 3) || ((uintptr_t)sn.buf & 3) ||
+        ((uintptr_t)k.buf & 3) || ((uintptr_t)v.buf & 3)) {
+        PyErr_Format(PyExc_ValueError, "attn_step: cos and sin must be fp32 [d] for an even head dim d (%zd), the "
+                     "caches fp32", d);
+        goto done;
+    }
+    if (attend_setup("attn_step", &a, nq * 4, nq * 4, k.len, v.len, &tab, block) < 0) goto done;
+    if (step_parse("attn_step", qkv_specs, 1, &qkv) < 0 || step_parse("attn_step", o_spec, 0, &o) < 0) goto done;
+    if (qkv.n != 3 || qkv.rows[0] != nq || qkv.rows[1] != nk || qkv.rows[2] != nk || o.rows[0] != H) {
+        PyErr_Format(PyExc_ValueError, "attn_step: q, k, v need %zd, %zd, %zd rows and o %zd (got %d products, o %zd)",
+                     nq, nk, nk, H, qkv.n, o.rows[0]);
+        goto done;
+    }
+    /* scratch: xn [H], q|k|v [nq + 2 nk], rotated q [nq], rotated k [nk], attention [nq], o(attention) [H] */
+    float *xn, *qkvo, *qr, *kr, *att, *oo;
+    {
+        const Py_ssize_t sizes[6] = {H, nq + 2 * nk, nq, nk, nq, H};
+        float *arr[6];
+        if (step_scratch(&mem, 6, sizes, arr) < 0) goto done;
+        xn = arr[0], qkvo = arr[1], qr = arr[2], kr = arr[3], att = arr[4], oo = arr[5];
+    }
+    if (step_prepare("attn_step", &qkv, xn, H, qkvo, threads, act) < 0 ||
+        step_prepare("attn_step", &o, att, nq, oo, threads, act) < 0)
+        goto done;
+    a.q = qr, a.k = (const float *)k.buf, a.v = (const float *)v.buf, a.out = att;
+    {
+        const float *xv = (const float *)x.buf;
+        float *ov = (float *)out.buf, *kc = (float *)k.buf, *vc = (float *)v.buf;
+        const Py_ssize_t pos = a.end - 1, b = a.block_log2;
+        const Py_ssize_t row = a.table == NULL ? pos
+                               : (Py_ssize_t)a.table[pos >> b] * ((Py_ssize_t)1 << b) + (pos & (((Py_ssize_t)1 << b) - 1));
+        Py_BEGIN_ALLOW_THREADS
+        rms_norm_impl(xv, (const float *)norm.buf, xn, H, eps);
+        step_run(&qkv);
+        rope_impl(qkvo, qr, a.hq, d, (const float *)cs.buf, (const float *)sn.buf, interleaved);
+        rope_impl(qkvo + nq, kr, a.hkv, d, (const float *)cs.buf, (const float *)sn.buf, interleaved);
+        for (Py_ssize_t h = 0; h < a.hkv; h++) {
+            memcpy(kc + h * a.head_stride + row * d, kr + h * d, (size_t)d * 4);
+            memcpy(vc + h * a.head_stride + row * d, qkvo + nq + nk + h * d, (size_t)d * 4);
+        }
+        attend_run(&a, attn_threads);
+        step_run(&o);
+        for (Py_ssize_t i = 0; i < H; i++) ov[i] = xv[i] + oo[i];
+        Py_END_ALLOW_THREADS
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    step_free(&qkv);
+    step_free(&o);
+    PyMem_Free(mem);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&norm);
+    PyBuffer_Release(&cs);
+    PyBuffer_Release(&sn);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&tab);
+    return result;
+}
+
+static PyObject *ffn_step(PyObject *self, PyObject *args) {
+    Py_buffer x, out, norm;
+    PyObject *gu_specs, *down_spec, *result = NULL;
+    float eps;
+    int kind, threads, act;
+    if (!PyArg_ParseTuple(args, "y*w*y*fOOiii", &x, &out, &norm, &eps, &gu_specs, &down_spec, &kind, &threads, &act))
+        return NULL;
+    step_products gu, dn;
+    memset(&gu, 0, sizeof gu);
+    memset(&dn, 0, sizeof dn);
+    void *mem = NULL;
+    const Py_ssize_t H = x.len / 4;
+    if (!step_vector_ok("ffn_step", &x, &out, &norm)) goto done;
+    if (kind < 0 || kind > 2) {
+        PyErr_Format(PyExc_ValueError, "ffn_step: kind must be 0 (silu), 1 (gelu tanh) or 2 (gelu erf), not %d", kind);
+        goto done;
+    }
+    if (step_parse("ffn_step", gu_specs, 1, &gu) < 0 || step_parse("ffn_step", down_spec, 0, &dn) < 0) goto done;
+    if (gu.n != 2 || gu.rows[0] != gu.rows[1] || gu.rows[0] <= 0 || dn.rows[0] != H) {
+        PyErr_Format(PyExc_ValueError, "ffn_step: gate and up need the same rows, down %zd (got %d products, down %zd)",
+                     H, gu.n, dn.rows[0]);
+        goto done;
+    }
+    const Py_ssize_t I = gu.rows[0];
+    float *xn, *guo, *am, *dd; /* xn [H], gate|up [2 I], act(gate) * up [I], down [H] */
+    {
+        const Py_ssize_t sizes[4] = {H, 2 * I, I, H};
+        float *arr[4];
+        if (step_scratch(&mem, 4, sizes, arr) < 0) goto done;
+        xn = arr[0], guo = arr[1], am = arr[2], dd = arr[3];
+    }
+    if (step_prepare("ffn_step", &gu, xn, H, guo, threads, act) < 0 ||
+        step_prepare("ffn_step", &dn, am, I, dd, threads, act) < 0)
+        goto done;
+    int finite = 1;
+    {
+        const float *xv = (const float *)x.buf;
+        float *ov = (float *)out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        rms_norm_impl(xv, (const float *)norm.buf, xn, H, eps);
+        step_run(&gu);
+        act_mul_impl(guo, guo + I, am, I, kind);
+        step_run(&dn);
+        for (Py_ssize_t i = 0; i < H; i++) {
+            ov[i] = xv[i] + dd[i];
+            finite &= isfinite(ov[i]) != 0;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    result = PyBool_FromLong(finite);
+done:
+    step_free(&gu);
+    step_free(&dn);
+    PyMem_Free(mem);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&norm);
     return result;
 }
 
@@ -2904,6 +3244,15 @@ static PyMethodDef methods[] = {
     {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, w, out, n, eps): out = w * (x / sqrt(mean(x^2) + eps)), fp32."},
     {"rope", rope, METH_VARARGS,
      "rope(x, out, heads, d, cos, sin, interleaved): rotary embedding of one position, fp32 [heads, d]."},
+    {"act_mul", act_mul, METH_VARARGS,
+     "act_mul(g, u, out, n, kind): out = act(g) * u, fp32 [n]; kind 0 silu, 1 gelu (tanh), 2 gelu (erf)."},
+    {"attn_step", attn_step, METH_VARARGS,
+     "attn_step(x, out, norm, eps, (q, k, v), o, cos, sin, interleaved, k_cache, v_cache, head_stride, table, block, "
+     "lo, end, hq, hkv, d, scale, threads, attn_threads, act): one token's attention half of a layer, out = x + "
+     "o(attend(rope(q), rope(k) written at end-1, v)) of rms_norm(x); specs (qtype, w, rows, bias|None) (GIL released)."},
+    {"ffn_step", ffn_step, METH_VARARGS,
+     "ffn_step(x, out, norm, eps, (gate, up), down, kind, threads, act) -> finite: one token's FFN half of a layer, "
+     "out = x + down(act_mul(gate(xn), up(xn))), xn = rms_norm(x) (GIL released)."},
     {"kv_gather", kv_gather, METH_VARARGS,
      "kv_gather(records, table, rows, heads, block, kv_heads, d, elem, out_k, out_v, slots_out): key and value rows "
      "of a host KV block pool at positions rows [R, n] of kv heads heads [R]; returns 0, or 1 when a block is not "

@@ -27,6 +27,11 @@
 #endif
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+/* One compiled copy for every caller: a function that both the separate one-token calls and the
+ * fused layer steps run must give them the same bits, and with -fassociative-math an inlined copy
+ * may be vectorised (its sums reassociated) differently from another (found on the single-target
+ * builds, where target_clones no longer keeps these out of line). */
+#define SHARED_NOINLINE __attribute__((noinline))
 #define HIDDEN __attribute__((visibility("hidden")))
 
 static inline float bf16_to_f32(uint16_t b) {

@@ -29,6 +29,9 @@ class _RecordingWeights(InMemoryWeights):
         super().__init__(checkpoint)
         self.records: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
 
+    def computes_ffn(self, layer: int) -> bool:
+        return layer in self.records  # it records the layer's inputs
+
     def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         if layer in self.records:
             self.records[layer].extend(x.detach().float().clone() for x in xs)

@@ -3,8 +3,10 @@
 A one-row pass on a small quantized model spends as long in the dozen small torch operations
 between a layer's products (RMSNorm, rotary embedding, attention over the cache) as in the products
 themselves: each torch call costs a few microseconds of dispatch whatever its size. These helpers
-do the same arithmetic in C (``flashtier._native``: ``rms_norm``, ``rope``, ``attend``) for fp32
-tensors holding one token. They return None where they do not apply (no native extension, another
+do the same arithmetic in C (``flashtier._native``: ``rms_norm``, ``rope``, ``attend``,
+``act_mul``) for fp32 tensors holding one token; with quantized weights held in memory, each half
+of a layer is one call (``attn_step``, ``ffn_step``: the same C functions in the same order, so
+the same bits). They return None where they do not apply (no native extension, another
 dtype, several rows, tensors that need autograd or live on a GPU): the caller then runs its torch
 code. The results equal the torch code's up to fp32 rounding (sums are taken in another order); a
 decode step takes the native path whether its weights are resident or streamed, so paged and
@@ -22,6 +24,15 @@ try:
     from flashtier._native import rope as _rope
 except ImportError:  # extension not built, or built before these existed
     _attend = _rms_norm = _rope = None
+try:
+    from flashtier._native import act_mul as _act_mul
+    from flashtier._native import attn_step as _attn_step
+    from flashtier._native import ffn_step as _ffn_step
+except ImportError:
+    _act_mul = _attn_step = _ffn_step = None
+
+ACT_KINDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
+"""The FFN activations the native one-row code computes (config ``hidden_act`` -> kind)."""
 
 
 def rms_norm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -44,6 +55,48 @@ def rope_row(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved:
     out = torch.empty((heads, 1, d), dtype=torch.float32)  # [Hx, 1, D]
     _rope(x.numpy(), out.numpy(), heads, d, cos.numpy(), sin.numpy(), interleaved)  # checks the sizes
     return out
+
+
+def act_mul_row(g: torch.Tensor, u: torch.Tensor, hidden_act: str) -> torch.Tensor | None:
+    """``act(g) * u`` for one fp32 row ``g``, ``u`` ``[1, I]`` (the FFN's gated activation); None
+    where it does not apply (then the caller runs torch's, whose exp / erf round differently)."""
+    kind = ACT_KINDS.get(hidden_act)
+    if (_act_mul is None or kind is None or g.dtype != torch.float32 or u.dtype != torch.float32 or g.shape[0] != 1
+            or g.shape != u.shape or g.requires_grad or u.requires_grad or g.device.type != "cpu"
+            or not g.is_contiguous() or not u.is_contiguous()):
+        return None
+    out = torch.empty_like(g)  # [1, I]
+    _act_mul(g.numpy(), u.numpy(), out.numpy(), g.shape[-1], kind)
+    return out
+
+
+def native_steps() -> bool:
+    """Whether :func:`attn_step` and :func:`ffn_step` are available."""
+    return _attn_step is not None
+
+
+WeightSpec = tuple  # (ggml type id, blocks as a uint8 numpy array, rows, fp32 bias numpy array or None)
+
+
+def attn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float, qkv: tuple[WeightSpec, WeightSpec, WeightSpec],
+              o: WeightSpec, cos: "np.ndarray", sin: "np.ndarray", interleaved: bool, kv: tuple, heads: int,
+              kv_heads: int, head_dim: int, threads: int, attn_threads: int, act: int) -> None:
+    """The attention half of a layer for one fp32 token: ``out`` ``[H]`` = ``x`` + o(attention),
+    q, k, v of ``rms_norm(x, norm)``, rotated by ``cos``/``sin`` ``[D]``, this token's key and
+    value written into the cache first. ``kv`` = (keys, values, head stride, int64 block table,
+    block, lo, end) as :meth:`~flashtier.runtime.kv.cache.BlockKVCache.decode_slot` returns it.
+    Bit-identical to the separate calls (rms_norm_row, the products, rope_row, the cache's write
+    and attend_row, the o product, the residual add)."""
+    k, v, stride, table, block, lo, end = kv
+    _attn_step(x, out, norm, eps, qkv, o, cos, sin, interleaved, k, v, stride, table, block, lo, end, heads, kv_heads,
+               head_dim, head_dim ** -0.5, threads, attn_threads, act)
+
+
+def ffn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float, gate_up: tuple[WeightSpec, WeightSpec],
+             down: WeightSpec, hidden_act: str, threads: int, act: int) -> bool:
+    """The dense FFN half of a layer for one fp32 token: ``out`` ``[H]`` = ``x`` +
+    down(act(gate(xn)) * up(xn)), ``xn = rms_norm(x, norm)``; returns whether ``out`` is all finite. Bit-identical to the separate calls (with :func:`act_mul_row`)."""
+    return _ffn_step(x, out, norm, eps, gate_up, down, ACT_KINDS[hidden_act], threads, act)
 
 
 def native_attend() -> bool:

@@ -17,7 +17,8 @@ from flashtier.runtime import decode_ops
 from flashtier.checkpoint.folder import FINAL_NORM, LayerNames, layer_names, lm_head_name
 from flashtier.checkpoint.config import ModelConfig, rope_inv_freq
 from flashtier.runtime.kernels import Linear
-from flashtier.runtime.quantized import weight_device
+from flashtier.runtime.quant_kernels import ACT_CODES
+from flashtier.runtime.quantized import QuantizedTensor, weight_device
 from flashtier.runtime.kv.cache import KV_BLOCKS_ARENA, BlockKVCache, KVBlockPool, KVCache, KVCacheConfig
 from flashtier.runtime.kv.retrieval import attend_batch
 from flashtier.runtime.weights.base import WeightAccessor
@@ -175,6 +176,9 @@ class Transformer:
         if not (len(groups) == len(caches) == len(starts)) or not groups:
             raise ValueError(f"forward_groups: {len(groups)} groups, {len(caches)} caches, {len(starts)} positions")
         xs = [w.embed(g.to(self.device)) for g in groups]  # B x [T_b, H]
+        # one fp32 token over a block cache: a layer's halves may run as one native call each
+        steps = (len(groups) == 1 and groups[0].shape[0] == 1 and self.dtype == torch.float32
+                 and self.device.type == "cpu" and type(caches[0]) is BlockKVCache and decode_ops.native_steps())
         tables = []  # per group: [T_b, D] cos, sin of its positions
         for g, start in zip(groups, starts):
             pos = torch.arange(start, start + g.shape[0], device=self.device)
@@ -188,23 +192,16 @@ class Transformer:
                 finite.check(x, "the token embedding")
             for i, n in enumerate(self.names):
                 w.layer_begin(i, xs[0] if len(xs) == 1 else torch.cat(xs))
-                norm = w.get(n.input_norm)
-                xn = [rms_norm(x, norm, eps) for x in xs]
-                qkv = self._rows_linears(xn, (n.q, n.k, n.v), (n.q_bias, n.k_bias, n.v_bias))
-                qs, ks, vs = [], [], []
-                for b, (q, k, v) in enumerate(qkv):
-                    t = q.shape[0]
-                    q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
-                    k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
-                    v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
-                    cb, sb = tables[b]
-                    qs.append(apply_rope(q, cb, sb, c.rope.interleaved))
-                    ks.append(apply_rope(k, cb, sb, c.rope.interleaved))
-                    vs.append(v)
-                # each cache's attention; retrieval caches decoding a token search in one native call
-                outs = [out.transpose(0, 1).reshape(out.shape[1], c.num_heads * c.head_dim)  # [T, Hq * D]
-                        for out in attend_batch(caches, i, qs, ks, vs, starts)]  # [Hq, T, D] each
-                hs = [x + o for x, o in zip(xs, self._rows_linear(outs, n.o))]
+                if steps and (h := self._attention_step(i, n, xs[0], caches[0], starts[0], tables[0])) is not None:
+                    if not n.router and (step := self._ffn_step(i, n, h)) is not None:
+                        xs = [step[0]]
+                        w.layer_end(i)
+                        if not step[1]:
+                            finite.check(xs[0], f"layer {i}")
+                        continue
+                    hs = [h]
+                else:
+                    hs = self._attention(i, n, xs, caches, starts, tables)
                 post = w.get(n.post_attn_norm)
                 hn = [rms_norm(h, post, eps) for h in hs]
                 xs = [h + f for h, f in zip(hs, self._rows_ffn(i, n, hn))]
@@ -222,6 +219,97 @@ class Transformer:
             raise
         w.step_end()
         return [y.cpu() for y in logits]
+
+    def _attention(self, i: int, n: LayerNames, xs: list[torch.Tensor], caches: list[KVCache], starts: list[int],
+                   tables: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each group's ``x + attention(x)`` ``[T_b, H]`` of layer ``i`` (its KV written into its cache)."""
+        w, c = self.weights, self.config
+        eps = c.rms_norm_eps
+        norm = w.get(n.input_norm)
+        xn = [rms_norm(x, norm, eps) for x in xs]
+        qkv = self._rows_linears(xn, (n.q, n.k, n.v), (n.q_bias, n.k_bias, n.v_bias))
+        qs, ks, vs = [], [], []
+        for b, (q, k, v) in enumerate(qkv):
+            t = q.shape[0]
+            q = q.view(t, c.num_heads, c.head_dim).transpose(0, 1)  # [Hq, T, D]
+            k = k.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
+            v = v.view(t, c.num_kv_heads, c.head_dim).transpose(0, 1)
+            cb, sb = tables[b]
+            qs.append(apply_rope(q, cb, sb, c.rope.interleaved))
+            ks.append(apply_rope(k, cb, sb, c.rope.interleaved))
+            vs.append(v)
+        # each cache's attention; retrieval caches decoding a token search in one native call
+        outs = [out.transpose(0, 1).reshape(out.shape[1], c.num_heads * c.head_dim)  # [T, Hq * D]
+                for out in attend_batch(caches, i, qs, ks, vs, starts)]  # [Hq, T, D] each
+        return [x + o for x, o in zip(xs, self._rows_linear(outs, n.o))]
+
+    # ------------------------------------------------------------------ one-token native steps
+    def _step_weights(self, names: tuple[str, ...], biases: tuple[str, ...]) -> list[tuple] | None:
+        """The native step specs (ggml type, blocks, rows, fp32 bias or None) of ``names``, or None
+        unless every one is a resident quantized CPU weight (a streamed page must not be held for
+        a whole half layer: the planner's window counts one at a time)."""
+        w = self.weights
+        if not all(w.resident(name) for name in names):
+            return None
+        specs = []
+        for name, bias in zip(names, biases):
+            q = w.get(name)
+            if not isinstance(q, QuantizedTensor) or q.array is None:
+                return None
+            b = w.get(bias) if bias else None
+            if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu" or not b.is_contiguous()):
+                return None
+            specs.append((int(q.qtype), q.array, q.shape[0], None if b is None else b.numpy()))
+        return specs
+
+    def _attention_step(self, i: int, n: LayerNames, x: torch.Tensor, cache: BlockKVCache, start: int,
+                        table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """``x + attention(x)`` ``[1, H]`` of layer ``i`` for one fp32 token as one native call
+        (:func:`~flashtier.runtime.decode_ops.attn_step`: the same numbers as :meth:`_attention`);
+        None (nothing done) where it does not apply."""
+        w, c = self.weights, self.config
+        specs = self._step_weights((n.q, n.k, n.v, n.o), (n.q_bias, n.k_bias, n.v_bias, ""))
+        norm = w.get(n.input_norm)
+        if specs is None or norm.dtype != torch.float32 or not x.is_contiguous():
+            return None
+        kv = cache.decode_slot(i, start)
+        if kv is None:
+            return None
+        cos, sin = table
+        out = torch.empty_like(x)  # [1, H]
+        decode_ops.attn_step(x.numpy(), out.numpy(), norm.numpy(), c.rms_norm_eps, tuple(specs[:3]), specs[3],
+                             cos.numpy(), sin.numpy(), c.rope.interleaved, kv, c.num_heads, c.num_kv_heads,
+                             c.head_dim, self.linear.kernel_threads, cache.threads or torch.get_num_threads(),
+                             ACT_CODES[self.linear.activations])
+        cache.decoded(i, start + 1)
+        self.linear.calls_quantized += 4
+        w.done((n.q, n.k, n.v))
+        w.done((n.o,))
+        return out
+
+    def _ffn_step(self, i: int, n: LayerNames, h: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+        """(``h + FFN(h)`` ``[1, H]``, whether it is all finite) of dense layer ``i`` for one fp32
+        token as one native call (:func:`~flashtier.runtime.decode_ops.ffn_step`: the same numbers
+        as :meth:`_rows_ffn`); None (nothing done) where it does not apply."""
+        w, c = self.weights, self.config
+        if w.computes_ffn(i) or c.hidden_act not in decode_ops.ACT_KINDS:
+            return None
+        specs = self._step_weights((n.gate, n.up, n.down), ("", "", ""))
+        post = w.get(n.post_attn_norm)
+        if specs is None or post.dtype != torch.float32:
+            return None
+        out = torch.empty_like(h)  # [1, H]
+        finite = decode_ops.ffn_step(h.numpy(), out.numpy(), post.numpy(), c.rms_norm_eps, tuple(specs[:2]), specs[2],
+                                     c.hidden_act, self.linear.kernel_threads, ACT_CODES[self.linear.activations])
+        self.linear.calls_quantized += 3
+        w.done((n.gate, n.up))
+        w.done((n.down,))
+        return out, finite
+
+    def _act_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``act(g) * u``: one fp32 row natively (the numbers :meth:`_ffn_step` computes), else torch."""
+        y = decode_ops.act_mul_row(g, u, self.config.hidden_act)
+        return y if y is not None else self.act(g) * u
 
     def _rows_linear(self, xs: list[torch.Tensor], name: str, bias: str = "") -> list[torch.Tensor]:
         """``x @ W.T (+ b)`` of each group ``[T_b, K]``, the weight fetched once and released right
@@ -257,7 +345,7 @@ class Transformer:
             if custom is not None:
                 return custom
             gu = self._rows_linears(xs, (n.gate, n.up), ("", ""))
-            return self._rows_linear([self.act(g) * u for g, u in gu], n.down)
+            return self._rows_linear([self._act_mul(g, u) for g, u in gu], n.down)
         router = w.get(n.router)
         picks = []  # per group: (top_i [T, k], top_w [T, k] in x.dtype)
         for x in xs:
@@ -284,7 +372,7 @@ class Transformer:
             single = [b for b in range(len(xs)) if xs[b].shape[0] == 1 and e in sets[b]]
             if single:  # each weight over every routed one-token row at once (quantized: one fused call)
                 gus = lin.many_rows([xs[b].to(there) for b in single], [gate, up])
-                downs = lin.rows([self.act(g) * u for g, u in gus], down)
+                downs = lin.rows([self._act_mul(g, u) for g, u in gus], down)
                 for b, d in zip(single, downs):
                     ids = chosen[b][0]
                     ys[b, e] = d.to(here) * picks[b][1][0, ids.index(e)]
@@ -293,7 +381,7 @@ class Transformer:
                     continue
                 rows, slot = torch.nonzero(top_i == e, as_tuple=True)
                 g, u = lin.many(xs[b][rows].to(there), [gate, up])
-                y = lin(self.act(g) * u, down).to(here) * top_w[rows, slot, None]
+                y = lin(self._act_mul(g, u), down).to(here) * top_w[rows, slot, None]
                 outs[b].index_add_(0, rows, y)  # type: ignore[union-attr]
             w.done(names)
         out = []
@@ -308,7 +396,7 @@ class Transformer:
             out.append(acc)
         if n.shared_gate:
             gu = self._rows_linears(xs, (n.shared_gate, n.shared_up), ("", ""))
-            shared = self._rows_linear([self.act(g) * u for g, u in gu], n.shared_down)
+            shared = self._rows_linear([self._act_mul(g, u) for g, u in gu], n.shared_down)
             gates = self._rows_linear(xs, n.shared_expert_gate)
             out = [o + torch.sigmoid(gt) * s for o, gt, s in zip(out, gates, shared)]
         return out

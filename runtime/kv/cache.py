@@ -306,6 +306,32 @@ class BlockKVCache:
         if layer == self.num_layers - 1:
             self.length = max(self.length, end)
 
+    def decode_slot(self, layer: int, start: int) -> tuple | None:
+        """Room for one fp32 token at position ``start`` of ``layer``, for a native step that writes
+        its key and value and attends (:func:`~flashtier.runtime.decode_ops.attn_step`): (keys,
+        values, head stride, block table, block size, lo, end) with the position's block made
+        this cache's own (copy on write) and the block table current; None where the native
+        one-row path does not apply (a pool that is not fp32 numpy). Call :meth:`decoded` after
+        the step."""
+        pool = self.pool
+        if not pool.np_k:
+            return None
+        end = start + 1
+        if end > self.capacity:
+            self.reserve(max(end, 2 * self.capacity))
+        self._writable(start // self.block_size)
+        table = self._table_np
+        if table is None:
+            table = self._table_np = np.asarray(self.block_table, dtype=np.int64)
+        lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
+        return (pool.flat_k[layer], pool.flat_v[layer], pool.num_blocks * self.block_size * self.head_dim, table,
+                self.block_size, lo, end)
+
+    def decoded(self, layer: int, end: int) -> None:
+        """A native step wrote ``layer``'s key and value at position ``end - 1`` (see :meth:`decode_slot`)."""
+        if layer == self.num_layers - 1:
+            self.length = max(self.length, end)
+
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[H_kv, end, D]`` of positions ``0 .. end-1``: a view when the blocks
         sit in order in the pool, else gathered through the block table. Attention over either

@@ -47,6 +47,11 @@ class WeightAccessor(Protocol):
         ``get``"."""
         ...
 
+    def computes_ffn(self, layer: int) -> bool:
+        """Whether :meth:`ffn` computes (or observes) layer ``layer``'s dense FFN: when False the
+        forward may compute the FFN without calling it (one native call for a decode token)."""
+        ...
+
     def layer_begin(self, layer: int, hidden: torch.Tensor) -> None:
         """Layer ``layer`` is about to run on ``hidden`` ``[T, H]`` (its input)."""
         ...
@@ -118,6 +123,9 @@ class InMemoryWeights:
 
     def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         return None
+
+    def computes_ffn(self, layer: int) -> bool:
+        return False
 
     def layer_end(self, layer: int) -> None:
         return None

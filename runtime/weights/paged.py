@@ -253,6 +253,9 @@ class PagedWeights:
     def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         return None
 
+    def computes_ffn(self, layer: int) -> bool:
+        return False
+
     def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
         return None  # experts are streamed on demand here; runtime/weights/experts.py reads ahead
 

@@ -267,6 +267,9 @@ class SparseFFNWeights:
         sl.speculative = None
         sl.window.reset()
 
+    def computes_ffn(self, layer: int) -> bool:
+        return layer in self.layers
+
     def ffn(self, layer: int, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         sl = self.layers.get(layer)
         if sl is None:

@@ -39,7 +39,10 @@ def _setup_flags() -> list[str]:
 FLAGS = [*_setup_flags(), "-fPIC", "-shared"]
 TARGETS = {"x86-64-v3": ["-march=x86-64-v3"], "baseline": ["-march=x86-64"]}
 KERNEL_TESTS = ["tests/runtime/test_decode_ops.py", "tests/runtime/test_kernels.py",
-                "tests/retrieval/test_cluster_batch.py", "tests/runtime/weights/test_sparse_ffn_kernel.py"]
+                "tests/retrieval/test_cluster_batch.py", "tests/runtime/weights/test_sparse_ffn_kernel.py",
+                *(f"tests/runtime/test_native_steps.py::{t}" for t in (
+                    "test_attention_step_is_the_separate_calls", "test_ffn_step_is_the_separate_calls",
+                    "test_native_activation_is_the_function_to_fp32_rounding"))]
 
 RUNNER = """
 import importlib.util, sys
