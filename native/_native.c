@@ -2879,9 +2879,9 @@ static PyObject *act_mul(PyObject *self, PyObject *args) {
     return result;
 }
 
-#define STEP_MAX 3 /* products of one x in a step (q, k, v) */
+#define STEP_MAX MANY_MAX /* products in one job of a step (q, k, v; the gates and ups of 4 experts) */
 
-/* The products of one x in a step: the weights held, their prepared jobs, one many_job. */
+/* The products of a step's job: the weights held, their prepared jobs, one many_job. */
 typedef struct {
     int n, held, prepared;
     int qtype[STEP_MAX], owner[STEP_MAX];
@@ -2894,6 +2894,31 @@ typedef struct {
     int threads;
 } step_products;
 
+/* Appends one weight spec (qtype, w, rows, bias or None) to sp. 0, or -1 (exception set). */
+static int step_parse_one(const char *fname, PyObject *it, step_products *sp) {
+    const int i = sp->n;
+    PyObject *b;
+    if (i >= STEP_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: more than %d products in one job", fname, STEP_MAX);
+        return -1;
+    }
+    if (!PyTuple_Check(it)) {
+        PyErr_Format(PyExc_ValueError, "%s: a weight spec must be a (qtype, w, rows, bias) tuple", fname);
+        return -1;
+    }
+    if (!PyArg_ParseTuple(it, "iy*nO", &sp->qtype[i], &sp->w[i], &sp->rows[i], &b)) return -1;
+    sp->held = sp->n = i + 1;
+    if (b != Py_None) {
+        if (PyObject_GetBuffer(b, &sp->bias[i], PyBUF_SIMPLE) < 0) return -1;
+        if (sp->bias[i].len != sp->rows[i] * 4 || ((uintptr_t)sp->bias[i].buf & 3)) {
+            PyErr_Format(PyExc_ValueError, "%s: a bias must be fp32 [%zd] (%zd bytes), got %zd bytes", fname,
+                         sp->rows[i], sp->rows[i] * 4, sp->bias[i].len);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Parses one weight spec, or with `group` a tuple of 1..STEP_MAX of them. 0, or -1 (exception set). */
 static int step_parse(const char *fname, PyObject *specs, int group, step_products *sp) {
     if (group && (!PyTuple_Check(specs) || PyTuple_GET_SIZE(specs) < 1 || PyTuple_GET_SIZE(specs) > STEP_MAX)) {
@@ -2902,40 +2927,27 @@ static int step_parse(const char *fname, PyObject *specs, int group, step_produc
         return -1;
     }
     const int n = group ? (int)PyTuple_GET_SIZE(specs) : 1;
-    for (int i = 0; i < n; i++) {
-        PyObject *it = group ? PyTuple_GET_ITEM(specs, i) : specs, *b;
-        if (!PyTuple_Check(it)) {
-            PyErr_Format(PyExc_ValueError, "%s: a weight spec must be a (qtype, w, rows, bias) tuple", fname);
-            return -1;
-        }
-        if (!PyArg_ParseTuple(it, "iy*nO", &sp->qtype[i], &sp->w[i], &sp->rows[i], &b)) return -1;
-        sp->held = i + 1;
-        if (b != Py_None) {
-            if (PyObject_GetBuffer(b, &sp->bias[i], PyBUF_SIMPLE) < 0) return -1;
-            if (sp->bias[i].len != sp->rows[i] * 4 || ((uintptr_t)sp->bias[i].buf & 3)) {
-                PyErr_Format(PyExc_ValueError, "%s: a bias must be fp32 [%zd] (%zd bytes), got %zd bytes", fname,
-                             sp->rows[i], sp->rows[i] * 4, sp->bias[i].len);
-                return -1;
-            }
-        }
-    }
-    sp->n = n;
+    for (int i = 0; i < n; i++)
+        if (step_parse_one(fname, group ? PyTuple_GET_ITEM(specs, i) : specs, sp) < 0) return -1;
     return 0;
 }
 
-/* Sets up sp's products of x [cols] into out [total rows] (x not read yet: step_run does). 0 or -1. */
-static int step_prepare(const char *fname, step_products *sp, const float *x, Py_ssize_t cols, float *out,
-                        int threads, int act) {
+/* Sets up sp's products into out [total rows] (x not read yet: step_run does): product i of xs[i]
+ * [cols[i]] (xs == NULL: all of x [cols]). Products of one x and type share its prepared x. 0 or -1. */
+static int step_prepare_each(const char *fname, step_products *sp, const float *x, Py_ssize_t cols,
+                             const float *const *xs, const Py_ssize_t *colss, float *out, int threads, int act) {
     Py_ssize_t total = 0;
     for (int i = 0; i < sp->n; i++) {
         Py_buffer ob = {0};
         ob.buf = out + total;
         ob.len = sp->rows[i] * 4;
-        if (q_prepare(fname, sp->qtype[i], &sp->w[i], x, cols * 4, &ob, sp->rows[i], cols, threads, act, &sp->p[i]) < 0)
+        const float *xi = xs ? xs[i] : x;
+        const Py_ssize_t ci = xs ? colss[i] : cols;
+        if (q_prepare(fname, sp->qtype[i], &sp->w[i], xi, ci * 4, &ob, sp->rows[i], ci, threads, act, &sp->p[i]) < 0)
             return -1;
         sp->prepared = i + 1;
         sp->owner[i] = i;
-        for (int e = 0; e < i; e++) /* the same type: share its prepared x */
+        for (int e = 0; e < i && !xs; e++) /* the same x and type: share its prepared x */
             if (sp->qtype[e] == sp->qtype[i] && sp->owner[e] == e) {
                 sp->owner[i] = e;
                 break;
@@ -2955,10 +2967,16 @@ static int step_prepare(const char *fname, step_products *sp, const float *x, Py
     sp->m.batch = 1;
     sp->m.sub = sp->subs;
     sp->total = total;
-    sp->cols = cols;
+    sp->cols = xs ? colss[0] : cols;
     sp->out = out;
     sp->threads = threads;
     return 0;
+}
+
+/* step_prepare_each with one x [cols] for every product. */
+static int step_prepare(const char *fname, step_products *sp, const float *x, Py_ssize_t cols, float *out,
+                        int threads, int act) {
+    return step_prepare_each(fname, sp, x, cols, NULL, NULL, out, threads, act);
 }
 
 /* Runs sp's products (GIL released): each x prepared once per type, one job on the pool, biases added. */
@@ -3153,6 +3171,117 @@ done:
     return result;
 }
 
+
+/* experts_step(xn, out, ((gate, up, down), ...), weights, kind, threads, act) -> None: the routed
+ * experts of one token, out [H] = sum over e in order of weights[e] * down_e(act_mul(gate_e(xn),
+ * up_e(xn))) (each term rounded, then added to the sum: the separate path's operations), 1 to 4
+ * experts: their gates and ups in one job, their downs in another. */
+#define EXPERTS_MAX (STEP_MAX / 2)
+
+__attribute__((optimize("fp-contract=off"))) /* product rounded, then added: never one fused multiply-add */
+SHARED_NOINLINE static void weighted_sum(float *restrict out, const float *restrict d, const float *w, int n,
+                                         Py_ssize_t H) {
+    for (Py_ssize_t i = 0; i < H; i++) out[i] = d[i] * w[0];
+    for (int e = 1; e < n; e++) {
+        const float *de = d + e * H;
+        for (Py_ssize_t i = 0; i < H; i++) {
+            const float t = de[i] * w[e];
+            out[i] = out[i] + t;
+        }
+    }
+}
+
+static PyObject *experts_step(PyObject *self, PyObject *args) {
+    Py_buffer x, out, wts;
+    PyObject *experts, *result = NULL;
+    int kind, threads, act;
+    if (!PyArg_ParseTuple(args, "y*w*Oy*iii", &x, &out, &experts, &wts, &kind, &threads, &act)) return NULL;
+    step_products gu, dn;
+    memset(&gu, 0, sizeof gu);
+    memset(&dn, 0, sizeof dn);
+    void *mem = NULL;
+    const Py_ssize_t H = x.len / 4;
+    Py_ssize_t inter[EXPERTS_MAX], total_i = 0;
+    int n = 0;
+    if (x.len <= 0 || x.len % 4 || out.len != x.len || ((uintptr_t)x.buf & 3) || ((uintptr_t)out.buf & 3) ||
+        x.buf == out.buf) {
+        PyErr_Format(PyExc_ValueError, "experts_step: x and out must be fp32 [H] of the same size, out not x (got %zd "
+                     "and %zd bytes)", x.len, out.len);
+        goto done;
+    }
+    if (!PyTuple_Check(experts) || PyTuple_GET_SIZE(experts) < 1 || PyTuple_GET_SIZE(experts) > EXPERTS_MAX) {
+        PyErr_Format(PyExc_ValueError, "experts_step: experts must be a tuple of 1 to %d (gate, up, down) spec tuples",
+                     EXPERTS_MAX);
+        goto done;
+    }
+    n = (int)PyTuple_GET_SIZE(experts);
+    if (kind < 0 || kind > 2 || wts.len != n * 4 || ((uintptr_t)wts.buf & 3)) {
+        PyErr_Format(PyExc_ValueError, "experts_step: weights must be fp32 [%d] (got %zd bytes), kind 0 (silu), 1 "
+                     "(gelu tanh) or 2 (gelu erf), not %d", n, wts.len, kind);
+        goto done;
+    }
+    for (int e = 0; e < n; e++) {
+        PyObject *t = PyTuple_GET_ITEM(experts, e);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3) {
+            PyErr_SetString(PyExc_ValueError, "experts_step: each expert must be a (gate, up, down) tuple of specs");
+            goto done;
+        }
+        if (step_parse_one("experts_step", PyTuple_GET_ITEM(t, 0), &gu) < 0 ||
+            step_parse_one("experts_step", PyTuple_GET_ITEM(t, 1), &gu) < 0 ||
+            step_parse_one("experts_step", PyTuple_GET_ITEM(t, 2), &dn) < 0)
+            goto done;
+        inter[e] = gu.rows[2 * e];
+        if (inter[e] <= 0 || gu.rows[2 * e + 1] != inter[e] || dn.rows[e] != H) {
+            PyErr_Format(PyExc_ValueError, "experts_step: expert %d: gate and up need the same rows, down %zd (got "
+                         "%zd, %zd, %zd)", e, H, gu.rows[2 * e], gu.rows[2 * e + 1], dn.rows[e]);
+            goto done;
+        }
+        total_i += inter[e];
+    }
+    float *guo, *am, *dd; /* gate|up of each expert [2 I_e], act(gate) * up [I_e], downs [n, H] */
+    {
+        const Py_ssize_t sizes[3] = {2 * total_i, total_i, (Py_ssize_t)n * H};
+        float *arr[3];
+        if (step_scratch(&mem, 3, sizes, arr) < 0) goto done;
+        guo = arr[0], am = arr[1], dd = arr[2];
+    }
+    const float *axs[EXPERTS_MAX];
+    {
+        Py_ssize_t off = 0;
+        for (int e = 0; e < n; e++) {
+            axs[e] = am + off;
+            off += inter[e];
+        }
+    }
+    if (step_prepare("experts_step", &gu, (const float *)x.buf, H, guo, threads, act) < 0 ||
+        step_prepare_each("experts_step", &dn, NULL, 0, axs, inter, dd, threads, act) < 0)
+        goto done;
+    {
+        const float *wv = (const float *)wts.buf;
+        float *ov = (float *)out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        step_run(&gu);
+        Py_ssize_t off = 0;
+        for (int e = 0; e < n; e++) { /* gate_e | up_e sit together in guo: rows 2 off .. 2 (off + I_e) */
+            act_mul_impl(guo + 2 * off, guo + 2 * off + inter[e], am + off, inter[e], kind);
+            off += inter[e];
+        }
+        step_run(&dn);
+        weighted_sum(ov, dd, wv, n, H);
+        Py_END_ALLOW_THREADS
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    step_free(&gu);
+    step_free(&dn);
+    PyMem_Free(mem);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&wts);
+    return result;
+}
+
 /* ------------------------------------------------------------- KV rows from a host block pool
  * kv_gather(records, table, rows, heads, block, kv_heads, d, elem, out_k, out_v, slots_out): the key
  * and value rows at positions rows[r, i] of kv head heads[r] (runtime/kv/host.py HostKVPool.gather,
@@ -3253,6 +3382,9 @@ static PyMethodDef methods[] = {
     {"ffn_step", ffn_step, METH_VARARGS,
      "ffn_step(x, out, norm, eps, (gate, up), down, kind, threads, act) -> finite: one token's FFN half of a layer, "
      "out = x + down(act_mul(gate(xn), up(xn))), xn = rms_norm(x) (GIL released)."},
+    {"experts_step", experts_step, METH_VARARGS,
+     "experts_step(xn, out, ((gate, up, down), ...), weights, kind, threads, act): one token's routed experts (1 to "
+     "4), out = sum_e weights[e] * down_e(act_mul(gate_e(xn), up_e(xn))) in expert order (GIL released)."},
     {"kv_gather", kv_gather, METH_VARARGS,
      "kv_gather(records, table, rows, heads, block, kv_heads, d, elem, out_k, out_v, slots_out): key and value rows "
      "of a host KV block pool at positions rows [R, n] of kv heads heads [R]; returns 0, or 1 when a block is not "

@@ -27,9 +27,13 @@ except ImportError:  # extension not built, or built before these existed
 try:
     from flashtier._native import act_mul as _act_mul
     from flashtier._native import attn_step as _attn_step
+    from flashtier._native import experts_step as _experts_step
     from flashtier._native import ffn_step as _ffn_step
 except ImportError:
-    _act_mul = _attn_step = _ffn_step = None
+    _act_mul = _attn_step = _experts_step = _ffn_step = None
+
+EXPERTS_MAX = 4
+"""Most routed experts :func:`experts_step` computes in one call."""
 
 ACT_KINDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
 """The FFN activations the native one-row code computes (config ``hidden_act`` -> kind)."""
@@ -97,6 +101,14 @@ def ffn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float,
     """The dense FFN half of a layer for one fp32 token: ``out`` ``[H]`` = ``x`` +
     down(act(gate(xn)) * up(xn)), ``xn = rms_norm(x, norm)``; returns whether ``out`` is all finite. Bit-identical to the separate calls (with :func:`act_mul_row`)."""
     return _ffn_step(x, out, norm, eps, gate_up, down, ACT_KINDS[hidden_act], threads, act)
+
+
+def experts_step(xn: "np.ndarray", out: "np.ndarray", experts: list[tuple[WeightSpec, WeightSpec, WeightSpec]],
+                 weights: "np.ndarray", hidden_act: str, threads: int, act: int) -> None:
+    """One fp32 token's routed experts: ``out`` ``[H]`` = sum over ``experts`` (gate, up, down;
+    1 to :data:`EXPERTS_MAX`), in order, of ``weights[e]`` * down_e(act(gate_e(xn)) * up_e(xn)),
+    each term rounded before it is added (the separate path's operations, so the same bits)."""
+    _experts_step(xn, out, tuple(experts), weights, ACT_KINDS[hidden_act], threads, act)
 
 
 def native_attend() -> bool:

@@ -306,6 +306,77 @@ class Transformer:
         w.done((n.down,))
         return out, finite
 
+    def _experts(self, n: LayerNames, xs: list[torch.Tensor], chosen: list[list[list[int]]],
+                 picks: list[tuple[torch.Tensor, torch.Tensor]], sets: list[list[int]], union: list[int]
+                 ) -> list[torch.Tensor]:
+        """Each group's routed experts' output ``[T_b, H]``: each expert of ``union`` fetched once
+        for every group routed to it, a one-token group's experts summed in expert order, a longer
+        group's rows gathered per expert."""
+        w = self.weights
+        ys: dict[tuple[int, int], torch.Tensor] = {}
+        outs = [torch.zeros_like(x) if x.shape[0] > 1 else None for x in xs]
+        lin = self.linear
+        here = xs[0].device
+        for e in union:
+            names = n.expert(e)
+            gate, up, down = (w.get(x) for x in names)
+            # An expert is computed where its weights are: the accessor may hand a GPU model an
+            # expert's host copy (computing it on the CPU costs less than copying it over the link).
+            there = weight_device(gate)
+            single = [b for b in range(len(xs)) if xs[b].shape[0] == 1 and e in sets[b]]
+            if single:  # each weight over every routed one-token row at once (quantized: one fused call)
+                gus = lin.many_rows([xs[b].to(there) for b in single], [gate, up])
+                downs = lin.rows([self._act_mul(g, u) for g, u in gus], down)
+                for b, d in zip(single, downs):
+                    ids = chosen[b][0]
+                    ys[b, e] = d.to(here) * picks[b][1][0, ids.index(e)]
+            for b, (top_i, top_w) in enumerate(picks):  # several tokens: the rows routed to e
+                if e not in sets[b] or xs[b].shape[0] == 1:
+                    continue
+                rows, slot = torch.nonzero(top_i == e, as_tuple=True)
+                g, u = lin.many(xs[b][rows].to(there), [gate, up])
+                y = lin(self._act_mul(g, u), down).to(here) * top_w[rows, slot, None]
+                outs[b].index_add_(0, rows, y)  # type: ignore[union-attr]
+            w.done(names)
+        out = []
+        for b, x in enumerate(xs):
+            if x.shape[0] > 1:
+                out.append(outs[b])
+                continue
+            acc: torch.Tensor | None = None
+            for e in sets[b]:  # expert order, whatever else is in the batch
+                acc = ys[b, e] if acc is None else acc + ys[b, e]
+            assert acc is not None
+            out.append(acc)
+        return out
+
+    def _experts_step(self, n: LayerNames, xs: list[torch.Tensor], ids: list[int], top_w: torch.Tensor,
+                      union: list[int]) -> torch.Tensor | None:
+        """One fp32 token's routed experts ``[1, H]`` as one native call
+        (:func:`~flashtier.runtime.decode_ops.experts_step`, the numbers of :meth:`_experts`) when
+        every expert's weights are resident quantized CPU blocks (pinned, or all in memory);
+        None (nothing done) otherwise. ``ids`` the token's chosen experts, ``top_w`` ``[1, k]``
+        their weights."""
+        x = xs[0]
+        if (x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or not decode_ops.native_steps()
+                or len(union) > decode_ops.EXPERTS_MAX or self.config.hidden_act not in decode_ops.ACT_KINDS
+                or not x.is_contiguous()):
+            return None
+        names = [n.expert(e) for e in union]
+        flat = tuple(name for three in names for name in three)
+        specs = self._step_weights(flat, ("",) * len(flat))
+        if specs is None:
+            return None
+        weights = top_w[0, [ids.index(e) for e in union]].contiguous()  # [E] fp32, in expert order
+        out = torch.empty_like(x)  # [1, H]
+        decode_ops.experts_step(x.numpy(), out.numpy(), [tuple(specs[3 * k:3 * k + 3]) for k in range(len(union))],
+                                weights.numpy(), self.config.hidden_act, self.linear.kernel_threads,
+                                ACT_CODES[self.linear.activations])
+        self.linear.calls_quantized += len(flat)
+        for three in names:
+            self.weights.done(three)
+        return out
+
     def _act_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``act(g) * u``: one fp32 row natively (the numbers :meth:`_ffn_step` computes), else torch."""
         y = decode_ops.act_mul_row(g, u, self.config.hidden_act)
@@ -359,41 +430,8 @@ class Transformer:
         sets = [sorted({e for row in rows for e in row}) for rows in chosen]
         union = sorted({e for s in sets for e in s})
         w.route(i, union, xs[0] if len(xs) == 1 else torch.cat(xs))
-        ys: dict[tuple[int, int], torch.Tensor] = {}
-        outs = [torch.zeros_like(x) if x.shape[0] > 1 else None for x in xs]
-        lin = self.linear
-        here = xs[0].device
-        for e in union:
-            names = n.expert(e)
-            gate, up, down = (w.get(x) for x in names)
-            # An expert is computed where its weights are: the accessor may hand a GPU model an
-            # expert's host copy (computing it on the CPU costs less than copying it over the link).
-            there = weight_device(gate)
-            single = [b for b in range(len(xs)) if xs[b].shape[0] == 1 and e in sets[b]]
-            if single:  # each weight over every routed one-token row at once (quantized: one fused call)
-                gus = lin.many_rows([xs[b].to(there) for b in single], [gate, up])
-                downs = lin.rows([self._act_mul(g, u) for g, u in gus], down)
-                for b, d in zip(single, downs):
-                    ids = chosen[b][0]
-                    ys[b, e] = d.to(here) * picks[b][1][0, ids.index(e)]
-            for b, (top_i, top_w) in enumerate(picks):  # several tokens: the rows routed to e
-                if e not in sets[b] or xs[b].shape[0] == 1:
-                    continue
-                rows, slot = torch.nonzero(top_i == e, as_tuple=True)
-                g, u = lin.many(xs[b][rows].to(there), [gate, up])
-                y = lin(self._act_mul(g, u), down).to(here) * top_w[rows, slot, None]
-                outs[b].index_add_(0, rows, y)  # type: ignore[union-attr]
-            w.done(names)
-        out = []
-        for b, x in enumerate(xs):
-            if x.shape[0] > 1:
-                out.append(outs[b])
-                continue
-            acc: torch.Tensor | None = None
-            for e in sets[b]:  # expert order, whatever else is in the batch
-                acc = ys[b, e] if acc is None else acc + ys[b, e]
-            assert acc is not None
-            out.append(acc)
+        fused = self._experts_step(n, xs, chosen[0][0], picks[0][1], union) if len(xs) == 1 else None
+        out = [fused] if fused is not None else self._experts(n, xs, chosen, picks, sets, union)
         if n.shared_gate:
             gu = self._rows_linears(xs, (n.shared_gate, n.shared_up), ("", ""))
             shared = self._rows_linear([self._act_mul(g, u) for g, u in gu], n.shared_down)

@@ -328,6 +328,9 @@ class ExpertWeights(PagedWeights):
             held = self._acquire_expert(part.layer, part.expert)
         return self._weight(part, held)
 
+    def resident(self, name: str) -> bool:
+        return name in self._pinned or super().resident(name)  # a pinned expert is held for the whole run
+
     def route(self, layer: int, experts: list[int], hidden: torch.Tensor) -> None:
         cache = self._caches.get(layer)
         if cache is None:

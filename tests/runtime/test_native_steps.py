@@ -1,4 +1,4 @@
-"""The fused one-token layer steps (flashtier._native.attn_step / ffn_step, runtime/decode_ops.py)
+"""The fused one-token layer steps (flashtier._native.attn_step / ffn_step / experts_step, runtime/decode_ops.py)
 are bit-identical to the separate native calls they replace (RMSNorm, the quantized products, rotary
 embedding, the KV write and the attention, the residual adds), on every weight type, activation
 kind, bias, GQA shape, sliding window and block table; the forward takes them only where they apply
@@ -123,6 +123,30 @@ def test_ffn_step_is_the_separate_calls(tg, tu, td, act, hidden_act, threads, se
     assert torch.equal(out, want)
 
 
+@settings(max_examples=20, deadline=None)
+@given(types=st.lists(st.sampled_from(TYPES), min_size=3, max_size=3), n=st.integers(1, 4),
+       act=st.sampled_from(qk.ACTIVATIONS), threads=st.integers(1, 2), seed=st.integers(0, 2**31))
+def test_experts_step_is_the_separate_calls(types, n, act, threads, seed):
+    """The routed experts of one token: each term weight * down(act(gate) * up) rounded, then
+    summed in expert order, exactly as the forward's separate calls compute it."""
+    hidden = 256
+    g = torch.Generator().manual_seed(seed)
+    experts = [(weight(types[0], 256 * (1 + e % 2), hidden, seed + 3 * e),
+                weight(types[1], 256 * (1 + e % 2), hidden, seed + 3 * e + 1),
+                weight(types[2], hidden, 256 * (1 + e % 2), seed + 3 * e + 2)) for e in range(n)]
+    xn = torch.randn(1, hidden, generator=g)
+    top_w = torch.rand(n, generator=g)
+    want = None
+    for e, (gate, up, down) in enumerate(experts):
+        gy, uy = quantized_linear_many(xn, [gate, up], [None, None], threads, act)
+        y = quantized_linear(decode_ops.act_mul_row(gy, uy, "silu"), down, None, threads, act) * top_w[e]
+        want = y if want is None else want + y
+    out = torch.empty_like(xn)
+    decode_ops.experts_step(xn.numpy(), out.numpy(), [tuple(spec(w) for w in three) for three in experts],
+                            top_w.numpy(), "silu", threads, qk.ACT_CODES[act])
+    assert torch.equal(out, want)
+
+
 def test_ffn_step_reports_a_non_finite_result():
     hidden, inter = 256, 256
     gate, up, down = (weight(GGMLType.Q8_0, inter, hidden, 1), weight(GGMLType.Q8_0, inter, hidden, 2),
@@ -178,6 +202,17 @@ def test_steps_reject_bad_arguments():
         _native.ffn_step(x, out, norm, 1e-6, ((8, w.array, hidden, np.zeros(3, np.float32)), s), s, 0, 1, 0)
     with pytest.raises(ValueError, match="weight is"):
         _native.ffn_step(x, out, norm, 1e-6, ((8, w.array[:10], hidden, None), s), s, 0, 1, 0)
+    one = np.ones(1, np.float32)
+    with pytest.raises(ValueError, match="experts_step: experts must be"):
+        _native.experts_step(x, out, (), one, 0, 1, 0)
+    with pytest.raises(ValueError, match="experts_step: weights must be"):
+        _native.experts_step(x, out, ((s, s, s),), np.ones(2, np.float32), 0, 1, 0)
+    with pytest.raises(ValueError, match="experts_step: each expert"):
+        _native.experts_step(x, out, ((s, s),), one, 0, 1, 0)
+    with pytest.raises(ValueError, match="experts_step: expert 0"):
+        _native.experts_step(x, out, ((s, (8, w.array[:64], 64, None), s),), one, 0, 1, 0)
+    with pytest.raises(ValueError, match="experts_step: x and out"):
+        _native.experts_step(x, x, ((s, s, s),), one, 0, 1, 0)
     d, hkv, hq, block = 64, 1, 4, 16
     k = np.zeros(hkv * 4 * block * d, np.float32)
     table = np.arange(4, dtype=np.int64)
@@ -211,14 +246,14 @@ gm = _load("gguf_models")
                                          ("llama", "q8_0")])
 def test_forward_computes_the_same_logits_with_and_without_the_steps(kind, ftype, tmp_path, monkeypatch):
     """Decode logits are bit-identical whether a layer's halves run as one native call each or as
-    the separate calls (qwen2: q/k/v biases; mixtral: only the attention half is fused), for each
-    activation kind, and the steps did run."""
+    the separate calls (qwen2: q/k/v biases; mixtral: the attention half and the routed experts),
+    for each activation kind, and the steps did run."""
     from flashtier.runtime.engine import EngineConfig, Model
 
     path, _ = gm.make_gguf(kind, tmp_path, ftype)
     ids = torch.randint(0, 320, (20,), generator=torch.Generator().manual_seed(5))
     real_attn, real_ffn, real_ok = decode_ops.attn_step, decode_ops.ffn_step, decode_ops.native_steps
-    ran = {"attn": 0, "ffn": 0}
+    ran = {"attn": 0, "ffn": 0, "experts": 0}
 
     def counted(key, fn):
         def call(*args, **kwargs):
@@ -228,6 +263,7 @@ def test_forward_computes_the_same_logits_with_and_without_the_steps(kind, ftype
 
     monkeypatch.setattr(decode_ops, "attn_step", counted("attn", real_attn))
     monkeypatch.setattr(decode_ops, "ffn_step", counted("ffn", real_ffn))
+    monkeypatch.setattr(decode_ops, "experts_step", counted("experts", decode_ops.experts_step))
     for act in qk.ACTIVATIONS:
         t = Model(path, EngineConfig(activations=act)).transformer
         out = {}
@@ -241,6 +277,7 @@ def test_forward_computes_the_same_logits_with_and_without_the_steps(kind, ftype
     layers = t.config.num_layers
     assert ran["attn"] == len(qk.ACTIVATIONS) * 8 * layers
     assert ran["ffn"] == (0 if kind == "mixtral" else len(qk.ACTIVATIONS) * 8 * layers)
+    assert ran["experts"] == (len(qk.ACTIVATIONS) * 8 * layers if kind == "mixtral" else 0)
 
 
 def test_an_accessor_that_computes_the_ffn_is_asked(tmp_path, monkeypatch):

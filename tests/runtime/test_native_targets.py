@@ -42,6 +42,7 @@ KERNEL_TESTS = ["tests/runtime/test_decode_ops.py", "tests/runtime/test_kernels.
                 "tests/retrieval/test_cluster_batch.py", "tests/runtime/weights/test_sparse_ffn_kernel.py",
                 *(f"tests/runtime/test_native_steps.py::{t}" for t in (
                     "test_attention_step_is_the_separate_calls", "test_ffn_step_is_the_separate_calls",
+                    "test_experts_step_is_the_separate_calls",
                     "test_native_activation_is_the_function_to_fp32_rounding"))]
 
 RUNNER = """
