@@ -2849,10 +2849,10 @@ MULTIVERSION
 SHARED_NOINLINE static void act_mul_impl(const float *restrict g, const float *restrict u, float *restrict out, Py_ssize_t n,
                          int kind) {
     if (kind == 0)
-        for (Py_ssize_t i = 0; i < n; i++) out[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = g[i] / (1.f + exp_f32(-g[i])) * u[i];
     else if (kind == 1) /* 0.5 g (1 + tanh(y)) = g / (1 + exp(-2y)): no cancellation where tanh(y) ~ -1 */
         for (Py_ssize_t i = 0; i < n; i++)
-            out[i] = g[i] / (1.f + expf(-1.5957691216057308f * (g[i] + 0.044715f * g[i] * g[i] * g[i]))) * u[i];
+            out[i] = g[i] / (1.f + exp_f32(-1.5957691216057308f * (g[i] + 0.044715f * g[i] * g[i] * g[i]))) * u[i];
     else /* 0.5 g (1 + erf(g / sqrt 2)) = 0.5 g erfc(-g / sqrt 2), likewise */
         for (Py_ssize_t i = 0; i < n; i++) out[i] = 0.5f * g[i] * erfcf(g[i] * -0.7071067811865476f) * u[i];
 }

@@ -117,6 +117,30 @@ static ALWAYS_INLINE float exp_le0(float x) {
     return x != x ? x : y;
 }
 
+/* exp(x) for any x, as exp_le0 (relative error ~2e-7): x > 88.72 gives +inf, x < -87 gives exp(-87)
+ * (~1.6e-38: a term that small vanishes beside the 1 it is added to in silu and gelu), NaN stays
+ * NaN. Branch-free, so that loops over it vectorise (the FFN activation of a decode row: ~10x
+ * faster than libm's expf one value at a time). */
+static ALWAYS_INLINE float exp_f32(float x) {
+    float xc = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    float n = rintf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693145751953125f;
+    r = r - n * 1.42860682030941723212e-6f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    float y = p * scale;
+    y = x > 88.72f ? INFINITY : y;
+    return x != x ? x : y;
+}
+
 #define MAX_THREADS 64
 
 /* One threaded job: `fn` computes rows [r0, r1) of it (a matrix-vector product, a dequantization,
