@@ -94,37 +94,15 @@ static ALWAYS_INLINE float hsum16_tree(v16f v) {
     return (f[0] + f[2]) + (f[1] + f[3]);
 }
 
-/* exp(x) for x <= 0 (softmax after subtracting the maximum), branch-free so that loops over it
- * vectorise: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative error ~2e-7,
- * about one fp32 ulp), times 2^n built in the exponent bits. x < -87 gives exp(-87) ~ 1.6e-38 (a
- * softmax weight that small is below the fp32 resolution of the sum, which holds a 1); NaN stays NaN. */
-static ALWAYS_INLINE float exp_le0(float x) {
-    float xc = x < -87.f ? -87.f : x;
-    float n = rintf(xc * 1.44269504088896341f);
-    float r = xc - n * 0.693145751953125f;   /* ln2 in two parts: exact product with the high part */
-    r = r - n * 1.42860682030941723212e-6f;
-    float p = 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
-    float y = p * scale;
-    return x != x ? x : y;
-}
-
-/* exp(x) for any x, as exp_le0 (relative error ~2e-7): x > 88.72 gives +inf, x < -87 gives exp(-87)
- * (~1.6e-38: a term that small vanishes beside the 1 it is added to in silu and gelu), NaN stays
- * NaN. Branch-free, so that loops over it vectorise (the FFN activation of a decode row: ~10x
- * faster than libm's expf one value at a time). */
+/* exp(x) for any x, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2 / 2,
+ * exp(r) by a degree-6 polynomial (relative error ~2e-7, about one fp32 ulp), times 2^n built in
+ * the exponent bits. x > 88.72 gives +inf; x < -87 gives exp(-87) ~ 1.6e-38 (a softmax weight that
+ * small is below the fp32 resolution of the sum, which holds a 1; in silu and gelu the term
+ * vanishes beside the 1 it is added to); NaN stays NaN. */
 static ALWAYS_INLINE float exp_f32(float x) {
     float xc = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
     float n = rintf(xc * 1.44269504088896341f);
-    float r = xc - n * 0.693145751953125f;
+    float r = xc - n * 0.693145751953125f;   /* ln2 in two parts: exact product with the high part */
     r = r - n * 1.42860682030941723212e-6f;
     float p = 1.f / 720.f;
     p = p * r + 1.f / 120.f;
@@ -140,6 +118,9 @@ static ALWAYS_INLINE float exp_f32(float x) {
     y = x > 88.72f ? INFINITY : y;
     return x != x ? x : y;
 }
+
+/* exp(x) for x <= 0: softmax weights after subtracting the maximum (exp_f32's bits). */
+static ALWAYS_INLINE float exp_le0(float x) { return exp_f32(x); }
 
 #define MAX_THREADS 64
 
