@@ -42,19 +42,19 @@ def main() -> None:
     moe = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
     states: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     w = t.weights
-    begin, ffn = w.layer_begin, t._ffn
+    begin, ffn = w.layer_begin, t._rows_ffn
 
     def layer_begin(i, hidden):
         states["x"][i] = hidden[-1:].float()
         return begin(i, hidden)
 
-    def hooked_ffn(i, n, x):
-        # x = RMSNorm(h) * w_i; undo the weight (RMSNorm is scale-invariant, so this routes as h)
-        states["h"][i] = x[-1:].float() / w.get(n.post_attn_norm).float()
-        return ffn(i, n, x)
+    def hooked_ffn(i, n, xs):
+        # xs[0] = RMSNorm(h) * w_i (one sequence); undo the weight (RMSNorm is scale-invariant, so this routes as h)
+        states["h"][i] = xs[0][-1:].float() / w.get(n.post_attn_norm).float()
+        return ffn(i, n, xs)
 
     w.layer_begin = layer_begin
-    t._ffn = hooked_ffn
+    t._rows_ffn = hooked_ffn
 
     def route(j: int, h: torch.Tensor) -> list[int]:
         n = t.names[j]
