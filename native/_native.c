@@ -3175,10 +3175,11 @@ done:
 }
 
 
-/* experts_step(xn, out, ((gate, up, down), ...), weights, kind, threads, act) -> None: the routed
+/* experts_step(xn, out, ((gate, up, down), ...), weights, kind, threads, act[, h]): the routed
  * experts of one token, out [H] = sum over e in order of weights[e] * down_e(act_mul(gate_e(xn),
  * up_e(xn))) (each term rounded, then added to the sum: the separate path's operations), 1 to 4
- * experts: their gates and ups in one job, their downs in another. */
+ * experts: their gates and ups in one job, their downs in another. With the residual h: out = h +
+ * that sum, and returns whether out is all finite (else None). */
 #define EXPERTS_MAX (STEP_MAX / 2)
 
 __attribute__((optimize("fp-contract=off"))) /* product rounded, then added: never one fused multiply-add */
@@ -3195,10 +3196,10 @@ SHARED_NOINLINE static void weighted_sum(float *restrict out, const float *restr
 }
 
 static PyObject *experts_step(PyObject *self, PyObject *args) {
-    Py_buffer x, out, wts;
+    Py_buffer x, out, wts, res = {0};
     PyObject *experts, *result = NULL;
     int kind, threads, act;
-    if (!PyArg_ParseTuple(args, "y*w*Oy*iii", &x, &out, &experts, &wts, &kind, &threads, &act)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*w*Oy*iii|y*", &x, &out, &experts, &wts, &kind, &threads, &act, &res)) return NULL;
     step_products gu, dn;
     memset(&gu, 0, sizeof gu);
     memset(&dn, 0, sizeof dn);
@@ -3215,6 +3216,11 @@ static PyObject *experts_step(PyObject *self, PyObject *args) {
     if (!PyTuple_Check(experts) || PyTuple_GET_SIZE(experts) < 1 || PyTuple_GET_SIZE(experts) > EXPERTS_MAX) {
         PyErr_Format(PyExc_ValueError, "experts_step: experts must be a tuple of 1 to %d (gate, up, down) spec tuples",
                      EXPERTS_MAX);
+        goto done;
+    }
+    if (res.buf != NULL && (res.len != x.len || ((uintptr_t)res.buf & 3) || res.buf == out.buf)) {
+        PyErr_Format(PyExc_ValueError, "experts_step: the residual must be fp32 [H] like x, not out (got %zd bytes)",
+                     res.len);
         goto done;
     }
     n = (int)PyTuple_GET_SIZE(experts);
@@ -3259,6 +3265,7 @@ static PyObject *experts_step(PyObject *self, PyObject *args) {
     if (step_prepare("experts_step", &gu, (const float *)x.buf, H, guo, threads, act) < 0 ||
         step_prepare_each("experts_step", &dn, NULL, 0, axs, inter, dd, threads, act) < 0)
         goto done;
+    int finite = 1;
     {
         const float *wv = (const float *)wts.buf;
         float *ov = (float *)out.buf;
@@ -3271,10 +3278,21 @@ static PyObject *experts_step(PyObject *self, PyObject *args) {
         }
         step_run(&dn);
         weighted_sum(ov, dd, wv, n, H);
+        if (res.buf != NULL) {
+            const float *rv = (const float *)res.buf;
+            for (Py_ssize_t i = 0; i < H; i++) {
+                ov[i] = rv[i] + ov[i];
+                finite &= isfinite(ov[i]) != 0;
+            }
+        }
         Py_END_ALLOW_THREADS
     }
-    result = Py_None;
-    Py_INCREF(result);
+    if (res.buf != NULL) {
+        result = PyBool_FromLong(finite);
+    } else {
+        result = Py_None;
+        Py_INCREF(result);
+    }
 done:
     step_free(&gu);
     step_free(&dn);
@@ -3282,6 +3300,81 @@ done:
     PyBuffer_Release(&x);
     PyBuffer_Release(&out);
     PyBuffer_Release(&wts);
+    if (res.buf != NULL) PyBuffer_Release(&res);
+    return result;
+}
+
+
+/* route_row(x, w, ids, weights, k, norm): the router of one fp32 token: logits = w @ x (w fp32
+ * [E, H]), softmax (exp_f32 of logit - max, summed in expert order), the k most probable experts
+ * in descending order (ties: the lower index first) into ids (int64 [k]) and their probabilities
+ * into weights (fp32 [k]), divided by their sum (in that order) when norm. Both the fused MoE step
+ * and the separate path call it for a one-token group, so they route identically. */
+MULTIVERSION SHARED_NOINLINE
+static void router_logits(const float *restrict x, const float *restrict w, float *restrict logits, Py_ssize_t E,
+                          Py_ssize_t H) {
+    for (Py_ssize_t e = 0; e < E; e++) {
+        const float *we = w + e * H;
+        float t = 0.f;
+        for (Py_ssize_t h = 0; h < H; h++) t += we[h] * x[h];
+        logits[e] = t;
+    }
+}
+
+SHARED_NOINLINE static void route_pick(float *p, Py_ssize_t E, int k, int norm, int64_t *ids, float *weights) {
+    float mx = -INFINITY, sum = 0.f;
+    for (Py_ssize_t e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+    for (Py_ssize_t e = 0; e < E; e++) {
+        p[e] = exp_f32(p[e] - mx);
+        sum += p[e];
+    }
+    for (Py_ssize_t e = 0; e < E; e++) p[e] = p[e] / sum;
+    for (int j = 0; j < k; j++) {
+        Py_ssize_t best = -1;
+        for (Py_ssize_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int i = 0; i < j; i++) taken |= ids[i] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        ids[j] = best;
+        weights[j] = p[best];
+    }
+    if (norm) {
+        float t = 0.f;
+        for (int j = 0; j < k; j++) t += weights[j];
+        for (int j = 0; j < k; j++) weights[j] = weights[j] / t;
+    }
+}
+
+static PyObject *route_row(PyObject *self, PyObject *args) {
+    Py_buffer x, w, ids, wo;
+    int k, norm;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*ip", &x, &w, &ids, &wo, &k, &norm)) return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t H = x.len / 4, E = H > 0 ? w.len / (4 * H) : 0;
+    float *p = NULL;
+    if (H <= 0 || x.len % 4 || E < 1 || w.len != E * H * 4 || k < 1 || k > E || ids.len != (Py_ssize_t)k * 8 ||
+        wo.len != (Py_ssize_t)k * 4 || ((uintptr_t)x.buf & 3) || ((uintptr_t)w.buf & 3) || ((uintptr_t)ids.buf & 7) ||
+        ((uintptr_t)wo.buf & 3)) {
+        PyErr_Format(PyExc_ValueError, "route_row: x fp32 [H], w fp32 [E, H], 1 <= k <= E, ids int64 [k] and weights "
+                     "fp32 [k] (got %zd, %zd, %zd and %zd bytes, k = %d)", x.len, w.len, ids.len, wo.len, k);
+        goto done;
+    }
+    p = (float *)PyMem_Malloc((size_t)E * sizeof(float));
+    if (p == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    router_logits((const float *)x.buf, (const float *)w.buf, p, E, H);
+    route_pick(p, E, k, norm, (int64_t *)ids.buf, (float *)wo.buf);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(p);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&wo);
     return result;
 }
 
@@ -3386,8 +3479,12 @@ static PyMethodDef methods[] = {
      "ffn_step(x, out, norm, eps, (gate, up), down, kind, threads, act) -> finite: one token's FFN half of a layer, "
      "out = x + down(act_mul(gate(xn), up(xn))), xn = rms_norm(x) (GIL released)."},
     {"experts_step", experts_step, METH_VARARGS,
-     "experts_step(xn, out, ((gate, up, down), ...), weights, kind, threads, act): one token's routed experts (1 to "
-     "4), out = sum_e weights[e] * down_e(act_mul(gate_e(xn), up_e(xn))) in expert order (GIL released)."},
+     "experts_step(xn, out, ((gate, up, down), ...), weights, kind, threads, act[, h]): one token's routed experts (1 "
+     "to 4), out = [h +] sum_e weights[e] * down_e(act_mul(gate_e(xn), up_e(xn))) in expert order; with h returns "
+     "whether out is all finite (GIL released)."},
+    {"route_row", route_row, METH_VARARGS,
+     "route_row(x, w, ids, weights, k, norm): one fp32 token's router: softmax of w @ x, the k most probable "
+     "experts (descending, ties to the lower index) and their probabilities, normalised to sum 1 when norm."},
     {"kv_gather", kv_gather, METH_VARARGS,
      "kv_gather(records, table, rows, heads, block, kv_heads, d, elem, out_k, out_v, slots_out): key and value rows "
      "of a host KV block pool at positions rows [R, n] of kv heads heads [R]; returns 0, or 1 when a block is not "

@@ -29,8 +29,9 @@ try:
     from flashtier._native import attn_step as _attn_step
     from flashtier._native import experts_step as _experts_step
     from flashtier._native import ffn_step as _ffn_step
+    from flashtier._native import route_row as _route_row
 except ImportError:
-    _act_mul = _attn_step = _experts_step = _ffn_step = None
+    _act_mul = _attn_step = _experts_step = _ffn_step = _route_row = None
 
 EXPERTS_MAX = 4
 """Most routed experts :func:`experts_step` computes in one call."""
@@ -104,11 +105,33 @@ def ffn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float,
 
 
 def experts_step(xn: "np.ndarray", out: "np.ndarray", experts: list[tuple[WeightSpec, WeightSpec, WeightSpec]],
-                 weights: "np.ndarray", hidden_act: str, threads: int, act: int) -> None:
+                 weights: "np.ndarray", hidden_act: str, threads: int, act: int,
+                 residual: "np.ndarray | None" = None) -> bool | None:
     """One fp32 token's routed experts: ``out`` ``[H]`` = sum over ``experts`` (gate, up, down;
     1 to :data:`EXPERTS_MAX`), in order, of ``weights[e]`` * down_e(act(gate_e(xn)) * up_e(xn)),
-    each term rounded before it is added (the separate path's operations, so the same bits)."""
-    _experts_step(xn, out, tuple(experts), weights, ACT_KINDS[hidden_act], threads, act)
+    each term rounded before it is added (the separate path's operations, so the same bits). With
+    ``residual`` ``[H]``: ``out`` = ``residual`` + that sum, and returns whether ``out`` is all
+    finite (else None)."""
+    if residual is None:
+        return _experts_step(xn, out, tuple(experts), weights, ACT_KINDS[hidden_act], threads, act)
+    return _experts_step(xn, out, tuple(experts), weights, ACT_KINDS[hidden_act], threads, act, residual)
+
+
+def route_row(x: torch.Tensor, router: torch.Tensor, k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One fp32 token ``x`` ``[1, H]`` routed by ``router`` ``[E, H]`` (fp32): (top_i ``[1, k]``
+    int64, top_w ``[1, k]`` fp32), the softmax's k most probable experts in descending order (ties
+    to the lower index) and their probabilities, divided by their sum when ``norm``. None where it
+    does not apply (no extension, several rows, another dtype or device, a quantized router): then
+    the caller runs torch's softmax and topk."""
+    if (_route_row is None or not isinstance(router, torch.Tensor) or x.shape[0] != 1 or x.dtype != torch.float32
+            or router.dtype != torch.float32 or x.device.type != "cpu" or router.device.type != "cpu"
+            or x.requires_grad or router.requires_grad or not x.is_contiguous() or not router.is_contiguous()
+            or router.dim() != 2 or router.shape[1] != x.shape[1] or not 1 <= k <= router.shape[0]):
+        return None
+    ids = torch.empty(1, k, dtype=torch.int64)
+    weights = torch.empty(1, k, dtype=torch.float32)
+    _route_row(x.numpy(), router.numpy(), ids.numpy(), weights.numpy(), k, norm)
+    return ids, weights
 
 
 def native_attend() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -193,10 +194,11 @@ class Transformer:
             for i, n in enumerate(self.names):
                 w.layer_begin(i, xs[0] if len(xs) == 1 else torch.cat(xs))
                 if steps and (h := self._attention_step(i, n, xs[0], caches[0], starts[0], tables[0])) is not None:
-                    if not n.router and (step := self._ffn_step(i, n, h)) is not None:
+                    step = self._moe_step(i, n, h) if n.router else self._ffn_step(i, n, h)
+                    if step is not None:
                         xs = [step[0]]
                         w.layer_end(i)
-                        if not step[1]:
+                        if step[1] is not True:  # not finite, or not checked yet
                             finite.check(xs[0], f"layer {i}")
                         continue
                     hs = [h]
@@ -306,6 +308,48 @@ class Transformer:
         w.done((n.down,))
         return out, finite
 
+    def _route(self, i: int, n: LayerNames, xs: list[torch.Tensor]
+               ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[list[list[int]]], list[list[int]], list[int]]:
+        """Route each group ``[T_b, H]`` of MoE layer ``i`` and tell the accessor: per group (top_i
+        ``[T, k]``, top_w ``[T, k]`` in x.dtype), its chosen experts per token (host lists), its
+        expert set (ascending), and the union over groups (ascending). A one-token fp32 group is
+        routed by one native call (:func:`~flashtier.runtime.decode_ops.route_row`), alone or in a
+        batch."""
+        w, c = self.weights, self.config
+        router = w.get(n.router)
+        picks = []  # per group: (top_i [T, k], top_w [T, k] in x.dtype)
+        for x in xs:
+            native = decode_ops.route_row(x, router, c.num_experts_per_tok, c.norm_topk_prob)
+            if native is not None:
+                picks.append(native)
+                continue
+            probs = F.softmax(self.linear(x, router).float(), dim=-1)  # [T, E]
+            top_w, top_i = torch.topk(probs, c.num_experts_per_tok, dim=-1)
+            if c.norm_topk_prob:
+                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            picks.append((top_i, top_w.to(x.dtype)))
+        self.trace.chosen[i] = picks[0][0] if len(picks) == 1 else torch.cat([p[0] for p in picks])
+        chosen = [top_i.tolist() for top_i, _ in picks]  # per group [T][k] on the host: one read per group
+        sets = [sorted({e for row in rows for e in row}) for rows in chosen]
+        union = sorted({e for s in sets for e in s})
+        w.route(i, union, xs[0] if len(xs) == 1 else torch.cat(xs))
+        return picks, chosen, sets, union
+
+    def _moe_step(self, i: int, n: LayerNames, h: torch.Tensor) -> tuple[torch.Tensor, bool | None] | None:
+        """(``h + routed experts(h)`` ``[1, H]``, whether it is all finite or None when unchecked)
+        of MoE layer ``i`` for one fp32 token: the post-attention norm and the router, then the
+        experts with the residual add as one native call where their weights are resident (else the
+        separate calls and a torch add: the same numbers); None (nothing done) for a layer with
+        shared experts, which the general path computes."""
+        if n.shared_gate:
+            return None
+        hn = rms_norm(h, self.weights.get(n.post_attn_norm), self.config.rms_norm_eps)
+        picks, chosen, sets, union = self._route(i, n, [hn])
+        fused = self._experts_step(n, [hn], chosen[0][0], picks[0][1], union, residual=h)
+        if fused is not None:
+            return fused
+        return h + self._experts(n, [hn], chosen, picks, sets, union)[0], None
+
     def _experts(self, n: LayerNames, xs: list[torch.Tensor], chosen: list[list[list[int]]],
                  picks: list[tuple[torch.Tensor, torch.Tensor]], sets: list[list[int]], union: list[int]
                  ) -> list[torch.Tensor]:
@@ -351,12 +395,13 @@ class Transformer:
         return out
 
     def _experts_step(self, n: LayerNames, xs: list[torch.Tensor], ids: list[int], top_w: torch.Tensor,
-                      union: list[int]) -> torch.Tensor | None:
-        """One fp32 token's routed experts ``[1, H]`` as one native call
+                      union: list[int], residual: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, bool | None] | None:
+        """(one fp32 token's routed experts ``[1, H]``, None) as one native call
         (:func:`~flashtier.runtime.decode_ops.experts_step`, the numbers of :meth:`_experts`) when
-        every expert's weights are resident quantized CPU blocks (pinned, or all in memory);
-        None (nothing done) otherwise. ``ids`` the token's chosen experts, ``top_w`` ``[1, k]``
-        their weights."""
+        every expert's weights are resident quantized CPU blocks (pinned, or all in memory); with
+        ``residual``, (``residual`` + the experts, whether that is all finite). None (nothing
+        done) otherwise. ``ids`` the token's chosen experts, ``top_w`` ``[1, k]`` their weights."""
         x = xs[0]
         if (x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or not decode_ops.native_steps()
                 or len(union) > decode_ops.EXPERTS_MAX or self.config.hidden_act not in decode_ops.ACT_KINDS
@@ -367,15 +412,18 @@ class Transformer:
         specs = self._step_weights(flat, ("",) * len(flat))
         if specs is None:
             return None
-        weights = top_w[0, [ids.index(e) for e in union]].contiguous()  # [E] fp32, in expert order
+        tw = top_w[0].tolist()  # fp32 values, exact as Python floats
+        weights = np.array([tw[ids.index(e)] for e in union], np.float32)  # [E] in expert order
         out = torch.empty_like(x)  # [1, H]
-        decode_ops.experts_step(x.numpy(), out.numpy(), [tuple(specs[3 * k:3 * k + 3]) for k in range(len(union))],
-                                weights.numpy(), self.config.hidden_act, self.linear.kernel_threads,
-                                ACT_CODES[self.linear.activations])
+        finite = decode_ops.experts_step(x.numpy(), out.numpy(),
+                                         [tuple(specs[3 * k:3 * k + 3]) for k in range(len(union))], weights,
+                                         self.config.hidden_act, self.linear.kernel_threads,
+                                         ACT_CODES[self.linear.activations],
+                                         None if residual is None else residual.numpy())
         self.linear.calls_quantized += len(flat)
         for three in names:
             self.weights.done(three)
-        return out
+        return out, finite
 
     def _act_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``act(g) * u``: one fp32 row natively (the numbers :meth:`_ffn_step` computes), else torch."""
@@ -410,28 +458,16 @@ class Transformer:
         """The FFN of each group ``[T_b, H]``: dense weights (or the sparse FFN's predicted neurons)
         fetched once; MoE experts fetched once for every group routed to them, a one-token group's
         experts summed in expert order, a longer group's rows gathered per expert."""
-        c, w = self.config, self.weights
+        w = self.weights
         if not n.router:
             custom = w.ffn(i, xs)  # the sparse FFN, where it runs
             if custom is not None:
                 return custom
             gu = self._rows_linears(xs, (n.gate, n.up), ("", ""))
             return self._rows_linear([self._act_mul(g, u) for g, u in gu], n.down)
-        router = w.get(n.router)
-        picks = []  # per group: (top_i [T, k], top_w [T, k] in x.dtype)
-        for x in xs:
-            probs = F.softmax(self.linear(x, router).float(), dim=-1)  # [T, E]
-            top_w, top_i = torch.topk(probs, c.num_experts_per_tok, dim=-1)
-            if c.norm_topk_prob:
-                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-            picks.append((top_i, top_w.to(x.dtype)))
-        self.trace.chosen[i] = picks[0][0] if len(picks) == 1 else torch.cat([p[0] for p in picks])
-        chosen = [top_i.tolist() for top_i, _ in picks]  # per group [T][k] on the host: one read per group
-        sets = [sorted({e for row in rows for e in row}) for rows in chosen]
-        union = sorted({e for s in sets for e in s})
-        w.route(i, union, xs[0] if len(xs) == 1 else torch.cat(xs))
+        picks, chosen, sets, union = self._route(i, n, xs)
         fused = self._experts_step(n, xs, chosen[0][0], picks[0][1], union) if len(xs) == 1 else None
-        out = [fused] if fused is not None else self._experts(n, xs, chosen, picks, sets, union)
+        out = [fused[0]] if fused is not None else self._experts(n, xs, chosen, picks, sets, union)
         if n.shared_gate:
             gu = self._rows_linears(xs, (n.shared_gate, n.shared_up), ("", ""))
             shared = self._rows_linear([self._act_mul(g, u) for g, u in gu], n.shared_down)

@@ -147,6 +147,56 @@ def test_experts_step_is_the_separate_calls(types, n, act, threads, seed):
     assert torch.equal(out, want)
 
 
+def test_experts_step_with_the_residual_adds_it_and_reports_finiteness():
+    hidden = 256
+    experts = [tuple(weight(GGMLType.Q4_K, 256, hidden, 3 * e + i) if i < 2 else weight(GGMLType.Q6_K, hidden, 256, 9)
+                     for i in range(3)) for e in range(2)]
+    specs = [tuple(spec(w) for w in three) for three in experts]
+    g = torch.Generator().manual_seed(7)
+    xn, h, top_w = torch.randn(1, hidden, generator=g), torch.randn(1, hidden, generator=g), torch.rand(2, generator=g)
+    alone, out = torch.empty_like(xn), torch.empty_like(xn)
+    assert decode_ops.experts_step(xn.numpy(), alone.numpy(), specs, top_w.numpy(), "silu", 2, 2) is None
+    assert decode_ops.experts_step(xn.numpy(), out.numpy(), specs, top_w.numpy(), "silu", 2, 2, h.numpy()) is True
+    assert torch.equal(out, h + alone)  # the forward's residual add, the same bits
+    h[0, 3] = float("nan")
+    assert decode_ops.experts_step(xn.numpy(), out.numpy(), specs, top_w.numpy(), "silu", 2, 2, h.numpy()) is False
+
+
+@settings(max_examples=40, deadline=None)
+@given(e=st.integers(1, 64), k=st.integers(1, 8), hidden=st.sampled_from([8, 64, 1024]), norm=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2**31))
+def test_route_row_picks_what_torch_picks(e, k, hidden, norm, scale, seed):
+    """The native router of one token: torch's softmax / topk / normalisation to fp32 rounding,
+    the same experts wherever torch's probabilities are not within rounding of a tie."""
+    k = min(k, e)
+    g = torch.Generator().manual_seed(seed)
+    x, router = torch.randn(1, hidden, generator=g), torch.randn(e, hidden, generator=g) * scale / hidden ** 0.5
+    ids, weights = decode_ops.route_row(x, router, k, norm)
+    probs = F.softmax((x.double() @ router.double().T), dim=-1)[0]
+    want_w, want_i = torch.topk(probs, k)
+    if norm:
+        want_w = want_w / want_w.sum()
+    gaps = probs.sort(descending=True).values
+    if k < e and (gaps[k - 1] - gaps[k]).abs() < 1e-6 * gaps[0]:
+        return  # a near-tie at the boundary: either expert is right
+    assert sorted(ids[0].tolist()) == sorted(want_i.tolist())
+    assert torch.allclose(weights[0].double(), want_w.to(torch.float64)[[want_i.tolist().index(j) for j in
+                                                                         ids[0].tolist()]], rtol=1e-5, atol=1e-7)
+    assert list(weights[0]) == sorted(weights[0].tolist(), reverse=True)  # descending, as torch.topk
+
+
+def test_route_row_breaks_ties_to_the_lower_index_and_refuses_what_it_cannot_do():
+    x = torch.ones(1, 4)
+    router = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 2.0], [2.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    ids, weights = decode_ops.route_row(x, router, 3, False)
+    assert ids.tolist() == [[1, 2, 0]]  # 1 and 2 tie: the lower first; then 0 (ties with 3)
+    assert decode_ops.route_row(x.double(), router.double(), 2, True) is None  # torch's path runs
+    assert decode_ops.route_row(torch.ones(2, 4), router, 2, True) is None  # several rows
+    from flashtier import _native
+    with pytest.raises(ValueError, match="route_row"):
+        _native.route_row(x.numpy(), router.numpy(), np.zeros(2, np.int64), np.zeros(2, np.float32), 5, True)
+
+
 def test_ffn_step_reports_a_non_finite_result():
     hidden, inter = 256, 256
     gate, up, down = (weight(GGMLType.Q8_0, inter, hidden, 1), weight(GGMLType.Q8_0, inter, hidden, 2),
