@@ -3024,11 +3024,17 @@ static int step_scratch(void **mem, int count, const Py_ssize_t *n, float **arr)
     return 0;
 }
 
+/* Whether x, out (and norm, unless NULL) are aligned fp32 [H] of one size, out not x; else 0 with
+ * a ValueError naming fname. */
 static int step_vector_ok(const char *fname, const Py_buffer *x, const Py_buffer *out, const Py_buffer *norm) {
-    if (x->len <= 0 || x->len % 4 || norm->len != x->len || out->len != x->len || ((uintptr_t)x->buf & 3) ||
-        ((uintptr_t)out->buf & 3) || ((uintptr_t)norm->buf & 3) || x->buf == out->buf) {
-        PyErr_Format(PyExc_ValueError, "%s: x, out and norm must be fp32 [H] of the same size, out not x (got %zd, "
-                     "%zd and %zd bytes)", fname, x->len, out->len, norm->len);
+    if (x->len <= 0 || x->len % 4 || out->len != x->len || ((uintptr_t)x->buf & 3) || ((uintptr_t)out->buf & 3) ||
+        x->buf == out->buf || (norm != NULL && (norm->len != x->len || ((uintptr_t)norm->buf & 3)))) {
+        if (norm != NULL)
+            PyErr_Format(PyExc_ValueError, "%s: x, out and norm must be fp32 [H] of the same size, out not x (got "
+                         "%zd, %zd and %zd bytes)", fname, x->len, out->len, norm->len);
+        else
+            PyErr_Format(PyExc_ValueError, "%s: x and out must be fp32 [H] of the same size, out not x (got %zd and "
+                         "%zd bytes)", fname, x->len, out->len);
         return 0;
     }
     return 1;
@@ -3207,12 +3213,7 @@ static PyObject *experts_step(PyObject *self, PyObject *args) {
     const Py_ssize_t H = x.len / 4;
     Py_ssize_t inter[EXPERTS_MAX], total_i = 0;
     int n = 0;
-    if (x.len <= 0 || x.len % 4 || out.len != x.len || ((uintptr_t)x.buf & 3) || ((uintptr_t)out.buf & 3) ||
-        x.buf == out.buf) {
-        PyErr_Format(PyExc_ValueError, "experts_step: x and out must be fp32 [H] of the same size, out not x (got %zd "
-                     "and %zd bytes)", x.len, out.len);
-        goto done;
-    }
+    if (!step_vector_ok("experts_step", &x, &out, NULL)) goto done;
     if (!PyTuple_Check(experts) || PyTuple_GET_SIZE(experts) < 1 || PyTuple_GET_SIZE(experts) > EXPERTS_MAX) {
         PyErr_Format(PyExc_ValueError, "experts_step: experts must be a tuple of 1 to %d (gate, up, down) spec tuples",
                      EXPERTS_MAX);

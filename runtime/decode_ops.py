@@ -76,16 +76,17 @@ def act_mul_row(g: torch.Tensor, u: torch.Tensor, hidden_act: str) -> torch.Tens
 
 
 def native_steps() -> bool:
-    """Whether :func:`attn_step` and :func:`ffn_step` are available."""
+    """Whether the fused steps (:func:`attn_step`, :func:`ffn_step`, :func:`experts_step`) are available."""
     return _attn_step is not None
 
 
 WeightSpec = tuple  # (ggml type id, blocks as a uint8 numpy array, rows, fp32 bias numpy array or None)
 
 
-def attn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float, qkv: tuple[WeightSpec, WeightSpec, WeightSpec],
-              o: WeightSpec, cos: "np.ndarray", sin: "np.ndarray", interleaved: bool, kv: tuple, heads: int,
-              kv_heads: int, head_dim: int, threads: int, attn_threads: int, act: int) -> None:
+def attn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float,
+              qkv: tuple[WeightSpec, WeightSpec, WeightSpec], o: WeightSpec, cos: "np.ndarray", sin: "np.ndarray",
+              interleaved: bool, kv: tuple, heads: int, kv_heads: int, head_dim: int, threads: int, attn_threads: int,
+              act: int) -> None:
     """The attention half of a layer for one fp32 token: ``out`` ``[H]`` = ``x`` + o(attention),
     q, k, v of ``rms_norm(x, norm)``, rotated by ``cos``/``sin`` ``[D]``, this token's key and
     value written into the cache first. ``kv`` = (keys, values, head stride, int64 block table,
@@ -97,10 +98,11 @@ def attn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float
                head_dim, head_dim ** -0.5, threads, attn_threads, act)
 
 
-def ffn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float, gate_up: tuple[WeightSpec, WeightSpec],
-             down: WeightSpec, hidden_act: str, threads: int, act: int) -> bool:
+def ffn_step(x: "np.ndarray", out: "np.ndarray", norm: "np.ndarray", eps: float,
+             gate_up: tuple[WeightSpec, WeightSpec], down: WeightSpec, hidden_act: str, threads: int, act: int) -> bool:
     """The dense FFN half of a layer for one fp32 token: ``out`` ``[H]`` = ``x`` +
-    down(act(gate(xn)) * up(xn)), ``xn = rms_norm(x, norm)``; returns whether ``out`` is all finite. Bit-identical to the separate calls (with :func:`act_mul_row`)."""
+    down(act(gate(xn)) * up(xn)), ``xn = rms_norm(x, norm)``; returns whether ``out`` is all
+    finite. Bit-identical to the separate calls (with :func:`act_mul_row`)."""
     return _ffn_step(x, out, norm, eps, gate_up, down, ACT_KINDS[hidden_act], threads, act)
 
 

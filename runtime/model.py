@@ -283,7 +283,7 @@ class Transformer:
                              cos.numpy(), sin.numpy(), c.rope.interleaved, kv, c.num_heads, c.num_kv_heads,
                              c.head_dim, self.linear.kernel_threads, cache.threads or torch.get_num_threads(),
                              ACT_CODES[self.linear.activations])
-        cache.decoded(i, start + 1)
+        cache.wrote(i, start + 1)
         self.linear.calls_quantized += 4
         w.done((n.q, n.k, n.v))
         w.done((n.o,))
@@ -345,7 +345,7 @@ class Transformer:
             return None
         hn = rms_norm(h, self.weights.get(n.post_attn_norm), self.config.rms_norm_eps)
         picks, chosen, sets, union = self._route(i, n, [hn])
-        fused = self._experts_step(n, [hn], chosen[0][0], picks[0][1], union, residual=h)
+        fused = self._experts_step(n, hn, chosen[0][0], picks[0][1], union, residual=h)
         if fused is not None:
             return fused
         return h + self._experts(n, [hn], chosen, picks, sets, union)[0], None
@@ -394,15 +394,15 @@ class Transformer:
             out.append(acc)
         return out
 
-    def _experts_step(self, n: LayerNames, xs: list[torch.Tensor], ids: list[int], top_w: torch.Tensor,
+    def _experts_step(self, n: LayerNames, x: torch.Tensor, ids: list[int], top_w: torch.Tensor,
                       union: list[int], residual: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, bool | None] | None:
         """(one fp32 token's routed experts ``[1, H]``, None) as one native call
         (:func:`~flashtier.runtime.decode_ops.experts_step`, the numbers of :meth:`_experts`) when
         every expert's weights are resident quantized CPU blocks (pinned, or all in memory); with
         ``residual``, (``residual`` + the experts, whether that is all finite). None (nothing
-        done) otherwise. ``ids`` the token's chosen experts, ``top_w`` ``[1, k]`` their weights."""
-        x = xs[0]
+        done) otherwise. ``x`` ``[1, H]`` the normed input, ``ids`` the token's chosen experts,
+        ``top_w`` ``[1, k]`` their weights."""
         if (x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or not decode_ops.native_steps()
                 or len(union) > decode_ops.EXPERTS_MAX or self.config.hidden_act not in decode_ops.ACT_KINDS
                 or not x.is_contiguous()):
@@ -466,7 +466,7 @@ class Transformer:
             gu = self._rows_linears(xs, (n.gate, n.up), ("", ""))
             return self._rows_linear([self._act_mul(g, u) for g, u in gu], n.down)
         picks, chosen, sets, union = self._route(i, n, xs)
-        fused = self._experts_step(n, xs, chosen[0][0], picks[0][1], union) if len(xs) == 1 else None
+        fused = self._experts_step(n, xs[0], chosen[0][0], picks[0][1], union) if len(xs) == 1 else None
         out = [fused[0]] if fused is not None else self._experts(n, xs, chosen, picks, sets, union)
         if n.shared_gate:
             gu = self._rows_linears(xs, (n.shared_gate, n.shared_up), ("", ""))

@@ -290,8 +290,7 @@ class BlockKVCache:
             phys = self._writable(blk)
             pool.np_k[layer][:, phys, off] = k.numpy()[:, 0]  # [H_kv, D]
             pool.np_v[layer][:, phys, off] = v.numpy()[:, 0]
-            if layer == self.num_layers - 1:
-                self.length = max(self.length, end)
+            self.wrote(layer, end)
             return
         if end > self.capacity:
             self.reserve(max(end, 2 * self.capacity))
@@ -303,15 +302,14 @@ class BlockKVCache:
             pool.k[layer][:, phys, off : off + n] = k[:, pos - start : pos - start + n]
             pool.v[layer][:, phys, off : off + n] = v[:, pos - start : pos - start + n]
             pos += n
-        if layer == self.num_layers - 1:
-            self.length = max(self.length, end)
+        self.wrote(layer, end)
 
     def decode_slot(self, layer: int, start: int) -> tuple | None:
         """Room for one fp32 token at position ``start`` of ``layer``, for a native step that writes
         its key and value and attends (:func:`~flashtier.runtime.decode_ops.attn_step`): (keys,
         values, head stride, block table, block size, lo, end) with the position's block made
         this cache's own (copy on write) and the block table current; None where the native
-        one-row path does not apply (a pool that is not fp32 numpy). Call :meth:`decoded` after
+        one-row path does not apply (a pool that is not fp32 numpy). Call :meth:`wrote` after
         the step."""
         pool = self.pool
         if not pool.np_k:
@@ -320,17 +318,24 @@ class BlockKVCache:
         if end > self.capacity:
             self.reserve(max(end, 2 * self.capacity))
         self._writable(start // self.block_size)
-        table = self._table_np
-        if table is None:
-            table = self._table_np = np.asarray(self.block_table, dtype=np.int64)
-        lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
-        return (pool.flat_k[layer], pool.flat_v[layer], pool.num_blocks * self.block_size * self.head_dim, table,
-                self.block_size, lo, end)
+        return (pool.flat_k[layer], pool.flat_v[layer], pool.num_blocks * self.block_size * self.head_dim,
+                self._table(), self.block_size, self._window_start(end), end)
 
-    def decoded(self, layer: int, end: int) -> None:
-        """A native step wrote ``layer``'s key and value at position ``end - 1`` (see :meth:`decode_slot`)."""
+    def wrote(self, layer: int, end: int) -> None:
+        """``layer``'s keys and values are written up to position ``end - 1`` (by :meth:`write`,
+        or by a native step after :meth:`decode_slot`): the last layer's write sets the length."""
         if layer == self.num_layers - 1:
             self.length = max(self.length, end)
+
+    def _table(self) -> np.ndarray:
+        """The block table as int64 (the native attention's form), rebuilt after it changed."""
+        if self._table_np is None:
+            self._table_np = np.asarray(self.block_table, dtype=np.int64)
+        return self._table_np
+
+    def _window_start(self, end: int) -> int:
+        """The first position a query at ``end - 1`` attends to (its sliding window, if any)."""
+        return 0 if self.sliding_window is None else max(0, end - self.sliding_window)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[H_kv, end, D]`` of positions ``0 .. end-1``: a view when the blocks
@@ -357,13 +362,9 @@ class BlockKVCache:
         end = start + t
         pool = self.pool
         if t == 1 and pool.np_k and q.dtype == torch.float32 and q.is_contiguous() and not q.requires_grad:
-            lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
-            table = self._table_np
-            if table is None:
-                table = self._table_np = np.asarray(self.block_table, dtype=np.int64)
             return decode_ops.attend_row(q, pool.flat_k[layer], pool.flat_v[layer], self.num_kv_heads,
-                                         pool.num_blocks * self.block_size * self.head_dim, lo, end,
-                                         self.threads or torch.get_num_threads(), table, self.block_size)
+                                         pool.num_blocks * self.block_size * self.head_dim, self._window_start(end),
+                                         end, self.threads or torch.get_num_threads(), self._table(), self.block_size)
         keys, values = self.read(layer, end)  # [Hkv, S, D], S = start + T
         gqa = q.shape[0] != keys.shape[0]
         return F.scaled_dot_product_attention(
