@@ -21,6 +21,8 @@ Target (retrieval issue): <= 2 ms per layer (<= 64 ms per token for 32 layers).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch
 from flashtier.benchmarks.bench_matvec import gb_per_s
 from flashtier.benchmarks.common import finish, machine
 from flashtier.runtime.kernels import Linear
-from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig
+from flashtier.runtime.kv.retrieval_config import RetrievalCacheConfig, retrieval_config
 from flashtier.runtime.kv.retrieval_cost import HeadShape, step_bytes, synthetic_cache
 
 LLAMA_8B = HeadShape(num_kv_heads=8, queries_per_kv=4, head_dim=128)
@@ -80,10 +82,16 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--huge-pages", choices=("on", "off"), default="on",
                    help="the host KV pool and the index tables on transparent huge pages (the runtime's default: on)")
+    p.add_argument("--options", default=None,
+                   help="JSON dict of retrieval options (EngineConfig.extra keys, as `generate`'s; e.g. "
+                        "'{\"index_options\": {...}}' replaces the preset's index options); default: the defaults")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    config = RetrievalCacheConfig().with_huge_pages(a.huge_pages == "on")
+    config = RetrievalCacheConfig()
+    if a.options:
+        config = dataclasses.replace(config, retrieval=retrieval_config(json.loads(a.options)))
+    config = config.with_huge_pages(a.huge_pages == "on")
     shape = LLAMA_8B
     gen = torch.Generator().manual_seed(a.seed)
     offset = torch.randn(shape.num_kv_heads, 1, shape.head_dim, generator=gen) * 2
@@ -116,7 +124,7 @@ def main() -> int:
               "layers": a.layers, "threads": threads, "machine": machine(), "huge_pages": a.huge_pages,
               "build_s": round(build_s, 1), "step_bytes_per_layer": bytes_per_layer,
               "keys_scanned_fraction": stats.get("attention_keys_scanned_fraction"),
-              "target_layer_ms": 2.0, "rounds": rounds,
+              "target_layer_ms": 2.0, "rounds": rounds, "options": json.loads(a.options) if a.options else {},
               "layer_ms": [r["layer_ms"] for r in rounds]}
     return finish(result, a.json, summary_skips=())
 

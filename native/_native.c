@@ -3495,9 +3495,10 @@ static PyMethodDef methods[] = {
      "attention over positions lo..end-1, fp32 (GIL released); with an int64 block table, position p is row "
      "table[p / block] * block + p % block of each head (same arithmetic as the rows in order)."},
     {"cluster_search", cluster_search, METH_VARARGS,
-     "cluster_search(q, ptrs, counts, out_pos, out_scanned, est_out, est_lse, R, D, k, budget, oversample, bf16, "
+     "cluster_search(q, ptrs, counts, out_pos, out_scanned, est_out, est_lse, R, D, k, budget, oversample, formats, "
      "two_level, estimate, bound_weight, group_scale, est_scale, threads): ClusterIndex searches of every kv head "
-     "of a layer (+ the estimate of the rest) in one call; see native/cluster_search.c (GIL released)."},
+     "of a layer (+ the estimate of the rest) in one call; formats: bit 0 keys and summaries bf16, bit 1 summaries "
+     "int8 with a scale per row; see native/cluster_search.c (GIL released)."},
     {"retrieval_attend", retrieval_attend, METH_VARARGS,
      "retrieval_attend(q, rk, rv, tk, tv, est_out, est_lse, out, H, G, S, n, D, res_bf16, ret_bf16, scale, threads): "
      "each query row's exact attention over its kv head's resident keys and its own retrieved keys, merged with "

@@ -42,6 +42,10 @@ enum {
     P_SUP_KEYS,     /* [S] int64 keys */
     P_VMEAN,        /* [C, D] mean value per cluster (estimate) */
     P_SUP_VMEAN,    /* [S, D] mean value per super-cluster (estimate) */
+    P_CENT_SCALE,   /* [C] fp32 row scales of P_CENT when the summaries are int8 (else any valid address) */
+    P_SUP_SCALE,    /* [S] fp32 row scales of P_SUP */
+    P_VMEAN_SCALE,  /* [C] fp32 row scales of P_VMEAN */
+    P_SUP_VMEAN_SCALE, /* [S] fp32 row scales of P_SUP_VMEAN */
     P_COUNT
 };
 enum { N_KEYS, N_CLUSTERS, N_TAIL, N_SUPERS, N_COUNT };
@@ -57,7 +61,9 @@ typedef struct {
     const int64_t *budget; /* [H] keys each head may score exactly (its index's scan budget) */
     Py_ssize_t R, D, k;
     double oversample;
-    int bf16, two_level, estimate;
+    int formats; /* bit 0: keys and summaries bf16 (else fp32); bit 1: summaries (centroids, super
+                  * centroids, mean values) int8 codes with an fp32 scale per row */
+    int two_level, estimate;
     float bound_weight, group_scale, est_scale;
     int failed;
 } search_args;
@@ -174,16 +180,40 @@ static ALWAYS_INLINE Py_ssize_t take_best(const uint32_t *key, const int32_t *w,
     return c;
 }
 
-/* 16 values of a bf16 or fp32 row from element i (the branch is hoisted out of the loops). */
-static ALWAYS_INLINE v16f load16(const void *row, Py_ssize_t i, int bf16) {
-    return bf16 ? load_bf16x16((const uint16_t *)row + i) : load_f32x16((const float *)row + i);
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* Row formats: K_F32, K_BF16 (widened exactly), K_I8 (int8 codes widened to exact fp32 integers;
+ * the row's fp32 scale is applied by the caller, once per row and not per value).
+ *
+ * An int8 row is stored in chunks of 64 values, each chunk 16 int32 lanes whose bytes hold values
+ * (from the highest byte down) i, 16 + i, 32 + i and 48 + i of the chunk (a row padded with zeros
+ * to a multiple of 64 values; retrieval/buffer.py: Int8Rows packs it). So 16 consecutive values are
+ * one 64-byte load, a left shift by 0, 8, 16 or 24 bits and an arithmetic right shift by 24: plain
+ * vector operations in every ISA's clone (GCC 12 widens a 16-byte int8 vector lane by lane). */
+enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2 };
+
+/* Bytes of one row of d values of `kind`. */
+static ALWAYS_INLINE size_t row_stride(int kind, Py_ssize_t d) {
+    return kind == K_I8 ? (size_t)((d + 63) / 64) * 64 : (size_t)d * (kind == K_BF16 ? 2 : 4);
 }
 
-static ALWAYS_INLINE float load1(const void *row, Py_ssize_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+/* 16 values of a row of `kind` from element i (a multiple of 16; the branch is hoisted out of the loops). */
+static ALWAYS_INLINE v16f load16(const void *row, Py_ssize_t i, int kind) {
+    if (kind == K_I8) {
+        v16i w;
+        memcpy(&w, (const int8_t *)row + (i / 64) * 64, sizeof w);
+        const int up = (int)(8 * ((i % 64) / 16));
+        return __builtin_convertvector((w << up) >> 24, v16f);
+    }
+    return kind == K_BF16 ? load_bf16x16((const uint16_t *)row + i) : load_f32x16((const float *)row + i);
 }
 
-/* q . row in fp32 (row bf16, widened exactly, or fp32). */
+static ALWAYS_INLINE float load1(const void *row, Py_ssize_t i, int kind) {
+    if (kind == K_I8) return (float)((const int8_t *)row)[(i / 64) * 64 + 4 * (i % 16) + 3 - (i % 64) / 16];
+    return kind == K_BF16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* q . row in fp32 (row bf16, widened exactly, or fp32; int8: q . codes, unscaled). */
 static ALWAYS_INLINE float dot_any_row(const float *restrict q, const void *row, Py_ssize_t d, int bf16) {
     Py_ssize_t i = 0;
     float t = 0.f;
@@ -201,7 +231,7 @@ static ALWAYS_INLINE float dot_any_row(const float *restrict q, const void *row,
 }
 
 static ALWAYS_INLINE float dot_row(const float *q, const void *table, int64_t row, Py_ssize_t d, int bf16) {
-    return dot_any_row(q, (const char *)table + (size_t)row * (size_t)d * (bf16 ? 2 : 4), d, bf16);
+    return dot_any_row(q, (const char *)table + (size_t)row * row_stride(bf16, d), d, bf16);
 }
 
 #define ROW_VECS 16 /* rows of up to 256 values are widened once into registers / L1 */
@@ -219,15 +249,15 @@ static ALWAYS_INLINE void prefetch_l2(const void *p, size_t bytes) {
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
 }
 
-/* Widens row `row` of `table` ([*, d], bf16 or fp32) into v[d / 16] (d a multiple of 16, <= 256). */
+/* Widens row `row` of `table` ([*, d] of kind `bf16`) into v[d / 16] (d a multiple of 16, <= 256). */
 static ALWAYS_INLINE void load_row(const void *table, int64_t row, Py_ssize_t d, int bf16, v16f *v) {
-    const char *p = (const char *)table + (size_t)row * (size_t)d * (bf16 ? 2 : 4);
+    const char *p = (const char *)table + (size_t)row * row_stride(bf16, d);
     for (Py_ssize_t c = 0; c < d / 16; c++) v[c] = load16(p, 16 * c, bf16);
 }
 
-/* o += w * base[row] (bf16 or fp32 row, d values). */
+/* o += w * base[row] (a row of kind `bf16`, d values). */
 static ALWAYS_INLINE void axpy_any(float *o, float w, const void *base, int64_t row, Py_ssize_t d, int bf16) {
-    const char *v = (const char *)base + (size_t)row * (size_t)d * (bf16 ? 2 : 4);
+    const char *v = (const char *)base + (size_t)row * row_stride(bf16, d);
     Py_ssize_t i = 0;
     for (; i + 16 <= d; i += 16) {
         v16f y = load_f32x16(o + i) + w * load16(v, i, bf16);
@@ -304,23 +334,28 @@ static ALWAYS_INLINE void dots_widened(const float *q, Py_ssize_t R, Py_ssize_t 
 }
 
 /* out[r * n + e] = q_r . table[rows[e]] for the R query rows (rows == NULL: row e itself); each
- * table row is read (and widened) once for all query rows. */
+ * table row is read (and widened) once for all query rows. An int8 table (kind K_I8) scores
+ * scale[row] * (q_r . codes): the dequantized row's score up to fp32 rounding. */
 static ALWAYS_INLINE void score_rows(const float *q, Py_ssize_t R, Py_ssize_t d, const void *table, int bf16,
-                                     const int64_t *rows, Py_ssize_t n, float *out) {
+                                     const float *scale, const int64_t *rows, Py_ssize_t n, float *out) {
     if (d % 16 == 0 && d <= 16 * ROW_VECS) {
         v16f v[ROW_VECS];
-        const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4);
+        const size_t row_bytes = row_stride(bf16, d);
         for (Py_ssize_t e = 0; e < n; e++) {
             if (rows && e + PREFETCH_ROWS < n)
                 prefetch_bytes((const char *)table + rows[e + PREFETCH_ROWS] * row_bytes, row_bytes);
-            load_row(table, rows ? rows[e] : e, d, bf16, v);
+            const int64_t row = rows ? rows[e] : e;
+            load_row(table, row, d, bf16, v);
             dots_widened(q, R, d, v, out + e, n);
+            if (bf16 == K_I8)
+                for (Py_ssize_t r = 0; r < R; r++) out[r * n + e] *= scale[row];
         }
         return;
     }
     for (Py_ssize_t e = 0; e < n; e++) {
         int64_t row = rows ? rows[e] : e;
-        for (Py_ssize_t r = 0; r < R; r++) out[r * n + e] = dot_row(q + r * d, table, row, d, bf16);
+        for (Py_ssize_t r = 0; r < R; r++)
+            out[r * n + e] = dot_row(q + r * d, table, row, d, bf16) * (bf16 == K_I8 ? scale[row] : 1.f);
     }
 }
 
@@ -330,8 +365,8 @@ static ALWAYS_INLINE void score_rows(const float *q, Py_ssize_t R, Py_ssize_t d,
  * the accumulators in registers (NR, NC compile-time after inlining). Each (row, value) sums the
  * units in order, one multiply-add each: the same operations as one unit at a time. */
 static ALWAYS_INLINE void accumulate_block(const int NR, const int NC, float *acc, const float *us, Py_ssize_t U,
-                                           Py_ssize_t D, const void *const *rows, Py_ssize_t x0, Py_ssize_t n,
-                                           Py_ssize_t r0, Py_ssize_t c0, int bf16) {
+                                           Py_ssize_t D, const void *const *rows, const float *rscale,
+                                           Py_ssize_t x0, Py_ssize_t n, Py_ssize_t r0, Py_ssize_t c0, int bf16) {
     v16f A[4][4];
     for (int r = 0; r < NR; r++)
         for (int c = 0; c < NC; c++) A[r][c] = load_f32x16(acc + (r0 + r) * D + 16 * (c0 + c));
@@ -339,7 +374,7 @@ static ALWAYS_INLINE void accumulate_block(const int NR, const int NC, float *ac
         v16f v[4];
         for (int c = 0; c < NC; c++) v[c] = load16(rows[x], 16 * (c0 + c), bf16);
         for (int r = 0; r < NR; r++) {
-            const float w = us[(r0 + r) * U + x0 + x];
+            const float w = bf16 == K_I8 ? us[(r0 + r) * U + x0 + x] * rscale[x] : us[(r0 + r) * U + x0 + x];
             for (int c = 0; c < NC; c++) A[r][c] = A[r][c] + w * v[c];
         }
     }
@@ -348,16 +383,18 @@ static ALWAYS_INLINE void accumulate_block(const int NR, const int NC, float *ac
 }
 
 /* acc[r] += sum over units x0 .. x0+n of us[r * U + x] * rows[x - x0] for the R query rows (D a
- * multiple of 16): blocks of up to 4 rows x 64 values held in registers. */
+ * multiple of 16): blocks of up to 4 rows x 64 values held in registers. int8 rows (kind K_I8):
+ * the weight times the row's scale rscale[x - x0] multiplies the codes. */
 static ALWAYS_INLINE void accumulate_units(float *acc, const float *us, Py_ssize_t U, Py_ssize_t R, Py_ssize_t D,
-                                           const void *const *rows, Py_ssize_t x0, Py_ssize_t n, int bf16) {
+                                           const void *const *rows, const float *rscale, Py_ssize_t x0, Py_ssize_t n,
+                                           int bf16) {
     const Py_ssize_t chunks = D / 16;
     for (Py_ssize_t c0 = 0; c0 < chunks; c0 += 4) {
         const Py_ssize_t nc = chunks - c0 < 4 ? chunks - c0 : 4;
         for (Py_ssize_t r0 = 0; r0 < R; r0 += 4) {
             const Py_ssize_t nr = R - r0 < 4 ? R - r0 : 4;
 #define ACC_CASE(a_, b_) \
-    if (nr == a_ && nc == b_) { accumulate_block(a_, b_, acc, us, U, D, rows, x0, n, r0, c0, bf16); continue; }
+    if (nr == a_ && nc == b_) { accumulate_block(a_, b_, acc, us, U, D, rows, rscale, x0, n, r0, c0, bf16); continue; }
             ACC_CASE(4, 4) ACC_CASE(4, 2) ACC_CASE(4, 1) ACC_CASE(4, 3)
             ACC_CASE(1, 4) ACC_CASE(1, 2) ACC_CASE(1, 1) ACC_CASE(1, 3)
             ACC_CASE(2, 4) ACC_CASE(2, 2) ACC_CASE(2, 1) ACC_CASE(2, 3)
@@ -373,8 +410,6 @@ static ALWAYS_INLINE void accumulate_units(float *acc, const float *us, Py_ssize
 #else
 #define NO_CONTRACT
 #endif
-
-typedef int32_t v16i __attribute__((vector_size(64)));
 
 static const float NEG_INF16[16] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,
                                     -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
@@ -480,7 +515,8 @@ static ALWAYS_INLINE int search_body(const search_args *a, Py_ssize_t h, const P
     const int64_t *pt = a->ptrs + h * P_COUNT, *cnt = a->counts + h * N_COUNT;
     const Py_ssize_t C = cnt[N_CLUSTERS], P = cnt[N_TAIL], S = cnt[N_SUPERS];
     const float *q = a->q + h * R * D;
-    const int bf = a->bf16;
+    const int bf = a->formats & 1, sk = a->formats & 2 ? K_I8 : bf; /* keys, summaries */
+    const float *cent_scale = TAB(const float *, P_CENT_SCALE), *sup_scale = TAB(const float *, P_SUP_SCALE);
     const void *keys = TAB(const void *, P_KEYS), *cent = TAB(const void *, P_CENT), *sup = TAB(const void *, P_SUP);
     const int64_t *key_pos = TAB(const int64_t *, P_KEY_POS), *start = TAB(const int64_t *, P_START);
     const int64_t *size = TAB(const int64_t *, P_SIZE), *tail_pos = TAB(const int64_t *, P_TAIL_POS);
@@ -504,6 +540,7 @@ static ALWAYS_INLINE int search_body(const search_args *a, Py_ssize_t h, const P
     int32_t *wt = NULL;
     int32_t *unit_of = NULL, *taken = NULL, *topk_of = NULL;
     const void **vptr = NULL;
+    float *vsc = NULL;
     Py_ssize_t M = 0, nsel = 0, rows = 0;
 
     qn = malloc((size_t)R * sizeof *qn);
@@ -529,7 +566,7 @@ static ALWAYS_INLINE int search_body(const search_args *a, Py_ssize_t h, const P
         wt = malloc((size_t)S * sizeof *wt);
         chosen = calloc((size_t)S, 1);
         if (!raw_s || !gs || !sel_s || !wt || !chosen) goto out;
-        score_rows(q, R, D, sup, bf, NULL, S, raw_s);
+        score_rows(q, R, D, sup, sk, sup_scale, NULL, S, raw_s);
         if (group_scores(raw_s, R, S, sup_radius, NULL, qn, a->bound_weight, a->group_scale, gs, zmax)) goto out;
         for (Py_ssize_t s = 0; s < S; s++) wt[s] = (int32_t)sup_keys[s];
         const Py_ssize_t n_open = take_best(gs, wt, S, (int64_t)ceil(a->oversample * (double)b), sel_s);
@@ -548,7 +585,7 @@ static ALWAYS_INLINE int search_body(const search_args *a, Py_ssize_t h, const P
     if (need_c) {
         raw_c = malloc((size_t)(R * (M > 0 ? M : 1)) * sizeof *raw_c);
         if (!raw_c) goto out;
-        score_rows(q, R, D, cent, bf, cand, M, raw_c);
+        score_rows(q, R, D, cent, sk, cent_scale, cand, M, raw_c);
     }
 
     /* 3. clusters best first until they hold b keys */
@@ -689,8 +726,14 @@ static ALWAYS_INLINE int search_body(const search_args *a, Py_ssize_t h, const P
         free(logsz);
         /* acc[r] = sum over units of weight[r][unit] * the unit's value row: the clusters' and
          * super-clusters' mean values (store dtype) in register blocks, then the tail values (fp32) */
-        const size_t vrow_bytes = (size_t)D * (bf ? 2 : 4);
+        const size_t vrow_bytes = row_stride(sk, D);
+        const float *vm_scale = TAB(const float *, P_VMEAN_SCALE), *svm_scale = TAB(const float *, P_SUP_VMEAN_SCALE);
         const Py_ssize_t Uc = M + n_sup;
+        if (sk == K_I8) {
+            vsc = malloc((size_t)(Uc > 0 ? Uc : 1) * sizeof *vsc);
+            if (!vsc) goto out;
+            for (Py_ssize_t x = 0; x < Uc; x++) vsc[x] = x < M ? vm_scale[cand ? cand[x] : x] : svm_scale[x - M];
+        }
         if (D % 16 == 0 && D <= 16 * ROW_VECS) {
             vptr = malloc((size_t)(Uc > 0 ? Uc : 1) * sizeof *vptr);
             if (!vptr) goto out;
@@ -703,14 +746,15 @@ static ALWAYS_INLINE int search_body(const search_args *a, Py_ssize_t h, const P
                 /* the next block's rows, spread over this block's units */
                 for (Py_ssize_t x = x0 + UNIT_BLOCK; x < x0 + 2 * UNIT_BLOCK && x < Uc; x++)
                     prefetch_l2(vptr[x], vrow_bytes);
-                accumulate_units(acc, us, U, R, D, vptr + x0, x0, n_, bf);
+                accumulate_units(acc, us, U, R, D, vptr + x0, vsc ? vsc + x0 : NULL, x0, n_, sk);
             }
         } else {
             for (Py_ssize_t x = 0; x < Uc; x++) {
                 const void *vrow = x < M ? (const char *)vmean + (cand ? cand[x] : x) * vrow_bytes
                                          : (const char *)sup_vmean + (x - M) * vrow_bytes;
                 for (Py_ssize_t r = 0; r < R; r++)
-                    if (us[r * U + x] != 0.f) axpy_any(acc + r * D, us[r * U + x], vrow, 0, D, bf);
+                    if (us[r * U + x] != 0.f)
+                        axpy_any(acc + r * D, sk == K_I8 ? us[r * U + x] * vsc[x] : us[r * U + x], vrow, 0, D, sk);
             }
         }
         for (Py_ssize_t x = Uc; x < U; x++)
@@ -722,7 +766,7 @@ static ALWAYS_INLINE int search_body(const search_args *a, Py_ssize_t h, const P
     rc = 0;
 out:
     free(qn); free(qm); free(zmax); free(raw_s); free(gs); free(chosen); free(cand); free(raw_c); free(wt);
-    free(gc); free(scores); free(pos_of); free(unit_of); free(tk); free(tail_raw); free(taken); free(tail_taken); free(topk_of); free(vptr);
+    free(gc); free(scores); free(pos_of); free(unit_of); free(tk); free(tail_raw); free(taken); free(tail_taken); free(topk_of); free(vptr); free(vsc);
     free(pick); free(sel_s); free(top);
     free(us); free(acc);
     return rc;
@@ -750,12 +794,12 @@ HIDDEN PyObject *cluster_search(PyObject *self, PyObject *args) {
     int threads;
     memset(&a, 0, sizeof a);
     if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*nnny*diiifffi", &q, &ptrs, &counts, &out_pos, &out_scanned, &est_out,
-                          &est_lse, &a.R, &a.D, &a.k, &budget, &a.oversample, &a.bf16, &a.two_level, &a.estimate,
+                          &est_lse, &a.R, &a.D, &a.k, &budget, &a.oversample, &a.formats, &a.two_level, &a.estimate,
                           &a.bound_weight, &a.group_scale, &a.est_scale, &threads))
         return NULL;
     PyObject *result = NULL;
     const Py_ssize_t H = counts.len / (Py_ssize_t)(N_COUNT * sizeof(int64_t));
-    int bad = H <= 0 || a.R <= 0 || a.D <= 0 || a.k <= 0 || !(a.oversample >= 1.0) ||
+    int bad = H <= 0 || a.R <= 0 || a.D <= 0 || a.k <= 0 || !(a.oversample >= 1.0) || a.formats < 0 || a.formats > 3 ||
               budget.len != H * 8 || ((uintptr_t)budget.buf & 7) ||
               counts.len != H * N_COUNT * 8 || ptrs.len != H * P_COUNT * 8 || q.len != H * a.R * a.D * 4 ||
               out_pos.len != H * a.R * a.k * 8 || out_scanned.len != H * 8 ||
@@ -888,7 +932,7 @@ static int attend_head(const attend_rows_args *a, Py_ssize_t h) {
     /* values: the resident rows for all query rows in register blocks, then each row's own */
     if (wide) {
         for (Py_ssize_t x0 = 0; x0 < S; x0 += UNIT_BLOCK)
-            accumulate_units(acc, sc, T, G, D, rrows + x0, x0, S - x0 < UNIT_BLOCK ? S - x0 : UNIT_BLOCK, a->res_bf16);
+            accumulate_units(acc, sc, T, G, D, rrows + x0, NULL, x0, S - x0 < UNIT_BLOCK ? S - x0 : UNIT_BLOCK, a->res_bf16);
     } else {
         for (Py_ssize_t i = 0; i < S; i++)
             for (Py_ssize_t g = 0; g < G; g++) axpy_any(acc + g * D, sc[g * T + i], rrows[i], 0, D, a->res_bf16);

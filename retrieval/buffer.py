@@ -64,3 +64,88 @@ class GrowableRows:
     def nbytes(self) -> int:
         """Bytes held by the filled rows (capacity slack not counted)."""
         return self._rows * self._data[0].numel() * self._data.element_size()
+
+
+class Int8Rows:
+    """Rows ``[n, D]`` kept as int8 codes with one fp32 scale per row: ``row ~ codes * scale``.
+
+    Symmetric per row: ``scale = max|row| / 127`` and ``codes = rint(row / scale)`` (0 for a zero
+    row), so each value is off by at most ``scale / 2``. :meth:`view` returns the dequantized rows
+    ``codes.float() * scale`` in fp32 -- the values the native search works with (it scales each
+    row's dot product, or each weight, instead of each value, which differs by fp32 rounding only).
+    The same append / truncate / view interface as :class:`GrowableRows`; the native search reads
+    :meth:`address` (the packed codes) and :meth:`scale_address` (scales ``[n]`` fp32).
+
+    Packed layout (``native/cluster_search.c``: ``load16``): a row is padded with zero codes to a
+    multiple of 64 values; each chunk of 64 is 16 little-endian int32 lanes, lane ``i`` holding values
+    ``i``, ``16 + i``, ``32 + i``, ``48 + i`` of the chunk from its highest byte down, so 16
+    consecutive values widen with two shifts of one 64-byte load in any vector ISA."""
+
+    dtype = torch.float32
+
+    def __init__(self, dim: int, huge_pages: bool = True) -> None:
+        self.row_shape = (dim,)
+        self._padded = -(-dim // 64) * 64
+        self._codes = GrowableRows((self._padded,), torch.int8, huge_pages=huge_pages)  # packed
+        self._scale = GrowableRows((), torch.float32, huge_pages=huge_pages)
+
+    def __len__(self) -> int:
+        return len(self._scale)
+
+    @staticmethod
+    def row_bytes(dim: int) -> int:
+        """Bytes per row: ``dim`` codes padded to a multiple of 64, and the fp32 scale."""
+        return -(-dim // 64) * 64 + 4
+
+    @staticmethod
+    def quantize(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows [n, D]`` -> (codes ``[n, D]`` int8, scales ``[n]`` fp32); non-finite rows are an error."""
+        rows = rows.detach().float()
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("Int8Rows: rows must be finite to be quantized")
+        scale = rows.abs().amax(dim=1) / 127 if rows.shape[0] else rows.new_zeros(0)  # [n]
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.round(rows / safe.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        return codes, scale
+
+    def append(self, rows: torch.Tensor) -> None:
+        """Quantize ``rows [n, D]`` (any float dtype) and append them."""
+        codes, scale = self.quantize(rows)
+        self._codes.append(self.pack(codes, self._padded))
+        self._scale.append(scale)
+
+    def truncate(self, rows: int) -> None:
+        self._codes.truncate(rows)
+        self._scale.truncate(rows)
+
+    @staticmethod
+    def pack(codes: torch.Tensor, padded: int) -> torch.Tensor:
+        """``codes [n, D]`` int8 -> ``[n, padded]`` in the packed layout (see the class docstring)."""
+        n, d = codes.shape
+        full = torch.zeros((n, padded), dtype=torch.int8)
+        full[:, :d] = codes
+        # [n, chunk, group, lane] -> [n, chunk, lane, byte]: byte 3 - g of lane i = value 16 g + i
+        return full.view(n, padded // 64, 4, 16).transpose(2, 3).flip(3).reshape(n, padded)
+
+    def codes(self) -> torch.Tensor:
+        """``[n, D]`` int8 codes in row order (unpacked: a fresh tensor)."""
+        packed = self._codes.view()
+        n = packed.shape[0]
+        return packed.view(n, self._padded // 64, 16, 4).flip(3).transpose(2, 3).reshape(n, self._padded)[:, : self.row_shape[0]]
+
+    def view(self) -> torch.Tensor:
+        """The dequantized rows ``[n, D]`` fp32 (a fresh tensor: ``codes * scale``)."""
+        return self.codes().float() * self._scale.view().unsqueeze(1)
+
+    def scales(self) -> torch.Tensor:
+        """``[n]`` fp32 (a view)."""
+        return self._scale.view()
+
+    def address(self) -> int:
+        return self._codes.address()
+
+    def scale_address(self) -> int:
+        return self._scale.address()
+
+    def nbytes(self) -> int:
+        return self._codes.nbytes() + self._scale.nbytes()

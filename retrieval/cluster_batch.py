@@ -93,7 +93,7 @@ def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, 
         return None
     budget = np.array([cfg.scan_budget(n, k) for n in totals], dtype=np.int64)  # [H] per head's index
     tables = [i.native_tables() for i in indexes]  # type: ignore[attr-defined]
-    ptrs = np.array([t[0] for t in tables], dtype=np.int64)  # [H, 17]
+    ptrs = np.array([t[0] for t in tables], dtype=np.int64)  # [H, 21]
     counts = np.array([t[1] for t in tables], dtype=np.int64)  # [H, 4]
     q = queries.detach().to(torch.float32).contiguous()  # [H, R, D]
     positions = torch.empty((h, r, k), dtype=torch.int64)  # [H, R, k]
@@ -102,7 +102,8 @@ def search_heads(indexes: Sequence[KeyIndex], queries: torch.Tensor, k: int, *, 
     out = torch.empty((h, r, d) if estimate else (0,), dtype=torch.float32)  # [H, R, D]
     lse = torch.empty((h, r) if estimate else (0,), dtype=torch.float32)  # [H, R]
     _cluster_search(q.numpy(), ptrs, counts, positions.numpy(), scanned, out.numpy(), lse.numpy(), r, d, k, budget,
-                    float(cfg.oversample), int(cfg.store_dtype == "bfloat16"), int(cfg.super_size > 0), int(estimate),
+                    float(cfg.oversample), int(cfg.store_dtype == "bfloat16") | (2 if first.int8_summaries else 0),
+                    int(cfg.super_size > 0), int(estimate),
                     float(cfg.bound_weight), float(first.group_scale), float(estimate_scale or 0.0),
                     threads if threads is not None else torch.get_num_threads())
     rest = PartialAttention(out, lse) if estimate else None

@@ -63,7 +63,7 @@ from typing import ClassVar
 
 import torch
 from flashtier.errors import ConfigError, InputError
-from flashtier.retrieval.buffer import GrowableRows
+from flashtier.retrieval.buffer import GrowableRows, Int8Rows
 from flashtier.retrieval.index import KeyIndex, SearchResult
 from flashtier.retrieval.index_config import IndexConfig
 from flashtier.retrieval.kmeans import kmeans
@@ -74,6 +74,7 @@ from flashtier.retrieval.merge import (
 )
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SUMMARY_DTYPES = ("store", "int8", "auto")
 
 
 def _scores(queries: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -116,6 +117,14 @@ class ClusterIndexConfig(IndexConfig):
     """Scale used to compare rows of a group (``None`` = ``1/sqrt(D)``)."""
     store_dtype: str = "float32"
     """Precision of the clustered keys and centroids: ``float32`` or ``bfloat16`` (centred, see the module docstring)."""
+    summary_dtype: str = "store"
+    """Precision of the per-search summaries -- centroids, super-centroids and mean values, the tables
+    whose bytes grow with the context: ``store`` (as ``store_dtype``), ``int8`` (per-row symmetric
+    codes and an fp32 scale, :class:`~flashtier.retrieval.buffer.Int8Rows`; centred like bf16; rows
+    padded to a multiple of 64 codes) or ``auto`` (int8 where that reads fewer bytes than
+    ``store_dtype``: head dims of 64 and more). The clustered keys keep ``store_dtype``, so the
+    keys scanned are still scored exactly; int8 moves only which clusters are opened and the
+    estimate of the rest (measured in the README)."""
     track_values: bool = False
     """Keep each cluster's mean value (from ``add(..., values)``) so :meth:`ClusterIndex.estimate_rest` works."""
     super_size: int = 0
@@ -162,6 +171,8 @@ class ClusterIndexConfig(IndexConfig):
                               f"got {self.scan_max_keys}")
         if self.oversample < 1:
             raise ConfigError(f"cluster index oversample must be >= 1, got {self.oversample}")
+        if self.summary_dtype not in SUMMARY_DTYPES:
+            raise ConfigError(f"cluster index summary_dtype must be one of {list(SUMMARY_DTYPES)}, got {self.summary_dtype!r}")
         if self.store_dtype not in STORE_DTYPES:
             raise ConfigError(f"cluster index store_dtype must be one of {sorted(STORE_DTYPES)}, got {self.store_dtype!r}")
 
@@ -177,8 +188,19 @@ class ClusterIndexConfig(IndexConfig):
         """Key copy + positions, plus each cluster's centroid, radius, start and size shared by
         ``cluster_size`` keys."""
         size = STORE_DTYPES[self.store_dtype].itemsize
-        per_cluster = dim * size + 20 + (dim * size if self.track_values else 0)
+        row = self.summary_row_bytes(dim)
+        per_cluster = row + 20 + (row if self.track_values else 0)
         return dim * size + (24 if self.track_values else 16) + per_cluster / self.cluster_size
+
+    def int8_summaries(self, dim: int) -> bool:
+        """Whether an index of ``dim``-value keys keeps its summaries as int8 rows."""
+        if self.summary_dtype == "auto":
+            return Int8Rows.row_bytes(dim) < dim * STORE_DTYPES[self.store_dtype].itemsize
+        return self.summary_dtype == "int8"
+
+    def summary_row_bytes(self, dim: int) -> int:
+        """Bytes of one centroid (or mean-value) row: ``dim`` values (int8: padded codes + the row scale)."""
+        return Int8Rows.row_bytes(dim) if self.int8_summaries(dim) else dim * STORE_DTYPES[self.store_dtype].itemsize
 
     def fixed_bytes(self, dim: int) -> int:
         """The open segment and the tail (and their values when tracked), kept in fp32 until they
@@ -197,11 +219,13 @@ class ClusterIndex(KeyIndex):
         self._scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(dim)
         self._dtype = STORE_DTYPES[config.store_dtype]
         self._center = torch.zeros(dim)  # [D] m: stored keys and centroids are k - m (0 in fp32)
-        self._centered = self._dtype == torch.float32  # m is fixed once chosen
+        int8 = config.int8_summaries(dim)
+        self._centered = self._dtype == torch.float32 and not int8  # m is fixed once chosen
         rows = functools.partial(GrowableRows, huge_pages=config.huge_pages)
+        summary = (lambda: Int8Rows(dim, huge_pages=config.huge_pages)) if int8 else (lambda: rows((dim,), self._dtype))
         self._keys = rows((dim,), self._dtype)  # [N_c, D] clustered keys - m, grouped by cluster
         self._key_pos = rows((), torch.int64)  # [N_c] their positions
-        self._centroids = rows((dim,), self._dtype)  # [C, D] centroid - m (D columns: the fast bf16 kernels)
+        self._centroids = summary()  # [C, D] centroid - m (D columns: the fast bf16 kernels)
         self._radius = rows((), torch.float32)  # [C] max distance of a member from its centroid
         self._start = rows((), torch.int64)  # [C] first row of each cluster in _keys
         self._size = rows((), torch.int64)  # [C] rows of each cluster
@@ -212,16 +236,16 @@ class ClusterIndex(KeyIndex):
         self._open_first_cluster = 0  # its clusters are _size[_open_first_cluster:]
         self._open_first_row = 0  # its keys are _keys[_open_first_row:]
         self._cluster_of = rows((), torch.int64)  # [N] cluster of each key in add order, -1 = tail
-        self._vmean = rows((dim,), self._dtype)  # [C, D] mean value per cluster (track_values)
+        self._vmean = summary()  # [C, D] mean value per cluster (track_values)
         self._kvar = rows((dim,), self._dtype)  # [C, D] key variance per cluster (variance_correction)
         self._tail_val = rows((dim,), torch.float32)  # [P, D]
         self._open_val = rows((dim,), torch.float32)  # [O, D]
-        self._super = rows((dim,), self._dtype)  # [S, D] super centroid - m
+        self._super = summary()  # [S, D] super centroid - m
         self._super_radius = rows((), torch.float32)  # [S] bound on a member key's distance
         self._super_first = rows((), torch.int64)  # [S] first cluster of each super-cluster
         self._super_clusters = rows((), torch.int64)  # [S] its clusters (contiguous)
         self._super_keys = rows((), torch.int64)  # [S] its keys
-        self._super_vmean = rows((dim,), self._dtype)  # [S, D] mean value of its keys (track_values)
+        self._super_vmean = summary()  # [S, D] mean value of its keys (track_values)
         self._open_first_super = 0
         self._last: _LastSearch | None = None  # what the last search scored, for estimate_rest
         self._tables: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # (ntotal, addresses, counts)
@@ -229,6 +253,11 @@ class ClusterIndex(KeyIndex):
     @property
     def n_clusters(self) -> int:
         return len(self._size)
+
+    @property
+    def int8_summaries(self) -> bool:
+        """Whether the centroids, super-centroids and mean values are int8 rows (``summary_dtype``)."""
+        return isinstance(self._centroids, Int8Rows)
 
     @property
     def group_scale(self) -> float:
@@ -239,7 +268,9 @@ class ClusterIndex(KeyIndex):
         """The addresses of the tables a search reads, in the order of ``native/cluster_search.c``
         (keys, key positions, centroids, radii, starts, sizes, tail keys, tail positions, tail
         values, centre, super centroids, radii, first clusters, cluster counts, key counts, mean
-        values, super mean values) and the counts (clustered keys, clusters, tail keys,
+        values, super mean values, then the row scales of the centroids, super centroids, mean values
+        and super mean values when the summaries are int8, else the summaries' own addresses, never
+        read) and the counts (clustered keys, clusters, tail keys,
         super-clusters). Valid until the next ``add`` (buffers may move when they grow): cached
         per number of keys added."""
         if self._tables is None or self._tables[0] != self.ntotal:
@@ -248,6 +279,8 @@ class ClusterIndex(KeyIndex):
                      self._tail_pos, self._tail_val, self._center, self._super, self._super_radius, self._super_first,
                      self._super_clusters, self._super_keys, self._vmean, self._super_vmean)
             addresses = tuple(p.data_ptr() if isinstance(p, torch.Tensor) else p.address() for p in parts)
+            addresses += tuple(p.scale_address() if isinstance(p, Int8Rows) else p.address()
+                               for p in (self._centroids, self._super, self._vmean, self._super_vmean))
             counts = (len(self._keys), self.n_clusters, len(self._tail), len(self._super_first))
             self._tables = (self.ntotal, addresses, counts)
         return self._tables[1], self._tables[2]

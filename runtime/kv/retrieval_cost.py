@@ -68,15 +68,16 @@ def step_bytes(config: RetrievalConfig, shape: HeadShape, context: int) -> int:
         idx = config.index_config()
         if isinstance(idx, ClusterIndexConfig):
             es = STORE_DTYPES[idx.store_dtype].itemsize
+            row = idx.summary_row_bytes(d)  # a centroid or mean-value row (int8: codes + scale)
             budget = min(offloaded, idx.scan_budget(offloaded, k))
             if idx.super_size:
                 supers = math.ceil(offloaded / idx.super_size)
                 opened = min(offloaded, math.ceil(idx.oversample * budget))
                 clusters = math.ceil(opened / idx.cluster_size)
-                per_head += supers * (d * es + 40) * (2 if config.estimate_rest else 1)
+                per_head += supers * (row + 40) * (2 if config.estimate_rest else 1)
             else:
                 clusters = math.ceil(offloaded / idx.cluster_size)
-            per_head += clusters * (d * es + 20) * (2 if config.estimate_rest else 1)
+            per_head += clusters * (row + 20) * (2 if config.estimate_rest else 1)
             per_head += budget * (d * es + 8)  # keys scanned and their positions
         else:  # flat / ivf: the share scanned, exact keys
             scanned = offloaded if config.index == "flat" else math.ceil(config.scan_budget_fraction * offloaded)

@@ -3,6 +3,8 @@ estimate_rest), and the decode step gives the same attention through either path
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,11 @@ from hypothesis import strategies as st
 
 from flashtier.retrieval import attention as attention_mod
 from flashtier.retrieval.attention import OffloadedLayerKV, RetrievalAttention, RetrievalConfig
+from flashtier.errors import ConfigError
+from flashtier.retrieval.buffer import Int8Rows
 from flashtier.retrieval.cluster_batch import native_search_available, search_heads
+from flashtier.retrieval.index_cluster import ClusterIndexConfig
+from flashtier.runtime.kv.retrieval_cost import HeadShape, step_bytes
 from flashtier.runtime.kv.retrieval_config import PRESETS, retrieval_config
 
 pytestmark = pytest.mark.skipif(not native_search_available(), reason="native extension not built")
@@ -66,14 +72,68 @@ def test_fp32_store_one_level_and_no_estimate() -> None:
     _check_against_reference(_layer(config, 2, 48, [512] * 4, seed=3), config, rows=2, seed=3)
 
 
+def _int8_summaries(config: RetrievalConfig) -> RetrievalConfig:
+    return dataclasses.replace(config, index_options={**config.index_options, "summary_dtype": "int8"})
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("dim", [32, 80, 128])
+def test_int8_summaries_match_the_reference(preset: str, dim: int) -> None:
+    """Centroids, super-centroids and mean values as int8 rows (packed in 64-value chunks, padded
+    where the head dimension is not a multiple of 64): the native search reads the same tables the
+    reference dequantizes, and returns the same keys and the same estimate."""
+    config = _int8_summaries(retrieval_config({"retrieval_preset": preset}))
+    layer = _layer(config, heads=2, dim=dim, blocks=[1024] * 4 + [40], seed=dim)
+    index = layer.heads[0].index
+    assert isinstance(index._centroids, Int8Rows) and isinstance(index._vmean, Int8Rows)
+    for rows in (1, 4):
+        _check_against_reference(layer, config, rows, seed=dim + rows)
+
+
+def test_int8_summaries_read_fewer_bytes_and_stay_close_to_bf16() -> None:
+    """int8 summaries shrink the index and the bytes a step reads, and the search finds nearly the
+    same keys as with bf16 summaries (the keys scanned are still scored from the bf16 keys)."""
+    preset = retrieval_config({})
+    base = dataclasses.replace(preset, index_options={**preset.index_options, "summary_dtype": "store"})
+    small = _int8_summaries(base)
+    shape = HeadShape(num_kv_heads=8, head_dim=128, queries_per_kv=4, kv_dtype_bytes=2)
+    assert step_bytes(small, shape, 131072) < 0.8 * step_bytes(base, shape, 131072)
+    a, b = _layer(base, 2, 128, [1024] * 8, seed=5), _layer(small, 2, 128, [1024] * 8, seed=5)
+    assert b.heads[0].index.nbytes() < a.heads[0].index.nbytes()
+    q = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(6)) * 1.5
+    fa = search_heads([h.index for h in a.heads], q, 100, estimate_scale=128 ** -0.5)
+    fb = search_heads([h.index for h in b.heads], q, 100, estimate_scale=128 ** -0.5)
+    same = [len(set(x.tolist()) & set(y.tolist())) / 100 for x, y in zip(fa.positions.flatten(0, 1), fb.positions.flatten(0, 1))]
+    assert min(same) >= 0.8 and sum(same) / len(same) >= 0.9, same  # noise keys: near-ties everywhere
+    torch.testing.assert_close(fb.rest.lse, fa.rest.lse, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize(("dim", "int8"), [(32, False), (64, True), (80, True), (128, True)])
+def test_presets_use_int8_summaries_where_they_read_fewer_bytes(dim: int, int8: bool) -> None:
+    """``auto`` (every preset): int8 rows (padded to 64 codes + a 4-byte scale) only where they are
+    smaller than the bf16 rows; the step's byte count follows the choice."""
+    config = retrieval_config({})
+    layer = _layer(config, heads=1, dim=dim, blocks=[1100], seed=dim)
+    assert layer.heads[0].index.int8_summaries is int8
+    cfg = ClusterIndexConfig(**config.index_options)
+    assert cfg.summary_row_bytes(dim) == (-(-dim // 64) * 64 + 4 if int8 else 2 * dim)
+
+
+def test_bad_summary_dtype_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="summary_dtype must be one of"):
+        ClusterIndexConfig(summary_dtype="int4")
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(blocks=st.lists(st.integers(1, 700), min_size=1, max_size=5), rows=st.integers(1, 3),
        dim=st.sampled_from([8, 16, 40]), top_k=st.integers(1, 60), preset=st.sampled_from(sorted(PRESETS)),
-       seed=st.integers(0, 2**16))
+       int8=st.booleans(), seed=st.integers(0, 2**16))
 def test_any_index_shape_matches_the_reference(blocks: list[int], rows: int, dim: int, top_k: int, preset: str,
-                                               seed: int) -> None:
+                                               int8: bool, seed: int) -> None:
     """Small indexes of every shape: only a tail, budgets below / above the tail, open segments."""
     config = retrieval_config({"retrieval_preset": preset, "top_k_keys": top_k})
+    if int8:
+        config = _int8_summaries(config)
     layer = _layer(config, 2, dim, blocks, seed)
     if top_k >= len(layer):
         assert search_heads([h.index for h in layer.heads], torch.randn(2, rows, dim), top_k, estimate_scale=None) is None

@@ -30,7 +30,8 @@ def test_step_bytes_by_hand_for_the_default_preset() -> None:
     clusters = math.ceil(12 * budget / 4)  # the opened super-clusters hold 12x the budget
     per_head = (260 * 2 * 128 * 2  # resident K and V
                 + 4 * 100 * 2 * 128 * 2  # each query head's 100 retrieved rows
-                + supers * (128 * 2 + 40) * 2 + clusters * (128 * 2 + 20) * 2  # centroids (+ mean values)
+                # centroids and mean values: int8 rows of 128 codes + a 4-byte scale (summary_dtype auto)
+                + supers * (128 + 4 + 40) * 2 + clusters * (128 + 4 + 20) * 2
                 + budget * (128 * 2 + 8))  # keys scanned
     assert step_bytes(config, shape, context) == 8 * per_head
     # short contexts scan a share of the keys, and nothing before the window fills
