@@ -82,6 +82,9 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--huge-pages", choices=("on", "off"), default="on",
                    help="the host KV pool and the index tables on transparent huge pages (the runtime's default: on)")
+    p.add_argument("--queries-per-kv", type=int, default=4,
+                   help="query heads per kv head (4: Llama-3.1-8B's GQA; 1: multi-head attention as in kv-long "
+                        "and Llama-2, where each search has one query row)")
     p.add_argument("--options", default=None,
                    help="JSON dict of retrieval options (EngineConfig.extra keys, as `generate`'s; e.g. "
                         "'{\"index_options\": {...}}' replaces the preset's index options); default: the defaults")
@@ -92,7 +95,7 @@ def main() -> int:
     if a.options:
         config = dataclasses.replace(config, retrieval=retrieval_config(json.loads(a.options)))
     config = config.with_huge_pages(a.huge_pages == "on")
-    shape = LLAMA_8B
+    shape = dataclasses.replace(LLAMA_8B, queries_per_kv=a.queries_per_kv)
     gen = torch.Generator().manual_seed(a.seed)
     offset = torch.randn(shape.num_kv_heads, 1, shape.head_dim, generator=gen) * 2
     t0 = time.perf_counter()
@@ -120,7 +123,7 @@ def main() -> int:
         stats = cache.stats()
     finally:
         cache.close()
-    result = {"shape": "Llama-3.1-8B KV (8 kv heads x 128, 4 query heads each, bf16)", "context": a.context,
+    result = {"shape": f"Llama-3.1-8B KV (8 kv heads x 128, {a.queries_per_kv} query heads each, bf16)", "context": a.context,
               "layers": a.layers, "threads": threads, "machine": machine(), "huge_pages": a.huge_pages,
               "build_s": round(build_s, 1), "step_bytes_per_layer": bytes_per_layer,
               "keys_scanned_fraction": stats.get("attention_keys_scanned_fraction"),

@@ -66,9 +66,11 @@ def test_presets_match_the_reference(preset: str, rows: int) -> None:
     _check_against_reference(layer, config, rows, seed=rows)
 
 
-def test_fp32_store_one_level_and_no_estimate() -> None:
+@pytest.mark.parametrize("summary", ["store", "int8"])
+def test_fp32_store_one_level_and_no_estimate(summary: str) -> None:
+    """fp32 keys; with int8 summaries the centroids are centred first (as bf16 ones are)."""
     config = RetrievalConfig(top_k=20, scan_budget_fraction=0.05, group_search="rows", estimate_rest=False,
-                             index_options={"cluster_size": 8})
+                             index_options={"cluster_size": 8, "summary_dtype": summary})
     _check_against_reference(_layer(config, 2, 48, [512] * 4, seed=3), config, rows=2, seed=3)
 
 
