@@ -30,6 +30,12 @@ ranks keys exactly like ``q . k`` (``q . m`` is the same for every key of a row)
 rounding error is then relative to the small centred vectors, not to the offset. Tail keys are
 scored in fp32 on the same centred scale.
 
+``summary_dtype="int8"`` (``"auto"`` in every preset: where it is smaller) keeps the centroids,
+super-centroids and mean values -- the tables a long-context search reads most of -- as int8 rows
+with one fp32 scale each (:class:`~flashtier.retrieval.buffer.Int8Rows`, centred like bf16); the
+keys keep ``store_dtype``. The reference scores the dequantized rows; the native search scales each
+row's dot product instead, the same to fp32 rounding.
+
 Two levels (``super_size > 0``): each segment's clusters are themselves clustered into
 super-clusters of about ``super_size`` keys (k-means on the centroids; a super-cluster's centroid is
 the mean of its keys, its radius bounds its clusters' balls). A search first ranks the
