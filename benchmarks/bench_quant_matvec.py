@@ -109,11 +109,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each round wait up to S seconds for idle CPUs (shared machines)")
+    ap.add_argument("--prefetch", choices=("l2", "nta"), default=None,
+                    help="how the kernels prefetch weights (default: the CPU vendor's choice, see _native.q_prefetch)")
     a = ap.parse_args()
     from flashtier import _native  # the benchmark measures the C kernels; fails loudly without them
 
     if a.isa is not None and _native.q_set_isa(a.isa) != a.isa:
         ap.error(f"--isa {a.isa}: this CPU supports kernel levels up to {_native.q_isa()}")
+    if a.prefetch:
+        _native.q_prefetch(a.prefetch)
 
     rng = np.random.default_rng(0)
     types = [GGMLType[n.strip()] for n in a.types.split(",")]
@@ -124,6 +128,7 @@ def main() -> None:
         ap.error(f"--activations takes f32, f32-fma and/or q8, not {a.activations!r}")
     columns = [(th, act) for act in acts for th in threads_list]  # table columns: f32 ones first
     res: dict = {"machine": machine(), "isa_level": _native.q_isa(), "q8_vnni": _native.q_vnni(),
+                 "prefetch": _native.q_prefetch(),
                  "seconds": a.seconds, "repeat": a.repeat,
                  "gb_per_s": {}, "gb_per_s_best": {}, "gweights_per_s": {}}
     print(f"Machine: {res['machine']}; kernel level {res['isa_level']} (4 = AVX-512); int8 activations: "

@@ -964,10 +964,21 @@ T4 static ALWAYS_INLINE void q4_0_block_v4(int mode, const uint8_t *b, const flo
     emit4(mode, acc + 1, x + 16, y + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t));
 }
 
-/* Weight bytes prefetched this far ahead, non-temporally: on Zen 4 this keeps the streamed weights
- * from evicting x out of L1 (rows of 5632 weights: 7.7 -> 10.9 GB/s of Q4_K on one thread). */
-#define PF_AHEAD 2048
-#define PF_LINES(n) for (int pf_ = 0; pf_ < (n); pf_ += 64) _mm_prefetch((const char *)b + PF_AHEAD + pf_, _MM_HINT_NTA)
+/* The quantized kernels prefetch the weight bytes ahead of the block being multiplied, chosen once
+ * by the CPU's vendor (a prefetch changes no result):
+ * - AMD (Zen 4): non-temporally, 2 KiB ahead, which keeps the streamed weights from evicting x out of
+ *   L1 (rows of 5632 weights: 7.7 -> 10.9 GB/s of Q4_K on one thread);
+ * - Intel (a Xeon with AVX-512, session 18): the non-temporal prefetch halves the stream (Q4_K at
+ *   6.3 GB/s per thread, 12.0 on two); into L2, 4 KiB ahead: 24-26 GB/s on two threads (T0 at 4 KiB
+ *   about the same, either hint at 2 KiB ~20, none ~14; bench_quant_matvec).
+ * q_prefetch() reads or sets the choice. */
+static int q_pf_l2 = 0; /* 1: T1 hint 4 KiB ahead, 0: NTA 2 KiB ahead */
+/* One opaque statement (no branch in the kernel's control flow, so its arithmetic compiles exactly as
+ * with a plain prefetch: the kernels' paths must stay bit-identical to each other). */
+#define PF_ONE(p)                                                                                      \
+    __asm__ volatile("test %1, %1\n\tjz 1f\n\tprefetcht1 4096(%0)\n\tjmp 2f\n1:\n\tprefetchnta 2048(%0)\n2:" \
+                     : : "r"(p), "r"(q_pf_l2) : "cc")
+#define PF_LINES(n) for (int pf_ = 0; pf_ < (n); pf_ += 64) PF_ONE((const char *)b + pf_)
 
 /* Row loops: STEP blocks per step, 4 accumulators. */
 #define V4_ROWS(T, BS, TS, STEP)                                                                       \
@@ -1994,6 +2005,7 @@ static void q_detect(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
         level = 4;
     q_has_vnni = level == 4 && __builtin_cpu_supports("avx512vnni");
+    q_pf_l2 = __builtin_cpu_is("intel");
 #endif
     q_isa_supported = q_isa_level = level;
 }
@@ -2564,6 +2576,21 @@ static PyObject *q_dequantize(PyObject *self, PyObject *args) { return q_run(arg
 static PyObject *q_isa(PyObject *self, PyObject *args) {
     q_detect();
     return PyLong_FromLong(q_isa_level);
+}
+
+static PyObject *q_prefetch(PyObject *self, PyObject *args) {
+    const char *mode = NULL;
+    if (!PyArg_ParseTuple(args, "|z", &mode)) return NULL;
+    q_detect();
+    const char *old = q_pf_l2 ? "l2" : "nta";
+    if (mode) {
+        if (strcmp(mode, "l2") && strcmp(mode, "nta")) {
+            PyErr_Format(PyExc_ValueError, "q_prefetch: mode must be 'l2' or 'nta', got '%s'", mode);
+            return NULL;
+        }
+        q_pf_l2 = !strcmp(mode, "l2");
+    }
+    return PyUnicode_FromString(old);
 }
 
 static PyObject *q_vnni(PyObject *self, PyObject *args) {
@@ -3513,6 +3540,9 @@ static PyMethodDef methods[] = {
      "x[b] over its neuron rows idx[ptr[b]:ptr[b+1]] (>= 0 rows of win, < 0 rows -i-1 of buf), each column summed "
      "over the neurons in order; see native/sparse_ffn.c (GIL released)."},
     {"q_isa", q_isa, METH_NOARGS, "q_isa(): the kernel level in use: 4 AVX-512, 3 AVX2/FMA, 0 baseline."},
+    {"q_prefetch", q_prefetch, METH_VARARGS,
+     "q_prefetch([mode]) -> the mode before: how the quantized kernels prefetch weights ('l2': into L2 4 KiB "
+     "ahead, Intel's default; 'nta': non-temporally 2 KiB ahead, the others'); results do not depend on it."},
     {"q_vnni", q_vnni, METH_NOARGS,
      "q_vnni(): whether int8-activation products (act=1) use the AVX-512 VNNI kernels (else AVX2 / baseline)."},
     {"q_set_isa", q_set_isa, METH_VARARGS,

@@ -149,6 +149,32 @@ def test_threaded_many_rows_matches_one_thread(t: GGMLType) -> None:
     assert np.array_equal(d3.numpy().view(np.uint32), reference(t, blocks, rows, cols).view(np.uint32))
 
 
+@needs_native
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_prefetch_mode_changes_no_result(t: GGMLType) -> None:
+    """The weight prefetch (Intel: into L2 4 KiB ahead; others: non-temporal 2 KiB ahead) is a hint
+    only: both modes give the same bits, exact and int8 activations, one and several threads."""
+    rows, cols = 77, 4 * max(type_info(t).block_size, 256)  # rows of several KiB: the prefetch runs ahead
+    blocks = torch.from_numpy(random_blocks(t, rows, cols, 11))
+    x = torch.randn(cols)
+    before = _native.q_prefetch()
+    try:
+        out = {}
+        for mode in ("nta", "l2"):
+            _native.q_prefetch(mode)
+            out[mode] = [qk.qmatvec(t, blocks, x, th, activations=act) for th in (1, 2) for act in ("f32", "q8")]
+        assert all(torch.equal(a, b) for a, b in zip(out["nta"], out["l2"]))
+    finally:
+        _native.q_prefetch(before)
+    assert _native.q_prefetch() == before
+
+
+@needs_native
+def test_prefetch_mode_bad_value_is_an_error() -> None:
+    with pytest.raises(ValueError, match="'l2' or 'nta'"):
+        _native.q_prefetch("t0")
+
+
 @settings(max_examples=40, deadline=None)
 @given(case=shapes)
 def test_numpy_fallback(case: tuple) -> None:
