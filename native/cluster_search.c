@@ -1028,6 +1028,7 @@ HIDDEN PyObject *retrieval_attend(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*w*nnnnniifi", &q, &rk, &rv, &tk, &tv, &eo, &el, &out, &a.H, &a.G,
                           &a.S, &a.n, &a.D, &a.res_bf16, &a.ret_bf16, &a.scale, &threads))
         return NULL;
+    a.res_bf16 = a.res_bf16 != 0, a.ret_bf16 = a.ret_bf16 != 0; /* flags: any true value is bf16 (not K_I8) */
     PyObject *result = NULL;
     const void **ptrs = NULL, **rptrs = NULL;
     const Py_ssize_t ts = a.ret_bf16 ? 2 : 4, rs = a.res_bf16 ? 2 : 4, rows = a.H * a.G;
@@ -1094,6 +1095,7 @@ HIDDEN PyObject *retrieval_attend_pool(PyObject *self, PyObject *args) {
                           &el, &out, &a.H, &a.G, &a.S, &a.n, &a.D, &block, &kvh, &a.res_bf16, &a.ret_bf16, &a.scale,
                           &threads))
         return NULL;
+    a.res_bf16 = a.res_bf16 != 0, a.ret_bf16 = a.ret_bf16 != 0; /* flags: any true value is bf16 (not K_I8) */
     PyObject *result = NULL;
     const void **ptrs = NULL, **rptrs = NULL;
     const Py_ssize_t ts = a.ret_bf16 ? 2 : 4, rows = a.H * a.G, nrows = rows * a.n;
