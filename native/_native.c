@@ -377,6 +377,10 @@ static PyObject *bf16_matvec(PyObject *self, PyObject *args) { return bf16_produ
 #define Q_X86 0
 #endif
 
+/* How the x86 quantized kernels prefetch weights (PF_LINES below; q_prefetch() reads or sets it, on
+ * every build: elsewhere it changes nothing). 1: T1 hint 4 KiB ahead, 0: NTA 2 KiB ahead. */
+static int q_pf_l2 = 0;
+
 enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q8_0 = 8, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_BF16 = 30 };
 
 typedef struct {
@@ -972,7 +976,6 @@ T4 static ALWAYS_INLINE void q4_0_block_v4(int mode, const uint8_t *b, const flo
  *   6.3 GB/s per thread, 12.0 on two); into L2, 4 KiB ahead: 24-26 GB/s on two threads (T0 at 4 KiB
  *   about the same, either hint at 2 KiB ~20, none ~14; bench_quant_matvec).
  * q_prefetch() reads or sets the choice. */
-static int q_pf_l2 = 0; /* 1: T1 hint 4 KiB ahead, 0: NTA 2 KiB ahead */
 /* One opaque statement (no branch in the kernel's control flow, so its arithmetic compiles exactly as
  * with a plain prefetch: the kernels' paths must stay bit-identical to each other). */
 #define PF_ONE(p)                                                                                      \
