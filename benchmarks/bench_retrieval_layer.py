@@ -91,9 +91,10 @@ def main() -> int:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    options = json.loads(a.options) if a.options else {}
     config = RetrievalCacheConfig()
-    if a.options:
-        config = dataclasses.replace(config, retrieval=retrieval_config(json.loads(a.options)))
+    if options:
+        config = dataclasses.replace(config, retrieval=retrieval_config(options))
     config = config.with_huge_pages(a.huge_pages == "on")
     shape = dataclasses.replace(LLAMA_8B, queries_per_kv=a.queries_per_kv)
     gen = torch.Generator().manual_seed(a.seed)
@@ -127,7 +128,7 @@ def main() -> int:
               "layers": a.layers, "threads": threads, "machine": machine(), "huge_pages": a.huge_pages,
               "build_s": round(build_s, 1), "step_bytes_per_layer": bytes_per_layer,
               "keys_scanned_fraction": stats.get("attention_keys_scanned_fraction"),
-              "target_layer_ms": 2.0, "rounds": rounds, "options": json.loads(a.options) if a.options else {},
+              "target_layer_ms": 2.0, "rounds": rounds, "options": options,
               "layer_ms": [r["layer_ms"] for r in rounds]}
     return finish(result, a.json, summary_skips=())
 

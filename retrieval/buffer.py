@@ -85,7 +85,7 @@ class Int8Rows:
 
     def __init__(self, dim: int, huge_pages: bool = True) -> None:
         self.row_shape = (dim,)
-        self._padded = -(-dim // 64) * 64
+        self._padded = self.padded(dim)
         self._codes = GrowableRows((self._padded,), torch.int8, huge_pages=huge_pages)  # packed
         self._scale = GrowableRows((), torch.float32, huge_pages=huge_pages)
 
@@ -93,9 +93,14 @@ class Int8Rows:
         return len(self._scale)
 
     @staticmethod
+    def padded(dim: int) -> int:
+        """Codes stored per row: ``dim`` rounded up to a multiple of 64."""
+        return -(-dim // 64) * 64
+
+    @staticmethod
     def row_bytes(dim: int) -> int:
-        """Bytes per row: ``dim`` codes padded to a multiple of 64, and the fp32 scale."""
-        return -(-dim // 64) * 64 + 4
+        """Bytes per row: the padded codes and the fp32 scale."""
+        return Int8Rows.padded(dim) + 4
 
     @staticmethod
     def quantize(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
